@@ -1,0 +1,290 @@
+"""Command line: ``scheduler-daemon <command>``.
+
+User mistakes (bad arguments, bad config, unreachable or unmigrated database)
+end in one clear line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from scheduler_daemon import __version__
+from scheduler_daemon.settings import DEFAULT_CONFIG_PATH, Settings, SettingsError, load_settings
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code attached."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS so `--config` works both before and after the subcommand.
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"TOML config file (default {DEFAULT_CONFIG_PATH}, if it exists)",
+    )
+
+
+def _world_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"world id must be an integer, got {text!r}") from None
+    if value < 1 or value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"world id out of range: {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used for ``--help`` tests)."""
+    parser = argparse.ArgumentParser(prog="scheduler-daemon", description="World Simulation Scheduler daemon")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_config(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the daemon in the foreground")
+    _add_config(p)
+
+    p = sub.add_parser("check-config", help="validate a config file and exit")
+    p.add_argument("path", type=Path, nargs="?", help="config file (default: --config or the default path)")
+    _add_config(p)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    p = db.add_parser("upgrade", help="apply pending migrations")
+    _add_config(p)
+    p = db.add_parser("check", help="exit 0 if the schema is current, 4 if not")
+    _add_config(p)
+
+    p = sub.add_parser("demo", help="seed demo worlds into the configured database (idempotent)")
+    _add_config(p)
+
+    worlds = sub.add_parser("worlds", help="inspect worlds").add_subparsers(
+        dest="worlds_command", metavar="ACTION", required=True
+    )
+    p = worlds.add_parser("list", help="list worlds with their clocks")
+    _add_config(p)
+    p = worlds.add_parser("show", help="show one world: clock, config, NPC stats")
+    p.add_argument("world_id", type=_world_id)
+    _add_config(p)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None, bool]:
+    path: Path | None = getattr(args, "config", None)
+    explicit = path is not None
+    if path is None:
+        path = DEFAULT_CONFIG_PATH
+    try:
+        return load_settings(path, required=explicit), path, explicit
+    except SettingsError as exc:
+        raise CliError(f"invalid configuration: {exc}", EXIT_USAGE) from None
+
+
+def _run_async(main: Callable[[], Awaitable[int]]) -> int:
+    return asyncio.run(main())
+
+
+async def _open_store(settings: Settings, *, check: bool = True) -> Any:
+    from scheduler_daemon.daemon import EXIT_DATABASE, EXIT_NOT_MIGRATED
+    from scheduler_daemon.store.migrate import SchemaNotMigratedError
+    from scheduler_daemon.store.repository import Store
+
+    store = Store.from_url(settings.database.url, connect_timeout=settings.database.connect_timeout_seconds)
+    try:
+        await store.ping()
+        if check:
+            await store.check_schema()
+    except SchemaNotMigratedError as exc:
+        await store.dispose()
+        raise CliError(str(exc), EXIT_NOT_MIGRATED) from None
+    except Exception as exc:
+        await store.dispose()
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CliError(f"cannot reach the database: {first}", EXIT_DATABASE) from None
+    return store
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from scheduler_daemon.daemon import Daemon, StartupError
+    from scheduler_daemon.logs import configure_logging
+
+    settings, path, explicit = _settings(args)
+    configure_logging(settings.logging.level, settings.logging.format)
+    daemon = Daemon(settings, path, config_required=explicit)
+    try:
+        return _run_async(daemon.run)
+    except StartupError as exc:
+        raise CliError(str(exc), exc.exit_code) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path: Path | None = args.path or getattr(args, "config", None) or DEFAULT_CONFIG_PATH
+    try:
+        settings = load_settings(path, required=True)
+    except SettingsError as exc:
+        raise CliError(f"invalid configuration: {exc}", EXIT_USAGE) from None
+    driver = settings.database.url.split("://", 1)[0]
+    print(f"{path}: OK (database {driver}, http {settings.http.bind}:{settings.http.port})")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    settings, _, _ = _settings(args)
+
+    async def main() -> int:
+        store = await _open_store(settings, check=False)
+        try:
+            if args.db_command == "upgrade":
+                before, after = await store.upgrade()
+                if before == after:
+                    print(f"schema already at {', '.join(sorted(after))}")
+                else:
+                    print(f"schema upgraded: {', '.join(sorted(before)) or '(empty)'} -> {', '.join(sorted(after))}")
+                return 0
+            await store.check_schema()
+            print("schema is current")
+            return 0
+        finally:
+            await store.dispose()
+
+    try:
+        return _run_async(main)
+    except Exception as exc:
+        if isinstance(exc, CliError):
+            raise
+        from scheduler_daemon.store.migrate import SchemaNotMigratedError
+
+        if isinstance(exc, SchemaNotMigratedError):
+            raise CliError(str(exc), 4) from None
+        raise
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from scheduler_daemon.demo import seed_demo
+
+    settings, _, _ = _settings(args)
+
+    async def main() -> int:
+        store = await _open_store(settings)
+        try:
+            created = await seed_demo(store)
+        finally:
+            await store.dispose()
+        if created:
+            print(f"demo seeded: worlds {', '.join(str(w) for w in created)}")
+        else:
+            print("demo worlds already present; nothing to do")
+        return 0
+
+    return _run_async(main)
+
+
+def cmd_worlds(args: argparse.Namespace) -> int:
+    from scheduler_daemon.context import format_world_time
+    from scheduler_daemon.simulation.npc import Tier
+    from scheduler_daemon.store.repository import WorldNotFoundError
+    from scheduler_daemon.world_config import WorldConfigError, parse_world_config
+
+    settings, _, _ = _settings(args)
+    defaults = settings.defaults.simulation
+
+    async def main() -> int:
+        store = await _open_store(settings)
+        try:
+            if args.worlds_command == "list":
+                active = await store.discover_active_worlds()
+                rows = []
+                for w in await store.list_worlds():
+                    try:
+                        cfg = parse_world_config(w.simulation_raw, world_id=w.id, defaults=defaults)
+                        scale, state = f"{cfg.time_scale:g}", ("paused" if cfg.pause_simulation else "running")
+                    except WorldConfigError:
+                        scale, state = "?", "invalid-config"
+                    if w.id not in active:
+                        state = "inactive"
+                    rows.append(
+                        (str(w.id), w.name, state, format_world_time(w.world_time or 0.0), str(w.ticks or 0), scale)
+                    )
+                _print_table(("ID", "NAME", "STATE", "WORLD TIME", "TICKS", "SCALE"), rows)
+                return 0
+            try:
+                w = await store.get_world(args.world_id)
+            except WorldNotFoundError as exc:
+                raise CliError(str(exc), 1) from None
+            try:
+                config: Any = parse_world_config(w.simulation_raw, world_id=w.id, defaults=defaults).to_wire()
+                config_error = None
+            except WorldConfigError as exc:
+                config, config_error = w.simulation_raw, str(exc)
+            counts = await store.tier_counts(w.id)
+            out = {
+                "id": w.id,
+                "name": w.name,
+                "worldTime": w.world_time,
+                "worldTimeHuman": format_world_time(w.world_time or 0.0),
+                "ticks": w.ticks,
+                "lastAdvancedAt": w.last_advanced_at.isoformat() if w.last_advanced_at else None,
+                "configVersion": w.config_version,
+                "config": config,
+                "configError": config_error,
+                "npcsPerTier": {t.label: counts.get(t, 0) for t in Tier},
+                "activeSessions": len(await store.active_sessions(w.id)),
+            }
+            print(json.dumps(out, indent=2, default=str))
+            return 0
+        finally:
+            await store.dispose()
+
+    return _run_async(main)
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "db": cmd_db,
+    "demo": cmd_demo,
+    "worlds": cmd_worlds,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``scheduler-daemon`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"scheduler-daemon: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

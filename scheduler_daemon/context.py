@@ -1,0 +1,243 @@
+"""Per-world runtime state: the world clock, its config and counters. No I/O.
+
+A tick is planned (:meth:`WorldSimulationContext.plan_advance`, pure), then
+committed to the database, and only then applied here
+(:meth:`WorldSimulationContext.apply_tick`). A failed commit therefore leaves
+the context exactly as it was, and the next tick covers the lost time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
+from scheduler_daemon.world_config import WorldConfig
+
+_EWMA_ALPHA = 0.1  # weight of the newest tick in average_tick_duration_ms
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def format_world_time(world_time: float) -> str:
+    """Human form of a world time, e.g. ``day 3 Wed 08:30`` (0 = Monday 00:00 of day 1)."""
+    day, rest = divmod(max(world_time, 0.0), 86400.0)
+    hours, rest = divmod(rest, 3600.0)
+    return f"day {int(day) + 1} {_DAYS[int(day) % 7]} {int(hours):02d}:{int(rest // 60):02d}"
+
+
+@dataclass(frozen=True, slots=True)
+class AdvancePlan:
+    """How far one tick moves the world clock (computed, not yet applied)."""
+
+    delta_real_seconds: float
+    effective_real_seconds: float  # after pause and the catch-up cap
+    delta_game_seconds: float
+    capped: bool
+    world_time_before: float
+    world_time_after: float
+
+
+@dataclass(slots=True)
+class TickOutcome:
+    """What a committed tick did, recorded into the context's stats."""
+
+    npcs_simulated: int = 0
+    jobs_enqueued: int = 0
+    chain_steps: int = 0
+    npcs_per_tier: dict[Tier, int] = field(default_factory=dict)
+    decision_lag_per_tier: dict[Tier, float] = field(default_factory=dict)
+    duration_ms: float = 0.0
+
+
+class WorldSimulationContext:
+    """Runtime context of one world: clock, effective config, counters.
+
+    Time rules (DESIGN.md): a tick advances ``world_time`` by the real time
+    elapsed since the previous tick × ``timeScale``, the real part capped at
+    ``maxCatchUpSeconds``; a paused world's clock is frozen; a config change
+    accepted mid-interval accrues the elapsed part of the interval at the old
+    scale (see :meth:`update_config`).
+    """
+
+    def __init__(
+        self,
+        world_id: int,
+        config: WorldConfig,
+        *,
+        world_time: float = 0.0,
+        ticks: int = 0,
+        config_version: int = 1,
+    ) -> None:
+        self.world_id = world_id
+        self.config = config
+        self.config_version = config_version
+        self.current_world_time = world_time
+        self.ticks_processed = ticks  # committed ticks, mirrors world_states.ticks
+        self.ticks_skipped = 0
+        self.ticks_failed = 0
+        self.npcs_simulated_last_tick = 0
+        self.jobs_enqueued_last_tick = 0
+        self.chain_steps_last_tick = 0
+        self.npcs_simulated_total = 0
+        self.npcs_per_tier: dict[Tier, int] = {}
+        self.decision_lag_per_tier: dict[Tier, float] = {}
+        self.tier_population: dict[Tier, int] = {}
+        self.last_tick_duration_ms = 0.0
+        self.average_tick_duration_ms = 0.0
+        self.last_error: str | None = None
+        self.consecutive_failures = 0
+        # Game time already accrued in the current interval before a config
+        # change, and the real seconds it covered.
+        self._carry_real = 0.0
+        self._carry_game = 0.0
+
+    # ----------------------------------------------------------------- clock
+    @property
+    def paused(self) -> bool:
+        return self.config.pause_simulation
+
+    def plan_advance(self, delta_real_seconds: float) -> AdvancePlan:
+        """Plan a tick covering ``delta_real_seconds`` of real time. Pure."""
+        if delta_real_seconds < 0:
+            raise ValueError(f"delta_real_seconds must be >= 0, got {delta_real_seconds}")
+        cap = self.config.max_catch_up_seconds
+        carry_real = min(self._carry_real, delta_real_seconds)
+        carry_game = self._carry_game
+        if carry_real > cap:  # the pre-change part alone exceeds the cap: prorate it
+            carry_game = carry_game * cap / carry_real if carry_real > 0 else 0.0
+            carry_real = cap
+        rest_real = max(delta_real_seconds - self._carry_real, 0.0)
+        rest_budget = max(cap - carry_real, 0.0)
+        rest_eff = min(rest_real, rest_budget)
+        rest_game = 0.0 if self.paused else rest_eff * self.config.time_scale
+        delta_game = carry_game + rest_game
+        return AdvancePlan(
+            delta_real_seconds=delta_real_seconds,
+            effective_real_seconds=carry_real + (0.0 if self.paused else rest_eff),
+            delta_game_seconds=delta_game,
+            capped=delta_real_seconds > cap,
+            world_time_before=self.current_world_time,
+            world_time_after=self.current_world_time + delta_game,
+        )
+
+    def apply_tick(self, plan: AdvancePlan, outcome: TickOutcome | None = None) -> None:
+        """Record a committed tick: move the clock and update stats."""
+        if plan.world_time_before != self.current_world_time:
+            raise RuntimeError(
+                f"world {self.world_id}: stale tick plan "
+                f"(planned from {plan.world_time_before}, clock at {self.current_world_time})"
+            )
+        outcome = outcome or TickOutcome()
+        self.current_world_time = plan.world_time_after
+        self._carry_real = 0.0
+        self._carry_game = 0.0
+        self.ticks_processed += 1
+        self.npcs_simulated_last_tick = outcome.npcs_simulated
+        self.npcs_simulated_total += outcome.npcs_simulated
+        self.jobs_enqueued_last_tick = outcome.jobs_enqueued
+        self.chain_steps_last_tick = outcome.chain_steps
+        self.npcs_per_tier = dict(outcome.npcs_per_tier)
+        self.decision_lag_per_tier = dict(outcome.decision_lag_per_tier)
+        self.last_tick_duration_ms = outcome.duration_ms
+        if self.ticks_processed == 1 or self.average_tick_duration_ms == 0.0:
+            self.average_tick_duration_ms = outcome.duration_ms
+        else:
+            self.average_tick_duration_ms += _EWMA_ALPHA * (outcome.duration_ms - self.average_tick_duration_ms)
+        self.last_error = None
+        self.consecutive_failures = 0
+
+    def advance_time(self, delta_real_seconds: float) -> float:
+        """Advance the clock without any simulation work; returns game seconds added.
+
+        For embedding and tests; :class:`~scheduler_daemon.scheduler.WorldScheduler`
+        plans, commits, then applies instead.
+        """
+        plan = self.plan_advance(delta_real_seconds)
+        self.apply_tick(plan)
+        return plan.delta_game_seconds
+
+    def update_config(
+        self, config: WorldConfig, *, version: int | None = None, elapsed_real_since_tick: float = 0.0
+    ) -> None:
+        """Swap in a new config accepted ``elapsed_real_since_tick`` after the last tick.
+
+        The part of the interval already elapsed accrues at the *old* scale
+        (and not at all if the world was paused), so a speed change or a
+        pause/resume never rewrites time that already passed.
+        """
+        segment = max(elapsed_real_since_tick - self._carry_real, 0.0)
+        if not self.paused:
+            self._carry_game += segment * self.config.time_scale
+        self._carry_real = max(elapsed_real_since_tick, self._carry_real)
+        self.config = config
+        if version is not None:
+            self.config_version = version
+
+    def resync(self, world_time: float, ticks: int) -> None:
+        """Adopt the committed clock from the database (after an unknown commit outcome)."""
+        self.current_world_time = world_time
+        self.ticks_processed = ticks
+        self._carry_real = 0.0
+        self._carry_game = 0.0
+
+    # ---------------------------------------------------------------- budget
+    def can_simulate_more_npcs(self, simulated_so_far: int) -> bool:
+        """Whether the per-tick NPC budget allows another decision."""
+        return simulated_so_far < self.config.max_npc_ticks_per_step
+
+    def can_enqueue_more_jobs(self, enqueued_so_far: int) -> bool:
+        """Whether the per-tick job budget allows another claim."""
+        return enqueued_so_far < self.config.max_job_ops_per_step
+
+    # ------------------------------------------------------------ bookkeeping
+    def record_skipped(self, slots: int) -> None:
+        """Count tick slots that passed without a tick (never burst-replayed)."""
+        self.ticks_skipped += slots
+
+    def record_failure(self, error: str) -> None:
+        """Record a failed tick; the clock and committed counters stay as they were."""
+        self.ticks_failed += 1
+        self.consecutive_failures += 1
+        self.last_error = error
+
+    def record_population(self, counts: dict[Tier, int]) -> None:
+        """Remember how many NPCs sit in each tier (frozen included)."""
+        self.tier_population = dict(counts)
+
+    @property
+    def frozen_npcs(self) -> int:
+        return self.tier_population.get(Tier.FROZEN, 0)
+
+    @property
+    def state(self) -> str:
+        """``failing`` after a failed tick, else ``paused`` or ``running``."""
+        if self.consecutive_failures:
+            return "failing"
+        return "paused" if self.paused else "running"
+
+    def get_stats(self) -> dict[str, Any]:
+        """Snapshot of the world's clock, counters and config (JSON-ready)."""
+        return {
+            "world_id": self.world_id,
+            "state": self.state,
+            "current_world_time": self.current_world_time,
+            "ticks_processed": self.ticks_processed,
+            "ticks_skipped": self.ticks_skipped,
+            "ticks_failed": self.ticks_failed,
+            "npcs_simulated_last_tick": self.npcs_simulated_last_tick,
+            "npcs_simulated_total": self.npcs_simulated_total,
+            "jobs_enqueued_last_tick": self.jobs_enqueued_last_tick,
+            "chain_steps_last_tick": self.chain_steps_last_tick,
+            "npcs_per_tier": {t.label: self.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
+            "tier_population": {t.label: self.tier_population.get(t, 0) for t in Tier},
+            "frozen_npcs": self.frozen_npcs,
+            "decision_lag_seconds": {
+                t.label: self.decision_lag_per_tier[t] for t in SIMULATED_TIERS if t in self.decision_lag_per_tier
+            },
+            "last_tick_duration_ms": self.last_tick_duration_ms,
+            "average_tick_duration_ms": self.average_tick_duration_ms,
+            "last_error": self.last_error,
+            "consecutive_failures": self.consecutive_failures,
+            "config_version": self.config_version,
+            "config": self.config.to_wire(),
+        }

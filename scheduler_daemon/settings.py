@@ -1,0 +1,240 @@
+"""Daemon settings: a TOML file plus ``SCHEDULER_<SECTION>__<KEY>`` environment variables.
+
+The environment wins over the file. Every error names the file (or the
+environment), the key and the problem. pydantic-settings would silently skip
+a missing TOML file, so the file is read here and handed over as data.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from scheduler_daemon.world_config import WorldConfigError, parse_world_config
+
+DEFAULT_CONFIG_PATH = Path("/etc/scheduler-daemon/config.toml")
+#: Refuse absurd files before parsing them (a config file is a few KiB).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+DEFAULT_BEHAVIOR = "scheduler_daemon.simulation.behavior:decide"
+
+
+class SettingsError(ValueError):
+    """Invalid daemon settings; the message names the source, key and problem."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+
+class DatabaseSettings(_Section):
+    """``[database]`` (restart-only)."""
+
+    url: str = "sqlite+aiosqlite:////var/lib/scheduler-daemon/scheduler.db"
+    pool_size: int = Field(default=5, ge=1, le=200)
+    max_overflow: int = Field(default=5, ge=0, le=200)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    #: Keep retrying the first connection for this long before giving up.
+    connect_retry_seconds: float = Field(default=60.0, ge=0, le=86400)
+
+    @field_validator("url")
+    @classmethod
+    def _supported(cls, value: str) -> str:
+        from scheduler_daemon.store.database import normalize_url
+
+        return normalize_url(value)
+
+
+class HttpSettings(_Section):
+    """``[http]``: the admin API and ``/metrics`` (bind and port are restart-only)."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)
+    admin_token_file: Path | None = None
+
+
+class SchedulerSettings(_Section):
+    """``[scheduler]``: the tick loop."""
+
+    discovery_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    max_concurrent_ticks: int = Field(default=16, ge=1, le=10_000)
+    tick_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    backoff_max_seconds: float = Field(default=60.0, gt=0, le=86400)
+    #: Unique per daemon (leases); default hostname-pid.
+    instance_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", min_length=1, max_length=200
+    )
+    lease_ttl_seconds: float = Field(default=15.0, ge=1, le=3600)
+    #: Behaviour function, ``module:callable``.
+    behavior: str = DEFAULT_BEHAVIOR
+
+
+class LoggingSettings(_Section):
+    """``[logging]`` (reloadable)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    #: ``auto``: readable console on a TTY, JSON otherwise.
+    format: Literal["auto", "console", "json"] = "auto"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class MetricsSettings(_Section):
+    """``[metrics]`` (reloadable)."""
+
+    #: Per-world series (label ``world_id``); switch off for very many worlds.
+    per_world: bool = True
+
+
+class DefaultsSettings(_Section):
+    """``[defaults]``: world config used under each world's own (reloadable)."""
+
+    simulation: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("simulation")
+    @classmethod
+    def _valid_world_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            parse_world_config(value)
+        except WorldConfigError as exc:
+            raise ValueError("; ".join(f"{loc}: {msg}" for loc, msg in exc.errors)) from None
+        return value
+
+
+class Settings(BaseSettings):
+    """All daemon settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SCHEDULER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    logging: LoggingSettings = LoggingSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    defaults: DefaultsSettings = DefaultsSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's data arrives as init kwargs; the environment must win over it.
+        return (env_settings, init_settings)
+
+
+#: Settings that only take effect on restart (dotted keys).
+RESTART_ONLY = (
+    "database.url",
+    "database.pool_size",
+    "database.max_overflow",
+    "database.connect_timeout_seconds",
+    "database.connect_retry_seconds",
+    "http.enabled",
+    "http.bind",
+    "http.port",
+    "scheduler.instance_id",
+    "scheduler.lease_ttl_seconds",
+    "scheduler.behavior",
+)
+#: Settings a SIGHUP applies.
+RELOADABLE = (
+    "logging.level",
+    "logging.format",
+    "defaults.simulation",
+    "scheduler.discovery_interval_seconds",
+    "scheduler.max_concurrent_ticks",
+    "scheduler.tick_timeout_seconds",
+    "scheduler.backoff_max_seconds",
+    "metrics.per_world",
+    "http.admin_token_file",
+)
+
+
+def _get(settings: Settings, dotted: str) -> Any:
+    value: Any = settings
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def restart_only_changes(old: Settings, new: Settings) -> list[str]:
+    """Restart-only keys whose value differs (reported on reload, never half-applied)."""
+    return [key for key in RESTART_ONLY if _get(old, key) != _get(new, key)]
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read and parse a TOML config file; errors name the file and the problem."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise SettingsError(f"{path}: is a directory, not a config file") from None
+    except PermissionError:
+        raise SettingsError(f"{path}: permission denied reading config file") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise SettingsError(f"{path}: config file is larger than {MAX_CONFIG_BYTES} bytes; refusing to parse it")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    env_keys = sorted(
+        k for k in os.environ if k.upper().startswith("SCHEDULER_") and k.upper() != "SCHEDULER_TEST_POSTGRES_URL"
+    )
+    where = source + (f" (environment also sets {', '.join(env_keys)})" if env_keys else "")
+    return f"{where}: " + "; ".join(parts)
+
+
+def load_settings(path: Path | None = None, *, required: bool = True) -> Settings:
+    """Build settings from ``path`` (TOML) and the environment.
+
+    With ``required=False`` a missing file means "defaults plus environment"
+    (used when no ``--config`` was given and the default path does not exist).
+    """
+    data: dict[str, Any] = {}
+    source = "environment"
+    if path is not None and (path.exists() or required):
+        data = read_config_file(path)
+        source = str(path)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise SettingsError(_format_errors(source, exc)) from None
+    except ValueError as exc:  # e.g. pydantic-settings failing to parse an env value
+        raise SettingsError(f"{source}: {exc}") from None

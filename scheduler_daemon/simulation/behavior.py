@@ -1,0 +1,656 @@
+"""World behaviour content and the pure per-NPC decision function.
+
+A world's behaviour lives in ``worlds.meta["behavior"]`` as JSON with camelCase
+keys; :func:`parse_behavior` validates it into a :class:`BehaviorContent`.
+:func:`decide` turns one :class:`NpcState` plus that content into one
+:class:`NpcDecision`. Everything here is pure and deterministic: no I/O, no
+wall clock and no global random state, so a decision can be replayed exactly.
+
+World time is a float of game seconds since the world's epoch; 0 is Monday
+00:00, a day is 86 400 s and a week 604 800 s.
+
+Content semantics worth knowing:
+
+* Absent content (``None``) is valid and yields an empty :class:`BehaviorContent`
+  under which every NPC idles: :func:`decide` returns the :data:`IDLE_ACTIVITY`
+  with no effects and the next decision one tier interval later.
+* A routine slot is active from ``start`` (inclusive) to ``end`` (exclusive)
+  on each of its ``days``. If ``end <= start`` the slot wraps past midnight and
+  the part after midnight belongs to the *start* day (``fri 22:00-02:00`` covers
+  Saturday 00:00-02:00); ``start == end`` means a full 24 hours. When several
+  slots are active the first one listed wins.
+* An activity's ``location`` may be a single place, a list of places (one is
+  drawn with the decision's RNG), ``"home"`` (the NPC's home) or absent (stay).
+* The activity name ``"idle"`` is reserved for the built-in fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import random
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any, Final, Literal, NamedTuple, cast
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
+
+from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
+
+__all__ = [
+    "DAY_SECONDS",
+    "DEFAULT_DECIDE_SPEC",
+    "DEMO_BEHAVIOR",
+    "IDLE_ACTIVITY",
+    "MIN_IDLE_SECONDS",
+    "WEEK_SECONDS",
+    "Activity",
+    "BehaviorContent",
+    "BehaviorContentError",
+    "DecideFn",
+    "EffectDelta",
+    "Requirements",
+    "Routine",
+    "Slot",
+    "active_slot",
+    "decide",
+    "decision_seed",
+    "describe_validation_error",
+    "integrate_effects",
+    "load_decide_fn",
+    "parse_behavior",
+    "simulate_batch",
+]
+
+DAY_SECONDS: Final = 86_400.0
+WEEK_SECONDS: Final = 604_800.0
+HOUR_SECONDS: Final = 3_600.0
+
+#: Activity chosen when nothing else is possible; has no effects and no location.
+IDLE_ACTIVITY: Final = "idle"
+#: Lower bound on an idle stretch so a zero tier interval cannot busy-loop an NPC.
+MIN_IDLE_SECONDS: Final = 60.0
+#: The special location value meaning "the NPC's home".
+HOME_LOCATION: Final = "home"
+
+ENERGY_MIN: Final = 0.0
+ENERGY_MAX: Final = 100.0
+MOOD_MIN: Final = -100.0
+MOOD_MAX: Final = 100.0
+
+#: Key of :attr:`NpcDecision.state` holding ``{activity: world time last finished}``.
+COOLDOWNS_KEY: Final = "cooldowns"
+
+DEFAULT_DECIDE_SPEC: Final = "scheduler_daemon.simulation.behavior:decide"
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: Final[tuple[Weekday, ...]] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+_HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$")
+# Error type whose context carries an explicit path: cross-reference checks run
+# on the whole model, where pydantic itself would only report an empty location.
+_REFERENCE_ERROR: Final = "behavior_reference"
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class BehaviorContentError(ValueError):
+    """Invalid behaviour content; the message names the world and field path(s)."""
+
+    def __init__(self, world_id: int, problems: Iterable[str]) -> None:
+        self.world_id = world_id
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__(f"world {world_id}: " + f"; world {world_id}: ".join(self.problems))
+
+
+class _Content(BaseModel):
+    """Base for content models: camelCase JSON, strict about unknown keys."""
+
+    # extra="forbid": a typo such as "cooldownMinute" must fail loudly rather
+    # than silently fall back to a default.
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
+    )
+
+
+class Requirements(_Content):
+    """Energy window in which an activity may be picked (inclusive bounds)."""
+
+    min_energy: float = Field(default=ENERGY_MIN, ge=ENERGY_MIN, le=ENERGY_MAX)
+    max_energy: float = Field(default=ENERGY_MAX, ge=ENERGY_MIN, le=ENERGY_MAX)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Requirements:
+        if self.min_energy > self.max_energy:
+            raise ValueError(f"minEnergy {self.min_energy} > maxEnergy {self.max_energy}")
+        return self
+
+    def allows(self, energy: float) -> bool:
+        """Whether an NPC with ``energy`` meets these requirements."""
+        return self.min_energy <= energy <= self.max_energy
+
+
+class Activity(_Content):
+    """One thing an NPC can do; effects are rates per game hour."""
+
+    duration_minutes: tuple[float, float]
+    energy_per_hour: float = 0.0
+    mood_valence: float = 0.0
+    mood_arousal: float = 0.0
+    location: NonEmptyStr | tuple[NonEmptyStr, ...] | None = None
+    cooldown_minutes: float = Field(default=0.0, ge=0.0)
+    requirements: Requirements = Field(default_factory=Requirements)
+
+    @field_validator("duration_minutes")
+    @classmethod
+    def _valid_duration(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if low <= 0:
+            raise ValueError(f"min duration must be > 0, got {low}")
+        if low > high:
+            raise ValueError(f"min duration {low} > max duration {high}")
+        return value
+
+    @field_validator("location")
+    @classmethod
+    def _non_empty_choice(cls, value: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        if isinstance(value, tuple) and not value:
+            raise ValueError("location list must not be empty")
+        return value
+
+    @property
+    def cooldown_seconds(self) -> float:
+        """Cooldown in game seconds."""
+        return self.cooldown_minutes * 60.0
+
+
+def _minute_of_day(text: str) -> int:
+    match = _HHMM.match(text)
+    if match is None:  # guarded by the validator; kept for direct callers
+        raise ValueError(f"expected HH:MM, got {text!r}")
+    return int(match.group(1)) * 60 + int(match.group(2))
+
+
+class Slot(_Content):
+    """A time window of a routine with weighted candidate activities."""
+
+    days: frozenset[Weekday] = Field(default=frozenset(WEEKDAYS), min_length=1)
+    start: str
+    end: str
+    activities: dict[NonEmptyStr, Annotated[float, Field(gt=0.0)]] = Field(min_length=1)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if _HHMM.match(value) is None:
+            raise ValueError(f"expected HH:MM (00:00-23:59), got {value!r}")
+        return value
+
+    @property
+    def start_minute(self) -> int:
+        """Start as minutes after midnight."""
+        return _minute_of_day(self.start)
+
+    @property
+    def end_minute(self) -> int:
+        """End as minutes after midnight (``<= start_minute`` means it wraps)."""
+        return _minute_of_day(self.end)
+
+    def is_active(self, world_time: float) -> bool:
+        """Whether this slot covers ``world_time``."""
+        week_pos = world_time % WEEK_SECONDS
+        if week_pos >= WEEK_SECONDS:  # a tiny negative time rounds up to a full week
+            week_pos = 0.0
+        day = int(week_pos // DAY_SECONDS)
+        minute = (week_pos - day * DAY_SECONDS) / 60.0
+        start, end = self.start_minute, self.end_minute
+        if start < end:
+            return WEEKDAYS[day] in self.days and start <= minute < end
+        # Wrapping (or full-day) slot: the tail after midnight belongs to the
+        # previous day's entry, so "fri 22:00-02:00" covers early Saturday.
+        return (WEEKDAYS[day] in self.days and minute >= start) or (WEEKDAYS[day - 1] in self.days and minute < end)
+
+
+class Routine(_Content):
+    """An ordered list of slots; the first active slot wins."""
+
+    slots: list[Slot] = Field(default_factory=list)
+
+
+def _reference_error(path: str, problem: str) -> PydanticCustomError:
+    return PydanticCustomError(_REFERENCE_ERROR, "{path}: {problem}", {"path": path, "problem": problem})
+
+
+class BehaviorContent(_Content):
+    """A world's complete behaviour content."""
+
+    activities: dict[NonEmptyStr, Activity] = Field(default_factory=dict)
+    routines: dict[NonEmptyStr, Routine] = Field(default_factory=dict)
+    default_routine: str | None = None
+
+    @model_validator(mode="after")
+    def _references(self) -> BehaviorContent:
+        if IDLE_ACTIVITY in self.activities:
+            raise _reference_error(f"activities.{IDLE_ACTIVITY}", "reserved activity name (built-in fallback)")
+        for routine_name, routine in self.routines.items():
+            for index, slot in enumerate(routine.slots):
+                for activity in slot.activities:
+                    if activity not in self.activities:
+                        raise _reference_error(
+                            f"routines.{routine_name}.slots.{index}.activities.{activity}",
+                            "unknown activity",
+                        )
+        if self.default_routine is not None and self.default_routine not in self.routines:
+            raise _reference_error("defaultRoutine", f"unknown routine {self.default_routine!r}")
+        return self
+
+
+def describe_validation_error(root: str, exc: ValidationError) -> list[str]:
+    """Render a pydantic error as ``"root.path: message"`` lines.
+
+    Shared with :mod:`scheduler_daemon.simulation.tiers` so all world-content
+    errors read the same way.
+    """
+    problems: list[str] = []
+    for error in exc.errors(include_url=False):
+        ctx = error.get("ctx") or {}
+        if error["type"] == _REFERENCE_ERROR:
+            path, message = str(ctx["path"]), str(ctx["problem"])
+        else:
+            path = ".".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{root}.{path}: {message}" if path else f"{root}: {message}")
+    return problems
+
+
+def parse_behavior(world_id: int, raw: object) -> BehaviorContent:
+    """Validate ``worlds.meta["behavior"]`` for ``world_id``.
+
+    ``None`` (content absent) gives an empty :class:`BehaviorContent`, under
+    which every NPC idles. Raises :class:`BehaviorContentError` naming the world
+    and each offending field path, e.g.
+    ``world 3: behavior.routines.villager.slots.0.activities.dance: unknown activity``.
+    """
+    if raw is None:
+        return BehaviorContent()
+    try:
+        return BehaviorContent.model_validate(raw)
+    except ValidationError as exc:
+        raise BehaviorContentError(world_id, describe_validation_error("behavior", exc)) from None
+
+
+class EffectDelta(NamedTuple):
+    """Unclamped change of an NPC's energy and mood."""
+
+    energy: float
+    mood_valence: float
+    mood_arousal: float
+
+
+def integrate_effects(activity: Activity | None, elapsed_seconds: float) -> EffectDelta:
+    """Effect of doing ``activity`` for ``elapsed_seconds`` game seconds, unclamped.
+
+    Rates are constant per hour, so the integral is linear in time: one 8-hour
+    stretch equals eight 1-hour stretches. Clamping is applied by the caller
+    afterwards, which is the only place the two can differ. ``None`` (idle or
+    an activity unknown to the content) has no effect; negative elapsed time
+    counts as zero.
+    """
+    if activity is None or elapsed_seconds <= 0.0:
+        return EffectDelta(0.0, 0.0, 0.0)
+    hours = elapsed_seconds / HOUR_SECONDS
+    return EffectDelta(
+        activity.energy_per_hour * hours,
+        activity.mood_valence * hours,
+        activity.mood_arousal * hours,
+    )
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return min(high, max(low, value))
+
+
+def decision_seed(world_id: int, npc_id: int, world_time: float) -> int:
+    """Stable 64-bit RNG seed for one decision.
+
+    Uses BLAKE2b rather than :func:`hash`, whose string hashing is randomised
+    per process; replaying a decision on another worker must give the same draw.
+    """
+    # ``+ 0.0`` folds -0.0 into 0.0 so both spell the same seed.
+    key = f"{world_id}:{npc_id}:{(float(world_time) + 0.0).hex()}".encode()
+    digest = hashlib.blake2b(key, digest_size=8, person=b"npc-decide-v1").digest()
+    return int.from_bytes(digest, "big")
+
+
+def active_slot(routine: Routine, world_time: float) -> Slot | None:
+    """The first slot of ``routine`` active at ``world_time``, if any."""
+    for slot in routine.slots:
+        if slot.is_active(world_time):
+            return slot
+    return None
+
+
+def _routine_for(npc: NpcState, content: BehaviorContent) -> Routine | None:
+    # An NPC naming a routine the world no longer has falls back to the default
+    # instead of freezing: content edits must not strand NPCs.
+    if npc.routine is not None and npc.routine in content.routines:
+        return content.routines[npc.routine]
+    if content.default_routine is not None:
+        return content.routines[content.default_routine]
+    return None
+
+
+def _read_cooldowns(state: Mapping[str, Any], content: BehaviorContent, world_time: float) -> dict[str, float]:
+    """Still-running cooldowns from stored state; malformed or stale entries are dropped."""
+    raw = state.get(COOLDOWNS_KEY)
+    if not isinstance(raw, Mapping):
+        return {}
+    cooldowns: dict[str, float] = {}
+    for name, finished in raw.items():
+        activity = content.activities.get(name) if isinstance(name, str) else None
+        if activity is None or isinstance(finished, bool):
+            continue
+        if not isinstance(finished, int | float) or not math.isfinite(finished):
+            continue
+        # A finish time in the future means world time was reset; drop it
+        # rather than block the activity for an arbitrary stretch.
+        if finished <= world_time < finished + activity.cooldown_seconds:
+            cooldowns[name] = float(finished)
+    return cooldowns
+
+
+def _choose(
+    slot: Slot,
+    content: BehaviorContent,
+    energy: float,
+    cooldowns: Mapping[str, float],
+    world_time: float,
+    rng: random.Random,
+) -> str | None:
+    """Weighted pick among eligible slot activities, with the documented fallback."""
+    meets = [
+        (name, weight)
+        for name, weight in slot.activities.items()
+        if content.activities[name].requirements.allows(energy)
+    ]
+    eligible = [
+        (name, weight)
+        for name, weight in meets
+        if world_time >= cooldowns.get(name, -math.inf) + content.activities[name].cooldown_seconds
+    ]
+    if eligible:
+        names = [name for name, _ in eligible]
+        weights = [weight for _, weight in eligible]
+        return rng.choices(names, weights=weights, k=1)[0]
+    if meets:
+        # Everything is cooling down: repeat the slot's favourite rather than idle.
+        return min(meets, key=lambda item: (-item[1], item[0]))[0]
+    return None
+
+
+def _resolve_location(activity: Activity, npc: NpcState, rng: random.Random) -> str | None:
+    target = activity.location
+    if target is None:
+        return npc.location
+    if isinstance(target, tuple):
+        target = target[0] if len(target) == 1 else rng.choice(target)
+    if target == HOME_LOCATION:
+        return npc.home if npc.home is not None else npc.location
+    return target
+
+
+def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_interval: float) -> NpcDecision:
+    """Finish the NPC's current activity and choose the next one at ``world_time``.
+
+    Steps: (1) integrate the current activity's effects from
+    ``activity_started_at`` (else ``last_decision_at``, else no time) to
+    ``world_time`` and clamp energy to [0, 100] and mood to [-100, 100];
+    (2) pick the next activity from the routine slot active now, weighted,
+    among activities meeting their energy requirements and off cooldown
+    (fallback: the slot's highest-weight activity meeting requirements, else
+    ``"idle"``); (3) move to the activity's location or stay; (4) draw a
+    duration from the activity's range. Draws come from one
+    :class:`random.Random` seeded by :func:`decision_seed`, in the order
+    activity, duration, location.
+
+    ``next_decision_at`` is the activity's end for :attr:`Tier.DETAILED` and
+    ``max(end, world_time + tier_interval)`` for coarser tiers, so a dormant
+    NPC catches up analytically in one decision; it is always strictly greater
+    than ``world_time``. Idling lasts ``max(tier_interval, MIN_IDLE_SECONDS)``.
+
+    The returned ``state`` is a copy of ``npc.state`` with ``"cooldowns"``
+    replaced by ``{activity: world time it last finished}`` for cooldowns
+    still running; other keys are preserved.
+    """
+    if not math.isfinite(world_time):
+        raise ValueError(f"npc {npc.id}: world_time must be finite, got {world_time}")
+    if not math.isfinite(tier_interval) or tier_interval < 0.0:
+        raise ValueError(f"npc {npc.id}: tier_interval must be finite and >= 0, got {tier_interval}")
+
+    # 1. Finish the current activity.
+    current_name = npc.current_activity
+    current = content.activities.get(current_name) if current_name is not None else None
+    if npc.activity_started_at is not None:
+        started = npc.activity_started_at
+    elif npc.last_decision_at is not None:
+        started = npc.last_decision_at
+    else:
+        started = world_time
+    delta = integrate_effects(current, world_time - started)
+    energy = _clamp(npc.energy + delta.energy, ENERGY_MIN, ENERGY_MAX)
+    valence = _clamp(npc.mood_valence + delta.mood_valence, MOOD_MIN, MOOD_MAX)
+    arousal = _clamp(npc.mood_arousal + delta.mood_arousal, MOOD_MIN, MOOD_MAX)
+
+    cooldowns = _read_cooldowns(npc.state, content, world_time)
+    if current is not None and current_name is not None and current.cooldown_seconds > 0.0:
+        cooldowns[current_name] = world_time
+
+    # 2. Pick the next activity.
+    rng = random.Random(decision_seed(npc.world_id, npc.id, world_time))
+    routine = _routine_for(npc, content)
+    slot = active_slot(routine, world_time) if routine is not None else None
+    choice = _choose(slot, content, energy, cooldowns, world_time, rng) if slot else None
+
+    # 3./4. Location and duration.
+    if choice is None:
+        activity_name = IDLE_ACTIVITY
+        duration = max(tier_interval, MIN_IDLE_SECONDS)
+        location = npc.location
+    else:
+        activity_name = choice
+        activity = content.activities[choice]
+        low, high = activity.duration_minutes
+        duration = rng.uniform(low, high) * 60.0
+        location = _resolve_location(activity, npc, rng)
+
+    end = world_time + duration
+    next_at = end if npc.tier == Tier.DETAILED else max(end, world_time + tier_interval)
+    if next_at <= world_time:  # huge world times can swallow a short duration
+        next_at = math.nextafter(world_time, math.inf)
+
+    new_state = dict(npc.state)
+    new_state[COOLDOWNS_KEY] = cooldowns
+    return NpcDecision(
+        npc_id=npc.id,
+        decided_at=world_time,
+        next_decision_at=next_at,
+        current_activity=activity_name,
+        activity_started_at=world_time,
+        location=location,
+        energy=energy,
+        mood_valence=valence,
+        mood_arousal=arousal,
+        state=new_state,
+    )
+
+
+DecideFn = Callable[[NpcState, BehaviorContent, float, float], NpcDecision]
+
+
+def load_decide_fn(spec: str = DEFAULT_DECIDE_SPEC) -> DecideFn:
+    """Resolve ``"package.module:callable"`` (attribute may be dotted) to a decide function.
+
+    Raises :class:`ValueError` naming ``spec`` when it is malformed, the module
+    cannot be imported, the attribute is missing or it is not callable. The
+    signature itself cannot be checked cheaply; a wrong one fails on first use.
+    """
+    module_name, sep, attr_path = spec.partition(":")
+    parts_ok = all(p.isidentifier() for p in module_name.split(".")) and all(
+        p.isidentifier() for p in attr_path.split(".")
+    )
+    if not sep or not parts_ok:
+        raise ValueError(f"decide function {spec!r}: expected 'package.module:callable'")
+    try:
+        target: object = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        # Distinguish "the named module does not exist" from "it exists but one
+        # of its own imports is missing", which needs a different fix.
+        if missing == module_name or module_name.startswith(missing + "."):
+            raise ValueError(f"decide function {spec!r}: module {module_name!r} not found") from exc
+        raise ValueError(f"decide function {spec!r}: importing failed: {exc}") from exc
+    except Exception as exc:  # any error raised while executing the module
+        raise ValueError(f"decide function {spec!r}: importing failed: {exc}") from exc
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"decide function {spec!r}: {module_name!r} has no attribute {attr_path!r}") from None
+    if not callable(target):
+        raise ValueError(f"decide function {spec!r}: {attr_path!r} is not callable")
+    return cast(DecideFn, target)
+
+
+def simulate_batch(
+    npcs: Iterable[NpcState],
+    content: BehaviorContent,
+    world_time: float,
+    tier_intervals: Mapping[Tier, float],
+    decide_fn: DecideFn = decide,
+) -> list[NpcDecision]:
+    """Decide for each NPC of one world at ``world_time``, in input order.
+
+    Each NPC uses its own tier's interval. Because ``decide_fn`` may be a
+    plug-in, its results are checked: a decision for another NPC, or one whose
+    ``next_decision_at`` is not after ``world_time`` (which would make the NPC
+    due again every tick), raises :class:`ValueError`.
+    """
+    decisions: list[NpcDecision] = []
+    for npc in npcs:
+        interval = tier_intervals.get(npc.tier)
+        if interval is None:
+            raise ValueError(f"npc {npc.id}: no interval configured for tier {npc.tier.label}")
+        decision = decide_fn(npc, content, world_time, interval)
+        if decision.npc_id != npc.id:
+            raise ValueError(f"npc {npc.id}: decide function returned a decision for npc {decision.npc_id}")
+        if not decision.next_decision_at > world_time:
+            raise ValueError(
+                f"npc {npc.id}: next_decision_at {decision.next_decision_at} is not after world time {world_time}"
+            )
+        decisions.append(decision)
+    return decisions
+
+
+def _slot(days: list[str] | None, start: str, end: str, **weights: float) -> dict[str, Any]:
+    slot: dict[str, Any] = {"start": start, "end": end, "activities": weights}
+    if days is not None:
+        slot["days"] = days
+    return slot
+
+
+_WEEKDAYS = ["mon", "tue", "wed", "thu", "fri"]
+
+#: Demo behaviour content (JSON shape, camelCase), e.g. for new worlds and tests.
+#: Every routine covers the whole week. Treat as read-only; parse it with
+#: :func:`parse_behavior` (or ``BehaviorContent.model_validate``).
+DEMO_BEHAVIOR: Final[dict[str, Any]] = {
+    "activities": {
+        # Slept in short chunks so waking follows the routine's night slot closely.
+        "sleep": {
+            "durationMinutes": [90, 150],
+            "energyPerHour": 12.0,
+            "moodValence": 1.0,
+            "moodArousal": -6.0,
+            "location": "home",
+        },
+        "eat": {
+            "durationMinutes": [20, 45],
+            "energyPerHour": 4.0,
+            "moodValence": 6.0,
+            "moodArousal": 1.0,
+            "location": ["tavern", "home"],
+            "cooldownMinutes": 180,
+        },
+        "work": {
+            "durationMinutes": [90, 180],
+            "energyPerHour": -8.0,
+            "moodValence": -2.0,
+            "moodArousal": 3.0,
+            "location": ["workshop", "market"],
+            "requirements": {"minEnergy": 20},
+        },
+        "socialise": {
+            "durationMinutes": [30, 120],
+            "energyPerHour": -3.0,
+            "moodValence": 10.0,
+            "moodArousal": 6.0,
+            "location": ["tavern", "square"],
+            "cooldownMinutes": 60,
+            "requirements": {"minEnergy": 10},
+        },
+        "wander": {
+            "durationMinutes": [20, 60],
+            "energyPerHour": -2.0,
+            "moodValence": 3.0,
+            "moodArousal": 2.0,
+            "location": ["square", "park"],
+            "cooldownMinutes": 30,
+            "requirements": {"minEnergy": 5},
+        },
+    },
+    "routines": {
+        "villager": {
+            "slots": [
+                _slot(None, "22:00", "06:00", sleep=1),
+                _slot(None, "06:00", "08:00", eat=3, wander=1),
+                _slot(_WEEKDAYS, "08:00", "12:00", work=5, wander=1),
+                _slot(_WEEKDAYS, "12:00", "13:00", eat=4, socialise=1),
+                _slot(_WEEKDAYS, "13:00", "18:00", work=5, socialise=1),
+                _slot(["sat", "sun"], "08:00", "18:00", wander=3, socialise=3, eat=1),
+                _slot(None, "18:00", "22:00", eat=2, socialise=3, wander=1),
+            ]
+        },
+        "merchant": {
+            "slots": [
+                _slot(None, "23:00", "07:00", sleep=1),
+                _slot(None, "07:00", "09:00", eat=3, wander=1),
+                _slot(["mon", "tue", "wed", "thu", "fri", "sat"], "09:00", "19:00", work=6, eat=1),
+                _slot(["sun"], "09:00", "19:00", wander=2, socialise=2, eat=1),
+                _slot(None, "19:00", "23:00", socialise=3, eat=2),
+            ]
+        },
+        "night_owl": {
+            "slots": [
+                _slot(None, "04:00", "12:00", sleep=1),
+                _slot(None, "12:00", "14:00", eat=3, wander=1),
+                _slot(None, "14:00", "20:00", wander=2, work=2, socialise=1),
+                _slot(None, "20:00", "04:00", socialise=4, wander=2, eat=1),
+            ]
+        },
+    },
+    "defaultRoutine": "villager",
+}

@@ -1,0 +1,296 @@
+"""Simulation tiers: who is simulated how closely, and who is decided next.
+
+Pure functions only. :func:`assign_tiers` maps NPCs plus the world's active
+player sessions to tiers under per-tier capacities; :func:`select_due` is the
+reference model of the per-tick fair selection that the store's SQL mirrors.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final, Literal
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+from scheduler_daemon.simulation.behavior import describe_validation_error
+from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
+
+__all__ = [
+    "NpcPlacement",
+    "Relevance",
+    "SessionView",
+    "TierAssignment",
+    "TierMatch",
+    "TierRule",
+    "TierRulesError",
+    "assign_tiers",
+    "determine_simulation_tier",
+    "parse_tier_rules",
+    "select_due",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    """An active player session of the world, reduced to what tiering needs."""
+
+    id: int
+    user_id: str
+    location: str | None
+    scene_npc_ids: frozenset[int] = frozenset()
+    #: NPCs the player has a relationship or quest with.
+    involved_npc_ids: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class NpcPlacement:
+    """The minimal NPC facts tiering needs."""
+
+    id: int
+    location: str | None
+    home: str | None
+
+
+class Relevance(IntEnum):
+    """Why an NPC has its natural tier; lower is more relevant (kept on demotion)."""
+
+    IN_SCENE = 0
+    AT_PLAYER_LOCATION = 1
+    INVOLVED = 2
+    HOME_AT_PLAYER_LOCATION = 3
+    WORLD_HAS_SESSIONS = 4
+    NO_SESSIONS = 5
+
+
+#: Relevance a rule-pinned NPC gets: the best rank of the tier it is pinned to,
+#: so a pin competes for capacity like the tier's most relevant natural members.
+_PIN_RELEVANCE: Final[Mapping[Tier, Relevance]] = {
+    Tier.DETAILED: Relevance.IN_SCENE,
+    Tier.ACTIVE: Relevance.INVOLVED,
+    Tier.AMBIENT: Relevance.WORLD_HAS_SESSIONS,
+    Tier.DORMANT: Relevance.NO_SESSIONS,
+}
+
+
+def determine_simulation_tier(npc: NpcPlacement, sessions: Sequence[SessionView]) -> tuple[Tier, int]:
+    """Natural tier of ``npc`` and its relevance rank (see :class:`Relevance`).
+
+    ``sessions`` are the active sessions of the NPC's world. The best rule over
+    all sessions wins: in a scene (detailed, 0), at a player's location
+    (detailed, 1), involved with a player (active, 2), home at a player's
+    location (active, 3), otherwise ambient (4); a world with no active
+    sessions is entirely dormant (5).
+    """
+    if not sessions:
+        return Tier.DORMANT, Relevance.NO_SESSIONS
+    best = Relevance.WORLD_HAS_SESSIONS
+    for session in sessions:
+        if npc.id in session.scene_npc_ids:
+            return Tier.DETAILED, Relevance.IN_SCENE
+        if session.location is not None and npc.location == session.location:
+            best = min(best, Relevance.AT_PLAYER_LOCATION)
+        elif npc.id in session.involved_npc_ids:
+            best = min(best, Relevance.INVOLVED)
+        elif session.location is not None and npc.home == session.location:
+            best = min(best, Relevance.HOME_AT_PLAYER_LOCATION)
+    return _tier_of(best), best
+
+
+def _tier_of(relevance: Relevance) -> Tier:
+    if relevance <= Relevance.AT_PLAYER_LOCATION:
+        return Tier.DETAILED
+    if relevance <= Relevance.HOME_AT_PLAYER_LOCATION:
+        return Tier.ACTIVE
+    if relevance == Relevance.WORLD_HAS_SESSIONS:
+        return Tier.AMBIENT
+    return Tier.DORMANT
+
+
+class TierRulesError(ValueError):
+    """Invalid ``tierRules`` content; the message names the world and field path(s)."""
+
+    def __init__(self, world_id: int, problems: Iterable[str]) -> None:
+        self.world_id = world_id
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__(f"world {world_id}: " + f"; world {world_id}: ".join(self.problems))
+
+
+class _Rules(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class TierMatch(_Rules):
+    """Which NPCs a rule applies to: every given criterion must hold."""
+
+    location: str | None = None
+    npc_ids: frozenset[int] | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> TierMatch:
+        # An empty match would pin the whole world, almost surely a mistake.
+        if self.location is None and self.npc_ids is None:
+            raise ValueError("match needs at least one of location, npcIds")
+        return self
+
+    def matches(self, npc: NpcPlacement) -> bool:
+        """Whether ``npc`` satisfies every criterion."""
+        if self.location is not None and npc.location != self.location:
+            return False
+        return self.npc_ids is None or npc.id in self.npc_ids
+
+
+class TierRule(_Rules):
+    """Pins matching NPCs to at least ``tier`` before capacity is enforced.
+
+    A pin only raises an NPC's tier, never lowers it, and capacities still
+    apply: a pinned NPC competes with the relevance of its pinned tier's best
+    natural members (e.g. pinned ``detailed`` ranks like an NPC in a scene).
+    """
+
+    match: TierMatch
+    tier: Literal["detailed", "active", "ambient", "dormant"]
+
+    @property
+    def min_tier(self) -> Tier:
+        """The pinned tier as a :class:`Tier`."""
+        return Tier.from_label(self.tier)
+
+
+_RULES_ADAPTER: Final = TypeAdapter(tuple[TierRule, ...])
+
+
+def parse_tier_rules(world_id: int, raw: object) -> tuple[TierRule, ...]:
+    """Validate ``worlds.meta["tierRules"]`` (a JSON list); ``None`` means no rules.
+
+    Raises :class:`TierRulesError` naming the world and field path, e.g.
+    ``world 3: tierRules.0.tier: Input should be 'detailed', ...``.
+    """
+    if raw is None:
+        return ()
+    if not isinstance(raw, list | tuple):
+        raise TierRulesError(world_id, ["tierRules: expected a list of rules"])
+    try:
+        return _RULES_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise TierRulesError(world_id, describe_validation_error("tierRules", exc)) from None
+
+
+@dataclass(frozen=True, slots=True)
+class TierAssignment:
+    """Result of :func:`assign_tiers`.
+
+    ``tiers`` maps every NPC id to its effective tier, ``counts`` has an entry
+    for every :class:`Tier` including ``FROZEN``, and ``relevance`` the rank
+    used for demotion (after rule pins).
+    """
+
+    tiers: dict[int, Tier]
+    counts: dict[Tier, int]
+    relevance: dict[int, int]
+
+    def changed(self, previous: Mapping[int, Tier]) -> dict[int, Tier]:
+        """NPCs whose tier differs from ``previous`` (unknown there counts as changed).
+
+        NPCs only in ``previous`` are ignored: they no longer exist.
+        """
+        return {npc_id: tier for npc_id, tier in self.tiers.items() if previous.get(npc_id) != tier}
+
+
+def _checked_capacities(capacities: Mapping[Tier, int]) -> dict[Tier, int]:
+    checked: dict[Tier, int] = {}
+    for tier in SIMULATED_TIERS:
+        if tier not in capacities:
+            raise ValueError(f"no capacity configured for tier {tier.label}")
+        value = capacities[tier]
+        if value < 0:
+            raise ValueError(f"capacity of tier {tier.label} must be >= 0, got {value}")
+        checked[tier] = value
+    return checked
+
+
+def assign_tiers(
+    npcs: Iterable[NpcPlacement],
+    sessions: Sequence[SessionView],
+    capacities: Mapping[Tier, int],
+    rules: Sequence[TierRule] = (),
+) -> TierAssignment:
+    """Assign each NPC of one world an effective tier under ``capacities``.
+
+    ``capacities`` gives ``maxNpcs`` for each simulated tier (DETAILED to
+    DORMANT; all four required). Each NPC starts at its natural tier
+    (:func:`determine_simulation_tier`, raised by any matching ``rules``).
+    Tiers are then filled from DETAILED down: a tier keeps its best NPCs by
+    (relevance, id) up to capacity and demotes the rest to the next tier,
+    where they compete with that tier's natural members (and, being more
+    relevant, win). Whoever is left after DORMANT becomes ``FROZEN``.
+    """
+    caps = _checked_capacities(capacities)
+    pools: dict[Tier, list[tuple[int, int]]] = {tier: [] for tier in SIMULATED_TIERS}
+    relevance: dict[int, int] = {}
+    for npc in npcs:
+        if npc.id in relevance:
+            raise ValueError(f"npc {npc.id} listed twice")
+        tier, rank = determine_simulation_tier(npc, sessions)
+        for rule in rules:
+            if rule.min_tier < tier and rule.match.matches(npc):
+                tier = rule.min_tier
+                rank = min(rank, _PIN_RELEVANCE[tier])
+        relevance[npc.id] = rank
+        pools[tier].append((rank, npc.id))
+
+    tiers: dict[int, Tier] = {}
+    counts: dict[Tier, int] = dict.fromkeys(Tier, 0)
+    overflow: list[tuple[int, int]] = []
+    for tier in SIMULATED_TIERS:
+        pool = sorted(pools[tier] + overflow)
+        kept, overflow = pool[: caps[tier]], pool[caps[tier] :]
+        for _, npc_id in kept:
+            tiers[npc_id] = tier
+        counts[tier] = len(kept)
+    for _, npc_id in overflow:
+        tiers[npc_id] = Tier.FROZEN
+    counts[Tier.FROZEN] = len(overflow)
+    return TierAssignment(tiers=tiers, counts=counts, relevance=relevance)
+
+
+def select_due(candidates: Iterable[tuple[Tier, float, int]], world_time: float, budget: int) -> list[int]:
+    """Pick at most ``budget`` due NPC ids from ``(tier, next_decision_at, npc_id)``.
+
+    Only NPCs with ``next_decision_at <= world_time`` are due (``FROZEN`` never
+    is). Order: higher tier first, then most overdue (smallest
+    ``next_decision_at``), then id. The store mirrors this as
+    ``WHERE tier < 4 AND next_decision_at <= :now
+    ORDER BY tier, next_decision_at, id LIMIT :budget``.
+
+    Why strict priority bounds lag per tier. Let ticks be ``D`` game seconds
+    apart, ``N_j`` NPCs in tier ``j`` with interval ``I_j`` (a selected NPC is
+    next due ``I_j`` later), ``m_j = ceil(I_j / D)`` the ticks before it can be
+    due again, ``S_i = N_0 + ... + N_i`` and ``R_i = sum(N_j / m_j for j < i)``
+    the per-tick demand of the tiers above ``i``. Suppose an NPC X of tier
+    ``i`` is due but skipped for ``W`` consecutive ticks. Each of those ticks
+    spent the whole budget ``B`` on NPCs ordered before X: a tier ``j < i`` NPC
+    can be picked at most ``W / m_j + 1`` times in ``W`` ticks, and a tier
+    ``i`` NPC picked ahead of X is afterwards due later than X, so at most
+    ``N_i - 1`` of those. Hence ``W * B <= R_i * W + S_i - 1``; if ``R_i < B``
+    then ``W <= (S_i - 1) / (B - R_i)`` and X's lag (selection time minus
+    ``next_decision_at``, under ``D`` at its first due tick) is at most
+    ``D * (1 + floor((S_i - 1) / (B - R_i)))``. For the top tier this is
+    ``D * ceil(N_0 / B)``: one tick per budget-full of backlog. So whenever the
+    due rate fits the budget, every tier's lag stays bounded.
+
+    The bound for tier ``i`` involves no lower tier, so when the due rate
+    exceeds the budget the extra lag lands in the lowest tiers first; once the
+    tiers above a tier alone demand the whole budget (``R_i >= B``) that tier
+    is starved and its lag grows without bound.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    due = (
+        (tier, next_at, npc_id) for tier, next_at, npc_id in candidates if tier != Tier.FROZEN and next_at <= world_time
+    )
+    # nsmallest(n, it) == sorted(it)[:n], without sorting the whole backlog.
+    return [npc_id for _, _, npc_id in heapq.nsmallest(budget, due)]

@@ -1,0 +1,1 @@
+"""Everything that talks SQL: tables, migrations, the repository, leases."""

@@ -1,0 +1,79 @@
+"""Engine creation and per-backend connection setup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+SUPPORTED_DRIVERS = ("postgresql+psycopg", "sqlite+aiosqlite")
+
+
+class DatabaseURLError(ValueError):
+    """The database URL names an unsupported backend or is malformed."""
+
+
+def normalize_url(url: str) -> str:
+    """Check a database URL; ``postgresql://`` is taken to mean psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise DatabaseURLError(f"invalid database URL {url!r}: {exc}") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    elif parsed.drivername == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    if parsed.drivername not in SUPPORTED_DRIVERS:
+        raise DatabaseURLError(
+            f"unsupported database driver {parsed.drivername!r} in URL; "
+            f"use one of {', '.join(d + '://' for d in SUPPORTED_DRIVERS)}"
+        )
+    return parsed.render_as_string(hide_password=False)
+
+
+def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # WAL lets other processes read while the daemon writes; foreign keys are
+    # off by default in SQLite; busy_timeout rides out short write contention.
+    # We issue BEGIN ourselves (see _sqlite_on_begin), so switch off the
+    # driver's implicit transactions.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
+
+
+def _sqlite_on_begin(conn: sa.Connection) -> None:
+    # BEGIN IMMEDIATE takes the write lock up front. A deferred BEGIN that
+    # reads and then writes can fail at once with SQLITE_BUSY (no busy wait)
+    # when another connection committed in between; ticks always write.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 5,
+    max_overflow: int = 5,
+    connect_timeout: float = 10.0,
+    echo: bool = False,
+) -> AsyncEngine:
+    """Create the async engine for a supported URL with sane per-backend defaults."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, echo=echo, connect_args={"timeout": connect_timeout})
+        sa.event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        sa.event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
+        return engine
+    return create_async_engine(
+        url,
+        echo=echo,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": max(1, int(connect_timeout)), "application_name": "scheduler-daemon"},
+    )

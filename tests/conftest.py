@@ -1,0 +1,111 @@
+"""Shared fixtures: a real database per backend (SQLite file, PostgreSQL database).
+
+PostgreSQL tests read ``SCHEDULER_TEST_POSTGRES_URL`` (any database on the
+server; each test run creates and drops its own database next to it). Unset:
+they skip with a reason, except under ``CI=true`` where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from scheduler_daemon.store.repository import Store
+
+PG_ENV = "SCHEDULER_TEST_POSTGRES_URL"
+TABLES_IN_DELETE_ORDER = ("npcs", "sessions", "world_states", "worlds")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_postgres_url() -> str:
+    """The server URL from the environment, or skip/fail as the rules say."""
+    url = os.environ.get(PG_ENV)
+    if not url:
+        if _in_ci():
+            pytest.fail(f"{PG_ENV} is not set but CI=true: PostgreSQL tests must run in CI")
+        pytest.skip(f"PostgreSQL tests need {PG_ENV} (e.g. postgresql+psycopg://postgres@127.0.0.1/test)")
+    return url
+
+
+def _libpq(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    return require_postgres_url()
+
+
+@pytest.fixture(scope="session")
+def pg_database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh database for this test session (concurrent runs don't collide)."""
+    name = f"sched_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(_libpq(pg_server_url), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if _in_ci():
+            pytest.fail(f"PostgreSQL at {PG_ENV} is unreachable in CI: {exc}")
+        pytest.skip(f"PostgreSQL at {PG_ENV} is unreachable: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(pg_server_url).set(drivername="postgresql+psycopg", database=name)
+    yield url.render_as_string(hide_password=False)
+    with psycopg.connect(_libpq(pg_server_url), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_pg_migrated: set[str] = set()
+
+
+async def make_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Store:
+    """A migrated, empty store on the given backend."""
+    if backend == "sqlite":
+        store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'scheduler.db'}")
+        await store.upgrade()
+        return store
+    url: str = request.getfixturevalue("pg_database_url")
+    store = Store.from_url(url)
+    if url not in _pg_migrated:
+        await store.upgrade()
+        _pg_migrated.add(url)
+    async with store.transaction() as conn:
+        from sqlalchemy import text
+
+        await conn.execute(text(f"TRUNCATE {', '.join(TABLES_IN_DELETE_ORDER)} RESTART IDENTITY CASCADE"))
+        # Fault-injection triggers survive TRUNCATE; a failed test must not leak one.
+        for table in ("npcs", "world_states"):
+            await conn.execute(text(f"DROP TRIGGER IF EXISTS inject_fault ON {table}"))
+    return store
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgres":
+        require_postgres_url()
+    return str(request.param)
+
+
+@pytest.fixture
+async def store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    s = await make_store(backend, tmp_path, request)
+    try:
+        yield s
+    finally:
+        await s.dispose()
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A database URL (not yet migrated for SQLite; PostgreSQL is emptied by `store`)."""
+    if backend == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'scheduler.db'}"
+    return str(request.getfixturevalue("pg_database_url"))

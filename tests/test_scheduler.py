@@ -1,0 +1,135 @@
+"""WorldScheduler against real databases: budget, isolation of worlds, atomicity, restart."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler_daemon.scheduler import WorldNotRegisteredError, WorldScheduler
+from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.repository import Store, WorldNotFoundError
+from scheduler_daemon.world_config import WorldConfigError
+from tests.helpers import drop_trigger, install_failing_trigger, make_world, npc_rows, world_state
+
+
+async def test_register_creates_state_and_tick_commits(store: Store) -> None:
+    world_id, _ = await make_world(store, simulation={"timeScale": 60})
+    sched = WorldScheduler(store)
+    ctx = await sched.register_world(world_id)
+    assert ctx.current_world_time == 0.0
+    result = await sched.tick_world(world_id, 1.5)
+    assert result.world_time_after == pytest.approx(90.0)
+    assert await world_state(store, world_id) == (pytest.approx(90.0), 1)
+
+
+async def test_budget_takes_exactly_50_highest_tiers_first_and_never_other_worlds(store: Store) -> None:
+    per_tier = {Tier.DORMANT: 200, Tier.AMBIENT: 150, Tier.ACTIVE: 100, Tier.DETAILED: 50}  # 500 due
+    # Tiny timeScale: nobody decided becomes due again within these 10 ticks.
+    world_id, _ = await make_world(
+        store, simulation={"maxNpcTicksPerStep": 50, "timeScale": 0.001}, npcs_per_tier=per_tier
+    )
+    other_id, _ = await make_world(store, name="other", npcs_per_tier={Tier.DETAILED: 30})
+    other_before = await npc_rows(store, other_id)
+
+    sched = WorldScheduler(store)
+    await sched.register_world(world_id)
+    seen_order: list[Tier] = []
+    for _ in range(10):
+        before = {r[0]: r[3] for r in await npc_rows(store, world_id)}
+        result = await sched.tick_world(world_id, 1.0)
+        assert result.npcs_simulated == 50
+        after = await npc_rows(store, world_id)
+        decided = [r for r in after if r[3] == before[r[0]] + 1]
+        assert len(decided) == 50
+        seen_order.extend(Tier(r[1]) for r in decided)
+    # 500 due NPCs over 10 ticks of 50: strict tier order across ticks.
+    assert seen_order == sorted(seen_order)
+    assert seen_order.count(Tier.DETAILED) == 50 and seen_order.count(Tier.DORMANT) == 200
+    assert await npc_rows(store, other_id) == other_before
+
+
+async def test_most_overdue_first_within_a_tier(store: Store) -> None:
+    world_id = await store.create_world("w", simulation={"maxNpcTicksPerStep": 2, "timeScale": 1})
+    await store.add_session(world_id, "u")
+    ids = await store.add_npcs(
+        world_id,
+        [{"name": f"n{i}", "tier": int(Tier.ACTIVE), "next_decision_at": t} for i, t in enumerate([0.5, 0.1, 0.9, 0.3])],
+    )
+    sched = WorldScheduler(store)
+    await sched.register_world(world_id)
+    await sched.tick_world(world_id, 1.0)
+    decided = {r[0] for r in await npc_rows(store, world_id) if r[3] == 1}
+    assert decided == {ids[1], ids[3]}
+
+
+async def test_commit_failure_leaves_rows_and_context_unchanged(store: Store) -> None:
+    world_id, _ = await make_world(store, npcs_per_tier={Tier.DETAILED: 20})
+    sched = WorldScheduler(store)
+    ctx = await sched.register_world(world_id)
+    await sched.tick_world(world_id, 1.0)
+    rows_before = await npc_rows(store, world_id)
+    state_before = await world_state(store, world_id)
+    ctx_before = (ctx.current_world_time, ctx.ticks_processed)
+
+    # The NPC updates run first in the transaction; the world-state update then fails.
+    await install_failing_trigger(store, "world_states", world_id)
+    try:
+        with pytest.raises(Exception, match="injected fault"):
+            await sched.tick_world(world_id, 100.0)
+        assert await npc_rows(store, world_id) == rows_before
+        assert await world_state(store, world_id) == state_before
+        assert (ctx.current_world_time, ctx.ticks_processed) == ctx_before
+        assert ctx.last_error is not None and "injected fault" in ctx.last_error
+    finally:
+        await drop_trigger(store, "world_states")
+    # Recovery: the next tick commits normally.
+    result = await sched.tick_world(world_id, 1.0)
+    assert result.world_time_before == ctx_before[0]
+    assert ctx.state == "running"
+
+
+async def test_restart_resumes_from_last_committed_tick(store: Store) -> None:
+    world_id, _ = await make_world(store, simulation={"timeScale": 60})
+    first = WorldScheduler(store)
+    await first.register_world(world_id)
+    for _ in range(5):
+        await first.tick_world(world_id, 1.0)
+    await first.unregister_world(world_id)
+
+    second = WorldScheduler(store)
+    ctx = await second.register_world(world_id)
+    assert ctx.current_world_time == pytest.approx(300.0)
+    assert ctx.ticks_processed == 5
+    await second.tick_world(world_id, 1.0)
+    assert await world_state(store, world_id) == (pytest.approx(360.0), 6)
+
+
+async def test_paused_world_writes_nothing(store: Store) -> None:
+    world_id, _ = await make_world(store, simulation={"pauseSimulation": True}, npcs_per_tier={Tier.DETAILED: 5})
+    sched = WorldScheduler(store)
+    await sched.register_world(world_id)
+    result = await sched.tick_world(world_id, 10.0)
+    assert result.paused and result.delta_game_seconds == 0 and result.npcs_simulated == 0
+    assert await world_state(store, world_id) == (0.0, 0)
+
+
+async def test_invalid_stored_config_names_world_and_field(store: Store) -> None:
+    world_id = await store.create_world("bad", simulation={"timeScale": -1})
+    with pytest.raises(WorldConfigError, match=rf"world {world_id}: .*simulation.timeScale"):
+        await WorldScheduler(store).register_world(world_id)
+
+
+async def test_unknown_worlds(store: Store) -> None:
+    sched = WorldScheduler(store)
+    with pytest.raises(WorldNotFoundError):
+        await sched.register_world(12345)
+    with pytest.raises(WorldNotRegisteredError):
+        await sched.tick_world(12345, 1.0)
+
+
+async def test_discovery_finds_sessions_and_always_on(store: Store) -> None:
+    with_session, _ = await make_world(store, name="a")
+    no_session, _ = await make_world(store, name="b", session=False)
+    always_on, _ = await make_world(store, name="c", session=False, simulation={"alwaysOn": True})
+    active = await store.discover_active_worlds()
+    assert set(active) == {with_session, always_on}
+    assert no_session not in active

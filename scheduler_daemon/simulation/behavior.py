@@ -32,6 +32,7 @@ import math
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping
+from functools import cached_property
 from typing import Annotated, Any, Final, Literal, NamedTuple, cast
 
 from pydantic import (
@@ -48,9 +49,11 @@ from pydantic_core import PydanticCustomError
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 
 __all__ = [
+    "COOLDOWNS_KEY",
     "DAY_SECONDS",
     "DEFAULT_DECIDE_SPEC",
     "DEMO_BEHAVIOR",
+    "HOME_LOCATION",
     "IDLE_ACTIVITY",
     "MIN_IDLE_SECONDS",
     "WEEK_SECONDS",
@@ -200,12 +203,12 @@ class Slot(_Content):
             raise ValueError(f"expected HH:MM (00:00-23:59), got {value!r}")
         return value
 
-    @property
+    @cached_property
     def start_minute(self) -> int:
         """Start as minutes after midnight."""
         return _minute_of_day(self.start)
 
-    @property
+    @cached_property
     def end_minute(self) -> int:
         """End as minutes after midnight (``<= start_minute`` means it wraps)."""
         return _minute_of_day(self.end)
@@ -463,7 +466,7 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
     rng = random.Random(decision_seed(npc.world_id, npc.id, world_time))
     routine = _routine_for(npc, content)
     slot = active_slot(routine, world_time) if routine is not None else None
-    choice = _choose(slot, content, energy, cooldowns, world_time, rng) if slot else None
+    choice = _choose(slot, content, energy, cooldowns, world_time, rng) if slot is not None else None
 
     # 3./4. Location and duration.
     if choice is None:

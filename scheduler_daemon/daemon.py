@@ -24,6 +24,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from scheduler_daemon.jobs import load_sink
 from scheduler_daemon.logs import configure_logging
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
@@ -136,8 +137,18 @@ class Daemon:
             decide_fn = load_decide_fn(s.scheduler.behavior)
         except ValueError as exc:
             raise StartupError(f"scheduler.behavior: {exc}", EXIT_CONFIG) from None
+        try:
+            sink = load_sink(s.generation.sink)
+        except ValueError as exc:
+            raise StartupError(f"generation.sink: {exc}", EXIT_CONFIG) from None
         self.store = await self._connect()
-        self.scheduler = WorldScheduler(self.store, defaults=s.defaults.simulation, decide_fn=decide_fn)
+        self.scheduler = WorldScheduler(
+            self.store,
+            defaults=s.defaults.simulation,
+            decide_fn=decide_fn,
+            sink=sink,
+            sink_timeout_seconds=s.generation.sink_timeout_seconds,
+        )
         self.runner = SchedulerLoopRunner(
             self.scheduler,
             max_concurrent_ticks=s.scheduler.max_concurrent_ticks,
@@ -202,6 +213,8 @@ class Daemon:
             new = load_settings(self.config_path, required=self.config_required)
             if new.scheduler.behavior != self.settings.scheduler.behavior:
                 load_decide_fn(new.scheduler.behavior)  # validate even though it needs a restart
+            if new.generation.sink != self.settings.generation.sink:
+                load_sink(new.generation.sink)
         except (SettingsError, ValueError) as exc:
             self.last_reload_ok = False
             self.last_reload_error = str(exc)
@@ -234,6 +247,7 @@ class Daemon:
                             "behavior": old.scheduler.behavior,
                         }
                     ),
+                    "generation": new.generation.model_copy(update={"sink": old.generation.sink}),
                 }
             )
         configure_logging(new.logging.level, new.logging.format)
@@ -245,6 +259,7 @@ class Daemon:
                 discovery_interval_seconds=new.scheduler.discovery_interval_seconds,
             )
             self.runner.backoff_max_seconds = new.scheduler.backoff_max_seconds
+            self.scheduler.sink_timeout_seconds = new.generation.sink_timeout_seconds
             if new.defaults.simulation != old.defaults.simulation:
                 self.scheduler.defaults = dict(new.defaults.simulation)
                 for world_id in self.runner.world_ids:

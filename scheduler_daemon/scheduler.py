@@ -8,14 +8,20 @@ succeeded, so a failed tick leaves database and context exactly as they were.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.context import AdvancePlan, TickOutcome, WorldSimulationContext
+from scheduler_daemon.jobs import GenerationSink, leave_enqueued
+from scheduler_daemon.simulation import chains as chain_logic
+from scheduler_daemon.simulation import generation as gen_logic
 from scheduler_daemon.simulation.behavior import (
     BehaviorContent,
     DecideFn,
@@ -24,6 +30,8 @@ from scheduler_daemon.simulation.behavior import (
     simulate_batch,
 )
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
+from scheduler_daemon.store import chains as chain_sql
+from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.repository import Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
@@ -61,6 +69,9 @@ class _World:
     context: WorldSimulationContext
     behavior: BehaviorContent
     extra: dict[str, Any] = field(default_factory=dict)
+    # Claimed generation requests may await hand-off. True at registration, so
+    # the first tick after a (re)start hands out what a crash left behind.
+    outbox_pending: bool = True
 
 
 class WorldScheduler:
@@ -69,6 +80,9 @@ class WorldScheduler:
     ``defaults`` is the raw camelCase simulation config used under each world's
     own (``[defaults.simulation]`` in the daemon's settings). ``decide_fn`` is
     the behaviour function (see :mod:`scheduler_daemon.simulation.behavior`).
+    ``sink`` receives claimed generation requests after each tick's commit
+    (see :mod:`scheduler_daemon.jobs`); one tick's hand-off stage takes at
+    most ``sink_timeout_seconds``, the rest waits for the next tick.
     """
 
     def __init__(
@@ -77,10 +91,14 @@ class WorldScheduler:
         *,
         defaults: Mapping[str, Any] | None = None,
         decide_fn: DecideFn = decide,
+        sink: GenerationSink = leave_enqueued,
+        sink_timeout_seconds: float = 5.0,
     ) -> None:
         self.store = store
         self.defaults: dict[str, Any] = dict(defaults or {})
         self.decide_fn = decide_fn
+        self.sink = sink
+        self.sink_timeout_seconds = sink_timeout_seconds
         self._worlds: dict[int, _World] = {}
 
     # ------------------------------------------------------------ registry
@@ -207,6 +225,11 @@ class WorldScheduler:
                 raise
             outcome.duration_ms = (time.perf_counter() - started) * 1000.0
             ctx.apply_tick(plan, outcome)
+            if outcome.jobs_enqueued:
+                entry.outbox_pending = True
+            if entry.outbox_pending:
+                # Transactional outbox: only committed claims are handed out.
+                await self._hand_off(entry)
             log.debug(
                 "tick",
                 world_time=plan.world_time_after,
@@ -246,10 +269,143 @@ class WorldScheduler:
             due = await self.store.select_due_npcs(conn, ctx.world_id, now, config.max_npc_ticks_per_step)
             decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
             await self.store.write_decisions(conn, ctx.world_id, decisions)
+            outcome.chain_steps = await self._advance_chains(conn, ctx, now)
+            claim = await job_sql.claim_requests(
+                conn,
+                ctx.world_id,
+                now,
+                max_ops=config.max_job_ops_per_step,
+                max_in_flight_per_world=config.generation.max_in_flight_per_world,
+                max_in_flight_per_user=config.generation.max_in_flight_per_user,
+            )
             await self.store.advance_world_state(conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed)
+        outcome.jobs_enqueued = len(claim.claimed)
+        if claim.rejected:
+            log.error(
+                "broken generation requests marked failed",
+                request_ids=[rid for rid, _ in claim.rejected],
+                errors=[reason for _, reason in claim.rejected],
+            )
+        if claim.claimed:
+            log.debug("generation requests claimed", request_ids=claim.claimed, in_flight=claim.in_flight)
         outcome.npcs_simulated = len(decisions)
         _count_tiers(due, now, outcome)
         return outcome
+
+
+    async def _advance_chains(self, conn: AsyncConnection, ctx: WorldSimulationContext, now: float) -> int:
+        """Fire every due chain step in order (at most ``maxChainStepsPerStep``); returns steps fired.
+
+        A chain row that cannot be read (broken steps JSON, impossible step
+        index) is marked ``failed`` with the reason; the tick goes on.
+        """
+        budget = ctx.config.max_chain_steps_per_step
+        due = await chain_sql.select_due_chains(conn, ctx.world_id, now, budget)
+        updates: list[chain_sql.ChainUpdate] = []
+        failures: list[tuple[int, str]] = []
+        fired_total = 0
+        for chain in due:
+            if fired_total >= budget:
+                break
+            try:
+                steps = chain_logic.parse_steps(chain.steps)
+                if not isinstance(chain.fired, list):
+                    raise chain_logic.ChainError(f"fired: expected a list, got {type(chain.fired).__name__}")
+                advance = chain_logic.advance_chain(
+                    chain.id, steps, chain.current_step, float(chain.next_step_at or 0.0), now, budget - fired_total
+                )
+            except chain_logic.ChainError as exc:
+                failures.append((chain.id, f"invalid stored chain: {exc}"))
+                continue
+            fired_total += len(advance.fired)
+            updates.append(
+                chain_sql.ChainUpdate(
+                    chain_id=chain.id,
+                    current_step=advance.current_step,
+                    next_step_at=advance.next_step_at,
+                    status=chain_logic.COMPLETED if advance.completed else chain_logic.ACTIVE,
+                    completed_at=now if advance.completed else None,
+                    fired=[*chain.fired, *(f.to_wire() for f in advance.fired)],
+                )
+            )
+            log.info(
+                "chain steps fired",
+                chain_id=chain.id,
+                chain_key=chain.chain_key,
+                steps=[f.index for f in advance.fired],
+                world_time=now,
+                completed=advance.completed,
+            )
+        await chain_sql.write_chain_updates(conn, ctx.world_id, updates)
+        if failures:
+            await chain_sql.fail_chains(conn, ctx.world_id, failures)
+            log.error(
+                "broken chains marked failed", chain_ids=[c for c, _ in failures], errors=[e for _, e in failures]
+            )
+        return fired_total
+
+    async def _hand_off(self, entry: _World) -> None:
+        """Hand committed claims to the sink (after the tick's commit; never raises).
+
+        Accepted requests are marked handed off; a failing sink sends the
+        request back to ``pending`` with ``attempts + 1`` and a backoff, or to
+        ``failed`` after ``generation.maxAttempts``. Whatever is not done when
+        the stage's time is up (or when the database fails) stays in the
+        outbox for the next tick, and is handed out again with the same
+        idempotency key.
+        """
+        ctx = entry.context
+        config = ctx.config
+        limit = max(config.generation.max_in_flight_per_world, config.max_job_ops_per_step, 1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.sink_timeout_seconds
+        try:
+            async with self.store.engine.connect() as conn:
+                batch = await job_sql.outbox(conn, ctx.world_id, limit)
+            accepted: list[int] = []
+            failed: list[tuple[job_sql.GenerationRequest, str]] = []
+            for request in batch:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        result = self.sink(request)
+                        if inspect.isawaitable(result):
+                            await result
+                except TimeoutError:
+                    failed.append((request, f"sink timed out after {self.sink_timeout_seconds:g}s"))
+                except Exception as exc:
+                    failed.append((request, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
+                else:
+                    accepted.append(request.id)
+            async with self.store.transaction() as conn:
+                await job_sql.mark_handed_off(conn, ctx.world_id, accepted)
+                for request, error in failed:
+                    decision = gen_logic.retry_after_failure(
+                        request.attempts,
+                        max_attempts=config.generation.max_attempts,
+                        backoff_base_seconds=config.generation.retry_backoff_seconds,
+                        time_scale=config.time_scale,
+                        world_time=ctx.current_world_time,
+                    )
+                    await job_sql.mark_handoff_failed(conn, ctx.world_id, request.id, decision, error)
+                    log.warning(
+                        "generation hand-off failed",
+                        request_id=request.id,
+                        attempts=decision.attempts,
+                        gave_up=decision.failed,
+                        retry_at_world_time=decision.not_before,
+                        error=error,
+                    )
+        except Exception as exc:
+            log.error(
+                "generation hand-off interrupted; requests stay in the outbox", error=f"{type(exc).__name__}: {exc}"
+            )
+            return
+        entry.outbox_pending = len(batch) >= limit or len(accepted) + len(failed) < len(batch)
+        if accepted:
+            log.info("generation requests handed off", count=len(accepted), request_ids=accepted)
 
 
 def _count_tiers(due: list[NpcState], now: float, outcome: TickOutcome) -> None:

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from scheduler_daemon.world_config import WorldConfigError, parse_world_config
@@ -23,6 +23,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/scheduler-daemon/config.toml")
 MAX_CONFIG_BYTES = 1024 * 1024
 
 DEFAULT_BEHAVIOR = "scheduler_daemon.simulation.behavior:decide"
+DEFAULT_GENERATION_SINK = "scheduler_daemon.jobs:leave_enqueued"
 
 
 class SettingsError(ValueError):
@@ -76,6 +77,17 @@ class SchedulerSettings(_Section):
     behavior: str = DEFAULT_BEHAVIOR
 
 
+class GenerationSettings(_Section):
+    """``[generation]``: where claimed generation requests go after each tick's commit."""
+
+    #: Sink, ``module:callable`` receiving each request (restart). The default
+    #: accepts and leaves rows ``enqueued`` for workers polling the table.
+    sink: str = DEFAULT_GENERATION_SINK
+    #: Time one tick's hand-off stage may take (reload); must stay below
+    #: ``scheduler.tick_timeout_seconds``. A slower call counts as a failed hand-off.
+    sink_timeout_seconds: float = Field(default=5.0, gt=0, le=3600)
+
+
 class LoggingSettings(_Section):
     """``[logging]`` (reloadable)."""
 
@@ -127,6 +139,18 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     metrics: MetricsSettings = MetricsSettings()
     defaults: DefaultsSettings = DefaultsSettings()
+    generation: GenerationSettings = GenerationSettings()
+
+    @model_validator(mode="after")
+    def _sink_within_tick(self) -> Settings:
+        # The hand-off runs inside the tick's time budget; a stage as long as
+        # the tick timeout would cancel committed ticks' bookkeeping.
+        if self.generation.sink_timeout_seconds >= self.scheduler.tick_timeout_seconds:
+            raise ValueError(
+                "generation.sink_timeout_seconds must be below scheduler.tick_timeout_seconds "
+                f"({self.generation.sink_timeout_seconds:g} >= {self.scheduler.tick_timeout_seconds:g})"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -154,6 +178,7 @@ RESTART_ONLY = (
     "scheduler.instance_id",
     "scheduler.lease_ttl_seconds",
     "scheduler.behavior",
+    "generation.sink",
 )
 #: Settings a SIGHUP applies.
 RELOADABLE = (
@@ -166,6 +191,7 @@ RELOADABLE = (
     "scheduler.backoff_max_seconds",
     "metrics.per_world",
     "http.admin_token_file",
+    "generation.sink_timeout_seconds",
 )
 
 

@@ -75,6 +75,8 @@ class WorldConfig(ConfigModel):
     tick_interval_seconds: float = Field(default=1.0, ge=0.01, le=3600)
     max_npc_ticks_per_step: int = Field(default=50, ge=0, le=1_000_000)
     max_job_ops_per_step: int = Field(default=10, ge=0, le=1_000_000)
+    #: Interaction-chain steps fired per tick at most (the rest fire next tick, in order).
+    max_chain_steps_per_step: int = Field(default=100, ge=0, le=1_000_000)
     pause_simulation: bool = False
     max_catch_up_seconds: float = Field(default=60.0, gt=0, le=86400)
     always_on: bool = False

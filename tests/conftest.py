@@ -19,7 +19,15 @@ from sqlalchemy.engine import make_url
 from scheduler_daemon.store.repository import Store
 
 PG_ENV = "SCHEDULER_TEST_POSTGRES_URL"
-TABLES_IN_DELETE_ORDER = ("npcs", "sessions", "world_states", "worlds")
+TABLES_IN_DELETE_ORDER = (
+    "generation_requests",
+    "interaction_chains",
+    "interaction_cooldowns",
+    "npcs",
+    "sessions",
+    "world_states",
+    "worlds",
+)
 
 
 def _in_ci() -> bool:

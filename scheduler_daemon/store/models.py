@@ -89,3 +89,78 @@ npcs = sa.Table(
     # The per-tick selection: one index range per tier, already in due order.
     sa.Index("ix_npcs_world_id_tier_next_decision_at", "world_id", "tier", "next_decision_at"),
 )
+
+#: 64-bit ids on PostgreSQL; SQLite only auto-increments an INTEGER primary key.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# Generation requests (issue 4). The outbox is ``status = 'enqueued' AND NOT
+# handed_off``: claimed in a committed tick, not yet accepted by the sink.
+generation_requests = sa.Table(
+    "generation_requests",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("world_id", sa.Integer, sa.ForeignKey("worlds.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("user_id", sa.String(200), nullable=False),
+    sa.Column("npc_id", sa.Integer, nullable=True),
+    sa.Column("kind", sa.String(100), nullable=False),
+    sa.Column("payload", JSONType, nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # World time before which a request backing off is not claimed again.
+    sa.Column("not_before", WorldTime, nullable=True),
+    sa.Column("handed_off", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.current_timestamp()),
+    sa.Column("enqueued_at", Timestamp, nullable=True),
+    sa.Column("finished_at", Timestamp, nullable=True),
+    sa.CheckConstraint(
+        "status IN ('pending', 'enqueued', 'running', 'succeeded', 'failed', 'cancelled')", name="status"
+    ),
+    # The claim: pending rows of one world, highest priority then oldest.
+    sa.Index(
+        "ix_generation_requests_world_id_status_priority_id",
+        "world_id",
+        "status",
+        sa.text("priority DESC"),
+        "id",
+    ),
+)
+
+interaction_chains = sa.Table(
+    "interaction_chains",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("world_id", sa.Integer, sa.ForeignKey("worlds.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=True),
+    sa.Column("npc_id", sa.Integer, nullable=True),
+    sa.Column("chain_key", sa.String(200), nullable=False),
+    sa.Column("steps", JSONType, nullable=False),
+    sa.Column("current_step", sa.Integer, nullable=False, server_default="0"),
+    # World times.
+    sa.Column("started_at", WorldTime, nullable=False),
+    sa.Column("next_step_at", WorldTime, nullable=True),
+    sa.Column("completed_at", WorldTime, nullable=True),
+    sa.Column("status", sa.String(16), nullable=False, server_default="active"),
+    # Fired steps: [{"step": i, "dueAt": world time, "firedAt": world time}, ...]
+    sa.Column("fired", JSONType, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.current_timestamp()),
+    sa.Column("updated_at", Timestamp, nullable=False, server_default=sa.func.current_timestamp()),
+    sa.CheckConstraint("status IN ('active', 'completed', 'cancelled', 'failed')", name="status"),
+    sa.Index("ix_interaction_chains_world_id_status_next_step_at", "world_id", "status", "next_step_at"),
+)
+
+interaction_cooldowns = sa.Table(
+    "interaction_cooldowns",
+    metadata,
+    sa.Column("world_id", sa.Integer, sa.ForeignKey("worlds.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("session_id", sa.Integer, sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("npc_id", sa.Integer, nullable=False),
+    sa.Column("interaction_key", sa.String(200), nullable=False),
+    # World time of the last interaction (``lastInteractionAt``), never the wall clock.
+    sa.Column("last_interaction_at", WorldTime, nullable=False),
+    sa.Column("interactions", sa.BigInteger, nullable=False, server_default="1"),
+    sa.PrimaryKeyConstraint("world_id", "session_id", "npc_id", "interaction_key"),
+)

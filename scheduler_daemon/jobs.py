@@ -1,0 +1,173 @@
+"""Generation requests: the Python API for game code and workers, and the sink hand-off.
+
+Life of a request::
+
+    pending ──(tick claim, within quotas)──► enqueued ──(sink accepts)──► enqueued, handed off
+       ▲                                        │                              │
+       └──(sink fails: attempts+1, backoff)─────┘            worker: start ──► running
+                                                                               │
+                               complete(succeeded | failed) ◄──────────────────┘
+
+Game code calls :func:`create_request`; the daemon claims it in a tick and,
+after that tick committed, hands it to the configured sink (``[generation]
+sink = "module:callable"``). A sink receives the :class:`GenerationRequest`
+and must deduplicate on ``request.idempotency_key``: after a crash between
+commit and hand-off the same request is handed out again. Workers report the
+outcome with :func:`complete_request` (also ``scheduler-daemon jobs complete``
+and the admin API).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from scheduler_daemon.simulation import generation as gen
+from scheduler_daemon.simulation.generation import GenerationRequestError
+from scheduler_daemon.store import jobs as sql
+from scheduler_daemon.store.jobs import (
+    GenerationRequest,
+    RequestNotFoundError,
+    RequestStateError,
+    SessionNotFoundError,
+)
+from scheduler_daemon.store.repository import Store, WorldNotFoundError
+
+__all__ = [
+    "DEFAULT_SINK",
+    "GenerationRequest",
+    "GenerationRequestError",
+    "GenerationSink",
+    "RequestNotFoundError",
+    "RequestStateError",
+    "SessionNotFoundError",
+    "WorldNotFoundError",
+    "cancel_request",
+    "complete_request",
+    "create_request",
+    "get_request",
+    "leave_enqueued",
+    "list_requests",
+    "load_sink",
+    "start_requests",
+]
+
+#: Receives one claimed request after the tick committed. Raising (or timing
+#: out) counts as a failed hand-off; returning means accepted. May be async.
+GenerationSink = Callable[[GenerationRequest], Awaitable[None] | None]
+
+DEFAULT_SINK = "scheduler_daemon.jobs:leave_enqueued"
+
+
+def leave_enqueued(request: GenerationRequest) -> None:
+    """The default sink: accept, leaving the row ``enqueued`` for workers (:func:`start_requests`)."""
+
+
+def load_sink(spec: str) -> GenerationSink:
+    """Resolve ``"package.module:callable"`` to a sink; :class:`ValueError` names ``spec`` and the problem."""
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not all(p.isidentifier() for p in [*module_name.split("."), *attr_path.split(".")]):
+        raise ValueError(f"generation sink {spec!r}: expected 'package.module:callable'")
+    try:
+        target: object = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name or module_name.startswith((exc.name or "") + "."):
+            raise ValueError(f"generation sink {spec!r}: module {module_name!r} not found") from exc
+        raise ValueError(f"generation sink {spec!r}: importing failed: {exc}") from exc
+    except Exception as exc:
+        raise ValueError(f"generation sink {spec!r}: importing failed: {exc}") from exc
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"generation sink {spec!r}: {module_name!r} has no attribute {attr_path!r}") from None
+    if not callable(target):
+        raise ValueError(f"generation sink {spec!r}: {attr_path!r} is not callable")
+    sink: GenerationSink = target  # the signature is checked on first use
+    return sink
+
+
+async def create_request(
+    store: Store,
+    world_id: int,
+    session_id: int,
+    kind: str,
+    payload: Mapping[str, Any],
+    *,
+    npc_id: int | None = None,
+    priority: int = 0,
+) -> int:
+    """Queue a generation request for a session's user; returns its id.
+
+    Raises :class:`GenerationRequestError` (malformed kind/payload/priority),
+    :class:`WorldNotFoundError` or :class:`SessionNotFoundError`; nothing is
+    written then.
+    """
+    kind = gen.validate_kind(kind)
+    clean = gen.validate_payload(payload)
+    priority = gen.validate_priority(priority)
+    if npc_id is not None and (isinstance(npc_id, bool) or not isinstance(npc_id, int)):
+        raise GenerationRequestError(f"npc_id: expected an integer or None, got {npc_id!r}")
+    async with store.transaction() as conn:
+        await store.get_world(world_id, conn)
+        user_id = await sql.session_user(conn, world_id, session_id)
+        return await sql.insert_request(
+            conn,
+            world_id=world_id,
+            session_id=session_id,
+            user_id=user_id,
+            npc_id=npc_id,
+            kind=kind,
+            payload=clean,
+            priority=priority,
+        )
+
+
+async def complete_request(
+    store: Store, request_id: int, status: str, error: str | None = None
+) -> GenerationRequest:
+    """A worker reports the outcome of an in-flight request (``enqueued`` or ``running``).
+
+    ``status`` is ``succeeded`` or ``failed`` (:class:`ValueError` otherwise);
+    ``error`` is kept on the row. Raises :class:`RequestNotFoundError` or
+    :class:`RequestStateError` (e.g. it is still ``pending`` or already
+    finished). Completing frees quota, so more requests flow on the next tick.
+    """
+    if status not in gen.COMPLETION_STATUSES:
+        raise ValueError(f"status: expected one of {', '.join(gen.COMPLETION_STATUSES)}, got {status!r}")
+    async with store.transaction() as conn:
+        return await sql.set_status(conn, request_id, allowed_from=gen.IN_FLIGHT, status=status, error=error)
+
+
+async def cancel_request(store: Store, request_id: int) -> GenerationRequest:
+    """Cancel a request that no worker runs yet (``pending`` or ``enqueued``)."""
+    async with store.transaction() as conn:
+        return await sql.set_status(conn, request_id, allowed_from=(gen.PENDING, gen.ENQUEUED), status=gen.CANCELLED)
+
+
+async def start_requests(
+    store: Store, *, limit: int = 10, world_id: int | None = None, kinds: list[str] | None = None
+) -> list[GenerationRequest]:
+    """Workers polling the table: take up to ``limit`` handed-off requests and mark them ``running``.
+
+    Concurrent workers never get the same request (``SKIP LOCKED`` on PostgreSQL).
+    """
+    async with store.transaction() as conn:
+        return await sql.start_requests(conn, limit=limit, world_id=world_id, kinds=kinds)
+
+
+async def get_request(store: Store, request_id: int) -> GenerationRequest:
+    """One request; raises :class:`RequestNotFoundError`."""
+    async with store.engine.connect() as conn:
+        return await sql.get_request(conn, request_id)
+
+
+async def list_requests(
+    store: Store, *, world_id: int | None = None, status: str | None = None, limit: int = 100
+) -> list[GenerationRequest]:
+    """Requests by id, optionally of one world and/or one status."""
+    if status is not None and status not in gen.STATUSES:
+        raise ValueError(f"status: expected one of {', '.join(gen.STATUSES)}, got {status!r}")
+    async with store.engine.connect() as conn:
+        return await sql.list_requests(conn, world_id=world_id, status=status, limit=limit)

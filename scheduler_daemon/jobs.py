@@ -124,9 +124,7 @@ async def create_request(
         )
 
 
-async def complete_request(
-    store: Store, request_id: int, status: str, error: str | None = None
-) -> GenerationRequest:
+async def complete_request(store: Store, request_id: int, status: str, error: str | None = None) -> GenerationRequest:
     """A worker reports the outcome of an in-flight request (``enqueued`` or ``running``).
 
     ``status`` is ``succeeded`` or ``failed`` (:class:`ValueError` otherwise);

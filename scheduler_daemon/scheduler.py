@@ -292,7 +292,6 @@ class WorldScheduler:
         _count_tiers(due, now, outcome)
         return outcome
 
-
     async def _advance_chains(self, conn: AsyncConnection, ctx: WorldSimulationContext, now: float) -> int:
         """Fire every due chain step in order (at most ``maxChainStepsPerStep``); returns steps fired.
 

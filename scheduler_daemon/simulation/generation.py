@@ -109,6 +109,7 @@ class ClaimPlan:
     claim: list[int] = field(default_factory=list)
     reject: list[tuple[int, str]] = field(default_factory=list)
     in_flight_per_user: dict[str, int] = field(default_factory=dict)
+    considered: int = 0  # candidates looked at before the budget ran out
 
 
 def plan_claims(
@@ -128,6 +129,7 @@ def plan_claims(
     for c in candidates:
         if len(plan.claim) >= budget:
             break
+        plan.considered += 1
         problem = row_problem(c.kind, c.payload)
         if problem is not None:
             plan.reject.append((c.id, problem))

@@ -3,8 +3,9 @@
 The claim runs inside the tick's transaction and only flips rows to
 ``enqueued`` (``handed_off = false``). The outbox is every ``enqueued`` row
 not yet handed off; it is drained after the tick committed. On PostgreSQL the
-claim locks its candidates ``FOR UPDATE SKIP LOCKED`` so two claimers never
-take the same row; SQLite serialises writers (``BEGIN IMMEDIATE``).
+claim locks the rows it takes ``FOR UPDATE SKIP LOCKED`` so two claimers never
+take the same row and never wait for each other; SQLite serialises writers
+(``BEGIN IMMEDIATE``).
 """
 
 from __future__ import annotations
@@ -246,21 +247,25 @@ async def claim_requests(
                 query = query.where(
                     sa.or_(gr.c.priority < after[0], sa.and_(gr.c.priority == after[0], gr.c.id > after[1]))
                 )
-            if _postgres(conn):
-                query = query.with_for_update(skip_locked=True)
             rows = (await conn.execute(query)).all()
+            users = {int(r[0]): str(r[1]) for r in rows}
             plan = gen.plan_claims(
                 (gen.Candidate(int(r[0]), str(r[1]), r[2], r[3]) for r in rows),
                 budget=budget - len(claimed),
                 in_flight_per_user=per_user,
                 per_user_cap=max_in_flight_per_user,
             )
-            claimed += plan.claim
-            rejected += plan.reject
-            per_user = plan.in_flight_per_user
-            if len(claimed) >= budget or len(rows) < page:
+            got = await _lock_pending(conn, world_id, plan.claim)
+            for rid in got:
+                per_user[users[rid]] = per_user.get(users[rid], 0) + 1
+            claimed += got
+            broken = set(await _lock_pending(conn, world_id, [rid for rid, _ in plan.reject]))
+            rejected += [(rid, reason) for rid, reason in plan.reject if rid in broken]
+            if len(claimed) >= budget or (len(rows) < page and plan.considered == len(rows)):
                 break
-            after = (int(rows[-1][4]), int(rows[-1][0]))
+            # Continue after the last candidate looked at (rows past it were not considered).
+            last = rows[plan.considered - 1]
+            after = (int(last[4]), int(last[0]))
     if claimed:
         await conn.execute(
             sa.update(gr)
@@ -275,6 +280,27 @@ async def claim_requests(
             [{"b_id": rid, "b_error": gen.truncate_error(reason)} for rid, reason in rejected],
         )
     return ClaimResult(claimed, rejected, total + len(claimed))
+
+
+async def _lock_pending(conn: AsyncConnection, world_id: int, ids: Sequence[int]) -> list[int]:
+    """The subset of ``ids`` still pending and not locked by another claimer, now locked by us.
+
+    Candidates are read without locks so a claimer only ever locks the rows it
+    takes; on PostgreSQL ``SKIP LOCKED`` drops rows another open claim holds,
+    and the status re-check drops rows claimed since we read them. SQLite
+    serialises writers, so the candidates are still pending.
+    """
+    if not ids or conn.dialect.name != "postgresql":
+        return list(ids)
+    rows = (
+        await conn.execute(
+            sa.select(gr.c.id)
+            .where(gr.c.world_id == world_id, gr.c.id.in_(list(ids)), gr.c.status == gen.PENDING)
+            .with_for_update(skip_locked=True)
+        )
+    ).all()
+    locked = {int(r[0]) for r in rows}
+    return [rid for rid in ids if rid in locked]
 
 
 # ----------------------------------------------------------------- outbox

@@ -99,9 +99,7 @@ def upgrade() -> None:
         sa.Column("interaction_key", sa.String(200), nullable=False),
         sa.Column("last_interaction_at", WorldTime, nullable=False),
         sa.Column("interactions", sa.BigInteger, nullable=False, server_default="1"),
-        sa.PrimaryKeyConstraint(
-            "world_id", "session_id", "npc_id", "interaction_key", name="pk_interaction_cooldowns"
-        ),
+        sa.PrimaryKeyConstraint("world_id", "session_id", "npc_id", "interaction_key", name="pk_interaction_cooldowns"),
         sa.ForeignKeyConstraint(
             ["world_id"], ["worlds.id"], name="fk_interaction_cooldowns_world_id_worlds", ondelete="CASCADE"
         ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from sqlalchemy import text
 
 from scheduler_daemon import jobs
 from scheduler_daemon.scheduler import WorldScheduler
+from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.repository import Store
 from tests.helpers import drop_trigger, install_failing_trigger
 
@@ -31,6 +33,26 @@ async def statuses(store: Store, world_id: int) -> dict[int, tuple[str, str, boo
             )
         ).all()
     return {int(r[0]): (r[1], r[2], bool(r[3]), int(r[4])) for r in rows}
+
+
+async def bulk_requests(
+    store: Store, world_id: int, sessions: list[int], count: int, priority: Callable[[int], int] = lambda i: 0
+) -> list[int]:
+    """``count`` pending requests round-robin over the sessions, in one transaction (fast seeding)."""
+    async with store.transaction() as conn:
+        return [
+            await job_sql.insert_request(
+                conn,
+                world_id=world_id,
+                session_id=sessions[i % len(sessions)],
+                user_id=await job_sql.session_user(conn, world_id, sessions[i % len(sessions)]),
+                npc_id=None,
+                kind="portrait",
+                payload={"n": i},
+                priority=priority(i),
+            )
+            for i in range(count)
+        ]
 
 
 def in_flight_by_user(rows: dict[int, tuple[str, str, bool, int]]) -> Counter[str]:
@@ -58,10 +80,7 @@ async def test_budget_and_per_user_quota_with_completions_letting_more_flow(stor
         5,
         {"timeScale": 1, "maxJobOpsPerStep": 10, "generation": {"maxInFlightPerUser": 3, "maxInFlightPerWorld": 1000}},
     )
-    ids = [
-        await jobs.create_request(store, world_id, sessions[i % 5], "portrait", {"n": i}, priority=int(i % 7 == 0))
-        for i in range(100)
-    ]
+    ids = await bulk_requests(store, world_id, sessions, 100, priority=lambda i: int(i % 7 == 0))
     sink = RecordingSink()
     sched = WorldScheduler(store, sink=sink)
     await sched.register_world(world_id)
@@ -89,7 +108,7 @@ async def test_budget_and_per_user_quota_with_completions_letting_more_flow(stor
         if all(r[0] == "succeeded" for r in rows.values()):
             break
         in_flight = [i for i, r in rows.items() if r[0] in ("enqueued", "running")]
-        for request_id in rng.sample(in_flight, k=min(len(in_flight), rng.randint(1, 8))):
+        for request_id in rng.sample(in_flight, k=min(len(in_flight), rng.randint(3, 12))):
             await jobs.complete_request(store, request_id, "succeeded")
         result = await sched.tick_world(world_id, 1.0)
         ticks += 1
@@ -103,8 +122,7 @@ async def test_world_quota_caps_in_flight(store: Store) -> None:
     world_id, sessions = await world_with_users(
         store, 10, {"maxJobOpsPerStep": 10, "generation": {"maxInFlightPerWorld": 4, "maxInFlightPerUser": 5}}
     )
-    for i in range(30):
-        await jobs.create_request(store, world_id, sessions[i % 10], "k", {})
+    await bulk_requests(store, world_id, sessions, 30)
     sched = WorldScheduler(store)
     await sched.register_world(world_id)
     assert (await sched.tick_world(world_id, 1.0)).jobs_enqueued == 4

@@ -59,6 +59,58 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _request_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"request id must be an integer, got {text!r}") from None
+    if value < 1 or value > 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"request id out of range: {value}")
+    return value
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"expected 1 … 100000, got {value}")
+    return value
+
+
+def _add_jobs_parsers(sub: Any) -> None:
+    from scheduler_daemon.simulation import chains, generation
+
+    jobs = sub.add_parser("jobs", help="generation requests").add_subparsers(
+        dest="jobs_command", metavar="ACTION", required=True
+    )
+    p = jobs.add_parser("list", help="show the generation queue")
+    p.add_argument("--world", type=_world_id, help="only this world")
+    p.add_argument("--status", choices=generation.STATUSES, help="only this status")
+    p.add_argument("--limit", type=_limit, default=100, help="at most this many rows (default 100)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    _add_config(p)
+    p = jobs.add_parser("complete", help="report a request's outcome (as a worker would)")
+    p.add_argument("request_id", type=_request_id)
+    p.add_argument("--status", required=True, choices=generation.COMPLETION_STATUSES)
+    p.add_argument("--error", help="error text kept on the request")
+    _add_config(p)
+    p = jobs.add_parser("cancel", help="cancel a pending or enqueued request")
+    p.add_argument("request_id", type=_request_id)
+    _add_config(p)
+
+    chain_cmds = sub.add_parser("chains", help="interaction chains").add_subparsers(
+        dest="chains_command", metavar="ACTION", required=True
+    )
+    p = chain_cmds.add_parser("list", help="show interaction chains and their progress")
+    p.add_argument("--world", type=_world_id, help="only this world")
+    p.add_argument("--status", choices=chains.STATUSES, help="only this status")
+    p.add_argument("--limit", type=_limit, default=100, help="at most this many rows (default 100)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    _add_config(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used for ``--help`` tests)."""
     parser = argparse.ArgumentParser(prog="scheduler-daemon", description="World Simulation Scheduler daemon")
@@ -90,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = worlds.add_parser("show", help="show one world: clock, config, NPC stats")
     p.add_argument("world_id", type=_world_id)
     _add_config(p)
+    _add_jobs_parsers(sub)
     return parser
 
 
@@ -262,6 +315,88 @@ def cmd_worlds(args: argparse.Namespace) -> int:
     return _run_async(main)
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from scheduler_daemon import jobs
+
+    settings, _, _ = _settings(args)
+
+    async def main() -> int:
+        store = await _open_store(settings)
+        try:
+            if args.jobs_command == "list":
+                requests = await jobs.list_requests(store, world_id=args.world, status=args.status, limit=args.limit)
+                if args.json:
+                    for r in requests:
+                        print(json.dumps(r.to_wire(), default=str))
+                    return 0
+                rows = [
+                    (
+                        str(r.id),
+                        str(r.world_id),
+                        r.user_id,
+                        r.kind,
+                        str(r.priority),
+                        r.status + ("" if r.status != "enqueued" or r.handed_off else " (outbox)"),
+                        str(r.attempts),
+                        (r.last_error or "").splitlines()[0][:60] if r.last_error else "",
+                    )
+                    for r in requests
+                ]
+                _print_table(("ID", "WORLD", "USER", "KIND", "PRIO", "STATUS", "ATTEMPTS", "LAST ERROR"), rows)
+                return 0
+            try:
+                if args.jobs_command == "complete":
+                    done = await jobs.complete_request(store, args.request_id, args.status, args.error)
+                else:
+                    done = await jobs.cancel_request(store, args.request_id)
+            except (jobs.RequestNotFoundError, jobs.RequestStateError) as exc:
+                raise CliError(str(exc), 1) from None
+            print(f"generation request {done.id}: {done.status}")
+            return 0
+        finally:
+            await store.dispose()
+
+    return _run_async(main)
+
+
+def cmd_chains(args: argparse.Namespace) -> int:
+    from scheduler_daemon import interactions
+    from scheduler_daemon.context import format_world_time
+
+    settings, _, _ = _settings(args)
+
+    async def main() -> int:
+        store = await _open_store(settings)
+        try:
+            chains = await interactions.list_chains(store, world_id=args.world, status=args.status, limit=args.limit)
+        finally:
+            await store.dispose()
+        if args.json:
+            for c in chains:
+                print(json.dumps(c.to_wire(), default=str))
+            return 0
+        rows = []
+        for c in chains:
+            total = len(c.steps) if isinstance(c.steps, list) else 0
+            rows.append(
+                (
+                    str(c.id),
+                    str(c.world_id),
+                    "" if c.session_id is None else str(c.session_id),
+                    "" if c.npc_id is None else str(c.npc_id),
+                    c.chain_key,
+                    c.status,
+                    f"{c.current_step}/{total}",
+                    format_world_time(c.next_step_at) if c.next_step_at is not None else "",
+                    (c.last_error or "")[:60],
+                )
+            )
+        _print_table(("ID", "WORLD", "SESSION", "NPC", "KEY", "STATUS", "STEP", "NEXT STEP AT", "LAST ERROR"), rows)
+        return 0
+
+    return _run_async(main)
+
+
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     for row in (header, *rows):
@@ -274,6 +409,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "db": cmd_db,
     "demo": cmd_demo,
     "worlds": cmd_worlds,
+    "jobs": cmd_jobs,
+    "chains": cmd_chains,
 }
 
 

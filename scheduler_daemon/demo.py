@@ -1,4 +1,5 @@
-"""Demo content for ``make run``: three worlds, a few hundred NPCs, sessions.
+"""Demo content for ``make run``: three worlds, a few hundred NPCs, sessions,
+queued generation requests and interaction chains.
 
 Idempotent: worlds are recognised by ``meta["demo"]`` and never seeded twice.
 """
@@ -9,7 +10,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from scheduler_daemon import interactions, jobs
 from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR
+from scheduler_daemon.simulation.chains import step, wait_hours, wait_minutes
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView, assign_tiers
 from scheduler_daemon.store.repository import Store
@@ -62,7 +65,9 @@ DEMO_WORLDS = (
         "riverside",
         "Riverside",
         140,
-        {"timeScale": 60, "tickIntervalSeconds": 1.0},
+        # Per-user quota 3: with no worker completing requests, the queue visibly
+        # stops at 3 in flight per user (backpressure) until `jobs complete`.
+        {"timeScale": 60, "tickIntervalSeconds": 1.0, "generation": {"maxInFlightPerUser": 3}},
         (("alice", "tavern", 3), ("bob", "market", 2)),
     ),
     DemoWorld(
@@ -123,5 +128,38 @@ async def seed_demo(store: Store, *, seed: int = 7) -> list[int]:
         placements = [NpcPlacement(npc_id, r["location"], r["home"]) for npc_id, r in zip(ids, rows, strict=True)]
         assignment = assign_tiers(placements, sessions, config.tiers.capacities())
         await store.set_npc_tiers(world_id, assignment.tiers)
+        await _seed_interactions(store, world_id, sessions, ids, config.time_scale)
         created.append(world_id)
     return created
+
+
+_KINDS = ("portrait", "dialogue", "scene-image")
+
+
+async def _seed_interactions(
+    store: Store, world_id: int, sessions: list[SessionView], npc_ids: list[int], time_scale: float
+) -> None:
+    """Pending generation requests per session and one chain per session (or per world)."""
+    for view in sessions:
+        for i in range(8):
+            await jobs.create_request(
+                store,
+                world_id,
+                view.id,
+                _KINDS[i % len(_KINDS)],
+                {"prompt": f"{view.user_id} #{i}", "location": view.location},
+                npc_id=min(view.scene_npc_ids) if view.scene_npc_ids else None,
+                priority=1 if i < 2 else 0,
+            )
+    # Waits chosen so steps fire every few real seconds at the world's timeScale.
+    if time_scale <= 60:
+        waits = [wait_minutes(2), wait_minutes(3), wait_minutes(5)]
+    else:
+        waits = [wait_hours(1), wait_hours(1), wait_hours(2), wait_hours(3)]
+    steps = [step(w, {"beat": i}) for i, w in enumerate(waits)]
+    if sessions:
+        for view in sessions:
+            npc = min(view.scene_npc_ids) if view.scene_npc_ids else None
+            await interactions.start_chain(store, world_id, steps, chain_key="visit", session_id=view.id, npc_id=npc)
+    else:
+        await interactions.start_chain(store, world_id, steps, chain_key="market-day", npc_id=npc_ids[0])

@@ -1,0 +1,71 @@
+"""`scheduler-daemon jobs …` and `chains list` against real databases (in-process CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import sqlalchemy as sa
+
+from scheduler_daemon import cli, interactions, jobs
+from scheduler_daemon.scheduler import WorldScheduler
+from scheduler_daemon.store.repository import Store
+from tests.conftest import TABLES_IN_DELETE_ORDER
+
+
+async def _seed(url: str) -> tuple[int, int, int]:
+    store = Store.from_url(url)
+    try:
+        await store.upgrade()
+        if store.dialect == "postgresql":
+            async with store.transaction() as conn:
+                await conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES_IN_DELETE_ORDER)} RESTART IDENTITY CASCADE"))
+        world_id = await store.create_world("cli", simulation={"timeScale": 60})
+        session = await store.add_session(world_id, "alice")
+        claimed = await jobs.create_request(store, world_id, session, "portrait", {"style": "ink"}, priority=2)
+        pending = await jobs.create_request(store, world_id, session, "voice", {})
+        await interactions.start_chain(store, world_id, [{"wait": 3600}, {"wait": 60}], chain_key="greet")
+        sched = WorldScheduler(store, defaults={"maxJobOpsPerStep": 1})
+        await sched.register_world(world_id)
+        await sched.tick_world(world_id, 60.0)  # world time 3600: the chain's first step fires
+        return world_id, claimed, pending
+    finally:
+        await store.dispose()
+
+
+def test_jobs_list_complete_and_chains_list(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world_id, claimed, pending = asyncio.run(_seed(db_url))
+    capsys.readouterr()  # drop the seeding's log lines
+    monkeypatch.setenv("SCHEDULER_DATABASE__URL", db_url)
+
+    assert cli.main(["jobs", "list", "--world", str(world_id)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:6] == ["ID", "WORLD", "USER", "KIND", "PRIO", "STATUS"]
+    assert out[1].split()[:6] == [str(claimed), str(world_id), "alice", "portrait", "2", "enqueued"]
+    assert out[2].split()[:6] == [str(pending), str(world_id), "alice", "voice", "0", "pending"]
+
+    assert cli.main(["jobs", "complete", str(claimed), "--status", "failed", "--error", "GPU on fire"]) == 0
+    assert capsys.readouterr().out.strip() == f"generation request {claimed}: failed"
+    assert cli.main(["jobs", "list", "--status", "failed", "--json"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["lastError"] == "GPU on fire"
+
+    # Completing a request that is not in flight: one clear line, exit 1, no traceback.
+    assert cli.main(["jobs", "complete", str(pending), "--status", "succeeded"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"scheduler-daemon: error: generation request {pending} is pending; cannot mark it succeeded"
+    )
+    assert cli.main(["jobs", "complete", "999999", "--status", "succeeded"]) == 1
+    assert "generation request 999999 does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["jobs", "complete", str(pending), "--status", "done"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'done'" in capsys.readouterr().err
+
+    assert cli.main(["chains", "list", "--world", str(world_id)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["1", str(world_id), "greet", "active", "1/2", "day", "1", "Mon", "01:01"]

@@ -14,15 +14,15 @@ users = st.sampled_from(["a", "b", "c", "d"])
 
 @settings(max_examples=100, deadline=None)
 @given(
-    candidates=st.lists(st.tuples(users, st.booleans()), max_size=40),
+    candidates=st.lists(users, max_size=40),
     budget=st.integers(0, 15),
     cap=st.integers(0, 5),
     start=st.dictionaries(users, st.integers(0, 6)),
 )
 def test_plan_claims_respects_budget_caps_and_order(
-    candidates: list[tuple[str, bool]], budget: int, cap: int, start: dict[str, int]
+    candidates: list[str], budget: int, cap: int, start: dict[str, int]
 ) -> None:
-    cands = [gen.Candidate(i, u, "k", {} if ok else "broken") for i, (u, ok) in enumerate(candidates)]
+    cands = [gen.Candidate(i, u) for i, u in enumerate(candidates)]
     plan = gen.plan_claims(cands, budget=budget, in_flight_per_user=start, per_user_cap=cap)
     assert len(plan.claim) <= budget
     assert plan.claim == sorted(plan.claim)  # the store's order is kept
@@ -30,16 +30,22 @@ def test_plan_claims_respects_budget_caps_and_order(
         new = sum(1 for i in plan.claim if cands[i].user_id == user)
         assert plan.in_flight_per_user.get(user, 0) == start.get(user, 0) + new
         assert new == 0 or start.get(user, 0) + new <= cap
-    assert all(cands[i].payload == {} for i in plan.claim)
-    assert {i for i, _ in plan.reject} == {i for i in range(plan.considered) if cands[i].payload != {}}
-    # Greedy: a considered, valid candidate was skipped only because its user was at the cap.
+    # Greedy: a considered candidate was skipped only because its user was at the cap.
     taken = set(plan.claim)
     counts = dict(start)
     for c in cands[: plan.considered]:
         if c.id in taken:
             counts[c.user_id] = counts.get(c.user_id, 0) + 1
-        elif c.payload == {}:
+        else:
             assert counts.get(c.user_id, 0) >= cap
+    assert plan.considered == len(cands) or len(plan.claim) == budget
+
+
+def test_split_broken_keeps_order_and_names_the_field() -> None:
+    ok, broken = gen.split_broken([(1, "k", {}), (2, "k", [1]), (3, "", {}), (4, "k", {"a": 1})])
+    assert ok == [1, 4]
+    assert [rid for rid, _ in broken] == [2, 3]
+    assert "payload: expected a JSON object" in broken[0][1] and "kind" in broken[1][1]
 
 
 def test_claim_budget_and_backoff() -> None:

@@ -98,16 +98,13 @@ class Candidate:
 
     id: int
     user_id: str
-    kind: object
-    payload: object
 
 
 @dataclass(slots=True)
 class ClaimPlan:
-    """Which candidates one claim takes, and which stored rows are broken."""
+    """Which candidates one claim takes under the quotas."""
 
     claim: list[int] = field(default_factory=list)
-    reject: list[tuple[int, str]] = field(default_factory=list)
     in_flight_per_user: dict[str, int] = field(default_factory=dict)
     considered: int = 0  # candidates looked at before the budget ran out
 
@@ -121,24 +118,36 @@ def plan_claims(
 ) -> ClaimPlan:
     """Take candidates in order until ``budget`` is used, skipping users at their cap.
 
-    Broken rows are rejected (they will be marked failed with the reason) and
-    do not use budget, so one corrupt row never blocks a world's queue.
-    ``in_flight_per_user`` of the result includes the new claims.
+    ``in_flight_per_user`` of the result includes the new claims. Payloads
+    are checked afterwards (:func:`split_broken`), only for the rows taken.
     """
     plan = ClaimPlan(in_flight_per_user=dict(in_flight_per_user))
     for c in candidates:
         if len(plan.claim) >= budget:
             break
         plan.considered += 1
-        problem = row_problem(c.kind, c.payload)
-        if problem is not None:
-            plan.reject.append((c.id, problem))
-            continue
         if plan.in_flight_per_user.get(c.user_id, 0) >= per_user_cap:
             continue
         plan.claim.append(c.id)
         plan.in_flight_per_user[c.user_id] = plan.in_flight_per_user.get(c.user_id, 0) + 1
     return plan
+
+
+def split_broken(rows: Iterable[tuple[int, object, object]]) -> tuple[list[int], list[tuple[int, str]]]:
+    """Split ``(id, kind, payload)`` rows into handable ids and broken ``(id, reason)`` rows.
+
+    A broken row is marked failed with the reason, so one corrupt row never
+    blocks a world's queue.
+    """
+    ok: list[int] = []
+    broken: list[tuple[int, str]] = []
+    for rid, kind, payload in rows:
+        problem = row_problem(kind, payload)
+        if problem is None:
+            ok.append(rid)
+        else:
+            broken.append((rid, problem))
+    return ok, broken
 
 
 @dataclass(frozen=True, slots=True)

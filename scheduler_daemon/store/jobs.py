@@ -219,7 +219,7 @@ async def claim_requests(
 
     Highest priority first, then oldest. Rows flip to ``enqueued`` (not yet
     handed off) in the caller's transaction; broken rows are marked ``failed``
-    with the reason instead of being claimed.
+    with the reason instead of being claimed (they use no quota).
     """
     per_user = await in_flight_per_user(conn, world_id)
     total = sum(per_user.values())
@@ -232,7 +232,7 @@ async def claim_requests(
         for _ in range(_MAX_PAGES):
             full = sorted(u for u, n in per_user.items() if n >= max_in_flight_per_user)
             query = (
-                sa.select(gr.c.id, gr.c.user_id, gr.c.kind, gr.c.payload, gr.c.priority)
+                sa.select(gr.c.id, gr.c.user_id, gr.c.priority)
                 .where(
                     gr.c.world_id == world_id,
                     gr.c.status == gen.PENDING,
@@ -250,22 +250,21 @@ async def claim_requests(
             rows = (await conn.execute(query)).all()
             users = {int(r[0]): str(r[1]) for r in rows}
             plan = gen.plan_claims(
-                (gen.Candidate(int(r[0]), str(r[1]), r[2], r[3]) for r in rows),
+                (gen.Candidate(int(r[0]), str(r[1])) for r in rows),
                 budget=budget - len(claimed),
                 in_flight_per_user=per_user,
                 per_user_cap=max_in_flight_per_user,
             )
-            got = await _lock_pending(conn, world_id, plan.claim)
+            got, broken = gen.split_broken(await _lock_pending(conn, world_id, plan.claim))
             for rid in got:
                 per_user[users[rid]] = per_user.get(users[rid], 0) + 1
             claimed += got
-            broken = set(await _lock_pending(conn, world_id, [rid for rid, _ in plan.reject]))
-            rejected += [(rid, reason) for rid, reason in plan.reject if rid in broken]
+            rejected += broken
             if len(claimed) >= budget or (len(rows) < page and plan.considered == len(rows)):
                 break
             # Continue after the last candidate looked at (rows past it were not considered).
             last = rows[plan.considered - 1]
-            after = (int(last[4]), int(last[0]))
+            after = (int(last[2]), int(last[0]))
     if claimed:
         await conn.execute(
             sa.update(gr)
@@ -282,25 +281,24 @@ async def claim_requests(
     return ClaimResult(claimed, rejected, total + len(claimed))
 
 
-async def _lock_pending(conn: AsyncConnection, world_id: int, ids: Sequence[int]) -> list[int]:
-    """The subset of ``ids`` still pending and not locked by another claimer, now locked by us.
+async def _lock_pending(conn: AsyncConnection, world_id: int, ids: Sequence[int]) -> list[tuple[int, object, object]]:
+    """``(id, kind, payload)`` of the ``ids`` still pending and not held by another claimer, now ours.
 
-    Candidates are read without locks so a claimer only ever locks the rows it
-    takes; on PostgreSQL ``SKIP LOCKED`` drops rows another open claim holds,
-    and the status re-check drops rows claimed since we read them. SQLite
-    serialises writers, so the candidates are still pending.
+    Candidates are read without locks (and without payloads) so a claimer
+    only locks and decodes the rows it takes. On PostgreSQL ``SKIP LOCKED``
+    drops rows another open claim holds and the status re-check drops rows
+    claimed since we read them; SQLite serialises writers, so they are still
+    pending there.
     """
-    if not ids or conn.dialect.name != "postgresql":
-        return list(ids)
-    rows = (
-        await conn.execute(
-            sa.select(gr.c.id)
-            .where(gr.c.world_id == world_id, gr.c.id.in_(list(ids)), gr.c.status == gen.PENDING)
-            .with_for_update(skip_locked=True)
-        )
-    ).all()
-    locked = {int(r[0]) for r in rows}
-    return [rid for rid in ids if rid in locked]
+    if not ids:
+        return []
+    query = sa.select(gr.c.id, gr.c.kind, gr.c.payload).where(
+        gr.c.world_id == world_id, gr.c.id.in_(list(ids)), gr.c.status == gen.PENDING
+    )
+    if _postgres(conn):
+        query = query.with_for_update(skip_locked=True)
+    found = {int(r[0]): (int(r[0]), r[1], r[2]) for r in (await conn.execute(query)).all()}
+    return [found[rid] for rid in ids if rid in found]
 
 
 # ----------------------------------------------------------------- outbox

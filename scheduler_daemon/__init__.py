@@ -8,6 +8,9 @@ Public Python API for embedding::
     scheduler = WorldScheduler(store)
     await scheduler.register_world(1)
     await scheduler.tick_world(1, delta_real_seconds=1.0)
+
+Generation requests: :mod:`scheduler_daemon.jobs`; interaction chains and
+cooldowns: :mod:`scheduler_daemon.interactions`.
 """
 
 from scheduler_daemon.clock import Clock, MonotonicClock, VirtualClock

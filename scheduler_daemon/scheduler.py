@@ -281,7 +281,9 @@ class WorldScheduler:
                 max_in_flight_per_world=config.generation.max_in_flight_per_world,
                 max_in_flight_per_user=config.generation.max_in_flight_per_user,
             )
-            await self.store.advance_world_state(conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed)
+            await self.store.advance_world_state(
+                conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed, advanced_at=wall_at_start
+            )
         outcome.jobs_enqueued = len(claim.claimed)
         if claim.rejected:
             log.error(

@@ -14,7 +14,7 @@ from scheduler_daemon.store.repository import Store
 
 async def test_one_hour_steps_at_time_scale_3600_fire_one_per_real_second(store: Store) -> None:
     world_id = await store.create_world(
-        "w", simulation={"timeScale": 3600, "tickIntervalSeconds": 0.25, "maxCatchUpSeconds": 60}
+        "w", simulation={"timeScale": 3600, "tickIntervalSeconds": 0.5, "maxCatchUpSeconds": 60}
     )
     session = await store.add_session(world_id, "alice")
     steps = [ia.step(ia.wait_hours(1), {"line": f"step {i}"}) for i in range(5)]
@@ -24,7 +24,7 @@ async def test_one_hour_steps_at_time_scale_3600_fire_one_per_real_second(store:
     await runner.add_world(world_id)
 
     for second in range(1, 6):
-        await runner.run_until(second - 0.25)
+        await runner.run_until(second - 0.5)
         assert (await ia.get_chain(store, chain)).current_step == second - 1  # not yet
         await runner.run_until(float(second))
         record = await ia.get_chain(store, chain)
@@ -32,7 +32,7 @@ async def test_one_hour_steps_at_time_scale_3600_fire_one_per_real_second(store:
         assert record.fired[-1] == {"step": second - 1, "dueAt": second * 3600.0, "firedAt": second * 3600.0}
     assert record.status == "completed" and record.completed_at == pytest.approx(5 * 3600.0)
     assert record.next_step_at is None
-    await runner.run_until(8.0)
+    await runner.run_until(6.0)
     assert len((await ia.get_chain(store, chain)).fired) == 5  # nothing fires twice
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -69,3 +70,24 @@ def test_jobs_list_complete_and_chains_list(
     assert cli.main(["chains", "list", "--world", str(world_id)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].split() == ["1", str(world_id), "greet", "active", "1/2", "day", "1", "Mon", "01:01"]
+
+
+def test_generation_settings_and_sink_loading(tmp_path: Path) -> None:
+    from scheduler_daemon.settings import SettingsError, load_settings
+
+    path = tmp_path / "config.toml"
+    path.write_text('[generation]\nsink = "tests.sinks:recording_sink"\nsink_timeout_seconds = 2.5\n')
+    settings = load_settings(path)
+    assert settings.generation.sink_timeout_seconds == 2.5
+    assert jobs.load_sink(settings.generation.sink).__name__ == "recording_sink"
+    path.write_text("[scheduler]\ntick_timeout_seconds = 3\n[generation]\nsink_timeout_seconds = 3\n")
+    with pytest.raises(SettingsError, match=r"generation\.sink_timeout_seconds must be below"):
+        load_settings(path)
+    for spec, message in (
+        ("nocolon", "expected 'package.module:callable'"),
+        ("tests.no_such_module:f", "module 'tests.no_such_module' not found"),
+        ("tests.sinks:missing", "'tests.sinks' has no attribute 'missing'"),
+        ("tests.sinks:os", "'os' is not callable"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            jobs.load_sink(spec)

@@ -282,11 +282,16 @@ class SchedulerLoopRunner:
                 started = self.clock.now()
                 lag = max(started - scheduled, 0.0)
                 delta = max(started - slot.last_tick_at, 0.0)
+                applied_before = self.scheduler.get_context(slot.world_id).ticks_processed
                 try:
                     async with asyncio.timeout(self.tick_timeout_seconds):
                         result = await self.scheduler.tick_world(slot.world_id, delta)
                 except TimeoutError:
                     outcome = "timeout"
+                    if self.scheduler.get_context(slot.world_id).ticks_processed > applied_before:
+                        # Committed and applied; only the post-commit generation
+                        # hand-off was cut short. Its interval must not count twice.
+                        slot.last_tick_at = started
                     log.error(
                         "tick timed out",
                         world_id=slot.world_id,
@@ -315,9 +320,13 @@ class SchedulerLoopRunner:
 
     async def _resync(self, slot: _Slot) -> None:
         try:
-            await self.scheduler.resync_world(slot.world_id)
+            ctx = await self.scheduler.resync_world(slot.world_id)
         except Exception:
             log.exception("world resync failed", world_id=slot.world_id)
+            return
+        # A tick we saw fail had committed: the next tick starts where it
+        # started, or its interval would be counted twice.
+        slot.last_tick_at += ctx.adopted_real_seconds
 
     def _reschedule(self, slot: _Slot, *, ok: bool) -> None:
         now = self.clock.now()

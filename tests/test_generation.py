@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -11,6 +12,8 @@ import pytest
 from sqlalchemy import text
 
 from scheduler_daemon import jobs
+from scheduler_daemon.clock import VirtualClock
+from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.repository import Store
@@ -298,3 +301,28 @@ async def test_paused_world_hands_out_nothing_new(store: Store) -> None:
     await sched.register_world(world_id)
     assert (await sched.tick_world(world_id, 1.0)).jobs_enqueued == 0
     assert [r.status for r in await jobs.list_requests(store, world_id=world_id)] == ["pending"]
+
+
+async def test_tick_timeout_during_hand_off_keeps_world_time_exact(store: Store) -> None:
+    """The runner's tick timeout fires in the post-commit hand-off: the committed interval is not counted twice."""
+    world_id, sessions = await world_with_users(store, 1, {"timeScale": 60, "maxCatchUpSeconds": 600})
+    rid = await jobs.create_request(store, world_id, sessions[0], "k", {})
+    hang = asyncio.Event()
+
+    async def hanging_sink(request: jobs.GenerationRequest) -> None:
+        await hang.wait()
+
+    clock = VirtualClock()
+    # A sink stage longer than the tick timeout (the settings forbid it; a slow database can still get there).
+    runner = SchedulerLoopRunner(
+        WorldScheduler(store, sink=hanging_sink, sink_timeout_seconds=60), clock=clock, tick_timeout_seconds=0.3
+    )
+    await runner.add_world(world_id)
+    await runner.run_until(1.0)  # commits world time 60, then times out in the hand-off
+    assert runner.ticks_failed == 1
+    assert (await jobs.get_request(store, rid)).handed_off is False  # still in the outbox
+    hang.set()
+    await runner.run_until(20.0)  # backoff, then ticks again and drains the outbox
+    ctx = runner.scheduler.get_context(world_id)
+    assert ctx.current_world_time == pytest.approx(clock.now() * 60)  # never ahead of real time x scale
+    assert (await jobs.get_request(store, rid)).handed_off is True

@@ -147,7 +147,7 @@ class Daemon:
             defaults=s.defaults.simulation,
             decide_fn=decide_fn,
             sink=sink,
-            sink_timeout_seconds=s.generation.sink_timeout_seconds,
+            sink_timeout_seconds=s.hand_off_timeout_seconds,
         )
         self.runner = SchedulerLoopRunner(
             self.scheduler,
@@ -259,7 +259,7 @@ class Daemon:
                 discovery_interval_seconds=new.scheduler.discovery_interval_seconds,
             )
             self.runner.backoff_max_seconds = new.scheduler.backoff_max_seconds
-            self.scheduler.sink_timeout_seconds = new.generation.sink_timeout_seconds
+            self.scheduler.sink_timeout_seconds = new.hand_off_timeout_seconds
             if new.defaults.simulation != old.defaults.simulation:
                 self.scheduler.defaults = dict(new.defaults.simulation)
                 for world_id in self.runner.world_ids:

@@ -80,8 +80,12 @@ def test_generation_settings_and_sink_loading(tmp_path: Path) -> None:
     settings = load_settings(path)
     assert settings.generation.sink_timeout_seconds == 2.5
     assert jobs.load_sink(settings.generation.sink).__name__ == "recording_sink"
-    path.write_text("[scheduler]\ntick_timeout_seconds = 3\n[generation]\nsink_timeout_seconds = 3\n")
-    with pytest.raises(SettingsError, match=r"generation\.sink_timeout_seconds must be below"):
+    assert settings.hand_off_timeout_seconds == 2.5
+    # A short tick timeout alone stays valid; the hand-off then gets half of it.
+    path.write_text("[scheduler]\ntick_timeout_seconds = 2\n")
+    assert load_settings(path).hand_off_timeout_seconds == 1.0
+    path.write_text("[generation]\nsink_timeout_seconds = 0\n")
+    with pytest.raises(SettingsError, match=r"generation\.sink_timeout_seconds: Input should be greater than 0"):
         load_settings(path)
     for spec, message in (
         ("nocolon", "expected 'package.module:callable'"),

@@ -15,6 +15,7 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01", "57P01", "57P02", "57P03", "55P03"}
 
 def is_transient(exc: BaseException) -> bool:
     """True for disconnects, refused connections, serialization failures, busy SQLite."""
+    orig: BaseException | None
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated:
             return True

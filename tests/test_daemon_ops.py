@@ -362,6 +362,34 @@ async def test_watchdog_stops_while_the_loop_is_wedged_and_sighup_bursts_coalesc
         daemon.kill()
 
 
+async def slow_ticks(store: Store, seconds: float) -> None:
+    """Make every tick's world_states update sleep inside PostgreSQL (a real slow/stuck commit)."""
+    async with store.transaction() as conn:
+        await conn.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION inject_fault_fn() RETURNS trigger AS $$ "
+                f"BEGIN PERFORM pg_sleep({seconds}); RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+        )
+        await conn.execute(text("DROP TRIGGER IF EXISTS inject_fault ON world_states"))
+        await conn.execute(
+            text(
+                "CREATE TRIGGER inject_fault BEFORE UPDATE ON world_states FOR EACH ROW "
+                "EXECUTE FUNCTION inject_fault_fn()"
+            )
+        )
+
+
+def ticks_in_flight(admin: psycopg.Connection[Any], action: str = "") -> int:
+    """How many of the daemon's connections are inside a tick's commit (``action`` applied to each)."""
+    row = admin.execute(
+        f"SELECT count({action}(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = 'scheduler-daemon' "
+        "AND state = 'active' AND query ILIKE '%world_states%'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 @pytest.fixture
 async def pg_store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     require_postgres_url()
@@ -381,21 +409,9 @@ async def test_daemon_keeps_ticking_when_its_database_connections_are_killed(
         store, simulation={"tickIntervalSeconds": 0.2, "timeScale": 60}, npcs_per_tier={Tier.ACTIVE: 3}
     )
     # Slow every tick's commit down inside the server so a kill lands mid-transaction.
-    async with store.transaction() as conn:
-        await conn.execute(
-            text(
-                "CREATE OR REPLACE FUNCTION inject_fault_fn() RETURNS trigger AS $$ "
-                "BEGIN PERFORM pg_sleep(0.15); RETURN NEW; END $$ LANGUAGE plpgsql"
-            )
-        )
-        await conn.execute(
-            text(
-                "CREATE TRIGGER inject_fault BEFORE UPDATE ON world_states FOR EACH ROW "
-                "EXECUTE FUNCTION inject_fault_fn()"
-            )
-        )
+    await slow_ticks(store, 0.15)
     config = tmp_path / "config.toml"
-    config.write_text(config_text("INFO"))
+    config.write_text(config_text("INFO", "discovery_interval_seconds = 0.5\ntick_timeout_seconds = 2\n"))
     daemon = DaemonProcess(tmp_path, daemon_env(pg_database_url, notify), config)
     libpq = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
     try:
@@ -404,16 +420,12 @@ async def test_daemon_keeps_ticking_when_its_database_connections_are_killed(
         killed_mid_tick = 0
         with psycopg.connect(libpq, autocommit=True) as admin:
             for _ in range(3):
-
-                def kill_active(admin: psycopg.Connection[Any] = admin) -> int:
-                    row = admin.execute(
-                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND application_name = 'scheduler-daemon' "
-                        "AND state = 'active' AND query ILIKE '%world_states%'"
-                    ).fetchone()
-                    return int(row[0]) if row else 0
-
-                killed_mid_tick += poll_sync(kill_active, timeout=30, what="a tick in flight", interval=0.01)
+                killed_mid_tick += poll_sync(
+                    lambda: ticks_in_flight(admin, "pg_terminate_backend"),
+                    timeout=30,
+                    what="a tick in flight",
+                    interval=0.01,
+                )
                 # And every idle pooled connection: the pool must notice and replace them.
                 admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -421,14 +433,29 @@ async def test_daemon_keeps_ticking_when_its_database_connections_are_killed(
                 )
                 ticks = (await world_state(store, world_id))[1]
                 await poll(lambda t=ticks: _ticks_at_least(store, world_id, t + 2), timeout=30, what="ticks go on")
-        assert killed_mid_tick >= 3
-        assert daemon.proc.poll() is None, daemon.tail()
-        retried = daemon.events("tick failed, retrying") + daemon.events("world discovery failed, retrying")
-        assert retried, daemon.tail()
-        assert all(e["error"].startswith("OperationalError") for e in retried)
-        assert daemon.stop() == 0, daemon.tail()
+            assert killed_mid_tick >= 3
+            assert daemon.proc.poll() is None, daemon.tail()
+            retried = daemon.events("tick failed, retrying") + daemon.events("world discovery failed, retrying")
+            assert retried, daemon.tail()
+            assert all(e["error"].startswith("OperationalError") for e in retried)
+
+            # Stop while a tick hangs in the database: the stop waits for it only up to the
+            # tick timeout (2 s), not the 60 s it would take; nothing of it is committed.
+            await slow_ticks(store, 60)
+            poll_sync(lambda: ticks_in_flight(admin), timeout=30, what="a stuck tick", interval=0.01)
+            before = await world_state(store, world_id)
+            mark = notify.mark()
+            daemon.signal(signal.SIGTERM)
+            notify.wait_for("STOPPING", after=mark)
+            assert poll_sync(lambda: daemon.proc.poll() is not None, timeout=30, what="the daemon to exit")
+        assert daemon.proc.returncode == 0, daemon.tail()
+        assert [e["world_id"] for e in daemon.events("tick timed out")] == [world_id]
+        assert await world_state(store, world_id) == before
     finally:
         daemon.kill()
+        # A killed client's backend may still sit in pg_sleep holding its row lock.
+        with psycopg.connect(libpq, autocommit=True) as admin:
+            ticks_in_flight(admin, "pg_terminate_backend")
         async with store.transaction() as conn:
             await conn.execute(text("DROP TRIGGER IF EXISTS inject_fault ON world_states"))
 
@@ -487,3 +514,37 @@ def _ts(line: dict[str, Any]) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(line["timestamp"]).timestamp()
+
+
+@pytest.mark.postgres
+async def test_second_stop_signal_exits_at_once(
+    pg_store: Store, pg_database_url: str, notify: NotifySocket, tmp_path: Path
+) -> None:
+    store = pg_store
+    world_id, _ = await make_world(store, simulation={"tickIntervalSeconds": 0.2}, npcs_per_tier={Tier.ACTIVE: 1})
+    await slow_ticks(store, 60)  # the first tick hangs in the database
+    config = tmp_path / "config.toml"
+    config.write_text(config_text("INFO", "tick_timeout_seconds = 120\n"))
+    daemon = DaemonProcess(tmp_path, daemon_env(pg_database_url, notify), config)
+    libpq = pg_database_url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        notify.wait_for("READY", after=0)
+        with psycopg.connect(libpq, autocommit=True) as admin:
+            poll_sync(lambda: ticks_in_flight(admin), timeout=30, what="a stuck tick", interval=0.01)
+        daemon.signal(signal.SIGTERM)
+        # The first signal waits for the in-flight tick (up to 120 s here) ...
+        poll_sync(lambda: daemon.events("waiting for in-flight ticks"), timeout=30, what="the drain to begin")
+        assert daemon.proc.poll() is None
+        daemon.signal(signal.SIGTERM)
+        # ... the second one does not.
+        poll_sync(lambda: daemon.proc.poll() is not None, timeout=10, what="the daemon to exit")
+        assert daemon.proc.returncode == 1
+        assert daemon.events("second stop signal, exiting at once")
+        assert await world_state(store, world_id) == (0.0, 0)  # the interrupted tick left no trace
+    finally:
+        daemon.kill()
+        # A killed client's backend may still sit in pg_sleep holding its row lock.
+        with psycopg.connect(libpq, autocommit=True) as admin:
+            ticks_in_flight(admin, "pg_terminate_backend")
+        async with store.transaction() as conn:
+            await conn.execute(text("DROP TRIGGER IF EXISTS inject_fault ON world_states"))

@@ -343,15 +343,17 @@ async def test_watchdog_stops_while_the_loop_is_wedged_and_sighup_bursts_coalesc
         notify.wait_for("WATCHDOG", after=mark, timeout=10)  # fed again once the loop moves
         assert not Path(f"{marker}.blocked").exists()
 
-        # Twenty SIGHUPs at once: one reload (two if the burst straddles the first).
+        # Twenty SIGHUPs in a burst, a few ms apart like a shell loop of `kill -HUP`:
+        # one reload, two or three if the machine stretches the burst past the first.
         mark = notify.mark()
         for _ in range(20):
             daemon.signal(signal.SIGHUP)
+            time.sleep(0.005)
         at, _ = notify.wait_for("RELOADING", after=mark)
         notify.wait_for("READY", after=at + 1)
         time.sleep(1.0)  # room for any further reloads the burst would (wrongly) cause
         reloads = notify.count("RELOADING", after=mark)
-        assert 1 <= reloads <= 2
+        assert 1 <= reloads <= 3
         assert len(daemon.events("reloading configuration")) == reloads
         assert daemon.proc.poll() is None
         ticks = (await world_state(store, world_id))[1]

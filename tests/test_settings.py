@@ -78,18 +78,18 @@ def test_no_file_means_defaults_plus_environment_only_when_not_required(tmp_path
             r"config\.toml: scheduler\.max_concurrent_ticks: Input should be a valid integer.*\(got 'lots'\)",
         ),
         ("database = 5\n", r"config\.toml: database: Input should be a valid dictionary"),
-        ("[http]\nenabled = \"maybe\"\n", r"config\.toml: http\.enabled: Input should be a valid boolean"),
+        ('[http]\nenabled = "maybe"\n', r"config\.toml: http\.enabled: Input should be a valid boolean"),
         # out of range
         ("[scheduler]\ntick_timeout_seconds = -1\n", r"scheduler\.tick_timeout_seconds: .*greater than 0 \(got -1\)"),
         ("[http]\nport = 70000\n", r"http\.port: Input should be less than or equal to 65535 \(got 70000\)"),
-        ("[logging]\nlevel = \"LOUD\"\n", r"logging\.level: Input should be 'DEBUG', .*\(got 'LOUD'\)"),
+        ('[logging]\nlevel = "LOUD"\n', r"logging\.level: Input should be 'DEBUG', .*\(got 'LOUD'\)"),
         ("[scheduler]\ntick_timeout_seconds = nan\n", r"scheduler\.tick_timeout_seconds: .*finite"),
         ("[defaults.simulation]\ntimeScale = 0\n", r"config\.toml: defaults\.simulation: timeScale: .*greater than 0"),
-        ("[database]\nurl = \"mysql://db/x\"\n", r"database\.url: unsupported database driver 'mysql'"),
+        ('[database]\nurl = "mysql://db/x"\n', r"database\.url: unsupported database driver 'mysql'"),
         # unknown keys, at every level
         ("[scheduler]\nmax_concurent_ticks = 3\n", r"config\.toml: scheduler\.max_concurent_ticks: unknown key"),
         ("[schedular]\n", r"config\.toml: schedular: unknown key"),
-        ("level = \"DEBUG\"\n", r"config\.toml: level: unknown key"),
+        ('level = "DEBUG"\n', r"config\.toml: level: unknown key"),
     ],
 )
 def test_bad_file_names_file_key_and_problem(tmp_path: Path, text: str, expected: str) -> None:

@@ -211,7 +211,12 @@ class Daemon:
             # the file may have changed after it was read.
             await asyncio.sleep(RELOAD_SETTLE_SECONDS)
             self._reload_event.clear()
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception as exc:
+                # A bug here must not end reloading for the rest of the daemon's life.
+                log.exception("configuration reload crashed")
+                self._reload_failed(first_line(exc))
 
     async def reload(self) -> bool:
         """Re-read the config file; swap in the new settings only if all of it is valid.

@@ -202,3 +202,29 @@ async def test_transient_database_error_retries_the_whole_tick(pg_store: Store) 
             await conn.execute(text("SELECT sum(decisions) FROM npcs WHERE world_id = :w"), {"w": world_id})
         ).scalar_one()
     assert decisions == 3
+
+
+async def test_idle_loop_shows_progress_every_idle_wake(store: Store) -> None:
+    """No worlds at all: the loop still wakes (and counts progress) for the watchdog."""
+    clock = VirtualClock()
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock, discovery_interval_seconds=3600)
+    runner.idle_wake_seconds = 0.25  # the daemon sets a quarter of WATCHDOG_USEC
+    task = asyncio.create_task(runner.start())
+    try:
+        await asyncio.wait_for(runner.discovered.wait(), timeout=30)
+        for _ in range(4):
+            for _ in range(100):  # let the loop reach its wait
+                if clock.next_wakeup() == pytest.approx(clock.now() + 0.25):
+                    break
+                await asyncio.sleep(0)
+            assert clock.next_wakeup() == pytest.approx(clock.now() + 0.25)
+            before = runner.progress
+            clock.advance(0.25)
+            for _ in range(100):
+                if runner.progress > before:
+                    break
+                await asyncio.sleep(0)
+            assert runner.progress > before
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, timeout=30)

@@ -174,9 +174,10 @@ class Daemon:
     async def _serving(self, runner_task: asyncio.Task[None]) -> bool:
         """Wait until the daemon serves: migrated and connected (done), worlds discovered.
 
-        READY=1 follows this. The HTTP server (admin API, /metrics) binds its
-        port here too, before READY, so a port in use fails the start with
-        EXIT_ADDRESS_IN_USE. Returns False if the daemon stopped meanwhile.
+        READY=1 follows this, so whatever else must serve before systemd counts
+        the daemon as up (a listening socket) starts here; a bind failure then
+        fails the start (``StartupError``, EXIT_ADDRESS_IN_USE) before READY.
+        Returns False if the daemon stopped meanwhile.
         """
         assert self.runner is not None
         discovered = asyncio.create_task(self.runner.discovered.wait())

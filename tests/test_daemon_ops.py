@@ -307,10 +307,14 @@ async def test_ready_reload_failures_and_clean_stop(
     for prev, cur in itertools.pairwise(ticks):
         assert cur["world_time"] - cur["delta_game_seconds"] == pytest.approx(prev["world_time"], abs=1e-6)
         assert cur["delta_game_seconds"] == pytest.approx(cur["delta_real_seconds"] * SCALE, rel=1e-6)
-        assert cur["delta_real_seconds"] < INTERVAL + 1.0, cur
+        assert cur["delta_real_seconds"] < INTERVAL + 1.5, cur
     wall = _ts(ticks[-1]) - _ts(ticks[0])
     real = sum(t["delta_real_seconds"] for t in ticks[1:])
     assert real == pytest.approx(wall, abs=0.25)
+    # Same fixed-rate grid throughout: every slot was ticked or counted as missed
+    # (a tick overrunning its slot on a busy machine), none silently dropped.
+    missed = sum(e["missed"] for e in daemon.events("tick slots missed") if e["world_id"] == world)
+    assert len(ticks) - 1 + missed == pytest.approx(real / INTERVAL, abs=1)
     # The last logged tick is what the database holds.
     world_time, count = await world_state(store, world)
     assert world_time == pytest.approx(ticks[-1]["world_time"], abs=1e-6)

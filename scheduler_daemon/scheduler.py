@@ -249,7 +249,9 @@ class WorldScheduler:
             due = await self.store.select_due_npcs(conn, ctx.world_id, now, config.max_npc_ticks_per_step)
             decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
             await self.store.write_decisions(conn, ctx.world_id, decisions)
-            await self.store.advance_world_state(conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed)
+            await self.store.advance_world_state(
+                conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed, advanced_at=wall_at_start
+            )
         outcome.npcs_simulated = len(decisions)
         _count_tiers(due, now, outcome)
         return outcome

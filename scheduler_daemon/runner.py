@@ -213,6 +213,34 @@ class SchedulerLoopRunner:
                     await self.remove_world(world_id)
                 self.broken[world_id] = BrokenWorld(world_id, version, str(exc))
                 log.error("world isolated", world_id=world_id, config_version=version, error=str(exc))
+        await self.refresh_tiers()
+
+    async def refresh_tiers(self) -> list[int]:
+        """Recompute tiers of the registered worlds whose tier inputs changed.
+
+        One query reads every world's active sessions; a world is recomputed
+        only if its sessions' fingerprint changed or a decision moved an NPC
+        to or from a place tiering looks at (see
+        :meth:`~scheduler_daemon.scheduler.WorldScheduler.tiers_outdated`), so
+        an unchanged world costs nothing. Runs with discovery, i.e. at most
+        every ``discovery_interval_seconds``. Returns the worlds recomputed.
+        """
+        sessions = await self.scheduler.store.active_session_views()
+        refreshed: list[int] = []
+        for world_id, slot in sorted(self._slots.items()):
+            views = sessions.get(world_id, [])
+            if slot.removed or not self.scheduler.tiers_outdated(world_id, views):
+                continue
+            try:
+                async with slot.lock:  # never concurrently with this world's tick
+                    if slot.removed:
+                        continue
+                    await self.scheduler.refresh_tiers(world_id, views)
+                refreshed.append(world_id)
+            except Exception as exc:
+                # Keeps the old tiers; retried at the next discovery.
+                log.error("tier assignment failed", world_id=world_id, error=f"{type(exc).__name__}: {exc}")
+        return refreshed
 
     # ----------------------------------------------------------------- heap
     def _push(self, slot: _Slot) -> None:

@@ -9,7 +9,7 @@ succeeded, so a failed tick leaves database and context exactly as they were.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,14 @@ from scheduler_daemon.simulation.behavior import (
     parse_behavior,
     simulate_batch,
 )
-from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
+from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
+from scheduler_daemon.simulation.tiers import (
+    SessionView,
+    TierAssignment,
+    assign_tiers,
+    sessions_fingerprint,
+    tier_relevant_locations,
+)
 from scheduler_daemon.store.repository import Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
@@ -56,11 +63,31 @@ class TickResult:
     paused: bool
 
 
+@dataclass(frozen=True, slots=True)
+class CommittedTick:
+    """One committed tick's NPC work, for observers such as ``simulate``'s summary.
+
+    ``npcs`` are the states as selected (before deciding), ``decisions`` the
+    committed outcomes in the same order.
+    """
+
+    world_id: int
+    world_time: float
+    npcs: Sequence[NpcState]
+    decisions: Sequence[NpcDecision]
+    decision_lag_per_tier: Mapping[Tier, float]
+
+
+#: Called after each committed tick (see :class:`WorldScheduler`).
+TickListener = Callable[[CommittedTick], None]
+
+
 @dataclass(slots=True)
 class _World:
     context: WorldSimulationContext
     behavior: BehaviorContent
     extra: dict[str, Any] = field(default_factory=dict)
+    last_committed: CommittedTick | None = None  # handed to on_commit after apply
 
 
 class WorldScheduler:
@@ -77,10 +104,12 @@ class WorldScheduler:
         *,
         defaults: Mapping[str, Any] | None = None,
         decide_fn: DecideFn = decide,
+        on_commit: TickListener | None = None,
     ) -> None:
         self.store = store
         self.defaults: dict[str, Any] = dict(defaults or {})
         self.decide_fn = decide_fn
+        self.on_commit = on_commit
         self._worlds: dict[int, _World] = {}
 
     # ------------------------------------------------------------ registry
@@ -94,8 +123,10 @@ class WorldScheduler:
 
         Raises :class:`~scheduler_daemon.world_config.WorldConfigError` or
         :class:`~scheduler_daemon.simulation.behavior.BehaviorContentError` naming
-        the world and the field when its stored config is invalid; the world is
-        then not registered and nothing else is affected.
+        the world and the field when its stored config (``tierRules``
+        included) or behaviour content is invalid; the world is then not
+        registered and nothing else is affected. Tiers are assigned from the
+        world's current sessions before the first tick.
         """
         record = await self.store.ensure_world_state(world_id)
         config, behavior = self._load(record)
@@ -106,8 +137,9 @@ class WorldScheduler:
             ticks=int(record.ticks or 0),
             config_version=record.config_version,
         )
-        ctx.record_population(await self.store.tier_counts(world_id))
-        self._worlds[world_id] = _World(ctx, behavior)
+        entry = _World(ctx, behavior)
+        await self._assign_tiers(entry, None)
+        self._worlds[world_id] = entry
         log.info(
             "world registered",
             world_id=world_id,
@@ -129,10 +161,13 @@ class WorldScheduler:
         entry = self._require(world_id)
         record = await self.store.get_world(world_id)
         config, behavior = self._load(record)
+        old = entry.context.config
         entry.context.update_config(
             config, version=record.config_version, elapsed_real_since_tick=elapsed_real_since_tick
         )
         entry.behavior = behavior
+        if old.tiers.capacities() != config.tiers.capacities() or old.tier_rules != config.tier_rules:
+            await self._assign_tiers(entry, None)
         log.info(
             "world config applied",
             world_id=world_id,
@@ -141,6 +176,67 @@ class WorldScheduler:
             paused=config.pause_simulation,
         )
         return entry.context
+
+    # --------------------------------------------------------------- tiers
+    def tiers_outdated(self, world_id: int, sessions: Sequence[SessionView]) -> bool:
+        """Whether a registered world's tiers need recomputing.
+
+        True when its active sessions differ from those of the last assignment
+        (by :func:`~scheduler_daemon.simulation.tiers.sessions_fingerprint`),
+        or when a committed decision moved an NPC to or from a place tiering
+        looks at (a player's location or a rule's location).
+        """
+        ctx = self._require(world_id).context
+        return ctx.tiers_stale or ctx.sessions_fingerprint != sessions_fingerprint(sessions)
+
+    async def refresh_tiers(self, world_id: int, sessions: Sequence[SessionView] | None = None) -> TierAssignment:
+        """Recompute a registered world's tiers and write the changed ones.
+
+        ``sessions`` are its active sessions if the caller already read them
+        (discovery does, for all worlds in one query); otherwise they are read
+        here. Must not run concurrently with a tick of the same world (the
+        runner holds the world's lock).
+        """
+        return await self._assign_tiers(self._require(world_id), sessions)
+
+    async def _assign_tiers(self, entry: _World, sessions: Sequence[SessionView] | None) -> TierAssignment:
+        ctx = entry.context
+        config = ctx.config
+        now = ctx.current_world_time
+        intervals = config.tiers.intervals()
+        async with self.store.transaction() as conn:
+            if sessions is None:
+                sessions = await self.store.session_views(conn, ctx.world_id)
+            records = await self.store.npc_placements(conn, ctx.world_id)
+            assignment = assign_tiers(
+                (r.placement for r in records), sessions, config.tiers.capacities(), config.tier_rules
+            )
+            changes: dict[int, tuple[Tier, float | None]] = {}
+            for record in records:
+                new = assignment.tiers[record.placement.id]
+                if new != record.tier:
+                    # A promoted NPC is decided at its new cadence within one
+                    # new interval, not after its old (coarser) one.
+                    due_by = now + intervals[new] if new < record.tier and new != Tier.FROZEN else None
+                    changes[record.placement.id] = (new, due_by)
+            await self.store.write_tier_changes(conn, ctx.world_id, changes)
+        activities: dict[str | None, int] = {}
+        for record in records:
+            activities[record.current_activity] = activities.get(record.current_activity, 0) + 1
+        ctx.record_tier_assignment(
+            assignment.counts,
+            sessions_fingerprint=sessions_fingerprint(sessions),
+            relevant_locations=tier_relevant_locations(sessions, config.tier_rules),
+            activity_counts=activities,
+        )
+        log.debug(
+            "tiers assigned",
+            world_id=ctx.world_id,
+            sessions=len(sessions),
+            changed=len(changes),
+            population={t.label: n for t, n in assignment.counts.items()},
+        )
+        return assignment
 
     async def resync_world(self, world_id: int) -> WorldSimulationContext:
         """Reload a registered world's committed clock from the database.
@@ -206,7 +302,9 @@ class WorldScheduler:
                 ctx.record_failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                 raise
             outcome.duration_ms = (time.perf_counter() - started) * 1000.0
+            was_lagging = ctx.lagging_tiers
             ctx.apply_tick(plan, outcome)
+            _log_lag_transition(ctx, was_lagging)
             log.debug(
                 "tick",
                 world_time=plan.world_time_after,
@@ -219,6 +317,13 @@ class WorldScheduler:
             )
             if outcome.npcs_simulated >= ctx.config.max_npc_ticks_per_step > 0:
                 log.debug("npc budget exhausted", max_npc_ticks_per_step=ctx.config.max_npc_ticks_per_step)
+            if self.on_commit is not None and entry.last_committed is not None:
+                try:
+                    self.on_commit(entry.last_committed)
+                except Exception:
+                    # The tick is committed; an observer's bug must not fail it.
+                    log.exception("tick listener failed")
+                entry.last_committed = None
         return TickResult(
             world_id=world_id,
             world_time_before=plan.world_time_before,
@@ -239,16 +344,29 @@ class WorldScheduler:
         outcome = TickOutcome()
         if plan.delta_game_seconds == 0.0 and ctx.paused:
             # Frozen clock: nothing can become due, nothing to write.
+            outcome.selection_ran = False
             return outcome
         config = ctx.config
         now = plan.world_time_after
+        budget = config.max_npc_ticks_per_step
         async with self.store.transaction() as conn:
-            due = await self.store.select_due_npcs(conn, ctx.world_id, now, config.max_npc_ticks_per_step)
+            due = await self.store.select_due_npcs(conn, ctx.world_id, now, budget)
+            _count_tiers(due, now, outcome)
+            if len(due) >= budget:
+                # The budget may have left due NPCs waiting: measure how long
+                # the oldest of each tier has waited (only needed when full).
+                waiting = await self.store.oldest_waiting(conn, ctx.world_id, now, outcome.npcs_per_tier)
+                for tier, next_at in waiting.items():
+                    lag = now - next_at
+                    outcome.waiting_lag_per_tier[tier] = lag
+                    outcome.decision_lag_per_tier[tier] = max(lag, outcome.decision_lag_per_tier.get(tier, lag))
             decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
             await self.store.write_decisions(conn, ctx.world_id, decisions)
             await self.store.advance_world_state(conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed)
         outcome.npcs_simulated = len(decisions)
-        _count_tiers(due, now, outcome)
+        _track_changes(due, decisions, ctx.tier_relevant_locations, outcome)
+        if self.on_commit is not None:
+            entry.last_committed = CommittedTick(ctx.world_id, now, due, decisions, dict(outcome.decision_lag_per_tier))
         return outcome
 
 
@@ -258,3 +376,31 @@ def _count_tiers(due: list[NpcState], now: float, outcome: TickOutcome) -> None:
         lag = now - npc.next_decision_at
         if lag > outcome.decision_lag_per_tier.get(npc.tier, -1.0):
             outcome.decision_lag_per_tier[npc.tier] = lag
+
+
+def _track_changes(
+    due: Sequence[NpcState], decisions: Sequence[NpcDecision], relevant: frozenset[str], outcome: TickOutcome
+) -> None:
+    """Activity count changes, and whether a move can change someone's tier."""
+    delta = outcome.activity_delta
+    for npc, decision in zip(due, decisions, strict=True):
+        if npc.current_activity != decision.current_activity:
+            delta[npc.current_activity] = delta.get(npc.current_activity, 0) - 1
+            delta[decision.current_activity] = delta.get(decision.current_activity, 0) + 1
+        if npc.location != decision.location and (npc.location in relevant or decision.location in relevant):
+            outcome.tier_inputs_moved = True
+
+
+def _log_lag_transition(ctx: WorldSimulationContext, was_lagging: frozenset[Tier]) -> None:
+    """WARNING once when a world starts lagging, INFO once when it recovers."""
+    lags = {t.label: round(v, 1) for t, v in sorted(ctx.decision_lag_per_tier.items())}
+    if ctx.lagging_tiers and not was_lagging:
+        log.warning(
+            "npc decision budget too small: decisions lag behind",
+            lagging_tiers=[t.label for t in sorted(ctx.lagging_tiers)],
+            decision_lag_seconds=lags,
+            max_npc_ticks_per_step=ctx.config.max_npc_ticks_per_step,
+            hint="raise maxNpcTicksPerStep or the lower tiers' decisionIntervalSeconds, or lower their maxNpcs",
+        )
+    elif was_lagging and not ctx.lagging_tiers:
+        log.info("npc decision lag recovered", decision_lag_seconds=lags)

@@ -21,20 +21,46 @@ async def make_world(
     behavior: Any = None,
     session: bool = True,
 ) -> tuple[int, list[int]]:
-    """A world with NPCs in the given tiers (all due at ``next_decision_at``) and an active session."""
+    """A world with NPCs in the given tiers (all due at ``next_decision_at``) and an active session.
+
+    The daemon assigns tiers from sessions, so the requested tiers are produced
+    the way it would: detailed NPCs are in the session's scene, active ones are
+    involved with it, ambient ones are the rest, and dormant ones overflow an
+    ambient tier sized to the ambient count (they are inserted after them, so
+    they lose the id tie-break). Capacities are raised to fit (unless the
+    caller sets ``tiers`` itself). Without a session every NPC is dormant.
+    """
+    counts = {t: n for t, n in (npcs_per_tier or {}).items() if n}
+    if not session and set(counts) - {Tier.DORMANT}:
+        raise ValueError("without a session every NPC is dormant")
     meta: dict[str, Any] = {}
     if behavior is not None:
         meta["behavior"] = behavior
-    world_id = await store.create_world(name, simulation=simulation or {}, meta=meta)
+    sim = dict(simulation or {})
+    if counts and "tiers" not in sim:
+        sim["tiers"] = {
+            "detailed": {"maxNpcs": max(counts.get(Tier.DETAILED, 0), 20)},
+            "active": {"maxNpcs": max(counts.get(Tier.ACTIVE, 0), 100)},
+            "ambient": {"maxNpcs": counts.get(Tier.AMBIENT, 0) if session else 500},
+            "dormant": {"maxNpcs": max(counts.get(Tier.DORMANT, 0), 5000)},
+        }
+    world_id = await store.create_world(name, simulation=sim, meta=meta)
     rows = []
-    for tier, count in (npcs_per_tier or {}).items():
+    for tier in sorted(counts):
         rows += [
             {"name": f"{tier.label}-{i}", "tier": int(tier), "next_decision_at": next_decision_at, "home": "h"}
-            for i in range(count)
+            for i in range(counts[tier])
         ]
     ids = await store.add_npcs(world_id, rows)
     if session:
-        await store.add_session(world_id, f"user-{world_id}", location="square")
+        by_tier = [Tier(r["tier"]) for r in rows]
+        await store.add_session(
+            world_id,
+            f"user-{world_id}",
+            location="square",
+            scene_npc_ids=[i for i, t in zip(ids, by_tier, strict=True) if t == Tier.DETAILED],
+            involved_npc_ids=[i for i, t in zip(ids, by_tier, strict=True) if t == Tier.ACTIVE],
+        )
     return world_id, ids
 
 

@@ -17,9 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
+from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView
 from scheduler_daemon.store import migrate
 from scheduler_daemon.store.database import create_engine
-from scheduler_daemon.store.models import npcs, sessions, world_states, worlds
+from scheduler_daemon.store.models import metadata, npcs, sessions, world_states, worlds
 
 
 class WorldNotFoundError(LookupError):
@@ -68,6 +69,35 @@ class SessionRecord:
     scene_npc_ids: list[int]
     involved_npc_ids: list[int]
     active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRecord:
+    """What tier assignment reads of one NPC, plus its stored tier and activity."""
+
+    placement: NpcPlacement
+    tier: Tier
+    current_activity: str | None
+
+
+def _session_view(row: Sequence[Any]) -> SessionView:
+    # (id, user_id, location, scene_npc_ids, involved_npc_ids); JSON lists of ids.
+    return SessionView(
+        id=int(row[0]),
+        user_id=str(row[1]),
+        location=row[2],
+        scene_npc_ids=frozenset(int(i) for i in (row[3] or [])),
+        involved_npc_ids=frozenset(int(i) for i in (row[4] or [])),
+    )
+
+
+_SESSION_VIEW_COLUMNS = (
+    sessions.c.id,
+    sessions.c.user_id,
+    sessions.c.location,
+    sessions.c.scene_npc_ids,
+    sessions.c.involved_npc_ids,
+)
 
 
 def _now() -> datetime:
@@ -362,6 +392,111 @@ class Store:
             rows = (await conn.execute(query)).all()
         return {Tier(r[0]): int(r[1]) for r in rows}
 
+    async def active_session_views(self) -> dict[int, list[SessionView]]:
+        """Every world's active sessions as tiering sees them, in one query.
+
+        Discovery fingerprints these to notice session changes; only active
+        sessions are read (players online), never the NPCs.
+        """
+        query = (
+            sa.select(sessions.c.world_id, *_SESSION_VIEW_COLUMNS)
+            .where(sessions.c.active.is_(True))
+            .order_by(sessions.c.world_id, sessions.c.id)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        out: dict[int, list[SessionView]] = {}
+        for row in rows:
+            out.setdefault(int(row[0]), []).append(_session_view(row[1:]))
+        return out
+
+    @staticmethod
+    async def session_views(conn: AsyncConnection, world_id: int) -> list[SessionView]:
+        """One world's active sessions as tiering sees them."""
+        query = (
+            sa.select(*_SESSION_VIEW_COLUMNS)
+            .where(sessions.c.world_id == world_id, sessions.c.active.is_(True))
+            .order_by(sessions.c.id)
+        )
+        return [_session_view(r) for r in (await conn.execute(query)).all()]
+
+    @staticmethod
+    async def npc_placements(conn: AsyncConnection, world_id: int) -> list[PlacementRecord]:
+        """Every NPC of one world with what tiering needs (a few narrow columns)."""
+        query = sa.select(npcs.c.id, npcs.c.location, npcs.c.home, npcs.c.tier, npcs.c.current_activity).where(
+            npcs.c.world_id == world_id
+        )
+        return [
+            PlacementRecord(NpcPlacement(int(r[0]), r[1], r[2]), Tier(r[3]), r[4])
+            for r in (await conn.execute(query)).all()
+        ]
+
+    @staticmethod
+    async def write_tier_changes(
+        conn: AsyncConnection, world_id: int, changes: Mapping[int, tuple[Tier, float | None]]
+    ) -> None:
+        """Write new tiers: ``{npc_id: (tier, due_by)}``, only for NPCs whose tier changed.
+
+        ``due_by`` (or ``None``) pulls ``next_decision_at`` forward to at most
+        that world time (a promoted NPC is decided at its new tier's cadence
+        soon), never pushes it back. One executemany, ``world_id`` in every WHERE.
+        """
+        if not changes:
+            return
+        due_by = sa.bindparam("b_due", type_=npcs.c.next_decision_at.type)
+        await conn.execute(
+            sa.update(npcs)
+            .where(npcs.c.id == sa.bindparam("b_id"), npcs.c.world_id == sa.bindparam("w"))
+            .values(
+                tier=sa.bindparam("b_tier"),
+                # NULL compares as unknown, so "no due_by" keeps the stored value.
+                next_decision_at=sa.case((npcs.c.next_decision_at > due_by, due_by), else_=npcs.c.next_decision_at),
+            ),
+            [
+                {"b_id": npc_id, "w": world_id, "b_tier": int(tier), "b_due": due}
+                for npc_id, (tier, due) in changes.items()
+            ],
+        )
+
+    async def activity_counts(self, world_id: int) -> dict[str | None, int]:
+        """How many NPCs of one world do each activity (``None``: not decided yet)."""
+        query = (
+            sa.select(npcs.c.current_activity, sa.func.count())
+            .where(npcs.c.world_id == world_id)
+            .group_by(npcs.c.current_activity)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    # ------------------------------------------------------ world snapshots
+    async def export_world(self, world_id: int) -> dict[str, list[dict[str, Any]]]:
+        """Every row one world owns, per table (``worlds`` by id, others by ``world_id``).
+
+        Generic over the schema, so tables added later are copied too. Used by
+        ``simulate --dry-run`` to run on a private copy.
+        """
+        out: dict[str, list[dict[str, Any]]] = {}
+        async with self.engine.connect() as conn:
+            if (await conn.execute(sa.select(worlds.c.id).where(worlds.c.id == world_id))).first() is None:
+                raise WorldNotFoundError(world_id)
+            for table in metadata.sorted_tables:
+                key = table.c.id if table is worlds else table.c.get("world_id")
+                if key is None:
+                    continue
+                order = list(table.primary_key.columns)
+                rows = (await conn.execute(sa.select(table).where(key == world_id).order_by(*order))).mappings()
+                out[table.name] = [dict(r) for r in rows]
+        return out
+
+    async def import_world(self, data: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Insert rows produced by :meth:`export_world` (ids kept) in one transaction."""
+        async with self.transaction() as conn:
+            for table in metadata.sorted_tables:
+                rows = data.get(table.name)
+                if rows:
+                    await conn.execute(sa.insert(table), [dict(r) for r in rows])
+
     # -------------------------------------------------------- the tick (hot)
     @staticmethod
     async def select_due_npcs(conn: AsyncConnection, world_id: int, world_time: float, limit: int) -> list[NpcState]:
@@ -385,6 +520,29 @@ class Store:
         query = sa.select(union).order_by(union.c.tier, union.c.next_decision_at, union.c.id).limit(limit)
         rows = (await conn.execute(query)).all()
         return [_npc_from_row(r) for r in rows]
+
+    @staticmethod
+    async def oldest_waiting(
+        conn: AsyncConnection, world_id: int, world_time: float, selected: Mapping[Tier, int]
+    ) -> dict[Tier, float]:
+        """Per simulated tier, ``next_decision_at`` of the most overdue NPC left waiting.
+
+        ``selected`` is how many NPCs of each tier this tick took; they are the
+        first ones in ``(next_decision_at, id)`` order, so the oldest one left is
+        at that offset. One statement, one short index range per tier. Tiers
+        with nobody waiting are absent.
+        """
+        parts = [
+            sa.select(sa.literal(int(t)).label("tier"), npcs.c.next_decision_at)
+            .where(npcs.c.world_id == world_id, npcs.c.tier == int(t), npcs.c.next_decision_at <= world_time)
+            .order_by(npcs.c.next_decision_at, npcs.c.id)
+            .limit(1)
+            .offset(selected.get(t, 0))
+            .subquery()
+            for t in SIMULATED_TIERS
+        ]
+        union = sa.union_all(*(sa.select(p) for p in parts))
+        return {Tier(r[0]): float(r[1]) for r in (await conn.execute(union)).all()}
 
     @staticmethod
     async def write_decisions(conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None:

@@ -527,3 +527,20 @@ def test_a_tier_starves_once_higher_tiers_use_the_whole_budget() -> None:
     # The ambient NPC is never picked: its lag (now - 0) grows with every tick.
     assert all(99 not in chosen for chosen in history)
     assert all(len(chosen) == budget for chosen in history)
+
+
+@PROPERTY
+@given(placements, session_views, capacity_maps, st.data())
+def test_moves_between_irrelevant_places_never_change_the_assignment(
+    npcs: list[NpcPlacement], sessions: list[SessionView], capacities: dict[Tier, int], data: st.DataObject
+) -> None:
+    # Why the scheduler may skip recomputation for such moves.
+    rules = [rule("active", location="c")]
+    relevant = tier_relevant_locations(sessions, rules)
+    before = assign_tiers(npcs, sessions, capacities, rules)
+    irrelevant = [p for p in [None, "a", "b", "c", "elsewhere"] if p not in relevant]
+    moved = [
+        NpcPlacement(p.id, data.draw(st.sampled_from(irrelevant)), p.home) if p.location not in relevant else p
+        for p in npcs
+    ]
+    assert assign_tiers(moved, sessions, capacities, rules).tiers == before.tiers

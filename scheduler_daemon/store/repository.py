@@ -7,11 +7,12 @@ put a whole tick into one transaction; the rest open their own.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -144,6 +145,43 @@ def _npc_from_row(row: Sequence[Any]) -> NpcState:
         decisions=row[14],
         state=row[15] if isinstance(row[15], dict) else {},
     )
+
+
+def _due_query() -> sa.Select[Any]:
+    # Built once with bind parameters: constructing this union per tick costs
+    # more CPU than executing it.
+    world = sa.bindparam("w", type_=sa.Integer)
+    now = sa.bindparam("now", type_=npcs.c.next_decision_at.type)
+    limit = sa.bindparam("lim", type_=sa.Integer)
+    parts = [
+        sa.select(*_NPC_COLUMNS)
+        .where(npcs.c.world_id == world, npcs.c.tier == int(t), npcs.c.next_decision_at <= now)
+        .order_by(npcs.c.next_decision_at, npcs.c.id)
+        .limit(limit)
+        .subquery()
+        for t in SIMULATED_TIERS
+    ]
+    union = sa.union_all(*(sa.select(p) for p in parts)).subquery()
+    return sa.select(union).order_by(union.c.tier, union.c.next_decision_at, union.c.id).limit(limit)
+
+
+def _waiting_query() -> sa.CompoundSelect[Any]:
+    world = sa.bindparam("w", type_=sa.Integer)
+    now = sa.bindparam("now", type_=npcs.c.next_decision_at.type)
+    parts = [
+        sa.select(sa.literal(int(t)).label("tier"), npcs.c.next_decision_at)
+        .where(npcs.c.world_id == world, npcs.c.tier == int(t), npcs.c.next_decision_at <= now)
+        .order_by(npcs.c.next_decision_at, npcs.c.id)
+        .limit(1)
+        .offset(sa.bindparam(f"skip{int(t)}", type_=sa.Integer))
+        .subquery()
+        for t in SIMULATED_TIERS
+    ]
+    return sa.union_all(*(sa.select(p) for p in parts))
+
+
+_DUE_QUERY: Final = _due_query()
+_WAITING_QUERY: Final = _waiting_query()
 
 
 class Store:
@@ -359,8 +397,11 @@ class Store:
             return []
         ids: list[int] = []
         async with self.transaction() as conn:
-            for row in values:  # RETURNING with executemany is not portable; seeding is not hot
-                ids.append(int((await conn.execute(sa.insert(npcs).values(**row).returning(npcs.c.id))).scalar_one()))
+            # executemany needs one key set: insert each run of rows with equal keys
+            # in one batched INSERT ... RETURNING ("insertmanyvalues"), ids in row order.
+            for _, run in itertools.groupby(values, key=lambda r: tuple(sorted(r))):
+                insert = sa.insert(npcs).returning(npcs.c.id, sort_by_parameter_order=True)
+                ids.extend(int(i) for i in (await conn.execute(insert, list(run))).scalars())
         return ids
 
     async def set_npc_tiers(self, world_id: int, tiers: Mapping[int, Tier]) -> None:
@@ -508,17 +549,7 @@ class Store:
         """
         if limit <= 0:
             return []
-        parts = [
-            sa.select(*_NPC_COLUMNS)
-            .where(npcs.c.world_id == world_id, npcs.c.tier == int(t), npcs.c.next_decision_at <= world_time)
-            .order_by(npcs.c.next_decision_at, npcs.c.id)
-            .limit(limit)
-            .subquery()
-            for t in SIMULATED_TIERS
-        ]
-        union = sa.union_all(*(sa.select(p) for p in parts)).subquery()
-        query = sa.select(union).order_by(union.c.tier, union.c.next_decision_at, union.c.id).limit(limit)
-        rows = (await conn.execute(query)).all()
+        rows = (await conn.execute(_DUE_QUERY, {"w": world_id, "now": world_time, "lim": limit})).all()
         return [_npc_from_row(r) for r in rows]
 
     @staticmethod
@@ -532,17 +563,9 @@ class Store:
         at that offset. One statement, one short index range per tier. Tiers
         with nobody waiting are absent.
         """
-        parts = [
-            sa.select(sa.literal(int(t)).label("tier"), npcs.c.next_decision_at)
-            .where(npcs.c.world_id == world_id, npcs.c.tier == int(t), npcs.c.next_decision_at <= world_time)
-            .order_by(npcs.c.next_decision_at, npcs.c.id)
-            .limit(1)
-            .offset(selected.get(t, 0))
-            .subquery()
-            for t in SIMULATED_TIERS
-        ]
-        union = sa.union_all(*(sa.select(p) for p in parts))
-        return {Tier(r[0]): float(r[1]) for r in (await conn.execute(union)).all()}
+        params: dict[str, Any] = {"w": world_id, "now": world_time}
+        params.update({f"skip{int(t)}": selected.get(t, 0) for t in SIMULATED_TIERS})
+        return {Tier(r[0]): float(r[1]) for r in (await conn.execute(_WAITING_QUERY, params)).all()}
 
     @staticmethod
     async def write_decisions(conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None:

@@ -6,12 +6,13 @@ VAR    := $(CURDIR)/var
 # The embedded default for development: SQLite under ./var (env wins over the config file).
 RUN_ENV := SCHEDULER_DATABASE__URL=sqlite+aiosqlite:///$(VAR)/scheduler.db
 
-.PHONY: help venv dev run demo test test-fast lint fmt bench bench-quick soak clean
+.PHONY: help venv dev run demo test test-fast lint fmt bench bench-quick bench-npc soak clean
 
 help:
 	@echo "make run         set up .venv, migrate ./var/scheduler.db, seed the demo, run the daemon"
 	@echo "make test        set up .venv with dev dependencies and run the whole test suite"
 	@echo "make lint        ruff + mypy"
+	@echo "make bench-npc   NPC benchmarks: decide() decisions/s, per-tick selection on PostgreSQL"
 	@echo "make clean       remove .venv and ./var"
 
 $(BIN)/python:
@@ -48,6 +49,10 @@ lint: $(VENV)/.installed-dev
 fmt: $(VENV)/.installed-dev
 	$(BIN)/ruff format scheduler_daemon tests
 	$(BIN)/ruff check --fix scheduler_daemon tests
+
+# PostgreSQL part: SCHEDULER_BENCH_POSTGRES_URL (or SCHEDULER_TEST_POSTGRES_URL), a server to create a scratch DB on.
+bench-npc: $(VENV)/.installed-dev
+	$(BIN)/python bench/npc_bench.py
 
 clean:
 	rm -rf $(VENV) $(VAR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

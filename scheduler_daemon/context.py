@@ -275,6 +275,22 @@ class WorldSimulationContext:
             return "failing"
         return "paused" if self.paused else "running"
 
+    def activity_snapshot(self) -> dict[str, Any]:
+        """What the world's NPCs are doing now, for the periodic INFO summary.
+
+        Counts are kept up to date from committed decisions (and recounted at
+        every tier assignment), so this reads no database.
+        """
+        doing = sorted(self.activity_counts.items(), key=lambda kv: (-kv[1], kv[0] or ""))
+        return {
+            "world_time": format_world_time(self.current_world_time),
+            "doing": {(name if name is not None else "undecided"): n for name, n in doing},
+            "tiers": {t.label: self.tier_population.get(t, 0) for t in SIMULATED_TIERS},
+            "frozen": self.frozen_npcs,
+            "decisions_total": self.npcs_simulated_total,
+            "lagging_tiers": [t.label for t in SIMULATED_TIERS if t in self.lagging_tiers],
+        }
+
     def get_stats(self) -> dict[str, Any]:
         """Snapshot of the world's clock, counters and config (JSON-ready)."""
         return {

@@ -158,6 +158,7 @@ class Daemon:
                 )
             )
         background.append(asyncio.create_task(self._status_loop(), name="status"))
+        background.append(asyncio.create_task(self._activity_loop(), name="activity-summary"))
         runner_task = asyncio.create_task(self.runner.start(), name="runner")
         self.notifier.ready(status="started")
         log.info("ready")
@@ -268,6 +269,27 @@ class Daemon:
                 f"{len(self.runner.world_ids)} worlds, {rate:.1f} ticks/s, "
                 f"{len(self.runner.broken)} isolated, {self.runner.ticks_failed} failed ticks"
             )
+
+    async def _activity_loop(self) -> None:
+        """One INFO line per world every ``logging.activity_summary_seconds``.
+
+        Shows the NPCs changing activities through the game day without a
+        line per tick; the period is read each round, so SIGHUP changes it.
+        """
+        last_total: dict[int, int] = {}
+        while True:
+            period = self.settings.logging.activity_summary_seconds
+            await asyncio.sleep(period if period > 0 else 5.0)
+            if period <= 0 or self.scheduler is None:
+                continue
+            totals: dict[int, int] = {}
+            for world_id, ctx in sorted(self.scheduler.get_all_contexts().items()):
+                snapshot = ctx.activity_snapshot()
+                totals[world_id] = snapshot.pop("decisions_total")
+                # Decisions since the previous line (since registration for a new world).
+                since = totals[world_id] - last_total.get(world_id, 0)
+                log.info("world activity", world_id=world_id, decisions=since, **snapshot)
+            last_total = totals
 
     def get_stats(self) -> dict[str, Any]:
         """Daemon-level stats: reload state plus the runner's."""

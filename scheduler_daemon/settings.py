@@ -82,6 +82,8 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     #: ``auto``: readable console on a TTY, JSON otherwise.
     format: Literal["auto", "console", "json"] = "auto"
+    #: Every this many seconds, one INFO line per world: what its NPCs are doing. 0: off.
+    activity_summary_seconds: float = Field(default=30.0, ge=0, le=86400)
 
     @field_validator("level", mode="before")
     @classmethod
@@ -159,6 +161,7 @@ RESTART_ONLY = (
 RELOADABLE = (
     "logging.level",
     "logging.format",
+    "logging.activity_summary_seconds",
     "defaults.simulation",
     "scheduler.discovery_interval_seconds",
     "scheduler.max_concurrent_ticks",

@@ -289,3 +289,29 @@ async def test_selection_sql_mirrors_select_due_on_random_populations(store: Sto
         run(check(population, now, budget))
 
     await asyncio.to_thread(mirror)
+
+
+# --- what the NPCs are doing (periodic INFO summary) --------------------------------
+
+
+async def test_activity_counts_in_memory_track_the_database(store: Store) -> None:
+    world_id, _ = await make_world(
+        store,
+        simulation={"timeScale": 600},
+        behavior=DEMO_BEHAVIOR,
+        npcs_per_tier={Tier.DETAILED: 5, Tier.ACTIVE: 5, Tier.AMBIENT: 10},
+    )
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock())
+    await runner.discover()
+    ctx = runner.scheduler.get_context(world_id)
+    assert ctx.activity_snapshot()["doing"] == {"undecided": 20}
+    seen: set[tuple[str, ...]] = set()
+    for step in range(1, 7):
+        await runner.run_until(step * 30.0)  # 5 game hours per step
+        await runner.refresh_tiers()
+        assert ctx.activity_counts == await store.activity_counts(world_id)
+        seen.add(tuple(sorted(ctx.activity_snapshot()["doing"])))
+    assert len(seen) > 1  # the NPCs changed activities through the day
+    snapshot = ctx.activity_snapshot()
+    assert snapshot["world_time"] == "day 2 Tue 06:00"
+    assert sum(snapshot["doing"].values()) == 20 and snapshot["decisions_total"] == ctx.npcs_simulated_total

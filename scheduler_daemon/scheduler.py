@@ -365,7 +365,9 @@ class WorldScheduler:
                     outcome.decision_lag_per_tier[tier] = max(lag, outcome.decision_lag_per_tier.get(tier, lag))
             decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
             await self.store.write_decisions(conn, ctx.world_id, decisions)
-            await self.store.advance_world_state(conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed)
+            await self.store.advance_world_state(
+                conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed, advanced_at=wall_at_start
+            )
         outcome.npcs_simulated = len(decisions)
         _track_changes(due, decisions, ctx.tier_relevant_locations, outcome)
         if self.on_commit is not None:

@@ -298,6 +298,7 @@ class WorldScheduler:
             started = time.perf_counter()
             # Wall time of the moment this tick's world time corresponds to (for humans).
             wall_at_start = datetime.now(UTC)
+            entry.last_committed = None
             try:
                 plan = ctx.plan_advance(delta_real_seconds)
                 outcome = await self._run_tick(entry, plan, wall_at_start)

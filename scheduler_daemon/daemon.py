@@ -144,6 +144,7 @@ class Daemon:
             tick_timeout_seconds=s.scheduler.tick_timeout_seconds,
             discovery_interval_seconds=s.scheduler.discovery_interval_seconds,
             backoff_max_seconds=s.scheduler.backoff_max_seconds,
+            tier_refresh_max_seconds=s.scheduler.tier_refresh_max_seconds,
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -246,6 +247,7 @@ class Daemon:
                 discovery_interval_seconds=new.scheduler.discovery_interval_seconds,
             )
             self.runner.backoff_max_seconds = new.scheduler.backoff_max_seconds
+            self.runner.tier_refresh_max_seconds = new.scheduler.tier_refresh_max_seconds
             if new.defaults.simulation != old.defaults.simulation:
                 self.scheduler.defaults = dict(new.defaults.simulation)
                 for world_id in self.runner.world_ids:

@@ -62,6 +62,7 @@ class _Slot:
     retry_at: float | None = None  # backoff deadline after a failure
     in_flight: bool = False
     removed: bool = False
+    tiers_at: float = 0.0  # clock time of the last tier assignment
 
     @property
     def deadline(self) -> float:
@@ -95,6 +96,7 @@ class SchedulerLoopRunner:
         discovery_interval_seconds: float = 5.0,
         backoff_base_seconds: float = 1.0,
         backoff_max_seconds: float = 60.0,
+        tier_refresh_max_seconds: float = 60.0,
         observer: TickObserver | None = None,
     ) -> None:
         self.scheduler = scheduler
@@ -104,6 +106,7 @@ class SchedulerLoopRunner:
         self.discovery_interval_seconds = discovery_interval_seconds
         self.backoff_base_seconds = backoff_base_seconds
         self.backoff_max_seconds = backoff_max_seconds
+        self.tier_refresh_max_seconds = tier_refresh_max_seconds
         self.observer = observer
         self.broken: dict[int, BrokenWorld] = {}
         self.progress = 0  # increases while the loop works (watchdog feed)
@@ -149,7 +152,7 @@ class SchedulerLoopRunner:
         ctx = await self.scheduler.register_world(world_id)
         now = self.clock.now()
         interval = ctx.config.tick_interval_seconds
-        slot = _Slot(world_id=world_id, interval=interval, anchor=now, k=1, last_tick_at=now)
+        slot = _Slot(world_id=world_id, interval=interval, anchor=now, k=1, last_tick_at=now, tiers_at=now)
         old = self._slots.get(world_id)
         if old is not None:
             old.removed = True
@@ -223,19 +226,24 @@ class SchedulerLoopRunner:
         to or from a place tiering looks at (see
         :meth:`~scheduler_daemon.scheduler.WorldScheduler.tiers_outdated`), so
         an unchanged world costs nothing. Runs with discovery, i.e. at most
-        every ``discovery_interval_seconds``. Returns the worlds recomputed.
+        every ``discovery_interval_seconds``. Independently, every world is
+        recomputed at least every ``tier_refresh_max_seconds``: that picks up
+        what no fingerprint sees (NPCs added, removed or re-homed by the game
+        backend). Returns the worlds recomputed.
         """
         sessions = await self.scheduler.store.active_session_views()
         refreshed: list[int] = []
         for world_id, slot in sorted(self._slots.items()):
             views = sessions.get(world_id, [])
-            if slot.removed or not self.scheduler.tiers_outdated(world_id, views):
+            periodic = self.clock.now() - slot.tiers_at >= self.tier_refresh_max_seconds
+            if slot.removed or not (periodic or self.scheduler.tiers_outdated(world_id, views)):
                 continue
             try:
                 async with slot.lock:  # never concurrently with this world's tick
                     if slot.removed:
                         continue
                     await self.scheduler.refresh_tiers(world_id, views)
+                    slot.tiers_at = self.clock.now()
                 refreshed.append(world_id)
             except Exception as exc:
                 # Keeps the old tiers; retried at the next discovery.

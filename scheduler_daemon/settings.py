@@ -64,6 +64,8 @@ class SchedulerSettings(_Section):
     """``[scheduler]``: the tick loop."""
 
     discovery_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    #: Recompute every world's NPC tiers at least this often (beyond session changes).
+    tier_refresh_max_seconds: float = Field(default=60.0, gt=0, le=86400)
     max_concurrent_ticks: int = Field(default=16, ge=1, le=10_000)
     tick_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     backoff_max_seconds: float = Field(default=60.0, gt=0, le=86400)
@@ -164,6 +166,7 @@ RELOADABLE = (
     "logging.activity_summary_seconds",
     "defaults.simulation",
     "scheduler.discovery_interval_seconds",
+    "scheduler.tier_refresh_max_seconds",
     "scheduler.max_concurrent_ticks",
     "scheduler.tick_timeout_seconds",
     "scheduler.backoff_max_seconds",

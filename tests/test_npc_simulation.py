@@ -107,6 +107,24 @@ async def test_tiers_follow_session_changes_at_discovery_and_not_every_tick(stor
     assert ctx.tier_refreshes == refreshes + 2
 
 
+async def test_npcs_added_by_the_backend_get_their_tier_at_the_periodic_recomputation(store: Store) -> None:
+    world_id = await store.create_world("w", simulation={"tiers": SMALL_TIERS})
+    await add_plain_npcs(store, world_id, 3)
+    await store.add_session(world_id, "u", location="square")
+    clock = VirtualClock()
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock, tier_refresh_max_seconds=60.0)
+    await runner.discover()
+    ctx = runner.scheduler.get_context(world_id)
+    late = await add_plain_npcs(store, world_id, 2, location="square")  # dormant by the column default
+    await runner.run_until(59.0)
+    assert await runner.refresh_tiers() == []  # no session change, no relevant move
+    await runner.run_until(60.0)
+    assert await runner.refresh_tiers() == [world_id]
+    tiers = await stored_tiers(store, world_id)
+    assert [tiers[i] for i in late] == [Tier.DETAILED, Tier.DETAILED]
+    assert ctx.get_stats()["tier_population"]["detailed"] == 2 and await runner.refresh_tiers() == []
+
+
 MOVER_BEHAVIOR = {
     "activities": {
         "visit": {"durationMinutes": [30, 30], "location": "square"},

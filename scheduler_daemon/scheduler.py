@@ -32,7 +32,7 @@ from scheduler_daemon.simulation.tiers import (
     sessions_fingerprint,
     tier_relevant_locations,
 )
-from scheduler_daemon.store.repository import Store, WorldRecord
+from scheduler_daemon.store.repository import StaleWorldStateError, Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
@@ -299,11 +299,14 @@ class WorldScheduler:
             # Wall time of the moment this tick's world time corresponds to (for humans).
             wall_at_start = datetime.now(UTC)
             entry.last_committed = None
+            plan = None
             try:
                 plan = ctx.plan_advance(delta_real_seconds)
                 outcome = await self._run_tick(entry, plan, wall_at_start)
             except BaseException as exc:
                 ctx.record_failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                if plan is not None and not isinstance(exc, StaleWorldStateError):
+                    ctx.record_unconfirmed(plan)
                 raise
             outcome.duration_ms = (time.perf_counter() - started) * 1000.0
             was_lagging = ctx.lagging_tiers

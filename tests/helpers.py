@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import text
@@ -11,40 +11,35 @@ from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
 
 
-async def make_world(
-    store: Store,
-    *,
-    name: str = "w",
-    simulation: dict[str, Any] | None = None,
-    npcs_per_tier: dict[Tier, int] | None = None,
-    next_decision_at: float = 0.0,
-    behavior: Any = None,
-    session: bool = True,
-) -> tuple[int, list[int]]:
-    """A world with NPCs in the given tiers (all due at ``next_decision_at``) and an active session.
+def tier_capacities_for(counts: Mapping[Tier, int], *, session: bool = True) -> dict[str, Any]:
+    """A ``tiers`` config under which :func:`add_npcs_in_tiers` yields exactly ``counts``.
 
-    The daemon assigns tiers from sessions, so the requested tiers are produced
-    the way it would: detailed NPCs are in the session's scene, active ones are
-    involved with it, ambient ones are the rest, and dormant ones overflow an
-    ambient tier sized to the ambient count (they are inserted after them, so
-    they lose the id tie-break). Capacities are raised to fit (unless the
-    caller sets ``tiers`` itself). Without a session every NPC is dormant.
+    Capacities are raised to fit; the ambient tier is sized to the ambient
+    count so that requested dormant NPCs overflow into dormant.
     """
-    counts = {t: n for t, n in (npcs_per_tier or {}).items() if n}
+    return {
+        "detailed": {"maxNpcs": max(counts.get(Tier.DETAILED, 0), 20)},
+        "active": {"maxNpcs": max(counts.get(Tier.ACTIVE, 0), 100)},
+        "ambient": {"maxNpcs": counts.get(Tier.AMBIENT, 0) if session else 500},
+        "dormant": {"maxNpcs": max(counts.get(Tier.DORMANT, 0), 5000)},
+    }
+
+
+async def add_npcs_in_tiers(
+    store: Store, world_id: int, counts: Mapping[Tier, int], *, next_decision_at: float = 0.0, session: bool = True
+) -> list[int]:
+    """NPCs that the daemon's tier assignment puts in the requested tiers.
+
+    The daemon assigns tiers from sessions, so the tiers are produced the way
+    it would: detailed NPCs are in a session's scene, active ones involved with
+    it, ambient ones the rest, and dormant ones overflow an ambient tier sized
+    by :func:`tier_capacities_for` (they are inserted last, so they lose the id
+    tie-break). Without a session every NPC is dormant. The stored ``tier``
+    column already holds the requested tier.
+    """
+    counts = {t: n for t, n in counts.items() if n}
     if not session and set(counts) - {Tier.DORMANT}:
         raise ValueError("without a session every NPC is dormant")
-    meta: dict[str, Any] = {}
-    if behavior is not None:
-        meta["behavior"] = behavior
-    sim = dict(simulation or {})
-    if counts and "tiers" not in sim:
-        sim["tiers"] = {
-            "detailed": {"maxNpcs": max(counts.get(Tier.DETAILED, 0), 20)},
-            "active": {"maxNpcs": max(counts.get(Tier.ACTIVE, 0), 100)},
-            "ambient": {"maxNpcs": counts.get(Tier.AMBIENT, 0) if session else 500},
-            "dormant": {"maxNpcs": max(counts.get(Tier.DORMANT, 0), 5000)},
-        }
-    world_id = await store.create_world(name, simulation=sim, meta=meta)
     rows = []
     for tier in sorted(counts):
         rows += [
@@ -61,6 +56,33 @@ async def make_world(
             scene_npc_ids=[i for i, t in zip(ids, by_tier, strict=True) if t == Tier.DETAILED],
             involved_npc_ids=[i for i, t in zip(ids, by_tier, strict=True) if t == Tier.ACTIVE],
         )
+    return ids
+
+
+async def make_world(
+    store: Store,
+    *,
+    name: str = "w",
+    simulation: dict[str, Any] | None = None,
+    npcs_per_tier: dict[Tier, int] | None = None,
+    next_decision_at: float = 0.0,
+    behavior: Any = None,
+    session: bool = True,
+) -> tuple[int, list[int]]:
+    """A world with NPCs in the given tiers (all due at ``next_decision_at``) and an active session.
+
+    See :func:`add_npcs_in_tiers` for how the tiers are produced; capacities
+    are raised to fit unless the caller sets ``tiers`` itself.
+    """
+    counts = {t: n for t, n in (npcs_per_tier or {}).items() if n}
+    meta: dict[str, Any] = {}
+    if behavior is not None:
+        meta["behavior"] = behavior
+    sim = dict(simulation or {})
+    if counts and "tiers" not in sim:
+        sim["tiers"] = tier_capacities_for(counts, session=session)
+    world_id = await store.create_world(name, simulation=sim, meta=meta)
+    ids = await add_npcs_in_tiers(store, world_id, counts, next_decision_at=next_decision_at, session=session)
     return world_id, ids
 
 

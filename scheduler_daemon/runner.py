@@ -4,10 +4,14 @@ One deadline heap for all worlds on the monotonic clock (no polling). Each
 world runs on a fixed-rate grid ``anchor + k × tickIntervalSeconds``; a tick
 that starts late covers the real time that elapsed (the scheduler advances
 world time by it), slots that passed without a tick are skipped and counted,
-never replayed in a burst. At most one tick per world is in flight, at most
-``max_concurrent_ticks`` overall, each bounded by ``tick_timeout_seconds``.
-A world whose tick fails is backed off exponentially; the others keep their
-rate.
+never replayed in a burst. At most one tick per world is in flight.
+
+Due worlds are ticked in batches: wakeups are coalesced over
+``batch_window_seconds``, and up to ``max_concurrent_ticks`` batch workers
+each hand up to ``max_batch_size`` worlds to ``WorldScheduler.tick_worlds``,
+which commits them in one transaction with per-world atomicity. Each batch is
+bounded by ``tick_timeout_seconds``. A world whose tick fails is backed off
+exponentially and ticks alone until it succeeds; the others keep their rate.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import asyncio
 import heapq
 import itertools
 import math
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -91,6 +96,8 @@ class SchedulerLoopRunner:
         *,
         clock: Clock | None = None,
         max_concurrent_ticks: int = 16,
+        max_batch_size: int = 64,
+        batch_window_seconds: float = 0.001,
         tick_timeout_seconds: float = 10.0,
         discovery_interval_seconds: float = 5.0,
         backoff_base_seconds: float = 1.0,
@@ -100,6 +107,8 @@ class SchedulerLoopRunner:
         self.scheduler = scheduler
         self.clock: Clock = clock or MonotonicClock()
         self.max_concurrent_ticks = max_concurrent_ticks
+        self.max_batch_size = max_batch_size
+        self.batch_window_seconds = batch_window_seconds
         self.tick_timeout_seconds = tick_timeout_seconds
         self.discovery_interval_seconds = discovery_interval_seconds
         self.backoff_base_seconds = backoff_base_seconds
@@ -112,7 +121,8 @@ class SchedulerLoopRunner:
         self._slots: dict[int, _Slot] = {}
         self._heap: list[tuple[float, int, int, int]] = []  # (deadline, seq, world_id, generation)
         self._seq = itertools.count()
-        self._sem = asyncio.Semaphore(max_concurrent_ticks)
+        self._ready: deque[tuple[_Slot, float]] = deque()  # due worlds waiting for a batch worker
+        self._workers = 0  # batch workers running (each holds at most one transaction)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._wake: asyncio.Future[None] | None = None
@@ -124,14 +134,18 @@ class SchedulerLoopRunner:
         self,
         *,
         max_concurrent_ticks: int | None = None,
+        max_batch_size: int | None = None,
+        batch_window_seconds: float | None = None,
         tick_timeout_seconds: float | None = None,
         discovery_interval_seconds: float | None = None,
     ) -> None:
-        """Apply reloadable limits; in-flight ticks keep the permits they hold."""
-        if max_concurrent_ticks is not None and max_concurrent_ticks != self.max_concurrent_ticks:
-            held = self.max_concurrent_ticks - self._sem._value  # permits currently in use
+        """Apply reloadable limits; batches in flight finish under the old ones."""
+        if max_concurrent_ticks is not None:
             self.max_concurrent_ticks = max_concurrent_ticks
-            self._sem = asyncio.Semaphore(max(max_concurrent_ticks - held, 0))
+        if max_batch_size is not None:
+            self.max_batch_size = max_batch_size
+        if batch_window_seconds is not None:
+            self.batch_window_seconds = batch_window_seconds
         if tick_timeout_seconds is not None:
             self.tick_timeout_seconds = tick_timeout_seconds
         if discovery_interval_seconds is not None:
@@ -144,12 +158,17 @@ class SchedulerLoopRunner:
     def world_ids(self) -> list[int]:
         return sorted(self._slots)
 
-    async def add_world(self, world_id: int) -> None:
-        """Register a world with the scheduler and schedule its first tick one interval from now."""
+    async def add_world(self, world_id: int, *, first_deadline: float | None = None) -> None:
+        """Register a world with the scheduler and schedule its first tick.
+
+        The first tick is due one interval from now, or at ``first_deadline``
+        (on this runner's clock) to spread worlds over the interval.
+        """
         ctx = await self.scheduler.register_world(world_id)
         now = self.clock.now()
         interval = ctx.config.tick_interval_seconds
-        slot = _Slot(world_id=world_id, interval=interval, anchor=now, k=1, last_tick_at=now)
+        anchor = now if first_deadline is None else first_deadline - interval
+        slot = _Slot(world_id=world_id, interval=interval, anchor=anchor, k=1, last_tick_at=now)
         old = self._slots.get(world_id)
         if old is not None:
             old.removed = True
@@ -244,7 +263,7 @@ class SchedulerLoopRunner:
         return due
 
     def _dispatch_due(self, now: float) -> list[asyncio.Task[None]]:
-        tasks = []
+        """Queue every due world and start batch workers for them; returns the new workers."""
         for slot in self._pop_due(now):
             scheduled = slot.deadline
             if slot.retry_at is None:
@@ -256,11 +275,46 @@ class SchedulerLoopRunner:
                     slot.k = latest
                     scheduled = slot.deadline
             slot.in_flight = True
-            task = asyncio.create_task(self._tick(slot, scheduled), name=f"tick-world-{slot.world_id}")
+            self._ready.append((slot, scheduled))
+        return self._spawn_workers()
+
+    def _spawn_workers(self) -> list[asyncio.Task[None]]:
+        # One task per batch of worlds, not per tick: at 10,000 worlds a task,
+        # a timeout timer and a context switch per tick cost more than the
+        # tick bookkeeping itself. Workers drain the ready queue; worlds that
+        # become due while every worker is busy wait and join the next batch
+        # (group commit: the busier the database, the bigger the batches).
+        tasks: list[asyncio.Task[None]] = []
+        wanted = -(-len(self._ready) // self.max_batch_size)
+        while self._ready and self._workers < self.max_concurrent_ticks and len(tasks) < wanted:
+            self._workers += 1
+            task = asyncio.create_task(self._work(), name="tick-batch")
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
             tasks.append(task)
         return tasks
+
+    def _take_batch(self) -> list[tuple[_Slot, float]]:
+        """Up to ``max_batch_size`` queued worlds; a world that failed last time goes alone.
+
+        A world recovering from failures (or timeouts) ticks in a batch of its
+        own, so one that keeps failing cannot take its neighbours' shared
+        transaction down with it more than once.
+        """
+        first = self._ready.popleft()
+        batch = [first]
+        if first[0].failures:
+            return batch
+        while self._ready and len(batch) < self.max_batch_size and not self._ready[0][0].failures:
+            batch.append(self._ready.popleft())
+        return batch
+
+    async def _work(self) -> None:
+        try:
+            while self._ready:
+                await self._tick_batch(self._take_batch())
+        finally:
+            self._workers -= 1
 
     def _count_missed(self, slot: _Slot, missed: int) -> None:
         if slot.world_id in self._slots:
@@ -270,47 +324,79 @@ class SchedulerLoopRunner:
         log.debug("tick slots missed", world_id=slot.world_id, missed=missed)
 
     # ----------------------------------------------------------------- tick
-    async def _tick(self, slot: _Slot, scheduled: float) -> None:
-        outcome = "error"
-        result: TickResult | None = None
-        lag = 0.0
-        started = scheduled
+    async def _tick_batch(self, batch: list[tuple[_Slot, float]]) -> None:
+        """Tick a batch of worlds in one call of ``scheduler.tick_worlds`` (one grouped commit).
+
+        Each world keeps its own outcome: the scheduler commits every world
+        that succeeded and rolls back only the ones that failed. A timeout or
+        a failure of the shared commit fails the whole batch (nothing of it
+        was committed).
+        """
+        n = len(batch)
+        outcomes = ["error"] * n
+        results: list[TickResult | None] = [None] * n
+        locked: list[_Slot] = []
+        started = self.clock.now()
         try:
-            async with self._sem, slot.lock:
-                if slot.removed:
-                    return
-                started = self.clock.now()
-                lag = max(started - scheduled, 0.0)
-                delta = max(started - slot.last_tick_at, 0.0)
-                try:
-                    async with asyncio.timeout(self.tick_timeout_seconds):
-                        result = await self.scheduler.tick_world(slot.world_id, delta)
-                except TimeoutError:
-                    outcome = "timeout"
-                    log.error(
-                        "tick timed out",
-                        world_id=slot.world_id,
-                        tick_timeout_seconds=self.tick_timeout_seconds,
-                    )
-                except StaleWorldStateError as exc:
-                    log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(exc))
+            for slot, _ in batch:
+                # Uncontended unless a config reload or removal of this world is in progress.
+                await slot.lock.acquire()
+                locked.append(slot)
+            live = [i for i, (slot, _) in enumerate(batch) if not slot.removed]
+            if not live:
+                return
+            started = self.clock.now()
+            requests = [(batch[i][0].world_id, max(started - batch[i][0].last_tick_at, 0.0)) for i in live]
+            answers: Sequence[TickResult | BaseException]
+            try:
+                async with asyncio.timeout(self.tick_timeout_seconds):
+                    answers = await self.scheduler.tick_worlds(requests)
+            except TimeoutError as exc:
+                log.error(
+                    "tick timed out",
+                    world_ids=[w for w, _ in requests],
+                    tick_timeout_seconds=self.tick_timeout_seconds,
+                )
+                answers = [exc] * len(live)
+            except Exception as exc:
+                log.error("tick batch failed", world_ids=[w for w, _ in requests], error=f"{type(exc).__name__}: {exc}")
+                answers = [exc] * len(live)
+            for i, answer in zip(live, answers, strict=True):
+                slot = batch[i][0]
+                if isinstance(answer, TimeoutError):
+                    outcomes[i] = "timeout"
+                elif isinstance(answer, StaleWorldStateError):
+                    log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(answer))
                     await self._resync(slot)
-                except Exception:
-                    log.exception("tick failed", world_id=slot.world_id)
+                elif isinstance(answer, BaseException):
+                    log.error("tick failed", world_id=slot.world_id, error=f"{type(answer).__name__}: {answer}")
                 else:
-                    outcome = "ok"
+                    outcomes[i] = "ok"
+                    results[i] = answer
                     slot.last_tick_at = started
         finally:
+            for slot in locked:
+                slot.lock.release()
+            self._finish_batch(batch, outcomes, results, started)
+
+    def _finish_batch(
+        self, batch: list[tuple[_Slot, float]], outcomes: list[str], results: list[TickResult | None], started: float
+    ) -> None:
+        duration = self.clock.now() - started
+        observer = self.observer
+        reschedule = not self._stopping
+        self.progress += 1
+        for (slot, scheduled), outcome, result in zip(batch, outcomes, results, strict=True):
             slot.in_flight = False
-            self.progress += 1
-            duration = self.clock.now() - started
+            if slot.removed:
+                continue
             if outcome == "ok":
                 self.ticks_ok += 1
             else:
                 self.ticks_failed += 1
-            if self.observer:
-                self.observer.tick_finished(slot.world_id, outcome, lag, duration, result)
-            if not slot.removed and not self._stopping:
+            if observer:
+                observer.tick_finished(slot.world_id, outcome, max(started - scheduled, 0.0), duration, result)
+            if reschedule:
                 self._reschedule(slot, ok=outcome == "ok")
 
     async def _resync(self, slot: _Slot) -> None:
@@ -341,11 +427,11 @@ class SchedulerLoopRunner:
     # ----------------------------------------------------------------- loop
     async def run_once(self) -> dict[str, int]:
         """Tick every world whose deadline has arrived, once, and wait for them."""
-        tasks = self._dispatch_due(self.clock.now())
-        before_failed = self.ticks_failed
-        if tasks:
-            await asyncio.gather(*tasks)
-        return {"ticked": len(tasks), "failed": self.ticks_failed - before_failed}
+        before_ok, before_failed = self.ticks_ok, self.ticks_failed
+        self._dispatch_due(self.clock.now())
+        await self._drain()
+        failed = self.ticks_failed - before_failed
+        return {"ticked": self.ticks_ok - before_ok + failed, "failed": failed}
 
     async def run_until(self, t: float) -> None:
         """Drive a virtual clock to ``t``, running every tick that falls due on the way.
@@ -362,9 +448,8 @@ class SchedulerLoopRunner:
                 set_time(max(t, self.clock.now()))
                 return
             set_time(max(deadline, self.clock.now()))
-            tasks = self._dispatch_due(self.clock.now())
-            if tasks:
-                await asyncio.gather(*tasks)
+            self._dispatch_due(self.clock.now())
+            await self._drain()
 
     async def start(self) -> None:
         """Run the loop (discovery + ticks) until :meth:`stop` is called."""
@@ -389,6 +474,9 @@ class SchedulerLoopRunner:
                 wake_at = min(
                     d for d in (self.next_deadline(), self._next_discovery, now + _IDLE_WAKE_SECONDS) if d is not None
                 )
+                # Coalesce wakeups: worlds falling due within the window are
+                # dispatched together (one batch) instead of one wakeup each.
+                wake_at = max(wake_at, now + self.batch_window_seconds)
                 self._wake = loop.create_future()
                 self._timer = self.clock.call_at(wake_at, self._poke)
                 try:
@@ -400,6 +488,8 @@ class SchedulerLoopRunner:
             if discovery is not None and not discovery.done():
                 discovery.cancel()
                 await asyncio.gather(discovery, return_exceptions=True)
+            if self._inflight:
+                log.info("waiting for in-flight ticks", batches=len(self._inflight), queued=len(self._ready))
             await self._drain()
             log.info("scheduler loop stopped", ticks_ok=self.ticks_ok, ticks_failed=self.ticks_failed)
 
@@ -417,8 +507,7 @@ class SchedulerLoopRunner:
         self._poke()
 
     async def _drain(self) -> None:
-        if self._inflight:
-            log.info("waiting for in-flight ticks", count=len(self._inflight))
+        while self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
 
     async def shutdown(self, worlds: Iterable[int] | None = None) -> None:
@@ -432,7 +521,7 @@ class SchedulerLoopRunner:
         stats.update(
             ticks_ok=self.ticks_ok,
             ticks_failed=self.ticks_failed,
-            in_flight=len(self._inflight),
+            in_flight=sum(1 for slot in self._slots.values() if slot.in_flight),
             broken_worlds={
                 wid: {"config_version": b.config_version, "error": b.error} for wid, b in self.broken.items()
             },

@@ -7,6 +7,7 @@ put a whole tick into one transaction; the rest open their own.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -114,6 +115,56 @@ def _npc_from_row(row: Sequence[Any]) -> NpcState:
         decisions=row[14],
         state=row[15] if isinstance(row[15], dict) else {},
     )
+
+
+def _due_query(world_id: int, world_time: float, limit: int) -> sa.Select[Any]:
+    """One world's due NPCs: a UNION ALL of one index range per tier, in due order."""
+    parts = [
+        sa.select(*_NPC_COLUMNS)
+        .where(npcs.c.world_id == world_id, npcs.c.tier == int(t), npcs.c.next_decision_at <= world_time)
+        .order_by(npcs.c.next_decision_at, npcs.c.id)
+        .limit(limit)
+        .subquery()
+        for t in SIMULATED_TIERS
+    ]
+    union = sa.union_all(*(sa.select(p) for p in parts)).subquery()
+    return sa.select(union).order_by(union.c.tier, union.c.next_decision_at, union.c.id).limit(limit)
+
+
+# SQLite refuses compound selects of more than 500 terms.
+_SQLITE_WORLDS_PER_SELECT = 400
+
+_NPC_COLUMN_NAMES = ", ".join(c.name for c in _NPC_COLUMNS)
+
+
+def _due_many_pg() -> sa.TextClause:
+    per_tier = " UNION ALL ".join(
+        f"(SELECT {_NPC_COLUMN_NAMES} FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
+        f"AND next_decision_at <= q.now ORDER BY next_decision_at, id LIMIT q.lim)"
+        for t in SIMULATED_TIERS
+    )
+    return sa.text(
+        f"SELECT n.* FROM unnest(CAST(:wids AS integer[]), CAST(:nows AS float8[]), CAST(:lims AS integer[])) "
+        f"AS q(world_id, now, lim) CROSS JOIN LATERAL ("
+        f"SELECT * FROM ({per_tier}) AS u ORDER BY tier, next_decision_at, id LIMIT q.lim) AS n"
+    )
+
+
+_DUE_MANY_PG = _due_many_pg()
+
+# Set-based NPC write on PostgreSQL: one UPDATE … FROM unnest(arrays) per world
+# instead of one UPDATE per NPC. A NULL state keeps the stored JSON.
+_WRITE_DECISIONS_PG = sa.text(
+    "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "
+    "location = d.location, energy = d.energy, mood_valence = d.valence, mood_arousal = d.arousal, "
+    "last_decision_at = d.decided, decisions = npcs.decisions + 1, state = COALESCE(d.state, npcs.state) "
+    "FROM unnest(CAST(:ids AS integer[]), CAST(:next AS float8[]), CAST(:activity AS text[]), "
+    "CAST(:started AS float8[]), CAST(:location AS text[]), CAST(:energy AS float8[]), "
+    "CAST(:valence AS float8[]), CAST(:arousal AS float8[]), CAST(:decided AS float8[]), "
+    "CAST(CAST(:state AS text[]) AS jsonb[])) "
+    "AS d(id, next, activity, started, location, energy, valence, arousal, decided, state) "
+    "WHERE npcs.id = d.id AND npcs.world_id = :w"
+)
 
 
 class Store:
@@ -373,23 +424,72 @@ class Store:
         """
         if limit <= 0:
             return []
-        parts = [
-            sa.select(*_NPC_COLUMNS)
-            .where(npcs.c.world_id == world_id, npcs.c.tier == int(t), npcs.c.next_decision_at <= world_time)
-            .order_by(npcs.c.next_decision_at, npcs.c.id)
-            .limit(limit)
-            .subquery()
-            for t in SIMULATED_TIERS
-        ]
-        union = sa.union_all(*(sa.select(p) for p in parts)).subquery()
-        query = sa.select(union).order_by(union.c.tier, union.c.next_decision_at, union.c.id).limit(limit)
-        rows = (await conn.execute(query)).all()
+        rows = (await conn.execute(_due_query(world_id, world_time, limit))).all()
         return [_npc_from_row(r) for r in rows]
 
     @staticmethod
+    async def select_due_npcs_many(
+        conn: AsyncConnection, requests: Sequence[tuple[int, float, int]]
+    ) -> dict[int, list[NpcState]]:
+        """Due NPCs of several worlds in one statement: ``(world_id, world_time, limit)`` each.
+
+        Per world the same rule as :meth:`select_due_npcs`. PostgreSQL: a
+        ``LATERAL`` join over ``unnest`` of the requests (one constant
+        statement, however many worlds). SQLite: a ``UNION ALL`` of the
+        per-world statements, in chunks under its compound-select limit.
+        """
+        out: dict[int, list[NpcState]] = {world_id: [] for world_id, _, _ in requests}
+        wanted = [(w, t, lim) for w, t, lim in requests if lim > 0]
+        if not wanted:
+            return out
+        if conn.dialect.name == "postgresql":
+            rows: Sequence[Any] = (
+                await conn.execute(
+                    _DUE_MANY_PG,
+                    {
+                        "wids": [w for w, _, _ in wanted],
+                        "nows": [float(t) for _, t, _ in wanted],
+                        "lims": [lim for _, _, lim in wanted],
+                    },
+                )
+            ).all()
+        else:
+            rows = []
+            for start in range(0, len(wanted), _SQLITE_WORLDS_PER_SELECT):
+                chunk = wanted[start : start + _SQLITE_WORLDS_PER_SELECT]
+                parts = [sa.select(_due_query(w, t, lim).subquery()) for w, t, lim in chunk]
+                query = parts[0] if len(parts) == 1 else sa.union_all(*parts)
+                rows.extend((await conn.execute(query)).all())
+        for row in rows:
+            out[row[1]].append(_npc_from_row(row))
+        return out
+
+    @staticmethod
     async def write_decisions(conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None:
-        """Write decided NPC columns back (one executemany; ``world_id`` in every WHERE)."""
+        """Write decided NPC columns back (``world_id`` in every WHERE).
+
+        PostgreSQL: one set-based ``UPDATE … FROM unnest(…)``. SQLite (in
+        process, no round trips to save): one executemany.
+        """
         if not decisions:
+            return
+        if conn.dialect.name == "postgresql":
+            await conn.execute(
+                _WRITE_DECISIONS_PG,
+                {
+                    "w": world_id,
+                    "ids": [d.npc_id for d in decisions],
+                    "next": [d.next_decision_at for d in decisions],
+                    "activity": [d.current_activity for d in decisions],
+                    "started": [d.activity_started_at for d in decisions],
+                    "location": [d.location for d in decisions],
+                    "energy": [d.energy for d in decisions],
+                    "valence": [d.mood_valence for d in decisions],
+                    "arousal": [d.mood_arousal for d in decisions],
+                    "decided": [d.decided_at for d in decisions],
+                    "state": [None if d.state is None else json.dumps(d.state) for d in decisions],
+                },
+            )
             return
         base = {
             "w": world_id,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import heapq
 import json
 import logging
@@ -51,7 +50,6 @@ class _Window:
 
     async def run(self) -> None:
         await asyncio.sleep(self.warmup)
-        gc.collect()
         self.cpu0 = cpu_seconds()
         self.measuring = True
         await asyncio.sleep(self.seconds)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -36,6 +35,7 @@ log = structlog.get_logger("scheduler_daemon.runner")
 # Wake at least this often even with nothing due, so "the loop is alive"
 # (watchdog progress) never depends on having worlds.
 _IDLE_WAKE_SECONDS = 1.0
+_DISCOVERY_YIELD_EVERY = 500
 
 
 class TickObserver(Protocol):
@@ -119,8 +119,8 @@ class SchedulerLoopRunner:
         self.ticks_ok = 0
         self.ticks_failed = 0
         self._slots: dict[int, _Slot] = {}
-        self._heap: list[tuple[float, int, int, int]] = []  # (deadline, seq, world_id, generation)
-        self._seq = itertools.count()
+        # (deadline, world_id, generation): world ids are unique, so ties never compare further.
+        self._heap: list[tuple[float, int, int]] = []
         self._ready: deque[tuple[_Slot, float]] = deque()  # due worlds waiting for a batch worker
         self._workers = 0  # batch workers running (each holds at most one transaction)
         self._inflight: set[asyncio.Task[None]] = set()
@@ -218,7 +218,10 @@ class SchedulerLoopRunner:
             await self.remove_world(world_id)
         for world_id in [w for w in self.broken if w not in active]:
             del self.broken[world_id]
-        for world_id, version in sorted(active.items()):
+        for n, (world_id, version) in enumerate(sorted(active.items()), 1):
+            if n % _DISCOVERY_YIELD_EVERY == 0:
+                # Thousands of worlds: let due ticks run between chunks of the comparison.
+                await asyncio.sleep(0)
             try:
                 if world_id in self._slots:
                     if self.scheduler.get_context(world_id).config_version != version:
@@ -236,8 +239,8 @@ class SchedulerLoopRunner:
     # ----------------------------------------------------------------- heap
     def _push(self, slot: _Slot) -> None:
         slot.generation += 1
-        heapq.heappush(self._heap, (slot.deadline, next(self._seq), slot.world_id, slot.generation))
-        if self._heap[0][2] == slot.world_id:
+        heapq.heappush(self._heap, (slot.deadline, slot.world_id, slot.generation))
+        if self._heap[0][1] == slot.world_id:
             self._poke()
 
     def _poke(self) -> None:
@@ -247,7 +250,7 @@ class SchedulerLoopRunner:
     def next_deadline(self) -> float | None:
         """Earliest pending tick deadline (stale heap entries dropped)."""
         while self._heap:
-            _, _, wid, gen = self._heap[0]
+            _, wid, gen = self._heap[0]
             slot = self._slots.get(wid)
             if slot is None or slot.removed or slot.generation != gen or slot.in_flight:
                 heapq.heappop(self._heap)
@@ -255,18 +258,15 @@ class SchedulerLoopRunner:
             return self._heap[0][0]
         return None
 
-    def _pop_due(self, now: float) -> list[_Slot]:
-        due: list[_Slot] = []
-        while (deadline := self.next_deadline()) is not None and deadline <= now:
-            _, _, wid, _ = heapq.heappop(self._heap)
-            due.append(self._slots[wid])
-        return due
-
     def _dispatch_due(self, now: float) -> list[asyncio.Task[None]]:
         """Queue every due world and start batch workers for them; returns the new workers."""
-        for slot in self._pop_due(now):
-            scheduled = slot.deadline
-            if slot.retry_at is None:
+        heap, slots, ready = self._heap, self._slots, self._ready
+        while heap and heap[0][0] <= now:
+            scheduled, wid, gen = heapq.heappop(heap)
+            slot = slots.get(wid)
+            if slot is None or slot.removed or slot.generation != gen or slot.in_flight:
+                continue  # stale entry
+            if slot.retry_at is None and now >= scheduled + slot.interval:
                 # Serve the latest slot that has started; the ones before it were missed.
                 latest = max(slot.k, math.floor((now - slot.anchor) / slot.interval + 1e-9))
                 missed = latest - slot.k
@@ -275,7 +275,7 @@ class SchedulerLoopRunner:
                     slot.k = latest
                     scheduled = slot.deadline
             slot.in_flight = True
-            self._ready.append((slot, scheduled))
+            ready.append((slot, scheduled))
         return self._spawn_workers()
 
     def _spawn_workers(self) -> list[asyncio.Task[None]]:
@@ -382,7 +382,8 @@ class SchedulerLoopRunner:
     def _finish_batch(
         self, batch: list[tuple[_Slot, float]], outcomes: list[str], results: list[TickResult | None], started: float
     ) -> None:
-        duration = self.clock.now() - started
+        now = self.clock.now()
+        duration = now - started
         observer = self.observer
         reschedule = not self._stopping
         self.progress += 1
@@ -390,14 +391,15 @@ class SchedulerLoopRunner:
             slot.in_flight = False
             if slot.removed:
                 continue
-            if outcome == "ok":
+            ok = outcome == "ok"
+            if ok:
                 self.ticks_ok += 1
             else:
                 self.ticks_failed += 1
             if observer:
                 observer.tick_finished(slot.world_id, outcome, max(started - scheduled, 0.0), duration, result)
             if reschedule:
-                self._reschedule(slot, ok=outcome == "ok")
+                self._reschedule(slot, ok=ok, now=now)
 
     async def _resync(self, slot: _Slot) -> None:
         try:
@@ -405,8 +407,7 @@ class SchedulerLoopRunner:
         except Exception:
             log.exception("world resync failed", world_id=slot.world_id)
 
-    def _reschedule(self, slot: _Slot, *, ok: bool) -> None:
-        now = self.clock.now()
+    def _reschedule(self, slot: _Slot, *, ok: bool, now: float) -> None:
         if ok:
             slot.failures = 0
             if slot.retry_at is not None:

@@ -12,6 +12,9 @@ help:
 	@echo "make run         set up .venv, migrate ./var/scheduler.db, seed the demo, run the daemon"
 	@echo "make test        set up .venv with dev dependencies and run the whole test suite"
 	@echo "make lint        ruff + mypy"
+	@echo "make bench       benchmark suite vs APScheduler, a bare heap loop, naive ORM, raw SQL (minutes)"
+	@echo "make bench-quick the same at smaller sizes, under 3 minutes: bench/results/quick.{json,md,png}"
+	@echo "make soak        10 minutes at sustained load on PostgreSQL, checks resident memory growth"
 	@echo "make clean       remove .venv and ./var"
 
 $(BIN)/python:
@@ -28,6 +31,10 @@ $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-bench: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	@touch $@ $(VENV)/.installed $(VENV)/.installed-dev
+
 venv: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
@@ -41,13 +48,24 @@ test: $(VENV)/.installed-dev
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check scheduler_daemon tests
-	$(BIN)/ruff format --check scheduler_daemon
+	$(BIN)/ruff check scheduler_daemon tests bench
+	$(BIN)/ruff format --check scheduler_daemon bench
 	$(BIN)/mypy
 
 fmt: $(VENV)/.installed-dev
-	$(BIN)/ruff format scheduler_daemon tests
-	$(BIN)/ruff check --fix scheduler_daemon tests
+	$(BIN)/ruff format scheduler_daemon tests bench
+	$(BIN)/ruff check --fix scheduler_daemon tests bench
+
+# Benchmarks (bench/README in README.md "Performance"). PostgreSQL from SCHEDULER_TEST_POSTGRES_URL.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench
+
+bench-quick: $(VENV)/.installed-bench
+	$(BIN)/python -m bench --quick
+
+# Ten minutes at the sustained load on PostgreSQL; fails if resident memory grows 5 % or more.
+soak: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) $(VAR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

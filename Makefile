@@ -49,7 +49,7 @@ test: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check scheduler_daemon tests bench
-	$(BIN)/ruff format --check scheduler_daemon bench
+	$(BIN)/ruff format --check scheduler_daemon tests bench
 	$(BIN)/mypy
 
 fmt: $(VENV)/.installed-dev

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -228,7 +229,7 @@ class WorldScheduler:
                 entry.context.record_failure(_describe(exc))
                 answers[index] = exc
                 continue
-            planned = _Planned(index, entry, plan, time.perf_counter())
+            planned = _Planned(index, entry, plan, time.perf_counter(), datetime.now(UTC))
             if plan.delta_game_seconds == 0.0 and entry.context.paused:
                 # Frozen clock: nothing can become due, nothing to write.
                 answers[index] = self._apply(planned, TickOutcome(), debug=debug)
@@ -269,36 +270,42 @@ class WorldScheduler:
             if len(work) == 1:
                 # The transaction is the unit of atomicity; an error fails it and is raised.
                 only = work[0]
-                return [await self._run_tick(conn, only.entry, only.plan, due[only.entry.context.world_id])]
+                return [await self._run_tick(conn, only, due[only.entry.context.world_id])]
             try:
                 async with conn.begin_nested():
-                    return [await self._run_tick(conn, p.entry, p.plan, due[p.entry.context.world_id]) for p in work]
+                    return [await self._run_tick(conn, p, due[p.entry.context.world_id]) for p in work]
             except Exception:
                 log.debug("grouped tick failed; retrying each world under its own savepoint", worlds=len(work))
             outcomes: list[TickOutcome | BaseException] = []
             for p in work:
                 try:
                     async with conn.begin_nested():
-                        outcomes.append(await self._run_tick(conn, p.entry, p.plan, due[p.entry.context.world_id]))
+                        outcomes.append(await self._run_tick(conn, p, due[p.entry.context.world_id]))
                 except Exception as exc:
                     outcomes.append(exc)
             return outcomes
 
-    async def _run_tick(
-        self, conn: AsyncConnection, entry: _World, plan: AdvancePlan, due: list[NpcState]
-    ) -> TickOutcome:
+    async def _run_tick(self, conn: AsyncConnection, planned: _Planned, due: list[NpcState]) -> TickOutcome:
         """The body of one world's tick inside the (grouped) transaction; raises to roll it back.
 
         ``due`` are the world's due NPCs, already selected for the whole group.
         Every statement here filters by this world's id.
         """
+        entry, plan = planned.entry, planned.plan
         ctx = entry.context
         outcome = TickOutcome()
         config = ctx.config
         now = plan.world_time_after
-        decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
-        await self.store.write_decisions(conn, ctx.world_id, decisions)
-        await self.store.advance_world_state(conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed)
+        with structlog.contextvars.bound_contextvars(world_id=ctx.world_id):  # on every log line of this body
+            decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
+            await self.store.write_decisions(conn, ctx.world_id, decisions)
+            await self.store.advance_world_state(
+                conn,
+                ctx.world_id,
+                world_time=now,
+                expected_ticks=ctx.ticks_processed,
+                advanced_at=planned.wall_at_start,
+            )
         outcome.npcs_simulated = len(decisions)
         _count_tiers(due, now, outcome)
         return outcome
@@ -351,6 +358,7 @@ class _Planned:
     entry: _World
     plan: AdvancePlan
     started: float  # perf_counter at planning, for duration_ms
+    wall_at_start: datetime  # wall time the tick's world time corresponds to (for humans)
 
 
 def _describe(exc: BaseException) -> str:

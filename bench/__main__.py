@@ -41,9 +41,9 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", (1_000, 10_000), 3.0, 30.0, 400, (250, 500, 1000, 2000), 3.0, 20.0, 100),
-    "quick": Profile("quick", (10_000,), 2.0, 8.0, 100, (100, 200), 2.0, 6.0, 40),
-    "micro": Profile("micro", (200,), 0.5, 1.5, 4, (4,), 0.5, 1.5, 4),
+    "full": Profile("full", (1_000, 10_000), 3.0, 30.0, 256, (32, 64, 125, 250, 500, 1000, 2000), 3.0, 20.0, 64),
+    "quick": Profile("quick", (10_000,), 2.0, 8.0, 64, (16, 32, 64), 1.5, 5.0, 16),
+    "micro": Profile("micro", (200,), 0.3, 1.0, 4, (4,), 0.3, 1.0, 4),
 }
 
 CONCURRENCY = 8  # daemon batch workers = raw implementations' connections
@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     }
     if "core" in only:
-        results["core"] = core.run_core(profile.core_worlds, profile.core_warmup, profile.core_seconds)
+        results["core"] = core.run_core(
+            profile.core_worlds, profile.core_warmup, profile.core_seconds, isolate=profile.name != "micro"
+        )
     if "pg" in only:
         if args.postgres_url:
             results["e2e_pg"] = e2e.run_backend(
@@ -85,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 concurrency=CONCURRENCY,
                 group=GROUP,
                 impls=("daemon", "naive_orm", "raw_floor", "raw_ceiling"),
+                isolate=profile.name != "micro",
             )
         else:
             progress("e2e postgresql skipped: set SCHEDULER_TEST_POSTGRES_URL or --postgres-url")
@@ -94,12 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sqlite",
             server_url=None,
             saturate_worlds=profile.sqlite_saturate_worlds,
-            sustain_worlds=profile.e2e_sustain_worlds[:1],
+            sustain_worlds=profile.e2e_sustain_worlds[: 1 if profile.name == "micro" else 2],
             warmup=profile.e2e_warmup,
             seconds=profile.e2e_seconds,
             concurrency=1,  # SQLite has one writer
             group=GROUP,
             impls=("daemon", "naive_orm"),
+            isolate=profile.name != "micro",
         )
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["elapsed_seconds"] = time.monotonic() - started

@@ -117,7 +117,7 @@ async def run_apscheduler(worlds: int, warmup: float, seconds: float) -> dict[st
     window = _Window(warmup, seconds)
     scheduler = AsyncIOScheduler(timezone=UTC)
     # Adding jobs takes a while; the first deadlines must not have passed by the time it is done.
-    start_wall = datetime.now(UTC) + timedelta(seconds=INTERVAL + worlds / 2000)
+    start_wall = datetime.now(UTC) + timedelta(seconds=INTERVAL + worlds / 1000)
     start_epoch = start_wall.timestamp()
     wall = time.time
 
@@ -148,6 +148,8 @@ async def run_apscheduler(worlds: int, warmup: float, seconds: float) -> dict[st
         )
     scheduler.start()
     try:
+        # The window starts once the first deadlines are reached, as for the others.
+        await asyncio.sleep(max(start_epoch - wall(), 0.0))
         await window.run()
     finally:
         scheduler.shutdown(wait=False)
@@ -181,11 +183,13 @@ async def run_runner(worlds: int, warmup: float, seconds: float) -> dict[str, An
             return None
 
     runner = SchedulerLoopRunner(NoopScheduler(), observer=Observer())
-    start = runner.clock.now() + INTERVAL
+    # Registering takes a while; the first deadlines must not have passed by the time it is done.
+    start = runner.clock.now() + INTERVAL + worlds / 5000
     for i in range(worlds):
         await runner.add_world(i + 1, first_deadline=start + i * INTERVAL / worlds)
     loop_task = asyncio.create_task(runner.start())
     try:
+        await asyncio.sleep(max(start - runner.clock.now(), 0.0))
         await window.run()
     finally:
         runner.stop()
@@ -204,13 +208,20 @@ def run_in_subprocess(impl: str, worlds: int, warmup: float, seconds: float) -> 
     return dict(json.loads(out.stdout))
 
 
-def run_core(world_counts: Sequence[int], warmup: float, seconds: float) -> dict[str, Any]:
-    """All implementations at each world count; ratios at the largest count."""
+def run_core(world_counts: Sequence[int], warmup: float, seconds: float, *, isolate: bool = True) -> dict[str, Any]:
+    """All implementations at each world count; ratios at the largest count.
+
+    ``isolate=False`` runs them in this interpreter (the micro smoke run: no
+    interpreter start-ups, figures not comparable).
+    """
     rows: list[dict[str, Any]] = []
     for worlds in world_counts:
         for impl in ("floor", "apscheduler", "runner"):
             progress(f"core: {impl} with {worlds} worlds for {seconds:g} s (+{warmup:g} s warm-up)")
-            row = run_in_subprocess(impl, worlds, warmup, seconds)
+            if isolate:
+                row = run_in_subprocess(impl, worlds, warmup, seconds)
+            else:
+                row = asyncio.run(IMPLS[impl](worlds, warmup, seconds))
             progress(
                 f"core: {impl}: {row['cpu_core_fraction'] * 100:.1f}% of a core, "
                 f"p99 lag {row['p99_lag_ms']:.2f} ms, missed {row['missed_ticks']}"

@@ -66,13 +66,17 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             "",
             f"End to end on {title}: {data['worlds_saturated']} worlds × 500 NPCs ticked flat out:",
             "",
-            "| implementation | NPC decisions/s | world ticks/s | CPU % of a core (client) |",
-            "|---|---|---|---|",
+            "| implementation | NPC decisions/s | daemon ÷ it | world ticks/s | client CPU % of a core | "
+            "decisions per client CPU-s | daemon ÷ it per CPU-s |",
+            "|---|---|---|---|---|---|---|",
         ]
         for impl, r in data["runs"].items():
+            ratio = data.get(f"ratio_vs_{impl}")
+            cpu_ratio = data.get(f"cpu_efficiency_ratio_vs_{impl}")
             lines.append(
-                f"| {impl} | {r['npc_decisions_per_s']:.0f} | {r['ticks_per_s']:.1f} | "
-                f"{r['cpu_core_fraction'] * 100:.0f} |"
+                f"| {impl} | {r['npc_decisions_per_s']:.0f} | {_fmt(ratio) if ratio else '—'} | "
+                f"{r['ticks_per_s']:.1f} | {r['cpu_core_fraction'] * 100:.0f} | {r['npc_decisions_per_cpu_s']:.0f} | "
+                f"{_fmt(cpu_ratio) if cpu_ratio else '—'} |"
             )
         lines += [
             "",

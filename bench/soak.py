@@ -1,6 +1,6 @@
 """Memory soak: the daemon at a sustained load on PostgreSQL for ten minutes; resident size must grow < 5 %.
 
-``python -m bench.soak [--worlds W] [--minutes M]`` (``make soak``). Seeds W
+``python -m bench.soak [--worlds W] [--minutes M]`` (``make bench-memory``). Seeds W
 worlds × 500 NPCs in a fresh database, runs the real runner + scheduler at
 1 Hz in a worker process and samples its RSS every ``--sample-seconds``
 after a warm-up; growth is measured from the first sample after warm-up to

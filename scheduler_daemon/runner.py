@@ -67,6 +67,7 @@ class _Slot:
     retry_at: float | None = None  # backoff deadline after a failure
     in_flight: bool = False
     removed: bool = False
+    solo: bool = False  # its last batch failed as a whole: tick alone until a tick succeeds
 
     @property
     def deadline(self) -> float:
@@ -303,9 +304,13 @@ class SchedulerLoopRunner:
         """
         first = self._ready.popleft()
         batch = [first]
-        if first[0].failures:
+        if first[0].failures or first[0].solo:
             return batch
-        while self._ready and len(batch) < self.max_batch_size and not self._ready[0][0].failures:
+        while (
+            self._ready
+            and len(batch) < self.max_batch_size
+            and not (self._ready[0][0].failures or self._ready[0][0].solo)
+        ):
             batch.append(self._ready.popleft())
         return batch
 
@@ -329,8 +334,10 @@ class SchedulerLoopRunner:
 
         Each world keeps its own outcome: the scheduler commits every world
         that succeeded and rolls back only the ones that failed. A timeout or
-        a failure of the shared commit fails the whole batch (nothing of it
-        was committed).
+        a failure of the shared commit fails the whole batch (nothing of it was
+        applied) without saying which world caused it: the worlds of such a
+        batch are retried at once, each alone, so only the culprit fails its
+        own tick and backs off while its neighbours lose just that time.
         """
         n = len(batch)
         outcomes = ["error"] * n
@@ -351,16 +358,21 @@ class SchedulerLoopRunner:
             try:
                 async with asyncio.timeout(self.tick_timeout_seconds):
                     answers = await self.scheduler.tick_worlds(requests)
-            except TimeoutError as exc:
-                log.error(
-                    "tick timed out",
-                    world_ids=[w for w, _ in requests],
-                    tick_timeout_seconds=self.tick_timeout_seconds,
-                )
-                answers = [exc] * len(live)
             except Exception as exc:
-                log.error("tick batch failed", world_ids=[w for w, _ in requests], error=f"{type(exc).__name__}: {exc}")
-                answers = [exc] * len(live)
+                if len(live) > 1:
+                    log.warning(
+                        "tick batch failed; retrying its worlds one by one",
+                        world_ids=[w for w, _ in requests],
+                        error="timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}",
+                        tick_timeout_seconds=self.tick_timeout_seconds,
+                    )
+                    for i in live:
+                        outcomes[i] = "retry"
+                        batch[i][0].solo = True
+                    return
+                if isinstance(exc, TimeoutError):
+                    log.error("tick timed out", world_id=requests[0][0], tick_timeout_seconds=self.tick_timeout_seconds)
+                answers = [exc]
             for i, answer in zip(live, answers, strict=True):
                 slot = batch[i][0]
                 if not isinstance(answer, BaseException):
@@ -373,7 +385,7 @@ class SchedulerLoopRunner:
                     log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(answer))
                     await self._resync(slot)
                 else:
-                    log.error("tick failed", world_id=slot.world_id, error=f"{type(answer).__name__}: {answer}")
+                    log.error("tick failed", world_id=slot.world_id, exc_info=answer)
         finally:
             for slot in locked:
                 slot.lock.release()
@@ -394,7 +406,14 @@ class SchedulerLoopRunner:
                 continue
             if observer:
                 observer.tick_finished(slot.world_id, outcome, max(started - scheduled, 0.0), duration, result)
-            if outcome == "ok" and slot.retry_at is None and not slot.failures:
+            if outcome == "retry":
+                # Its batch failed as a whole: tick again right away, alone.
+                if reschedule:
+                    slot.generation += 1
+                    heapq.heappush(heap, (now, slot.world_id, slot.generation))
+                    self._poke()
+                continue
+            if outcome == "ok" and slot.retry_at is None and not slot.failures and not slot.solo:
                 # The common case, inlined (10,000 worlds): next slot on the grid.
                 self.ticks_ok += 1
                 if reschedule:
@@ -413,13 +432,18 @@ class SchedulerLoopRunner:
 
     async def _resync(self, slot: _Slot) -> None:
         try:
-            await self.scheduler.resync_world(slot.world_id)
+            ctx = await self.scheduler.resync_world(slot.world_id)
         except Exception:
             log.exception("world resync failed", world_id=slot.world_id)
+            return
+        # A tick we saw fail had committed: the next tick starts where it
+        # started, or its interval would be counted twice.
+        slot.last_tick_at += ctx.adopted_real_seconds
 
     def _reschedule(self, slot: _Slot, *, ok: bool, now: float) -> None:
         if ok:
             slot.failures = 0
+            slot.solo = False
             if slot.retry_at is not None:
                 # Recovered from backoff: start a fresh grid from this tick.
                 slot.retry_at = None

@@ -27,7 +27,7 @@ from scheduler_daemon.simulation.behavior import (
     simulate_batch,
 )
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
-from scheduler_daemon.store.repository import Store, WorldRecord
+from scheduler_daemon.store.repository import StaleWorldStateError, Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
@@ -241,10 +241,15 @@ class WorldScheduler:
             except BaseException as exc:
                 for planned in work:
                     planned.entry.context.record_failure(_describe(exc))
+                    if not isinstance(exc, StaleWorldStateError):
+                        # The shared COMMIT's outcome may be unknown (timeout, lost connection).
+                        planned.entry.context.record_unconfirmed(planned.plan)
                 raise
             for planned, outcome in zip(work, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     planned.entry.context.record_failure(_describe(outcome))
+                    if not isinstance(outcome, StaleWorldStateError):
+                        planned.entry.context.record_unconfirmed(planned.plan)
                     answers[planned.index] = outcome
                 else:
                     answers[planned.index] = self._apply(planned, outcome, debug=debug)

@@ -355,16 +355,22 @@ async def run_naive_orm(url: str, world_ids: list[int], warmup: float, seconds: 
             counter.ticks += 1
             counter.decisions += len(due)
 
+    stop = asyncio.Event()
+
     async def loop() -> None:
-        while True:
+        while not stop.is_set():
             for world_id in world_ids:
                 await tick(world_id)
+                if stop.is_set():
+                    break
 
     task = asyncio.create_task(loop())
     try:
         return await measure(counter, warmup, seconds)
     finally:
-        task.cancel()
+        # Finish the tick in progress rather than cancel it: a cancelled
+        # aiosqlite statement can keep the file locked for the next run.
+        stop.set()
         await asyncio.gather(task, return_exceptions=True)
         await engine.dispose()
 
@@ -436,9 +442,11 @@ async def run_raw(url: str, world_ids: list[int], warmup: float, seconds: float,
         clock.pending = (world_time, now)
         return len(decisions)
 
+    stop = asyncio.Event()
+
     async def worker(mine: list[int]) -> None:
         async with await psycopg.AsyncConnection.connect(conninfo) as conn:
-            while True:
+            while not stop.is_set():
                 for i in range(0, len(mine), group):
                     chunk = mine[i : i + group]
                     async with conn.transaction():
@@ -455,8 +463,7 @@ async def run_raw(url: str, world_ids: list[int], warmup: float, seconds: float,
     try:
         return await measure(counter, warmup, seconds)
     finally:
-        for task in tasks:
-            task.cancel()
+        stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

@@ -42,7 +42,7 @@ class Profile:
 
 PROFILES = {
     "full": Profile("full", (1_000, 10_000), 3.0, 30.0, 256, (32, 64, 125, 250, 500, 1000, 2000), 3.0, 20.0, 64),
-    "quick": Profile("quick", (10_000,), 2.0, 6.0, 64, (16, 32, 64), 1.5, 4.0, 16),
+    "quick": Profile("quick", (10_000,), 1.5, 6.0, 64, (16, 32, 64), 1.0, 4.0, 16),
     "micro": Profile("micro", (200,), 0.3, 1.0, 4, (4,), 0.3, 1.0, 4),
 }
 
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sqlite",
             server_url=None,
             saturate_worlds=profile.sqlite_saturate_worlds,
-            sustain_worlds=profile.e2e_sustain_worlds[: 1 if profile.name == "micro" else 2],
+            sustain_worlds=profile.e2e_sustain_worlds[:1],
             warmup=profile.e2e_warmup,
             seconds=profile.e2e_seconds,
             concurrency=1,  # SQLite has one writer

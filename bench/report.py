@@ -48,7 +48,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             "",
             "Scheduler core, no database (no-op tick, 1 Hz):",
             "",
-            "| implementation | worlds | CPU % of a core | CPU s / 1000 ticks | p50 lag ms | p99 lag ms | "
+            "| implementation | worlds | CPU % of a core | CPU s / 1000 scheduled ticks | p50 lag ms | p99 lag ms | "
             "max lag ms | missed |",
             "|---|---|---|---|---|---|---|---|",
         ]

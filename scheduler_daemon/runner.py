@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import structlog
 
 from scheduler_daemon.clock import Clock, MonotonicClock, TimerHandle
+from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldScheduler
 from scheduler_daemon.store.repository import StaleWorldStateError, WorldNotFoundError
 
@@ -36,6 +37,43 @@ log = structlog.get_logger("scheduler_daemon.runner")
 # (watchdog progress) never depends on having worlds.
 _IDLE_WAKE_SECONDS = 1.0
 _DISCOVERY_YIELD_EVERY = 500
+# A transient database error (disconnect, serialization failure) re-runs the
+# whole tick this many times in all, within the tick timeout, before the world
+# is backed off; discovery likewise.
+_UNIT_ATTEMPTS = 3
+
+
+class _ResizableLimit:
+    """A semaphore whose limit a reload can change while permits are held.
+
+    Raising the limit adds permits at once; lowering it is paid back by the
+    next releases, so in-flight ticks keep the permits they hold and the
+    running count converges to the new limit without cancelling anything.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._sem = asyncio.Semaphore(limit)
+        self._debt = 0  # releases to swallow after the limit was lowered
+
+    def resize(self, limit: int) -> None:
+        delta = limit - self.limit
+        self.limit = limit
+        while delta > 0 and self._debt > 0:
+            self._debt -= 1
+            delta -= 1
+        for _ in range(delta):
+            self._sem.release()
+        self._debt += max(-delta, 0)
+
+    async def __aenter__(self) -> None:
+        await self._sem.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._debt > 0:
+            self._debt -= 1
+        else:
+            self._sem.release()
 
 
 class TickObserver(Protocol):
@@ -117,6 +155,11 @@ class SchedulerLoopRunner:
         self.observer = observer
         self.broken: dict[int, BrokenWorld] = {}
         self.progress = 0  # increases while the loop works (watchdog feed)
+        #: Longest sleep of the loop with nothing due; the daemon lowers it under a
+        #: short systemd watchdog so an idle loop still shows progress in time.
+        self.idle_wake_seconds = _IDLE_WAKE_SECONDS
+        #: Set once the first discovery pass has finished (successfully or not).
+        self.discovered = asyncio.Event()
         self.ticks_ok = 0
         self.ticks_failed = 0
         self._slots: dict[int, _Slot] = {}
@@ -124,6 +167,7 @@ class SchedulerLoopRunner:
         self._heap: list[tuple[float, int, int]] = []
         self._ready: deque[tuple[_Slot, float]] = deque()  # due worlds waiting for a batch worker
         self._workers = 0  # batch workers running (each holds at most one transaction)
+        self._limit = _ResizableLimit(max_concurrent_ticks)  # batches holding a transaction
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._wake: asyncio.Future[None] | None = None
@@ -141,8 +185,9 @@ class SchedulerLoopRunner:
         discovery_interval_seconds: float | None = None,
     ) -> None:
         """Apply reloadable limits; batches in flight finish under the old ones."""
-        if max_concurrent_ticks is not None:
+        if max_concurrent_ticks is not None and max_concurrent_ticks != self.max_concurrent_ticks:
             self.max_concurrent_ticks = max_concurrent_ticks
+            self._limit.resize(max_concurrent_ticks)
         if max_batch_size is not None:
             self.max_batch_size = max_batch_size
         if batch_window_seconds is not None:
@@ -333,59 +378,86 @@ class SchedulerLoopRunner:
         """Tick a batch of worlds in one call of ``scheduler.tick_worlds`` (one grouped commit).
 
         Each world keeps its own outcome: the scheduler commits every world
-        that succeeded and rolls back only the ones that failed. A timeout or
-        a failure of the shared commit fails the whole batch (nothing of it was
+        that succeeded and rolls back only the ones that failed. A transient
+        database error of the whole unit (serialization failure, lost
+        connection) re-runs it, within the timeout. A timeout or another
+        failure of the shared commit fails the whole batch (nothing of it was
         applied) without saying which world caused it: the worlds of such a
         batch are retried at once, each alone, so only the culprit fails its
         own tick and backs off while its neighbours lose just that time.
         """
         n = len(batch)
-        outcomes = ["error"] * n
+        outcomes = ["skipped"] * n  # skipped: never started (removed or stopping)
         results: list[TickResult | None] = [None] * n
         locked: list[_Slot] = []
         started = self.clock.now()
         try:
-            for slot, _ in batch:
-                # Uncontended unless a config reload or removal of this world is in progress.
-                await slot.lock.acquire()
-                locked.append(slot)
-            live = [i for i, (slot, _) in enumerate(batch) if not slot.removed]
-            if not live:
-                return
-            started = self.clock.now()
-            requests = [(batch[i][0].world_id, max(started - batch[i][0].last_tick_at, 0.0)) for i in live]
-            answers: Sequence[TickResult | BaseException]
-            try:
-                async with asyncio.timeout(self.tick_timeout_seconds):
-                    answers = await self.scheduler.tick_worlds(requests)
-            except Exception as exc:
-                if len(live) > 1:
-                    log.warning(
-                        "tick batch failed; retrying its worlds one by one",
-                        world_ids=[w for w, _ in requests],
-                        error="timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}",
-                        tick_timeout_seconds=self.tick_timeout_seconds,
-                    )
-                    for i in live:
-                        outcomes[i] = "retry"
-                        batch[i][0].solo = True
+            async with self._limit:
+                for slot, _ in batch:
+                    # Uncontended unless a config reload or removal of this world is in progress.
+                    await slot.lock.acquire()
+                    locked.append(slot)
+                if self._stopping:
+                    return  # queued ticks never start once stopping
+                live = [i for i, (slot, _) in enumerate(batch) if not slot.removed]
+                if not live:
                     return
-                if isinstance(exc, TimeoutError):
-                    log.error("tick timed out", world_id=requests[0][0], tick_timeout_seconds=self.tick_timeout_seconds)
-                answers = [exc]
-            for i, answer in zip(live, answers, strict=True):
-                slot = batch[i][0]
-                if not isinstance(answer, BaseException):
-                    outcomes[i] = "ok"
-                    results[i] = answer
-                    slot.last_tick_at = started
-                elif isinstance(answer, TimeoutError):
-                    outcomes[i] = "timeout"
-                elif isinstance(answer, StaleWorldStateError):
-                    log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(answer))
-                    await self._resync(slot)
-                else:
-                    log.error("tick failed", world_id=slot.world_id, exc_info=answer)
+                for i in live:
+                    outcomes[i] = "error"
+                started = self.clock.now()
+
+                async def attempt() -> Sequence[TickResult | BaseException]:
+                    # Each attempt covers the real time up to its own start.
+                    nonlocal started
+                    started = self.clock.now()
+                    requests = [(batch[i][0].world_id, max(started - batch[i][0].last_tick_at, 0.0)) for i in live]
+                    return await self.scheduler.tick_worlds(requests)
+
+                answers: Sequence[TickResult | BaseException]
+                try:
+                    async with asyncio.timeout(self.tick_timeout_seconds):
+                        answers = await retry_transient(
+                            "tick",
+                            attempt,
+                            max_attempts=_UNIT_ATTEMPTS,
+                            multiplier=0.05,
+                            max_wait=0.5,
+                            world_ids=[batch[i][0].world_id for i in live],
+                        )
+                except Exception as exc:
+                    if len(live) > 1:
+                        log.warning(
+                            "tick batch failed; retrying its worlds one by one",
+                            world_ids=[batch[i][0].world_id for i in live],
+                            error="timeout" if isinstance(exc, TimeoutError) else first_line(exc),
+                            tick_timeout_seconds=self.tick_timeout_seconds,
+                        )
+                        for i in live:
+                            outcomes[i] = "retry"
+                            batch[i][0].solo = True
+                        return
+                    if isinstance(exc, TimeoutError):
+                        log.error(
+                            "tick timed out",
+                            world_id=batch[live[0]][0].world_id,
+                            tick_timeout_seconds=self.tick_timeout_seconds,
+                        )
+                    answers = [exc]
+                for i, answer in zip(live, answers, strict=True):
+                    slot = batch[i][0]
+                    if not isinstance(answer, BaseException):
+                        outcomes[i] = "ok"
+                        results[i] = answer
+                        slot.last_tick_at = started
+                    elif isinstance(answer, TimeoutError):
+                        outcomes[i] = "timeout"
+                    elif isinstance(answer, StaleWorldStateError):
+                        log.error(
+                            "tick refused: world state moved underneath", world_id=slot.world_id, error=str(answer)
+                        )
+                        await self._resync(slot)
+                    else:
+                        log.error("tick failed", world_id=slot.world_id, exc_info=answer)
         finally:
             for slot in locked:
                 slot.lock.release()
@@ -402,10 +474,8 @@ class SchedulerLoopRunner:
         self.progress += 1
         for (slot, scheduled), outcome, result in zip(batch, outcomes, results, strict=True):
             slot.in_flight = False
-            if slot.removed:
+            if slot.removed or outcome == "skipped":
                 continue
-            if observer:
-                observer.tick_finished(slot.world_id, outcome, max(started - scheduled, 0.0), duration, result)
             if outcome == "retry":
                 # Its batch failed as a whole: tick again right away, alone.
                 if reschedule:
@@ -413,6 +483,8 @@ class SchedulerLoopRunner:
                     heapq.heappush(heap, (now, slot.world_id, slot.generation))
                     self._poke()
                 continue
+            if observer:
+                observer.tick_finished(slot.world_id, outcome, max(started - scheduled, 0.0), duration, result)
             if outcome == "ok" and slot.retry_at is None and not slot.failures and not slot.solo:
                 # The common case, inlined (10,000 worlds): next slot on the grid.
                 self.ticks_ok += 1
@@ -507,7 +579,9 @@ class SchedulerLoopRunner:
                     self._next_discovery = now + self.discovery_interval_seconds
                 self._dispatch_due(now)
                 wake_at = min(
-                    d for d in (self.next_deadline(), self._next_discovery, now + _IDLE_WAKE_SECONDS) if d is not None
+                    d
+                    for d in (self.next_deadline(), self._next_discovery, now + self.idle_wake_seconds)
+                    if d is not None
                 )
                 # Coalesce wakeups: worlds falling due within the window are
                 # dispatched together (one batch) instead of one wakeup each.
@@ -530,11 +604,13 @@ class SchedulerLoopRunner:
 
     async def _discover_safely(self) -> None:
         try:
-            await self.discover()
+            await retry_transient("world discovery", self.discover, max_attempts=_UNIT_ATTEMPTS, max_wait=1.0)
         except Exception as exc:
-            # A database blip must not stop the loop; worlds keep ticking (and
+            # A database outage must not stop the loop; worlds keep ticking (and
             # their own ticks will fail and back off if the database is gone).
-            log.error("world discovery failed", error=f"{type(exc).__name__}: {exc}")
+            log.error("world discovery failed", error=first_line(exc))
+        finally:
+            self.discovered.set()
 
     def stop(self) -> None:
         """Stop starting new ticks; :meth:`start` returns once in-flight ticks finish."""

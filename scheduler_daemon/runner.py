@@ -426,11 +426,13 @@ class SchedulerLoopRunner:
                         )
                 except Exception as exc:
                     if len(live) > 1:
-                        log.warning(
-                            "tick batch failed; retrying its worlds one by one",
+                        # One event for the batch (world_ids): which world caused it is not known yet.
+                        log.error(
+                            "tick failed",
                             world_ids=[batch[i][0].world_id for i in live],
                             error="timeout" if isinstance(exc, TimeoutError) else first_line(exc),
                             tick_timeout_seconds=self.tick_timeout_seconds,
+                            retry="each world at once, alone",
                         )
                         for i in live:
                             outcomes[i] = "retry"

@@ -136,6 +136,8 @@ class Daemon:
         self.runner = SchedulerLoopRunner(
             self.scheduler,
             max_concurrent_ticks=s.scheduler.max_concurrent_ticks,
+            max_batch_size=s.scheduler.max_batch_size,
+            batch_window_seconds=s.scheduler.batch_window_seconds,
             tick_timeout_seconds=s.scheduler.tick_timeout_seconds,
             discovery_interval_seconds=s.scheduler.discovery_interval_seconds,
             backoff_max_seconds=s.scheduler.backoff_max_seconds,
@@ -296,6 +298,8 @@ class Daemon:
         if self.runner is not None and self.scheduler is not None:
             self.runner.set_limits(
                 max_concurrent_ticks=new.scheduler.max_concurrent_ticks,
+                max_batch_size=new.scheduler.max_batch_size,
+                batch_window_seconds=new.scheduler.batch_window_seconds,
                 tick_timeout_seconds=new.scheduler.tick_timeout_seconds,
                 discovery_interval_seconds=new.scheduler.discovery_interval_seconds,
             )

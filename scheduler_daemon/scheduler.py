@@ -8,6 +8,7 @@ succeeded, so a failed tick leaves database and context exactly as they were.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.context import AdvancePlan, TickOutcome, WorldSimulationContext
 from scheduler_daemon.simulation.behavior import (
@@ -292,72 +294,114 @@ class WorldScheduler:
         Raises on failure after recording it in the context; the clock, the
         counters and every row stay as they were before the tick.
         """
-        entry = self._require(world_id)
-        ctx = entry.context
-        with structlog.contextvars.bound_contextvars(world_id=world_id):
-            started = time.perf_counter()
-            # Wall time of the moment this tick's world time corresponds to (for humans).
-            wall_at_start = datetime.now(UTC)
-            entry.last_committed = None
-            plan = None
-            try:
-                plan = ctx.plan_advance(delta_real_seconds)
-                outcome = await self._run_tick(entry, plan, wall_at_start)
-            except BaseException as exc:
-                ctx.record_failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-                if plan is not None and not isinstance(exc, StaleWorldStateError):
-                    ctx.record_unconfirmed(plan)
-                raise
-            outcome.duration_ms = (time.perf_counter() - started) * 1000.0
-            was_lagging = ctx.lagging_tiers
-            ctx.apply_tick(plan, outcome)
-            _log_lag_transition(ctx, was_lagging)
-            log.debug(
-                "tick",
-                world_time=plan.world_time_after,
-                delta_game_seconds=plan.delta_game_seconds,
-                delta_real_seconds=delta_real_seconds,
-                time_scale=ctx.config.time_scale,
-                npcs=outcome.npcs_simulated,
-                per_tier={t.label: n for t, n in outcome.npcs_per_tier.items()},
-                duration_ms=round(outcome.duration_ms, 3),
-            )
-            if outcome.npcs_simulated >= ctx.config.max_npc_ticks_per_step > 0:
-                log.debug("npc budget exhausted", max_npc_ticks_per_step=ctx.config.max_npc_ticks_per_step)
-            if self.on_commit is not None and entry.last_committed is not None:
-                try:
-                    self.on_commit(entry.last_committed)
-                except Exception:
-                    # The tick is committed; an observer's bug must not fail it.
-                    log.exception("tick listener failed")
-                entry.last_committed = None
-        return TickResult(
-            world_id=world_id,
-            world_time_before=plan.world_time_before,
-            world_time_after=plan.world_time_after,
-            delta_real_seconds=delta_real_seconds,
-            delta_game_seconds=plan.delta_game_seconds,
-            npcs_simulated=outcome.npcs_simulated,
-            jobs_enqueued=outcome.jobs_enqueued,
-            chain_steps=outcome.chain_steps,
-            npcs_per_tier={t.label: outcome.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
-            duration_ms=outcome.duration_ms,
-            capped=plan.capped,
-            paused=ctx.paused,
-        )
+        (answer,) = await self.tick_worlds([(world_id, delta_real_seconds)])
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
-    async def _run_tick(self, entry: _World, plan: AdvancePlan, wall_at_start: datetime) -> TickOutcome:
+    async def tick_worlds(self, requests: Sequence[tuple[int, float]]) -> list[TickResult | BaseException]:
+        """Tick several worlds, ``(world_id, delta_real_seconds)`` each, in one grouped commit.
+
+        Returns one answer per request, in order: the :class:`TickResult` of a
+        committed tick, or the exception that failed that world. Every world's
+        tick is atomic on its own: a world that fails is rolled back alone
+        (its context untouched, the failure recorded) and its neighbours
+        commit. An error of the shared transaction itself (the COMMIT, a lost
+        connection, a cancellation) fails every world of the group and is
+        raised.
+        """
+        answers: list[TickResult | BaseException | None] = [None] * len(requests)
+        work: list[_Planned] = []
+        # Checked once per group: a filtered structlog call still costs ~10 µs.
+        debug = log.is_enabled_for(logging.DEBUG)
+        for index, (world_id, delta) in enumerate(requests):
+            entry = self._worlds.get(world_id)
+            if entry is None:
+                answers[index] = WorldNotRegisteredError(world_id)
+                continue
+            try:
+                plan = entry.context.plan_advance(delta)
+            except Exception as exc:
+                entry.context.record_failure(_describe(exc))
+                answers[index] = exc
+                continue
+            planned = _Planned(index, entry, plan, time.perf_counter(), datetime.now(UTC))
+            entry.last_committed = None
+            if plan.delta_game_seconds == 0.0 and entry.context.paused:
+                # Frozen clock: nothing can become due, nothing to write.
+                answers[index] = self._apply(planned, TickOutcome(selection_ran=False), debug=debug)
+            else:
+                work.append(planned)
+        if work:
+            try:
+                outcomes = await self._commit_group(work)
+            except BaseException as exc:
+                for planned in work:
+                    planned.entry.last_committed = None
+                    planned.entry.context.record_failure(_describe(exc))
+                    if not isinstance(exc, StaleWorldStateError):
+                        # The shared COMMIT's outcome may be unknown (timeout, lost connection).
+                        planned.entry.context.record_unconfirmed(planned.plan)
+                raise
+            for planned, outcome in zip(work, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    planned.entry.last_committed = None
+                    planned.entry.context.record_failure(_describe(outcome))
+                    if not isinstance(outcome, StaleWorldStateError):
+                        planned.entry.context.record_unconfirmed(planned.plan)
+                    answers[planned.index] = outcome
+                else:
+                    answers[planned.index] = self._apply(planned, outcome, debug=debug)
+        return [a for a in answers if a is not None]
+
+    async def _commit_group(self, work: list[_Planned]) -> list[TickOutcome | BaseException]:
+        """One transaction for the group: batched due-NPC selection, then each world's tick body.
+
+        Optimistic: all bodies run under one savepoint. Only if one of them
+        fails is the group rolled back to it and every world re-run under a
+        savepoint of its own, so a failing world costs its neighbours a retry,
+        never their tick. (One savepoint per world up front would cost two
+        extra round trips per world on every tick.)
+        """
+        async with self.store.transaction() as conn:
+            due = await self.store.select_due_npcs_many(
+                conn,
+                [
+                    (p.entry.context.world_id, p.plan.world_time_after, p.entry.context.config.max_npc_ticks_per_step)
+                    for p in work
+                ],
+            )
+            if len(work) == 1:
+                # The transaction is the unit of atomicity; an error fails it and is raised.
+                only = work[0]
+                return [await self._run_tick(conn, only, due[only.entry.context.world_id])]
+            try:
+                async with conn.begin_nested():
+                    return [await self._run_tick(conn, p, due[p.entry.context.world_id]) for p in work]
+            except Exception:
+                log.debug("grouped tick failed; retrying each world under its own savepoint", worlds=len(work))
+            outcomes: list[TickOutcome | BaseException] = []
+            for p in work:
+                try:
+                    async with conn.begin_nested():
+                        outcomes.append(await self._run_tick(conn, p, due[p.entry.context.world_id]))
+                except Exception as exc:
+                    outcomes.append(exc)
+            return outcomes
+
+    async def _run_tick(self, conn: AsyncConnection, planned: _Planned, due: list[NpcState]) -> TickOutcome:
+        """The body of one world's tick inside the (grouped) transaction; raises to roll it back.
+
+        ``due`` are the world's due NPCs, already selected for the whole group.
+        Every statement here filters by this world's id.
+        """
+        entry, plan = planned.entry, planned.plan
         ctx = entry.context
         outcome = TickOutcome()
-        if plan.delta_game_seconds == 0.0 and ctx.paused:
-            # Frozen clock: nothing can become due, nothing to write.
-            outcome.selection_ran = False
-            return outcome
         config = ctx.config
         now = plan.world_time_after
         budget = config.max_npc_ticks_per_step
-        async with self.store.transaction() as conn:
-            due = await self.store.select_due_npcs(conn, ctx.world_id, now, budget)
+        with structlog.contextvars.bound_contextvars(world_id=ctx.world_id):  # on every log line of this body
             _count_tiers(due, now, outcome)
             if len(due) >= budget:
                 # The budget may have left due NPCs waiting: measure how long
@@ -370,13 +414,85 @@ class WorldScheduler:
             decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
             await self.store.write_decisions(conn, ctx.world_id, decisions)
             await self.store.advance_world_state(
-                conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed, advanced_at=wall_at_start
+                conn,
+                ctx.world_id,
+                world_time=now,
+                expected_ticks=ctx.ticks_processed,
+                advanced_at=planned.wall_at_start,
             )
         outcome.npcs_simulated = len(decisions)
         _track_changes(due, decisions, ctx.tier_relevant_locations, outcome)
-        if self.on_commit is not None:
-            entry.last_committed = CommittedTick(ctx.world_id, now, due, decisions, dict(outcome.decision_lag_per_tier))
+        # Set on every (re-)run of the body; reset by tick_worlds if the world fails after all.
+        entry.last_committed = (
+            CommittedTick(ctx.world_id, now, due, decisions, dict(outcome.decision_lag_per_tier))
+            if self.on_commit is not None
+            else None
+        )
         return outcome
+
+    def _apply(self, planned: _Planned, outcome: TickOutcome, *, debug: bool) -> TickResult:
+        """After COMMIT: move the world's context and describe the tick."""
+        ctx = planned.entry.context
+        plan = planned.plan
+        outcome.duration_ms = (time.perf_counter() - planned.started) * 1000.0
+        was_lagging = ctx.lagging_tiers
+        ctx.apply_tick(plan, outcome)
+        _log_lag_transition(ctx, was_lagging)
+        entry = planned.entry
+        if self.on_commit is not None and entry.last_committed is not None:
+            try:
+                self.on_commit(entry.last_committed)
+            except Exception:
+                # The tick is committed; an observer's bug must not fail it.
+                log.exception("tick listener failed", world_id=ctx.world_id)
+            entry.last_committed = None
+        if debug:
+            log.debug(
+                "tick",
+                world_id=ctx.world_id,
+                world_time=plan.world_time_after,
+                delta_game_seconds=plan.delta_game_seconds,
+                delta_real_seconds=plan.delta_real_seconds,
+                time_scale=ctx.config.time_scale,
+                npcs=outcome.npcs_simulated,
+                per_tier={t.label: n for t, n in outcome.npcs_per_tier.items()},
+                duration_ms=round(outcome.duration_ms, 3),
+            )
+            if outcome.npcs_simulated >= ctx.config.max_npc_ticks_per_step > 0:
+                log.debug(
+                    "npc budget exhausted",
+                    world_id=ctx.world_id,
+                    max_npc_ticks_per_step=ctx.config.max_npc_ticks_per_step,
+                )
+        return TickResult(
+            world_id=ctx.world_id,
+            world_time_before=plan.world_time_before,
+            world_time_after=plan.world_time_after,
+            delta_real_seconds=plan.delta_real_seconds,
+            delta_game_seconds=plan.delta_game_seconds,
+            npcs_simulated=outcome.npcs_simulated,
+            jobs_enqueued=outcome.jobs_enqueued,
+            chain_steps=outcome.chain_steps,
+            npcs_per_tier={t.label: outcome.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
+            duration_ms=outcome.duration_ms,
+            capped=plan.capped,
+            paused=ctx.paused,
+        )
+
+
+@dataclass(slots=True)
+class _Planned:
+    """A world's tick between planning and commit."""
+
+    index: int  # position in the tick_worlds request
+    entry: _World
+    plan: AdvancePlan
+    started: float  # perf_counter at planning, for duration_ms
+    wall_at_start: datetime  # wall time the tick's world time corresponds to (for humans)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _count_tiers(due: list[NpcState], now: float, outcome: TickOutcome) -> None:

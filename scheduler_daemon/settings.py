@@ -68,6 +68,10 @@ class SchedulerSettings(_Section):
     #: Recompute every world's NPC tiers at least this often (beyond session changes).
     tier_refresh_max_seconds: float = Field(default=60.0, gt=0, le=86400)
     max_concurrent_ticks: int = Field(default=16, ge=1, le=10_000)
+    #: Worlds committed together in one transaction (each atomic on its own).
+    max_batch_size: int = Field(default=64, ge=1, le=10_000)
+    #: Worlds falling due within this window are dispatched together.
+    batch_window_seconds: float = Field(default=0.001, ge=0, le=1)
     tick_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     backoff_max_seconds: float = Field(default=60.0, gt=0, le=86400)
     #: Unique per daemon (leases); default hostname-pid.
@@ -169,6 +173,8 @@ RELOADABLE = (
     "scheduler.discovery_interval_seconds",
     "scheduler.tier_refresh_max_seconds",
     "scheduler.max_concurrent_ticks",
+    "scheduler.max_batch_size",
+    "scheduler.batch_window_seconds",
     "scheduler.tick_timeout_seconds",
     "scheduler.backoff_max_seconds",
     "metrics.per_world",

@@ -7,7 +7,9 @@ put a whole tick into one transaction; the rest open their own.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -155,22 +157,74 @@ def _npc_from_row(row: Sequence[Any]) -> NpcState:
     )
 
 
-def _due_query() -> sa.Select[Any]:
-    # Built once with bind parameters: constructing this union per tick costs
-    # more CPU than executing it.
-    world = sa.bindparam("w", type_=sa.Integer)
-    now = sa.bindparam("now", type_=npcs.c.next_decision_at.type)
-    limit = sa.bindparam("lim", type_=sa.Integer)
-    parts = [
-        sa.select(*_NPC_COLUMNS)
-        .where(npcs.c.world_id == world, npcs.c.tier == int(t), npcs.c.next_decision_at <= now)
-        .order_by(npcs.c.next_decision_at, npcs.c.id)
-        .limit(limit)
-        .subquery()
+def _due_one_sql(w: str, t: str, lim: str) -> str:
+    """One world's due NPCs: a UNION ALL of one index range per tier, each in due order and limited."""
+    per_tier = " UNION ALL ".join(
+        f"SELECT * FROM (SELECT {_NPC_COLUMN_NAMES} FROM npcs WHERE world_id = {w} AND tier = {int(tier)} "
+        f"AND next_decision_at <= {t} ORDER BY next_decision_at, id LIMIT {lim})"
+        for tier in SIMULATED_TIERS
+    )
+    return f"SELECT * FROM ({per_tier}) ORDER BY tier, next_decision_at, id LIMIT {lim}"
+
+
+@functools.cache
+def _due_many_sqlite(worlds: int) -> sa.TextClause:
+    # Prebuilt text per group size: building the equivalent Core constructs
+    # for every tick cost more than running the query on SQLite.
+    return sa.text(
+        " UNION ALL ".join(f"SELECT * FROM ({_due_one_sql(f':w{i}', f':t{i}', f':l{i}')})" for i in range(worlds))
+    )
+
+
+# SQLite refuses compound selects of more than 500 terms.
+_SQLITE_WORLDS_PER_SELECT = 400
+
+_NPC_COLUMN_NAMES = ", ".join(c.name for c in _NPC_COLUMNS)
+
+
+def _due_many_pg() -> sa.TextClause:
+    per_tier = " UNION ALL ".join(
+        f"(SELECT {_NPC_COLUMN_NAMES} FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
+        f"AND next_decision_at <= q.now ORDER BY next_decision_at, id LIMIT q.lim)"
         for t in SIMULATED_TIERS
-    ]
-    union = sa.union_all(*(sa.select(p) for p in parts)).subquery()
-    return sa.select(union).order_by(union.c.tier, union.c.next_decision_at, union.c.id).limit(limit)
+    )
+    return sa.text(
+        f"SELECT n.* FROM unnest(CAST(:wids AS integer[]), CAST(:nows AS float8[]), CAST(:lims AS integer[])) "
+        f"AS q(world_id, now, lim) CROSS JOIN LATERAL ("
+        f"SELECT * FROM ({per_tier}) AS u ORDER BY tier, next_decision_at, id LIMIT q.lim) AS n"
+    )
+
+
+_DUE_MANY_PG = _due_many_pg()
+
+# Set-based NPC write on PostgreSQL: one UPDATE … FROM jsonb_to_recordset(…)
+# per world instead of one UPDATE per NPC. The rows travel as one JSON
+# parameter: psycopg dumps array elements (and parses long multi-row VALUES
+# queries) in Python, which cost more than the whole statement on the server.
+# A NULL state keeps the stored JSON.
+_WRITE_DECISIONS_PG = sa.text(
+    "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "
+    "location = d.location, energy = d.energy, mood_valence = d.valence, mood_arousal = d.arousal, "
+    "last_decision_at = d.decided, decisions = npcs.decisions + 1, state = COALESCE(d.state, npcs.state) "
+    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS d(id integer, next float8, activity text, started float8, "
+    "location text, energy float8, valence float8, arousal float8, decided float8, state jsonb) "
+    "WHERE npcs.id = d.id AND npcs.world_id = :w"
+)
+
+# SQLite, in process (no round trips to save): one executemany. A NULL state
+# keeps the stored JSON.
+_WRITE_DECISION_SQLITE = (
+    "UPDATE npcs SET next_decision_at = ?, current_activity = ?, activity_started_at = ?, location = ?, "
+    "energy = ?, mood_valence = ?, mood_arousal = ?, last_decision_at = ?, decisions = decisions + 1, "
+    "state = COALESCE(?, state) WHERE id = ? AND world_id = ?"
+)
+
+# Built once: constructing the statement per tick costs more than running it.
+_ADVANCE_WORLD_STATE = (
+    sa.update(world_states)
+    .where(world_states.c.world_id == sa.bindparam("w"), world_states.c.ticks == sa.bindparam("expected"))
+    .values(world_time=sa.bindparam("t"), ticks=world_states.c.ticks + 1, last_advanced_at=sa.bindparam("at"))
+)
 
 
 def _waiting_query() -> sa.CompoundSelect[Any]:
@@ -188,7 +242,6 @@ def _waiting_query() -> sa.CompoundSelect[Any]:
     return sa.union_all(*(sa.select(p) for p in parts))
 
 
-_DUE_QUERY: Final = _due_query()
 _WAITING_QUERY: Final = _waiting_query()
 
 
@@ -562,10 +615,45 @@ class Store:
         ``(world_id, tier, next_decision_at)``, each already in due order and
         limited, so the database never reads NPCs that are not due.
         """
-        if limit <= 0:
-            return []
-        rows = (await conn.execute(_DUE_QUERY, {"w": world_id, "now": world_time, "lim": limit})).all()
-        return [_npc_from_row(r) for r in rows]
+        return (await Store.select_due_npcs_many(conn, [(world_id, world_time, limit)]))[world_id]
+
+    @staticmethod
+    async def select_due_npcs_many(
+        conn: AsyncConnection, requests: Sequence[tuple[int, float, int]]
+    ) -> dict[int, list[NpcState]]:
+        """Due NPCs of several worlds in one statement: ``(world_id, world_time, limit)`` each.
+
+        Per world the same rule as :meth:`select_due_npcs`. PostgreSQL: a
+        ``LATERAL`` join over ``unnest`` of the requests (one constant
+        statement, however many worlds). SQLite: a ``UNION ALL`` of the
+        per-world statements, in chunks under its compound-select limit.
+        """
+        out: dict[int, list[NpcState]] = {world_id: [] for world_id, _, _ in requests}
+        wanted = [(w, t, lim) for w, t, lim in requests if lim > 0]
+        if not wanted:
+            return out
+        if conn.dialect.name == "postgresql":
+            rows: Sequence[Any] = (
+                await conn.execute(
+                    _DUE_MANY_PG,
+                    {
+                        "wids": [w for w, _, _ in wanted],
+                        "nows": [float(t) for _, t, _ in wanted],
+                        "lims": [lim for _, _, lim in wanted],
+                    },
+                )
+            ).all()
+        else:
+            rows = []
+            for start in range(0, len(wanted), _SQLITE_WORLDS_PER_SELECT):
+                chunk = wanted[start : start + _SQLITE_WORLDS_PER_SELECT]
+                params: dict[str, Any] = {}
+                for i, (w, t, lim) in enumerate(chunk):
+                    params[f"w{i}"], params[f"t{i}"], params[f"l{i}"] = w, float(t), lim
+                rows.extend((await conn.execute(_due_many_sqlite(len(chunk)), params)).all())
+        for row in rows:
+            out[row[1]].append(_npc_from_row(row))
+        return out
 
     @staticmethod
     async def oldest_waiting(
@@ -584,51 +672,51 @@ class Store:
 
     @staticmethod
     async def write_decisions(conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None:
-        """Write decided NPC columns back (one executemany; ``world_id`` in every WHERE)."""
+        """Write decided NPC columns back (``world_id`` in every WHERE).
+
+        PostgreSQL: one set-based ``UPDATE … FROM unnest(…)``. SQLite (in
+        process, no round trips to save): one executemany.
+        """
         if not decisions:
             return
-        base = {
-            "w": world_id,
-        }
-        with_state = [d for d in decisions if d.state is not None]
-        without_state = [d for d in decisions if d.state is None]
-        cols = {
-            "next_decision_at": sa.bindparam("b_next"),
-            "current_activity": sa.bindparam("b_activity"),
-            "activity_started_at": sa.bindparam("b_started"),
-            "location": sa.bindparam("b_location"),
-            "energy": sa.bindparam("b_energy"),
-            "mood_valence": sa.bindparam("b_valence"),
-            "mood_arousal": sa.bindparam("b_arousal"),
-            "last_decision_at": sa.bindparam("b_decided"),
-            "decisions": npcs.c.decisions + 1,
-        }
-
-        def params(d: NpcDecision) -> dict[str, Any]:
-            p: dict[str, Any] = {
-                **base,
-                "b_id": d.npc_id,
-                "b_next": d.next_decision_at,
-                "b_activity": d.current_activity,
-                "b_started": d.activity_started_at,
-                "b_location": d.location,
-                "b_energy": d.energy,
-                "b_valence": d.mood_valence,
-                "b_arousal": d.mood_arousal,
-                "b_decided": d.decided_at,
-            }
-            if d.state is not None:
-                p["b_state"] = d.state
-            return p
-
-        where = (npcs.c.id == sa.bindparam("b_id"), npcs.c.world_id == sa.bindparam("w"))
-        if without_state:
-            await conn.execute(sa.update(npcs).where(*where).values(**cols), [params(d) for d in without_state])
-        if with_state:
-            await conn.execute(
-                sa.update(npcs).where(*where).values(**cols, state=sa.bindparam("b_state", type_=npcs.c.state.type)),
-                [params(d) for d in with_state],
-            )
+        if conn.dialect.name == "postgresql":
+            rows = [
+                {
+                    "id": d.npc_id,
+                    "next": d.next_decision_at,
+                    "activity": d.current_activity,
+                    "started": d.activity_started_at,
+                    "location": d.location,
+                    "energy": d.energy,
+                    "valence": d.mood_valence,
+                    "arousal": d.mood_arousal,
+                    "decided": d.decided_at,
+                    "state": d.state,
+                }
+                for d in decisions
+            ]
+            # allow_nan=False: a non-finite value from a plug-in decide fails this world with a clear error.
+            await conn.execute(_WRITE_DECISIONS_PG, {"rows": json.dumps(rows, allow_nan=False), "w": world_id})
+            return
+        await conn.exec_driver_sql(
+            _WRITE_DECISION_SQLITE,
+            [
+                (
+                    d.next_decision_at,
+                    d.current_activity,
+                    d.activity_started_at,
+                    d.location,
+                    d.energy,
+                    d.mood_valence,
+                    d.mood_arousal,
+                    d.decided_at,
+                    None if d.state is None else json.dumps(d.state, allow_nan=False),
+                    d.npc_id,
+                    world_id,
+                )
+                for d in decisions
+            ],
+        )
 
     @staticmethod
     async def advance_world_state(
@@ -647,9 +735,8 @@ class Store:
         a tick can never be applied twice.
         """
         result = await conn.execute(
-            sa.update(world_states)
-            .where(world_states.c.world_id == world_id, world_states.c.ticks == expected_ticks)
-            .values(world_time=world_time, ticks=world_states.c.ticks + 1, last_advanced_at=advanced_at or _now())
+            _ADVANCE_WORLD_STATE,
+            {"w": world_id, "expected": expected_ticks, "t": world_time, "at": advanced_at or _now()},
         )
         if result.rowcount != 1:
             raise StaleWorldStateError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -14,7 +14,7 @@ from sqlalchemy import text
 from scheduler_daemon import jobs
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import SchedulerLoopRunner
-from scheduler_daemon.scheduler import WorldScheduler
+from scheduler_daemon.scheduler import TickResult, WorldScheduler
 from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.repository import Store
 from tests.helpers import drop_trigger, install_failing_trigger
@@ -199,6 +199,28 @@ async def test_sink_never_sees_a_claim_whose_tick_rolled_back(store: Store) -> N
     assert [i for i, _ in sink.calls] == [rid]
 
 
+async def test_grouped_tick_hands_out_only_the_claims_of_worlds_that_committed(store: Store) -> None:
+    """One grouped commit: the world rolled back to its savepoint hands out nothing, its neighbours do."""
+    worlds = [await world_with_users(store, 1) for _ in range(3)]
+    rids = [await jobs.create_request(store, w, s[0], "k", {}) for w, s in worlds]
+    (a, _), (bad, _), (c, _) = worlds
+    sink = RecordingSink()
+    sched = WorldScheduler(store, sink=sink)
+    for w, _ in worlds:
+        await sched.register_world(w)
+    await install_failing_trigger(store, "world_states", bad)
+    try:
+        answers = await sched.tick_worlds([(a, 1.0), (bad, 1.0), (c, 1.0)])
+    finally:
+        await drop_trigger(store, "world_states")
+    assert isinstance(answers[1], Exception) and "injected fault" in str(answers[1])
+    assert [r.jobs_enqueued for r in answers if isinstance(r, TickResult)] == [1, 1]
+    assert sorted(i for i, _ in sink.calls) == [rids[0], rids[2]]
+    assert (await jobs.get_request(store, rids[1])).status == "pending"  # its claim rolled back with its tick
+    assert (await sched.tick_world(bad, 1.0)).jobs_enqueued == 1
+    assert sorted(i for i, _ in sink.calls) == sorted(rids)
+
+
 async def test_interrupted_hand_off_is_handed_out_again_by_the_next_scheduler(store: Store) -> None:
     """In-process form of the crash test: the rows stay in the outbox and a fresh scheduler drains them."""
     world_id, sessions = await world_with_users(store, 1)
@@ -326,3 +348,36 @@ async def test_tick_timeout_during_hand_off_keeps_world_time_exact(store: Store)
     ctx = runner.scheduler.get_context(world_id)
     assert ctx.current_world_time == pytest.approx(clock.now() * 60)  # never ahead of real time x scale
     assert (await jobs.get_request(store, rid)).handed_off is True
+
+
+async def test_batch_timeout_during_hand_off_keeps_every_world_time_exact(store: Store) -> None:
+    """Two worlds ticked as one batch time out in the shared hand-off: neither counts its interval twice."""
+    worlds = [await world_with_users(store, 1, {"timeScale": 60, "maxCatchUpSeconds": 600}) for _ in range(2)]
+    rids = [await jobs.create_request(store, w, s[0], "k", {}) for w, s in worlds]
+    hang = asyncio.Event()
+    groups: list[int] = []
+
+    async def hanging_sink(request: jobs.GenerationRequest) -> None:
+        await hang.wait()
+
+    class GroupSizes(WorldScheduler):
+        async def tick_worlds(self, requests: Sequence[tuple[int, float]]) -> list[TickResult | BaseException]:
+            groups.append(len(requests))
+            return await super().tick_worlds(requests)
+
+    clock = VirtualClock()
+    runner = SchedulerLoopRunner(
+        GroupSizes(store, sink=hanging_sink, sink_timeout_seconds=60), clock=clock, tick_timeout_seconds=0.3
+    )
+    for w, _ in worlds:
+        await runner.add_world(w)
+    await runner.run_until(1.0)  # one batch of both commits world time 60, then times out in the hand-off
+    assert groups[0] == 2
+    assert runner.ticks_failed >= 1
+    hang.set()
+    await runner.run_until(5.0)
+    for w, _ in worlds:
+        ctx = runner.scheduler.get_context(w)
+        assert ctx.current_world_time == pytest.approx(clock.now() * 60)  # never ahead of real time x scale
+    for rid in rids:
+        assert (await jobs.get_request(store, rid)).handed_off

@@ -115,6 +115,24 @@ async def test_paused_world_writes_nothing(store: Store) -> None:
     assert await world_state(store, world_id) == (0.0, 0)
 
 
+async def test_paused_ticks_are_not_counted_so_the_next_tick_passes_its_fence(store: Store) -> None:
+    """A paused tick writes nothing, so it must not move the tick counter the fence compares with."""
+    world_id, _ = await make_world(
+        store, simulation={"pauseSimulation": True, "timeScale": 60}, npcs_per_tier={Tier.DETAILED: 5}
+    )
+    sched = WorldScheduler(store)
+    ctx = await sched.register_world(world_id)
+    for _ in range(3):
+        await sched.tick_world(world_id, 1.0)
+    assert ctx.ticks_processed == 0  # mirrors world_states.ticks
+    await store.update_world_simulation(world_id, {"pauseSimulation": False, "timeScale": 60})
+    await sched.reload_world(world_id)
+    result = await sched.tick_world(world_id, 1.0)
+    assert result.delta_game_seconds == pytest.approx(60.0)
+    assert await world_state(store, world_id) == (pytest.approx(60.0), 1)
+    assert ctx.ticks_processed == 1
+
+
 async def test_invalid_stored_config_names_world_and_field(store: Store) -> None:
     world_id = await store.create_world("bad", simulation={"timeScale": -1})
     with pytest.raises(WorldConfigError, match=rf"world {world_id}: .*simulation.timeScale"):

@@ -8,6 +8,7 @@ state change over ``$NOTIFY_SOCKET``.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import time
@@ -24,12 +25,15 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from scheduler_daemon.clock import MonotonicClock
+from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.logs import configure_logging
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.settings import Settings, SettingsError, load_settings, restart_only_changes
 from scheduler_daemon.simulation.behavior import load_decide_fn
 from scheduler_daemon.store.errors import is_transient
+from scheduler_daemon.store.leases import LeaseStore
 from scheduler_daemon.store.migrate import SchemaNotMigratedError
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.systemd import SystemdNotifier, watchdog_interval_seconds, watchdog_loop
@@ -45,6 +49,7 @@ EXIT_CONFIG = 2
 EXIT_DATABASE = 3
 EXIT_NOT_MIGRATED = 4
 EXIT_ADDRESS_IN_USE = 5
+EXIT_ALREADY_RUNNING = 6
 
 
 class StartupError(RuntimeError):
@@ -53,6 +58,35 @@ class StartupError(RuntimeError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def lock_sqlite_database(url: str) -> int | None:
+    """Hold an exclusive ``flock`` on ``<database>.lock`` for the life of the process.
+
+    SQLite is single-instance: leases need PostgreSQL. Returns the lock's
+    file descriptor (keep it open; the kernel releases the lock when the
+    process exits, however it exits), or ``None`` for non-file databases.
+    """
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if not url.startswith("sqlite") or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    lock_path = f"{database}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot create lock file {lock_path}: {exc.strerror or exc}", EXIT_DATABASE) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"another scheduler-daemon is already running on the SQLite database {database} "
+            f"(it holds {lock_path}); SQLite is single-instance, use PostgreSQL to run several daemons",
+            EXIT_ALREADY_RUNNING,
+        ) from None
+    return fd
 
 
 async def retry_transient(
@@ -92,6 +126,8 @@ class Daemon:
         self.store: Store | None = None
         self.scheduler: WorldScheduler | None = None
         self.runner: SchedulerLoopRunner | None = None
+        self.leases: LeaseKeeper | None = None
+        self._sqlite_lock_fd: int | None = None
         self.started_monotonic = time.monotonic()
         self.reload_count = 0
         self.last_reload_ok: bool | None = None
@@ -109,6 +145,10 @@ class Daemon:
             pool_size=db.pool_size,
             max_overflow=db.max_overflow,
             connect_timeout=db.connect_timeout_seconds,
+            # Bound how long a frozen daemon's open tick transaction can hold a world's row.
+            idle_in_transaction_timeout=self.settings.scheduler.lease_ttl_seconds
+            if db.url.startswith("postgresql")
+            else None,
         )
         try:
             await retry_transient("database connection", store.ping, max_seconds=db.connect_retry_seconds)
@@ -136,10 +176,19 @@ class Daemon:
             decide_fn = load_decide_fn(s.scheduler.behavior)
         except ValueError as exc:
             raise StartupError(f"scheduler.behavior: {exc}", EXIT_CONFIG) from None
+        self._sqlite_lock_fd = lock_sqlite_database(s.database.url)
         self.store = await self._connect()
         self.scheduler = WorldScheduler(self.store, defaults=s.defaults.simulation, decide_fn=decide_fn)
+        clock = MonotonicClock()
+        if self.store.dialect == "postgresql":
+            # Always lease on PostgreSQL, so starting another daemon is all it takes to scale out.
+            self.leases = LeaseKeeper(
+                LeaseStore(self.store.engine, s.scheduler.instance_id, s.scheduler.lease_ttl_seconds), clock
+            )
         self.runner = SchedulerLoopRunner(
             self.scheduler,
+            clock=clock,
+            leases=self.leases,
             max_concurrent_ticks=s.scheduler.max_concurrent_ticks,
             tick_timeout_seconds=s.scheduler.tick_timeout_seconds,
             discovery_interval_seconds=s.scheduler.discovery_interval_seconds,
@@ -170,6 +219,9 @@ class Daemon:
             await asyncio.gather(*background, return_exceptions=True)
             await self.runner.shutdown()
             await self.store.dispose()
+            if self._sqlite_lock_fd is not None:
+                os.close(self._sqlite_lock_fd)
+                self._sqlite_lock_fd = None
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         log.info("stopped")

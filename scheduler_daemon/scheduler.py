@@ -24,6 +24,7 @@ from scheduler_daemon.simulation.behavior import (
     simulate_batch,
 )
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
+from scheduler_daemon.store.leases import Lease, fence_tick
 from scheduler_daemon.store.repository import Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
@@ -61,6 +62,7 @@ class _World:
     context: WorldSimulationContext
     behavior: BehaviorContent
     extra: dict[str, Any] = field(default_factory=dict)
+    lease: Lease | None = None  # the fencing token when several daemons share the database
 
 
 class WorldScheduler:
@@ -89,8 +91,12 @@ class WorldScheduler:
         behavior = parse_behavior(record.id, record.meta.get("behavior"))
         return config, behavior
 
-    async def register_world(self, world_id: int) -> WorldSimulationContext:
+    async def register_world(self, world_id: int, *, lease: Lease | None = None) -> WorldSimulationContext:
         """Load a world (creating its state row if missing) and start tracking it.
+
+        With a ``lease`` every tick of the world is fenced on it (see
+        :mod:`scheduler_daemon.store.leases`); register only after claiming,
+        so the clock loaded here is the last one any owner committed.
 
         Raises :class:`~scheduler_daemon.world_config.WorldConfigError` or
         :class:`~scheduler_daemon.simulation.behavior.BehaviorContentError` naming
@@ -107,7 +113,7 @@ class WorldScheduler:
             config_version=record.config_version,
         )
         ctx.record_population(await self.store.tier_counts(world_id))
-        self._worlds[world_id] = _World(ctx, behavior)
+        self._worlds[world_id] = _World(ctx, behavior, lease=lease)
         log.info(
             "world registered",
             world_id=world_id,
@@ -116,8 +122,13 @@ class WorldScheduler:
             time_scale=config.time_scale,
             tick_interval_seconds=config.tick_interval_seconds,
             paused=config.pause_simulation,
+            lease_epoch=lease.epoch if lease else None,
         )
         return ctx
+
+    def get_lease(self, world_id: int) -> Lease | None:
+        """The lease a registered world's ticks are fenced on (``None``: single instance)."""
+        return self._require(world_id).lease
 
     async def reload_world(self, world_id: int, *, elapsed_real_since_tick: float = 0.0) -> WorldSimulationContext:
         """Re-read a registered world's config and behaviour from the database.
@@ -185,7 +196,7 @@ class WorldScheduler:
         """Stats of every registered world."""
         return {
             "registered_worlds": len(self._worlds),
-            "worlds": {wid: w.context.get_stats() for wid, w in self._worlds.items()},
+            "worlds": {wid: _world_stats(w) for wid, w in self._worlds.items()},
         }
 
     # ---------------------------------------------------------------- tick
@@ -212,6 +223,8 @@ class WorldScheduler:
                 world_time=plan.world_time_after,
                 delta_game_seconds=plan.delta_game_seconds,
                 delta_real_seconds=delta_real_seconds,
+                ticks=ctx.ticks_processed,
+                lease_epoch=entry.lease.epoch if entry.lease else None,
                 time_scale=ctx.config.time_scale,
                 npcs=outcome.npcs_simulated,
                 per_tier={t.label: n for t, n in outcome.npcs_per_tier.items()},
@@ -243,13 +256,26 @@ class WorldScheduler:
         config = ctx.config
         now = plan.world_time_after
         async with self.store.transaction() as conn:
+            if entry.lease is not None:
+                # First statement: lock the state row under our lease, so a
+                # lost lease writes nothing and no claim can slip in before COMMIT.
+                await fence_tick(conn, entry.lease)
             due = await self.store.select_due_npcs(conn, ctx.world_id, now, config.max_npc_ticks_per_step)
             decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
             await self.store.write_decisions(conn, ctx.world_id, decisions)
-            await self.store.advance_world_state(conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed)
+            await self.store.advance_world_state(
+                conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed, lease=entry.lease
+            )
         outcome.npcs_simulated = len(decisions)
         _count_tiers(due, now, outcome)
         return outcome
+
+
+def _world_stats(world: _World) -> dict[str, Any]:
+    stats = world.context.get_stats()
+    stats["lease_owner"] = world.lease.owner if world.lease else None
+    stats["lease_epoch"] = world.lease.epoch if world.lease else None
+    return stats
 
 
 def _count_tiers(due: list[NpcState], now: float, outcome: TickOutcome) -> None:

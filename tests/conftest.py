@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from scheduler_daemon.store.repository import Store
 
 PG_ENV = "SCHEDULER_TEST_POSTGRES_URL"
-TABLES_IN_DELETE_ORDER = ("npcs", "sessions", "world_states", "worlds")
+TABLES_IN_DELETE_ORDER = ("npcs", "sessions", "world_states", "worlds", "scheduler_instances")
 
 
 def _in_ci() -> bool:

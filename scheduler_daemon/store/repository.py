@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -20,6 +20,9 @@ from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcSta
 from scheduler_daemon.store import migrate
 from scheduler_daemon.store.database import create_engine
 from scheduler_daemon.store.models import npcs, sessions, world_states, worlds
+
+if TYPE_CHECKING:
+    from scheduler_daemon.store.leases import Lease
 
 
 class WorldNotFoundError(LookupError):
@@ -436,19 +439,27 @@ class Store:
 
     @staticmethod
     async def advance_world_state(
-        conn: AsyncConnection, world_id: int, *, world_time: float, expected_ticks: int
+        conn: AsyncConnection, world_id: int, *, world_time: float, expected_ticks: int, lease: Lease | None = None
     ) -> None:
         """Move the committed clock, fenced on the tick counter we planned from.
 
+        With a ``lease`` (several daemons on PostgreSQL) the update is also
+        conditional on ``lease_owner = me AND lease_epoch = my epoch``.
         Raises :class:`StaleWorldStateError` when the row moved under us, so
-        a tick can never be applied twice.
+        a tick can never be applied twice (the caller's transaction, with the
+        tick's NPC writes, then rolls back).
         """
+        conditions = [world_states.c.world_id == world_id, world_states.c.ticks == expected_ticks]
+        if lease is not None:
+            conditions += [world_states.c.lease_owner == lease.owner, world_states.c.lease_epoch == lease.epoch]
         result = await conn.execute(
             sa.update(world_states)
-            .where(world_states.c.world_id == world_id, world_states.c.ticks == expected_ticks)
+            .where(*conditions)
             .values(world_time=world_time, ticks=world_states.c.ticks + 1, last_advanced_at=_now())
         )
         if result.rowcount != 1:
             raise StaleWorldStateError(
-                f"world {world_id}: state row is not at tick {expected_ticks}; refusing to apply the tick"
+                f"world {world_id}: state row is not at tick {expected_ticks}"
+                + (f" with lease (owner {lease.owner!r}, epoch {lease.epoch})" if lease is not None else "")
+                + "; refusing to apply the tick"
             )

@@ -194,7 +194,9 @@ class LeaseMachine(RuleBasedStateMachine):
                 return list(
                     (
                         await conn.execute(
-                            sa.text("SELECT world_id, lease_owner, lease_epoch, lease_expires_at, ticks FROM world_states")
+                            sa.text(
+                                "SELECT world_id, lease_owner, lease_epoch, lease_expires_at, ticks FROM world_states"
+                            )
                         )
                     ).all()
                 )

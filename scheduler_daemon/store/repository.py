@@ -439,10 +439,18 @@ class Store:
 
     @staticmethod
     async def advance_world_state(
-        conn: AsyncConnection, world_id: int, *, world_time: float, expected_ticks: int, lease: Lease | None = None
+        conn: AsyncConnection,
+        world_id: int,
+        *,
+        world_time: float,
+        expected_ticks: int,
+        advanced_at: datetime | None = None,
+        lease: Lease | None = None,
     ) -> None:
         """Move the committed clock, fenced on the tick counter we planned from.
 
+        ``advanced_at`` is the wall time the new world time corresponds to (the
+        tick's start), for humans and external checks; default: now.
         With a ``lease`` (several daemons on PostgreSQL) the update is also
         conditional on ``lease_owner = me AND lease_epoch = my epoch``.
         Raises :class:`StaleWorldStateError` when the row moved under us, so
@@ -455,7 +463,7 @@ class Store:
         result = await conn.execute(
             sa.update(world_states)
             .where(*conditions)
-            .values(world_time=world_time, ticks=world_states.c.ticks + 1, last_advanced_at=_now())
+            .values(world_time=world_time, ticks=world_states.c.ticks + 1, last_advanced_at=advanced_at or _now())
         )
         if result.rowcount != 1:
             raise StaleWorldStateError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -32,6 +33,7 @@ from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.settings import Settings, SettingsError, load_settings, restart_only_changes
 from scheduler_daemon.simulation.behavior import load_decide_fn
+from scheduler_daemon.store.database import create_engine
 from scheduler_daemon.store.errors import is_transient
 from scheduler_daemon.store.leases import LeaseStore
 from scheduler_daemon.store.migrate import SchemaNotMigratedError
@@ -128,6 +130,7 @@ class Daemon:
         self.runner: SchedulerLoopRunner | None = None
         self.leases: LeaseKeeper | None = None
         self._sqlite_lock_fd: int | None = None
+        self._lease_engine: AsyncEngine | None = None
         self.started_monotonic = time.monotonic()
         self.reload_count = 0
         self.last_reload_ok: bool | None = None
@@ -145,8 +148,11 @@ class Daemon:
             pool_size=db.pool_size,
             max_overflow=db.max_overflow,
             connect_timeout=db.connect_timeout_seconds,
-            # Bound how long a frozen daemon's open tick transaction can hold a world's row.
-            idle_in_transaction_timeout=self.settings.scheduler.lease_ttl_seconds
+            # Bound how long a frozen daemon's open tick transaction can keep a
+            # world's row locked against a new owner: no longer than a tick may take.
+            idle_in_transaction_timeout=max(
+                self.settings.scheduler.lease_ttl_seconds, self.settings.scheduler.tick_timeout_seconds
+            )
             if db.url.startswith("postgresql")
             else None,
         )
@@ -182,8 +188,13 @@ class Daemon:
         clock = MonotonicClock()
         if self.store.dialect == "postgresql":
             # Always lease on PostgreSQL, so starting another daemon is all it takes to scale out.
+            # Heartbeats and renewals get their own small pool: they must never
+            # queue behind ticks for a connection, or a busy daemon loses its leases.
+            self._lease_engine = create_engine(
+                s.database.url, pool_size=1, max_overflow=1, connect_timeout=s.database.connect_timeout_seconds
+            )
             self.leases = LeaseKeeper(
-                LeaseStore(self.store.engine, s.scheduler.instance_id, s.scheduler.lease_ttl_seconds), clock
+                LeaseStore(self._lease_engine, s.scheduler.instance_id, s.scheduler.lease_ttl_seconds), clock
             )
         self.runner = SchedulerLoopRunner(
             self.scheduler,
@@ -219,6 +230,8 @@ class Daemon:
             await asyncio.gather(*background, return_exceptions=True)
             await self.runner.shutdown()
             await self.store.dispose()
+            if self._lease_engine is not None:
+                await self._lease_engine.dispose()
             if self._sqlite_lock_fd is not None:
                 os.close(self._sqlite_lock_fd)
                 self._sqlite_lock_fd = None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -111,14 +111,14 @@ class LeaseKeeper:
         if not snapshot:
             return []
         sent = self.clock.now()
-        still_ours = await self.store.renew([h.lease for h in snapshot])
+        result = await self.store.renew([h.lease for h in snapshot])
         lost = []
         for h in snapshot:
             if self.held.get(h.lease.world_id) is not h:
                 continue  # released or replaced meanwhile
-            if h.lease.world_id in still_ours:
+            if h.lease.world_id in result.renewed:
                 h.valid_until = sent + self.ttl_seconds
-            else:
+            elif h.lease.world_id in result.lost:
                 lost.append(h.lease.world_id)
         return lost
 
@@ -127,12 +127,17 @@ class LeaseKeeper:
         held = self.held.get(world_id)
         return held is not None and self.clock.now() < held.valid_until
 
-    async def revalidate(self, world_id: int) -> bool:
-        """Renew one locally expired lease before using it; False if it is lost."""
+    async def revalidate(self, world_id: int) -> Literal["valid", "lost", "unconfirmed"]:
+        """Renew one locally expired lease before using it.
+
+        ``unconfirmed``: the row was locked (a peer's claim in flight), try again later.
+        """
         if world_id not in self.held:
-            return False
+            return "lost"
         log.warning("lease renewal overdue, revalidating before the tick", world_id=world_id)
-        return not await self.renew([world_id])
+        if await self.renew([world_id]):
+            return "lost"
+        return "valid" if self.is_valid(world_id) else "unconfirmed"
 
     def forget_lost(self, world_id: int, reason: str) -> bool:
         """Drop a lease another instance took; counts it. False if we did not hold it."""

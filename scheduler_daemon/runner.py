@@ -41,6 +41,13 @@ log = structlog.get_logger("scheduler_daemon.runner")
 _IDLE_WAKE_SECONDS = 1.0
 
 
+class LeaseUnconfirmedError(RuntimeError):
+    """A lease whose renewal is overdue could not be confirmed yet; the tick is retried later."""
+
+    def __init__(self, world_id: int) -> None:
+        super().__init__(f"world {world_id}: lease renewal overdue and not confirmable right now; tick skipped")
+
+
 class TickObserver(Protocol):
     """Receives runner events (metrics implement this)."""
 
@@ -366,16 +373,16 @@ class SchedulerLoopRunner:
                 delta = max(started - slot.last_tick_at, 0.0)
                 try:
                     async with asyncio.timeout(self.tick_timeout_seconds):
-                        if (
-                            self.leases is not None
-                            and not self.leases.is_valid(slot.world_id)
-                            and not await self.leases.revalidate(slot.world_id)
-                        ):
-                            # Our loop was frozen past the renewal and someone
-                            # else took the world: do not even try the tick.
-                            outcome = "lease_lost"
-                            await self._drop_lost_in_tick(slot, reason="overdue renewal")
-                            return
+                        if self.leases is not None and not self.leases.is_valid(slot.world_id):
+                            # Our renewal is overdue (the loop was frozen?): confirm
+                            # the lease before the tick, never tick on a guess.
+                            status = await self.leases.revalidate(slot.world_id)
+                            if status == "lost":
+                                outcome = "lease_lost"
+                                await self._drop_lost_in_tick(slot, reason="overdue renewal")
+                                return
+                            if status == "unconfirmed":
+                                raise LeaseUnconfirmedError(slot.world_id)
                         result = await self.scheduler.tick_world(slot.world_id, delta)
                 except TimeoutError:
                     outcome = "timeout"

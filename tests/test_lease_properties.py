@@ -125,7 +125,9 @@ class LeaseMachine(RuleBasedStateMachine):
     def renew(self, owner: str) -> None:
         believed = [Lease(w, owner[0], e) for w, e in self.beliefs[owner].items()]
         expected = {w for w in self.beliefs[owner] if self._ours(owner, w)}
-        assert self._run(self.leases[owner].renew(believed)) == expected
+        result = self._run(self.leases[owner].renew(believed))
+        assert result.renewed == expected
+        assert result.lost == set(self.beliefs[owner]) - expected  # nothing is locked here
         for w in expected:
             self.model[w] = (owner[0], self.model[w][1], self.now + timedelta(seconds=TTL))
 

@@ -20,7 +20,7 @@ from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.leases import Lease, LeaseLostError, LeaseStore
+from scheduler_daemon.store.leases import Lease, LeaseLostError, LeaseStore, RenewResult
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store, require_postgres_url
 from tests.helpers import make_world, npc_rows, world_state
@@ -78,15 +78,15 @@ async def test_claim_is_exclusive_until_expiry_and_bumps_the_epoch(pg: Store) ->
     assert [(x.world_id, x.epoch) for x in got_b] == [(worlds[2], 1)]  # A's are not free
 
     clock.advance(TTL / 2)
-    assert await a.renew(got_a) == {worlds[0], worlds[1]}
+    assert (await a.renew(got_a)).renewed == {worlds[0], worlds[1]}
     clock.advance(TTL * 0.9)  # A renewed: still inside its TTL, B's first claim expired
-    assert await b.renew(got_b) == {worlds[2]}  # renewing an expired, unclaimed lease is fine
+    assert (await b.renew(got_b)).renewed == {worlds[2]}  # renewing an expired, unclaimed lease is fine
     assert await b.claim(worlds, 5) == []
 
     clock.advance(TTL)  # A stopped renewing
     taken = await b.claim(worlds[:2], 5)
     assert [(x.world_id, x.epoch) for x in taken] == [(worlds[0], 2), (worlds[1], 2)]
-    assert await a.renew(got_a) == set()  # lost: epoch moved on
+    assert await a.renew(got_a) == RenewResult(set(), {worlds[0], worlds[1]})  # lost: epoch moved on
     assert await a.release(got_a) == set()  # and A cannot release B's leases
     assert await lease_row(pg, worlds[0]) == ("b", 2)
 

@@ -53,6 +53,14 @@ class Lease:
 
 
 @dataclass(frozen=True, slots=True)
+class RenewResult:
+    """Outcome of a renewal: leases extended, and leases found lost (owner or epoch changed)."""
+
+    renewed: set[int]
+    lost: set[int]
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseInfo:
     """A world's lease as stored (for humans: ``worlds list``, the API)."""
 
@@ -220,12 +228,25 @@ class LeaseStore:
             ).all()
         return sorted((Lease(int(r[0]), self.instance_id, int(r[1])) for r in rows), key=lambda lease: lease.world_id)
 
-    async def renew(self, leases: Collection[Lease]) -> set[int]:
-        """Extend our leases (owner and epoch conditional); returns the world ids still ours."""
+    async def renew(self, leases: Collection[Lease]) -> RenewResult:
+        """Extend our leases (owner and epoch conditional).
+
+        Rows locked right now are skipped rather than waited for: usually our
+        own tick holds the lock (so nobody can claim the row meanwhile), and
+        one slow tick must not hold up the renewal of every other world.
+        Skipped leases are neither renewed nor lost; the next renewal decides.
+        """
         if not leases:
-            return set()
+            return RenewResult(set(), set())
         held = _held(leases)
         async with self.engine.begin() as conn:
+            unlocked = (
+                await conn.execute(
+                    sa.select(world_states.c.world_id)
+                    .where(world_states.c.world_id == sa.func.any(_ids([lease.world_id for lease in leases])))
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
             rows = (
                 await conn.execute(
                     sa.update(world_states)
@@ -233,12 +254,14 @@ class LeaseStore:
                         world_states.c.world_id == held.c.world_id,
                         world_states.c.lease_epoch == held.c.epoch,
                         world_states.c.lease_owner == self.instance_id,
+                        world_states.c.world_id == sa.func.any(_ids([int(r[0]) for r in unlocked])),
                     )
                     .values(lease_expires_at=self._expiry())
                     .returning(world_states.c.world_id)
                 )
             ).all()
-        return {int(r[0]) for r in rows}
+        renewed = {int(r[0]) for r in rows}
+        return RenewResult(renewed, {int(r[0]) for r in unlocked} - renewed)
 
     async def release(self, leases: Collection[Lease]) -> set[int]:
         """Give leases up so a peer can claim them at once; returns the world ids released."""

@@ -191,7 +191,7 @@ class Daemon:
             # Heartbeats and renewals get their own small pool: they must never
             # queue behind ticks for a connection, or a busy daemon loses its leases.
             self._lease_engine = create_engine(
-                s.database.url, pool_size=1, max_overflow=1, connect_timeout=s.database.connect_timeout_seconds
+                s.database.url, pool_size=2, max_overflow=2, connect_timeout=s.database.connect_timeout_seconds
             )
             self.leases = LeaseKeeper(
                 LeaseStore(self._lease_engine, s.scheduler.instance_id, s.scheduler.lease_ttl_seconds), clock

@@ -122,6 +122,12 @@ class LeaseKeeper:
                 lost.append(h.lease.world_id)
         return lost
 
+    def renewed_by_tick(self, world_id: int, started: float) -> None:
+        """A fenced tick that began at monotonic ``started`` committed: it renewed the lease too."""
+        held = self.held.get(world_id)
+        if held is not None:
+            held.valid_until = max(held.valid_until, started + self.ttl_seconds)
+
     def is_valid(self, world_id: int) -> bool:
         """Whether our last renewal still covers this lease on the local monotonic clock."""
         held = self.held.get(world_id)

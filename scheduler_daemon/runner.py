@@ -402,6 +402,8 @@ class SchedulerLoopRunner:
                 else:
                     outcome = "ok"
                     slot.last_tick_at = started
+                    if self.leases is not None:
+                        self.leases.renewed_by_tick(slot.world_id, started)
         finally:
             slot.in_flight = False
             self.progress += 1

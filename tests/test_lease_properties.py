@@ -104,6 +104,8 @@ class LeaseMachine(RuleBasedStateMachine):
         expected = self._ours(owner, world_id)
         assert ok == expected, f"{owner} commit on world {world_id}: got {ok}, model says {expected}"
         if ok:
+            owner_id, epoch, _ = self.model[world_id]
+            self.model[world_id] = (owner_id, epoch, self.now + timedelta(seconds=TTL))  # a tick renews
             # Keyed by the epoch the row had when the commit landed (the model is checked against it).
             self.commits.setdefault((world_id, self.model[world_id][1]), set()).add(owner)
             self.ticks[world_id] += 1
@@ -147,7 +149,7 @@ class LeaseMachine(RuleBasedStateMachine):
         if not self.beliefs[owner]:
             return
         w = data.draw(st.sampled_from(sorted(self.beliefs[owner])))
-        ok = self._run(self._commit(Lease(w, owner[0], self.beliefs[owner][w])))
+        ok = self._run(self._commit(Lease(w, owner[0], self.beliefs[owner][w], TTL, self._db_now)))
         self._record_commit(owner, w, ok)
 
     @precondition(lambda self: any(self.beliefs.values()))
@@ -157,7 +159,7 @@ class LeaseMachine(RuleBasedStateMachine):
         owner = data.draw(st.sampled_from([o for o in OWNERS if self.beliefs[o]]))
         peer = data.draw(st.sampled_from([o for o in OWNERS if o[0] != owner[0]]))
         w = data.draw(st.sampled_from(sorted(self.beliefs[owner])))
-        lease = Lease(w, owner[0], self.beliefs[owner][w])
+        lease = Lease(w, owner[0], self.beliefs[owner][w], TTL, self._db_now)
 
         async def scenario() -> tuple[bool, list[Lease]]:
             conn = await self.store.engine.connect()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -50,6 +50,10 @@ class Lease:
     world_id: int
     owner: str
     epoch: int
+    #: With a TTL, every fenced tick also renews the lease (see :func:`fence_tick`).
+    ttl_seconds: float = 0.0
+    #: The database clock of the store that granted the lease (tests substitute it).
+    now: DbNow = field(default=sa.func.now, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,10 @@ class LeaseInfo:
     owner: str | None
     epoch: int
     expires_at: datetime | None
+
+
+def _seconds(seconds: float) -> sa.ColumnElement[Any]:
+    return sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(seconds, sa.Float))
 
 
 def _ids(values: Collection[int]) -> sa.BindParameter[Any]:
@@ -92,19 +100,20 @@ async def fence_tick(conn: AsyncConnection, lease: Lease) -> int:
     Returns the committed tick counter. Raises :class:`LeaseLostError` when
     the owner or epoch changed. Holding the row lock for the rest of the
     transaction means no claim can change the epoch before we commit (claims
-    skip locked rows).
+    skip locked rows). The same statement renews the lease (expiry from the
+    database's ``now()``, the transaction's start): a world that ticks keeps
+    its lease without waiting for the renewal task.
     """
-    row = (
-        await conn.execute(
-            sa.select(world_states.c.ticks)
-            .where(
-                world_states.c.world_id == lease.world_id,
-                world_states.c.lease_owner == lease.owner,
-                world_states.c.lease_epoch == lease.epoch,
-            )
-            .with_for_update()
-        )
-    ).first()
+    fenced = sa.update(world_states).where(
+        world_states.c.world_id == lease.world_id,
+        world_states.c.lease_owner == lease.owner,
+        world_states.c.lease_epoch == lease.epoch,
+    )
+    if lease.ttl_seconds > 0:
+        fenced = fenced.values(lease_expires_at=lease.now() + _seconds(lease.ttl_seconds))
+    else:
+        fenced = fenced.values(lease_epoch=world_states.c.lease_epoch)  # lock only
+    row = (await conn.execute(fenced.returning(world_states.c.ticks))).first()
     if row is None:
         raise LeaseLostError(lease.world_id, lease.owner, lease.epoch)
     return int(row[0])
@@ -122,7 +131,7 @@ class LeaseStore:
         self._now = now
 
     def _expiry(self) -> sa.ColumnElement[datetime]:
-        return self._now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, sa.literal(self.ttl_seconds, sa.Float))
+        return self._now() + _seconds(self.ttl_seconds)
 
     # ------------------------------------------------------------ instances
     async def heartbeat(self) -> int:
@@ -226,7 +235,10 @@ class LeaseStore:
                     .returning(world_states.c.world_id, world_states.c.lease_epoch)
                 )
             ).all()
-        return sorted((Lease(int(r[0]), self.instance_id, int(r[1])) for r in rows), key=lambda lease: lease.world_id)
+        return sorted(
+            (Lease(int(r[0]), self.instance_id, int(r[1]), self.ttl_seconds, self._now) for r in rows),
+            key=lambda lease: lease.world_id,
+        )
 
     async def renew(self, leases: Collection[Lease]) -> RenewResult:
         """Extend our leases (owner and epoch conditional).

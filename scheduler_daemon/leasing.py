@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
@@ -49,6 +49,7 @@ class LeaseKeeper:
         self.lease_claims = 0
         self.lease_lost = 0
         self.lease_releases = 0
+        self.renewals_overdue = 0
 
     @property
     def instance_id(self) -> str:
@@ -102,12 +103,16 @@ class LeaseKeeper:
         return leases
 
     async def renew(self, world_ids: Iterable[int] | None = None) -> list[int]:
-        """Renew our leases (all by default); returns the world ids found lost.
+        """Renew our leases; returns the world ids found lost.
 
-        Lost leases stay in :attr:`held` until :meth:`forget_lost` so the
-        caller can stop the world first.
+        By default only the leases that a tick has not renewed within the
+        last third of the TTL. Lost leases stay in :attr:`held` until
+        :meth:`forget_lost` so the caller can stop the world first.
         """
-        snapshot = [self.held[w] for w in (self.held if world_ids is None else world_ids) if w in self.held]
+        if world_ids is None:
+            due = self.clock.now() + self.ttl_seconds - self.renew_interval_seconds
+            world_ids = [w for w, h in self.held.items() if h.valid_until <= due]
+        snapshot = [self.held[w] for w in world_ids if w in self.held]
         if not snapshot:
             return []
         sent = self.clock.now()
@@ -133,17 +138,23 @@ class LeaseKeeper:
         held = self.held.get(world_id)
         return held is not None and self.clock.now() < held.valid_until
 
-    async def revalidate(self, world_id: int) -> Literal["valid", "lost", "unconfirmed"]:
-        """Renew one locally expired lease before using it.
+    def check_overdue(self, world_id: int) -> bool:
+        """Note (log, count) a lease our renewals no longer cover; True if overdue.
 
-        ``unconfirmed``: the row was locked (a peer's claim in flight), try again later.
+        The tick goes ahead anyway: its fence statement checks owner and epoch
+        in the database and renews the lease in one step, so a lease that was
+        taken over writes nothing and one that was not is kept.
         """
-        if world_id not in self.held:
-            return "lost"
-        log.warning("lease renewal overdue, revalidating before the tick", world_id=world_id)
-        if await self.renew([world_id]):
-            return "lost"
-        return "valid" if self.is_valid(world_id) else "unconfirmed"
+        held = self.held.get(world_id)
+        if held is None or self.clock.now() < held.valid_until:
+            return False
+        self.renewals_overdue += 1
+        log.warning(
+            "lease renewal overdue; the fenced tick decides",
+            world_id=world_id,
+            overdue_seconds=round(self.clock.now() - held.valid_until, 3),
+        )
+        return True
 
     def forget_lost(self, world_id: int, reason: str) -> bool:
         """Drop a lease another instance took; counts it. False if we did not hold it."""
@@ -189,5 +200,6 @@ class LeaseKeeper:
             "lease_claims": self.lease_claims,
             "lease_lost": self.lease_lost,
             "lease_releases": self.lease_releases,
+            "renewals_overdue": self.renewals_overdue,
             "held": {wid: h.lease.epoch for wid, h in sorted(self.held.items())},
         }

@@ -180,7 +180,7 @@ async def test_runner_drops_a_world_at_once_when_its_fence_fails(pg: Store) -> N
     assert runner_b.get_stats()["worlds"][world_id]["lease_owner"] == "b"
 
 
-async def test_overdue_renewal_is_revalidated_before_ticking(pg: Store) -> None:
+async def test_after_a_freeze_only_the_fence_decides_which_worlds_still_tick(pg: Store) -> None:
     db_clock = DbClock()
     kept, _ = await make_world(pg, name="kept", simulation={"alwaysOn": True})
     taken, _ = await make_world(pg, name="taken", simulation={"alwaysOn": True})
@@ -194,9 +194,11 @@ async def test_overdue_renewal_is_revalidated_before_ticking(pg: Store) -> None:
     db_clock.advance(3 * TTL)
     b = lease_store(pg, "b", db_clock)
     assert [x.world_id for x in await b.claim([taken], 1)] == [taken]
-    await runner_a.run_once()  # both due: each is revalidated first
+    await runner_a.run_once()  # both due, both locally overdue: the fenced ticks decide
     assert runner_a.world_ids == [kept]
-    assert runner_a.get_stats()["leases"]["lease_lost"] == 1
+    stats = runner_a.get_stats()["leases"]
+    assert stats["lease_lost"] == 1 and stats["renewals_overdue"] == 2
+    assert runner_a.leases is not None and runner_a.leases.is_valid(kept)  # the tick renewed it
     assert (await world_state(pg, kept))[1] == 1  # nobody took it: renewed and ticked
     assert await world_state(pg, taken) == (0.0, 0)  # nothing written for the lost world
 

@@ -157,6 +157,10 @@ class SchedulerLoopRunner:
     async def add_world(self, world_id: int) -> None:
         """Register a world with the scheduler and schedule its first tick one interval from now."""
         lease = self.leases.lease_for(world_id) if self.leases is not None else None
+        if self.leases is not None and lease is None:
+            # Lost (or given up) while discovery was busy: never tick a world unfenced.
+            log.info("world not registered: its lease is no longer ours", world_id=world_id)
+            return
         ctx = await self.scheduler.register_world(world_id, lease=lease)
         now = self.clock.now()
         interval = ctx.config.tick_interval_seconds

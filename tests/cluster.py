@@ -220,14 +220,14 @@ class Cluster:
 
     def reported_ticks(self) -> dict[str, list[tuple[int, int, int]]]:
         """Per daemon: the ticks it reports as committed, (world, ticks after, epoch)."""
-        return {
-            name: [
-                (int(e["world_id"]), int(e["ticks"]), int(e["lease_epoch"]))
-                for e in self.log_events(name)
-                if e.get("event") == "tick"
-            ]
-            for name in self.daemons
-        }
+        reports: dict[str, list[tuple[int, int, int]]] = {}
+        for name in self.daemons:
+            ticks = [e for e in self.log_events(name) if e.get("event") == "tick"]
+            unfenced = [e for e in ticks if e.get("lease_epoch") is None]
+            if unfenced:
+                raise ClusterError(f"{name} ticked without a lease: {unfenced[:3]}")
+            reports[name] = [(int(e["world_id"]), int(e["ticks"]), int(e["lease_epoch"])) for e in ticks]
+        return reports
 
 
 def check_accounting(cluster: Cluster, *, killed: Iterable[str] = ()) -> dict[str, Any]:

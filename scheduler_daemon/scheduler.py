@@ -26,7 +26,7 @@ from scheduler_daemon.simulation.behavior import (
 )
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
 from scheduler_daemon.store.leases import Lease, fence_tick
-from scheduler_daemon.store.repository import Store, WorldRecord
+from scheduler_daemon.store.repository import StaleWorldStateError, Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
@@ -213,11 +213,14 @@ class WorldScheduler:
             started = time.perf_counter()
             # Wall time of the moment this tick's world time corresponds to (for humans).
             wall_at_start = datetime.now(UTC)
+            plan = None
             try:
                 plan = ctx.plan_advance(delta_real_seconds)
                 outcome = await self._run_tick(entry, plan, wall_at_start)
             except BaseException as exc:
                 ctx.record_failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                if plan is not None and not isinstance(exc, StaleWorldStateError):
+                    ctx.record_unconfirmed(plan)
                 raise
             outcome.duration_ms = (time.perf_counter() - started) * 1000.0
             ctx.apply_tick(plan, outcome)

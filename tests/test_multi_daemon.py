@@ -50,7 +50,6 @@ def test_three_daemons_split_the_worlds_and_a_fourth_rebalances_without_stalls(c
     for name in ("a", "b", "c"):
         cluster.start(name)
     poll(lambda: balanced(cluster, ["a", "b", "c"], 10), timeout=90, what="10 worlds per daemon")
-    assert cluster.owners() == {"a": 10, "b": 10, "c": 10}
 
     joined_at = cluster.db_now()
     cluster.start("d")

@@ -9,8 +9,9 @@ start of the tick's transaction), so once another instance has claimed the
 world, the old owner cannot commit a single row of it, however long it was
 paused.
 
-The database clock is an SQL expression (``now()`` by default) so tests can
-substitute a controllable one.
+The database clock is an SQL expression (``clock_timestamp()`` by default:
+the statement's time, not the transaction's start, so a claim that waited
+does not start out partly expired) so tests can substitute a controllable one.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Lease:
     #: With a TTL, every fenced tick also renews the lease (see :func:`fence_tick`).
     ttl_seconds: float = 0.0
     #: The database clock of the store that granted the lease (tests substitute it).
-    now: DbNow = field(default=sa.func.now, compare=False, repr=False)
+    now: DbNow = field(default=sa.func.clock_timestamp, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +102,8 @@ async def fence_tick(conn: AsyncConnection, lease: Lease) -> int:
     the owner or epoch changed. Holding the row lock for the rest of the
     transaction means no claim can change the epoch before we commit (claims
     skip locked rows). The same statement renews the lease (expiry from the
-    database's ``now()``, the transaction's start): a world that ticks keeps
-    its lease without waiting for the renewal task.
+    database's clock): a world that ticks keeps its lease without waiting for
+    the renewal task.
     """
     fenced = sa.update(world_states).where(
         world_states.c.world_id == lease.world_id,
@@ -122,7 +123,9 @@ async def fence_tick(conn: AsyncConnection, lease: Lease) -> int:
 class LeaseStore:
     """Heartbeats and world leases for one daemon instance."""
 
-    def __init__(self, engine: AsyncEngine, instance_id: str, ttl_seconds: float, *, now: DbNow = sa.func.now) -> None:
+    def __init__(
+        self, engine: AsyncEngine, instance_id: str, ttl_seconds: float, *, now: DbNow = sa.func.clock_timestamp
+    ) -> None:
         if engine.dialect.name != "postgresql":
             raise ValueError("world leases need PostgreSQL; SQLite is single-instance")
         self.engine = engine
@@ -207,9 +210,15 @@ class LeaseStore:
         if limit <= 0 or not candidates:
             return []
         async with self.engine.begin() as conn:
+            # Only worlds without a state row: an upsert over existing rows would
+            # wait for every in-flight tick holding one of them.
+            missing = sa.select(worlds.c.id).where(
+                worlds.c.id == sa.func.any(_ids(candidates)),
+                ~sa.exists().where(world_states.c.world_id == worlds.c.id),
+            )
             await conn.execute(
                 postgresql.insert(world_states)
-                .from_select(["world_id"], sa.select(worlds.c.id).where(worlds.c.id == sa.func.any(_ids(candidates))))
+                .from_select(["world_id"], missing)
                 .on_conflict_do_nothing(index_elements=[world_states.c.world_id])
             )
             claimable = (

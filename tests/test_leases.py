@@ -20,7 +20,7 @@ from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.leases import Lease, LeaseLostError, LeaseStore, RenewResult
+from scheduler_daemon.store.leases import Lease, LeaseLostError, LeaseStore, RenewResult, fence_tick
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store, require_postgres_url
 from tests.helpers import make_world, npc_rows, world_state
@@ -238,3 +238,20 @@ def test_second_daemon_on_the_same_sqlite_file_is_refused(tmp_path: Path) -> Non
     second = lock_sqlite_database(url)  # released with the first holder
     assert second is not None
     os.close(second)
+
+
+async def test_renewal_skips_a_row_our_tick_holds_and_claims_skip_it_too(pg: Store) -> None:
+    clock = DbClock()
+    busy, _ = await make_world(pg, name="busy")
+    idle, _ = await make_world(pg, name="idle")
+    a, b = lease_store(pg, "a", clock), lease_store(pg, "b", clock)
+    leases = await a.claim([busy, idle], 2)
+    clock.advance(TTL + 1)  # both expired: claimable by b unless locked
+    async with pg.engine.connect() as conn:
+        trans = await conn.begin()
+        await fence_tick(conn, leases[0])  # a's tick of `busy` holds its row
+        result = await a.renew(leases)
+        assert result == RenewResult({idle}, set())  # neither renewed nor lost: decided next time
+        assert [x.world_id for x in await b.claim([busy, idle], 2)] == []  # idle renewed, busy locked
+        await trans.commit()
+    assert (await a.renew(leases)).renewed == {busy, idle}

@@ -1,7 +1,9 @@
 """Several real daemons sharing worlds through PostgreSQL leases (subprocesses, real signals).
 
-TTL 4 s, discovery every 0.5 s, worlds tick every 2 s (a loaded 2-core CI
-machine with three daemons must still renew comfortably inside the TTL). Every committed tick
+TTL 6 s, discovery every 1 s, worlds tick every 2 s: three or four daemons
+on a loaded 2-core machine must still renew comfortably inside the TTL (with
+shorter TTLs a CPU-starved daemon loses leases it still wants, which is
+correct and fenced, but makes the balance assertions wait on the churn). Every committed tick
 is recorded by a database trigger and checked against what the daemons
 report (see ``tests/cluster.py``).
 """
@@ -24,8 +26,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.subprocess]
 
 WORLDS = 30
 INTERVAL = 2.0
-TTL = 4.0
-DISCOVERY = 0.5
+TTL = 6.0
+DISCOVERY = 1.0
 #: Scheduling slack for a loaded 2-core CI machine (process start-up is not in any bound).
 SLACK = 3.0
 
@@ -49,11 +51,11 @@ def balanced(cluster: Cluster, names: list[str], share: int) -> bool:
 def test_three_daemons_split_the_worlds_and_a_fourth_rebalances_without_stalls(cluster: Cluster) -> None:
     for name in ("a", "b", "c"):
         cluster.start(name)
-    poll(lambda: balanced(cluster, ["a", "b", "c"], 10), timeout=90, what="10 worlds per daemon")
+    poll(lambda: balanced(cluster, ["a", "b", "c"], 10), timeout=120, what="10 worlds per daemon")
 
     joined_at = cluster.db_now()
     cluster.start("d")
-    poll(lambda: balanced(cluster, ["a", "b", "c", "d"], 8), timeout=90, what="four-way split")
+    poll(lambda: balanced(cluster, ["a", "b", "c", "d"], 8), timeout=120, what="four-way split")
     settled_at = cluster.db_now()
     # Let every world tick a few more times under the new owners.
     poll(lambda: cluster.db_now() > settled_at + timedelta(seconds=3 * INTERVAL), timeout=30, what="3 s")
@@ -85,7 +87,7 @@ def test_three_daemons_split_the_worlds_and_a_fourth_rebalances_without_stalls(c
 def test_sigkilled_daemon_worlds_resume_on_the_others_within_ttl_plus_discovery(cluster: Cluster) -> None:
     for name in ("a", "b", "c"):
         cluster.start(name)
-    poll(lambda: balanced(cluster, ["a", "b", "c"], 10), timeout=90, what="10 worlds per daemon")
+    poll(lambda: balanced(cluster, ["a", "b", "c"], 10), timeout=120, what="10 worlds per daemon")
     victim = {w for w, (owner, _) in cluster.leases().items() if owner == "b"}
     killed_at = cluster.db_now()
     cluster.signal("b", signal.SIGKILL)
@@ -111,7 +113,7 @@ def test_sigkilled_daemon_worlds_resume_on_the_others_within_ttl_plus_discovery(
 def test_daemon_paused_past_its_ttl_writes_nothing_for_lost_worlds_and_rejoins(cluster: Cluster) -> None:
     for name in ("a", "b", "c"):
         cluster.start(name)
-    poll(lambda: balanced(cluster, ["a", "b", "c"], 10), timeout=90, what="10 worlds per daemon")
+    poll(lambda: balanced(cluster, ["a", "b", "c"], 10), timeout=120, what="10 worlds per daemon")
     cluster.signal("c", signal.SIGSTOP)
     held = {w: epoch for w, (owner, epoch) in cluster.leases().items() if owner == "c"}
     poll(

@@ -15,6 +15,7 @@ the outcome safe either way.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -181,10 +182,15 @@ class LeaseKeeper:
         log.info("leases released", worlds=sorted(released), reason=reason, held=len(self.held))
 
     async def leave(self) -> None:
-        """Clean shutdown: release every lease and remove our heartbeat row."""
+        """Clean shutdown: release every lease and remove our heartbeat row.
+
+        Bounded by the TTL: a database that does not answer must not hold the
+        shutdown up; the leases then simply expire.
+        """
         try:
-            await self.release(list(self.held), reason="shutdown")
-            await self.store.leave()
+            async with asyncio.timeout(self.ttl_seconds):
+                await self.release(list(self.held), reason="shutdown")
+                await self.store.leave()
         except Exception as exc:
             # Peers then take the worlds over when the leases expire (TTL).
             log.error("releasing leases on shutdown failed", error=f"{type(exc).__name__}: {exc}")

@@ -285,11 +285,22 @@ class LeaseStore:
         return RenewResult(renewed, {int(r[0]) for r in unlocked} - renewed)
 
     async def release(self, leases: Collection[Lease]) -> set[int]:
-        """Give leases up so a peer can claim them at once; returns the world ids released."""
+        """Give leases up so a peer can claim them at once; returns the world ids released.
+
+        Rows locked right now (a tick still stuck in the database) are left
+        alone rather than waited for: they expire after the TTL instead.
+        """
         if not leases:
             return set()
         held = _held(leases)
         async with self.engine.begin() as conn:
+            unlocked = (
+                await conn.execute(
+                    sa.select(world_states.c.world_id)
+                    .where(world_states.c.world_id == sa.func.any(_ids([lease.world_id for lease in leases])))
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
             rows = (
                 await conn.execute(
                     sa.update(world_states)
@@ -297,6 +308,7 @@ class LeaseStore:
                         world_states.c.world_id == held.c.world_id,
                         world_states.c.lease_epoch == held.c.epoch,
                         world_states.c.lease_owner == self.instance_id,
+                        world_states.c.world_id == sa.func.any(_ids([int(r[0]) for r in unlocked])),
                     )
                     .values(lease_owner=None, lease_expires_at=None)
                     .returning(world_states.c.world_id)

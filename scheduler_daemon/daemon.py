@@ -196,9 +196,12 @@ class Daemon:
             clock=clock,
             leases=self.leases,
             max_concurrent_ticks=s.scheduler.max_concurrent_ticks,
+            max_batch_size=s.scheduler.max_batch_size,
+            batch_window_seconds=s.scheduler.batch_window_seconds,
             tick_timeout_seconds=s.scheduler.tick_timeout_seconds,
             discovery_interval_seconds=s.scheduler.discovery_interval_seconds,
             backoff_max_seconds=s.scheduler.backoff_max_seconds,
+            tier_refresh_max_seconds=s.scheduler.tier_refresh_max_seconds,
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
@@ -210,6 +213,7 @@ class Daemon:
             runner = self.runner
             background.append(asyncio.create_task(watchdog_loop(self.notifier, wd, lambda: runner.progress)))
         background.append(asyncio.create_task(self._status_loop(), name="status"))
+        background.append(asyncio.create_task(self._activity_loop(), name="activity-summary"))
         runner_task = asyncio.create_task(self.runner.start(), name="runner")
         try:
             if await self._serving(runner_task):
@@ -359,10 +363,13 @@ class Daemon:
         if self.runner is not None and self.scheduler is not None:
             self.runner.set_limits(
                 max_concurrent_ticks=new.scheduler.max_concurrent_ticks,
+                max_batch_size=new.scheduler.max_batch_size,
+                batch_window_seconds=new.scheduler.batch_window_seconds,
                 tick_timeout_seconds=new.scheduler.tick_timeout_seconds,
                 discovery_interval_seconds=new.scheduler.discovery_interval_seconds,
             )
             self.runner.backoff_max_seconds = new.scheduler.backoff_max_seconds
+            self.runner.tier_refresh_max_seconds = new.scheduler.tier_refresh_max_seconds
             if new.defaults.simulation != old.defaults.simulation:
                 self.scheduler.defaults = dict(new.defaults.simulation)
                 for world_id in self.runner.world_ids:
@@ -399,6 +406,27 @@ class Daemon:
             if not self.last_reload_ok:
                 status += "; last reload failed"
             self.notifier.status(status)
+
+    async def _activity_loop(self) -> None:
+        """One INFO line per world every ``logging.activity_summary_seconds``.
+
+        Shows the NPCs changing activities through the game day without a
+        line per tick; the period is read each round, so SIGHUP changes it.
+        """
+        last_total: dict[int, int] = {}
+        while True:
+            period = self.settings.logging.activity_summary_seconds
+            await asyncio.sleep(period if period > 0 else 5.0)
+            if period <= 0 or self.scheduler is None:
+                continue
+            totals: dict[int, int] = {}
+            for world_id, ctx in sorted(self.scheduler.get_all_contexts().items()):
+                snapshot = ctx.activity_snapshot()
+                totals[world_id] = snapshot.pop("decisions_total")
+                # Decisions since the previous line (since registration for a new world).
+                since = totals[world_id] - last_total.get(world_id, 0)
+                log.info("world activity", world_id=world_id, decisions=since, **snapshot)
+            last_total = totals
 
     def get_stats(self) -> dict[str, Any]:
         """Daemon-level stats: reload state plus the runner's."""

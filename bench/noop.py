@@ -8,6 +8,7 @@ from typing import Any, cast
 from scheduler_daemon.context import WorldSimulationContext
 from scheduler_daemon.scheduler import TickResult, WorldScheduler, _World
 from scheduler_daemon.simulation.behavior import BehaviorContent
+from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.world_config import parse_world_config
 
@@ -35,7 +36,8 @@ class NoopScheduler(WorldScheduler):
         self._config = parse_world_config({}, world_id=0)
         self._result = _result(0, 0.0)
 
-    async def register_world(self, world_id: int) -> WorldSimulationContext:
+    async def register_world(self, world_id: int, *, lease: Lease | None = None) -> WorldSimulationContext:
+        # No database, no leases: the runner passes one only when several daemons share PostgreSQL.
         ctx = WorldSimulationContext(world_id, self._config)
         self._worlds[world_id] = _World(ctx, BehaviorContent())
         self.noop_store.worlds[world_id] = ctx.config_version

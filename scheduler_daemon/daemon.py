@@ -8,6 +8,7 @@ state change over ``$NOTIFY_SOCKET``.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import time
@@ -15,14 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from scheduler_daemon.clock import MonotonicClock
 from scheduler_daemon.jobs import load_sink
+from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.logs import configure_logging
 from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.settings import Settings, SettingsError, load_settings, restart_only_changes
 from scheduler_daemon.simulation.behavior import load_decide_fn
+from scheduler_daemon.store.database import create_engine
+from scheduler_daemon.store.leases import LeaseStore
 from scheduler_daemon.store.migrate import SchemaNotMigratedError
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.systemd import SystemdNotifier, watchdog_interval_seconds, watchdog_loop
@@ -37,6 +43,7 @@ EXIT_CONFIG = 2
 EXIT_DATABASE = 3
 EXIT_NOT_MIGRATED = 4
 EXIT_ADDRESS_IN_USE = 5
+EXIT_ALREADY_RUNNING = 6
 
 #: SIGHUPs arriving this soon after the first join its reload (``for f in …; kill -HUP``).
 RELOAD_SETTLE_SECONDS = 0.2
@@ -50,6 +57,35 @@ class StartupError(RuntimeError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def lock_sqlite_database(url: str) -> int | None:
+    """Hold an exclusive ``flock`` on ``<database>.lock`` for the life of the process.
+
+    SQLite is single-instance: leases need PostgreSQL. Returns the lock's
+    file descriptor (keep it open; the kernel releases the lock when the
+    process exits, however it exits), or ``None`` for non-file databases.
+    """
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if not url.startswith("sqlite") or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    lock_path = f"{database}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot create lock file {lock_path}: {exc.strerror or exc}", EXIT_DATABASE) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"another scheduler-daemon is already running on the SQLite database {database} "
+            f"(it holds {lock_path}); SQLite is single-instance, use PostgreSQL to run several daemons",
+            EXIT_ALREADY_RUNNING,
+        ) from None
+    return fd
 
 
 class Daemon:
@@ -68,6 +104,9 @@ class Daemon:
         self.store: Store | None = None
         self.scheduler: WorldScheduler | None = None
         self.runner: SchedulerLoopRunner | None = None
+        self.leases: LeaseKeeper | None = None
+        self._sqlite_lock_fd: int | None = None
+        self._lease_engine: AsyncEngine | None = None
         self.started_monotonic = time.monotonic()
         self.reload_count = 0
         self.last_reload_ok = True
@@ -87,6 +126,13 @@ class Daemon:
             pool_size=db.pool_size,
             max_overflow=db.max_overflow,
             connect_timeout=db.connect_timeout_seconds,
+            # Bound how long a frozen daemon's open tick transaction can keep a
+            # world's row locked against a new owner: no longer than a tick may take.
+            idle_in_transaction_timeout=max(
+                self.settings.scheduler.lease_ttl_seconds, self.settings.scheduler.tick_timeout_seconds
+            )
+            if db.url.startswith("postgresql")
+            else None,
         )
 
         async def connect_and_check() -> None:
@@ -136,6 +182,7 @@ class Daemon:
             sink = load_sink(s.generation.sink)
         except ValueError as exc:
             raise StartupError(f"generation.sink: {exc}", EXIT_CONFIG) from None
+        self._sqlite_lock_fd = lock_sqlite_database(s.database.url)
         self.store = await self._connect()
         self.scheduler = WorldScheduler(
             self.store,
@@ -144,8 +191,21 @@ class Daemon:
             sink=sink,
             sink_timeout_seconds=s.hand_off_timeout_seconds,
         )
+        clock = MonotonicClock()
+        if self.store.dialect == "postgresql":
+            # Always lease on PostgreSQL, so starting another daemon is all it takes to scale out.
+            # Heartbeats and renewals get their own small pool: they must never
+            # queue behind ticks for a connection, or a busy daemon loses its leases.
+            self._lease_engine = create_engine(
+                s.database.url, pool_size=2, max_overflow=2, connect_timeout=s.database.connect_timeout_seconds
+            )
+            self.leases = LeaseKeeper(
+                LeaseStore(self._lease_engine, s.scheduler.instance_id, s.scheduler.lease_ttl_seconds), clock
+            )
         self.runner = SchedulerLoopRunner(
             self.scheduler,
+            clock=clock,
+            leases=self.leases,
             max_concurrent_ticks=s.scheduler.max_concurrent_ticks,
             max_batch_size=s.scheduler.max_batch_size,
             batch_window_seconds=s.scheduler.batch_window_seconds,
@@ -181,6 +241,11 @@ class Daemon:
                 await asyncio.gather(runner_task, return_exceptions=True)
             await self.runner.shutdown()
             await self.store.dispose()
+            if self._lease_engine is not None:
+                await self._lease_engine.dispose()
+            if self._sqlite_lock_fd is not None:
+                os.close(self._sqlite_lock_fd)
+                self._sqlite_lock_fd = None
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         log.info("stopped")

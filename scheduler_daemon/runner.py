@@ -12,6 +12,12 @@ each hand up to ``max_batch_size`` worlds to ``WorldScheduler.tick_worlds``,
 which commits them in one transaction with per-world atomicity. Each batch is
 bounded by ``tick_timeout_seconds``. A world whose tick fails is backed off
 exponentially and ticks alone until it succeeds; the others keep their rate.
+
+With a :class:`~scheduler_daemon.leasing.LeaseKeeper` (several daemons on
+one PostgreSQL) the runner only ticks worlds whose lease it holds: discovery
+claims up to the fair share and sheds surplus at tick boundaries, a
+background task renews every TTL/3, and a lost lease (fence or renewal)
+drops the world at once.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ from typing import Any, Protocol
 import structlog
 
 from scheduler_daemon.clock import Clock, MonotonicClock, TimerHandle
+from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldScheduler
+from scheduler_daemon.store.leases import LeaseLostError
 from scheduler_daemon.store.repository import StaleWorldStateError, WorldNotFoundError
 
 log = structlog.get_logger("scheduler_daemon.runner")
@@ -144,8 +152,10 @@ class SchedulerLoopRunner:
         backoff_max_seconds: float = 60.0,
         tier_refresh_max_seconds: float = 60.0,
         observer: TickObserver | None = None,
+        leases: LeaseKeeper | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.leases = leases
         self.clock: Clock = clock or MonotonicClock()
         self.max_concurrent_ticks = max_concurrent_ticks
         self.max_batch_size = max_batch_size
@@ -211,9 +221,15 @@ class SchedulerLoopRunner:
         """Register a world with the scheduler and schedule its first tick.
 
         The first tick is due one interval from now, or at ``first_deadline``
-        (on this runner's clock) to spread worlds over the interval.
+        (on this runner's clock) to spread worlds over the interval. With
+        leases, only a world whose lease we hold is registered.
         """
-        ctx = await self.scheduler.register_world(world_id)
+        lease = self.leases.lease_for(world_id) if self.leases is not None else None
+        if self.leases is not None and lease is None:
+            # Lost (or given up) while discovery was busy: never tick a world unfenced.
+            log.info("world not registered: its lease is no longer ours", world_id=world_id)
+            return
+        ctx = await self.scheduler.register_world(world_id, lease=lease)
         now = self.clock.now()
         interval = ctx.config.tick_interval_seconds
         anchor = now if first_deadline is None else first_deadline - interval
@@ -263,6 +279,8 @@ class SchedulerLoopRunner:
         """Register newly active worlds, drop inactive ones, pick up config changes."""
         store = self.scheduler.store
         active = await store.discover_active_worlds()
+        if self.leases is not None:
+            active = await self._balance(active)
         for world_id in [w for w in self._slots if w not in active]:
             await self.remove_world(world_id)
         for world_id in [w for w in self.broken if w not in active]:
@@ -317,6 +335,75 @@ class SchedulerLoopRunner:
                 # Keeps the old tiers; retried at the next discovery.
                 log.error("tier assignment failed", world_id=world_id, error=f"{type(exc).__name__}: {exc}")
         return refreshed
+
+    # --------------------------------------------------------------- leases
+    async def _balance(self, active: dict[int, int]) -> dict[int, int]:
+        """Heartbeat, give up inactive and surplus worlds, claim up to the fair share.
+
+        Returns the active worlds whose lease we hold: the ones to tick.
+        """
+        keeper = self.leases
+        assert keeper is not None
+        await keeper.heartbeat()
+        gone = [w for w in keeper.held if w not in active]
+        if gone:
+            await self._give_up(gone, reason="inactive")
+        share = keeper.compute_fair_share(len(active))
+        surplus = keeper.leases_held - share
+        if surplus > 0:
+            # Shed at a tick boundary: remove_world waits for an in-flight tick.
+            # Idle and isolated worlds go first, then the highest ids.
+            order = sorted(keeper.held, key=lambda w: (w not in self.broken, self._is_in_flight(w), -w))
+            await self._give_up(order[:surplus], reason="surplus")
+        elif surplus < 0:
+            await keeper.claim([w for w in active if w not in keeper.held], -surplus)
+        return {w: v for w, v in active.items() if w in keeper.held}
+
+    def _is_in_flight(self, world_id: int) -> bool:
+        slot = self._slots.get(world_id)
+        return slot is not None and slot.in_flight
+
+    async def _give_up(self, world_ids: list[int], *, reason: str) -> None:
+        assert self.leases is not None
+        for world_id in world_ids:
+            await self.remove_world(world_id)
+            self.broken.pop(world_id, None)
+        await self.leases.release(world_ids, reason=reason)
+
+    async def _lose_world(self, world_id: int, reason: str) -> None:
+        """Another instance owns the world now: stop ticking it (after an in-flight tick)."""
+        assert self.leases is not None
+        if self.leases.forget_lost(world_id, reason):
+            self.broken.pop(world_id, None)
+            await self.remove_world(world_id)
+
+    async def _drop_lost_in_tick(self, slot: _Slot, reason: str) -> None:
+        """Drop a world whose lease was lost, from inside its own tick (the slot lock is held)."""
+        assert self.leases is not None
+        self.leases.forget_lost(slot.world_id, reason)
+        slot.removed = True
+        if self._slots.get(slot.world_id) is slot:
+            del self._slots[slot.world_id]
+            await self.scheduler.unregister_world(slot.world_id)
+            if self.observer:
+                self.observer.world_unregistered(slot.world_id)
+
+    async def _keep_leases(self) -> None:
+        """Background task: heartbeat and renew every TTL/3; drop worlds whose lease was lost."""
+        keeper = self.leases
+        assert keeper is not None
+        while True:
+            await self.clock.sleep_until(self.clock.now() + keeper.renew_interval_seconds)
+            try:
+                await keeper.heartbeat()
+                lost = await keeper.renew()
+            except Exception as exc:
+                # Keep ticking: the leases are still ours until the TTL runs
+                # out, and the fence stops our writes once someone else claims.
+                log.error("lease renewal failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+                continue
+            for world_id in lost:
+                await self._lose_world(world_id, reason="renewal")
 
     # ----------------------------------------------------------------- heap
     def _push(self, slot: _Slot) -> None:
@@ -455,6 +542,11 @@ class SchedulerLoopRunner:
                 answers: Sequence[TickResult | BaseException]
                 try:
                     async with asyncio.timeout(self.tick_timeout_seconds):
+                        if self.leases is not None:
+                            # Overdue renewal (loop frozen?) is only noted: the fenced
+                            # tick itself checks owner+epoch in the database and renews.
+                            for i in live:
+                                self.leases.check_overdue(batch[i][0].world_id)
                         answers = await retry_transient(
                             "tick",
                             attempt,
@@ -496,6 +588,12 @@ class SchedulerLoopRunner:
                         outcomes[i] = "ok"
                         results[i] = answer
                         slot.last_tick_at = started
+                        if self.leases is not None:
+                            self.leases.renewed_by_tick(slot.world_id, started)
+                    elif isinstance(answer, LeaseLostError):
+                        # Nothing was written (the fence failed first): drop the world at once.
+                        outcomes[i] = "lease_lost"
+                        await self._drop_lost_in_tick(slot, reason="fence")
                     elif isinstance(answer, TimeoutError):
                         outcomes[i] = "timeout"
                     elif isinstance(answer, StaleWorldStateError):
@@ -521,8 +619,8 @@ class SchedulerLoopRunner:
         self.progress += 1
         for (slot, scheduled), outcome, result in zip(batch, outcomes, results, strict=True):
             slot.in_flight = False
-            if slot.removed or outcome == "skipped":
-                continue
+            if slot.removed or outcome in ("skipped", "lease_lost"):
+                continue  # a lost lease wrote nothing: not a failure, and the world is gone
             if outcome == "retry":
                 # Its batch failed as a whole: tick again right away, alone.
                 if reschedule:
@@ -617,6 +715,7 @@ class SchedulerLoopRunner:
         )
         loop = asyncio.get_running_loop()
         discovery: asyncio.Task[None] | None = None
+        keeper = asyncio.create_task(self._keep_leases(), name="lease-renewal") if self.leases is not None else None
         try:
             while not self._stopping:
                 now = self.clock.now()
@@ -641,9 +740,10 @@ class SchedulerLoopRunner:
                     self._timer.cancel()
                     self._wake = None
         finally:
-            if discovery is not None and not discovery.done():
-                discovery.cancel()
-                await asyncio.gather(discovery, return_exceptions=True)
+            for task in (discovery, keeper):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if self._inflight:
                 log.info("waiting for in-flight ticks", batches=len(self._inflight), queued=len(self._ready))
             await self._drain()
@@ -669,9 +769,15 @@ class SchedulerLoopRunner:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
 
     async def shutdown(self, worlds: Iterable[int] | None = None) -> None:
-        """Unregister worlds (all by default) after the loop has stopped."""
+        """Unregister worlds (all by default) after the loop has stopped.
+
+        With leases and no explicit ``worlds``, also releases every lease and
+        removes this instance's heartbeat so peers take over at once.
+        """
         for world_id in list(worlds if worlds is not None else self._slots):
             await self.remove_world(world_id)
+        if worlds is None and self.leases is not None:
+            await self.leases.leave()
 
     def get_stats(self) -> dict[str, Any]:
         """Runner-level stats plus every world's context stats and isolated worlds."""
@@ -680,6 +786,7 @@ class SchedulerLoopRunner:
             ticks_ok=self.ticks_ok,
             ticks_failed=self.ticks_failed,
             in_flight=sum(1 for slot in self._slots.values() if slot.in_flight),
+            leases=self.leases.stats() if self.leases is not None else None,
             broken_worlds={
                 wid: {"config_version": b.config_version, "error": b.error} for wid, b in self.broken.items()
             },

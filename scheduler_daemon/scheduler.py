@@ -41,6 +41,7 @@ from scheduler_daemon.simulation.tiers import (
 )
 from scheduler_daemon.store import chains as chain_sql
 from scheduler_daemon.store import jobs as job_sql
+from scheduler_daemon.store.leases import Lease, fence_tick
 from scheduler_daemon.store.repository import StaleWorldStateError, Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
@@ -101,6 +102,7 @@ class _World:
     # Claimed generation requests may await hand-off. True at registration, so
     # the first tick after a (re)start hands out what a crash left behind.
     outbox_pending: bool = True
+    lease: Lease | None = None  # the fencing token when several daemons share the database
 
 
 class WorldScheduler:
@@ -138,8 +140,12 @@ class WorldScheduler:
         behavior = parse_behavior(record.id, record.meta.get("behavior"))
         return config, behavior
 
-    async def register_world(self, world_id: int) -> WorldSimulationContext:
+    async def register_world(self, world_id: int, *, lease: Lease | None = None) -> WorldSimulationContext:
         """Load a world (creating its state row if missing) and start tracking it.
+
+        With a ``lease`` every tick of the world is fenced on it (see
+        :mod:`scheduler_daemon.store.leases`); register only after claiming,
+        so the clock loaded here is the last one any owner committed.
 
         Raises :class:`~scheduler_daemon.world_config.WorldConfigError` or
         :class:`~scheduler_daemon.simulation.behavior.BehaviorContentError` naming
@@ -157,7 +163,7 @@ class WorldScheduler:
             ticks=int(record.ticks or 0),
             config_version=record.config_version,
         )
-        entry = _World(ctx, behavior)
+        entry = _World(ctx, behavior, lease=lease)
         await self._assign_tiers(entry, None)
         self._worlds[world_id] = entry
         log.info(
@@ -168,8 +174,13 @@ class WorldScheduler:
             time_scale=config.time_scale,
             tick_interval_seconds=config.tick_interval_seconds,
             paused=config.pause_simulation,
+            lease_epoch=lease.epoch if lease else None,
         )
         return ctx
+
+    def get_lease(self, world_id: int) -> Lease | None:
+        """The lease a registered world's ticks are fenced on (``None``: single instance)."""
+        return self._require(world_id).lease
 
     async def reload_world(self, world_id: int, *, elapsed_real_since_tick: float = 0.0) -> WorldSimulationContext:
         """Re-read a registered world's config and behaviour from the database.
@@ -301,7 +312,7 @@ class WorldScheduler:
         """Stats of every registered world."""
         return {
             "registered_worlds": len(self._worlds),
-            "worlds": {wid: w.context.get_stats() for wid, w in self._worlds.items()},
+            "worlds": {wid: _world_stats(w) for wid, w in self._worlds.items()},
         }
 
     # ---------------------------------------------------------------- tick
@@ -437,6 +448,10 @@ class WorldScheduler:
         now = plan.world_time_after
         budget = config.max_npc_ticks_per_step
         with structlog.contextvars.bound_contextvars(world_id=ctx.world_id):  # on every log line of this body
+            if entry.lease is not None:
+                # Lock the state row under our lease before any write, so a lost
+                # lease writes nothing and no claim can slip in before COMMIT.
+                await fence_tick(conn, entry.lease)
             _count_tiers(due, now, outcome)
             if len(due) >= budget:
                 # The budget may have left due NPCs waiting: measure how long
@@ -465,6 +480,7 @@ class WorldScheduler:
                 world_time=now,
                 expected_ticks=ctx.ticks_processed,
                 advanced_at=planned.wall_at_start,
+                lease=entry.lease,
             )
         outcome.npcs_simulated = len(decisions)
         outcome.jobs_enqueued = len(claim.claimed)
@@ -521,6 +537,8 @@ class WorldScheduler:
                 world_time=plan.world_time_after,
                 delta_game_seconds=plan.delta_game_seconds,
                 delta_real_seconds=plan.delta_real_seconds,
+                ticks=ctx.ticks_processed,
+                lease_epoch=planned.entry.lease.epoch if planned.entry.lease else None,
                 time_scale=ctx.config.time_scale,
                 npcs=outcome.npcs_simulated,
                 per_tier={t.label: n for t, n in outcome.npcs_per_tier.items()},
@@ -702,6 +720,13 @@ class _Planned:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _world_stats(world: _World) -> dict[str, Any]:
+    stats = world.context.get_stats()
+    stats["lease_owner"] = world.lease.owner if world.lease else None
+    stats["lease_epoch"] = world.lease.epoch if world.lease else None
+    return stats
 
 
 def _count_tiers(due: list[NpcState], now: float, outcome: TickOutcome) -> None:

@@ -27,6 +27,7 @@ TABLES_IN_DELETE_ORDER = (
     "sessions",
     "world_states",
     "worlds",
+    "scheduler_instances",
 )
 
 

@@ -61,19 +61,32 @@ def create_engine(
     max_overflow: int = 5,
     connect_timeout: float = 10.0,
     echo: bool = False,
+    idle_in_transaction_timeout: float | None = None,
 ) -> AsyncEngine:
-    """Create the async engine for a supported URL with sane per-backend defaults."""
+    """Create the async engine for a supported URL with sane per-backend defaults.
+
+    ``idle_in_transaction_timeout`` (PostgreSQL): the server ends a session
+    that sits inside a transaction for longer, releasing its row locks. With
+    leases this bounds how long a frozen daemon (SIGSTOP mid-tick) can keep a
+    world's state row locked against a new owner.
+    """
     url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_async_engine(url, echo=echo, connect_args={"timeout": connect_timeout})
         sa.event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         sa.event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
         return engine
+    connect_args: dict[str, Any] = {
+        "connect_timeout": max(1, int(connect_timeout)),
+        "application_name": "scheduler-daemon",
+    }
+    if idle_in_transaction_timeout is not None:
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout * 1000)}"
     return create_async_engine(
         url,
         echo=echo,
         pool_size=pool_size,
         max_overflow=max_overflow,
         pool_pre_ping=True,
-        connect_args={"connect_timeout": max(1, int(connect_timeout)), "application_name": "scheduler-daemon"},
+        connect_args=connect_args,
     )

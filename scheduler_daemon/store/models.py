@@ -49,6 +49,20 @@ world_states = sa.Table(
     sa.Column("lease_owner", sa.String(200), nullable=True),
     sa.Column("lease_expires_at", Timestamp, nullable=True),
     sa.Column("lease_epoch", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Index("ix_world_states_lease_owner", "lease_owner"),
+)
+
+#: One row per running daemon (PostgreSQL leases): a heartbeat whose expiry
+#: comes from the database's ``now()``. Live rows give the fair share.
+scheduler_instances = sa.Table(
+    "scheduler_instances",
+    metadata,
+    sa.Column("instance_id", sa.String(200), primary_key=True),
+    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("heartbeat_at", Timestamp, nullable=False),
+    sa.Column("expires_at", Timestamp, nullable=False),
 )
 
 sessions = sa.Table(

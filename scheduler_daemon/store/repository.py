@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -24,6 +24,9 @@ from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView
 from scheduler_daemon.store import migrate
 from scheduler_daemon.store.database import create_engine
 from scheduler_daemon.store.models import metadata, npcs, sessions, world_states, worlds
+
+if TYPE_CHECKING:
+    from scheduler_daemon.store.leases import Lease
 
 
 class WorldNotFoundError(LookupError):
@@ -224,6 +227,10 @@ _ADVANCE_WORLD_STATE = (
     sa.update(world_states)
     .where(world_states.c.world_id == sa.bindparam("w"), world_states.c.ticks == sa.bindparam("expected"))
     .values(world_time=sa.bindparam("t"), ticks=world_states.c.ticks + 1, last_advanced_at=sa.bindparam("at"))
+)
+# The same, fenced on the lease as well (several daemons on PostgreSQL).
+_ADVANCE_WORLD_STATE_LEASED = _ADVANCE_WORLD_STATE.where(
+    world_states.c.lease_owner == sa.bindparam("owner"), world_states.c.lease_epoch == sa.bindparam("epoch")
 )
 
 
@@ -726,19 +733,32 @@ class Store:
         world_time: float,
         expected_ticks: int,
         advanced_at: datetime | None = None,
+        lease: Lease | None = None,
     ) -> None:
         """Move the committed clock, fenced on the tick counter we planned from.
 
         ``advanced_at`` is the wall time the new world time corresponds to (the
         tick's start), for humans and external checks; default: now.
+        With a ``lease`` (several daemons on PostgreSQL) the update is also
+        conditional on ``lease_owner = me AND lease_epoch = my epoch``.
         Raises :class:`StaleWorldStateError` when the row moved under us, so
-        a tick can never be applied twice.
+        a tick can never be applied twice (the caller's transaction, with the
+        tick's NPC writes, then rolls back).
         """
-        result = await conn.execute(
-            _ADVANCE_WORLD_STATE,
-            {"w": world_id, "expected": expected_ticks, "t": world_time, "at": advanced_at or _now()},
-        )
+        params: dict[str, Any] = {
+            "w": world_id,
+            "expected": expected_ticks,
+            "t": world_time,
+            "at": advanced_at or _now(),
+        }
+        statement = _ADVANCE_WORLD_STATE
+        if lease is not None:
+            statement = _ADVANCE_WORLD_STATE_LEASED
+            params.update(owner=lease.owner, epoch=lease.epoch)
+        result = await conn.execute(statement, params)
         if result.rowcount != 1:
             raise StaleWorldStateError(
-                f"world {world_id}: state row is not at tick {expected_ticks}; refusing to apply the tick"
+                f"world {world_id}: state row is not at tick {expected_ticks}"
+                + (f" with lease (owner {lease.owner!r}, epoch {lease.epoch})" if lease is not None else "")
+                + "; refusing to apply the tick"
             )

@@ -42,7 +42,7 @@ test: $(VENV)/.installed-dev
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check scheduler_daemon tests
-	$(BIN)/ruff format --check scheduler_daemon
+	$(BIN)/ruff format --check scheduler_daemon tests
 	$(BIN)/mypy
 
 fmt: $(VENV)/.installed-dev

@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, Path | None, bool]:
         raise CliError(f"invalid configuration: {exc}", EXIT_USAGE) from None
 
 
-def _run_async(main: Callable[[], Awaitable[int]]) -> int:
+def _run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return asyncio.run(main())
 
 

@@ -94,7 +94,7 @@ async def seed_demo(store: Store, *, seed: int = 7) -> list[int]:
         world_id = await store.create_world(
             spec.name, simulation=spec.simulation, meta={"demo": spec.key, "behavior": DEMO_BEHAVIOR}
         )
-        rows = []
+        rows: list[dict[str, Any]] = []
         for i in range(spec.npcs):
             home = rng.choice(_HOMES)
             rows.append(

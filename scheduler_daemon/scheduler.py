@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -199,9 +200,11 @@ class WorldScheduler:
         ctx = entry.context
         with structlog.contextvars.bound_contextvars(world_id=world_id):
             started = time.perf_counter()
+            # Wall time of the moment this tick's world time corresponds to (for humans).
+            wall_at_start = datetime.now(UTC)
             try:
                 plan = ctx.plan_advance(delta_real_seconds)
-                outcome = await self._run_tick(entry, plan)
+                outcome = await self._run_tick(entry, plan, wall_at_start)
             except BaseException as exc:
                 ctx.record_failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                 raise
@@ -234,7 +237,7 @@ class WorldScheduler:
             paused=ctx.paused,
         )
 
-    async def _run_tick(self, entry: _World, plan: AdvancePlan) -> TickOutcome:
+    async def _run_tick(self, entry: _World, plan: AdvancePlan, wall_at_start: datetime) -> TickOutcome:
         ctx = entry.context
         outcome = TickOutcome()
         if plan.delta_game_seconds == 0.0 and ctx.paused:

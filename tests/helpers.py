@@ -93,8 +93,6 @@ async def npc_rows(store: Store, world_id: int) -> Sequence[Any]:
 async def world_state(store: Store, world_id: int) -> tuple[float, int]:
     async with store.engine.connect() as conn:
         row = (
-            await conn.execute(
-                text("SELECT world_time, ticks FROM world_states WHERE world_id = :w"), {"w": world_id}
-            )
+            await conn.execute(text("SELECT world_time, ticks FROM world_states WHERE world_id = :w"), {"w": world_id})
         ).one()
     return float(row[0]), int(row[1])

@@ -111,7 +111,7 @@ def test_daemon_advances_world_time_by_elapsed_times_scale(daemon_env: dict[str,
         assert advanced == pytest.approx(elapsed * 60, rel=0.02)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-2000:]
     assert '"event": "stopped"' in err
     # Restart resumes from the last committed tick: never backwards.

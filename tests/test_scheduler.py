@@ -52,7 +52,10 @@ async def test_most_overdue_first_within_a_tier(store: Store) -> None:
     await store.add_session(world_id, "u")
     ids = await store.add_npcs(
         world_id,
-        [{"name": f"n{i}", "tier": int(Tier.ACTIVE), "next_decision_at": t} for i, t in enumerate([0.5, 0.1, 0.9, 0.3])],
+        [
+            {"name": f"n{i}", "tier": int(Tier.ACTIVE), "next_decision_at": t}
+            for i, t in enumerate([0.5, 0.1, 0.9, 0.3])
+        ],
     )
     sched = WorldScheduler(store)
     await sched.register_world(world_id)

@@ -77,7 +77,11 @@ def test_partial_update_keeps_the_rest() -> None:
     assert cfg.time_scale == 120 and cfg.max_npc_ticks_per_step == 7
     assert cfg.tiers.active.max_npcs == 3 and cfg.tiers.detailed.max_npcs == 9
     assert cfg.tiers.detailed.decision_interval_seconds == 60  # per-tier merge
-    assert new_raw == {"timeScale": 120, "maxNpcTicksPerStep": 7, "tiers": {"active": {"maxNpcs": 3}, "detailed": {"maxNpcs": 9}}}
+    assert new_raw == {
+        "timeScale": 120,
+        "maxNpcTicksPerStep": 7,
+        "tiers": {"active": {"maxNpcs": 3}, "detailed": {"maxNpcs": 9}},
+    }
 
 
 def test_null_in_patch_restores_default() -> None:

@@ -15,12 +15,11 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01", "57P01", "57P02", "57P03", "55P03"}
 
 def is_transient(exc: BaseException) -> bool:
     """True for disconnects, refused connections, serialization failures, busy SQLite."""
+    orig: BaseException | None = exc
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated:
             return True
         orig = exc.orig
-    else:
-        orig = exc
     if isinstance(orig, psycopg.OperationalError):
         return True
     if isinstance(orig, psycopg.Error):

@@ -436,17 +436,24 @@ class Store:
 
     @staticmethod
     async def advance_world_state(
-        conn: AsyncConnection, world_id: int, *, world_time: float, expected_ticks: int
+        conn: AsyncConnection,
+        world_id: int,
+        *,
+        world_time: float,
+        expected_ticks: int,
+        advanced_at: datetime | None = None,
     ) -> None:
         """Move the committed clock, fenced on the tick counter we planned from.
 
+        ``advanced_at`` is the wall time the new world time corresponds to (the
+        tick's start), for humans and external checks; default: now.
         Raises :class:`StaleWorldStateError` when the row moved under us, so
         a tick can never be applied twice.
         """
         result = await conn.execute(
             sa.update(world_states)
             .where(world_states.c.world_id == world_id, world_states.c.ticks == expected_ticks)
-            .values(world_time=world_time, ticks=world_states.c.ticks + 1, last_advanced_at=_now())
+            .values(world_time=world_time, ticks=world_states.c.ticks + 1, last_advanced_at=advanced_at or _now())
         )
         if result.rowcount != 1:
             raise StaleWorldStateError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,7 +25,18 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from scheduler_daemon.http import (
+    AdminBackend,
+    HttpBindError,
+    HttpServer,
+    LoopLagMonitor,
+    bind_socket,
+    check_bind_allowed,
+    create_app,
+    load_admin_token,
+)
 from scheduler_daemon.logs import configure_logging
+from scheduler_daemon.metrics import SchedulerMetrics
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.settings import Settings, SettingsError, load_settings, restart_only_changes
@@ -96,7 +108,11 @@ class Daemon:
         self.reload_count = 0
         self.last_reload_ok: bool | None = None
         self.last_reload_error: str | None = None
-        self.last_reload_success_at: float | None = None  # wall time, for humans/metrics
+        # Wall time of the last successful (re)load, for humans/metrics; the
+        # initial load counts, so a daemon never reloaded is not "stale".
+        self.last_reload_success_at: float | None = time.time()
+        self.metrics: SchedulerMetrics | None = None
+        self.admin_token: str | None = None
         self._stop_requested = 0
         self._reload_event = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -136,15 +152,29 @@ class Daemon:
             decide_fn = load_decide_fn(s.scheduler.behavior)
         except ValueError as exc:
             raise StartupError(f"scheduler.behavior: {exc}", EXIT_CONFIG) from None
-        self.store = await self._connect()
+        # HTTP: validate the token and bind the port before anything slow, so a
+        # bad token file or a port in use fails at once with one line.
+        self.admin_token = self._load_token(s)
+        sock = self._bind_http(s) if s.http.enabled else None
+        try:
+            self.store = await self._connect()
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
         self.scheduler = WorldScheduler(self.store, defaults=s.defaults.simulation, decide_fn=decide_fn)
+        self.metrics = SchedulerMetrics(
+            version=_version(), per_world=s.metrics.per_world, reload_status=self._reload_status
+        )
         self.runner = SchedulerLoopRunner(
             self.scheduler,
             max_concurrent_ticks=s.scheduler.max_concurrent_ticks,
             tick_timeout_seconds=s.scheduler.tick_timeout_seconds,
             discovery_interval_seconds=s.scheduler.discovery_interval_seconds,
             backoff_max_seconds=s.scheduler.backoff_max_seconds,
+            observer=self.metrics,
         )
+        self.metrics.runner = self.runner
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
@@ -158,7 +188,13 @@ class Daemon:
                 )
             )
         background.append(asyncio.create_task(self._status_loop(), name="status"))
+        lag_monitor = LoopLagMonitor()
+        lag_monitor.start()
+        http_server = None
+        if sock is not None:
+            http_server = await self._start_http(sock, lag_monitor)
         runner_task = asyncio.create_task(self.runner.start(), name="runner")
+        # READY=1 only now: the database answers and the HTTP port is bound and serving.
         self.notifier.ready(status="started")
         log.info("ready")
         try:
@@ -169,11 +205,60 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self.runner.shutdown()
+            if http_server is not None:
+                await http_server.stop()
+            await lag_monitor.stop()
             await self.store.dispose()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         log.info("stopped")
         return EXIT_OK
+
+    # ------------------------------------------------------------------ http
+    def _load_token(self, s: Settings) -> str | None:
+        if not s.http.enabled:
+            return None
+        try:
+            token = load_admin_token(s.http)
+            check_bind_allowed(s.http, token)
+        except SettingsError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
+        return token
+
+    def _bind_http(self, s: Settings) -> socket.socket:
+        try:
+            return bind_socket(s.http.bind, s.http.port)
+        except HttpBindError as exc:
+            raise StartupError(str(exc), EXIT_ADDRESS_IN_USE if exc.in_use else EXIT_CONFIG) from None
+
+    async def _start_http(self, sock: socket.socket, lag_monitor: LoopLagMonitor) -> HttpServer:
+        assert self.runner is not None and self.metrics is not None
+        backend = AdminBackend(
+            runner=self.runner,
+            metrics=self.metrics,
+            token=lambda: self.admin_token,
+            loop_lag=lag_monitor,
+            accepting=lambda: self._stop_requested == 0,
+        )
+        server = HttpServer(create_app(backend), sock)
+        await server.start()
+        http = self.settings.http
+        log.info(
+            "http server listening",
+            bind=http.bind,
+            port=server.port,
+            url=f"http://{http.bind if ':' not in http.bind else f'[{http.bind}]'}:{server.port}",
+            admin_auth="token" if self.admin_token is not None else "none",
+        )
+        if self.admin_token is None:
+            log.warning(
+                "no admin token configured: the admin API is unauthenticated and served on loopback only",
+                bind=http.bind,
+            )
+        return server
+
+    def _reload_status(self) -> tuple[bool, float | None]:
+        return self.last_reload_ok is not False, self.last_reload_success_at
 
     # --------------------------------------------------------------- signals
     def _on_stop_signal(self, sig: signal.Signals) -> None:
@@ -202,6 +287,13 @@ class Daemon:
             new = load_settings(self.config_path, required=self.config_required)
             if new.scheduler.behavior != self.settings.scheduler.behavior:
                 load_decide_fn(new.scheduler.behavior)  # validate even though it needs a restart
+            # The token file is re-read on every reload; bind/enabled are restart-only,
+            # so the running ones decide whether a token is required.
+            running_http = self.settings.http
+            new_http = new.http.model_copy(update={"enabled": running_http.enabled, "bind": running_http.bind})
+            token = load_admin_token(new_http) if running_http.enabled else None
+            if running_http.enabled:
+                check_bind_allowed(new_http, token)
         except (SettingsError, ValueError) as exc:
             self.last_reload_ok = False
             self.last_reload_error = str(exc)
@@ -209,6 +301,9 @@ class Daemon:
             self.notifier.ready(status=f"reload failed: {str(exc)[:200]}")
             return False
         await self._apply(new)
+        if token != self.admin_token:
+            log.info("admin token changed", admin_auth="token" if token is not None else "none")
+        self.admin_token = token
         self.last_reload_ok = True
         self.last_reload_error = None
         self.last_reload_success_at = time.time()
@@ -252,6 +347,8 @@ class Daemon:
                         await self.runner.apply_world_config(world_id)
                     except Exception as exc:
                         log.error("new defaults invalid for world", world_id=world_id, error=str(exc))
+        if self.metrics is not None:
+            self.metrics.per_world = new.metrics.per_world
         log.info("configuration reloaded", log_level=new.logging.level, restart_needed=needs_restart)
 
     async def _status_loop(self) -> None:

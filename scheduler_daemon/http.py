@@ -66,6 +66,8 @@ CREDENTIAL_NAME = "admin-token"
 MAX_WORLD_ID = 2**31 - 1
 MAX_REQUEST_ID = 2**63 - 1
 
+_bearer = HTTPBearer(auto_error=False, description="The admin token ([http] admin_token_file)")
+
 WorldId = Annotated[int, PathParam(ge=1, le=MAX_WORLD_ID, description="World id")]
 
 
@@ -291,7 +293,11 @@ class AdminBackend:
 
 
 class BodySizeLimit:
-    """ASGI middleware: refuse request bodies above ``limit`` bytes with 413."""
+    """ASGI middleware: refuse request bodies above ``limit`` bytes with 413.
+
+    The body is read up front (it is small by definition) and replayed to the
+    app, so a chunked upload without ``Content-Length`` is capped too.
+    """
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -302,37 +308,26 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_big = int(value) > self.limit
-                except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._refuse(send)
-                    return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await self._refuse(send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message], receive), send)  # client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"detail": f"request body larger than {self.limit} bytes"}).encode()
@@ -341,8 +336,26 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replay
+
+
+def _printable(value: Any) -> Any:
+    """Make error details JSON-safe: lone surrogates are shown escaped."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    return value
 
 
 def _camelize(value: Any) -> Any:
@@ -382,10 +395,12 @@ def _storable_problems(value: Any, path: str = "", depth: int = 0) -> list[tuple
 def _unprocessable(errors: list[tuple[str, str]]) -> HTTPException:
     return HTTPException(
         422,
-        detail=[
-            {"loc": ["body", *[p for p in loc.split(".") if p]], "msg": msg, "type": "value_error"}
-            for loc, msg in errors
-        ],
+        detail=_printable(
+            [
+                {"loc": ["body", *[p for p in loc.split(".") if p]], "msg": msg, "type": "value_error"}
+                for loc, msg in errors
+            ]
+        ),
     )
 
 
@@ -420,10 +435,9 @@ def create_app(backend: AdminBackend) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    bearer = HTTPBearer(auto_error=False, description="The admin token ([http] admin_token_file)")
 
     async def require_token(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
         expected = backend.token()
         if expected is None:
@@ -438,7 +452,7 @@ def create_app(backend: AdminBackend) -> FastAPI:
         errors = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": e.get("type")} for e in exc.errors()
         ]
-        return JSONResponse(status_code=422, content={"detail": errors})
+        return JSONResponse(status_code=422, content={"detail": _printable(errors)})
 
     @app.exception_handler(RecursionError)
     async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:

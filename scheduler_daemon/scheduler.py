@@ -242,6 +242,7 @@ class WorldScheduler:
         outcome = TickOutcome()
         if plan.delta_game_seconds == 0.0 and ctx.paused:
             # Frozen clock: nothing can become due, nothing to write.
+            outcome.state_written = False
             return outcome
         config = ctx.config
         now = plan.world_time_after

@@ -32,11 +32,13 @@ import structlog
 import uvicorn
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler_daemon.context import format_world_time
@@ -453,6 +455,13 @@ def create_app(backend: AdminBackend) -> FastAPI:
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": e.get("type")} for e in exc.errors()
         ]
         return JSONResponse(status_code=422, content={"detail": _printable(errors)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # FastAPI's "error parsing the body" (e.g. not UTF-8): a bad body is 422 here.
+            return JSONResponse(status_code=422, content={"detail": "request body is not valid JSON"})
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RecursionError)
     async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:

@@ -197,7 +197,16 @@ async def test_put_config_rejects_invalid_values_naming_the_fields(api: Api) -> 
     assert ("body", "timeScale") in locs and ("body", "tiers", "active", "maxNpcs") in locs
     r = await api.client.put(url, json={"maxCatchUpSeconds": 1, "tickIntervalSeconds": 5})
     assert r.status_code == 422 and "maxCatchUpSeconds" in r.text
-    for raw in (b"[1, 2]", b'"x"', b"{", b"\xff\xfe{", b"", b'{"timeScale": NaN}', b'{"timeScale": Infinity}', b'{"x": -Infinity}'):
+    for raw in (
+        b"[1, 2]",
+        b'"x"',
+        b"{",
+        b"\xff\xfe{",
+        b"",
+        b'{"timeScale": NaN}',
+        b'{"timeScale": Infinity}',
+        b'{"x": -Infinity}',
+    ):
         r = await api.client.put(url, content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 422, (raw, r.text)
     for body in ({"k": "a\x00b"}, {"\ud800": 1}, {"tiers": {"detailed": {"description": "\udfff"}}}):

@@ -705,6 +705,7 @@ def create_app(backend: AdminBackend) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
+        await backend.metrics.refresh()
         return Response(backend.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/healthz", response_model=Health, summary="Liveness", tags=["health"])

@@ -13,18 +13,22 @@ be switched off with ``[metrics] per_world = false``.
 
 Seams for features that live elsewhere: ``job_counts`` (generation requests
 per status) and ``leases_held`` are optional callables; until one is set its
-family is exported without samples rather than with made-up zeros. The lease
-counters are incremented through :meth:`SchedulerMetrics.lease_claimed` and
-:meth:`SchedulerMetrics.lease_lost`.
+family is exported without samples rather than with made-up zeros. Values that
+need the database are fetched by an async *refresher*
+(:meth:`SchedulerMetrics.add_refresher`) that ``/metrics`` awaits before
+rendering, e.g. one that caches ``SELECT status, count(*)`` for ``job_counts``.
+The lease counters are incremented through :meth:`SchedulerMetrics.lease_claimed`
+and :meth:`SchedulerMetrics.lease_lost`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -61,6 +65,9 @@ TICK_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 #: Recent regular ticks kept per world for the admin API's tick rate and p99 lag (not exported).
 RECENT_TICKS = 200
+
+#: How long ``/metrics`` waits for the refreshers (a scrape must stay fast).
+REFRESH_TIMEOUT_SECONDS = 2.0
 
 #: Reload status: (last reload succeeded, wall time of the last success or None).
 ReloadStatus = Callable[[], tuple[bool, float | None]]
@@ -164,6 +171,7 @@ class SchedulerMetrics:
         self.job_counts: Callable[[], Mapping[str, int]] | None = None
         self.leases_held: Callable[[], int] | None = None
         self._per_world = per_world
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
         # world id -> (finish time, lag) of its recent regular ticks.
         self._recent: dict[int, deque[tuple[float, float]]] = {}
         if process_collectors:
@@ -311,6 +319,25 @@ class SchedulerMetrics:
         span = self._now() - recent[0][0]
         rate = (len(recent) - 1) / span if span > 0 else None
         return rate, p99
+
+    # ------------------------------------------------------------ refreshers
+    def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """Run ``refresh`` before each ``/metrics`` render (to cache values read from the database)."""
+        self._refreshers.append(refresh)
+
+    async def refresh(self) -> None:
+        """Run the refreshers concurrently, bounded; a failure keeps the previous values."""
+        if not self._refreshers:
+            return
+        try:
+            async with asyncio.timeout(REFRESH_TIMEOUT_SECONDS):
+                results = await asyncio.gather(*(r() for r in self._refreshers), return_exceptions=True)
+        except TimeoutError:
+            self.db_error("metrics refresh")
+            return
+        for result in results:
+            if isinstance(result, Exception):
+                self.db_error("metrics refresh")
 
     # ---------------------------------------------------------------- output
     def render(self) -> bytes:

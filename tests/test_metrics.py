@@ -182,3 +182,24 @@ def test_failed_reload_sets_the_gauge_to_zero() -> None:
     families = scrape(metrics)
     assert value(families, "worldsched_config_last_reload_successful") == 0
     assert value(families, "worldsched_config_last_reload_success_timestamp_seconds") == 5.0
+
+
+async def test_refreshers_feed_database_values_and_failures_count_as_db_errors() -> None:
+    metrics = SchedulerMetrics(version="x", process_collectors=False)
+    cache: dict[str, int] = {}
+    calls = {"n": 0}
+
+    async def refresh_jobs() -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("database went away")
+        cache.update(pending=calls["n"])
+
+    metrics.add_refresher(refresh_jobs)
+    metrics.job_counts = lambda: cache
+    await metrics.refresh()
+    assert value(scrape(metrics), "worldsched_jobs", status="pending") == 1
+    await metrics.refresh()  # fails: the last good value stays, the error is counted
+    families = scrape(metrics)
+    assert value(families, "worldsched_jobs", status="pending") == 1
+    assert value(families, "worldsched_db_errors_total") == 1

@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -261,6 +262,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": Detail, "description": "Unknown world"},
     413: {"model": Detail, "description": "Request body too large"},
     422: {"model": Detail, "description": "Invalid request (the detail names the failing fields)"},
+    503: {"model": Detail, "description": "Database unavailable (retry later)"},
 }
 
 
@@ -463,6 +465,13 @@ def create_app(backend: AdminBackend) -> FastAPI:
             return JSONResponse(status_code=422, content={"detail": "request body is not valid JSON"})
         return await http_exception_handler(request, exc)
 
+    @app.exception_handler(SQLAlchemyError)
+    async def _database_error(request: Request, exc: SQLAlchemyError) -> Response:
+        # Not the client's fault and worth retrying: 503, counted.
+        backend.metrics.db_error("admin api")
+        log.error("admin API request failed in the database", path=request.url.path, error=str(exc)[:500])
+        return JSONResponse(status_code=503, content={"detail": f"database unavailable: {type(exc).__name__}"})
+
     @app.exception_handler(RecursionError)
     async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": "JSON nested too deeply"})
@@ -513,7 +522,12 @@ def create_app(backend: AdminBackend) -> FastAPI:
                 continue  # someone else won the race: merge into their version
             log.info("world config changed over the admin API", world_id=world_id, config_version=version, patch=patch)
             if scheduler.is_registered(world_id):
-                await runner.apply_world_config(world_id)
+                try:
+                    await runner.apply_world_config(world_id)
+                except (ValueError, WorldNotFoundError) as exc:
+                    # The stored config is valid, something else of the world is
+                    # not (e.g. its behaviour content): discovery isolates it.
+                    log.error("world could not apply its new config", world_id=world_id, error=str(exc))
             return config, version
         raise HTTPException(409, detail=f"world {world_id}: config keeps changing concurrently; retry")
 

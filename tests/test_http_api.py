@@ -435,3 +435,22 @@ async def test_openapi_documents_every_route_in_camel_case(api: Api) -> None:
     schemas = spec["components"]["schemas"]
     assert "deltaSeconds" in schemas["TickRequest"]["properties"]
     assert "timeScale" in schemas["WorldConfig"]["properties"]
+
+
+async def test_database_outage_is_503_not_500(tmp_path: Path) -> None:
+    store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'db.sqlite'}")
+    try:
+        backend, _, _ = make_api(store)
+        transport = httpx.ASGITransport(app=create_app(backend))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH) as c:
+            for method, path, body in (
+                ("GET", "/api/v1/worlds", None),
+                ("GET", "/api/v1/worlds/1/scheduler/config", None),
+                ("PUT", "/api/v1/worlds/1/scheduler/config", {"timeScale": 2}),
+                ("POST", "/api/v1/worlds/1/scheduler/pause", None),
+            ):
+                r = await c.request(method, path, json=body)
+                assert r.status_code == 503, (path, r.text)
+                assert "database unavailable" in r.json()["detail"]
+    finally:
+        await store.dispose()

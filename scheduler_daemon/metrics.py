@@ -183,8 +183,7 @@ class SchedulerMetrics:
         build = Gauge("worldsched_build_info", "Version of the running daemon (always 1)", ["version"], registry=r)
         build.labels(version=version).set(1)
         self.ticks = Counter("worldsched_ticks", "Ticks finished, by outcome", ["outcome"], registry=r)
-        for outcome in TICK_OUTCOMES:
-            self.ticks.labels(outcome=outcome)
+        self._tick_children = {outcome: self.ticks.labels(outcome=outcome) for outcome in TICK_OUTCOMES}
         self.missed = Counter(
             "worldsched_ticks_missed", "Tick slots skipped because the previous tick or the loop ran late", registry=r
         )
@@ -201,8 +200,7 @@ class SchedulerMetrics:
             registry=r,
         )
         self.npc_ticks = Counter("worldsched_npc_ticks", "NPC decisions committed, per tier", ["tier"], registry=r)
-        for tier in SIMULATED_TIERS:
-            self.npc_ticks.labels(tier=tier.label)
+        self._npc_children = {tier.label: self.npc_ticks.labels(tier=tier.label) for tier in SIMULATED_TIERS}
         self.jobs_enqueued = Counter(
             "worldsched_jobs_enqueued", "Generation requests handed to workers by ticks", registry=r
         )
@@ -243,11 +241,17 @@ class SchedulerMetrics:
         self, world_id: int, outcome: str, lag_seconds: float, duration_seconds: float, result: TickResult | None
     ) -> None:
         """Count a finished tick (any outcome) and what it did."""
-        self.ticks.labels(outcome=outcome).inc()
+        # Children are cached: this runs once per tick of every world.
+        ticks = self._tick_children.get(outcome)
+        if ticks is None:
+            ticks = self._tick_children[outcome] = self.ticks.labels(outcome=outcome)
+        ticks.inc()
         if math.isfinite(lag_seconds):
             self.tick_lag.observe(max(lag_seconds, 0.0))
             if outcome == "ok":
-                recent = self._recent.setdefault(world_id, deque(maxlen=RECENT_TICKS))
+                recent = self._recent.get(world_id)
+                if recent is None:
+                    recent = self._recent[world_id] = deque(maxlen=RECENT_TICKS)
                 recent.append((self._now(), max(lag_seconds, 0.0)))
         if math.isfinite(duration_seconds):
             self.tick_duration.observe(max(duration_seconds, 0.0))
@@ -255,17 +259,20 @@ class SchedulerMetrics:
             return
         for tier, count in result.npcs_per_tier.items():
             if count:
-                self.npc_ticks.labels(tier=tier).inc(count)
+                npc = self._npc_children.get(tier)
+                if npc is None:
+                    npc = self._npc_children[tier] = self.npc_ticks.labels(tier=tier)
+                npc.inc(count)
         if result.jobs_enqueued:
             self.jobs_enqueued.inc(result.jobs_enqueued)
         if result.chain_steps:
             self.chain_steps.inc(result.chain_steps)
         if self._per_world:
             wid = str(world_id)
-            self.world_ticks.labels(world_id=wid).inc()
+            self.world_ticks.labels(wid).inc()
             for tier, count in result.npcs_per_tier.items():
                 if count:
-                    self.world_npc_ticks.labels(world_id=wid, tier=tier).inc(count)
+                    self.world_npc_ticks.labels(wid, tier).inc(count)
 
     def ticks_missed(self, world_id: int, slots: int) -> None:
         """Count tick slots that passed without a tick."""

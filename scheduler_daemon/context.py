@@ -93,6 +93,11 @@ class WorldSimulationContext:
         # change, and the real seconds it covered.
         self._carry_real = 0.0
         self._carry_game = 0.0
+        # Plans of failed ticks since the last confirmed one: a tick can commit
+        # although we saw it fail (timeout or disconnect during COMMIT).
+        self._unconfirmed: list[AdvancePlan] = []
+        #: Real seconds covered by such a tick, found by the last :meth:`resync` (else 0).
+        self.adopted_real_seconds = 0.0
 
     # ----------------------------------------------------------------- clock
     @property
@@ -131,6 +136,7 @@ class WorldSimulationContext:
                 f"(planned from {plan.world_time_before}, clock at {self.current_world_time})"
             )
         outcome = outcome or TickOutcome()
+        self._unconfirmed.clear()
         self.current_world_time = plan.world_time_after
         self._carry_real = 0.0
         self._carry_game = 0.0
@@ -177,8 +183,25 @@ class WorldSimulationContext:
         if version is not None:
             self.config_version = version
 
+    def record_unconfirmed(self, plan: AdvancePlan) -> None:
+        """Remember the plan of a tick that failed without a known outcome (it may have committed)."""
+        if plan.world_time_before == self.current_world_time:
+            self._unconfirmed = [*self._unconfirmed[-15:], plan]
+
     def resync(self, world_time: float, ticks: int) -> None:
-        """Adopt the committed clock from the database (after an unknown commit outcome)."""
+        """Adopt the committed clock from the database (after an unknown commit outcome).
+
+        If the database holds exactly the result of one of our failed ticks,
+        that tick did commit: :attr:`adopted_real_seconds` is then the real
+        time it covered, so the caller measures the next tick from its start
+        instead of covering that interval a second time.
+        """
+        adopted = next(
+            (p for p in self._unconfirmed if ticks == self.ticks_processed + 1 and p.world_time_after == world_time),
+            None,
+        )
+        self.adopted_real_seconds = adopted.delta_real_seconds if adopted is not None else 0.0
+        self._unconfirmed.clear()
         self.current_world_time = world_time
         self.ticks_processed = ticks
         self._carry_real = 0.0

@@ -347,9 +347,13 @@ class SchedulerLoopRunner:
 
     async def _resync(self, slot: _Slot) -> None:
         try:
-            await self.scheduler.resync_world(slot.world_id)
+            ctx = await self.scheduler.resync_world(slot.world_id)
         except Exception:
             log.exception("world resync failed", world_id=slot.world_id)
+            return
+        # A tick we saw fail had committed: the next tick starts where it
+        # started, or its interval would be counted twice.
+        slot.last_tick_at += ctx.adopted_real_seconds
 
     def _reschedule(self, slot: _Slot, *, ok: bool) -> None:
         now = self.clock.now()

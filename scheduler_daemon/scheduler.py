@@ -25,7 +25,7 @@ from scheduler_daemon.simulation.behavior import (
     simulate_batch,
 )
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
-from scheduler_daemon.store.repository import Store, WorldRecord
+from scheduler_daemon.store.repository import StaleWorldStateError, Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
@@ -202,11 +202,14 @@ class WorldScheduler:
             started = time.perf_counter()
             # Wall time of the moment this tick's world time corresponds to (for humans).
             wall_at_start = datetime.now(UTC)
+            plan = None
             try:
                 plan = ctx.plan_advance(delta_real_seconds)
                 outcome = await self._run_tick(entry, plan, wall_at_start)
             except BaseException as exc:
                 ctx.record_failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                if plan is not None and not isinstance(exc, StaleWorldStateError):
+                    ctx.record_unconfirmed(plan)
                 raise
             outcome.duration_ms = (time.perf_counter() - started) * 1000.0
             ctx.apply_tick(plan, outcome)
@@ -250,7 +253,9 @@ class WorldScheduler:
             due = await self.store.select_due_npcs(conn, ctx.world_id, now, config.max_npc_ticks_per_step)
             decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
             await self.store.write_decisions(conn, ctx.world_id, decisions)
-            await self.store.advance_world_state(conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed)
+            await self.store.advance_world_state(
+                conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed, advanced_at=wall_at_start
+            )
         outcome.npcs_simulated = len(decisions)
         _count_tiers(due, now, outcome)
         return outcome

@@ -137,3 +137,20 @@ def test_budget_helpers() -> None:
 def test_format_world_time() -> None:
     assert format_world_time(0) == "day 1 Mon 00:00"
     assert format_world_time(86400 * 2 + 8 * 3600 + 30 * 60) == "day 3 Wed 08:30"
+
+
+def test_resync_adopts_a_failed_tick_that_did_commit() -> None:
+    """A tick reported failed (timeout, disconnect in COMMIT) may have committed: find it on resync."""
+    c = WorldSimulationContext(1, parse_world_config({"timeScale": 60}), world_time=100.0, ticks=4)
+    first = c.plan_advance(1.5)
+    c.record_failure("TimeoutError")
+    c.record_unconfirmed(first)  # committed after all: the database is at first.world_time_after
+    second = c.plan_advance(2.5)  # retried later from the same base, failed for real
+    c.record_unconfirmed(second)
+    c.resync(first.world_time_after, 5)
+    assert c.adopted_real_seconds == 1.5
+    assert (c.current_world_time, c.ticks_processed) == (first.world_time_after, 5)
+    # Moved by someone else: nothing of ours to adopt.
+    c.record_unconfirmed(c.plan_advance(1.0))
+    c.resync(999.0, 9)
+    assert c.adopted_real_seconds == 0.0

@@ -136,3 +136,42 @@ async def test_discovery_finds_sessions_and_always_on(store: Store) -> None:
     active = await store.discover_active_worlds()
     assert set(active) == {with_session, always_on}
     assert no_session not in active
+
+
+async def test_last_advanced_at_is_the_ticks_start_not_its_commit(store: Store) -> None:
+    """World time corresponds to the tick's start; slow work inside the tick must not shift the stamp."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    world_id, _ = await make_world(store, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 1})
+    sched = WorldScheduler(store)
+    await sched.register_world(world_id)
+    async with store.transaction() as conn:  # writing the tick's NPC decision takes >= 0.3 s
+        if store.dialect == "sqlite":
+            await conn.execute(
+                text("CREATE TRIGGER slow BEFORE UPDATE ON npcs BEGIN SELECT length(hex(randomblob(8000000))); END")
+            )
+        else:
+            await conn.execute(
+                text(
+                    "CREATE OR REPLACE FUNCTION slow_fn() RETURNS trigger AS $$ "
+                    "BEGIN PERFORM pg_sleep(0.3); RETURN NEW; END $$ LANGUAGE plpgsql"
+                )
+            )
+            await conn.execute(
+                text("CREATE TRIGGER slow BEFORE UPDATE ON npcs FOR EACH ROW EXECUTE FUNCTION slow_fn()")
+            )
+    try:
+        before = datetime.now(UTC)
+        await sched.tick_world(world_id, 1.0)
+        after = datetime.now(UTC)
+        stamp = (await store.get_world(world_id)).last_advanced_at
+    finally:
+        async with store.transaction() as conn:
+            await conn.execute(text("DROP TRIGGER IF EXISTS slow" + ("" if store.dialect == "sqlite" else " ON npcs")))
+    assert stamp is not None
+    stamp = stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    slow = (after - before).total_seconds()
+    assert slow >= 0.1  # the commit really was slow
+    assert before <= stamp <= before + (after - before) / 3, (before, stamp, after)

@@ -42,6 +42,14 @@ class ConfigVersionConflictError(RuntimeError):
         super().__init__(f"world {world_id}: config version is {actual}, not {expected}")
 
 
+class InvalidStoredJSONError(ValueError):
+    """A world's ``meta`` column holds text that is not JSON (possible on SQLite)."""
+
+    def __init__(self, world_id: int, problem: str) -> None:
+        self.world_id = world_id
+        super().__init__(f"world {world_id}: meta: stored value is not valid JSON ({problem})")
+
+
 @dataclass(frozen=True, slots=True)
 class WorldRecord:
     """A ``worlds`` row joined with its state row (state may not exist yet)."""
@@ -186,13 +194,16 @@ class Store:
         return WorldRecord(row[0], row[1], meta, row[3], row[4], row[5], row[6])
 
     async def get_world(self, world_id: int, conn: AsyncConnection | None = None) -> WorldRecord:
-        """Load one world; raises :class:`WorldNotFoundError`."""
+        """Load one world; raises :class:`WorldNotFoundError`, or :class:`InvalidStoredJSONError`."""
         query = self._world_query().where(worlds.c.id == world_id)
-        if conn is None:
-            async with self.engine.connect() as own:
-                row = (await own.execute(query)).first()
-        else:
-            row = (await conn.execute(query)).first()
+        try:
+            if conn is None:
+                async with self.engine.connect() as own:
+                    row = (await own.execute(query)).first()
+            else:
+                row = (await conn.execute(query)).first()
+        except ValueError as exc:  # json.JSONDecodeError while reading the row
+            raise InvalidStoredJSONError(world_id, str(exc)) from None
         if row is None:
             raise WorldNotFoundError(world_id)
         return self._world_record(row)
@@ -221,7 +232,11 @@ class Store:
         has_session = (
             sa.select(sa.literal(1)).where(sessions.c.world_id == worlds.c.id, sessions.c.active.is_(True)).exists()
         )
-        always_on = worlds.c.meta["simulation"]["alwaysOn"].as_boolean()
+        always_on: sa.ColumnElement[Any] = worlds.c.meta["simulation"]["alwaysOn"].as_boolean()
+        if self.dialect == "sqlite":
+            # SQLite can hold text that is not JSON; json_extract on one such
+            # row would fail the whole query and stop discovery of every world.
+            always_on = sa.case((sa.func.json_valid(worlds.c.meta) == 1, always_on), else_=sa.false())
         query = sa.select(worlds.c.id, worlds.c.config_version).where(sa.or_(has_session, always_on.is_(True)))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()

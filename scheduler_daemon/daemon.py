@@ -12,18 +12,10 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from scheduler_daemon.http import (
     AdminBackend,
@@ -37,18 +29,17 @@ from scheduler_daemon.http import (
 )
 from scheduler_daemon.logs import configure_logging
 from scheduler_daemon.metrics import SchedulerMetrics
+from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.settings import Settings, SettingsError, load_settings, restart_only_changes
 from scheduler_daemon.simulation.behavior import load_decide_fn
-from scheduler_daemon.store.errors import is_transient
 from scheduler_daemon.store.migrate import SchemaNotMigratedError
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.systemd import SystemdNotifier, watchdog_interval_seconds, watchdog_loop
+from scheduler_daemon.world_config import WorldConfigError, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.daemon")
-
-T = TypeVar("T")
 
 #: Exit codes (documented in the README).
 EXIT_OK = 0
@@ -57,6 +48,11 @@ EXIT_CONFIG = 2
 EXIT_DATABASE = 3
 EXIT_NOT_MIGRATED = 4
 EXIT_ADDRESS_IN_USE = 5
+
+#: SIGHUPs arriving this soon after the first join its reload (``for f in …; kill -HUP``).
+RELOAD_SETTLE_SECONDS = 0.2
+#: How often ``STATUS=`` is refreshed for ``systemctl status``.
+STATUS_INTERVAL_SECONDS = 5.0
 
 
 class StartupError(RuntimeError):
@@ -67,34 +63,13 @@ class StartupError(RuntimeError):
         self.exit_code = exit_code
 
 
-async def retry_transient(
-    what: str, func: Callable[[], Awaitable[T]], *, max_seconds: float, max_wait: float = 5.0
-) -> T:
-    """Run a whole unit of work, retrying transient database errors with jittered backoff."""
-
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            f"{what} failed, retrying",
-            attempt=state.attempt_number,
-            error=f"{type(exc).__name__}: {exc}".splitlines()[0] if exc else None,
-            retry_in_seconds=round(state.upcoming_sleep, 2),
-        )
-
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception(is_transient),
-        wait=wait_random_exponential(multiplier=0.2, max=max_wait),
-        stop=stop_after_delay(max_seconds),
-        before_sleep=before_sleep,
-        reraise=True,
-    ):
-        with attempt:
-            return await func()
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 class Daemon:
-    """The running daemon: settings, store, scheduler, runner, signals, systemd."""
+    """The running daemon: settings, store, scheduler, runner, signals, systemd.
+
+    Reload state for the metrics (``worldsched_config_last_reload_*``) lives in
+    :attr:`last_reload_ok` and :attr:`last_reload_success_at`; the settings the
+    daemon started with count as the first successful load.
+    """
 
     def __init__(self, settings: Settings, config_path: Path | None, *, config_required: bool = True) -> None:
         self.settings = settings
@@ -106,16 +81,16 @@ class Daemon:
         self.runner: SchedulerLoopRunner | None = None
         self.started_monotonic = time.monotonic()
         self.reload_count = 0
-        self.last_reload_ok: bool | None = None
+        self.last_reload_ok = True
         self.last_reload_error: str | None = None
-        # Wall time of the last successful (re)load, for humans/metrics; the
-        # initial load counts, so a daemon never reloaded is not "stale".
-        self.last_reload_success_at: float | None = time.time()
+        self.last_reload_success_at = time.time()  # wall time, for humans/metrics
+        #: Restart-only keys whose new value is waiting for a restart.
+        self.restart_pending: list[str] = []
         self.metrics: SchedulerMetrics | None = None
         self.admin_token: str | None = None
         self._stop_requested = 0
+        self._stopping_sent = False
         self._reload_event = asyncio.Event()
-        self._stopped = asyncio.Event()
 
     # --------------------------------------------------------------- startup
     async def _connect(self) -> Store:
@@ -126,28 +101,46 @@ class Daemon:
             max_overflow=db.max_overflow,
             connect_timeout=db.connect_timeout_seconds,
         )
-        try:
-            await retry_transient("database connection", store.ping, max_seconds=db.connect_retry_seconds)
-        except Exception as exc:
-            await store.dispose()
-            raise StartupError(
-                f"database unreachable after {db.connect_retry_seconds:g}s of retries: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                EXIT_DATABASE,
-            ) from None
-        try:
+
+        async def connect_and_check() -> None:
+            await store.ping()
             await store.check_schema()
+
+        try:
+            await retry_transient("database connection", connect_and_check, max_seconds=db.connect_retry_seconds)
         except SchemaNotMigratedError as exc:
             await store.dispose()
             raise StartupError(str(exc), EXIT_NOT_MIGRATED) from None
+        except Exception as exc:
+            await store.dispose()
+            raise StartupError(
+                f"database unreachable after {db.connect_retry_seconds:g}s of retries "
+                f"(database.connect_retry_seconds): {first_line(exc)}",
+                EXIT_DATABASE,
+            ) from None
         return store
 
     async def run(self) -> int:
-        """Run until stopped by a signal; returns the process exit code."""
+        """Run until stopped by a signal; returns the process exit code.
+
+        Raises :class:`StartupError` (one-line reason, exit code) when the
+        daemon cannot start. A stop signal during startup ends the process
+        with the signal's default action.
+        """
         s = self.settings
         log.info("starting", version=_version(), database=_redact(s.database.url), instance_id=s.scheduler.instance_id)
         if self.config_path is not None and not self.config_path.exists() and not self.config_required:
             log.warning("no config file, using defaults and environment", path=str(self.config_path))
+        loop = asyncio.get_running_loop()
+        # From here a SIGHUP is never fatal: it waits for the reload loop.
+        loop.add_signal_handler(signal.SIGHUP, self._reload_event.set)
+        try:
+            return await self._run(loop)
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
+        s = self.settings
         try:
             decide_fn = load_decide_fn(s.scheduler.behavior)
         except ValueError as exc:
@@ -175,44 +168,65 @@ class Daemon:
             observer=self.metrics,
         )
         self.metrics.runner = self.runner
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, self._reload_event.set)
         background: list[asyncio.Task[Any]] = [asyncio.create_task(self._reload_loop(), name="reload")]
         wd = watchdog_interval_seconds()
         if wd is not None and self.notifier.enabled:
-            background.append(
-                asyncio.create_task(
-                    watchdog_loop(self.notifier, wd, lambda: self.runner.progress if self.runner else 0)
-                )
-            )
+            # The loop must show progress within every watchdog interval even when idle.
+            self.runner.idle_wake_seconds = min(self.runner.idle_wake_seconds, wd / 2)
+            runner = self.runner
+            background.append(asyncio.create_task(watchdog_loop(self.notifier, wd, lambda: runner.progress)))
         background.append(asyncio.create_task(self._status_loop(), name="status"))
         lag_monitor = LoopLagMonitor()
         lag_monitor.start()
-        http_server = None
-        if sock is not None:
-            http_server = await self._start_http(sock, lag_monitor)
-        runner_task = asyncio.create_task(self.runner.start(), name="runner")
-        # READY=1 only now: the database answers and the HTTP port is bound and serving.
-        self.notifier.ready(status="started")
-        log.info("ready")
+        http_server: HttpServer | None = None
+        runner_task: asyncio.Task[None] | None = None
         try:
+            if sock is not None:
+                # Serving before READY=1: the port is bound and answering when systemd counts us up.
+                http_server = await self._start_http(sock, lag_monitor)
+                sock = None
+            runner_task = asyncio.create_task(self.runner.start(), name="runner")
+            if await self._serving(runner_task):
+                self.notifier.ready(status=self._status_line())
+                log.info("ready", worlds=len(self.runner.world_ids))
             await runner_task
         finally:
-            self.notifier.stopping()
+            self._notify_stopping()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            if runner_task is not None and not runner_task.done():  # startup failed after the runner started
+                self.runner.stop()
+                await asyncio.gather(runner_task, return_exceptions=True)
             await self.runner.shutdown()
             if http_server is not None:
                 await http_server.stop()
+            if sock is not None:
+                sock.close()
             await lag_monitor.stop()
             await self.store.dispose()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         log.info("stopped")
         return EXIT_OK
+
+    async def _serving(self, runner_task: asyncio.Task[None]) -> bool:
+        """Wait until the daemon serves: migrated and connected (done), worlds discovered.
+
+        READY=1 follows this, so whatever else must serve before systemd counts
+        the daemon as up (a listening socket) starts here; a bind failure then
+        fails the start (``StartupError``, EXIT_ADDRESS_IN_USE) before READY.
+        Returns False if the daemon stopped meanwhile.
+        """
+        assert self.runner is not None
+        discovered = asyncio.create_task(self.runner.discovered.wait())
+        try:
+            await asyncio.wait({runner_task, discovered}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            discovered.cancel()
+        return not runner_task.done() and not self._stop_requested
 
     # ------------------------------------------------------------------ http
     def _load_token(self, s: Settings) -> str | None:
@@ -258,7 +272,7 @@ class Daemon:
         return server
 
     def _reload_status(self) -> tuple[bool, float | None]:
-        return self.last_reload_ok is not False, self.last_reload_success_at
+        return self.last_reload_ok, self.last_reload_success_at
 
     # --------------------------------------------------------------- signals
     def _on_stop_signal(self, sig: signal.Signals) -> None:
@@ -267,19 +281,38 @@ class Daemon:
             log.warning("second stop signal, exiting at once", signal=sig.name)
             os._exit(EXIT_FAILURE)
         log.info("stop requested, finishing in-flight ticks", signal=sig.name)
-        self.notifier.stopping()
+        self._notify_stopping()
         if self.runner is not None:
             self.runner.stop()
+
+    def _notify_stopping(self) -> None:
+        """STOPPING=1, once, as soon as shutdown begins (signal or loop end)."""
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            self.notifier.stopping()
 
     async def _reload_loop(self) -> None:
         while True:
             await self._reload_event.wait()
-            # Clear before reloading: a SIGHUP during the reload triggers one more.
+            # Let a burst of SIGHUPs arrive, then clear: they all share this
+            # reload. A SIGHUP during the reload itself triggers one more, since
+            # the file may have changed after it was read.
+            await asyncio.sleep(RELOAD_SETTLE_SECONDS)
             self._reload_event.clear()
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception as exc:
+                # A bug here must not end reloading for the rest of the daemon's life.
+                log.exception("configuration reload crashed")
+                self._reload_failed(first_line(exc))
 
     async def reload(self) -> bool:
-        """Re-read the config file; swap in the new settings only if all of it is valid."""
+        """Re-read the config file; swap in the new settings only if all of it is valid.
+
+        Returns whether the reload succeeded. On failure the running settings
+        stay in force, the reason is logged at ERROR and kept in
+        :attr:`last_reload_error`, and systemd's STATUS shows it.
+        """
         self.reload_count += 1
         self.notifier.reloading()
         log.info("reloading configuration", path=str(self.config_path) if self.config_path else None)
@@ -294,12 +327,11 @@ class Daemon:
             token = load_admin_token(new_http) if running_http.enabled else None
             if running_http.enabled:
                 check_bind_allowed(new_http, token)
+            await self._validate_defaults(new)
         except (SettingsError, ValueError) as exc:
-            self.last_reload_ok = False
-            self.last_reload_error = str(exc)
-            log.error("configuration reload failed, keeping the running configuration", error=str(exc))
-            self.notifier.ready(status=f"reload failed: {str(exc)[:200]}")
-            return False
+            return self._reload_failed(str(exc))
+        except Exception as exc:  # the database, while checking the worlds against new defaults
+            return self._reload_failed(f"defaults.simulation: cannot check the worlds' configs: {first_line(exc)}")
         await self._apply(new)
         if token != self.admin_token:
             log.info("admin token changed", admin_auth="token" if token is not None else "none")
@@ -307,15 +339,37 @@ class Daemon:
         self.last_reload_ok = True
         self.last_reload_error = None
         self.last_reload_success_at = time.time()
-        self.notifier.ready(status="configuration reloaded")
+        self.notifier.ready(status=self._status_line())
         return True
+
+    def _reload_failed(self, reason: str) -> bool:
+        self.last_reload_ok = False
+        self.last_reload_error = reason
+        log.error("configuration reload failed, keeping the running configuration", error=reason)
+        self.notifier.ready(status=f"reload failed, running the previous configuration: {reason[:200]}")
+        return False
+
+    async def _validate_defaults(self, new: Settings) -> None:
+        """Refuse new ``[defaults.simulation]`` that would make a running world's config invalid."""
+        if new.defaults.simulation == self.settings.defaults.simulation or self.runner is None or self.store is None:
+            return
+        running = set(self.runner.world_ids)
+        problems = []
+        for record in await self.store.list_worlds():
+            if record.id in running:
+                try:
+                    parse_world_config(record.simulation_raw, world_id=record.id, defaults=new.defaults.simulation)
+                except WorldConfigError as exc:
+                    problems.append(str(exc))
+        if problems:
+            raise SettingsError("defaults.simulation: would make running worlds invalid: " + "; ".join(problems))
 
     async def _apply(self, new: Settings) -> None:
         old = self.settings
         needs_restart = restart_only_changes(old, new)
         if needs_restart:
             log.warning("changed settings need a restart to take effect; keeping their old values", keys=needs_restart)
-            # Keep restart-only sections as they run now, so what we report is what runs.
+            # Keep restart-only settings as they run now, so what we report is what runs.
             new = new.model_copy(
                 update={
                     "database": old.database,
@@ -331,6 +385,7 @@ class Daemon:
                     ),
                 }
             )
+        self.restart_pending = needs_restart
         configure_logging(new.logging.level, new.logging.format)
         self.settings = new
         if self.runner is not None and self.scheduler is not None:
@@ -346,25 +401,38 @@ class Daemon:
                     try:
                         await self.runner.apply_world_config(world_id)
                     except Exception as exc:
-                        log.error("new defaults invalid for world", world_id=world_id, error=str(exc))
+                        # Validated above; a database error leaves the world on its
+                        # previous config until discovery sees its next change.
+                        log.error("new defaults not applied to world", world_id=world_id, error=first_line(exc))
         if self.metrics is not None:
             self.metrics.per_world = new.metrics.per_world
         log.info("configuration reloaded", log_level=new.logging.level, restart_needed=needs_restart)
 
+    def _status_line(self) -> str:
+        """One line for ``systemctl status``; overwritten every STATUS_INTERVAL_SECONDS."""
+        runner = self.runner
+        worlds = len(runner.world_ids) if runner else 0
+        text = f"{worlds} worlds"
+        if runner is not None and runner.broken:
+            text += f", {len(runner.broken)} isolated"
+        if self.restart_pending:
+            text += f"; restart needed for {', '.join(self.restart_pending)}"
+        return text
+
     async def _status_loop(self) -> None:
         last_ticks, last_at = 0, time.monotonic()
         while True:
-            await asyncio.sleep(5.0)
+            await asyncio.sleep(STATUS_INTERVAL_SECONDS)
             if self.runner is None:
                 continue
             now = time.monotonic()
             ticks = self.runner.ticks_ok
             rate = (ticks - last_ticks) / max(now - last_at, 1e-9)
             last_ticks, last_at = ticks, now
-            self.notifier.status(
-                f"{len(self.runner.world_ids)} worlds, {rate:.1f} ticks/s, "
-                f"{len(self.runner.broken)} isolated, {self.runner.ticks_failed} failed ticks"
-            )
+            status = f"{self._status_line()}, {rate:.1f} ticks/s, {self.runner.ticks_failed} failed ticks"
+            if not self.last_reload_ok:
+                status += "; last reload failed"
+            self.notifier.status(status)
 
     def get_stats(self) -> dict[str, Any]:
         """Daemon-level stats: reload state plus the runner's."""
@@ -374,6 +442,7 @@ class Daemon:
             "last_successful": self.last_reload_ok,
             "last_error": self.last_reload_error,
             "last_success_timestamp": self.last_reload_success_at,
+            "restart_pending": list(self.restart_pending),
         }
         return stats
 

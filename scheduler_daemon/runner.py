@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import structlog
 
 from scheduler_daemon.clock import Clock, MonotonicClock, TimerHandle
+from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.store.errors import is_database_error
 from scheduler_daemon.store.repository import StaleWorldStateError, WorldNotFoundError
@@ -32,6 +33,43 @@ log = structlog.get_logger("scheduler_daemon.runner")
 # Wake at least this often even with nothing due, so "the loop is alive"
 # (watchdog progress) never depends on having worlds.
 _IDLE_WAKE_SECONDS = 1.0
+# A transient database error (disconnect, serialization failure) re-runs the
+# whole tick this many times in all, within the tick timeout, before the world
+# is backed off; discovery likewise.
+_UNIT_ATTEMPTS = 3
+
+
+class _ResizableLimit:
+    """A semaphore whose limit a reload can change while permits are held.
+
+    Raising the limit adds permits at once; lowering it is paid back by the
+    next releases, so in-flight ticks keep the permits they hold and the
+    running count converges to the new limit without cancelling anything.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._sem = asyncio.Semaphore(limit)
+        self._debt = 0  # releases to swallow after the limit was lowered
+
+    def resize(self, limit: int) -> None:
+        delta = limit - self.limit
+        self.limit = limit
+        while delta > 0 and self._debt > 0:
+            self._debt -= 1
+            delta -= 1
+        for _ in range(delta):
+            self._sem.release()
+        self._debt += max(-delta, 0)
+
+    async def __aenter__(self) -> None:
+        await self._sem.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._debt > 0:
+            self._debt -= 1
+        else:
+            self._sem.release()
 
 
 class TickObserver(Protocol):
@@ -110,12 +148,17 @@ class SchedulerLoopRunner:
         self.observer = observer
         self.broken: dict[int, BrokenWorld] = {}
         self.progress = 0  # increases while the loop works (watchdog feed)
+        #: Longest sleep of the loop with nothing due; the daemon lowers it under a
+        #: short systemd watchdog so an idle loop still shows progress in time.
+        self.idle_wake_seconds = _IDLE_WAKE_SECONDS
+        #: Set once the first discovery pass has finished (successfully or not).
+        self.discovered = asyncio.Event()
         self.ticks_ok = 0
         self.ticks_failed = 0
         self._slots: dict[int, _Slot] = {}
         self._heap: list[tuple[float, int, int, int]] = []  # (deadline, seq, world_id, generation)
         self._seq = itertools.count()
-        self._sem = asyncio.Semaphore(max_concurrent_ticks)
+        self._limit = _ResizableLimit(max_concurrent_ticks)
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._wake: asyncio.Future[None] | None = None
@@ -132,9 +175,8 @@ class SchedulerLoopRunner:
     ) -> None:
         """Apply reloadable limits; in-flight ticks keep the permits they hold."""
         if max_concurrent_ticks is not None and max_concurrent_ticks != self.max_concurrent_ticks:
-            held = self.max_concurrent_ticks - self._sem._value  # permits currently in use
             self.max_concurrent_ticks = max_concurrent_ticks
-            self._sem = asyncio.Semaphore(max(max_concurrent_ticks - held, 0))
+            self._limit.resize(max_concurrent_ticks)
         if tick_timeout_seconds is not None:
             self.tick_timeout_seconds = tick_timeout_seconds
         if discovery_interval_seconds is not None:
@@ -305,17 +347,19 @@ class SchedulerLoopRunner:
         outcome = "error"
         result: TickResult | None = None
         lag = 0.0
-        started = scheduled
+        began = scheduled
+        ran = False
         try:
-            async with self._sem, slot.lock:
-                if slot.removed:
+            async with self._limit, slot.lock:
+                if slot.removed or self._stopping:
+                    # Removed while queued, or stopping: queued ticks never start.
                     return
-                started = self.clock.now()
-                lag = max(started - scheduled, 0.0)
-                delta = max(started - slot.last_tick_at, 0.0)
+                ran = True
+                began = self.clock.now()
+                lag = max(began - scheduled, 0.0)
                 try:
                     async with asyncio.timeout(self.tick_timeout_seconds):
-                        result = await self.scheduler.tick_world(slot.world_id, delta)
+                        result, started = await self._tick_unit(slot)
                 except TimeoutError:
                     outcome = "timeout"
                     log.error(
@@ -335,15 +379,36 @@ class SchedulerLoopRunner:
         finally:
             slot.in_flight = False
             self.progress += 1
-            duration = self.clock.now() - started
-            if outcome == "ok":
-                self.ticks_ok += 1
-            else:
-                self.ticks_failed += 1
-            if self.observer:
-                self.observer.tick_finished(slot.world_id, outcome, lag, duration, result)
+            if ran:
+                duration = self.clock.now() - began
+                if outcome == "ok":
+                    self.ticks_ok += 1
+                else:
+                    self.ticks_failed += 1
+                if self.observer:
+                    self.observer.tick_finished(slot.world_id, outcome, lag, duration, result)
             if not slot.removed and not self._stopping:
                 self._reschedule(slot, ok=outcome == "ok")
+
+    async def _tick_unit(self, slot: _Slot) -> tuple[TickResult, float]:
+        """The tick as one unit of work: a transient database error re-runs all of it.
+
+        Each attempt measures its own elapsed time, so a retried tick covers
+        the real time up to its own start; returns (result, start of the
+        attempt that committed). A commit whose outcome was unknown cannot be
+        applied twice: the retry's fence check fails and the world resyncs.
+        """
+        started = self.clock.now()
+
+        async def attempt() -> TickResult:
+            nonlocal started
+            started = self.clock.now()
+            return await self.scheduler.tick_world(slot.world_id, max(started - slot.last_tick_at, 0.0))
+
+        result = await retry_transient(
+            "tick", attempt, max_attempts=_UNIT_ATTEMPTS, multiplier=0.05, max_wait=0.5, world_id=slot.world_id
+        )
+        return result, started
 
     async def _resync(self, slot: _Slot) -> None:
         try:
@@ -423,7 +488,9 @@ class SchedulerLoopRunner:
                     self._next_discovery = now + self.discovery_interval_seconds
                 self._dispatch_due(now)
                 wake_at = min(
-                    d for d in (self.next_deadline(), self._next_discovery, now + _IDLE_WAKE_SECONDS) if d is not None
+                    d
+                    for d in (self.next_deadline(), self._next_discovery, now + self.idle_wake_seconds)
+                    if d is not None
                 )
                 self._wake = loop.create_future()
                 self._timer = self.clock.call_at(wake_at, self._poke)
@@ -441,12 +508,14 @@ class SchedulerLoopRunner:
 
     async def _discover_safely(self) -> None:
         try:
-            await self.discover()
+            await retry_transient("world discovery", self.discover, max_attempts=_UNIT_ATTEMPTS, max_wait=1.0)
         except Exception as exc:
-            # A database blip must not stop the loop; worlds keep ticking (and
+            # A database outage must not stop the loop; worlds keep ticking (and
             # their own ticks will fail and back off if the database is gone).
-            log.error("world discovery failed", error=f"{type(exc).__name__}: {exc}")
+            log.error("world discovery failed", error=first_line(exc))
             self._count_db_error(exc, "discovery")
+        finally:
+            self.discovered.set()
 
     def _count_db_error(self, exc: BaseException, operation: str) -> None:
         if self.observer is not None and is_database_error(exc):

@@ -8,6 +8,7 @@ a missing TOML file, so the file is read here and handed over as data.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -20,7 +21,7 @@ from scheduler_daemon.world_config import WorldConfigError, parse_world_config
 
 DEFAULT_CONFIG_PATH = Path("/etc/scheduler-daemon/config.toml")
 #: Refuse absurd files before parsing them (a config file is a few KiB).
-MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_BYTES = 1024 * 1024  # 1 MiB
 
 DEFAULT_BEHAVIOR = "scheduler_daemon.simulation.behavior:decide"
 
@@ -206,19 +207,62 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"{path}: invalid TOML: {exc}") from None
 
 
-def _format_errors(source: str, exc: ValidationError) -> str:
+_ENV_PREFIX = "SCHEDULER_"
+
+
+def _scheduler_env() -> dict[str, str]:
+    """``SCHEDULER_*`` variables meant as settings (nested ones, with ``__``), upper-cased names."""
+    return {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(_ENV_PREFIX) and "__" in k}
+
+
+def _env_var_for(loc: tuple[str | int, ...], env: dict[str, str]) -> str | None:
+    """The environment variable that supplied the value at ``loc``, if any.
+
+    ``SCHEDULER_DEFAULTS__SIMULATION`` supplies every key below
+    ``defaults.simulation``, so the longest matching prefix wins.
+    """
+    parts = [str(p).upper() for p in loc]
+    for n in range(len(parts), 0, -1):
+        name = _ENV_PREFIX + "__".join(parts[:n])
+        if name in env:
+            return name
+    return None
+
+
+def _describe_input(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return ""
+    text = repr(value)
+    return f" (got {text[:60]}{'…' if len(text) > 60 else ''})"
+
+
+def _format_errors(path: Path | None, exc: ValidationError) -> str:
+    """One line: every problem as ``SOURCE: KEY: problem``, where SOURCE is the file or the env var."""
+    env = _scheduler_env()
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
+        loc = err["loc"]
+        key = ".".join(str(p) for p in loc)
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    env_keys = sorted(
-        k for k in os.environ if k.upper().startswith("SCHEDULER_") and k.upper() != "SCHEDULER_TEST_POSTGRES_URL"
-    )
-    where = source + (f" (environment also sets {', '.join(env_keys)})" if env_keys else "")
-    return f"{where}: " + "; ".join(parts)
+        else:
+            # "Value error, " is pydantic's prefix for our own validators' messages.
+            msg = err["msg"].removeprefix("Value error, ") + _describe_input(err.get("input"))
+        var = _env_var_for(loc, env)
+        source = f"environment {var}" if var else (str(path) if path is not None else "defaults")
+        parts.append(f"{source}: {key}: {msg}")
+    return "; ".join(parts)
+
+
+def _check_env_sections() -> None:
+    """Refuse ``SCHEDULER_<SECTION>__<KEY>`` variables naming no section (a typo is never silent)."""
+    sections = {name.upper() for name in Settings.model_fields}
+    unknown = sorted(k for k in _scheduler_env() if k[len(_ENV_PREFIX) :].split("__", 1)[0] not in sections)
+    if unknown:
+        raise SettingsError(
+            f"environment {', '.join(unknown)}: unknown section "
+            f"(known: {', '.join(sorted(s.lower() for s in sections))})"
+        )
 
 
 def load_settings(path: Path | None = None, *, required: bool = True) -> Settings:
@@ -226,15 +270,28 @@ def load_settings(path: Path | None = None, *, required: bool = True) -> Setting
 
     With ``required=False`` a missing file means "defaults plus environment"
     (used when no ``--config`` was given and the default path does not exist).
+
+    Raises:
+        SettingsError: one line naming the file or environment variable, the
+            key and the problem, for every problem found.
     """
     data: dict[str, Any] = {}
-    source = "environment"
+    source: Path | None = None
     if path is not None and (path.exists() or required):
         data = read_config_file(path)
-        source = str(path)
+        source = path
+    _check_env_sections()
     try:
         return Settings(**data)
     except ValidationError as exc:
         raise SettingsError(_format_errors(source, exc)) from None
-    except ValueError as exc:  # e.g. pydantic-settings failing to parse an env value
-        raise SettingsError(f"{source}: {exc}") from None
+    except ValueError as exc:
+        # pydantic-settings could not decode an environment value (JSON for
+        # dict-valued keys such as SCHEDULER_DEFAULTS__SIMULATION).
+        field = re.search(r'field "(\w+)"', str(exc))
+        section = f"{_ENV_PREFIX}{field[1].upper()}" if field else _ENV_PREFIX
+        names = sorted(k for k in map(str.upper, os.environ) if k == section or k.startswith(section + "__"))
+        raise SettingsError(
+            f"environment {', '.join(names) or 'SCHEDULER_*'}: cannot parse the value "
+            f"(dict-valued settings take JSON): {exc}"
+        ) from None

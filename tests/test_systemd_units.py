@@ -124,7 +124,8 @@ def test_required_directives(name: str) -> None:
         assert single(unit, "Service", key) == expected, key
     for key in REQUIRED_NONEMPTY:
         assert single(unit, "Service", key), key
-    assert "SCHEDULER_LOGGING__FORMAT=json" in values(unit, "Service", "Environment")
+    # Reloadable settings must stay in config.toml: the environment would win over it.
+    assert not [v for v in values(unit, "Service", "Environment") if v.startswith("SCHEDULER_LOGGING__")]
     # Optional ("-") root-only secrets file, e.g. a PostgreSQL URL with a password.
     assert values(unit, "Service", "EnvironmentFile")[0] == "-/etc/scheduler-daemon/environment"
     assert single(unit, "Install", "WantedBy") == "multi-user.target"

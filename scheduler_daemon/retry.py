@@ -1,0 +1,80 @@
+"""Retrying whole units of work on transient database errors (tenacity).
+
+A unit of work is a function that opens its own transaction (a tick, a
+discovery pass, the first connection): on a disconnect or a serialization
+failure the whole function runs again, never a single statement, so a retry
+can never see half of an earlier attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
+
+from scheduler_daemon.store.errors import is_transient
+
+log = structlog.get_logger("scheduler_daemon.retry")
+
+T = TypeVar("T")
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for one-line log fields and errors."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+async def retry_transient(
+    what: str,
+    func: Callable[[], Awaitable[T]],
+    *,
+    max_seconds: float | None = None,
+    max_attempts: int | None = None,
+    min_wait: float = 0.0,
+    multiplier: float = 0.2,
+    max_wait: float = 5.0,
+    **log_fields: object,
+) -> T:
+    """Run ``func`` and run it again on transient database errors.
+
+    Waits are exponential with full jitter (``multiplier × 2^n``, at most
+    ``max_wait``) so many daemons reconnecting at once do not stampede. Gives
+    up after ``max_seconds`` and/or ``max_attempts`` and re-raises the last
+    error; other errors propagate at once. Each retry is logged at WARNING
+    with the attempt number and the error.
+    """
+    stop: stop_base = stop_after_attempt(max_attempts or 1_000_000)
+    if max_seconds is not None:
+        stop = stop | stop_after_delay(max_seconds)
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            f"{what} failed, retrying",
+            attempt=state.attempt_number,
+            error=first_line(exc) if exc else None,
+            retry_in_seconds=round(state.upcoming_sleep, 3),
+            **log_fields,
+        )
+
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception(is_transient),
+        wait=wait_random_exponential(multiplier=multiplier, max=max_wait, min=min_wait),
+        stop=stop,
+        before_sleep=before_sleep,
+        reraise=True,
+    ):
+        with attempt:
+            return await func()
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,230 @@
+"""Reload and resilience in-process: whole-settings validation, reload state, tick limits, transient errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from sqlalchemy import text
+
+from scheduler_daemon.clock import VirtualClock
+from scheduler_daemon.daemon import Daemon
+from scheduler_daemon.runner import SchedulerLoopRunner, _ResizableLimit
+from scheduler_daemon.scheduler import WorldScheduler
+from scheduler_daemon.settings import load_settings
+from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.repository import Store
+from tests.conftest import PG_ENV, make_store, require_postgres_url
+from tests.helpers import drop_trigger, make_world, world_state
+
+
+@pytest.fixture(autouse=True)
+def isolated_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No SCHEDULER_* from the caller; logging restored after a reload reconfigured it."""
+    for key in list(os.environ):
+        if key.upper().startswith("SCHEDULER_") and key != PG_ENV:
+            monkeypatch.delenv(key)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    noisy = {name: logging.getLogger(name).level for name in ("sqlalchemy.engine", "aiosqlite", "asyncio")}
+    config = structlog.get_config()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, lvl in noisy.items():
+        logging.getLogger(name).setLevel(lvl)
+    structlog.configure(**config)
+
+
+GOOD = '[logging]\nlevel = "INFO"\nformat = "json"\n[database]\nurl = "sqlite:////tmp/a.db"\n'
+
+
+async def test_failed_reload_keeps_settings_and_reports_until_a_good_one(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(GOOD)
+    daemon = Daemon(load_settings(path), path)
+    running = daemon.settings
+    started = daemon.get_stats()["config_reload"]
+    # The configuration the daemon started with counts as loaded (metrics: 1, start time).
+    assert started["last_successful"] is True and started["last_success_timestamp"] is not None
+
+    for bad, reason in [
+        ("[logging\n", "invalid TOML"),
+        ('[logging]\nlevel = "DEBUG"\n[scheduler]\nmax_concurrent_ticks = 0\n', "scheduler.max_concurrent_ticks"),
+        (None, "config file not found"),
+    ]:
+        if bad is None:
+            path.unlink()
+        else:
+            path.write_text(bad)
+        assert await daemon.reload() is False
+        assert daemon.settings is running  # nothing half-applied
+        state = daemon.get_stats()["config_reload"]
+        assert state["last_successful"] is False
+        assert state["last_error"].startswith(f"{path}: ") and reason in state["last_error"]
+        assert state["last_success_timestamp"] == started["last_success_timestamp"]
+
+    path.write_text(GOOD.replace('"INFO"', '"DEBUG"').replace("/tmp/a.db", "/tmp/b.db") + "[http]\nport = 1\n")
+    assert await daemon.reload() is True
+    state = daemon.get_stats()["config_reload"]
+    assert state == {
+        "count": 4,
+        "last_successful": True,
+        "last_error": None,
+        "last_success_timestamp": state["last_success_timestamp"],
+        "restart_pending": ["database.url", "http.port"],
+    }
+    assert state["last_success_timestamp"] >= started["last_success_timestamp"]
+    assert daemon.settings.logging.level == "DEBUG"  # reloadable: applied
+    assert daemon.settings.database.url == running.database.url  # restart-only: kept as running
+    assert daemon.settings.http.port == running.http.port
+
+
+async def test_reload_refuses_defaults_that_would_break_a_running_world(store: Store, tmp_path: Path) -> None:
+    world_id, _ = await make_world(store, simulation={"tickIntervalSeconds": 5})
+    path = tmp_path / "config.toml"
+    path.write_text(GOOD)
+    daemon = Daemon(load_settings(path), path)
+    daemon.store = store
+    daemon.scheduler = WorldScheduler(store)
+    daemon.runner = SchedulerLoopRunner(daemon.scheduler, clock=VirtualClock())
+    await daemon.runner.add_world(world_id)
+
+    # Valid on its own, but the world's own tickIntervalSeconds (5) exceeds it.
+    path.write_text(GOOD + "[defaults.simulation]\nmaxCatchUpSeconds = 2\n")
+    assert await daemon.reload() is False
+    error = daemon.get_stats()["config_reload"]["last_error"]
+    assert error.startswith("defaults.simulation: would make running worlds invalid: ")
+    assert f"world {world_id}" in error and "maxCatchUpSeconds" in error
+    assert daemon.settings.defaults.simulation == {}
+    assert daemon.scheduler.get_context(world_id).config.max_catch_up_seconds == 60
+
+    path.write_text(GOOD + "[defaults.simulation]\ntimeScale = 120\n")
+    assert await daemon.reload() is True
+    assert daemon.scheduler.get_context(world_id).config.time_scale == 120
+
+
+async def _hold(limit: _ResizableLimit, running: list[int], release: asyncio.Event) -> None:
+    async with limit:
+        running.append(1)
+        await release.wait()
+        running.pop()
+
+
+async def test_tick_limit_resizes_while_permits_are_held() -> None:
+    limit = _ResizableLimit(2)
+    running: list[int] = []
+    release = asyncio.Event()
+    tasks = [asyncio.create_task(_hold(limit, running, release)) for _ in range(6)]
+    await asyncio.sleep(0)
+    assert len(running) == 2
+    limit.resize(4)  # raised: two more start at once
+    await asyncio.sleep(0)
+    assert len(running) == 4
+    limit.resize(1)  # lowered: nobody is cancelled, the next releases pay it back
+    release.set()
+    await asyncio.gather(*tasks)
+    second = asyncio.Event()
+    running.clear()
+    tasks = [asyncio.create_task(_hold(limit, running, second)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert len(running) == 1  # converged to the new limit; permits were not lost either
+    second.set()
+    await asyncio.gather(*tasks)
+    limit.resize(3)
+    third = asyncio.Event()
+    tasks = [asyncio.create_task(_hold(limit, running, third)) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert len(running) == 3
+    third.set()
+    await asyncio.gather(*tasks)
+
+
+@pytest.fixture
+async def pg_store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    require_postgres_url()
+    store = await make_store("postgres", tmp_path, request)
+    try:
+        yield store
+    finally:
+        await store.dispose()
+
+
+@pytest.mark.postgres
+async def test_transient_database_error_retries_the_whole_tick(pg_store: Store) -> None:
+    """A serialization failure raised inside the database at commit time: the tick runs again at once.
+
+    PostgreSQL only: SQLite has no serialization failures, and its one transient
+    error (busy) is absorbed by busy_timeout before it reaches us.
+    """
+    store = pg_store
+    world_id, _ = await make_world(store, simulation={"timeScale": 10}, npcs_per_tier={Tier.DETAILED: 3})
+    clock = VirtualClock()
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock)
+    await runner.add_world(world_id)
+    async with store.transaction() as conn:
+        # A sequence is not transactional: the first two ticks fail, later ones pass.
+        await conn.execute(text("DROP SEQUENCE IF EXISTS inject_fault_seq"))
+        await conn.execute(text("CREATE SEQUENCE inject_fault_seq"))
+        await conn.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION inject_fault_fn() RETURNS trigger AS $$ BEGIN "
+                "IF nextval('inject_fault_seq') <= 2 THEN "
+                "RAISE EXCEPTION 'injected serialization failure' USING ERRCODE = '40001'; END IF; "
+                "RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+        )
+        await conn.execute(
+            text(
+                "CREATE TRIGGER inject_fault BEFORE UPDATE ON world_states FOR EACH ROW "
+                "EXECUTE FUNCTION inject_fault_fn()"
+            )
+        )
+    try:
+        await runner.run_until(1.0)
+    finally:
+        await drop_trigger(store, "world_states")
+        async with store.transaction() as conn:
+            await conn.execute(text("DROP SEQUENCE IF EXISTS inject_fault_seq"))
+    ctx = runner.scheduler.get_context(world_id)
+    # Two attempts failed inside the database and rolled back; the third committed
+    # within the same tick: no backoff, no lost time, NPC decisions written once.
+    assert ctx.ticks_failed == 2
+    assert runner.ticks_ok == 1 and runner.ticks_failed == 0
+    assert await world_state(store, world_id) == (pytest.approx(10.0), 1)
+    async with store.engine.connect() as conn:
+        decisions = (
+            await conn.execute(text("SELECT sum(decisions) FROM npcs WHERE world_id = :w"), {"w": world_id})
+        ).scalar_one()
+    assert decisions == 3
+
+
+async def test_idle_loop_shows_progress_every_idle_wake(store: Store) -> None:
+    """No worlds at all: the loop still wakes (and counts progress) for the watchdog."""
+    clock = VirtualClock()
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock, discovery_interval_seconds=3600)
+    runner.idle_wake_seconds = 0.25  # the daemon sets a quarter of WATCHDOG_USEC
+    task = asyncio.create_task(runner.start())
+    try:
+        await asyncio.wait_for(runner.discovered.wait(), timeout=30)
+        for _ in range(4):
+            for _ in range(100):  # let the loop reach its wait
+                if clock.next_wakeup() == pytest.approx(clock.now() + 0.25):
+                    break
+                await asyncio.sleep(0)
+            assert clock.next_wakeup() == pytest.approx(clock.now() + 0.25)
+            before = runner.progress
+            clock.advance(0.25)
+            for _ in range(100):
+                if runner.progress > before:
+                    break
+                await asyncio.sleep(0)
+            assert runner.progress > before
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, timeout=30)

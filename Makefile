@@ -6,12 +6,16 @@ VAR    := $(CURDIR)/var
 # The embedded default for development: SQLite under ./var (env wins over the config file).
 RUN_ENV := SCHEDULER_DATABASE__URL=sqlite+aiosqlite:///$(VAR)/scheduler.db
 
-.PHONY: help venv dev run demo test test-fast lint fmt bench bench-quick soak clean
+.PHONY: help venv dev run demo test test-fast lint fmt bench bench-quick bench-memory bench-npc soak clean
 
 help:
 	@echo "make run         set up .venv, migrate ./var/scheduler.db, seed the demo, run the daemon"
 	@echo "make test        set up .venv with dev dependencies and run the whole test suite"
 	@echo "make lint        ruff + mypy"
+	@echo "make bench       benchmark suite vs APScheduler, a bare heap loop, naive ORM, raw SQL (minutes)"
+	@echo "make bench-quick the same at smaller sizes, under 3 minutes: bench/results/quick.{json,md,png}"
+	@echo "make bench-memory 10 minutes at sustained load on PostgreSQL, checks resident memory growth"
+	@echo "make bench-npc   NPC benchmarks: decide() decisions/s, per-tick selection on PostgreSQL"
 	@echo "make soak        fault suite at full strength + 30 min soak (needs SCHEDULER_TEST_POSTGRES_URL)"
 	@echo "make clean       remove .venv and ./var"
 
@@ -28,6 +32,10 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-bench: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	@touch $@ $(VENV)/.installed $(VENV)/.installed-dev
 
 venv: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -49,13 +57,28 @@ soak: $(VENV)/.installed-dev
 	SCHEDULER_FAULTS_PROFILE=soak SCHEDULER_FAULTS_REPORT=$(VAR)/faults-report.jsonl $(BIN)/pytest tests/faults
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check scheduler_daemon tests
-	$(BIN)/ruff format --check scheduler_daemon tests
+	$(BIN)/ruff check scheduler_daemon tests bench
+	$(BIN)/ruff format --check scheduler_daemon tests bench
 	$(BIN)/mypy
 
 fmt: $(VENV)/.installed-dev
-	$(BIN)/ruff format scheduler_daemon tests
-	$(BIN)/ruff check --fix scheduler_daemon tests
+	$(BIN)/ruff format scheduler_daemon tests bench
+	$(BIN)/ruff check --fix scheduler_daemon tests bench
+
+# Benchmarks (bench/README in README.md "Performance"). PostgreSQL from SCHEDULER_TEST_POSTGRES_URL.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m bench
+
+bench-quick: $(VENV)/.installed-bench
+	$(BIN)/python -m bench --quick
+
+# Ten minutes at the sustained load on PostgreSQL; fails if resident memory grows 5 % or more.
+bench-memory: $(VENV)/.installed-bench
+	$(BIN)/python -m bench.soak
+
+# PostgreSQL part: SCHEDULER_BENCH_POSTGRES_URL (or SCHEDULER_TEST_POSTGRES_URL), a server to create a scratch DB on.
+bench-npc: $(VENV)/.installed-dev
+	$(BIN)/python bench/npc_bench.py
 
 clean:
 	rm -rf $(VENV) $(VAR) .pytest_cache .mypy_cache .ruff_cache .hypothesis

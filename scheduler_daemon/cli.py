@@ -97,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_positive_float, default=2.0, help="seconds between refreshes (default 2)")
     p.add_argument("--once", action="store_true", help="print one table and exit (scripts)")
     _add_config(p)
+
+    p = sub.add_parser(
+        "simulate",
+        help="fast-forward one world through the real tick pipeline and print what happened",
+        description=(
+            "Run the real tick pipeline for one world on a virtual clock, as fast as possible, "
+            "and print a designer's summary. Without --dry-run the ticks are committed like the "
+            "daemon's; a world ticked in the last 30 s (a daemon is probably running it) is refused "
+            "unless --force."
+        ),
+    )
+    p.add_argument("--world", dest="world_id", type=_world_id, required=True, metavar="ID", help="world id")
+    p.add_argument("--game-hours", type=_positive_float, required=True, metavar="H", help="game hours to simulate")
+    p.add_argument("--dry-run", action="store_true", help="simulate on a temporary copy; commit nothing")
+    p.add_argument("--force", action="store_true", help="commit even if the world was ticked recently")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_config(p)
     return parser
 
 
@@ -259,12 +276,60 @@ def cmd_worlds(args: argparse.Namespace) -> int:
                 "config": config,
                 "configError": config_error,
                 "npcsPerTier": {t.label: counts.get(t, 0) for t in Tier},
+                "activities": {
+                    (name if name is not None else "(undecided)"): n
+                    for name, n in sorted((await store.activity_counts(w.id)).items(), key=lambda x: x[0] or "")
+                },
                 "activeSessions": len(await store.active_sessions(w.id)),
             }
             print(json.dumps(out, indent=2, default=str))
             return 0
         finally:
             await store.dispose()
+
+    return _run_async(main)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from scheduler_daemon.context import format_world_time
+    from scheduler_daemon.fastforward import FastForwardError, fast_forward
+    from scheduler_daemon.logs import configure_logging
+    from scheduler_daemon.simulation.behavior import load_decide_fn
+    from scheduler_daemon.store.repository import WorldNotFoundError
+
+    settings, _, _ = _settings(args)
+    # Per-world INFO lines would drown the report; warnings (lag) still show.
+    level = settings.logging.level if settings.logging.level not in ("DEBUG", "INFO") else "WARNING"
+    configure_logging(level, settings.logging.format, stream=sys.stderr)
+    try:
+        decide_fn = load_decide_fn(settings.scheduler.behavior)
+    except ValueError as exc:
+        raise CliError(f"scheduler.behavior: {exc}", EXIT_USAGE) from None
+
+    async def main() -> int:
+        store = await _open_store(settings)
+        try:
+            summary = await fast_forward(
+                store,
+                args.world_id,
+                args.game_hours,
+                dry_run=args.dry_run,
+                force=args.force,
+                defaults=settings.defaults.simulation,
+                decide_fn=decide_fn,
+                discovery_interval_seconds=settings.scheduler.discovery_interval_seconds,
+            )
+        except (WorldNotFoundError, FastForwardError) as exc:
+            raise CliError(str(exc), 1) from None
+        except ValueError as exc:  # invalid stored config or behaviour: names world and field
+            raise CliError(str(exc), EXIT_USAGE) from None
+        finally:
+            await store.dispose()
+        if args.json:
+            print(json.dumps(summary.to_dict(), indent=2))
+        else:
+            print(summary.render(format_world_time))
+        return 0
 
     return _run_async(main)
 
@@ -310,6 +375,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "worlds": cmd_worlds,
     "top": cmd_top,
+    "simulate": cmd_simulate,
 }
 
 

@@ -8,6 +8,7 @@ the context exactly as it was, and the next tick covers the lost time.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,10 @@ from scheduler_daemon.world_config import WorldConfig
 
 _EWMA_ALPHA = 0.1  # weight of the newest tick in average_tick_duration_ms
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def _by_name(item: tuple[str | None, int]) -> str:
+    return item[0] or ""
 
 
 def format_world_time(world_time: float) -> str:
@@ -45,7 +50,17 @@ class TickOutcome:
     jobs_enqueued: int = 0
     chain_steps: int = 0
     npcs_per_tier: dict[Tier, int] = field(default_factory=dict)
+    #: Per tier, the longest wait past ``next_decision_at`` seen this tick:
+    #: of the NPCs decided, or of the oldest one the budget left waiting.
     decision_lag_per_tier: dict[Tier, float] = field(default_factory=dict)
+    #: Per tier, the wait of the oldest NPC left waiting (absent: none waits).
+    waiting_lag_per_tier: dict[Tier, float] = field(default_factory=dict)
+    #: Change of the number of NPCs per current activity.
+    activity_delta: dict[str | None, int] = field(default_factory=dict)
+    #: An NPC moved to or from a place that tiering looks at.
+    tier_inputs_moved: bool = False
+    #: False when the tick did no selection at all (paused): lag state is kept.
+    selection_ran: bool = True
     duration_ms: float = 0.0
     #: False when the tick wrote nothing (a paused world with a frozen clock):
     #: the committed tick counter, mirrored from ``world_states.ticks``, stays.
@@ -85,6 +100,17 @@ class WorldSimulationContext:
         self.npcs_per_tier: dict[Tier, int] = {}
         self.decision_lag_per_tier: dict[Tier, float] = {}
         self.tier_population: dict[Tier, int] = {}
+        self.activity_counts: dict[str | None, int] = {}
+        # Tier inputs as of the last assignment; see WorldScheduler.refresh_tiers.
+        self.sessions_fingerprint: str | None = None
+        self.tier_relevant_locations: frozenset[str] = frozenset()
+        self.tiers_stale = False
+        self.tier_refreshes = 0
+        # Tiers whose waiting NPCs fell behind (see apply_tick); an "episode"
+        # lasts from the first such tick until no tier lags any more.
+        self.lagging_tiers: frozenset[Tier] = frozenset()
+        self.lag_episodes = 0
+        self._lagging_before = False
         self.last_tick_duration_ms = 0.0
         self.average_tick_duration_ms = 0.0
         self.last_error: str | None = None
@@ -147,7 +173,17 @@ class WorldSimulationContext:
         self.jobs_enqueued_last_tick = outcome.jobs_enqueued
         self.chain_steps_last_tick = outcome.chain_steps
         self.npcs_per_tier = dict(outcome.npcs_per_tier)
-        self.decision_lag_per_tier = dict(outcome.decision_lag_per_tier)
+        if outcome.selection_ran:
+            self.decision_lag_per_tier = dict(outcome.decision_lag_per_tier)
+            self._update_lagging(outcome.waiting_lag_per_tier, plan.delta_game_seconds)
+        for activity, change in outcome.activity_delta.items():
+            count = self.activity_counts.get(activity, 0) + change
+            if count:
+                self.activity_counts[activity] = count
+            else:
+                self.activity_counts.pop(activity, None)
+        if outcome.tier_inputs_moved:
+            self.tiers_stale = True
         self.last_tick_duration_ms = outcome.duration_ms
         if self.ticks_processed == 1 or self.average_tick_duration_ms == 0.0:
             self.average_tick_duration_ms = outcome.duration_ms
@@ -227,9 +263,33 @@ class WorldSimulationContext:
         self.consecutive_failures += 1
         self.last_error = error
 
-    def record_population(self, counts: dict[Tier, int]) -> None:
-        """Remember how many NPCs sit in each tier (frozen included)."""
+    def record_tier_assignment(
+        self,
+        counts: Mapping[Tier, int],
+        *,
+        sessions_fingerprint: str,
+        relevant_locations: frozenset[str],
+        activity_counts: Mapping[str | None, int],
+    ) -> None:
+        """Adopt a committed tier assignment and the inputs it was computed from."""
         self.tier_population = dict(counts)
+        self.sessions_fingerprint = sessions_fingerprint
+        self.tier_relevant_locations = relevant_locations
+        self.activity_counts = {k: v for k, v in activity_counts.items() if v}
+        self.tiers_stale = False
+        self.tier_refreshes += 1
+
+    def _update_lagging(self, waiting_lag: Mapping[Tier, float], game_seconds_per_tick: float) -> None:
+        # A tier lags when an NPC still waits longer past its due time than
+        # both its own decision interval and one tick: normal tick granularity
+        # and a start-up backlog the budget clears in time are not lag.
+        intervals = self.config.tiers.intervals()
+        self.lagging_tiers = frozenset(
+            tier for tier, lag in waiting_lag.items() if lag > max(intervals[tier], game_seconds_per_tick)
+        )
+        if self.lagging_tiers and not self._lagging_before:
+            self.lag_episodes += 1
+        self._lagging_before = bool(self.lagging_tiers)
 
     @property
     def frozen_npcs(self) -> int:
@@ -241,6 +301,22 @@ class WorldSimulationContext:
         if self.consecutive_failures:
             return "failing"
         return "paused" if self.paused else "running"
+
+    def activity_snapshot(self) -> dict[str, Any]:
+        """What the world's NPCs are doing now, for the periodic INFO summary.
+
+        Counts are kept up to date from committed decisions (and recounted at
+        every tier assignment), so this reads no database.
+        """
+        doing = sorted(self.activity_counts.items(), key=lambda kv: (-kv[1], kv[0] or ""))
+        return {
+            "world_time": format_world_time(self.current_world_time),
+            "doing": {(name if name is not None else "undecided"): n for name, n in doing},
+            "tiers": {t.label: self.tier_population.get(t, 0) for t in SIMULATED_TIERS},
+            "frozen": self.frozen_npcs,
+            "decisions_total": self.npcs_simulated_total,
+            "lagging_tiers": [t.label for t in SIMULATED_TIERS if t in self.lagging_tiers],
+        }
 
     def get_stats(self) -> dict[str, Any]:
         """Snapshot of the world's clock, counters and config (JSON-ready)."""
@@ -261,6 +337,13 @@ class WorldSimulationContext:
             "decision_lag_seconds": {
                 t.label: self.decision_lag_per_tier[t] for t in SIMULATED_TIERS if t in self.decision_lag_per_tier
             },
+            "lagging_tiers": [t.label for t in SIMULATED_TIERS if t in self.lagging_tiers],
+            "lag_episodes": self.lag_episodes,
+            "activity_counts": {
+                (name if name is not None else "undecided"): n
+                for name, n in sorted(self.activity_counts.items(), key=_by_name)
+            },
+            "tier_refreshes": self.tier_refreshes,
             "last_tick_duration_ms": self.last_tick_duration_ms,
             "average_tick_duration_ms": self.average_tick_duration_ms,
             "last_error": self.last_error,

@@ -162,9 +162,12 @@ class Daemon:
         self.runner = SchedulerLoopRunner(
             self.scheduler,
             max_concurrent_ticks=s.scheduler.max_concurrent_ticks,
+            max_batch_size=s.scheduler.max_batch_size,
+            batch_window_seconds=s.scheduler.batch_window_seconds,
             tick_timeout_seconds=s.scheduler.tick_timeout_seconds,
             discovery_interval_seconds=s.scheduler.discovery_interval_seconds,
             backoff_max_seconds=s.scheduler.backoff_max_seconds,
+            tier_refresh_max_seconds=s.scheduler.tier_refresh_max_seconds,
             observer=self.metrics,
         )
         self.metrics.runner = self.runner
@@ -178,6 +181,7 @@ class Daemon:
             runner = self.runner
             background.append(asyncio.create_task(watchdog_loop(self.notifier, wd, lambda: runner.progress)))
         background.append(asyncio.create_task(self._status_loop(), name="status"))
+        background.append(asyncio.create_task(self._activity_loop(), name="activity-summary"))
         lag_monitor = LoopLagMonitor()
         lag_monitor.start()
         http_server: HttpServer | None = None
@@ -215,10 +219,11 @@ class Daemon:
     async def _serving(self, runner_task: asyncio.Task[None]) -> bool:
         """Wait until the daemon serves: migrated and connected (done), worlds discovered.
 
-        READY=1 follows this, so whatever else must serve before systemd counts
-        the daemon as up (a listening socket) starts here; a bind failure then
-        fails the start (``StartupError``, EXIT_ADDRESS_IN_USE) before READY.
-        Returns False if the daemon stopped meanwhile.
+        READY=1 follows this, so whatever must serve before systemd counts the
+        daemon as up is serving when it returns: the admin HTTP port is bound
+        before the database connect (a port in use fails the start at once,
+        ``StartupError`` EXIT_ADDRESS_IN_USE) and answers before the runner
+        starts. Returns False if the daemon stopped meanwhile.
         """
         assert self.runner is not None
         discovered = asyncio.create_task(self.runner.discovered.wait())
@@ -391,10 +396,13 @@ class Daemon:
         if self.runner is not None and self.scheduler is not None:
             self.runner.set_limits(
                 max_concurrent_ticks=new.scheduler.max_concurrent_ticks,
+                max_batch_size=new.scheduler.max_batch_size,
+                batch_window_seconds=new.scheduler.batch_window_seconds,
                 tick_timeout_seconds=new.scheduler.tick_timeout_seconds,
                 discovery_interval_seconds=new.scheduler.discovery_interval_seconds,
             )
             self.runner.backoff_max_seconds = new.scheduler.backoff_max_seconds
+            self.runner.tier_refresh_max_seconds = new.scheduler.tier_refresh_max_seconds
             if new.defaults.simulation != old.defaults.simulation:
                 self.scheduler.defaults = dict(new.defaults.simulation)
                 for world_id in self.runner.world_ids:
@@ -433,6 +441,27 @@ class Daemon:
             if not self.last_reload_ok:
                 status += "; last reload failed"
             self.notifier.status(status)
+
+    async def _activity_loop(self) -> None:
+        """One INFO line per world every ``logging.activity_summary_seconds``.
+
+        Shows the NPCs changing activities through the game day without a
+        line per tick; the period is read each round, so SIGHUP changes it.
+        """
+        last_total: dict[int, int] = {}
+        while True:
+            period = self.settings.logging.activity_summary_seconds
+            await asyncio.sleep(period if period > 0 else 5.0)
+            if period <= 0 or self.scheduler is None:
+                continue
+            totals: dict[int, int] = {}
+            for world_id, ctx in sorted(self.scheduler.get_all_contexts().items()):
+                snapshot = ctx.activity_snapshot()
+                totals[world_id] = snapshot.pop("decisions_total")
+                # Decisions since the previous line (since registration for a new world).
+                since = totals[world_id] - last_total.get(world_id, 0)
+                log.info("world activity", world_id=world_id, decisions=since, **snapshot)
+            last_total = totals
 
     def get_stats(self) -> dict[str, Any]:
         """Daemon-level stats: reload state plus the runner's."""

@@ -8,13 +8,15 @@ succeeded, so a failed tick leaves database and context exactly as they were.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.context import AdvancePlan, TickOutcome, WorldSimulationContext
 from scheduler_daemon.simulation.behavior import (
@@ -24,7 +26,14 @@ from scheduler_daemon.simulation.behavior import (
     parse_behavior,
     simulate_batch,
 )
-from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
+from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
+from scheduler_daemon.simulation.tiers import (
+    SessionView,
+    TierAssignment,
+    assign_tiers,
+    sessions_fingerprint,
+    tier_relevant_locations,
+)
 from scheduler_daemon.store.repository import StaleWorldStateError, Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
@@ -57,11 +66,31 @@ class TickResult:
     paused: bool
 
 
+@dataclass(frozen=True, slots=True)
+class CommittedTick:
+    """One committed tick's NPC work, for observers such as ``simulate``'s summary.
+
+    ``npcs`` are the states as selected (before deciding), ``decisions`` the
+    committed outcomes in the same order.
+    """
+
+    world_id: int
+    world_time: float
+    npcs: Sequence[NpcState]
+    decisions: Sequence[NpcDecision]
+    decision_lag_per_tier: Mapping[Tier, float]
+
+
+#: Called after each committed tick (see :class:`WorldScheduler`).
+TickListener = Callable[[CommittedTick], None]
+
+
 @dataclass(slots=True)
 class _World:
     context: WorldSimulationContext
     behavior: BehaviorContent
     extra: dict[str, Any] = field(default_factory=dict)
+    last_committed: CommittedTick | None = None  # handed to on_commit after apply
 
 
 class WorldScheduler:
@@ -78,10 +107,12 @@ class WorldScheduler:
         *,
         defaults: Mapping[str, Any] | None = None,
         decide_fn: DecideFn = decide,
+        on_commit: TickListener | None = None,
     ) -> None:
         self.store = store
         self.defaults: dict[str, Any] = dict(defaults or {})
         self.decide_fn = decide_fn
+        self.on_commit = on_commit
         self._worlds: dict[int, _World] = {}
 
     # ------------------------------------------------------------ registry
@@ -95,8 +126,10 @@ class WorldScheduler:
 
         Raises :class:`~scheduler_daemon.world_config.WorldConfigError` or
         :class:`~scheduler_daemon.simulation.behavior.BehaviorContentError` naming
-        the world and the field when its stored config is invalid; the world is
-        then not registered and nothing else is affected.
+        the world and the field when its stored config (``tierRules``
+        included) or behaviour content is invalid; the world is then not
+        registered and nothing else is affected. Tiers are assigned from the
+        world's current sessions before the first tick.
         """
         record = await self.store.ensure_world_state(world_id)
         config, behavior = self._load(record)
@@ -107,8 +140,9 @@ class WorldScheduler:
             ticks=int(record.ticks or 0),
             config_version=record.config_version,
         )
-        ctx.record_population(await self.store.tier_counts(world_id))
-        self._worlds[world_id] = _World(ctx, behavior)
+        entry = _World(ctx, behavior)
+        await self._assign_tiers(entry, None)
+        self._worlds[world_id] = entry
         log.info(
             "world registered",
             world_id=world_id,
@@ -130,10 +164,13 @@ class WorldScheduler:
         entry = self._require(world_id)
         record = await self.store.get_world(world_id)
         config, behavior = self._load(record)
+        old = entry.context.config
         entry.context.update_config(
             config, version=record.config_version, elapsed_real_since_tick=elapsed_real_since_tick
         )
         entry.behavior = behavior
+        if old.tiers.capacities() != config.tiers.capacities() or old.tier_rules != config.tier_rules:
+            await self._assign_tiers(entry, None)
         log.info(
             "world config applied",
             world_id=world_id,
@@ -142,6 +179,67 @@ class WorldScheduler:
             paused=config.pause_simulation,
         )
         return entry.context
+
+    # --------------------------------------------------------------- tiers
+    def tiers_outdated(self, world_id: int, sessions: Sequence[SessionView]) -> bool:
+        """Whether a registered world's tiers need recomputing.
+
+        True when its active sessions differ from those of the last assignment
+        (by :func:`~scheduler_daemon.simulation.tiers.sessions_fingerprint`),
+        or when a committed decision moved an NPC to or from a place tiering
+        looks at (a player's location or a rule's location).
+        """
+        ctx = self._require(world_id).context
+        return ctx.tiers_stale or ctx.sessions_fingerprint != sessions_fingerprint(sessions)
+
+    async def refresh_tiers(self, world_id: int, sessions: Sequence[SessionView] | None = None) -> TierAssignment:
+        """Recompute a registered world's tiers and write the changed ones.
+
+        ``sessions`` are its active sessions if the caller already read them
+        (discovery does, for all worlds in one query); otherwise they are read
+        here. Must not run concurrently with a tick of the same world (the
+        runner holds the world's lock).
+        """
+        return await self._assign_tiers(self._require(world_id), sessions)
+
+    async def _assign_tiers(self, entry: _World, sessions: Sequence[SessionView] | None) -> TierAssignment:
+        ctx = entry.context
+        config = ctx.config
+        now = ctx.current_world_time
+        intervals = config.tiers.intervals()
+        async with self.store.transaction() as conn:
+            if sessions is None:
+                sessions = await self.store.session_views(conn, ctx.world_id)
+            records = await self.store.npc_placements(conn, ctx.world_id)
+            assignment = assign_tiers(
+                (r.placement for r in records), sessions, config.tiers.capacities(), config.tier_rules
+            )
+            changes: dict[int, tuple[Tier, float | None]] = {}
+            for record in records:
+                new = assignment.tiers[record.placement.id]
+                if new != record.tier:
+                    # A promoted NPC is decided at its new cadence within one
+                    # new interval, not after its old (coarser) one.
+                    due_by = now + intervals[new] if new < record.tier and new != Tier.FROZEN else None
+                    changes[record.placement.id] = (new, due_by)
+            await self.store.write_tier_changes(conn, ctx.world_id, changes)
+        activities: dict[str | None, int] = {}
+        for record in records:
+            activities[record.current_activity] = activities.get(record.current_activity, 0) + 1
+        ctx.record_tier_assignment(
+            assignment.counts,
+            sessions_fingerprint=sessions_fingerprint(sessions),
+            relevant_locations=tier_relevant_locations(sessions, config.tier_rules),
+            activity_counts=activities,
+        )
+        log.debug(
+            "tiers assigned",
+            world_id=ctx.world_id,
+            sessions=len(sessions),
+            changed=len(changes),
+            population={t.label: n for t, n in assignment.counts.items()},
+        )
+        return assignment
 
     async def resync_world(self, world_id: int) -> WorldSimulationContext:
         """Reload a registered world's committed clock from the database.
@@ -196,40 +294,183 @@ class WorldScheduler:
         Raises on failure after recording it in the context; the clock, the
         counters and every row stay as they were before the tick.
         """
-        entry = self._require(world_id)
-        ctx = entry.context
-        with structlog.contextvars.bound_contextvars(world_id=world_id):
-            started = time.perf_counter()
-            # Wall time of the moment this tick's world time corresponds to (for humans).
-            wall_at_start = datetime.now(UTC)
-            plan = None
+        (answer,) = await self.tick_worlds([(world_id, delta_real_seconds)])
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    async def tick_worlds(self, requests: Sequence[tuple[int, float]]) -> list[TickResult | BaseException]:
+        """Tick several worlds, ``(world_id, delta_real_seconds)`` each, in one grouped commit.
+
+        Returns one answer per request, in order: the :class:`TickResult` of a
+        committed tick, or the exception that failed that world. Every world's
+        tick is atomic on its own: a world that fails is rolled back alone
+        (its context untouched, the failure recorded) and its neighbours
+        commit. An error of the shared transaction itself (the COMMIT, a lost
+        connection, a cancellation) fails every world of the group and is
+        raised.
+        """
+        answers: list[TickResult | BaseException | None] = [None] * len(requests)
+        work: list[_Planned] = []
+        # Checked once per group: a filtered structlog call still costs ~10 µs.
+        debug = log.is_enabled_for(logging.DEBUG)
+        for index, (world_id, delta) in enumerate(requests):
+            entry = self._worlds.get(world_id)
+            if entry is None:
+                answers[index] = WorldNotRegisteredError(world_id)
+                continue
             try:
-                plan = ctx.plan_advance(delta_real_seconds)
-                outcome = await self._run_tick(entry, plan, wall_at_start)
+                plan = entry.context.plan_advance(delta)
+            except Exception as exc:
+                entry.context.record_failure(_describe(exc))
+                answers[index] = exc
+                continue
+            planned = _Planned(index, entry, plan, time.perf_counter(), datetime.now(UTC))
+            entry.last_committed = None
+            if plan.delta_game_seconds == 0.0 and entry.context.paused:
+                # Frozen clock: nothing can become due, nothing to write (so no tick to count).
+                answers[index] = self._apply(
+                    planned, TickOutcome(selection_ran=False, state_written=False), debug=debug
+                )
+            else:
+                work.append(planned)
+        if work:
+            try:
+                outcomes = await self._commit_group(work)
             except BaseException as exc:
-                ctx.record_failure(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-                if plan is not None and not isinstance(exc, StaleWorldStateError):
-                    ctx.record_unconfirmed(plan)
+                for planned in work:
+                    planned.entry.last_committed = None
+                    planned.entry.context.record_failure(_describe(exc))
+                    if not isinstance(exc, StaleWorldStateError):
+                        # The shared COMMIT's outcome may be unknown (timeout, lost connection).
+                        planned.entry.context.record_unconfirmed(planned.plan)
                 raise
-            outcome.duration_ms = (time.perf_counter() - started) * 1000.0
-            ctx.apply_tick(plan, outcome)
+            for planned, outcome in zip(work, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    planned.entry.last_committed = None
+                    planned.entry.context.record_failure(_describe(outcome))
+                    if not isinstance(outcome, StaleWorldStateError):
+                        planned.entry.context.record_unconfirmed(planned.plan)
+                    answers[planned.index] = outcome
+                else:
+                    answers[planned.index] = self._apply(planned, outcome, debug=debug)
+        return [a for a in answers if a is not None]
+
+    async def _commit_group(self, work: list[_Planned]) -> list[TickOutcome | BaseException]:
+        """One transaction for the group: batched due-NPC selection, then each world's tick body.
+
+        Optimistic: all bodies run under one savepoint. Only if one of them
+        fails is the group rolled back to it and every world re-run under a
+        savepoint of its own, so a failing world costs its neighbours a retry,
+        never their tick. (One savepoint per world up front would cost two
+        extra round trips per world on every tick.)
+        """
+        async with self.store.transaction() as conn:
+            due = await self.store.select_due_npcs_many(
+                conn,
+                [
+                    (p.entry.context.world_id, p.plan.world_time_after, p.entry.context.config.max_npc_ticks_per_step)
+                    for p in work
+                ],
+            )
+            if len(work) == 1:
+                # The transaction is the unit of atomicity; an error fails it and is raised.
+                only = work[0]
+                return [await self._run_tick(conn, only, due[only.entry.context.world_id])]
+            try:
+                async with conn.begin_nested():
+                    return [await self._run_tick(conn, p, due[p.entry.context.world_id]) for p in work]
+            except Exception:
+                log.debug("grouped tick failed; retrying each world under its own savepoint", worlds=len(work))
+            outcomes: list[TickOutcome | BaseException] = []
+            for p in work:
+                try:
+                    async with conn.begin_nested():
+                        outcomes.append(await self._run_tick(conn, p, due[p.entry.context.world_id]))
+                except Exception as exc:
+                    outcomes.append(exc)
+            return outcomes
+
+    async def _run_tick(self, conn: AsyncConnection, planned: _Planned, due: list[NpcState]) -> TickOutcome:
+        """The body of one world's tick inside the (grouped) transaction; raises to roll it back.
+
+        ``due`` are the world's due NPCs, already selected for the whole group.
+        Every statement here filters by this world's id.
+        """
+        entry, plan = planned.entry, planned.plan
+        ctx = entry.context
+        outcome = TickOutcome()
+        config = ctx.config
+        now = plan.world_time_after
+        budget = config.max_npc_ticks_per_step
+        with structlog.contextvars.bound_contextvars(world_id=ctx.world_id):  # on every log line of this body
+            _count_tiers(due, now, outcome)
+            if len(due) >= budget:
+                # The budget may have left due NPCs waiting: measure how long
+                # the oldest of each tier has waited (only needed when full).
+                waiting = await self.store.oldest_waiting(conn, ctx.world_id, now, outcome.npcs_per_tier)
+                for tier, next_at in waiting.items():
+                    lag = now - next_at
+                    outcome.waiting_lag_per_tier[tier] = lag
+                    outcome.decision_lag_per_tier[tier] = max(lag, outcome.decision_lag_per_tier.get(tier, lag))
+            decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
+            await self.store.write_decisions(conn, ctx.world_id, decisions)
+            await self.store.advance_world_state(
+                conn,
+                ctx.world_id,
+                world_time=now,
+                expected_ticks=ctx.ticks_processed,
+                advanced_at=planned.wall_at_start,
+            )
+        outcome.npcs_simulated = len(decisions)
+        _track_changes(due, decisions, ctx.tier_relevant_locations, outcome)
+        # Set on every (re-)run of the body; reset by tick_worlds if the world fails after all.
+        entry.last_committed = (
+            CommittedTick(ctx.world_id, now, due, decisions, dict(outcome.decision_lag_per_tier))
+            if self.on_commit is not None
+            else None
+        )
+        return outcome
+
+    def _apply(self, planned: _Planned, outcome: TickOutcome, *, debug: bool) -> TickResult:
+        """After COMMIT: move the world's context and describe the tick."""
+        ctx = planned.entry.context
+        plan = planned.plan
+        outcome.duration_ms = (time.perf_counter() - planned.started) * 1000.0
+        was_lagging = ctx.lagging_tiers
+        ctx.apply_tick(plan, outcome)
+        _log_lag_transition(ctx, was_lagging)
+        entry = planned.entry
+        if self.on_commit is not None and entry.last_committed is not None:
+            try:
+                self.on_commit(entry.last_committed)
+            except Exception:
+                # The tick is committed; an observer's bug must not fail it.
+                log.exception("tick listener failed", world_id=ctx.world_id)
+            entry.last_committed = None
+        if debug:
             log.debug(
                 "tick",
+                world_id=ctx.world_id,
                 world_time=plan.world_time_after,
                 delta_game_seconds=plan.delta_game_seconds,
-                delta_real_seconds=delta_real_seconds,
+                delta_real_seconds=plan.delta_real_seconds,
                 time_scale=ctx.config.time_scale,
                 npcs=outcome.npcs_simulated,
                 per_tier={t.label: n for t, n in outcome.npcs_per_tier.items()},
                 duration_ms=round(outcome.duration_ms, 3),
             )
             if outcome.npcs_simulated >= ctx.config.max_npc_ticks_per_step > 0:
-                log.debug("npc budget exhausted", max_npc_ticks_per_step=ctx.config.max_npc_ticks_per_step)
+                log.debug(
+                    "npc budget exhausted",
+                    world_id=ctx.world_id,
+                    max_npc_ticks_per_step=ctx.config.max_npc_ticks_per_step,
+                )
         return TickResult(
-            world_id=world_id,
+            world_id=ctx.world_id,
             world_time_before=plan.world_time_before,
             world_time_after=plan.world_time_after,
-            delta_real_seconds=delta_real_seconds,
+            delta_real_seconds=plan.delta_real_seconds,
             delta_game_seconds=plan.delta_game_seconds,
             npcs_simulated=outcome.npcs_simulated,
             jobs_enqueued=outcome.jobs_enqueued,
@@ -240,25 +481,20 @@ class WorldScheduler:
             paused=ctx.paused,
         )
 
-    async def _run_tick(self, entry: _World, plan: AdvancePlan, wall_at_start: datetime) -> TickOutcome:
-        ctx = entry.context
-        outcome = TickOutcome()
-        if plan.delta_game_seconds == 0.0 and ctx.paused:
-            # Frozen clock: nothing can become due, nothing to write.
-            outcome.state_written = False
-            return outcome
-        config = ctx.config
-        now = plan.world_time_after
-        async with self.store.transaction() as conn:
-            due = await self.store.select_due_npcs(conn, ctx.world_id, now, config.max_npc_ticks_per_step)
-            decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
-            await self.store.write_decisions(conn, ctx.world_id, decisions)
-            await self.store.advance_world_state(
-                conn, ctx.world_id, world_time=now, expected_ticks=ctx.ticks_processed, advanced_at=wall_at_start
-            )
-        outcome.npcs_simulated = len(decisions)
-        _count_tiers(due, now, outcome)
-        return outcome
+
+@dataclass(slots=True)
+class _Planned:
+    """A world's tick between planning and commit."""
+
+    index: int  # position in the tick_worlds request
+    entry: _World
+    plan: AdvancePlan
+    started: float  # perf_counter at planning, for duration_ms
+    wall_at_start: datetime  # wall time the tick's world time corresponds to (for humans)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _count_tiers(due: list[NpcState], now: float, outcome: TickOutcome) -> None:
@@ -267,3 +503,31 @@ def _count_tiers(due: list[NpcState], now: float, outcome: TickOutcome) -> None:
         lag = now - npc.next_decision_at
         if lag > outcome.decision_lag_per_tier.get(npc.tier, -1.0):
             outcome.decision_lag_per_tier[npc.tier] = lag
+
+
+def _track_changes(
+    due: Sequence[NpcState], decisions: Sequence[NpcDecision], relevant: frozenset[str], outcome: TickOutcome
+) -> None:
+    """Activity count changes, and whether a move can change someone's tier."""
+    delta = outcome.activity_delta
+    for npc, decision in zip(due, decisions, strict=True):
+        if npc.current_activity != decision.current_activity:
+            delta[npc.current_activity] = delta.get(npc.current_activity, 0) - 1
+            delta[decision.current_activity] = delta.get(decision.current_activity, 0) + 1
+        if npc.location != decision.location and (npc.location in relevant or decision.location in relevant):
+            outcome.tier_inputs_moved = True
+
+
+def _log_lag_transition(ctx: WorldSimulationContext, was_lagging: frozenset[Tier]) -> None:
+    """WARNING once when a world starts lagging, INFO once when it recovers."""
+    lags = {t.label: round(v, 1) for t, v in sorted(ctx.decision_lag_per_tier.items())}
+    if ctx.lagging_tiers and not was_lagging:
+        log.warning(
+            "npc decision budget too small: decisions lag behind",
+            lagging_tiers=[t.label for t in sorted(ctx.lagging_tiers)],
+            decision_lag_seconds=lags,
+            max_npc_ticks_per_step=ctx.config.max_npc_ticks_per_step,
+            hint="raise maxNpcTicksPerStep or the lower tiers' decisionIntervalSeconds, or lower their maxNpcs",
+        )
+    elif was_lagging and not ctx.lagging_tiers:
+        log.info("npc decision lag recovered", decision_lag_seconds=lags)

@@ -65,7 +65,13 @@ class SchedulerSettings(_Section):
     """``[scheduler]``: the tick loop."""
 
     discovery_interval_seconds: float = Field(default=5.0, gt=0, le=3600)
+    #: Recompute every world's NPC tiers at least this often (beyond session changes).
+    tier_refresh_max_seconds: float = Field(default=60.0, gt=0, le=86400)
     max_concurrent_ticks: int = Field(default=16, ge=1, le=10_000)
+    #: Worlds committed together in one transaction (each atomic on its own).
+    max_batch_size: int = Field(default=64, ge=1, le=10_000)
+    #: Worlds falling due within this window are dispatched together.
+    batch_window_seconds: float = Field(default=0.001, ge=0, le=1)
     tick_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     backoff_max_seconds: float = Field(default=60.0, gt=0, le=86400)
     #: Unique per daemon (leases); default hostname-pid.
@@ -83,6 +89,8 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     #: ``auto``: readable console on a TTY, JSON otherwise.
     format: Literal["auto", "console", "json"] = "auto"
+    #: Every this many seconds, one INFO line per world: what its NPCs are doing. 0: off.
+    activity_summary_seconds: float = Field(default=30.0, ge=0, le=86400)
 
     @field_validator("level", mode="before")
     @classmethod
@@ -160,9 +168,13 @@ RESTART_ONLY = (
 RELOADABLE = (
     "logging.level",
     "logging.format",
+    "logging.activity_summary_seconds",
     "defaults.simulation",
     "scheduler.discovery_interval_seconds",
+    "scheduler.tier_refresh_max_seconds",
     "scheduler.max_concurrent_ticks",
+    "scheduler.max_batch_size",
+    "scheduler.batch_window_seconds",
     "scheduler.tick_timeout_seconds",
     "scheduler.backoff_max_seconds",
     "metrics.per_world",

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.alias_generators import to_camel
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
+from scheduler_daemon.simulation.tiers import TierRule
 
 
 class ConfigModel(BaseModel):
@@ -79,6 +80,9 @@ class WorldConfig(ConfigModel):
     max_catch_up_seconds: float = Field(default=60.0, gt=0, le=86400)
     always_on: bool = False
     tiers: TiersConfig = TiersConfig()
+    #: Rule-based tier pins (see :class:`~scheduler_daemon.simulation.tiers.TierRule`);
+    #: strict: an unknown key inside a rule is an error, not kept.
+    tier_rules: list[TierRule] = Field(default_factory=list)
     generation: GenerationConfig = GenerationConfig()
 
     @model_validator(mode="after")
@@ -118,7 +122,7 @@ def _loc(err_loc: tuple[int | str, ...]) -> str:
 
 def errors_of(exc: ValidationError) -> list[tuple[str, str]]:
     """(field path, message) pairs of a validation error."""
-    return [(_loc(e["loc"]), e["msg"]) for e in exc.errors()]
+    return [(_loc(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
 
 
 def merge_patch(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,13 +2,61 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import text
 
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
+
+
+def tier_capacities_for(counts: Mapping[Tier, int], *, session: bool = True) -> dict[str, Any]:
+    """A ``tiers`` config under which :func:`add_npcs_in_tiers` yields exactly ``counts``.
+
+    Capacities are raised to fit; the ambient tier is sized to the ambient
+    count so that requested dormant NPCs overflow into dormant.
+    """
+    return {
+        "detailed": {"maxNpcs": max(counts.get(Tier.DETAILED, 0), 20)},
+        "active": {"maxNpcs": max(counts.get(Tier.ACTIVE, 0), 100)},
+        "ambient": {"maxNpcs": counts.get(Tier.AMBIENT, 0) if session else 500},
+        "dormant": {"maxNpcs": max(counts.get(Tier.DORMANT, 0), 5000)},
+    }
+
+
+async def add_npcs_in_tiers(
+    store: Store, world_id: int, counts: Mapping[Tier, int], *, next_decision_at: float = 0.0, session: bool = True
+) -> list[int]:
+    """NPCs that the daemon's tier assignment puts in the requested tiers.
+
+    The daemon assigns tiers from sessions, so the tiers are produced the way
+    it would: detailed NPCs are in a session's scene, active ones involved with
+    it, ambient ones the rest, and dormant ones overflow an ambient tier sized
+    by :func:`tier_capacities_for` (they are inserted last, so they lose the id
+    tie-break). Without a session every NPC is dormant. The stored ``tier``
+    column already holds the requested tier.
+    """
+    counts = {t: n for t, n in counts.items() if n}
+    if not session and set(counts) - {Tier.DORMANT}:
+        raise ValueError("without a session every NPC is dormant")
+    rows = []
+    for tier in sorted(counts):
+        rows += [
+            {"name": f"{tier.label}-{i}", "tier": int(tier), "next_decision_at": next_decision_at, "home": "h"}
+            for i in range(counts[tier])
+        ]
+    ids = await store.add_npcs(world_id, rows)
+    if session:
+        by_tier = [Tier(r["tier"]) for r in rows]
+        await store.add_session(
+            world_id,
+            f"user-{world_id}",
+            location="square",
+            scene_npc_ids=[i for i, t in zip(ids, by_tier, strict=True) if t == Tier.DETAILED],
+            involved_npc_ids=[i for i, t in zip(ids, by_tier, strict=True) if t == Tier.ACTIVE],
+        )
+    return ids
 
 
 async def make_world(
@@ -21,20 +69,20 @@ async def make_world(
     behavior: Any = None,
     session: bool = True,
 ) -> tuple[int, list[int]]:
-    """A world with NPCs in the given tiers (all due at ``next_decision_at``) and an active session."""
+    """A world with NPCs in the given tiers (all due at ``next_decision_at``) and an active session.
+
+    See :func:`add_npcs_in_tiers` for how the tiers are produced; capacities
+    are raised to fit unless the caller sets ``tiers`` itself.
+    """
+    counts = {t: n for t, n in (npcs_per_tier or {}).items() if n}
     meta: dict[str, Any] = {}
     if behavior is not None:
         meta["behavior"] = behavior
-    world_id = await store.create_world(name, simulation=simulation or {}, meta=meta)
-    rows = []
-    for tier, count in (npcs_per_tier or {}).items():
-        rows += [
-            {"name": f"{tier.label}-{i}", "tier": int(tier), "next_decision_at": next_decision_at, "home": "h"}
-            for i in range(count)
-        ]
-    ids = await store.add_npcs(world_id, rows)
-    if session:
-        await store.add_session(world_id, f"user-{world_id}", location="square")
+    sim = dict(simulation or {})
+    if counts and "tiers" not in sim:
+        sim["tiers"] = tier_capacities_for(counts, session=session)
+    world_id = await store.create_world(name, simulation=sim, meta=meta)
+    ids = await add_npcs_in_tiers(store, world_id, counts, next_decision_at=next_decision_at, session=session)
     return world_id, ids
 
 

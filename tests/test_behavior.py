@@ -222,6 +222,32 @@ def test_one_long_stretch_equals_the_sum_of_short_ones(e: float, v: float, a: fl
     assert whole.mood_arousal == pytest.approx(sum(p.mood_arousal for p in parts), abs=1e-9)
 
 
+@settings(database=None, deadline=None, max_examples=50)
+@given(st.floats(-6, 6, allow_nan=False), rates, rates, st.sampled_from(list(Tier)[:4]))
+def test_one_8_hour_decision_equals_eight_1_hour_decisions(e: float, v: float, a: float, tier: Tier) -> None:
+    # Through decide() itself: an NPC that keeps doing the same activity. The
+    # rates keep energy and mood inside their bounds (before clamping).
+    raw = {"durationMinutes": [60, 60], "energyPerHour": e, "moodValence": v / 10, "moodArousal": a / 10}
+    c = content({"same": raw}, [always(same=1)])
+    start = make_npc(tier=tier, current_activity="same", activity_started_at=0.0, energy=50.0)
+    whole = decide(start, c, 8 * HOUR, 60.0)
+    npc = start
+    for hour in range(1, 9):
+        step = decide(npc, c, hour * HOUR, 60.0)
+        assert step.current_activity == "same" and step.activity_started_at == hour * HOUR
+        npc = make_npc(
+            tier=tier,
+            current_activity=step.current_activity,
+            activity_started_at=step.activity_started_at,
+            energy=step.energy,
+            mood_valence=step.mood_valence,
+            mood_arousal=step.mood_arousal,
+        )
+    assert npc.energy == pytest.approx(whole.energy, abs=1e-9)
+    assert npc.mood_valence == pytest.approx(whole.mood_valence, abs=1e-9)
+    assert npc.mood_arousal == pytest.approx(whole.mood_arousal, abs=1e-9)
+
+
 def test_integration_of_nothing_or_no_time_is_zero() -> None:
     assert integrate_effects(None, 8 * HOUR) == (0.0, 0.0, 0.0)
     assert integrate_effects(activity(10), 0.0) == (0.0, 0.0, 0.0)

@@ -120,6 +120,25 @@ async def test_failed_ticks_count_errors_and_db_errors(store: Store) -> None:
     assert value(families, "worldsched_world_ticks_total", world_id=str(world_id)) == 0
 
 
+async def test_a_world_failing_inside_a_batch_counts_only_its_own_tick_as_an_error(store: Store) -> None:
+    runner, metrics = runner_with_metrics(store)
+    good, _ = await make_world(store, name="good", npcs_per_tier={Tier.DETAILED: 1})
+    bad, _ = await make_world(store, name="bad", npcs_per_tier={Tier.DETAILED: 1})
+    for world_id in (good, bad):
+        await runner.add_world(world_id)  # both due at 1.0: one batch, one grouped commit
+    await install_failing_trigger(store, "npcs", bad)
+    try:
+        await runner.run_until(1.0)
+    finally:
+        await drop_trigger(store, "npcs")
+    families = scrape(metrics)
+    assert value(families, "worldsched_ticks_total", outcome="ok") == 1
+    assert value(families, "worldsched_ticks_total", outcome="error") == 1
+    assert value(families, "worldsched_db_errors_total") == 1
+    assert value(families, "worldsched_world_ticks_total", world_id=str(good)) == 1
+    assert value(families, "worldsched_world_ticks_total", world_id=str(bad)) == 0
+
+
 async def test_timeouts_and_missed_slots_are_counted(store: Store) -> None:
     runner, metrics = runner_with_metrics(store)
     world_id, _ = await make_world(store, npcs_per_tier={Tier.DETAILED: 1})

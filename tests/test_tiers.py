@@ -16,12 +16,13 @@ from scheduler_daemon.simulation.tiers import (
     Relevance,
     SessionView,
     TierRule,
-    TierRulesError,
     assign_tiers,
     determine_simulation_tier,
-    parse_tier_rules,
     select_due,
+    sessions_fingerprint,
+    tier_relevant_locations,
 )
+from scheduler_daemon.world_config import WorldConfigError, parse_world_config
 
 # database=None: property tests must not write an example database (no I/O).
 PROPERTY = settings(database=None, deadline=None, max_examples=150)
@@ -281,27 +282,54 @@ def test_pinned_npcs_still_obey_capacity_and_rank_like_the_tiers_best() -> None:
     assert result.tiers == {9: Tier.DETAILED, 1: Tier.ACTIVE}
 
 
-def test_parse_tier_rules_accepts_camel_case_and_absent_content() -> None:
-    assert parse_tier_rules(3, None) == ()
-    (parsed,) = parse_tier_rules(3, [{"match": {"npcIds": [4]}, "tier": "ambient"}])
+def test_tier_rules_live_in_the_world_config_in_camel_case() -> None:
+    assert parse_world_config(None).tier_rules == []
+    config = parse_world_config({"tierRules": [{"match": {"npcIds": [4]}, "tier": "ambient"}]})
+    (parsed,) = config.tier_rules
     assert parsed.min_tier == Tier.AMBIENT
     assert parsed.match.npc_ids == frozenset({4})
+    assert config.to_wire()["tierRules"] == [{"match": {"location": None, "npcIds": [4]}, "tier": "ambient"}]
 
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ([{"match": {}, "tier": "active"}], "world 3: tierRules.0.match: match needs"),
-        ([{"match": {"location": "x"}, "tier": "frozen"}], "world 3: tierRules.0.tier: "),
-        ([{"match": {"npcIds": ["a"]}, "tier": "active"}], "world 3: tierRules.0.match.npcIds."),
-        ([{"match": {"place": "x"}, "tier": "active"}], "world 3: tierRules.0.match.place: "),
-        ({"match": {"location": "x"}, "tier": "active"}, "world 3: tierRules: expected a list"),
+        ([{"match": {}, "tier": "active"}], "simulation.tierRules.0.match: match needs"),
+        ([{"match": {"location": "x"}, "tier": "frozen"}], "simulation.tierRules.0.tier: "),
+        ([{"match": {"npcIds": ["a"]}, "tier": "active"}], "simulation.tierRules.0.match.npcIds."),
+        ([{"match": {"place": "x"}, "tier": "active"}], "simulation.tierRules.0.match.place: "),
+        ({"match": {"location": "x"}, "tier": "active"}, "simulation.tierRules: Input should be a valid list"),
     ],
 )
-def test_parse_tier_rules_errors_name_world_and_path(raw: object, expected: str) -> None:
-    with pytest.raises(TierRulesError) as info:
-        parse_tier_rules(3, raw)
-    assert str(info.value).startswith(expected)
+def test_tier_rule_errors_name_world_and_path(raw: object, expected: str) -> None:
+    with pytest.raises(WorldConfigError) as info:
+        parse_world_config({"tierRules": raw}, world_id=3)
+    assert str(info.value).startswith("world 3: invalid scheduler config: ")
+    assert expected in str(info.value)
+
+
+# --- when to recompute ----------------------------------------------------------
+
+
+def test_sessions_fingerprint_changes_exactly_when_tier_inputs_do() -> None:
+    base = [session("square", scene=[1, 2], involved=[3], session_id=1), session("mill", session_id=2)]
+    same = [session("mill", session_id=2), session("square", scene=[2, 1], involved=[3], session_id=1)]
+    assert sessions_fingerprint(base) == sessions_fingerprint(same)  # order does not matter
+    variants = [
+        [],
+        base[:1],
+        [session("tavern", scene=[1, 2], involved=[3], session_id=1), base[1]],
+        [session("square", scene=[1], involved=[3], session_id=1), base[1]],
+        [session("square", scene=[1, 2], involved=[3, 4], session_id=1), base[1]],
+    ]
+    prints = {sessions_fingerprint(v) for v in variants}
+    assert len(prints) == len(variants) and sessions_fingerprint(base) not in prints
+
+
+def test_relevant_locations_are_session_and_rule_places() -> None:
+    rules = [rule("active", location="market"), rule("detailed", npcIds=[1])]
+    places = tier_relevant_locations([session("square"), session(None, session_id=2)], rules)
+    assert places == frozenset({"square", "market"})
 
 
 # --- select_due -----------------------------------------------------------------
@@ -499,3 +527,20 @@ def test_a_tier_starves_once_higher_tiers_use_the_whole_budget() -> None:
     # The ambient NPC is never picked: its lag (now - 0) grows with every tick.
     assert all(99 not in chosen for chosen in history)
     assert all(len(chosen) == budget for chosen in history)
+
+
+@PROPERTY
+@given(placements, session_views, capacity_maps, st.data())
+def test_moves_between_irrelevant_places_never_change_the_assignment(
+    npcs: list[NpcPlacement], sessions: list[SessionView], capacities: dict[Tier, int], data: st.DataObject
+) -> None:
+    # Why the scheduler may skip recomputation for such moves.
+    rules = [rule("active", location="c")]
+    relevant = tier_relevant_locations(sessions, rules)
+    before = assign_tiers(npcs, sessions, capacities, rules)
+    irrelevant = [p for p in [None, "a", "b", "c", "elsewhere"] if p not in relevant]
+    moved = [
+        NpcPlacement(p.id, data.draw(st.sampled_from(irrelevant)), p.home) if p.location not in relevant else p
+        for p in npcs
+    ]
+    assert assign_tiers(moved, sessions, capacities, rules).tiers == before.tiers

@@ -3,20 +3,22 @@
 Pure functions only. :func:`assign_tiers` maps NPCs plus the world's active
 player sessions to tiers under per-tier capacities; :func:`select_due` is the
 reference model of the per-tick fair selection that the store's SQL mirrors.
+:func:`sessions_fingerprint` and :func:`tier_relevant_locations` tell the
+scheduler *when* tiers must be recomputed (never every tick).
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
 
-from scheduler_daemon.simulation.behavior import describe_validation_error
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 
 __all__ = [
@@ -26,11 +28,11 @@ __all__ = [
     "TierAssignment",
     "TierMatch",
     "TierRule",
-    "TierRulesError",
     "assign_tiers",
     "determine_simulation_tier",
-    "parse_tier_rules",
     "select_due",
+    "sessions_fingerprint",
+    "tier_relevant_locations",
 ]
 
 
@@ -110,15 +112,6 @@ def _tier_of(relevance: Relevance) -> Tier:
     return Tier.DORMANT
 
 
-class TierRulesError(ValueError):
-    """Invalid ``tierRules`` content; the message names the world and field path(s)."""
-
-    def __init__(self, world_id: int, problems: Iterable[str]) -> None:
-        self.world_id = world_id
-        self.problems: tuple[str, ...] = tuple(problems)
-        super().__init__(f"world {world_id}: " + f"; world {world_id}: ".join(self.problems))
-
-
 class _Rules(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
@@ -146,6 +139,10 @@ class TierMatch(_Rules):
 class TierRule(_Rules):
     """Pins matching NPCs to at least ``tier`` before capacity is enforced.
 
+    Configured per world as ``worlds.meta["simulation"]["tierRules"]`` (a list,
+    validated by :class:`~scheduler_daemon.world_config.WorldConfig`), e.g.
+    ``{"match": {"location": "market"}, "tier": "active"}``.
+
     A pin only raises an NPC's tier, never lowers it, and capacities still
     apply: a pinned NPC competes with the relevance of its pinned tier's best
     natural members (e.g. pinned ``detailed`` ranks like an NPC in a scene).
@@ -158,25 +155,6 @@ class TierRule(_Rules):
     def min_tier(self) -> Tier:
         """The pinned tier as a :class:`Tier`."""
         return Tier.from_label(self.tier)
-
-
-_RULES_ADAPTER: Final = TypeAdapter(tuple[TierRule, ...])
-
-
-def parse_tier_rules(world_id: int, raw: object) -> tuple[TierRule, ...]:
-    """Validate ``worlds.meta["tierRules"]`` (a JSON list); ``None`` means no rules.
-
-    Raises :class:`TierRulesError` naming the world and field path, e.g.
-    ``world 3: tierRules.0.tier: Input should be 'detailed', ...``.
-    """
-    if raw is None:
-        return ()
-    if not isinstance(raw, list | tuple):
-        raise TierRulesError(world_id, ["tierRules: expected a list of rules"])
-    try:
-        return _RULES_ADAPTER.validate_python(raw)
-    except ValidationError as exc:
-        raise TierRulesError(world_id, describe_validation_error("tierRules", exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,3 +272,29 @@ def select_due(candidates: Iterable[tuple[Tier, float, int]], world_time: float,
     )
     # nsmallest(n, it) == sorted(it)[:n], without sorting the whole backlog.
     return [npc_id for _, _, npc_id in heapq.nsmallest(budget, due)]
+
+
+def sessions_fingerprint(sessions: Iterable[SessionView]) -> str:
+    """A short digest of everything tiering reads from the sessions.
+
+    Equal fingerprints mean equal tier inputs from the sessions side, so the
+    scheduler recomputes tiers only when the fingerprint changes (plus the NPC
+    moves described in :func:`tier_relevant_locations`).
+    """
+    parts = [
+        f"{s.id}|{s.location!r}|{sorted(s.scene_npc_ids)}|{sorted(s.involved_npc_ids)}"
+        for s in sorted(sessions, key=lambda s: s.id)
+    ]
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=12).hexdigest()
+
+
+def tier_relevant_locations(sessions: Iterable[SessionView], rules: Iterable[TierRule] = ()) -> frozenset[str]:
+    """Locations where an NPC's arrival or departure can change its tier.
+
+    An NPC's *location* only matters to :func:`assign_tiers` when it equals a
+    session's location or a rule's ``match.location``; a move between two other
+    places changes nothing, so it needs no recomputation.
+    """
+    places = {s.location for s in sessions if s.location is not None}
+    places.update(r.match.location for r in rules if r.match.location is not None)
+    return frozenset(places)

@@ -86,6 +86,7 @@ npcs = sa.Table(
     sa.Column("last_decision_at", WorldTime, nullable=True),
     sa.Column("decisions", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("state", JSONType, nullable=False),
-    # The per-tick selection: one index range per tier, already in due order.
-    sa.Index("ix_npcs_world_id_tier_next_decision_at", "world_id", "tier", "next_decision_at"),
+    # The per-tick selection: one index range per tier, already in due order
+    # including the id tie-break, so each range scan stops at the limit (0008).
+    sa.Index("ix_npcs_world_id_tier_next_decision_at_id", "world_id", "tier", "next_decision_at", "id"),
 )

@@ -7,19 +7,23 @@ put a whole tick into one transaction; the rest open their own.
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
+import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
+from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView
 from scheduler_daemon.store import migrate
 from scheduler_daemon.store.database import create_engine
-from scheduler_daemon.store.models import npcs, sessions, world_states, worlds
+from scheduler_daemon.store.models import metadata, npcs, sessions, world_states, worlds
 
 
 class WorldNotFoundError(LookupError):
@@ -78,6 +82,35 @@ class SessionRecord:
     active: bool
 
 
+@dataclass(frozen=True, slots=True)
+class PlacementRecord:
+    """What tier assignment reads of one NPC, plus its stored tier and activity."""
+
+    placement: NpcPlacement
+    tier: Tier
+    current_activity: str | None
+
+
+def _session_view(row: Sequence[Any]) -> SessionView:
+    # (id, user_id, location, scene_npc_ids, involved_npc_ids); JSON lists of ids.
+    return SessionView(
+        id=int(row[0]),
+        user_id=str(row[1]),
+        location=row[2],
+        scene_npc_ids=frozenset(int(i) for i in (row[3] or [])),
+        involved_npc_ids=frozenset(int(i) for i in (row[4] or [])),
+    )
+
+
+_SESSION_VIEW_COLUMNS = (
+    sessions.c.id,
+    sessions.c.user_id,
+    sessions.c.location,
+    sessions.c.scene_npc_ids,
+    sessions.c.involved_npc_ids,
+)
+
+
 def _now() -> datetime:
     # Wall time for humans reading the table; never used for scheduling.
     return datetime.now(UTC)
@@ -122,6 +155,94 @@ def _npc_from_row(row: Sequence[Any]) -> NpcState:
         decisions=row[14],
         state=row[15] if isinstance(row[15], dict) else {},
     )
+
+
+def _due_one_sql(w: str, t: str, lim: str) -> str:
+    """One world's due NPCs: a UNION ALL of one index range per tier, each in due order and limited."""
+    per_tier = " UNION ALL ".join(
+        f"SELECT * FROM (SELECT {_NPC_COLUMN_NAMES} FROM npcs WHERE world_id = {w} AND tier = {int(tier)} "
+        f"AND next_decision_at <= {t} ORDER BY next_decision_at, id LIMIT {lim})"
+        for tier in SIMULATED_TIERS
+    )
+    return f"SELECT * FROM ({per_tier}) ORDER BY tier, next_decision_at, id LIMIT {lim}"
+
+
+@functools.cache
+def _due_many_sqlite(worlds: int) -> sa.TextClause:
+    # Prebuilt text per group size: building the equivalent Core constructs
+    # for every tick cost more than running the query on SQLite.
+    return sa.text(
+        " UNION ALL ".join(f"SELECT * FROM ({_due_one_sql(f':w{i}', f':t{i}', f':l{i}')})" for i in range(worlds))
+    )
+
+
+# SQLite refuses compound selects of more than 500 terms.
+_SQLITE_WORLDS_PER_SELECT = 400
+
+_NPC_COLUMN_NAMES = ", ".join(c.name for c in _NPC_COLUMNS)
+
+
+def _due_many_pg() -> sa.TextClause:
+    per_tier = " UNION ALL ".join(
+        f"(SELECT {_NPC_COLUMN_NAMES} FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
+        f"AND next_decision_at <= q.now ORDER BY next_decision_at, id LIMIT q.lim)"
+        for t in SIMULATED_TIERS
+    )
+    return sa.text(
+        f"SELECT n.* FROM unnest(CAST(:wids AS integer[]), CAST(:nows AS float8[]), CAST(:lims AS integer[])) "
+        f"AS q(world_id, now, lim) CROSS JOIN LATERAL ("
+        f"SELECT * FROM ({per_tier}) AS u ORDER BY tier, next_decision_at, id LIMIT q.lim) AS n"
+    )
+
+
+_DUE_MANY_PG = _due_many_pg()
+
+# Set-based NPC write on PostgreSQL: one UPDATE … FROM jsonb_to_recordset(…)
+# per world instead of one UPDATE per NPC. The rows travel as one JSON
+# parameter: psycopg dumps array elements (and parses long multi-row VALUES
+# queries) in Python, which cost more than the whole statement on the server.
+# A NULL state keeps the stored JSON.
+_WRITE_DECISIONS_PG = sa.text(
+    "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "
+    "location = d.location, energy = d.energy, mood_valence = d.valence, mood_arousal = d.arousal, "
+    "last_decision_at = d.decided, decisions = npcs.decisions + 1, state = COALESCE(d.state, npcs.state) "
+    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS d(id integer, next float8, activity text, started float8, "
+    "location text, energy float8, valence float8, arousal float8, decided float8, state jsonb) "
+    "WHERE npcs.id = d.id AND npcs.world_id = :w"
+)
+
+# SQLite, in process (no round trips to save): one executemany. A NULL state
+# keeps the stored JSON.
+_WRITE_DECISION_SQLITE = (
+    "UPDATE npcs SET next_decision_at = ?, current_activity = ?, activity_started_at = ?, location = ?, "
+    "energy = ?, mood_valence = ?, mood_arousal = ?, last_decision_at = ?, decisions = decisions + 1, "
+    "state = COALESCE(?, state) WHERE id = ? AND world_id = ?"
+)
+
+# Built once: constructing the statement per tick costs more than running it.
+_ADVANCE_WORLD_STATE = (
+    sa.update(world_states)
+    .where(world_states.c.world_id == sa.bindparam("w"), world_states.c.ticks == sa.bindparam("expected"))
+    .values(world_time=sa.bindparam("t"), ticks=world_states.c.ticks + 1, last_advanced_at=sa.bindparam("at"))
+)
+
+
+def _waiting_query() -> sa.CompoundSelect[Any]:
+    world = sa.bindparam("w", type_=sa.Integer)
+    now = sa.bindparam("now", type_=npcs.c.next_decision_at.type)
+    parts = [
+        sa.select(sa.literal(int(t)).label("tier"), npcs.c.next_decision_at)
+        .where(npcs.c.world_id == world, npcs.c.tier == int(t), npcs.c.next_decision_at <= now)
+        .order_by(npcs.c.next_decision_at, npcs.c.id)
+        .limit(1)
+        .offset(sa.bindparam(f"skip{int(t)}", type_=sa.Integer))
+        .subquery()
+        for t in SIMULATED_TIERS
+    ]
+    return sa.union_all(*(sa.select(p) for p in parts))
+
+
+_WAITING_QUERY: Final = _waiting_query()
 
 
 class Store:
@@ -344,8 +465,11 @@ class Store:
             return []
         ids: list[int] = []
         async with self.transaction() as conn:
-            for row in values:  # RETURNING with executemany is not portable; seeding is not hot
-                ids.append(int((await conn.execute(sa.insert(npcs).values(**row).returning(npcs.c.id))).scalar_one()))
+            # executemany needs one key set: insert each run of rows with equal keys
+            # in one batched INSERT ... RETURNING ("insertmanyvalues"), ids in row order.
+            for _, run in itertools.groupby(values, key=lambda r: tuple(sorted(r))):
+                insert = sa.insert(npcs).returning(npcs.c.id, sort_by_parameter_order=True)
+                ids.extend(int(i) for i in (await conn.execute(insert, list(run))).scalars())
         return ids
 
     async def set_npc_tiers(self, world_id: int, tiers: Mapping[int, Tier]) -> None:
@@ -377,6 +501,111 @@ class Store:
             rows = (await conn.execute(query)).all()
         return {Tier(r[0]): int(r[1]) for r in rows}
 
+    async def active_session_views(self) -> dict[int, list[SessionView]]:
+        """Every world's active sessions as tiering sees them, in one query.
+
+        Discovery fingerprints these to notice session changes; only active
+        sessions are read (players online), never the NPCs.
+        """
+        query = (
+            sa.select(sessions.c.world_id, *_SESSION_VIEW_COLUMNS)
+            .where(sessions.c.active.is_(True))
+            .order_by(sessions.c.world_id, sessions.c.id)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        out: dict[int, list[SessionView]] = {}
+        for row in rows:
+            out.setdefault(int(row[0]), []).append(_session_view(row[1:]))
+        return out
+
+    @staticmethod
+    async def session_views(conn: AsyncConnection, world_id: int) -> list[SessionView]:
+        """One world's active sessions as tiering sees them."""
+        query = (
+            sa.select(*_SESSION_VIEW_COLUMNS)
+            .where(sessions.c.world_id == world_id, sessions.c.active.is_(True))
+            .order_by(sessions.c.id)
+        )
+        return [_session_view(r) for r in (await conn.execute(query)).all()]
+
+    @staticmethod
+    async def npc_placements(conn: AsyncConnection, world_id: int) -> list[PlacementRecord]:
+        """Every NPC of one world with what tiering needs (a few narrow columns)."""
+        query = sa.select(npcs.c.id, npcs.c.location, npcs.c.home, npcs.c.tier, npcs.c.current_activity).where(
+            npcs.c.world_id == world_id
+        )
+        return [
+            PlacementRecord(NpcPlacement(int(r[0]), r[1], r[2]), Tier(r[3]), r[4])
+            for r in (await conn.execute(query)).all()
+        ]
+
+    @staticmethod
+    async def write_tier_changes(
+        conn: AsyncConnection, world_id: int, changes: Mapping[int, tuple[Tier, float | None]]
+    ) -> None:
+        """Write new tiers: ``{npc_id: (tier, due_by)}``, only for NPCs whose tier changed.
+
+        ``due_by`` (or ``None``) pulls ``next_decision_at`` forward to at most
+        that world time (a promoted NPC is decided at its new tier's cadence
+        soon), never pushes it back. One executemany, ``world_id`` in every WHERE.
+        """
+        if not changes:
+            return
+        due_by = sa.bindparam("b_due", type_=npcs.c.next_decision_at.type)
+        await conn.execute(
+            sa.update(npcs)
+            .where(npcs.c.id == sa.bindparam("b_id"), npcs.c.world_id == sa.bindparam("w"))
+            .values(
+                tier=sa.bindparam("b_tier"),
+                # NULL compares as unknown, so "no due_by" keeps the stored value.
+                next_decision_at=sa.case((npcs.c.next_decision_at > due_by, due_by), else_=npcs.c.next_decision_at),
+            ),
+            [
+                {"b_id": npc_id, "w": world_id, "b_tier": int(tier), "b_due": due}
+                for npc_id, (tier, due) in changes.items()
+            ],
+        )
+
+    async def activity_counts(self, world_id: int) -> dict[str | None, int]:
+        """How many NPCs of one world do each activity (``None``: not decided yet)."""
+        query = (
+            sa.select(npcs.c.current_activity, sa.func.count())
+            .where(npcs.c.world_id == world_id)
+            .group_by(npcs.c.current_activity)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    # ------------------------------------------------------ world snapshots
+    async def export_world(self, world_id: int) -> dict[str, list[dict[str, Any]]]:
+        """Every row one world owns, per table (``worlds`` by id, others by ``world_id``).
+
+        Generic over the schema, so tables added later are copied too. Used by
+        ``simulate --dry-run`` to run on a private copy.
+        """
+        out: dict[str, list[dict[str, Any]]] = {}
+        async with self.engine.connect() as conn:
+            if (await conn.execute(sa.select(worlds.c.id).where(worlds.c.id == world_id))).first() is None:
+                raise WorldNotFoundError(world_id)
+            for table in metadata.sorted_tables:
+                key = table.c.id if table is worlds else table.c.get("world_id")
+                if key is None:
+                    continue
+                order = list(table.primary_key.columns)
+                rows = (await conn.execute(sa.select(table).where(key == world_id).order_by(*order))).mappings()
+                out[table.name] = [dict(r) for r in rows]
+        return out
+
+    async def import_world(self, data: Mapping[str, Sequence[Mapping[str, Any]]]) -> None:
+        """Insert rows produced by :meth:`export_world` (ids kept) in one transaction."""
+        async with self.transaction() as conn:
+            for table in metadata.sorted_tables:
+                rows = data.get(table.name)
+                if rows:
+                    await conn.execute(sa.insert(table), [dict(r) for r in rows])
+
     # -------------------------------------------------------- the tick (hot)
     @staticmethod
     async def select_due_npcs(conn: AsyncConnection, world_id: int, world_time: float, limit: int) -> list[NpcState]:
@@ -386,68 +615,108 @@ class Store:
         ``(world_id, tier, next_decision_at)``, each already in due order and
         limited, so the database never reads NPCs that are not due.
         """
-        if limit <= 0:
-            return []
-        parts = [
-            sa.select(*_NPC_COLUMNS)
-            .where(npcs.c.world_id == world_id, npcs.c.tier == int(t), npcs.c.next_decision_at <= world_time)
-            .order_by(npcs.c.next_decision_at, npcs.c.id)
-            .limit(limit)
-            .subquery()
-            for t in SIMULATED_TIERS
-        ]
-        union = sa.union_all(*(sa.select(p) for p in parts)).subquery()
-        query = sa.select(union).order_by(union.c.tier, union.c.next_decision_at, union.c.id).limit(limit)
-        rows = (await conn.execute(query)).all()
-        return [_npc_from_row(r) for r in rows]
+        return (await Store.select_due_npcs_many(conn, [(world_id, world_time, limit)]))[world_id]
+
+    @staticmethod
+    async def select_due_npcs_many(
+        conn: AsyncConnection, requests: Sequence[tuple[int, float, int]]
+    ) -> dict[int, list[NpcState]]:
+        """Due NPCs of several worlds in one statement: ``(world_id, world_time, limit)`` each.
+
+        Per world the same rule as :meth:`select_due_npcs`. PostgreSQL: a
+        ``LATERAL`` join over ``unnest`` of the requests (one constant
+        statement, however many worlds). SQLite: a ``UNION ALL`` of the
+        per-world statements, in chunks under its compound-select limit.
+        """
+        out: dict[int, list[NpcState]] = {world_id: [] for world_id, _, _ in requests}
+        wanted = [(w, t, lim) for w, t, lim in requests if lim > 0]
+        if not wanted:
+            return out
+        if conn.dialect.name == "postgresql":
+            rows: Sequence[Any] = (
+                await conn.execute(
+                    _DUE_MANY_PG,
+                    {
+                        "wids": [w for w, _, _ in wanted],
+                        "nows": [float(t) for _, t, _ in wanted],
+                        "lims": [lim for _, _, lim in wanted],
+                    },
+                )
+            ).all()
+        else:
+            rows = []
+            for start in range(0, len(wanted), _SQLITE_WORLDS_PER_SELECT):
+                chunk = wanted[start : start + _SQLITE_WORLDS_PER_SELECT]
+                params: dict[str, Any] = {}
+                for i, (w, t, lim) in enumerate(chunk):
+                    params[f"w{i}"], params[f"t{i}"], params[f"l{i}"] = w, float(t), lim
+                rows.extend((await conn.execute(_due_many_sqlite(len(chunk)), params)).all())
+        for row in rows:
+            out[row[1]].append(_npc_from_row(row))
+        return out
+
+    @staticmethod
+    async def oldest_waiting(
+        conn: AsyncConnection, world_id: int, world_time: float, selected: Mapping[Tier, int]
+    ) -> dict[Tier, float]:
+        """Per simulated tier, ``next_decision_at`` of the most overdue NPC left waiting.
+
+        ``selected`` is how many NPCs of each tier this tick took; they are the
+        first ones in ``(next_decision_at, id)`` order, so the oldest one left is
+        at that offset. One statement, one short index range per tier. Tiers
+        with nobody waiting are absent.
+        """
+        params: dict[str, Any] = {"w": world_id, "now": world_time}
+        params.update({f"skip{int(t)}": selected.get(t, 0) for t in SIMULATED_TIERS})
+        return {Tier(r[0]): float(r[1]) for r in (await conn.execute(_WAITING_QUERY, params)).all()}
 
     @staticmethod
     async def write_decisions(conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None:
-        """Write decided NPC columns back (one executemany; ``world_id`` in every WHERE)."""
+        """Write decided NPC columns back (``world_id`` in every WHERE).
+
+        PostgreSQL: one set-based ``UPDATE … FROM unnest(…)``. SQLite (in
+        process, no round trips to save): one executemany.
+        """
         if not decisions:
             return
-        base = {
-            "w": world_id,
-        }
-        with_state = [d for d in decisions if d.state is not None]
-        without_state = [d for d in decisions if d.state is None]
-        cols = {
-            "next_decision_at": sa.bindparam("b_next"),
-            "current_activity": sa.bindparam("b_activity"),
-            "activity_started_at": sa.bindparam("b_started"),
-            "location": sa.bindparam("b_location"),
-            "energy": sa.bindparam("b_energy"),
-            "mood_valence": sa.bindparam("b_valence"),
-            "mood_arousal": sa.bindparam("b_arousal"),
-            "last_decision_at": sa.bindparam("b_decided"),
-            "decisions": npcs.c.decisions + 1,
-        }
-
-        def params(d: NpcDecision) -> dict[str, Any]:
-            p: dict[str, Any] = {
-                **base,
-                "b_id": d.npc_id,
-                "b_next": d.next_decision_at,
-                "b_activity": d.current_activity,
-                "b_started": d.activity_started_at,
-                "b_location": d.location,
-                "b_energy": d.energy,
-                "b_valence": d.mood_valence,
-                "b_arousal": d.mood_arousal,
-                "b_decided": d.decided_at,
-            }
-            if d.state is not None:
-                p["b_state"] = d.state
-            return p
-
-        where = (npcs.c.id == sa.bindparam("b_id"), npcs.c.world_id == sa.bindparam("w"))
-        if without_state:
-            await conn.execute(sa.update(npcs).where(*where).values(**cols), [params(d) for d in without_state])
-        if with_state:
-            await conn.execute(
-                sa.update(npcs).where(*where).values(**cols, state=sa.bindparam("b_state", type_=npcs.c.state.type)),
-                [params(d) for d in with_state],
-            )
+        if conn.dialect.name == "postgresql":
+            rows = [
+                {
+                    "id": d.npc_id,
+                    "next": d.next_decision_at,
+                    "activity": d.current_activity,
+                    "started": d.activity_started_at,
+                    "location": d.location,
+                    "energy": d.energy,
+                    "valence": d.mood_valence,
+                    "arousal": d.mood_arousal,
+                    "decided": d.decided_at,
+                    "state": d.state,
+                }
+                for d in decisions
+            ]
+            # allow_nan=False: a non-finite value from a plug-in decide fails this world with a clear error.
+            await conn.execute(_WRITE_DECISIONS_PG, {"rows": json.dumps(rows, allow_nan=False), "w": world_id})
+            return
+        await conn.exec_driver_sql(
+            _WRITE_DECISION_SQLITE,
+            [
+                (
+                    d.next_decision_at,
+                    d.current_activity,
+                    d.activity_started_at,
+                    d.location,
+                    d.energy,
+                    d.mood_valence,
+                    d.mood_arousal,
+                    d.decided_at,
+                    None if d.state is None else json.dumps(d.state, allow_nan=False),
+                    d.npc_id,
+                    world_id,
+                )
+                for d in decisions
+            ],
+        )
 
     @staticmethod
     async def advance_world_state(
@@ -466,9 +735,8 @@ class Store:
         a tick can never be applied twice.
         """
         result = await conn.execute(
-            sa.update(world_states)
-            .where(world_states.c.world_id == world_id, world_states.c.ticks == expected_ticks)
-            .values(world_time=world_time, ticks=world_states.c.ticks + 1, last_advanced_at=advanced_at or _now())
+            _ADVANCE_WORLD_STATE,
+            {"w": world_id, "expected": expected_ticks, "t": world_time, "at": advanced_at or _now()},
         )
         if result.rowcount != 1:
             raise StaleWorldStateError(

@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
+from tests.helpers import add_npcs_in_tiers, tier_capacities_for
 
 ROOT = Path(__file__).resolve().parents[2]
 APPLICATION_NAME = "scheduler-daemon"  # set by store/database.py on every PostgreSQL session
@@ -195,18 +196,21 @@ def seed_worlds(
     npcs_per_tier: Mapping[Tier, int] | None = None,
     name: str = "fault",
 ) -> list[int]:
-    """``count`` always-on worlds with NPCs due at world time 0."""
+    """``count`` always-on worlds with NPCs due at world time 0.
+
+    The daemon assigns tiers from sessions, so each world gets a session that
+    puts its NPCs into the requested tiers (see ``add_npcs_in_tiers``).
+    """
+    counts = dict(npcs_per_tier or {})
 
     async def seed(store: Store) -> list[int]:
         ids = []
         for i in range(count):
-            world_id = await store.create_world(f"{name}-{i}", simulation={"alwaysOn": True, **simulation})
-            rows = [
-                {"name": f"{tier.label}-{j}", "tier": int(tier), "next_decision_at": 0.0, "home": "h"}
-                for tier, n in (npcs_per_tier or {}).items()
-                for j in range(n)
-            ]
-            await store.add_npcs(world_id, rows)
+            sim = {"alwaysOn": True, **simulation}
+            if counts and "tiers" not in sim:
+                sim["tiers"] = tier_capacities_for(counts)
+            world_id = await store.create_world(f"{name}-{i}", simulation=sim)
+            await add_npcs_in_tiers(store, world_id, counts)
             ids.append(world_id)
         return ids
 

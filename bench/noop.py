@@ -1,0 +1,48 @@
+"""A :class:`WorldScheduler` whose tick does no I/O: measures the runner alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+from scheduler_daemon.context import WorldSimulationContext
+from scheduler_daemon.scheduler import TickResult, WorldScheduler, _World
+from scheduler_daemon.simulation.behavior import BehaviorContent
+from scheduler_daemon.store.repository import Store
+from scheduler_daemon.world_config import parse_world_config
+
+
+def _result(world_id: int, delta: float) -> TickResult:
+    return TickResult(world_id, 0.0, 0.0, delta, 0.0, 0, 0, 0, {}, 0.0, False, False)
+
+
+class NoopStore:
+    """Discovery without a database: every world the scheduler knows stays active at version 1."""
+
+    def __init__(self) -> None:
+        self.worlds: dict[int, int] = {}
+
+    async def discover_active_worlds(self) -> dict[int, int]:
+        return dict(self.worlds)
+
+
+class NoopScheduler(WorldScheduler):
+    """Registers worlds with the default config (1 s interval) and ticks them without a database."""
+
+    def __init__(self) -> None:
+        self.noop_store = NoopStore()
+        super().__init__(cast(Store, self.noop_store))
+        self._config = parse_world_config({}, world_id=0)
+        self._result = _result(0, 0.0)
+
+    async def register_world(self, world_id: int) -> WorldSimulationContext:
+        ctx = WorldSimulationContext(world_id, self._config)
+        self._worlds[world_id] = _World(ctx, BehaviorContent())
+        self.noop_store.worlds[world_id] = ctx.config_version
+        return ctx
+
+    async def tick_world(self, world_id: int, delta_real_seconds: float) -> TickResult:
+        return self._result
+
+    async def tick_worlds(self, requests: Sequence[tuple[int, float]]) -> list[Any]:
+        return [self._result] * len(requests)

@@ -1,0 +1,157 @@
+"""Grouped ticks: several worlds per transaction, each world still atomic and isolated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+from sqlalchemy import text
+
+from scheduler_daemon.clock import VirtualClock
+from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
+from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.repository import Store
+from tests.helpers import drop_trigger, install_failing_trigger, make_world, npc_rows, world_state
+
+
+class RecordingScheduler(WorldScheduler):
+    """A real WorldScheduler that remembers the size of every group it was handed."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.groups: list[list[int]] = []
+
+    async def tick_worlds(self, requests: Sequence[tuple[int, float]]) -> list[TickResult | BaseException]:
+        self.groups.append([w for w, _ in requests])
+        return await super().tick_worlds(requests)
+
+
+async def test_failing_world_rolls_back_alone_and_its_neighbours_commit(store: Store) -> None:
+    a, _ = await make_world(store, name="a", simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 5})
+    bad, _ = await make_world(store, name="bad", simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 5})
+    b, _ = await make_world(store, name="b", simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 5})
+    sched = WorldScheduler(store)
+    for w in (a, bad, b):
+        await sched.register_world(w)
+    bad_rows = await npc_rows(store, bad)
+    await install_failing_trigger(store, "npcs", bad)
+    try:
+        answers = await sched.tick_worlds([(a, 1.0), (bad, 1.0), (b, 1.0)])
+    finally:
+        await drop_trigger(store, "npcs")
+    assert isinstance(answers[0], TickResult) and isinstance(answers[2], TickResult)
+    assert isinstance(answers[1], Exception) and "injected fault" in str(answers[1])
+    for w in (a, b):
+        assert await world_state(store, w) == (pytest.approx(60.0), 1)
+        assert all(r[3] == 1 for r in await npc_rows(store, w))  # every NPC decided once
+        assert sched.get_context(w).ticks_processed == 1
+    # The failing world: nothing written, context untouched, failure recorded.
+    assert await world_state(store, bad) == (0.0, 0)
+    assert await npc_rows(store, bad) == bad_rows
+    ctx = sched.get_context(bad)
+    assert (ctx.current_world_time, ctx.ticks_processed) == (0.0, 0)
+    assert ctx.state == "failing" and "injected fault" in (ctx.last_error or "")
+    # It recovers on its own next tick, covering the elapsed time.
+    (again,) = await sched.tick_worlds([(bad, 2.0)])
+    assert isinstance(again, TickResult) and again.world_time_after == pytest.approx(120.0)
+
+
+async def test_failure_of_the_shared_commit_fails_every_world_and_applies_nothing(store: Store) -> None:
+    if store.dialect != "postgresql":
+        pytest.skip("needs a deferred constraint trigger (fires at COMMIT); SQLite has none")
+    worlds = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.ACTIVE: 3}))[0] for i in range(3)]
+    sched = WorldScheduler(store)
+    for w in worlds:
+        await sched.register_world(w)
+    async with store.transaction() as conn:
+        await conn.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION inject_fault_fn() RETURNS trigger AS $$ "
+                "BEGIN RAISE EXCEPTION 'injected commit fault'; END $$ LANGUAGE plpgsql"
+            )
+        )
+        await conn.execute(
+            text(
+                f"CREATE CONSTRAINT TRIGGER inject_fault AFTER UPDATE ON world_states DEFERRABLE INITIALLY DEFERRED "
+                f"FOR EACH ROW WHEN (NEW.world_id = {worlds[2]}) EXECUTE FUNCTION inject_fault_fn()"
+            )
+        )
+    try:
+        with pytest.raises(Exception, match="injected commit fault"):
+            await sched.tick_worlds([(w, 1.0) for w in worlds])
+    finally:
+        await drop_trigger(store, "world_states")
+    for w in worlds:
+        assert await world_state(store, w) == (0.0, 0)
+        assert all(r[3] == 0 for r in await npc_rows(store, w))
+        ctx = sched.get_context(w)
+        assert ctx.ticks_processed == 0 and ctx.current_world_time == 0.0
+        assert "injected commit fault" in (ctx.last_error or "")
+
+
+async def test_unknown_and_paused_worlds_in_a_group(store: Store) -> None:
+    live, _ = await make_world(store, name="live", npcs_per_tier={Tier.DETAILED: 2})
+    paused, _ = await make_world(store, name="paused", simulation={"pauseSimulation": True})
+    sched = WorldScheduler(store)
+    await sched.register_world(live)
+    await sched.register_world(paused)
+    answers = await sched.tick_worlds([(live, 1.0), (4242, 1.0), (paused, 1.0)])
+    assert isinstance(answers[0], TickResult) and answers[0].npcs_simulated == 2
+    assert isinstance(answers[1], WorldNotRegisteredError)
+    assert isinstance(answers[2], TickResult) and answers[2].paused and answers[2].delta_game_seconds == 0.0
+    assert await world_state(store, paused) == (0.0, 0)
+    assert sched.get_context(paused).ticks_processed == 0  # no write, no tick counted (the fence stays true)
+
+
+async def test_batched_selection_matches_the_per_world_selection(store: Store) -> None:
+    worlds = []
+    for i in range(4):
+        world_id = await store.create_world(f"w{i}", simulation={})
+        await store.add_npcs(
+            world_id,
+            [
+                {"name": f"n{j}", "tier": j % 5, "next_decision_at": float((j * 7 + i) % 13)}
+                for j in range(40)  # tier 4 (frozen) is never selected
+            ],
+        )
+        worlds.append(world_id)
+    requests = [(worlds[0], 5.0, 10), (worlds[1], 12.0, 50), (worlds[2], 0.0, 3), (worlds[3], 8.0, 0)]
+    population = {w: await store.get_npcs(w) for w in worlds}
+    async with store.transaction() as conn:
+        many = await store.select_due_npcs_many(conn, requests)
+        for world_id, world_time, limit in requests:
+            one = await store.select_due_npcs(conn, world_id, world_time, limit)
+            assert [n.id for n in many[world_id]] == [n.id for n in one]
+            due = [n for n in population[world_id] if n.tier != Tier.FROZEN and n.next_decision_at <= world_time]
+            expected = sorted(due, key=lambda n: (n.tier, n.next_decision_at, n.id))[:limit]
+            assert [n.id for n in one] == [n.id for n in expected]
+    assert many[worlds[3]] == []
+
+
+async def test_runner_groups_due_worlds_and_a_failing_world_ticks_alone(store: Store) -> None:
+    worlds = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: 2}))[0] for i in range(10)]
+    sched = RecordingScheduler(store)
+    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), max_batch_size=4, backoff_base_seconds=1.0)
+    for w in worlds:
+        await runner.add_world(w)
+    await runner.run_until(1.0)
+    # Ten worlds due at the same moment: groups of at most four, every world once.
+    assert [len(g) for g in sched.groups] == [4, 4, 2]
+    assert sorted(w for g in sched.groups for w in g) == worlds
+
+    bad = worlds[5]
+    await install_failing_trigger(store, "npcs", bad)
+    try:
+        sched.groups.clear()
+        await runner.run_until(2.0)  # bad fails inside its group; the others commit
+        assert runner.scheduler.get_context(bad).state == "failing"
+        assert all(runner.scheduler.get_context(w).ticks_processed == 2 for w in worlds if w != bad)
+        sched.groups.clear()
+        await runner.run_until(6.0)
+        # While it keeps failing it is retried in a group of its own.
+        assert [bad] in sched.groups
+        assert all(len(g) == 1 for g in sched.groups if bad in g)
+    finally:
+        await drop_trigger(store, "npcs")
+    assert all(runner.scheduler.get_context(w).ticks_processed == 6 for w in worlds if w != bad)

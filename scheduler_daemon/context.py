@@ -62,6 +62,9 @@ class TickOutcome:
     #: False when the tick did no selection at all (paused): lag state is kept.
     selection_ran: bool = True
     duration_ms: float = 0.0
+    #: False when the tick wrote nothing (a paused world with a frozen clock):
+    #: the committed tick counter, mirrored from ``world_states.ticks``, stays.
+    state_written: bool = True
 
 
 class WorldSimulationContext:
@@ -163,7 +166,8 @@ class WorldSimulationContext:
         self.current_world_time = plan.world_time_after
         self._carry_real = 0.0
         self._carry_game = 0.0
-        self.ticks_processed += 1
+        if outcome.state_written:
+            self.ticks_processed += 1
         self.npcs_simulated_last_tick = outcome.npcs_simulated
         self.npcs_simulated_total += outcome.npcs_simulated
         self.jobs_enqueued_last_tick = outcome.jobs_enqueued

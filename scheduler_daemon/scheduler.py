@@ -339,8 +339,10 @@ class WorldScheduler:
             planned = _Planned(index, entry, plan, time.perf_counter(), datetime.now(UTC))
             entry.last_committed = None
             if plan.delta_game_seconds == 0.0 and entry.context.paused:
-                # Frozen clock: nothing can become due, nothing to write.
-                answers[index] = self._apply(planned, TickOutcome(selection_ran=False), debug=debug)
+                # Frozen clock: nothing can become due, nothing to write (so no tick to count).
+                answers[index] = self._apply(
+                    planned, TickOutcome(selection_ran=False, state_written=False), debug=debug
+                )
             else:
                 work.append(planned)
         if work:

@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     _add_jobs_parsers(sub)
 
+    p = sub.add_parser("top", help="live table of a running daemon's worlds (admin API)")
+    p.add_argument("--url", help="daemon base URL (default: from [http] bind/port of the config)")
+    p.add_argument("--token-file", type=Path, help="admin token file (default: [http] admin_token_file)")
+    p.add_argument("--interval", type=_positive_float, default=2.0, help="seconds between refreshes (default 2)")
+    p.add_argument("--once", action="store_true", help="print one table and exit (scripts)")
+    _add_config(p)
+
     p = sub.add_parser(
         "simulate",
         help="fast-forward one world through the real tick pipeline and print what happened",
@@ -475,6 +482,34 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from scheduler_daemon.http import load_admin_token
+    from scheduler_daemon.settings import HttpSettings
+    from scheduler_daemon.top import TopError, run_top
+
+    settings, _, _ = _settings(args)
+    url = args.url
+    if url is None:
+        host = settings.http.bind
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 (a wildcard bind is reachable on loopback)
+            host = "127.0.0.1"
+        url = f"http://{f'[{host}]' if ':' in host else host}:{settings.http.port}"
+    try:
+        if args.token_file is not None:
+            token = load_admin_token(HttpSettings(admin_token_file=args.token_file))
+        else:
+            try:
+                token = load_admin_token(settings.http)
+            except SettingsError:
+                token = None  # e.g. not readable by this user: the server says 401 if it needs one
+    except SettingsError as exc:
+        raise CliError(str(exc).replace("http.admin_token_file", "--token-file"), EXIT_USAGE) from None
+    try:
+        return run_top(url, token, interval=args.interval, once=args.once)
+    except TopError as exc:
+        raise CliError(str(exc), 1) from None
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run,
     "check-config": cmd_check_config,
@@ -483,6 +518,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "worlds": cmd_worlds,
     "jobs": cmd_jobs,
     "chains": cmd_chains,
+    "top": cmd_top,
     "simulate": cmd_simulate,
 }
 

@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,20 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scheduler_daemon.clock import MonotonicClock
+from scheduler_daemon.http import (
+    AdminBackend,
+    HttpBindError,
+    HttpServer,
+    LoopLagMonitor,
+    bind_socket,
+    check_bind_allowed,
+    create_app,
+    load_admin_token,
+)
 from scheduler_daemon.jobs import load_sink
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.logs import configure_logging
+from scheduler_daemon.metrics import SchedulerMetrics
 from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
@@ -114,6 +126,8 @@ class Daemon:
         self.last_reload_success_at = time.time()  # wall time, for humans/metrics
         #: Restart-only keys whose new value is waiting for a restart.
         self.restart_pending: list[str] = []
+        self.metrics: SchedulerMetrics | None = None
+        self.admin_token: str | None = None
         self._stop_requested = 0
         self._stopping_sent = False
         self._reload_event = asyncio.Event()
@@ -182,14 +196,26 @@ class Daemon:
             sink = load_sink(s.generation.sink)
         except ValueError as exc:
             raise StartupError(f"generation.sink: {exc}", EXIT_CONFIG) from None
-        self._sqlite_lock_fd = lock_sqlite_database(s.database.url)
-        self.store = await self._connect()
+        # HTTP: validate the token and bind the port before anything slow, so a
+        # bad token file or a port in use fails at once with one line.
+        self.admin_token = self._load_token(s)
+        sock = self._bind_http(s) if s.http.enabled else None
+        try:
+            self._sqlite_lock_fd = lock_sqlite_database(s.database.url)
+            self.store = await self._connect()
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
         self.scheduler = WorldScheduler(
             self.store,
             defaults=s.defaults.simulation,
             decide_fn=decide_fn,
             sink=sink,
             sink_timeout_seconds=s.hand_off_timeout_seconds,
+        )
+        self.metrics = SchedulerMetrics(
+            version=_version(), per_world=s.metrics.per_world, reload_status=self._reload_status
         )
         clock = MonotonicClock()
         if self.store.dialect == "postgresql":
@@ -202,6 +228,9 @@ class Daemon:
             self.leases = LeaseKeeper(
                 LeaseStore(self._lease_engine, s.scheduler.instance_id, s.scheduler.lease_ttl_seconds), clock
             )
+            keeper = self.leases
+            keeper.observer = self.metrics
+            self.metrics.leases_held = lambda: keeper.leases_held
         self.runner = SchedulerLoopRunner(
             self.scheduler,
             clock=clock,
@@ -213,7 +242,9 @@ class Daemon:
             discovery_interval_seconds=s.scheduler.discovery_interval_seconds,
             backoff_max_seconds=s.scheduler.backoff_max_seconds,
             tier_refresh_max_seconds=s.scheduler.tier_refresh_max_seconds,
+            observer=self.metrics,
         )
+        self.metrics.runner = self.runner
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         background: list[asyncio.Task[Any]] = [asyncio.create_task(self._reload_loop(), name="reload")]
@@ -225,8 +256,16 @@ class Daemon:
             background.append(asyncio.create_task(watchdog_loop(self.notifier, wd, lambda: runner.progress)))
         background.append(asyncio.create_task(self._status_loop(), name="status"))
         background.append(asyncio.create_task(self._activity_loop(), name="activity-summary"))
-        runner_task = asyncio.create_task(self.runner.start(), name="runner")
+        lag_monitor = LoopLagMonitor()
+        lag_monitor.start()
+        http_server: HttpServer | None = None
+        runner_task: asyncio.Task[None] | None = None
         try:
+            if sock is not None:
+                # Serving before READY=1: the port is bound and answering when systemd counts us up.
+                http_server = await self._start_http(sock, lag_monitor)
+                sock = None
+            runner_task = asyncio.create_task(self.runner.start(), name="runner")
             if await self._serving(runner_task):
                 self.notifier.ready(status=self._status_line())
                 log.info("ready", worlds=len(self.runner.world_ids))
@@ -236,10 +275,15 @@ class Daemon:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            if not runner_task.done():  # startup failed after the runner started
+            if runner_task is not None and not runner_task.done():  # startup failed after the runner started
                 self.runner.stop()
                 await asyncio.gather(runner_task, return_exceptions=True)
             await self.runner.shutdown()
+            if http_server is not None:
+                await http_server.stop()
+            if sock is not None:
+                sock.close()
+            await lag_monitor.stop()
             await self.store.dispose()
             if self._lease_engine is not None:
                 await self._lease_engine.dispose()
@@ -254,10 +298,11 @@ class Daemon:
     async def _serving(self, runner_task: asyncio.Task[None]) -> bool:
         """Wait until the daemon serves: migrated and connected (done), worlds discovered.
 
-        READY=1 follows this, so whatever else must serve before systemd counts
-        the daemon as up (a listening socket) starts here; a bind failure then
-        fails the start (``StartupError``, EXIT_ADDRESS_IN_USE) before READY.
-        Returns False if the daemon stopped meanwhile.
+        READY=1 follows this, so whatever must serve before systemd counts the
+        daemon as up is serving when it returns: the admin HTTP port is bound
+        before the database connect (a port in use fails the start at once,
+        ``StartupError`` EXIT_ADDRESS_IN_USE) and answers before the runner
+        starts. Returns False if the daemon stopped meanwhile.
         """
         assert self.runner is not None
         discovered = asyncio.create_task(self.runner.discovered.wait())
@@ -266,6 +311,52 @@ class Daemon:
         finally:
             discovered.cancel()
         return not runner_task.done() and not self._stop_requested
+
+    # ------------------------------------------------------------------ http
+    def _load_token(self, s: Settings) -> str | None:
+        if not s.http.enabled:
+            return None
+        try:
+            token = load_admin_token(s.http)
+            check_bind_allowed(s.http, token)
+        except SettingsError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
+        return token
+
+    def _bind_http(self, s: Settings) -> socket.socket:
+        try:
+            return bind_socket(s.http.bind, s.http.port)
+        except HttpBindError as exc:
+            raise StartupError(str(exc), EXIT_ADDRESS_IN_USE if exc.in_use else EXIT_CONFIG) from None
+
+    async def _start_http(self, sock: socket.socket, lag_monitor: LoopLagMonitor) -> HttpServer:
+        assert self.runner is not None and self.metrics is not None
+        backend = AdminBackend(
+            runner=self.runner,
+            metrics=self.metrics,
+            token=lambda: self.admin_token,
+            loop_lag=lag_monitor,
+            accepting=lambda: self._stop_requested == 0,
+        )
+        server = HttpServer(create_app(backend), sock)
+        await server.start()
+        http = self.settings.http
+        log.info(
+            "http server listening",
+            bind=http.bind,
+            port=server.port,
+            url=f"http://{http.bind if ':' not in http.bind else f'[{http.bind}]'}:{server.port}",
+            admin_auth="token" if self.admin_token is not None else "none",
+        )
+        if self.admin_token is None:
+            log.warning(
+                "no admin token configured: the admin API is unauthenticated and served on loopback only",
+                bind=http.bind,
+            )
+        return server
+
+    def _reload_status(self) -> tuple[bool, float | None]:
+        return self.last_reload_ok, self.last_reload_success_at
 
     # --------------------------------------------------------------- signals
     def _on_stop_signal(self, sig: signal.Signals) -> None:
@@ -315,12 +406,22 @@ class Daemon:
                 load_decide_fn(new.scheduler.behavior)  # validate even though it needs a restart
             if new.generation.sink != self.settings.generation.sink:
                 load_sink(new.generation.sink)
+            # The token file is re-read on every reload; bind/enabled are restart-only,
+            # so the running ones decide whether a token is required.
+            running_http = self.settings.http
+            new_http = new.http.model_copy(update={"enabled": running_http.enabled, "bind": running_http.bind})
+            token = load_admin_token(new_http) if running_http.enabled else None
+            if running_http.enabled:
+                check_bind_allowed(new_http, token)
             await self._validate_defaults(new)
         except (SettingsError, ValueError) as exc:
             return self._reload_failed(str(exc))
         except Exception as exc:  # the database, while checking the worlds against new defaults
             return self._reload_failed(f"defaults.simulation: cannot check the worlds' configs: {first_line(exc)}")
         await self._apply(new)
+        if token != self.admin_token:
+            log.info("admin token changed", admin_auth="token" if token is not None else "none")
+        self.admin_token = token
         self.last_reload_ok = True
         self.last_reload_error = None
         self.last_reload_success_at = time.time()
@@ -394,6 +495,8 @@ class Daemon:
                         # Validated above; a database error leaves the world on its
                         # previous config until discovery sees its next change.
                         log.error("new defaults not applied to world", world_id=world_id, error=first_line(exc))
+        if self.metrics is not None:
+            self.metrics.per_world = new.metrics.per_world
         log.info("configuration reloaded", log_level=new.logging.level, restart_needed=needs_restart)
 
     def _status_line(self) -> str:

@@ -19,7 +19,7 @@ import asyncio
 import math
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -37,6 +37,14 @@ class HeldLease:
     valid_until: float
 
 
+class LeaseObserver(Protocol):
+    """Receives lease claims and losses (the metrics implement this)."""
+
+    def lease_claimed(self, world_id: int) -> None: ...
+
+    def lease_lost(self, world_id: int) -> None: ...
+
+
 class LeaseKeeper:
     """Claims, renews and releases this instance's world leases; counts what happens."""
 
@@ -49,6 +57,8 @@ class LeaseKeeper:
         #: Counters for metrics (``worldsched_lease_claims_total``, ``worldsched_lease_lost_total``).
         self.lease_claims = 0
         self.lease_lost = 0
+        #: Told about every claim and loss (the daemon's Prometheus metrics).
+        self.observer: LeaseObserver | None = None
         self.lease_releases = 0
         self.renewals_overdue = 0
 
@@ -92,6 +102,9 @@ class LeaseKeeper:
         for lease in leases:
             self.held[lease.world_id] = HeldLease(lease, sent + self.ttl_seconds)
         self.lease_claims += len(leases)
+        if self.observer is not None:
+            for lease in leases:
+                self.observer.lease_claimed(lease.world_id)
         if leases:
             log.info(
                 "leases claimed",
@@ -163,6 +176,8 @@ class LeaseKeeper:
         if held is None:
             return False
         self.lease_lost += 1
+        if self.observer is not None:
+            self.observer.lease_lost(world_id)
         log.warning(
             "lease lost, world dropped",
             world_id=world_id,

@@ -101,6 +101,7 @@ async def test_unknown_and_paused_worlds_in_a_group(store: Store) -> None:
     assert isinstance(answers[1], WorldNotRegisteredError)
     assert isinstance(answers[2], TickResult) and answers[2].paused and answers[2].delta_game_seconds == 0.0
     assert await world_state(store, paused) == (0.0, 0)
+    assert sched.get_context(paused).ticks_processed == 0  # no write, no tick counted (the fence stays true)
 
 
 async def test_batched_selection_matches_the_per_world_selection(store: Store) -> None:

@@ -113,6 +113,8 @@ async def test_paused_world_writes_nothing(store: Store) -> None:
     result = await sched.tick_world(world_id, 10.0)
     assert result.paused and result.delta_game_seconds == 0 and result.npcs_simulated == 0
     assert await world_state(store, world_id) == (0.0, 0)
+    # Nothing was written, so the context's tick counter (the write fence) still matches the row.
+    assert sched.get_context(world_id).ticks_processed == 0
 
 
 async def test_paused_ticks_are_not_counted_so_the_next_tick_passes_its_fence(store: Store) -> None:

@@ -28,3 +28,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(orig, sqlite3.OperationalError):
         return "locked" in str(orig) or "busy" in str(orig)
     return isinstance(orig, ConnectionError | OSError | TimeoutError)
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """True for any error raised by the database layer (counted in ``worldsched_db_errors_total``)."""
+    return isinstance(exc, sa_exc.SQLAlchemyError | sqlite3.Error | psycopg.Error) or is_transient(exc)

@@ -1,0 +1,352 @@
+"""Prometheus metrics (prefix ``worldsched_``), served at ``/metrics``.
+
+Two sources feed one :class:`~prometheus_client.CollectorRegistry` per daemon:
+
+* events: :class:`SchedulerMetrics` implements the runner's
+  :class:`~scheduler_daemon.runner.TickObserver` (ticks, misses, NPC decisions,
+  job hand-offs, chain steps, database errors, per-world counters);
+* state read at scrape time by a collector (worlds by state, world time, NPCs
+  per tier, decision lag, reload status, and the optional providers below).
+
+Histograms carry no per-world label (cardinality); the per-world counters can
+be switched off with ``[metrics] per_world = false``.
+
+Seams for features that live elsewhere: ``job_counts`` (generation requests
+per status) and ``leases_held`` are optional callables; until one is set its
+family is exported without samples rather than with made-up zeros. Values that
+need the database are fetched by an async *refresher*
+(:meth:`SchedulerMetrics.add_refresher`) that ``/metrics`` awaits before
+rendering, e.g. one that caches ``SELECT status, count(*)`` for ``job_counts``.
+The lease counters are incremented through :meth:`SchedulerMetrics.lease_claimed`
+and :meth:`SchedulerMetrics.lease_lost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
+
+if TYPE_CHECKING:
+    from scheduler_daemon.runner import SchedulerLoopRunner
+    from scheduler_daemon.scheduler import TickResult
+
+#: The world states of ``worldsched_worlds``; isolated worlds count as failing.
+WORLD_STATES = ("running", "paused", "failing")
+#: Tick outcomes of ``worldsched_ticks_total``.
+TICK_OUTCOMES = ("ok", "error", "timeout")
+#: Statuses of ``worldsched_jobs`` (generation requests).
+JOB_STATUSES = ("pending", "enqueued", "running", "succeeded", "failed", "cancelled")
+
+# Worlds tick every 0.01 … 3600 s, 1 s by default: the buckets resolve the
+# interesting band around a default interval (1 ms … 10 s) and keep a few
+# coarse ones for slow worlds and stalls. 0.1/0.5/1/2.5 are used by alerts.
+TICK_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+TICK_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+#: Recent regular ticks kept per world for the admin API's tick rate and p99 lag (not exported).
+RECENT_TICKS = 200
+
+#: How long ``/metrics`` waits for the refreshers (a scrape must stay fast).
+REFRESH_TIMEOUT_SECONDS = 2.0
+
+#: Reload status: (last reload succeeded, wall time of the last success or None).
+ReloadStatus = Callable[[], tuple[bool, float | None]]
+
+
+class _StateCollector(Collector):
+    """Gauges computed from the runner's worlds at scrape time."""
+
+    def __init__(self, metrics: SchedulerMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        worlds = GaugeMetricFamily(
+            "worldsched_worlds", "Worlds registered with this daemon, by state", labels=["state"]
+        )
+        world_time = GaugeMetricFamily(
+            "worldsched_world_time_seconds",
+            "Committed world time (game seconds since the world's epoch, 0 = Monday 00:00)",
+            labels=["world_id"],
+        )
+        npcs = GaugeMetricFamily(
+            "worldsched_npcs", "NPCs of the registered worlds per tier (frozen = past every capacity)", labels=["tier"]
+        )
+        lag = GaugeMetricFamily(
+            "worldsched_npc_decision_lag_seconds",
+            "Largest game-time lag of an NPC decision in the last tick, over all worlds, per tier",
+            labels=["tier"],
+        )
+        states = dict.fromkeys(WORLD_STATES, 0)
+        population = dict.fromkeys(Tier, 0)
+        max_lag: dict[Tier, float] = {}
+        runner = m.runner
+        if runner is not None:
+            for world_id, ctx in sorted(runner.scheduler.get_all_contexts().items()):
+                states[ctx.state] = states.get(ctx.state, 0) + 1
+                world_time.add_metric([str(world_id)], ctx.current_world_time)
+                for tier, count in ctx.tier_population.items():
+                    population[tier] = population.get(tier, 0) + count
+                for tier, value in ctx.decision_lag_per_tier.items():
+                    max_lag[tier] = max(max_lag.get(tier, 0.0), value)
+            states["failing"] += len(runner.broken)
+        for state, count in states.items():
+            worlds.add_metric([state], count)
+        for tier in Tier:
+            npcs.add_metric([tier.label], population.get(tier, 0))
+        for tier in SIMULATED_TIERS:
+            lag.add_metric([tier.label], max_lag.get(tier, 0.0))
+        yield worlds
+        yield world_time
+        yield npcs
+        yield lag
+
+        ok, success_at = m.reload_status() if m.reload_status is not None else (True, None)
+        yield GaugeMetricFamily(
+            "worldsched_config_last_reload_successful",
+            "1 if the last configuration (re)load succeeded, else 0 (the previous configuration keeps running)",
+            value=1 if ok else 0,
+        )
+        stamp = GaugeMetricFamily(
+            "worldsched_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration (re)load",
+        )
+        if success_at is not None:
+            stamp.add_metric([], success_at)
+        yield stamp
+
+        jobs = GaugeMetricFamily("worldsched_jobs", "Generation requests by status", labels=["status"])
+        if m.job_counts is not None:
+            counts = m.job_counts()
+            for status in sorted({*JOB_STATUSES, *counts}):
+                jobs.add_metric([status], counts.get(status, 0))
+        yield jobs
+
+        held = GaugeMetricFamily("worldsched_leases_held", "World leases this daemon holds")
+        if m.leases_held is not None:
+            held.add_metric([], m.leases_held())
+        yield held
+
+
+class SchedulerMetrics:
+    """The daemon's metrics; attach as the runner's observer.
+
+    ``runner`` is read at scrape time; ``reload_status``, ``job_counts`` and
+    ``leases_held`` are optional providers (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        *,
+        version: str,
+        per_world: bool = True,
+        runner: SchedulerLoopRunner | None = None,
+        reload_status: ReloadStatus | None = None,
+        registry: CollectorRegistry | None = None,
+        process_collectors: bool = True,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.runner = runner
+        self.reload_status = reload_status
+        self.job_counts: Callable[[], Mapping[str, int]] | None = None
+        self.leases_held: Callable[[], int] | None = None
+        self._per_world = per_world
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
+        # world id -> (finish time, lag) of its recent regular ticks.
+        self._recent: dict[int, deque[tuple[float, float]]] = {}
+        if process_collectors:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            # The default GC collector is bound to the global registry; ours gets its own.
+            GCCollector(registry=self.registry)
+        r = self.registry
+        build = Gauge("worldsched_build_info", "Version of the running daemon (always 1)", ["version"], registry=r)
+        build.labels(version=version).set(1)
+        self.ticks = Counter("worldsched_ticks", "Ticks finished, by outcome", ["outcome"], registry=r)
+        self._tick_children = {outcome: self.ticks.labels(outcome=outcome) for outcome in TICK_OUTCOMES}
+        self.missed = Counter(
+            "worldsched_ticks_missed", "Tick slots skipped because the previous tick or the loop ran late", registry=r
+        )
+        self.tick_duration = Histogram(
+            "worldsched_tick_duration_seconds",
+            "Wall time of one tick (load, decide, commit), all worlds",
+            buckets=TICK_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.tick_lag = Histogram(
+            "worldsched_tick_lag_seconds",
+            "How late a tick started after its scheduled slot, all worlds",
+            buckets=TICK_LAG_BUCKETS,
+            registry=r,
+        )
+        self.npc_ticks = Counter("worldsched_npc_ticks", "NPC decisions committed, per tier", ["tier"], registry=r)
+        self._npc_children = {tier.label: self.npc_ticks.labels(tier=tier.label) for tier in SIMULATED_TIERS}
+        self.jobs_enqueued = Counter(
+            "worldsched_jobs_enqueued", "Generation requests handed to workers by ticks", registry=r
+        )
+        self.chain_steps = Counter("worldsched_chain_steps", "Interaction chain steps advanced by ticks", registry=r)
+        self.db_errors = Counter(
+            "worldsched_db_errors", "Database errors (failed ticks, discovery, readiness checks)", registry=r
+        )
+        self.lease_claims = Counter("worldsched_lease_claims", "World leases claimed by this daemon", registry=r)
+        self.lease_lost_total = Counter(
+            "worldsched_lease_lost", "World leases lost (fencing refused a write or renewal failed)", registry=r
+        )
+        self.world_ticks = Counter(
+            "worldsched_world_ticks", "Committed ticks per world ([metrics] per_world)", ["world_id"], registry=r
+        )
+        self.world_npc_ticks = Counter(
+            "worldsched_world_npc_ticks",
+            "NPC decisions per world and tier ([metrics] per_world)",
+            ["world_id", "tier"],
+            registry=r,
+        )
+        r.register(_StateCollector(self))
+
+    # ------------------------------------------------------------ settings
+    @property
+    def per_world(self) -> bool:
+        return self._per_world
+
+    @per_world.setter
+    def per_world(self, value: bool) -> None:
+        """Switch per-world series on or off (SIGHUP); off drops the existing ones."""
+        if not value:
+            self.world_ticks.clear()
+            self.world_npc_ticks.clear()
+        self._per_world = value
+
+    # ------------------------------------------------------- TickObserver
+    def tick_finished(
+        self, world_id: int, outcome: str, lag_seconds: float, duration_seconds: float, result: TickResult | None
+    ) -> None:
+        """Count a finished tick (any outcome) and what it did."""
+        # Children are cached: this runs once per tick of every world.
+        ticks = self._tick_children.get(outcome)
+        if ticks is None:
+            ticks = self._tick_children[outcome] = self.ticks.labels(outcome=outcome)
+        ticks.inc()
+        if math.isfinite(lag_seconds):
+            self.tick_lag.observe(max(lag_seconds, 0.0))
+            if outcome == "ok":
+                recent = self._recent.get(world_id)
+                if recent is None:
+                    recent = self._recent[world_id] = deque(maxlen=RECENT_TICKS)
+                recent.append((self._now(), max(lag_seconds, 0.0)))
+        if math.isfinite(duration_seconds):
+            self.tick_duration.observe(max(duration_seconds, 0.0))
+        if result is None:
+            return
+        for tier, count in result.npcs_per_tier.items():
+            if count:
+                npc = self._npc_children.get(tier)
+                if npc is None:
+                    npc = self._npc_children[tier] = self.npc_ticks.labels(tier=tier)
+                npc.inc(count)
+        if result.jobs_enqueued:
+            self.jobs_enqueued.inc(result.jobs_enqueued)
+        if result.chain_steps:
+            self.chain_steps.inc(result.chain_steps)
+        if self._per_world:
+            wid = str(world_id)
+            self.world_ticks.labels(wid).inc()
+            for tier, count in result.npcs_per_tier.items():
+                if count:
+                    self.world_npc_ticks.labels(wid, tier).inc(count)
+
+    def ticks_missed(self, world_id: int, slots: int) -> None:
+        """Count tick slots that passed without a tick."""
+        self.missed.inc(slots)
+
+    def world_registered(self, world_id: int) -> None:
+        """Create the world's per-world series at 0 so rates start from registration."""
+        if self._per_world:
+            self.world_ticks.labels(world_id=str(world_id))
+
+    def world_unregistered(self, world_id: int) -> None:
+        """Drop the world's per-world series (no stale series for worlds gone elsewhere)."""
+        self._recent.pop(world_id, None)
+        wid = str(world_id)
+        with contextlib.suppress(KeyError):
+            self.world_ticks.remove(wid)
+        for tier in SIMULATED_TIERS:
+            with contextlib.suppress(KeyError):
+                self.world_npc_ticks.remove(wid, tier.label)
+
+    def db_error(self, operation: str) -> None:
+        """Count a database error (``operation`` names where it happened; not a label)."""
+        self.db_errors.inc()
+
+    # --------------------------------------------------------------- leases
+    def lease_claimed(self, world_id: int) -> None:
+        """Count a lease this daemon claimed."""
+        self.lease_claims.inc()
+
+    def lease_lost(self, world_id: int) -> None:
+        """Count a lease this daemon lost."""
+        self.lease_lost_total.inc()
+
+    # --------------------------------------------------------- per-world view
+    def _now(self) -> float:
+        return self.runner.clock.now() if self.runner is not None else time.monotonic()
+
+    def recent_tick_stats(self, world_id: int) -> tuple[float | None, float | None]:
+        """(ticks per second, p99 start lag in seconds) over the world's recent regular ticks.
+
+        For the admin API and ``top``; ``None`` until there are enough ticks.
+        """
+        recent = self._recent.get(world_id)
+        if not recent:
+            return None, None
+        lags = sorted(lag for _, lag in recent)
+        p99 = lags[min(len(lags) - 1, math.ceil(0.99 * len(lags)) - 1)]
+        if len(recent) < 2:
+            return None, p99
+        # Ticks per second up to now, so a world that stopped ticking decays.
+        span = self._now() - recent[0][0]
+        rate = (len(recent) - 1) / span if span > 0 else None
+        return rate, p99
+
+    # ------------------------------------------------------------ refreshers
+    def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        """Run ``refresh`` before each ``/metrics`` render (to cache values read from the database)."""
+        self._refreshers.append(refresh)
+
+    async def refresh(self) -> None:
+        """Run the refreshers concurrently, bounded; a failure keeps the previous values."""
+        if not self._refreshers:
+            return
+        try:
+            async with asyncio.timeout(REFRESH_TIMEOUT_SECONDS):
+                results = await asyncio.gather(*(r() for r in self._refreshers), return_exceptions=True)
+        except TimeoutError:
+            self.db_error("metrics refresh")
+            return
+        for result in results:
+            if isinstance(result, Exception):
+                self.db_error("metrics refresh")
+
+    # ---------------------------------------------------------------- output
+    def render(self) -> bytes:
+        """The registry in the Prometheus text exposition format."""
+        return generate_latest(self.registry)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import signal
 import socket
@@ -30,7 +31,7 @@ from scheduler_daemon.http import (
     create_app,
     load_admin_token,
 )
-from scheduler_daemon.jobs import load_sink
+from scheduler_daemon.jobs import complete_for_api, in_flight_counts, load_sink
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.logs import configure_logging
 from scheduler_daemon.metrics import SchedulerMetrics
@@ -217,6 +218,15 @@ class Daemon:
         self.metrics = SchedulerMetrics(
             version=_version(), per_world=s.metrics.per_world, reload_status=self._reload_status
         )
+        # worldsched_jobs{status}: one grouped count per scrape, cached for the collector.
+        job_counts: dict[str, int] = {}
+        store = self.store
+
+        async def refresh_job_counts() -> None:
+            job_counts.update(await in_flight_counts(store))
+
+        self.metrics.job_counts = lambda: job_counts
+        self.metrics.add_refresher(refresh_job_counts)
         clock = MonotonicClock()
         if self.store.dialect == "postgresql":
             # Always lease on PostgreSQL, so starting another daemon is all it takes to scale out.
@@ -330,13 +340,15 @@ class Daemon:
             raise StartupError(str(exc), EXIT_ADDRESS_IN_USE if exc.in_use else EXIT_CONFIG) from None
 
     async def _start_http(self, sock: socket.socket, lag_monitor: LoopLagMonitor) -> HttpServer:
-        assert self.runner is not None and self.metrics is not None
+        assert self.runner is not None and self.metrics is not None and self.store is not None
+        store = self.store
         backend = AdminBackend(
             runner=self.runner,
             metrics=self.metrics,
             token=lambda: self.admin_token,
             loop_lag=lag_monitor,
             accepting=lambda: self._stop_requested == 0,
+            complete_generation=functools.partial(complete_for_api, store),
         )
         server = HttpServer(create_app(backend), sock)
         await server.start()

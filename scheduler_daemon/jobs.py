@@ -138,6 +138,29 @@ async def complete_request(store: Store, request_id: int, status: str, error: st
         return await sql.set_status(conn, request_id, allowed_from=gen.IN_FLIGHT, status=status, error=error)
 
 
+async def complete_for_api(store: Store, request_id: int, status: str, error: str | None) -> dict[str, Any]:
+    """``POST /api/v1/generation/{id}/complete``: :func:`complete_request` as the admin API wants it.
+
+    Unknown id → :class:`LookupError` (404); a request that cannot take the
+    status (pending, already finished) → :class:`ValueError` (409).
+    """
+    try:
+        request = await complete_request(store, request_id, status, error)
+    except sql.RequestStateError as exc:
+        raise ValueError(str(exc)) from None
+    return request.to_wire()
+
+
+async def in_flight_counts(store: Store) -> dict[str, int]:
+    """Requests per queue status over all worlds (``worldsched_jobs{status}``).
+
+    Only the live queue (pending, enqueued, running): finished rows grow
+    without bound and would make every scrape slower.
+    """
+    async with store.engine.connect() as conn:
+        return await sql.count_queue_by_status(conn, (gen.PENDING, *gen.IN_FLIGHT))
+
+
 async def cancel_request(store: Store, request_id: int) -> GenerationRequest:
     """Cancel a request that no worker runs yet (``pending`` or ``enqueued``)."""
     async with store.transaction() as conn:

@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 WORLD_STATES = ("running", "paused", "failing")
 #: Tick outcomes of ``worldsched_ticks_total``.
 TICK_OUTCOMES = ("ok", "error", "timeout")
-#: Statuses of ``worldsched_jobs`` (generation requests).
-JOB_STATUSES = ("pending", "enqueued", "running", "succeeded", "failed", "cancelled")
 
 # Worlds tick every 0.01 … 3600 s, 1 s by default: the buckets resolve the
 # interesting band around a default interval (1 ms … 10 s) and keep a few
@@ -138,8 +136,10 @@ class _StateCollector(Collector):
         jobs = GaugeMetricFamily("worldsched_jobs", "Generation requests by status", labels=["status"])
         if m.job_counts is not None:
             counts = m.job_counts()
-            for status in sorted({*JOB_STATUSES, *counts}):
-                jobs.add_metric([status], counts.get(status, 0))
+            # Only what the provider counted (the live queue): a finished status
+            # it does not count must not read as 0.
+            for status in sorted(counts):
+                jobs.add_metric([status], counts[status])
         yield jobs
 
         held = GaugeMetricFamily("worldsched_leases_held", "World leases this daemon holds")

@@ -193,6 +193,11 @@ def test_metrics_move_with_ticks_and_a_put_applies_before_the_next_tick(
             assert sum(s.value for s in second["worldsched_npc_ticks"].samples if s.name.endswith("_total")) > 0
             assert sample(second, "worldsched_world_ticks", "worldsched_world_ticks_total", world_id="1") >= 1
             assert sum(s.value for s in second["worldsched_npcs"].samples) > 0
+            # The demo queues 8 generation requests per session (3 sessions); none is finished yet.
+            queue = {s.labels["status"]: s.value for s in second["worldsched_jobs"].samples}
+            assert set(queue) == {"pending", "enqueued", "running"}
+            assert sum(queue.values()) == 24
+            assert queue["enqueued"] > 0  # the ticks handed some out
 
             # --- the admin API needs the token; /metrics does not
             assert httpx.get(f"{daemon.url}/api/v1/worlds").status_code == 401

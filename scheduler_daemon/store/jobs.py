@@ -386,6 +386,18 @@ async def count_by_status(conn: AsyncConnection, world_id: int) -> dict[str, int
     return {str(r[0]): int(r[1]) for r in rows}
 
 
+async def count_queue_by_status(conn: AsyncConnection, statuses: Sequence[str]) -> dict[str, int]:
+    """Requests per status over all worlds, for the given statuses (each reported, 0 included)."""
+    rows = (
+        await conn.execute(
+            sa.select(gr.c.status, sa.func.count()).where(gr.c.status.in_(list(statuses))).group_by(gr.c.status)
+        )
+    ).all()
+    counts = dict.fromkeys(statuses, 0)
+    counts.update({str(r[0]): int(r[1]) for r in rows})
+    return counts
+
+
 async def set_status(
     conn: AsyncConnection, request_id: int, *, allowed_from: Sequence[str], status: str, error: str | None = None
 ) -> GenerationRequest:

@@ -1,7 +1,7 @@
 """Daemon instances with a heartbeat (several daemons sharing worlds through leases).
 
 Revision ID: 0007
-Revises: 0001
+Revises: 0004
 Create Date: 2026-11-27
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0001"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -6,7 +6,7 @@ due NPC of the tier (hundreds) to return 50; with it, the index range is
 already in that order and the scan stops at the limit.
 
 Revision ID: 0008
-Revises: 0001
+Revises: 0007
 Create Date: 2026-11-27
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0008"
-down_revision = "0001"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -259,30 +259,8 @@ class LeaseStore:
         """
         if not leases:
             return RenewResult(set(), set())
-        held = _held(leases)
-        async with self.engine.begin() as conn:
-            unlocked = (
-                await conn.execute(
-                    sa.select(world_states.c.world_id)
-                    .where(world_states.c.world_id == sa.func.any(_ids([lease.world_id for lease in leases])))
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
-            rows = (
-                await conn.execute(
-                    sa.update(world_states)
-                    .where(
-                        world_states.c.world_id == held.c.world_id,
-                        world_states.c.lease_epoch == held.c.epoch,
-                        world_states.c.lease_owner == self.instance_id,
-                        world_states.c.world_id == sa.func.any(_ids([int(r[0]) for r in unlocked])),
-                    )
-                    .values(lease_expires_at=self._expiry())
-                    .returning(world_states.c.world_id)
-                )
-            ).all()
-        renewed = {int(r[0]) for r in rows}
-        return RenewResult(renewed, {int(r[0]) for r in unlocked} - renewed)
+        unlocked, renewed = await self._update_held(leases, lease_expires_at=self._expiry())
+        return RenewResult(renewed, unlocked - renewed)
 
     async def release(self, leases: Collection[Lease]) -> set[int]:
         """Give leases up so a peer can claim them at once; returns the world ids released.
@@ -292,15 +270,27 @@ class LeaseStore:
         """
         if not leases:
             return set()
+        _, released = await self._update_held(leases, lease_owner=None, lease_expires_at=None)
+        return released
+
+    async def _update_held(self, leases: Collection[Lease], **values: Any) -> tuple[set[int], set[int]]:
+        """Set ``values`` on the state rows of leases we still hold, skipping rows locked right now.
+
+        Returns (world ids whose rows were not locked, world ids updated): an
+        unlocked row that was not updated changed owner or epoch.
+        """
         held = _held(leases)
         async with self.engine.begin() as conn:
-            unlocked = (
-                await conn.execute(
-                    sa.select(world_states.c.world_id)
-                    .where(world_states.c.world_id == sa.func.any(_ids([lease.world_id for lease in leases])))
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
+            unlocked = {
+                int(r[0])
+                for r in (
+                    await conn.execute(
+                        sa.select(world_states.c.world_id)
+                        .where(world_states.c.world_id == sa.func.any(_ids([lease.world_id for lease in leases])))
+                        .with_for_update(skip_locked=True)
+                    )
+                ).all()
+            }
             rows = (
                 await conn.execute(
                     sa.update(world_states)
@@ -308,13 +298,13 @@ class LeaseStore:
                         world_states.c.world_id == held.c.world_id,
                         world_states.c.lease_epoch == held.c.epoch,
                         world_states.c.lease_owner == self.instance_id,
-                        world_states.c.world_id == sa.func.any(_ids([int(r[0]) for r in unlocked])),
+                        world_states.c.world_id == sa.func.any(_ids(sorted(unlocked))),
                     )
-                    .values(lease_owner=None, lease_expires_at=None)
+                    .values(**values)
                     .returning(world_states.c.world_id)
                 )
             ).all()
-        return {int(r[0]) for r in rows}
+        return unlocked, {int(r[0]) for r in rows}
 
     async def lease_info(self, world_ids: Collection[int] | None = None) -> Mapping[int, LeaseInfo]:
         """Stored leases (all worlds by default)."""

@@ -8,6 +8,7 @@ from typing import Any, cast
 from scheduler_daemon.context import WorldSimulationContext
 from scheduler_daemon.scheduler import TickResult, WorldScheduler, _World
 from scheduler_daemon.simulation.behavior import BehaviorContent
+from scheduler_daemon.simulation.tiers import SessionView, sessions_fingerprint
 from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.world_config import parse_world_config
@@ -26,6 +27,10 @@ class NoopStore:
     async def discover_active_worlds(self) -> dict[int, int]:
         return dict(self.worlds)
 
+    async def active_session_views(self) -> dict[int, list[SessionView]]:
+        # No players online: discovery still compares every world's tier inputs, as in the daemon.
+        return {}
+
 
 class NoopScheduler(WorldScheduler):
     """Registers worlds with the default config (1 s interval) and ticks them without a database."""
@@ -35,10 +40,13 @@ class NoopScheduler(WorldScheduler):
         super().__init__(cast(Store, self.noop_store))
         self._config = parse_world_config({}, world_id=0)
         self._result = _result(0, 0.0)
+        self._no_sessions = sessions_fingerprint([])
 
     async def register_world(self, world_id: int, *, lease: Lease | None = None) -> WorldSimulationContext:
         # No database, no leases: the runner passes one only when several daemons share PostgreSQL.
         ctx = WorldSimulationContext(world_id, self._config)
+        # As after the daemon's tier assignment at registration: no sessions, nothing to recompute.
+        ctx.sessions_fingerprint = self._no_sessions
         self._worlds[world_id] = _World(ctx, BehaviorContent())
         self.noop_store.worlds[world_id] = ctx.config_version
         return ctx

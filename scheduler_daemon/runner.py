@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import structlog
 
 from scheduler_daemon.clock import Clock, MonotonicClock, TimerHandle
+from scheduler_daemon.context import WorldSimulationContext
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
@@ -106,6 +107,7 @@ class _Slot:
     """Scheduling state of one registered world."""
 
     world_id: int
+    ctx: WorldSimulationContext  # the scheduler's context of this registration (updated in place)
     interval: float
     anchor: float  # start of the fixed-rate grid
     k: int  # index of the next slot on the grid
@@ -236,7 +238,7 @@ class SchedulerLoopRunner:
         now = self.clock.now()
         interval = ctx.config.tick_interval_seconds
         anchor = now if first_deadline is None else first_deadline - interval
-        slot = _Slot(world_id=world_id, interval=interval, anchor=anchor, k=1, last_tick_at=now, tiers_at=now)
+        slot = _Slot(world_id, ctx, interval=interval, anchor=anchor, k=1, last_tick_at=now, tiers_at=now)
         old = self._slots.get(world_id)
         if old is not None:
             old.removed = True
@@ -321,8 +323,9 @@ class SchedulerLoopRunner:
                 # Thousands of worlds: let due ticks run between chunks of the comparison.
                 await asyncio.sleep(0)
             try:
-                if world_id in self._slots:
-                    if self.scheduler.get_context(world_id).config_version != version:
+                slot = self._slots.get(world_id)
+                if slot is not None:
+                    if slot.ctx.config_version != version:
                         await self.apply_world_config(world_id)
                 elif world_id not in self.broken or self.broken[world_id].config_version != version:
                     await self.add_world(world_id)
@@ -350,7 +353,9 @@ class SchedulerLoopRunner:
         """
         sessions = await self.scheduler.store.active_session_views()
         refreshed: list[int] = []
-        for world_id, slot in sorted(self._slots.items()):
+        for n, (world_id, slot) in enumerate(sorted(self._slots.items()), 1):
+            if n % _DISCOVERY_YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # as in discover(): due ticks run between chunks
             views = sessions.get(world_id, [])
             periodic = self.clock.now() - slot.tiers_at >= self.tier_refresh_max_seconds
             if slot.removed or not (periodic or self.scheduler.tiers_outdated(world_id, views)):
@@ -521,8 +526,8 @@ class SchedulerLoopRunner:
             self._workers -= 1
 
     def _count_missed(self, slot: _Slot, missed: int) -> None:
-        if slot.world_id in self._slots:
-            self.scheduler.get_context(slot.world_id).record_skipped(missed)
+        if not slot.removed:
+            slot.ctx.record_skipped(missed)
         if self.observer:
             self.observer.ticks_missed(slot.world_id, missed)
         log.debug("tick slots missed", world_id=slot.world_id, missed=missed)
@@ -561,7 +566,7 @@ class SchedulerLoopRunner:
                 started = self.clock.now()
                 # A timeout can hit the post-commit generation hand-off, after
                 # ticks were committed and applied (see the except below).
-                applied_before = [self.scheduler.get_context(batch[i][0].world_id).ticks_processed for i in live]
+                applied_before = [batch[i][0].ctx.ticks_processed for i in live]
 
                 async def attempt() -> Sequence[TickResult | BaseException]:
                     # Each attempt covers the real time up to its own start.
@@ -589,7 +594,7 @@ class SchedulerLoopRunner:
                 except Exception as exc:
                     for i, before in zip(live, applied_before, strict=True):
                         slot = batch[i][0]
-                        if self.scheduler.get_context(slot.world_id).ticks_processed > before:
+                        if slot.ctx.ticks_processed > before:
                             # Committed and applied; only the hand-off was cut
                             # short. Its interval must not be counted twice.
                             slot.last_tick_at = started

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -42,10 +42,13 @@ from scheduler_daemon.simulation.tiers import (
 from scheduler_daemon.store import chains as chain_sql
 from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.leases import Lease, fence_tick
-from scheduler_daemon.store.repository import StaleWorldStateError, Store, WorldRecord
+from scheduler_daemon.store.repository import DueWork, StaleWorldStateError, Store, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
+
+# A tick whose world has no pending request (never mutated).
+_NOTHING_CLAIMED: Final = job_sql.ClaimResult(claimed=[], rejected=[], in_flight=0)
 
 
 class WorldNotRegisteredError(LookupError):
@@ -416,28 +419,39 @@ class WorldScheduler:
                     for p in work
                 ],
             )
+            pending = await self.store.due_work_many(
+                conn, [(p.entry.context.world_id, p.plan.world_time_after) for p in work]
+            )
             if len(work) == 1:
                 # The transaction is the unit of atomicity; an error fails it and is raised.
                 only = work[0]
-                return [await self._run_tick(conn, only, due[only.entry.context.world_id])]
+                wid = only.entry.context.world_id
+                return [await self._run_tick(conn, only, due[wid], pending[wid])]
             try:
                 async with conn.begin_nested():
-                    return [await self._run_tick(conn, p, due[p.entry.context.world_id]) for p in work]
+                    return [
+                        await self._run_tick(conn, p, due[p.entry.context.world_id], pending[p.entry.context.world_id])
+                        for p in work
+                    ]
             except Exception:
                 log.debug("grouped tick failed; retrying each world under its own savepoint", worlds=len(work))
             outcomes: list[TickOutcome | BaseException] = []
             for p in work:
+                wid = p.entry.context.world_id
                 try:
                     async with conn.begin_nested():
-                        outcomes.append(await self._run_tick(conn, p, due[p.entry.context.world_id]))
+                        outcomes.append(await self._run_tick(conn, p, due[wid], pending[wid]))
                 except Exception as exc:
                     outcomes.append(exc)
             return outcomes
 
-    async def _run_tick(self, conn: AsyncConnection, planned: _Planned, due: list[NpcState]) -> TickOutcome:
+    async def _run_tick(
+        self, conn: AsyncConnection, planned: _Planned, due: list[NpcState], pending: DueWork
+    ) -> TickOutcome:
         """The body of one world's tick inside the (grouped) transaction; raises to roll it back.
 
-        ``due`` are the world's due NPCs, already selected for the whole group.
+        ``due`` are the world's due NPCs and ``pending`` whether it has chain
+        steps or generation claims to do, both read for the whole group.
         Every statement here filters by this world's id.
         """
         entry, plan = planned.entry, planned.plan
@@ -465,15 +479,18 @@ class WorldScheduler:
             await self.store.write_decisions(conn, ctx.world_id, decisions)
             # Chains and generation claims commit with the world time they
             # happened at, under the same fence (advance_world_state below).
-            outcome.chain_steps = await self._advance_chains(conn, ctx, now, planned.events)
-            claim = await job_sql.claim_requests(
-                conn,
-                ctx.world_id,
-                now,
-                max_ops=config.max_job_ops_per_step,
-                max_in_flight_per_world=config.generation.max_in_flight_per_world,
-                max_in_flight_per_user=config.generation.max_in_flight_per_user,
-            )
+            if pending.chains:
+                outcome.chain_steps = await self._advance_chains(conn, ctx, now, planned.events)
+            claim = _NOTHING_CLAIMED
+            if pending.requests:
+                claim = await job_sql.claim_requests(
+                    conn,
+                    ctx.world_id,
+                    now,
+                    max_ops=config.max_job_ops_per_step,
+                    max_in_flight_per_world=config.generation.max_in_flight_per_world,
+                    max_in_flight_per_user=config.generation.max_in_flight_per_user,
+                )
             await self.store.advance_world_state(
                 conn,
                 ctx.world_id,

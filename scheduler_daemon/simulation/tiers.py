@@ -281,11 +281,19 @@ def sessions_fingerprint(sessions: Iterable[SessionView]) -> str:
     scheduler recomputes tiers only when the fingerprint changes (plus the NPC
     moves described in :func:`tier_relevant_locations`).
     """
-    parts = [
-        f"{s.id}|{s.location!r}|{sorted(s.scene_npc_ids)}|{sorted(s.involved_npc_ids)}"
-        for s in sorted(sessions, key=lambda s: s.id)
-    ]
-    return hashlib.blake2b("\n".join(parts).encode(), digest_size=12).hexdigest()
+    ordered = sorted(sessions, key=lambda s: s.id)
+    if not ordered:
+        # Most worlds have nobody online; discovery checks every world each pass.
+        return _NO_SESSIONS_FINGERPRINT
+    parts = [f"{s.id}|{s.location!r}|{sorted(s.scene_npc_ids)}|{sorted(s.involved_npc_ids)}" for s in ordered]
+    return _digest("\n".join(parts))
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+_NO_SESSIONS_FINGERPRINT = _digest("")
 
 
 def tier_relevant_locations(sessions: Iterable[SessionView], rules: Iterable[TierRule] = ()) -> frozenset[str]:

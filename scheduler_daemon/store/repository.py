@@ -251,6 +251,33 @@ def _waiting_query() -> sa.CompoundSelect[Any]:
 
 _WAITING_QUERY: Final = _waiting_query()
 
+# Does a world have a chain step due / a request it may claim now? One row per
+# world; EXISTS stops at the first index hit, however long a backlog is.
+_DUE_WORK_BODY = (
+    "SELECT q.world_id, "
+    "EXISTS (SELECT 1 FROM interaction_chains c WHERE c.world_id = q.world_id AND c.status = 'active' "
+    "AND c.next_step_at <= q.now), "
+    "EXISTS (SELECT 1 FROM generation_requests g WHERE g.world_id = q.world_id AND g.status = 'pending' "
+    "AND (g.not_before IS NULL OR g.not_before <= q.now)) "
+)
+_DUE_WORK_PG: Final = sa.text(
+    _DUE_WORK_BODY + "FROM unnest(CAST(:wids AS integer[]), CAST(:nows AS float8[])) AS q(world_id, now)"
+)
+
+
+@functools.cache
+def _due_work_sqlite(worlds: int) -> sa.TextClause:
+    values = ", ".join(f"(:w{i}, :t{i})" for i in range(worlds))
+    return sa.text(f"WITH q(world_id, now) AS (VALUES {values}) " + _DUE_WORK_BODY + "FROM q")
+
+
+@dataclass(frozen=True, slots=True)
+class DueWork:
+    """What a world's tick has to do besides its NPCs (read once per grouped tick)."""
+
+    chains: bool  # an active chain has a step due
+    requests: bool  # a pending generation request may be claimed
+
 
 class Store:
     """Database access for the scheduler (PostgreSQL via psycopg 3, or SQLite)."""
@@ -661,6 +688,28 @@ class Store:
         for row in rows:
             out[row[1]].append(_npc_from_row(row))
         return out
+
+    @staticmethod
+    async def due_work_many(conn: AsyncConnection, requests: Sequence[tuple[int, float]]) -> dict[int, DueWork]:
+        """Per ``(world_id, world_time)``: whether chains or generation claims have anything to do.
+
+        One statement for a whole group, so a tick skips the chain and claim
+        queries of every world with nothing due (most worlds, most ticks).
+        """
+        if not requests:
+            return {}
+        if conn.dialect.name == "postgresql":
+            params: dict[str, Any] = {"wids": [w for w, _ in requests], "nows": [float(t) for _, t in requests]}
+            rows: list[Any] = list((await conn.execute(_DUE_WORK_PG, params)).all())
+        else:
+            rows = []
+            for start in range(0, len(requests), _SQLITE_WORLDS_PER_SELECT):
+                chunk = requests[start : start + _SQLITE_WORLDS_PER_SELECT]
+                params = {}
+                for i, (w, t) in enumerate(chunk):
+                    params[f"w{i}"], params[f"t{i}"] = w, float(t)
+                rows.extend((await conn.execute(_due_work_sqlite(len(chunk)), params)).all())
+        return {int(r[0]): DueWork(chains=bool(r[1]), requests=bool(r[2])) for r in rows}
 
     @staticmethod
     async def oldest_waiting(

@@ -42,7 +42,7 @@ from scheduler_daemon.simulation.tiers import (
 from scheduler_daemon.store import chains as chain_sql
 from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.leases import Lease, fence_tick
-from scheduler_daemon.store.repository import DueWork, StaleWorldStateError, Store, WorldRecord
+from scheduler_daemon.store.repository import DueWork, StaleWorldStateError, Store, WorldAdvance, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
@@ -419,40 +419,77 @@ class WorldScheduler:
                     for p in work
                 ],
             )
-            pending = await self.store.due_work_many(
-                conn, [(p.entry.context.world_id, p.plan.world_time_after) for p in work]
+            full = [
+                (p.entry.context.world_id, p.plan.world_time_after, _tier_counts(due[p.entry.context.world_id]))
+                for p in work
+                if len(due[p.entry.context.world_id]) >= p.entry.context.config.max_npc_ticks_per_step
+            ]
+            reads = _GroupReads(
+                due=due,
+                pending=await self.store.due_work_many(
+                    conn, [(p.entry.context.world_id, p.plan.world_time_after) for p in work]
+                ),
+                # The budget may have left due NPCs waiting: how long the oldest of each tier has waited.
+                waiting=await self.store.oldest_waiting_many(conn, full),
             )
             if len(work) == 1:
                 # The transaction is the unit of atomicity; an error fails it and is raised.
-                only = work[0]
-                wid = only.entry.context.world_id
-                return [await self._run_tick(conn, only, due[wid], pending[wid])]
+                return [await self._run_tick(conn, work[0], reads)]
             try:
                 async with conn.begin_nested():
-                    return [
-                        await self._run_tick(conn, p, due[p.entry.context.world_id], pending[p.entry.context.world_id])
-                        for p in work
-                    ]
+                    return await self._run_group(conn, work, reads)
             except Exception:
                 log.debug("grouped tick failed; retrying each world under its own savepoint", worlds=len(work))
             outcomes: list[TickOutcome | BaseException] = []
             for p in work:
-                wid = p.entry.context.world_id
                 try:
                     async with conn.begin_nested():
-                        outcomes.append(await self._run_tick(conn, p, due[wid], pending[wid]))
+                        outcomes.append(await self._run_tick(conn, p, reads))
                 except Exception as exc:
                     outcomes.append(exc)
             return outcomes
 
-    async def _run_tick(
-        self, conn: AsyncConnection, planned: _Planned, due: list[NpcState], pending: DueWork
-    ) -> TickOutcome:
-        """The body of one world's tick inside the (grouped) transaction; raises to roll it back.
+    async def _run_tick(self, conn: AsyncConnection, planned: _Planned, reads: _GroupReads) -> TickOutcome:
+        """One world's whole tick inside the transaction: body, then its own writes; raises to roll back."""
+        body = await self._tick_body(conn, planned, reads)
+        await self.store.write_decisions(conn, planned.entry.context.world_id, body.decisions)
+        await self.store.advance_world_states(conn, [self._advance(planned)])
+        return self._finish_body(planned, body)
 
-        ``due`` are the world's due NPCs and ``pending`` whether it has chain
-        steps or generation claims to do, both read for the whole group.
-        Every statement here filters by this world's id.
+    async def _run_group(
+        self, conn: AsyncConnection, work: list[_Planned], reads: _GroupReads
+    ) -> list[TickOutcome | BaseException]:
+        """Every world's body, then all NPC writes and all clock moves as one statement each.
+
+        Runs under the group's optimistic savepoint: any failure (including
+        one world's stale or fenced-off state row) raises, and the caller
+        re-runs each world alone under its own savepoint to isolate it.
+        """
+        bodies = [await self._tick_body(conn, p, reads) for p in work]
+        await self.store.write_decisions_many(
+            conn, [(p.entry.context.world_id, b.decisions) for p, b in zip(work, bodies, strict=True)]
+        )
+        await self.store.advance_world_states(conn, [self._advance(p) for p in work])
+        return [self._finish_body(p, b) for p, b in zip(work, bodies, strict=True)]
+
+    @staticmethod
+    def _advance(planned: _Planned) -> WorldAdvance:
+        """The fenced clock move of one world's tick."""
+        ctx = planned.entry.context
+        return WorldAdvance(
+            world_id=ctx.world_id,
+            world_time=planned.plan.world_time_after,
+            expected_ticks=ctx.ticks_processed,
+            advanced_at=planned.wall_at_start,
+            lease=planned.entry.lease,
+        )
+
+    async def _tick_body(self, conn: AsyncConnection, planned: _Planned, reads: _GroupReads) -> _Body:
+        """A world's tick up to its NPC and clock writes, inside the (grouped) transaction.
+
+        Its due NPCs, whether it has chain steps or generation claims to do,
+        and how long NPCs left waiting have waited were read for the whole
+        group (``reads``). Every statement here filters by this world's id.
         """
         entry, plan = planned.entry, planned.plan
         ctx = entry.context
@@ -460,25 +497,21 @@ class WorldScheduler:
         planned.events.clear()  # from a rolled-back run of this body
         config = ctx.config
         now = plan.world_time_after
-        budget = config.max_npc_ticks_per_step
+        due = reads.due[ctx.world_id]
+        pending = reads.pending[ctx.world_id]
         with structlog.contextvars.bound_contextvars(world_id=ctx.world_id):  # on every log line of this body
             if entry.lease is not None:
                 # Lock the state row under our lease before any write, so a lost
                 # lease writes nothing and no claim can slip in before COMMIT.
                 await fence_tick(conn, entry.lease)
             _count_tiers(due, now, outcome)
-            if len(due) >= budget:
-                # The budget may have left due NPCs waiting: measure how long
-                # the oldest of each tier has waited (only needed when full).
-                waiting = await self.store.oldest_waiting(conn, ctx.world_id, now, outcome.npcs_per_tier)
-                for tier, next_at in waiting.items():
-                    lag = now - next_at
-                    outcome.waiting_lag_per_tier[tier] = lag
-                    outcome.decision_lag_per_tier[tier] = max(lag, outcome.decision_lag_per_tier.get(tier, lag))
+            for tier, next_at in reads.waiting.get(ctx.world_id, {}).items():
+                lag = now - next_at
+                outcome.waiting_lag_per_tier[tier] = lag
+                outcome.decision_lag_per_tier[tier] = max(lag, outcome.decision_lag_per_tier.get(tier, lag))
             decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
-            await self.store.write_decisions(conn, ctx.world_id, decisions)
             # Chains and generation claims commit with the world time they
-            # happened at, under the same fence (advance_world_state below).
+            # happened at, under the same fence (the clock move after them).
             if pending.chains:
                 outcome.chain_steps = await self._advance_chains(conn, ctx, now, planned.events)
             claim = _NOTHING_CLAIMED
@@ -491,14 +524,13 @@ class WorldScheduler:
                     max_in_flight_per_world=config.generation.max_in_flight_per_world,
                     max_in_flight_per_user=config.generation.max_in_flight_per_user,
                 )
-            await self.store.advance_world_state(
-                conn,
-                ctx.world_id,
-                world_time=now,
-                expected_ticks=ctx.ticks_processed,
-                advanced_at=planned.wall_at_start,
-                lease=entry.lease,
-            )
+        return _Body(outcome, due, decisions, claim)
+
+    def _finish_body(self, planned: _Planned, body: _Body) -> TickOutcome:
+        """After the world's writes (still inside the transaction): its outcome and log events."""
+        ctx = planned.entry.context
+        outcome, due, decisions, claim = body.outcome, body.due, body.decisions, body.claim
+        now = planned.plan.world_time_after
         outcome.npcs_simulated = len(decisions)
         outcome.jobs_enqueued = len(claim.claimed)
         if claim.rejected:
@@ -522,7 +554,7 @@ class WorldScheduler:
             )
         _track_changes(due, decisions, ctx.tier_relevant_locations, outcome)
         # Set on every (re-)run of the body; reset by tick_worlds if the world fails after all.
-        entry.last_committed = (
+        planned.entry.last_committed = (
             CommittedTick(ctx.world_id, now, due, decisions, dict(outcome.decision_lag_per_tier))
             if self.on_commit is not None
             else None
@@ -733,6 +765,32 @@ class _Planned:
     # Log events of the tick body, emitted by _apply only once it committed
     # (the body may be rolled back and re-run): (level, event, fields).
     events: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Body:
+    """A world's tick body before its NPC and clock writes."""
+
+    outcome: TickOutcome
+    due: list[NpcState]
+    decisions: list[NpcDecision]
+    claim: job_sql.ClaimResult
+
+
+@dataclass(frozen=True, slots=True)
+class _GroupReads:
+    """What a grouped tick reads once for all its worlds, before their bodies (by world id)."""
+
+    due: Mapping[int, list[NpcState]]  # due NPCs, in decision order
+    pending: Mapping[int, DueWork]  # chain steps / generation claims to do
+    waiting: Mapping[int, Mapping[Tier, float]]  # worlds with a full budget: oldest left waiting per tier
+
+
+def _tier_counts(due: Sequence[NpcState]) -> dict[Tier, int]:
+    counts: dict[Tier, int] = {}
+    for npc in due:
+        counts[npc.tier] = counts.get(npc.tier, 0) + 1
+    return counts
 
 
 def _describe(exc: BaseException) -> str:

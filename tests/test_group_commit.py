@@ -11,7 +11,7 @@ from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.repository import StaleWorldStateError, Store
 from tests.helpers import drop_trigger, install_failing_trigger, make_world, npc_rows, world_state
 
 
@@ -55,6 +55,29 @@ async def test_failing_world_rolls_back_alone_and_its_neighbours_commit(store: S
     # It recovers on its own next tick, covering the elapsed time.
     (again,) = await sched.tick_worlds([(bad, 2.0)])
     assert isinstance(again, TickResult) and again.world_time_after == pytest.approx(120.0)
+
+
+async def test_world_whose_state_moved_underneath_is_refused_alone_in_its_group(store: Store) -> None:
+    """The group's clock moves are one statement; a stale row must still fail only its own world."""
+    worlds = [
+        (await make_world(store, name=n, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 3}))[0]
+        for n in ("a", "stale", "b")
+    ]
+    a, stale, b = worlds
+    sched = WorldScheduler(store)
+    for w in worlds:
+        await sched.register_world(w)
+    stale_rows = await npc_rows(store, stale)
+    async with store.transaction() as conn:  # another writer moved the stale world's counter
+        await conn.execute(text("UPDATE world_states SET ticks = ticks + 1 WHERE world_id = :w"), {"w": stale})
+    answers = await sched.tick_worlds([(w, 1.0) for w in worlds])
+    assert isinstance(answers[0], TickResult) and isinstance(answers[2], TickResult)
+    assert isinstance(answers[1], StaleWorldStateError) and f"world {stale}" in str(answers[1])
+    for w in (a, b):
+        assert await world_state(store, w) == (pytest.approx(60.0), 1)
+        assert all(r[3] == 1 for r in await npc_rows(store, w))
+    assert await world_state(store, stale) == (0.0, 1)  # only the other writer's change
+    assert await npc_rows(store, stale) == stale_rows
 
 
 async def test_failure_of_the_shared_commit_fails_every_world_and_applies_nothing(store: Store) -> None:

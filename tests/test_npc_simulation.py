@@ -291,7 +291,10 @@ async def test_selection_sql_mirrors_select_due_on_random_populations(store: Sto
             for n in got:
                 selected[n.tier] = selected.get(n.tier, 0) + 1
             waiting = await store.oldest_waiting(conn, world_id, now, selected)
+            # The grouped form (one statement for a tick's whole group) agrees world by world.
+            many = await store.oldest_waiting_many(conn, [(other, now, {}), (world_id, now, selected)])
         assert [n.id for n in got] == expected
+        assert many == {world_id: waiting, other: {Tier.DETAILED: -100.0}}
         # The oldest NPC each tier leaves waiting, by the same model.
         for tier in SIMULATED_TIERS:
             left = [

@@ -170,7 +170,7 @@ async def test_last_advanced_at_is_the_ticks_start_not_its_commit(store: Store) 
     async with store.transaction() as conn:  # writing the tick's NPC decision takes >= 0.3 s
         if store.dialect == "sqlite":
             await conn.execute(
-                text("CREATE TRIGGER slow BEFORE UPDATE ON npcs BEGIN SELECT length(hex(randomblob(8000000))); END")
+                text("CREATE TRIGGER slow BEFORE UPDATE ON npcs BEGIN SELECT length(hex(randomblob(30000000))); END")
             )
         else:
             await conn.execute(

@@ -251,6 +251,24 @@ def _waiting_query() -> sa.CompoundSelect[Any]:
 
 _WAITING_QUERY: Final = _waiting_query()
 
+
+def _waiting_many_pg() -> sa.TextClause:
+    per_tier = " UNION ALL ".join(
+        f"(SELECT {int(t)} AS tier, next_decision_at FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
+        f"AND next_decision_at <= q.now ORDER BY next_decision_at, id LIMIT 1 OFFSET q.skip{int(t)})"
+        for t in SIMULATED_TIERS
+    )
+    skips = ", ".join(f"CAST(:skip{int(t)} AS integer[])" for t in SIMULATED_TIERS)
+    columns = ", ".join(f"skip{int(t)}" for t in SIMULATED_TIERS)
+    return sa.text(
+        f"SELECT q.world_id, w.tier, w.next_decision_at FROM unnest(CAST(:wids AS integer[]), "
+        f"CAST(:nows AS float8[]), {skips}) AS q(world_id, now, {columns}) CROSS JOIN LATERAL ({per_tier}) AS w"
+    )
+
+
+# Several worlds' oldest_waiting in one statement (PostgreSQL).
+_WAITING_MANY_PG: Final = _waiting_many_pg()
+
 # Does a world have a chain step due / a request it may claim now? One row per
 # world; EXISTS stops at the first index hit, however long a backlog is.
 _DUE_WORK_BODY = (
@@ -269,6 +287,40 @@ _DUE_WORK_PG: Final = sa.text(
 def _due_work_sqlite(worlds: int) -> sa.TextClause:
     values = ", ".join(f"(:w{i}, :t{i})" for i in range(worlds))
     return sa.text(f"WITH q(world_id, now) AS (VALUES {values}) " + _DUE_WORK_BODY + "FROM q")
+
+
+# Several worlds' clock moves in one statement (PostgreSQL), each fenced like
+# _ADVANCE_WORLD_STATE(_LEASED); RETURNING says which rows moved.
+_ADVANCE_MANY_PG: Final = sa.text(
+    "UPDATE world_states AS ws SET world_time = d.t, ticks = ws.ticks + 1, last_advanced_at = d.at "
+    "FROM unnest(CAST(:wids AS integer[]), CAST(:expected AS bigint[]), CAST(:ts AS float8[]), "
+    "CAST(:ats AS timestamptz[]), CAST(:owners AS text[]), CAST(:epochs AS bigint[])) "
+    "AS d(w, expected, t, at, owner, epoch) "
+    "WHERE ws.world_id = d.w AND ws.ticks = d.expected "
+    "AND (d.owner IS NULL OR (ws.lease_owner = d.owner AND ws.lease_epoch = d.epoch)) "
+    "RETURNING ws.world_id"
+)
+
+# All decisions of a group in one UPDATE (PostgreSQL); see _WRITE_DECISIONS_PG.
+_WRITE_DECISIONS_MANY_PG: Final = sa.text(
+    "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "
+    "location = d.location, energy = d.energy, mood_valence = d.valence, mood_arousal = d.arousal, "
+    "last_decision_at = d.decided, decisions = npcs.decisions + 1, state = COALESCE(d.state, npcs.state) "
+    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS d(w integer, id integer, next float8, activity text, "
+    "started float8, location text, energy float8, valence float8, arousal float8, decided float8, state jsonb) "
+    "WHERE npcs.id = d.id AND npcs.world_id = d.w"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorldAdvance:
+    """One world's fenced clock move at the end of its tick."""
+
+    world_id: int
+    world_time: float
+    expected_ticks: int  # the tick counter the tick was planned from
+    advanced_at: datetime  # wall time the new world time corresponds to
+    lease: Lease | None = None  # also fenced on owner + epoch (several daemons)
 
 
 @dataclass(frozen=True, slots=True)
@@ -727,6 +779,24 @@ class Store:
         return {Tier(r[0]): float(r[1]) for r in (await conn.execute(_WAITING_QUERY, params)).all()}
 
     @staticmethod
+    async def oldest_waiting_many(
+        conn: AsyncConnection, requests: Sequence[tuple[int, float, Mapping[Tier, int]]]
+    ) -> dict[int, dict[Tier, float]]:
+        """:meth:`oldest_waiting` for several ``(world_id, world_time, selected)``: one statement on PostgreSQL."""
+        out: dict[int, dict[Tier, float]] = {world_id: {} for world_id, _, _ in requests}
+        if not requests:
+            return out
+        if conn.dialect.name != "postgresql":
+            for world_id, world_time, selected in requests:
+                out[world_id] = await Store.oldest_waiting(conn, world_id, world_time, selected)
+            return out
+        params: dict[str, Any] = {"wids": [w for w, _, _ in requests], "nows": [float(t) for _, t, _ in requests]}
+        params.update({f"skip{int(t)}": [sel.get(t, 0) for _, _, sel in requests] for t in SIMULATED_TIERS})
+        for world_id, tier, next_at in (await conn.execute(_WAITING_MANY_PG, params)).all():
+            out[int(world_id)][Tier(tier)] = float(next_at)
+        return out
+
+    @staticmethod
     async def write_decisions(conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None:
         """Write decided NPC columns back (``world_id`` in every WHERE).
 
@@ -773,6 +843,67 @@ class Store:
                 for d in decisions
             ],
         )
+
+    @staticmethod
+    async def write_decisions_many(conn: AsyncConnection, batches: Sequence[tuple[int, Sequence[NpcDecision]]]) -> None:
+        """:meth:`write_decisions` for several worlds: one statement on PostgreSQL."""
+        if conn.dialect.name != "postgresql":
+            for world_id, decisions in batches:
+                await Store.write_decisions(conn, world_id, decisions)
+            return
+        rows = [
+            {
+                "w": world_id,
+                "id": d.npc_id,
+                "next": d.next_decision_at,
+                "activity": d.current_activity,
+                "started": d.activity_started_at,
+                "location": d.location,
+                "energy": d.energy,
+                "valence": d.mood_valence,
+                "arousal": d.mood_arousal,
+                "decided": d.decided_at,
+                "state": d.state,
+            }
+            for world_id, decisions in batches
+            for d in decisions
+        ]
+        if rows:
+            # allow_nan=False: a non-finite value from a plug-in decide fails the group with a clear error.
+            await conn.execute(_WRITE_DECISIONS_MANY_PG, {"rows": json.dumps(rows, allow_nan=False)})
+
+    @staticmethod
+    async def advance_world_states(conn: AsyncConnection, advances: Sequence[WorldAdvance]) -> None:
+        """:meth:`advance_world_state` for several worlds: one statement on PostgreSQL.
+
+        Raises :class:`StaleWorldStateError` naming every world whose row did
+        not move (the caller rolls the group back and isolates them).
+        """
+        if len(advances) == 1 or conn.dialect.name != "postgresql":
+            for a in advances:
+                await Store.advance_world_state(
+                    conn,
+                    a.world_id,
+                    world_time=a.world_time,
+                    expected_ticks=a.expected_ticks,
+                    advanced_at=a.advanced_at,
+                    lease=a.lease,
+                )
+            return
+        params = {
+            "wids": [a.world_id for a in advances],
+            "expected": [a.expected_ticks for a in advances],
+            "ts": [float(a.world_time) for a in advances],
+            "ats": [a.advanced_at for a in advances],
+            "owners": [a.lease.owner if a.lease is not None else None for a in advances],
+            "epochs": [a.lease.epoch if a.lease is not None else None for a in advances],
+        }
+        moved = {int(r[0]) for r in (await conn.execute(_ADVANCE_MANY_PG, params)).all()}
+        stale = [a.world_id for a in advances if a.world_id not in moved]
+        if stale:
+            raise StaleWorldStateError(
+                f"worlds {stale}: state row not at the planned tick (or lease lost); refusing to apply their ticks"
+            )
 
     @staticmethod
     async def advance_world_state(

@@ -21,7 +21,7 @@ from scheduler_daemon.simulation.behavior import (
     BehaviorContentError,
     active_slot,
     decide,
-    decision_seed,
+    decision_draws,
     integrate_effects,
     load_decide_fn,
     parse_behavior,
@@ -336,13 +336,18 @@ def test_weights_shape_the_choice() -> None:
     assert counts["a"] > 3 * counts["b"]
 
 
-def test_decision_seed_is_stable_and_input_sensitive() -> None:
-    assert decision_seed(1, 2, 3.5) == decision_seed(1, 2, 3.5)
-    assert decision_seed(1, 2, 0.0) == decision_seed(1, 2, -0.0)
-    assert decision_seed(1, 2, 3) == decision_seed(1, 2, 3.0)
-    seeds = {decision_seed(w, n, t) for w in (1, 2) for n in (1, 2) for t in (0.0, 1.0, 1e-9)}
-    assert len(seeds) == 12
-    assert decision_seed(12, 3, 0.0) != decision_seed(1, 23, 0.0)  # no digit-gluing collisions
+def test_decision_draws_are_stable_uniform_and_input_sensitive() -> None:
+    assert decision_draws(1, 2, 3.5) == decision_draws(1, 2, 3.5)
+    assert decision_draws(1, 2, 0.0) == decision_draws(1, 2, -0.0)
+    assert decision_draws(1, 2, 3) == decision_draws(1, 2, 3.0)
+    draws = {decision_draws(w, n, t) for w in (1, 2) for n in (1, 2) for t in (0.0, 1.0, 1e-9)}
+    assert len(draws) == 12
+    assert decision_draws(12, 3, 0.0) != decision_draws(1, 23, 0.0)  # no digit-gluing collisions
+    values = [u for n in range(2000) for u in decision_draws(7, n, 60.0)]
+    assert all(0.0 <= u < 1.0 for u in values)
+    # Roughly uniform: each tenth of [0, 1) gets its share (6,000 draws, ±25 %).
+    tenths = Counter(int(u * 10) for u in values)
+    assert all(450 <= tenths[i] <= 750 for i in range(10)), tenths
 
 
 COOLING: dict[str, dict[str, Any]] = {

@@ -237,7 +237,7 @@ async def run_daemon(url: str, world_ids: list[int], warmup: float, seconds: flo
                     counter.decisions += result.npcs_simulated
                 else:
                     counter.failed += 1
-                counter.lags.append(lag)
+                counter.lags.append(abs(lag))  # early (coalesced) counts like late
 
         def ticks_missed(self, world_id: int, slots: int) -> None:
             if counter.measuring:

@@ -18,7 +18,10 @@ database alone, what the daemon may never do:
   taken at, the decision counter steps by one, decision times strictly
   increase, and no NPC is skipped at a tick where it was due and the budget
   had room (the history is gap-free);
-* other worlds kept their tick rate while something else was failing.
+* other worlds kept their tick rate while something else was failing;
+* no generation request is lost or handed out twice concurrently
+  (:func:`check_generation`, over an audit of every status/hand-off change
+  and the deliveries the fault sink recorded).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from tests.faults.harness import FaultDatabase
 
@@ -66,6 +70,61 @@ _PG_DDL = [
         EXECUTE FUNCTION audit_npc_decisions_fn()""",
 ]
 
+_GEN_COLS = "request_id, world_id, op, old_status, new_status, old_handed_off, new_handed_off, attempts, at"
+
+_PG_GEN_DDL = [
+    """CREATE TABLE audit_generation (
+        seq bigserial PRIMARY KEY, request_id bigint, world_id integer, op text, old_status text, new_status text,
+        old_handed_off boolean, new_handed_off boolean, attempts integer, at double precision)""",
+    # clock_timestamp(): the moment of the statement (the sink's records are compared with it).
+    f"""CREATE FUNCTION audit_generation_fn() RETURNS trigger AS $$
+        DECLARE at double precision := extract(epoch FROM clock_timestamp());
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO audit_generation ({_GEN_COLS})
+                VALUES (NEW.id, NEW.world_id, 'INSERT', NULL, NEW.status, NULL, NEW.handed_off, NEW.attempts, at);
+            ELSIF TG_OP = 'DELETE' THEN
+                INSERT INTO audit_generation ({_GEN_COLS})
+                VALUES (OLD.id, OLD.world_id, 'DELETE', OLD.status, NULL, OLD.handed_off, NULL, OLD.attempts, at);
+            ELSIF OLD.status IS DISTINCT FROM NEW.status OR OLD.handed_off IS DISTINCT FROM NEW.handed_off THEN
+                INSERT INTO audit_generation ({_GEN_COLS})
+                VALUES (NEW.id, NEW.world_id, 'UPDATE', OLD.status, NEW.status, OLD.handed_off, NEW.handed_off,
+                        NEW.attempts, at);
+            END IF;
+            RETURN NULL;
+        END $$ LANGUAGE plpgsql""",
+    """CREATE TRIGGER audit_generation AFTER INSERT OR UPDATE OR DELETE ON generation_requests
+        FOR EACH ROW EXECUTE FUNCTION audit_generation_fn()""",
+]
+
+# SQLite's clock has millisecond resolution: the checker allows for it.
+_SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
+_SQLITE_GEN_DDL = [
+    """CREATE TABLE audit_generation (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id INTEGER, world_id INTEGER, op TEXT, old_status TEXT,
+        new_status TEXT, old_handed_off INTEGER, new_handed_off INTEGER, attempts INTEGER, at REAL)""",
+    f"""CREATE TRIGGER audit_generation_insert AFTER INSERT ON generation_requests
+        BEGIN
+            INSERT INTO audit_generation ({_GEN_COLS})
+            VALUES (NEW.id, NEW.world_id, 'INSERT', NULL, NEW.status, NULL, NEW.handed_off, NEW.attempts,
+                    {_SQLITE_NOW});
+        END""",
+    f"""CREATE TRIGGER audit_generation_update AFTER UPDATE ON generation_requests
+        WHEN OLD.status IS NOT NEW.status OR OLD.handed_off IS NOT NEW.handed_off
+        BEGIN
+            INSERT INTO audit_generation ({_GEN_COLS})
+            VALUES (NEW.id, NEW.world_id, 'UPDATE', OLD.status, NEW.status, OLD.handed_off, NEW.handed_off,
+                    NEW.attempts, {_SQLITE_NOW});
+        END""",
+    f"""CREATE TRIGGER audit_generation_delete AFTER DELETE ON generation_requests
+        BEGIN
+            INSERT INTO audit_generation ({_GEN_COLS})
+            VALUES (OLD.id, OLD.world_id, 'DELETE', OLD.status, NULL, OLD.handed_off, NULL, OLD.attempts,
+                    {_SQLITE_NOW});
+        END""",
+]
+
 _SQLITE_DDL = [
     """CREATE TABLE audit_world_ticks (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, world_id INTEGER, old_time REAL, new_time REAL,
@@ -92,7 +151,7 @@ _SQLITE_DDL = [
 def install_audit(db: FaultDatabase) -> None:
     """Create the audit tables and triggers (test-only objects, not part of the schema)."""
     with db.engine.begin() as conn:
-        for ddl in _PG_DDL if db.backend == "postgres" else _SQLITE_DDL:
+        for ddl in [*_PG_DDL, *_PG_GEN_DDL] if db.backend == "postgres" else [*_SQLITE_DDL, *_SQLITE_GEN_DDL]:
             conn.exec_driver_sql(ddl)
 
 
@@ -394,3 +453,179 @@ def check_rate(
                 f"{end:%H:%M:%S.%f} (allowed {max_gap_seconds} s) while another world was failing"
             )
     return gaps
+
+
+# ------------------------------------------------------ generation requests
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One call of the fault sink (``tests.faults.plugins:recording_sink``)."""
+
+    request_id: int
+    pid: int
+    at: float  # Unix time of the call
+
+
+def read_deliveries(path: Path) -> list[Delivery]:
+    """Every delivery the sink recorded in ``path`` (one ``<id> <pid> <unix time>`` line each)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        request_id, pid, at = line.split()
+        out.append(Delivery(int(request_id), int(pid), float(at)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationChange:
+    seq: int
+    request_id: int
+    world_id: int
+    op: str
+    old_status: str | None
+    new_status: str | None
+    old_handed_off: bool | None
+    new_handed_off: bool | None
+    at: float
+
+
+def read_generation_changes(db: FaultDatabase) -> list[GenerationChange]:
+    rows = db.execute(f"SELECT seq, {_GEN_COLS} FROM audit_generation ORDER BY seq")
+    return [
+        GenerationChange(
+            int(r[0]),
+            int(r[1]),
+            int(r[2]),
+            str(r[3]),
+            r[4],
+            r[5],
+            None if r[6] is None else bool(r[6]),
+            None if r[7] is None else bool(r[7]),
+            float(r[9]),
+        )
+        for r in rows
+    ]
+
+
+@dataclass
+class _Claim:
+    """One claim of a request: ``enqueued`` from ``pending`` until handed off or moved on."""
+
+    start: float
+    acked: float | None = None
+    ended: float | None = None
+    deliveries: list[Delivery] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GenerationFigures:
+    requests: int
+    claims: int
+    deliveries: int
+    redeliveries: int  # at-least-once: deliveries beyond the first of a claim (after a crash)
+
+
+def check_generation(
+    db: FaultDatabase,
+    report: AuditReport,
+    sink_file: Path,
+    *,
+    processes: Mapping[int, tuple[datetime | None, datetime | None]],
+    interrupted: Iterable[tuple[int, datetime]] = (),
+    settled: bool = True,
+    tolerance_seconds: float = 0.005,
+) -> GenerationFigures:
+    """No generation request lost or handed out twice concurrently; violations go to ``report``.
+
+    ``processes`` maps each daemon's pid to its (start, stop) wall times. A
+    request is handed out at least once per claim (a claim that the database
+    marks handed off must have reached the sink), never before it was
+    claimed or after its hand-off was confirmed, and again only once the
+    previous hand-off of the same claim ended unconfirmed: its daemon logged
+    the hand-off (or the tick around it) as interrupted in between
+    (``interrupted``: ``(world_id, when)`` of those log lines), or its
+    daemon is gone (the crash between hand-off and bookkeeping that the
+    outbox tolerates). ``settled``: the test waited for the outbox to drain,
+    so no request may still be pending or waiting in it.
+    ``tolerance_seconds`` covers SQLite's millisecond clock.
+    """
+    tol = tolerance_seconds
+    claims: dict[int, list[_Claim]] = defaultdict(list)
+    inserted: set[int] = set()
+    world_of: dict[int, int] = {}
+    breaks: dict[int, list[float]] = defaultdict(list)
+    for world_id, when in interrupted:
+        breaks[world_id].append(when.timestamp())
+    for c in read_generation_changes(db):
+        where = f"generation request {c.request_id} (audit seq {c.seq})"
+        world_of[c.request_id] = c.world_id
+        if c.op == "INSERT":
+            inserted.add(c.request_id)
+        elif c.op == "DELETE":
+            report.add(f"{where}: deleted while {c.old_status}: the request was lost")
+        else:
+            history = claims[c.request_id]
+            open_claim = history[-1] if history and history[-1].ended is None else None
+            if c.new_status == "enqueued" and c.old_status != "enqueued":
+                if c.old_status != "pending":
+                    report.add(f"{where}: claimed from {c.old_status}, not pending")
+                history.append(_Claim(c.at))
+            elif c.old_status == "enqueued" and open_claim is not None:
+                open_claim.ended = c.at
+            if c.new_handed_off and not c.old_handed_off:
+                if open_claim is None or c.new_status != "enqueued":
+                    report.add(f"{where}: marked handed off while {c.new_status} without an open claim")
+                else:
+                    open_claim.acked = c.at
+    deliveries = read_deliveries(sink_file)
+    for d in deliveries:
+        where = f"generation request {d.request_id} handed out by pid {d.pid} at {d.at:.6f}"
+        started = [k for k in claims.get(d.request_id, []) if k.start <= d.at + tol]
+        if not started:
+            report.add(f"{where}: before it was claimed")
+            continue
+        claim = started[-1]
+        if claim.acked is not None and d.at > claim.acked + tol:
+            report.add(f"{where}: after its hand-off was confirmed at {claim.acked:.6f} (handed out twice)")
+        elif claim.ended is not None and d.at > claim.ended + tol:
+            report.add(f"{where}: after it left the outbox at {claim.ended:.6f}")
+        claim.deliveries.append(d)
+    redeliveries = 0
+    for request_id, history in claims.items():
+        for n, claim in enumerate(history):
+            where = f"generation request {request_id} claim {n + 1}"
+            if claim.acked is not None and not claim.deliveries:
+                report.add(f"{where}: marked handed off but the sink never received it (lost)")
+            redeliveries += max(len(claim.deliveries) - 1, 0)
+            for a, b in itertools.pairwise(sorted(claim.deliveries, key=lambda d: d.at)):
+                if a.pid == b.pid:
+                    if not any(a.at - tol <= t <= b.at + tol for t in breaks.get(world_of[request_id], [])):
+                        report.add(
+                            f"{where}: handed out again by pid {a.pid} at {b.at:.6f} although its hand-off at "
+                            f"{a.at:.6f} was never interrupted (handed out twice concurrently)"
+                        )
+                    continue
+                stopped = processes.get(a.pid, (None, None))[1]
+                if stopped is None or stopped.timestamp() > b.at + tol:
+                    report.add(
+                        f"{where}: handed out by pid {b.pid} at {b.at:.6f} while pid {a.pid}, which handed it out "
+                        f"at {a.at:.6f}, was still running (handed out twice concurrently)"
+                    )
+    final = {
+        int(r[0]): (str(r[1]), bool(r[2])) for r in db.execute("SELECT id, status, handed_off FROM generation_requests")
+    }
+    for request_id in sorted(inserted - final.keys()):
+        report.add(f"generation request {request_id}: created but gone (lost)")
+    if settled:
+        for request_id, (status, handed_off) in sorted(final.items()):
+            if status == "pending" or (status == "enqueued" and not handed_off):
+                report.add(
+                    f"generation request {request_id}: still {status}{'' if handed_off else ', not handed off'} "
+                    "after the daemon recovered (lost in the outbox)"
+                )
+    return GenerationFigures(
+        requests=len(final),
+        claims=sum(len(h) for h in claims.values()),
+        deliveries=len(deliveries),
+        redeliveries=redeliveries,
+    )

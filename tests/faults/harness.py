@@ -31,6 +31,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
+from scheduler_daemon.jobs import create_request
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
 from tests.helpers import add_npcs_in_tiers, tier_capacities_for
@@ -39,6 +40,9 @@ ROOT = Path(__file__).resolve().parents[2]
 APPLICATION_NAME = "scheduler-daemon"  # set by store/database.py on every PostgreSQL session
 
 T = TypeVar("T")
+
+#: Log events after which the daemon may hand a world's claimed requests out again.
+HANDOFF_INTERRUPTIONS = frozenset({"generation hand-off interrupted; requests stay in the outbox", "tick timed out"})
 
 
 # --------------------------------------------------------------------- profile
@@ -55,11 +59,21 @@ class Profile:
     connection_kills: int
     outage_seconds: float
     soak_minutes: float
+    schemathesis_examples: int
 
 
 _PROFILES = {
-    "ci": Profile("ci", sigkill_iterations=8, connection_kills=8, outage_seconds=10.0, soak_minutes=0.0),
-    "soak": Profile("soak", sigkill_iterations=20, connection_kills=40, outage_seconds=30.0, soak_minutes=30.0),
+    "ci": Profile(
+        "ci", sigkill_iterations=8, connection_kills=8, outage_seconds=10.0, soak_minutes=0.0, schemathesis_examples=10
+    ),
+    "soak": Profile(
+        "soak",
+        sigkill_iterations=20,
+        connection_kills=40,
+        outage_seconds=30.0,
+        soak_minutes=30.0,
+        schemathesis_examples=200,
+    ),
 }
 
 
@@ -71,6 +85,7 @@ def profile() -> Profile:
         ("connection_kills", int),
         ("outage_seconds", float),
         ("soak_minutes", float),
+        ("schemathesis_examples", int),
     ):
         raw = os.environ.get(f"SCHEDULER_FAULTS_{name.upper()}")
         if raw:
@@ -217,9 +232,44 @@ def seed_worlds(
     return list(db.run(seed))
 
 
+def seed_requests(db: FaultDatabase, worlds: list[int], per_world: int, *, kind: str = "fault") -> list[int]:
+    """``per_world`` pending generation requests in each world, for its first session's user."""
+
+    async def seed(store: Store) -> list[int]:
+        ids = []
+        for world_id in worlds:
+            session_id = int(db.execute("SELECT min(id) FROM sessions WHERE world_id = :w", {"w": world_id})[0][0])
+            for i in range(per_world):
+                ids.append(await create_request(store, world_id, session_id, kind, {"n": i}))
+        return ids
+
+    return list(db.run(seed))
+
+
+def requests_settled(db: FaultDatabase) -> bool:
+    """Every generation request is claimed and handed off (nothing pending, nothing left in the outbox)."""
+    rows = db.execute(
+        "SELECT count(*) FROM generation_requests WHERE status = 'pending' OR (status = 'enqueued' AND NOT handed_off)"
+    )
+    return int(rows[0][0]) == 0
+
+
 # ------------------------------------------------------------------ daemon
-def write_config(path: Path, *, scheduler: Mapping[str, Any] | None = None, extra: str = "") -> Path:
-    """A daemon config file: JSON logs, no HTTP, fast discovery, the fault plug-in."""
+def write_config(
+    path: Path,
+    *,
+    scheduler: Mapping[str, Any] | None = None,
+    extra: str = "",
+    http: Mapping[str, Any] | None = None,
+    recording_sink: bool = False,
+) -> Path:
+    """A daemon config file: JSON logs, fast discovery, the fault plug-in.
+
+    HTTP is off unless ``http`` gives its settings (e.g. ``{"port": 0}``; the
+    bound port is in the ``http server listening`` log line, see
+    :meth:`DaemonProcess.http_port`). ``recording_sink`` hands generation
+    requests to ``tests.faults.plugins:recording_sink`` (``$FAULT_SINK_FILE``).
+    """
     sched = {
         "discovery_interval_seconds": 0.5,
         "tick_timeout_seconds": 2.0,
@@ -235,9 +285,11 @@ def write_config(path: Path, *, scheduler: Mapping[str, Any] | None = None, extr
         f'level = "{os.environ.get("SCHEDULER_FAULTS_LOG_LEVEL", "INFO")}"',
         "",
         "[http]",
-        "enabled = false",
-        "",
     ]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in http.items()] if http is not None else ["enabled = false"]
+    lines.append("")
+    if recording_sink:
+        lines += ["[generation]", 'sink = "tests.faults.plugins:recording_sink"', ""]
     path.write_text("\n".join(lines) + extra, encoding="utf-8")
     return path
 
@@ -320,6 +372,23 @@ class DaemonProcess:
 
     def events(self, event: str) -> list[dict[str, Any]]:
         return [line for line in self.log_lines() if line.get("event") == event]
+
+    def handoffs_interrupted(self) -> list[tuple[int, datetime]]:
+        """``(world_id, when)`` of every generation hand-off (or tick around it) cut short.
+
+        A request of such a world may be handed out again (at least once):
+        the bookkeeping of its earlier hand-off did not commit.
+        """
+        return [
+            (int(line["world_id"]), datetime.fromisoformat(str(line["timestamp"])))
+            for line in self.log_lines()
+            if line.get("event") in HANDOFF_INTERRUPTIONS and "world_id" in line and "timestamp" in line
+        ]
+
+    def http_port(self, timeout: float = 60.0) -> int:
+        """The port the daemon's HTTP server bound (it logs it before READY=1)."""
+        line = poll(lambda: self.events("http server listening"), timeout=timeout, what="the HTTP port")[0]
+        return int(line["port"])
 
     def log_tail(self, n: int = 60) -> str:
         if not self.log_path.exists():
@@ -474,6 +543,24 @@ def drop_slow_ticks(db: FaultDatabase) -> None:
             conn.exec_driver_sql("DROP TRIGGER IF EXISTS fault_slow_tick ON world_states")
         else:
             conn.exec_driver_sql("DROP TRIGGER IF EXISTS fault_slow_tick")
+
+
+def pg_block_connections(db: FaultDatabase, blocked: bool) -> int:
+    """Make the database refuse (``ALLOW_CONNECTIONS false``) or accept new connections.
+
+    Blocking also terminates the daemon's sessions, so the database is
+    unreachable for it until unblocked. Runs from the server's ``postgres``
+    database (this one refuses the test too meanwhile). Returns the sessions killed.
+    """
+    with psycopg.connect(libpq(db.url.rsplit("/", 1)[0] + "/postgres"), autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'ALTER DATABASE "{db.name}" ALLOW_CONNECTIONS {"false" if blocked else "true"}')
+        if not blocked:
+            return 0
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s AND datname = %s",
+            (APPLICATION_NAME, db.name),
+        ).fetchall()
+    return sum(1 for r in rows if r[0])
 
 
 def pg_daemon_in_transaction(db: FaultDatabase) -> bool:

@@ -4,7 +4,9 @@ Each tick's transaction is slowed in the database so most kills land inside
 an open tick (NPC rows written, clock not yet committed). After every
 restart world time must resume from the last committed tick: the audit shows
 one unbroken chain per world, no tick covers the downtime, every NPC decision
-committed with its tick.
+committed with its tick. The test keeps adding generation requests: a kill
+between a hand-off and its bookkeeping must lead to the request being handed
+out again by the next daemon (at least once), never lost, never by two at once.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from __future__ import annotations
 import os
 import random
 import time
+from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from scheduler_daemon.simulation.npc import Tier
-from tests.faults.audit import WorldRules, check_invariants
+from tests.faults.audit import WorldRules, check_generation, check_invariants
 from tests.faults.harness import (
     DaemonProcess,
     FaultDatabase,
@@ -27,6 +32,8 @@ from tests.faults.harness import (
     poll,
     profile,
     record_result,
+    requests_settled,
+    seed_requests,
     seed_worlds,
     wait_for_progress,
     write_config,
@@ -34,7 +41,13 @@ from tests.faults.harness import (
 
 pytestmark = pytest.mark.subprocess
 
-WORLD = {"timeScale": 600.0, "tickIntervalSeconds": 0.2, "maxCatchUpSeconds": 30.0}
+WORLD: dict[str, Any] = {
+    "timeScale": 600.0,
+    "tickIntervalSeconds": 0.2,
+    "maxCatchUpSeconds": 30.0,
+    "maxJobOpsPerStep": 2,
+    "generation": {"maxInFlightPerWorld": 100_000, "maxInFlightPerUser": 100_000},
+}
 NPCS = {Tier.DETAILED: 3, Tier.ACTIVE: 3, Tier.AMBIENT: 2, Tier.DORMANT: 2}
 
 
@@ -47,14 +60,18 @@ def test_sigkill_at_random_moments_resumes_from_the_last_committed_tick(
     worlds = seed_worlds(fault_db, 3, simulation=WORLD, npcs_per_tier=NPCS)
     # SQLite burns CPU for its slowness (no sleep there): keep it small on a 2-core machine.
     install_slow_ticks(fault_db, seconds=0.05 if fault_db.backend == "postgres" else 0.015)
-    config = write_config(tmp_path / "config.toml")
-    env = daemon_env(fault_db.url)
+    config = write_config(tmp_path / "config.toml", recording_sink=True)
+    sink = tmp_path / "sink.log"
+    env = daemon_env(fault_db.url, FAULT_SINK_FILE=str(sink))
     log = tmp_path / "daemon.log"
     starts = []
+    daemons: list[DaemonProcess] = []
     mid_transaction = 0
     recoveries = []
     for i in range(iterations):
+        seed_requests(fault_db, worlds, 3)
         daemon = DaemonProcess(config, env, log).start()
+        daemons.append(daemon)
         assert daemon.started_at is not None
         starts.append(daemon.started_at)
         try:
@@ -72,23 +89,30 @@ def test_sigkill_at_random_moments_resumes_from_the_last_committed_tick(
             daemon.kill()
     # A last, clean run must pick every world up again and stop cleanly.
     daemon = DaemonProcess(config, env, log).start()
+    daemons.append(daemon)
     assert daemon.started_at is not None
     starts.append(daemon.started_at)
     try:
         recoveries.append(wait_for_progress(fault_db, worlds, timeout=60, what="ticks after the last restart"))
         poll(lambda: all(n >= 3 for n in fault_db.ticks().values()), timeout=30, what="a few ticks")
+        poll(lambda: requests_settled(fault_db), timeout=60, what="every generation request handed off")
     finally:
         code = daemon.stop()
     assert code == 0, daemon.log_tail()
 
     rules = {w: WorldRules(WORLD["timeScale"], WORLD["maxCatchUpSeconds"]) for w in worlds}
     report = check_invariants(fault_db, rules, restarts=starts)
+    processes: dict[int, tuple[datetime | None, datetime | None]] = {
+        d.pid: (d.started_at, d.stopped_at) for d in daemons
+    }
+    jobs = check_generation(fault_db, report, sink, processes=processes, interrupted=daemon.handoffs_interrupted())
     record_result(
         "sigkill",
         backend=fault_db.backend,
         iterations=iterations,
         seed=seed,
         killed_mid_transaction=mid_transaction if fault_db.backend == "postgres" else None,
+        generation=asdict(jobs),
         violations=len(report.violations),
         recovery_seconds_max=round(max(recoveries), 2),
         summary=report.summary(),

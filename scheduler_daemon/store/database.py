@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 SUPPORTED_DRIVERS = ("postgresql+psycopg", "sqlite+aiosqlite")
 
@@ -47,11 +49,25 @@ def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: Execution option of a connection whose transaction will write (see :func:`begin_writing`).
+WRITES: Final = "scheduler_writes"
+
+
 def _sqlite_on_begin(conn: sa.Connection) -> None:
-    # BEGIN IMMEDIATE takes the write lock up front. A deferred BEGIN that
-    # reads and then writes can fail at once with SQLITE_BUSY (no busy wait)
-    # when another connection committed in between; ticks always write.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # A writing transaction takes the write lock up front (BEGIN IMMEDIATE): a
+    # deferred BEGIN that reads and then writes can fail at once with
+    # SQLITE_BUSY (no busy wait) when another connection committed in between.
+    # Reads stay deferred, so under WAL they never wait for a writer.
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITES) else "BEGIN")
+
+
+@asynccontextmanager
+async def begin_writing(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that will write: committed on normal exit, rolled back on an exception."""
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(**{WRITES: True})
+        async with conn.begin():
+            yield conn
 
 
 def create_engine(

@@ -11,6 +11,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from scheduler_daemon.store.database import begin_writing
+
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
@@ -43,7 +45,7 @@ async def upgrade(engine: AsyncEngine, revision: str = "heads") -> tuple[set[str
         command.upgrade(_alembic_config(conn), revision)
         return before, _current(conn)
 
-    async with engine.begin() as conn:
+    async with begin_writing(engine) as conn:
         return await conn.run_sync(run)
 
 

@@ -6,6 +6,7 @@ put a whole tick into one transaction; the rest open their own.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import functools
 import itertools
@@ -22,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
 from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView
 from scheduler_daemon.store import migrate
-from scheduler_daemon.store.database import create_engine
+from scheduler_daemon.store.database import begin_writing, create_engine
 from scheduler_daemon.store.models import metadata, npcs, sessions, world_states, worlds
 
 if TYPE_CHECKING:
@@ -336,6 +337,8 @@ class Store:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # SQLite's single writer, queued in the event loop (see transaction()).
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
 
     @classmethod
     def from_url(cls, url: str, **engine_kwargs: Any) -> Store:
@@ -352,8 +355,19 @@ class Store:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction: committed on normal exit, rolled back on any exception."""
-        async with self.engine.begin() as conn:
+        """One writing transaction: committed on normal exit, rolled back on any exception.
+
+        SQLite has one writer at a time: this process's writers queue on a
+        lock in the event loop, in order, instead of each polling the file
+        lock in SQLite's busy handler (sleeps of up to 100 ms, which made
+        concurrent batches of ticks mostly wait). Not reentrant: never open a
+        transaction while holding one.
+        """
+        if self._write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, begin_writing(self.engine) as conn:
             yield conn
 
     async def ping(self) -> None:

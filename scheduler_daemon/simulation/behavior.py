@@ -30,6 +30,7 @@ import hashlib
 import importlib
 import math
 import re
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
 from typing import Annotated, Any, Final, Literal, NamedTuple, cast
@@ -215,11 +216,10 @@ class Slot(_Content):
 
     def is_active(self, world_time: float) -> bool:
         """Whether this slot covers ``world_time``."""
-        week_pos = world_time % WEEK_SECONDS
-        if week_pos >= WEEK_SECONDS:  # a tiny negative time rounds up to a full week
-            week_pos = 0.0
-        day = int(week_pos // DAY_SECONDS)
-        minute = (week_pos - day * DAY_SECONDS) / 60.0
+        return self.covers(*_day_and_minute(world_time))
+
+    def covers(self, day: int, minute: float) -> bool:
+        """Whether this slot covers ``minute`` (after midnight) of weekday index ``day``."""
         start, end = self.start_minute, self.end_minute
         if start < end:
             return WEEKDAYS[day] in self.days and start <= minute < end
@@ -336,6 +336,7 @@ class Draws(NamedTuple):
 
 
 _UNIT = 2.0**-53
+_THREE_U64 = struct.Struct(">QQQ")
 
 
 def decision_draws(world_id: int, npc_id: int, world_time: float) -> Draws:
@@ -348,12 +349,8 @@ def decision_draws(world_id: int, npc_id: int, world_time: float) -> Draws:
     """
     # ``+ 0.0`` folds -0.0 into 0.0 so both spell the same key.
     key = f"{world_id}:{npc_id}:{(float(world_time) + 0.0).hex()}".encode()
-    digest = hashlib.blake2b(key, digest_size=24, person=b"npc-decide-v2").digest()
-    return Draws(
-        (int.from_bytes(digest[0:8], "big") >> 11) * _UNIT,
-        (int.from_bytes(digest[8:16], "big") >> 11) * _UNIT,
-        (int.from_bytes(digest[16:24], "big") >> 11) * _UNIT,
-    )
+    a, b, c = _THREE_U64.unpack(hashlib.blake2b(key, digest_size=24, person=b"npc-decide-v2").digest())
+    return Draws((a >> 11) * _UNIT, (b >> 11) * _UNIT, (c >> 11) * _UNIT)
 
 
 def _pick(u: float, count: int) -> int:
@@ -361,10 +358,20 @@ def _pick(u: float, count: int) -> int:
     return min(int(u * count), count - 1)
 
 
+def _day_and_minute(world_time: float) -> tuple[int, float]:
+    """Weekday index (0 = Monday) and minute after midnight of ``world_time``."""
+    week_pos = world_time % WEEK_SECONDS
+    if week_pos >= WEEK_SECONDS:  # a tiny negative time rounds up to a full week
+        week_pos = 0.0
+    day = int(week_pos // DAY_SECONDS)
+    return day, (week_pos - day * DAY_SECONDS) / 60.0
+
+
 def active_slot(routine: Routine, world_time: float) -> Slot | None:
     """The first slot of ``routine`` active at ``world_time``, if any."""
+    day, minute = _day_and_minute(world_time)
     for slot in routine.slots:
-        if slot.is_active(world_time):
+        if slot.covers(day, minute):
             return slot
     return None
 
@@ -407,16 +414,15 @@ def _choose(
     u: float,
 ) -> str | None:
     """Weighted pick among eligible slot activities, with the documented fallback."""
-    meets = [
-        (name, weight)
-        for name, weight in slot.activities.items()
-        if content.activities[name].requirements.allows(energy)
-    ]
-    eligible = [
-        (name, weight)
-        for name, weight in meets
-        if world_time >= cooldowns.get(name, -math.inf) + content.activities[name].cooldown_seconds
-    ]
+    meets: list[tuple[str, float]] = []
+    eligible: list[tuple[str, float]] = []
+    activities = content.activities
+    for name, weight in slot.activities.items():
+        activity = activities[name]
+        if activity.requirements.allows(energy):
+            meets.append((name, weight))
+            if name not in cooldowns or world_time >= cooldowns[name] + activity.cooldown_seconds:
+                eligible.append((name, weight))
     if eligible:
         # Weighted pick: the first activity whose cumulative weight exceeds u × total.
         target = u * sum(weight for _, weight in eligible)

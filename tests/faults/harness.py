@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.models import world_states, worlds
 from scheduler_daemon.store.repository import Store
 from tests.helpers import add_npcs_in_tiers, tier_capacities_for
 
@@ -55,11 +56,16 @@ class Profile:
     connection_kills: int
     outage_seconds: float
     soak_minutes: float
+    load_worlds: int = 5000
+    load_rate: float = 200.0  # config changes per second through the admin API
+    load_seconds: float = 25.0  # length of the burst
 
 
 _PROFILES = {
     "ci": Profile("ci", sigkill_iterations=8, connection_kills=8, outage_seconds=10.0, soak_minutes=0.0),
-    "soak": Profile("soak", sigkill_iterations=20, connection_kills=40, outage_seconds=30.0, soak_minutes=30.0),
+    "soak": Profile(
+        "soak", sigkill_iterations=20, connection_kills=40, outage_seconds=30.0, soak_minutes=30.0, load_seconds=300.0
+    ),
 }
 
 
@@ -71,6 +77,9 @@ def profile() -> Profile:
         ("connection_kills", int),
         ("outage_seconds", float),
         ("soak_minutes", float),
+        ("load_worlds", int),
+        ("load_rate", float),
+        ("load_seconds", float),
     ):
         raw = os.environ.get(f"SCHEDULER_FAULTS_{name.upper()}")
         if raw:
@@ -215,6 +224,26 @@ def seed_worlds(
         return ids
 
     return list(db.run(seed))
+
+
+def seed_many_worlds(db: FaultDatabase, simulations: Sequence[Mapping[str, Any]], *, name: str = "load") -> list[int]:
+    """One always-on world without NPCs per entry of ``simulations``, set-based.
+
+    Two multi-row INSERTs (``worlds`` with ``RETURNING``, then ``world_states``)
+    instead of a transaction per world: thousands of worlds seed in about a second.
+    """
+    rows = [
+        {"name": f"{name}-{i}", "meta": {"simulation": {"alwaysOn": True, **sim}}} for i, sim in enumerate(simulations)
+    ]
+    with db.engine.begin() as conn:
+        ids = [
+            int(i)
+            for i in conn.execute(
+                sa.insert(worlds).returning(worlds.c.id, sort_by_parameter_order=True), rows
+            ).scalars()
+        ]
+        conn.execute(sa.insert(world_states), [{"world_id": i} for i in ids])
+    return ids
 
 
 # ------------------------------------------------------------------ daemon

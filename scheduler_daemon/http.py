@@ -53,6 +53,11 @@ from scheduler_daemon.world_config import WorldConfig, WorldConfigError, apply_p
 
 log = structlog.get_logger("scheduler_daemon.http")
 
+#: Idle keep-alive connections are closed after this long. Longer than clients keep
+#: them (httpx 5 s, uvicorn's own default 5 s): a client sending on a connection
+#: the server is closing at the same moment gets a connection error, not an answer,
+#: and a busy event loop runs the idle timer late, which widens that race.
+KEEP_ALIVE_SECONDS = 75
 #: Request bodies larger than this are refused with 413 (a config patch is a few hundred bytes).
 MAX_BODY_BYTES = 64 * 1024
 #: Deepest JSON nesting accepted in a config patch.
@@ -814,7 +819,14 @@ class HttpServer:
 
     def __init__(self, app: Any, sock: socket.socket) -> None:
         self.sock = sock
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False)
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        )
         self.server = EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None
 

@@ -185,7 +185,9 @@ class SchedulerMetrics:
         self.ticks = Counter("worldsched_ticks", "Ticks finished, by outcome", ["outcome"], registry=r)
         self._tick_children = {outcome: self.ticks.labels(outcome=outcome) for outcome in TICK_OUTCOMES}
         self.missed = Counter(
-            "worldsched_ticks_missed", "Tick slots skipped because the previous tick or the loop ran late", registry=r
+            "worldsched_ticks_missed",
+            "Tick slots skipped because the previous tick or the loop ran late, or the world was backed off",
+            registry=r,
         )
         self.tick_duration = Histogram(
             "worldsched_tick_duration_seconds",

@@ -547,6 +547,14 @@ class SchedulerLoopRunner:
                     self._count_missed(slot, missed)
                     slot.k = latest
                     scheduled = slot.deadline
+            elif slot.retry_at is not None:
+                # A retry after a failed tick (slot k, counted as failed): the
+                # grid slots that started while the world was backed off passed
+                # without a tick, except the latest one, which this retry serves.
+                latest = max(slot.k + 1, math.floor((now - slot.anchor) / slot.interval + 1e-9))
+                if latest - slot.k - 1 > 0:
+                    self._count_missed(slot, latest - slot.k - 1)
+                slot.k = latest
             slot.in_flight = True
             ready.append((slot, scheduled))
         return self._spawn_workers()

@@ -156,3 +156,21 @@ async def test_interval_change_reanchors_the_grid(store: Store) -> None:
     await runner.discover()
     await runner.run_until(4.0)
     assert await world_state(store, w) == (pytest.approx(4.0), 3 + 4)
+
+
+async def test_slots_passed_while_backed_off_are_counted_as_missed(store: Store) -> None:
+    """Every slot of a failing world's grid is a committed, a failed or a missed tick: none goes uncounted."""
+    world_id, _ = await make_world(store, simulation={"timeScale": 1}, npcs_per_tier={Tier.DETAILED: 1})
+    clock = VirtualClock()
+    runner = runner_for(store, clock, backoff_base_seconds=1.0, backoff_max_seconds=8.0)
+    await runner.add_world(world_id)
+    await install_failing_trigger(store, "npcs", world_id)
+    try:
+        await runner.run_until(30.0)
+    finally:
+        await drop_trigger(store, "npcs")
+    await runner.run_until(45.0)
+    ctx = runner.scheduler.get_context(world_id)
+    assert ctx.state == "running" and ctx.ticks_failed >= 4
+    # 45 one-second slots passed (the grid restarts at the recovering tick, which may shift it by under a slot).
+    assert 44 <= ctx.ticks_processed + ctx.ticks_failed + ctx.ticks_skipped <= 45, ctx.get_stats()

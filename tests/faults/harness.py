@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 
 from scheduler_daemon.jobs import create_request
 from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.models import world_states, worlds
 from scheduler_daemon.store.repository import Store
 from tests.helpers import add_npcs_in_tiers, tier_capacities_for
 
@@ -60,6 +61,9 @@ class Profile:
     outage_seconds: float
     soak_minutes: float
     schemathesis_examples: int
+    load_worlds: int = 5000
+    load_rate: float = 200.0  # config changes per second through the admin API
+    load_seconds: float = 25.0  # length of the burst
 
 
 _PROFILES = {
@@ -73,6 +77,7 @@ _PROFILES = {
         outage_seconds=30.0,
         soak_minutes=30.0,
         schemathesis_examples=200,
+        load_seconds=300.0,
     ),
 }
 
@@ -86,6 +91,9 @@ def profile() -> Profile:
         ("outage_seconds", float),
         ("soak_minutes", float),
         ("schemathesis_examples", int),
+        ("load_worlds", int),
+        ("load_rate", float),
+        ("load_seconds", float),
     ):
         raw = os.environ.get(f"SCHEDULER_FAULTS_{name.upper()}")
         if raw:
@@ -252,6 +260,26 @@ def requests_settled(db: FaultDatabase) -> bool:
         "SELECT count(*) FROM generation_requests WHERE status = 'pending' OR (status = 'enqueued' AND NOT handed_off)"
     )
     return int(rows[0][0]) == 0
+
+
+def seed_many_worlds(db: FaultDatabase, simulations: Sequence[Mapping[str, Any]], *, name: str = "load") -> list[int]:
+    """One always-on world without NPCs per entry of ``simulations``, set-based.
+
+    Two multi-row INSERTs (``worlds`` with ``RETURNING``, then ``world_states``)
+    instead of a transaction per world: thousands of worlds seed in about a second.
+    """
+    rows = [
+        {"name": f"{name}-{i}", "meta": {"simulation": {"alwaysOn": True, **sim}}} for i, sim in enumerate(simulations)
+    ]
+    with db.engine.begin() as conn:
+        ids = [
+            int(i)
+            for i in conn.execute(
+                sa.insert(worlds).returning(worlds.c.id, sort_by_parameter_order=True), rows
+            ).scalars()
+        ]
+        conn.execute(sa.insert(world_states), [{"world_id": i} for i in ids])
+    return ids
 
 
 # ------------------------------------------------------------------ daemon

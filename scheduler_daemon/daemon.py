@@ -255,6 +255,7 @@ class Daemon:
             observer=self.metrics,
         )
         self.metrics.runner = self.runner
+        _warn_if_pool_too_small(s)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         background: list[asyncio.Task[Any]] = [asyncio.create_task(self._reload_loop(), name="reload")]
@@ -496,6 +497,7 @@ class Daemon:
                 discovery_interval_seconds=new.scheduler.discovery_interval_seconds,
             )
             self.runner.backoff_max_seconds = new.scheduler.backoff_max_seconds
+            _warn_if_pool_too_small(new)
             self.scheduler.sink_timeout_seconds = new.hand_off_timeout_seconds
             self.runner.tier_refresh_max_seconds = new.scheduler.tier_refresh_max_seconds
             if new.defaults.simulation != old.defaults.simulation:
@@ -581,3 +583,18 @@ def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _warn_if_pool_too_small(s: Settings) -> None:
+    """Tick batches beyond the pool wait for a connection, and overflow connections churn."""
+    pool = s.database.pool_size + s.database.max_overflow
+    # SQLite's engine has no such pool (and one writer at a time anyway).
+    if s.database.url.startswith("postgresql") and s.scheduler.max_concurrent_ticks > s.database.pool_size:
+        log.warning(
+            "scheduler.max_concurrent_ticks exceeds database.pool_size: batches beyond the pool open and "
+            "close a connection each time, and beyond pool_size + max_overflow they wait for one",
+            max_concurrent_ticks=s.scheduler.max_concurrent_ticks,
+            pool_size=s.database.pool_size,
+            max_overflow=s.database.max_overflow,
+            pool_total=pool,
+        )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hmac
 import ipaddress
@@ -522,7 +523,9 @@ def create_app(backend: AdminBackend) -> FastAPI:
             except WorldConfigError as exc:
                 raise _unprocessable(exc.errors) from None
             try:
-                version = await store.update_world_simulation(world_id, new_raw, expected_version=record.config_version)
+                version = await store.update_world_simulation(
+                    world_id, new_raw, expected_version=record.config_version, current=record
+                )
             except WorldNotFoundError as exc:
                 raise HTTPException(404, detail=str(exc)) from None
             except ConfigVersionConflictError as exc:
@@ -531,8 +534,11 @@ def create_app(backend: AdminBackend) -> FastAPI:
                 continue  # someone else won the race: merge into their version
             log.info("world config changed over the admin API", world_id=world_id, config_version=version, patch=patch)
             if scheduler.is_registered(world_id):
+                written = dataclasses.replace(
+                    record, meta={**record.meta, "simulation": new_raw}, config_version=version
+                )
                 try:
-                    await runner.apply_world_config(world_id)
+                    await runner.apply_world_config(world_id, written)
                 except (ValueError, WorldNotFoundError) as exc:
                     # The stored config is valid, something else of the world is
                     # not (e.g. its behaviour content): discovery isolates it.

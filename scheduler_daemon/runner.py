@@ -39,7 +39,7 @@ from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.store.errors import is_database_error
 from scheduler_daemon.store.leases import LeaseLostError
-from scheduler_daemon.store.repository import StaleWorldStateError, WorldNotFoundError
+from scheduler_daemon.store.repository import StaleWorldStateError, WorldNotFoundError, WorldRecord
 
 log = structlog.get_logger("scheduler_daemon.runner")
 
@@ -320,8 +320,8 @@ class SchedulerLoopRunner:
         if self.observer:
             self.observer.world_unregistered(world_id)
 
-    async def apply_world_config(self, world_id: int) -> None:
-        """Re-read a world's config now; takes effect before its next tick.
+    async def apply_world_config(self, world_id: int, record: WorldRecord | None = None) -> None:
+        """Re-read a world's config now (or apply ``record``, just written); takes effect before its next tick.
 
         Waits for an in-flight tick of that world first so the elapsed part of
         the interval accrues at the old scale exactly once.
@@ -331,7 +331,9 @@ class SchedulerLoopRunner:
             return
         async with slot.lock:
             now = self.clock.now()
-            ctx = await self.scheduler.reload_world(world_id, elapsed_real_since_tick=now - slot.last_tick_at)
+            ctx = await self.scheduler.reload_world(
+                world_id, elapsed_real_since_tick=now - slot.last_tick_at, record=record
+            )
             new_interval = ctx.config.tick_interval_seconds
             if new_interval != slot.interval:
                 # Re-anchor the grid at the last tick so the new rate starts from it.

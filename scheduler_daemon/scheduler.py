@@ -185,15 +185,24 @@ class WorldScheduler:
         """The lease a registered world's ticks are fenced on (``None``: single instance)."""
         return self._require(world_id).lease
 
-    async def reload_world(self, world_id: int, *, elapsed_real_since_tick: float = 0.0) -> WorldSimulationContext:
+    async def reload_world(
+        self, world_id: int, *, elapsed_real_since_tick: float = 0.0, record: WorldRecord | None = None
+    ) -> WorldSimulationContext:
         """Re-read a registered world's config and behaviour from the database.
 
-        The new config applies from now: the part of the current interval that
-        already elapsed accrues at the old scale. On a validation error the old
-        config stays in force and the error propagates.
+        ``record`` is the world as just written by the caller (the admin
+        API): it is applied without reading it again, unless the world
+        already runs that version or a newer one (a concurrent change got
+        there first; configs never go backwards). The new config applies from
+        now: the part of the current interval that already elapsed accrues at
+        the old scale. On a validation error the old config stays in force and
+        the error propagates.
         """
         entry = self._require(world_id)
-        record = await self.store.get_world(world_id)
+        if record is not None and record.config_version <= entry.context.config_version:
+            return entry.context
+        if record is None:
+            record = await self.store.get_world(world_id)
         config, behavior = self._load(record)
         old = entry.context.config
         entry.context.update_config(

@@ -39,8 +39,8 @@ class DatabaseSettings(_Section):
     """``[database]`` (restart-only)."""
 
     url: str = "sqlite+aiosqlite:////var/lib/scheduler-daemon/scheduler.db"
-    pool_size: int = Field(default=5, ge=1, le=200)
-    max_overflow: int = Field(default=5, ge=0, le=200)
+    pool_size: int = Field(default=16, ge=1, le=200)  # >= max_concurrent_ticks: no connection churn
+    max_overflow: int = Field(default=8, ge=0, le=200)
     connect_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     #: Keep retrying the first connection for this long before giving up.
     connect_retry_seconds: float = Field(default=60.0, ge=0, le=86400)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from scheduler_daemon.scheduler import WorldNotRegisteredError, WorldScheduler
@@ -195,3 +197,20 @@ async def test_last_advanced_at_is_the_ticks_start_not_its_commit(store: Store) 
     slow = (after - before).total_seconds()
     assert slow >= 0.1  # the commit really was slow
     assert before <= stamp <= before + (after - before) / 3, (before, stamp, after)
+
+
+async def test_reload_with_a_written_record_applies_it_and_never_goes_back(store: Store) -> None:
+    """The admin API hands the record it just wrote: applied as is, unless a newer config already runs."""
+    world_id, _ = await make_world(store, simulation={"timeScale": 60})
+    sched = WorldScheduler(store)
+    await sched.register_world(world_id)
+    v2 = await store.update_world_simulation(world_id, {"timeScale": 120})
+    record = await store.get_world(world_id)
+    assert record.config_version == v2
+    # Applied from the record itself: the database is not read again.
+    newer = dataclasses.replace(record, meta={**record.meta, "simulation": {"timeScale": 7}}, config_version=v2 + 5)
+    ctx = await sched.reload_world(world_id, record=newer)
+    assert (ctx.config.time_scale, ctx.config_version) == (7.0, v2 + 5)
+    # An older record (a concurrent writer got there first) changes nothing.
+    ctx = await sched.reload_world(world_id, record=record)
+    assert (ctx.config.time_scale, ctx.config_version) == (7.0, v2 + 5)

@@ -254,3 +254,31 @@ def test_check_config_fails_with_one_line_and_exit_2(
 def test_check_config_of_a_missing_file_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--config", str(tmp_path / "nope.toml"), "check-config"]) == 2
     assert "nope.toml: config file not found" in capsys.readouterr().err
+
+
+def test_defaults_give_every_tick_batch_a_pooled_connection() -> None:
+    defaults = Settings()
+    assert defaults.scheduler.max_concurrent_ticks <= defaults.database.pool_size
+
+
+@pytest.mark.parametrize(
+    ("url", "pool_size", "warned"),
+    [
+        ("postgresql+psycopg://db/x", 4, True),
+        ("postgresql+psycopg://db/x", 16, False),
+        ("sqlite+aiosqlite:///x.db", 4, False),  # no pool to size on SQLite
+    ],
+)
+def test_a_pool_smaller_than_the_tick_concurrency_is_warned_about(url: str, pool_size: int, warned: bool) -> None:
+    from structlog.testing import capture_logs
+
+    from scheduler_daemon.daemon import _warn_if_pool_too_small
+
+    settings = Settings.model_validate(
+        {"database": {"url": url, "pool_size": pool_size}, "scheduler": {"max_concurrent_ticks": 16}}
+    )
+    with capture_logs() as logs:
+        _warn_if_pool_too_small(settings)
+    assert [e["pool_size"] for e in logs if "exceeds database.pool_size" in e["event"]] == (
+        [pool_size] if warned else []
+    )

@@ -464,16 +464,24 @@ class Store:
         return {int(r[0]): int(r[1]) for r in rows}
 
     async def update_world_simulation(
-        self, world_id: int, new_simulation: Mapping[str, Any], *, expected_version: int | None = None
+        self,
+        world_id: int,
+        new_simulation: Mapping[str, Any],
+        *,
+        expected_version: int | None = None,
+        current: WorldRecord | None = None,
     ) -> int:
         """Store a new ``meta["simulation"]`` and bump ``config_version``; returns the new version.
 
         With ``expected_version`` the update only applies if nobody changed the
         config since (optimistic concurrency); otherwise raises
-        :class:`ConfigVersionConflictError`.
+        :class:`ConfigVersionConflictError`. ``current`` is the world as the
+        caller read it at that version (its other ``meta`` keys are kept):
+        then the update is a single conditional statement.
         """
         async with self.transaction() as conn:
-            current = await self.get_world(world_id, conn)
+            if current is None or expected_version is None or current.config_version != expected_version:
+                current = await self.get_world(world_id, conn)
             if expected_version is not None and current.config_version != expected_version:
                 raise ConfigVersionConflictError(world_id, expected_version, current.config_version)
             meta = copy.deepcopy(current.meta)
@@ -485,7 +493,7 @@ class Store:
                 .returning(worlds.c.config_version)
             )
             version = result.scalar_one_or_none()
-            if version is None:  # lost a race between our read and our write
+            if version is None:  # changed (or deleted) between the read and our write
                 latest = await self.get_world(world_id, conn)
                 raise ConfigVersionConflictError(world_id, current.config_version, latest.config_version)
         return int(version)

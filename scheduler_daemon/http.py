@@ -216,7 +216,10 @@ class PauseResponse(_Wire):
 
 
 class TickRequest(_Wire):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, allow_inf_nan=False, extra="forbid")
+    # strict: `true` or "1" is not a number of seconds (lax mode would coerce both).
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, allow_inf_nan=False, extra="forbid", strict=True
+    )
 
     delta_seconds: float = Field(ge=0, description="Real seconds the tick covers (0 … the world's maxCatchUpSeconds)")
 
@@ -250,7 +253,7 @@ class WorldStats(_Wire):
 
 
 class CompleteRequest(_Wire):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True)
 
     status: Literal["succeeded", "failed"]
     error: str | None = Field(default=None, max_length=4000)

@@ -314,7 +314,15 @@ async def test_forced_tick_advances_by_delta_and_reports_the_work(api: Api) -> N
 async def test_forced_tick_validates_delta(api: Api) -> None:
     world_id = await running_world(api, maxCatchUpSeconds=30)
     url = f"/api/v1/worlds/{world_id}/scheduler/tick"
-    for body in ({"deltaSeconds": 31}, {"deltaSeconds": -1}, {}, {"deltaSeconds": "x"}, {"deltaSeconds": 1, "x": 2}):
+    for body in (
+        {"deltaSeconds": 31},
+        {"deltaSeconds": -1},
+        {},
+        {"deltaSeconds": "x"},
+        {"deltaSeconds": 1, "x": 2},
+        {"deltaSeconds": True},
+        {"deltaSeconds": "1"},
+    ):
         r = await api.client.post(url, json=body)
         assert r.status_code == 422, (body, r.text)
     r = await api.client.post(url, content=b'{"deltaSeconds": NaN}', headers={"Content-Type": "application/json"})

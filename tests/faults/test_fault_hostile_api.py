@@ -396,6 +396,8 @@ def test_hand_written_hostile_requests_are_rejected_without_writes(api: Api) -> 
         ("above maxCatchUpSeconds", '{"deltaSeconds": 1e9}'),
         ("extra key", '{"deltaSeconds": 1, "worldTime": 5}'),
         ("null", '{"deltaSeconds": null}'),
+        ("boolean", '{"deltaSeconds": true}'),
+        ("numeric string", '{"deltaSeconds": "1"}'),
     ]:
         path = f"/api/v1/worlds/{w}/scheduler/tick"
         api.send(f"tick: {what}", "POST", path, content=content, headers=json_headers, expect=rejected)

@@ -201,20 +201,6 @@ def _due_many_pg() -> sa.TextClause:
 
 _DUE_MANY_PG = _due_many_pg()
 
-# Set-based NPC write on PostgreSQL: one UPDATE … FROM jsonb_to_recordset(…)
-# per world instead of one UPDATE per NPC. The rows travel as one JSON
-# parameter: psycopg dumps array elements (and parses long multi-row VALUES
-# queries) in Python, which cost more than the whole statement on the server.
-# A NULL state keeps the stored JSON.
-_WRITE_DECISIONS_PG = sa.text(
-    "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "
-    "location = d.location, energy = d.energy, mood_valence = d.valence, mood_arousal = d.arousal, "
-    "last_decision_at = d.decided, decisions = npcs.decisions + 1, state = COALESCE(d.state, npcs.state) "
-    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS d(id integer, next float8, activity text, started float8, "
-    "location text, energy float8, valence float8, arousal float8, decided float8, state jsonb) "
-    "WHERE npcs.id = d.id AND npcs.world_id = :w"
-)
-
 # SQLite, in process (no round trips to save): one executemany. A NULL state
 # keeps the stored JSON.
 _WRITE_DECISION_SQLITE = (
@@ -302,7 +288,11 @@ _ADVANCE_MANY_PG: Final = sa.text(
     "RETURNING ws.world_id"
 )
 
-# All decisions of a group in one UPDATE (PostgreSQL); see _WRITE_DECISIONS_PG.
+# Set-based NPC write on PostgreSQL: one UPDATE … FROM jsonb_to_recordset(…)
+# for a whole group of worlds instead of one UPDATE per NPC. The rows travel
+# as one JSON parameter: psycopg dumps array elements (and parses long
+# multi-row VALUES queries) in Python, which cost more than the whole
+# statement on the server. A NULL state keeps the stored JSON.
 _WRITE_DECISIONS_MANY_PG: Final = sa.text(
     "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "
     "location = d.location, energy = d.energy, mood_valence = d.valence, mood_arousal = d.arousal, "
@@ -820,16 +810,20 @@ class Store:
 
     @staticmethod
     async def write_decisions(conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None:
-        """Write decided NPC columns back (``world_id`` in every WHERE).
+        """Write one world's decided NPC columns back (see :meth:`write_decisions_many`)."""
+        await Store.write_decisions_many(conn, [(world_id, decisions)])
 
-        PostgreSQL: one set-based ``UPDATE … FROM unnest(…)``. SQLite (in
-        process, no round trips to save): one executemany.
+    @staticmethod
+    async def write_decisions_many(conn: AsyncConnection, batches: Sequence[tuple[int, Sequence[NpcDecision]]]) -> None:
+        """Write decided NPC columns back for several worlds (``world_id`` in every WHERE).
+
+        PostgreSQL: one set-based ``UPDATE … FROM jsonb_to_recordset(…)`` for
+        all of them. SQLite (in process, no round trips to save): one executemany.
         """
-        if not decisions:
-            return
         if conn.dialect.name == "postgresql":
-            rows = [
+            rows: list[Any] = [
                 {
+                    "w": world_id,
                     "id": d.npc_id,
                     "next": d.next_decision_at,
                     "activity": d.current_activity,
@@ -841,58 +835,32 @@ class Store:
                     "decided": d.decided_at,
                     "state": d.state,
                 }
+                for world_id, decisions in batches
                 for d in decisions
             ]
-            # allow_nan=False: a non-finite value from a plug-in decide fails this world with a clear error.
-            await conn.execute(_WRITE_DECISIONS_PG, {"rows": json.dumps(rows, allow_nan=False), "w": world_id})
-            return
-        await conn.exec_driver_sql(
-            _WRITE_DECISION_SQLITE,
-            [
-                (
-                    d.next_decision_at,
-                    d.current_activity,
-                    d.activity_started_at,
-                    d.location,
-                    d.energy,
-                    d.mood_valence,
-                    d.mood_arousal,
-                    d.decided_at,
-                    None if d.state is None else json.dumps(d.state, allow_nan=False),
-                    d.npc_id,
-                    world_id,
-                )
-                for d in decisions
-            ],
-        )
-
-    @staticmethod
-    async def write_decisions_many(conn: AsyncConnection, batches: Sequence[tuple[int, Sequence[NpcDecision]]]) -> None:
-        """:meth:`write_decisions` for several worlds: one statement on PostgreSQL."""
-        if conn.dialect.name != "postgresql":
-            for world_id, decisions in batches:
-                await Store.write_decisions(conn, world_id, decisions)
+            if rows:
+                # allow_nan=False: a non-finite value from a plug-in decide fails with a clear error.
+                await conn.execute(_WRITE_DECISIONS_MANY_PG, {"rows": json.dumps(rows, allow_nan=False)})
             return
         rows = [
-            {
-                "w": world_id,
-                "id": d.npc_id,
-                "next": d.next_decision_at,
-                "activity": d.current_activity,
-                "started": d.activity_started_at,
-                "location": d.location,
-                "energy": d.energy,
-                "valence": d.mood_valence,
-                "arousal": d.mood_arousal,
-                "decided": d.decided_at,
-                "state": d.state,
-            }
+            (
+                d.next_decision_at,
+                d.current_activity,
+                d.activity_started_at,
+                d.location,
+                d.energy,
+                d.mood_valence,
+                d.mood_arousal,
+                d.decided_at,
+                None if d.state is None else json.dumps(d.state, allow_nan=False),
+                d.npc_id,
+                world_id,
+            )
             for world_id, decisions in batches
             for d in decisions
         ]
         if rows:
-            # allow_nan=False: a non-finite value from a plug-in decide fails the group with a clear error.
-            await conn.execute(_WRITE_DECISIONS_MANY_PG, {"rows": json.dumps(rows, allow_nan=False)})
+            await conn.exec_driver_sql(_WRITE_DECISION_SQLITE, rows)
 
     @staticmethod
     async def advance_world_states(conn: AsyncConnection, advances: Sequence[WorldAdvance]) -> None:

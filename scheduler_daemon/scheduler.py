@@ -41,6 +41,7 @@ from scheduler_daemon.simulation.tiers import (
 )
 from scheduler_daemon.store import chains as chain_sql
 from scheduler_daemon.store import jobs as job_sql
+from scheduler_daemon.store.errors import is_transient
 from scheduler_daemon.store.leases import Lease, fence_tick
 from scheduler_daemon.store.repository import DueWork, StaleWorldStateError, Store, WorldAdvance, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
@@ -447,7 +448,11 @@ class WorldScheduler:
             try:
                 async with conn.begin_nested():
                     return await self._run_group(conn, work, reads)
-            except Exception:
+            except Exception as exc:
+                if is_transient(exc):
+                    # The connection or transaction itself failed (not one world):
+                    # re-running worlds on it only fails again; the whole unit is retried.
+                    raise
                 log.debug("grouped tick failed; retrying each world under its own savepoint", worlds=len(work))
             outcomes: list[TickOutcome | BaseException] = []
             for p in work:

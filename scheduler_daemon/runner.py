@@ -666,19 +666,18 @@ class SchedulerLoopRunner:
                         if self.leases is not None:
                             # Overdue renewal (loop frozen?) is only noted: the fenced
                             # tick itself checks owner+epoch in the database and renews.
-                            for i in live:
-                                self.leases.check_overdue(batch[i][0].world_id)
+                            for slot in live_slots:
+                                self.leases.check_overdue(slot.world_id)
                         answers = await retry_transient(
                             "tick",
                             attempt,
                             max_attempts=_UNIT_ATTEMPTS,
                             multiplier=0.05,
                             max_wait=0.5,
-                            world_ids=[batch[i][0].world_id for i in live],
+                            world_ids=[slot.world_id for slot in live_slots],
                         )
                 except Exception as exc:
-                    for i, before in zip(live, applied_before, strict=True):
-                        slot = batch[i][0]
+                    for slot, before in zip(live_slots, applied_before, strict=True):
                         if slot.ctx.ticks_processed > before:
                             # Committed and applied; only the hand-off was cut
                             # short. Its interval must not be counted twice.
@@ -687,24 +686,23 @@ class SchedulerLoopRunner:
                         # One event for the batch (world_ids): which world caused it is not known yet.
                         log.error(
                             "tick failed",
-                            world_ids=[batch[i][0].world_id for i in live],
+                            world_ids=[slot.world_id for slot in live_slots],
                             error="timeout" if isinstance(exc, TimeoutError) else first_line(exc),
                             tick_timeout_seconds=self.tick_timeout_seconds,
                             retry="each world at once, alone",
                         )
-                        for i in live:
+                        for i, slot in zip(live, live_slots, strict=True):
                             outcomes[i] = "retry"
-                            batch[i][0].solo = True
+                            slot.solo = True
                         return
                     if isinstance(exc, TimeoutError):
                         log.error(
                             "tick timed out",
-                            world_id=batch[live[0]][0].world_id,
+                            world_id=live_slots[0].world_id,
                             tick_timeout_seconds=self.tick_timeout_seconds,
                         )
                     answers = [exc]
-                for i, answer in zip(live, answers, strict=True):
-                    slot = batch[i][0]
+                for i, slot, answer in zip(live, live_slots, answers, strict=True):
                     if not isinstance(answer, BaseException):
                         outcomes[i] = "ok"
                         results[i] = answer

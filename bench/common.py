@@ -31,6 +31,22 @@ def rss_mib() -> float:
     return pages * resource.getpagesize() / (1024 * 1024)
 
 
+def brk_heap_mib() -> float:
+    """Resident MiB of the process's brk heap (``[heap]`` in smaps): glibc's main arena.
+
+    Set against :func:`rss_mib` it tells allocator fragmentation (the heap
+    grows) from mmapped memory (Python's arenas, large buffers).
+    """
+    with open("/proc/self/smaps") as fh:  # noqa: PTH123 - as rss_mib
+        in_heap = False
+        for line in fh:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                in_heap = line.rstrip().endswith("[heap]")
+            elif in_heap and line.startswith("Rss:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def progress(message: str) -> None:
     """One progress line on stderr (stdout may carry JSON)."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import cpu_seconds, lag_summary, progress, rss_mib
+from bench.common import brk_heap_mib, cpu_seconds, lag_summary, progress, rss_mib
 
 NPCS_PER_WORLD = 500
 TIER_MIX = ((0, 20), (1, 100), (2, 380))  # (tier, count): detailed, active, ambient
@@ -170,20 +170,35 @@ async def vacuum_url(url: str) -> None:
 class Counter:
     """Ticks and decisions committed inside the measurement window."""
 
-    def __init__(self) -> None:
+    def __init__(self, expected_lags: int = 0) -> None:
         self.measuring = False
         self.ticks = 0
         self.decisions = 0
         self.missed = 0
         self.failed = 0
-        self.lags = array("d")
+        # Allocated up front: the memory soak measures the process's RSS, and a
+        # lag buffer growing inside the window (1 MB at 224 worlds for 10 min)
+        # would count as the daemon's growth.
+        self.lags = array("d", bytes(8 * expected_lags))
+        self.lag_count = 0
+
+    def add_lag(self, lag: float) -> None:
+        if self.lag_count < len(self.lags):
+            self.lags[self.lag_count] = lag
+        else:
+            self.lags.append(lag)
+        self.lag_count += 1
 
 
 async def measure(counter: Counter, warmup: float, seconds: float) -> dict[str, float]:
     await asyncio.sleep(warmup)
-    rss0, cpu0, t0 = rss_mib(), cpu_seconds(), time.monotonic()
+    rss0, heap0, cpu0, t0 = rss_mib(), brk_heap_mib(), cpu_seconds(), time.monotonic()
     counter.measuring = True
-    await asyncio.sleep(seconds)
+    # RSS through the window (20 samples): a plateau and a steady climb end alike.
+    samples: list[float] = []
+    for _ in range(20):
+        await asyncio.sleep(seconds / 20)
+        samples.append(round(rss_mib(), 2))
     counter.measuring = False
     elapsed = time.monotonic() - t0
     return {
@@ -199,7 +214,10 @@ async def measure(counter: Counter, warmup: float, seconds: float) -> dict[str, 
         "npc_decisions_per_cpu_s": counter.decisions / max(cpu_seconds() - cpu0, 1e-9),
         "rss_mib_start": rss0,
         "rss_mib_end": rss_mib(),
-        **lag_summary(counter.lags),
+        "rss_mib_samples": samples,
+        "brk_heap_mib_start": heap0,
+        "brk_heap_mib_end": brk_heap_mib(),
+        **lag_summary(counter.lags[: counter.lag_count]),
     }
 
 
@@ -232,8 +250,8 @@ async def run_daemon(url: str, world_ids: list[int], warmup: float, seconds: flo
     from scheduler_daemon.store.repository import Store
 
     configure_logging("WARNING", "json")
-    counter = Counter()
     interval = SATURATE_INTERVAL if args.mode == "saturate" else 1.0
+    counter = Counter(int(len(world_ids) * seconds / interval * 1.2) + 1000)
 
     class Observer:
         def tick_finished(self, world_id: int, outcome: str, lag: float, duration: float, result: Any) -> None:
@@ -243,7 +261,7 @@ async def run_daemon(url: str, world_ids: list[int], warmup: float, seconds: flo
                     counter.decisions += result.npcs_simulated
                 else:
                     counter.failed += 1
-                counter.lags.append(abs(lag))  # early (coalesced) counts like late
+                counter.add_lag(abs(lag))  # early (coalesced) counts like late
 
         def ticks_missed(self, world_id: int, slots: int) -> None:
             if counter.measuring:

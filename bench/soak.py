@@ -51,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
     progress(
-        f"soak: RSS {row['rss_mib_start']:.1f} → {row['rss_mib_end']:.1f} MiB ({growth:+.2f} %), "
+        f"soak: RSS {row['rss_mib_start']:.1f} → {row['rss_mib_end']:.1f} MiB ({growth:+.2f} %; "
+        f"brk heap {row['brk_heap_mib_start']:.1f} → {row['brk_heap_mib_end']:.1f} MiB), "
         f"p99 lag {row['p99_lag_ms']:.1f} ms, missed {row['missed_ticks']}, "
         f"{row['npc_decisions_per_s']:.0f} NPC decisions/s"
     )

@@ -64,6 +64,7 @@ class Profile:
     load_worlds: int = 5000
     load_rate: float = 200.0  # config changes per second through the admin API
     load_seconds: float = 25.0  # length of the burst
+    grouped_write_kills: int = 9  # sessions killed inside a grouped tick's write or COMMIT
 
 
 _PROFILES = {
@@ -78,6 +79,7 @@ _PROFILES = {
         soak_minutes=30.0,
         schemathesis_examples=200,
         load_seconds=300.0,
+        grouped_write_kills=60,
     ),
 }
 
@@ -94,6 +96,7 @@ def profile() -> Profile:
         ("load_worlds", int),
         ("load_rate", float),
         ("load_seconds", float),
+        ("grouped_write_kills", int),
     ):
         raw = os.environ.get(f"SCHEDULER_FAULTS_{name.upper()}")
         if raw:

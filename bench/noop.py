@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, cast
 
 from scheduler_daemon.context import WorldSimulationContext
@@ -51,8 +52,10 @@ class NoopScheduler(WorldScheduler):
         self.noop_store.worlds[world_id] = ctx.config_version
         return ctx
 
-    async def tick_world(self, world_id: int, delta_real_seconds: float) -> TickResult:
+    async def tick_world(
+        self, world_id: int, delta_real_seconds: float, *, wall_at: datetime | None = None
+    ) -> TickResult:
         return self._result
 
-    async def tick_worlds(self, requests: Sequence[tuple[int, float]]) -> list[Any]:
+    async def tick_worlds(self, requests: Sequence[tuple[int, float]], *, wall_at: datetime | None = None) -> list[Any]:
         return [self._result] * len(requests)

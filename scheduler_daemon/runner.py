@@ -27,6 +27,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
@@ -731,8 +732,12 @@ class SchedulerLoopRunner:
                     # Each attempt covers the real time up to its own start.
                     nonlocal started
                     started = now = self.clock.now()
+                    # The stamp (last_advanced_at) of that same moment, read before
+                    # anything can pause the process: read while planning, a pause
+                    # (a long GC) shifted the stamps of the worlds planned after it.
+                    wall = datetime.now(UTC)
                     return await self.scheduler.tick_worlds(
-                        [(slot.world_id, max(now - slot.last_tick_at, 0.0)) for slot in live_slots]
+                        [(slot.world_id, max(now - slot.last_tick_at, 0.0)) for slot in live_slots], wall_at=wall
                     )
 
                 answers: Sequence[TickResult | BaseException]

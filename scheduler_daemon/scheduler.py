@@ -329,18 +329,23 @@ class WorldScheduler:
         }
 
     # ---------------------------------------------------------------- tick
-    async def tick_world(self, world_id: int, delta_real_seconds: float) -> TickResult:
+    async def tick_world(
+        self, world_id: int, delta_real_seconds: float, *, wall_at: datetime | None = None
+    ) -> TickResult:
         """Advance one world by ``delta_real_seconds`` of real time and commit it.
 
         Raises on failure after recording it in the context; the clock, the
-        counters and every row stay as they were before the tick.
+        counters and every row stay as they were before the tick. ``wall_at``:
+        see :meth:`tick_worlds`.
         """
-        (answer,) = await self.tick_worlds([(world_id, delta_real_seconds)])
+        (answer,) = await self.tick_worlds([(world_id, delta_real_seconds)], wall_at=wall_at)
         if isinstance(answer, BaseException):
             raise answer
         return answer
 
-    async def tick_worlds(self, requests: Sequence[tuple[int, float]]) -> list[TickResult | BaseException]:
+    async def tick_worlds(
+        self, requests: Sequence[tuple[int, float]], *, wall_at: datetime | None = None
+    ) -> list[TickResult | BaseException]:
         """Tick several worlds, ``(world_id, delta_real_seconds)`` each, in one grouped commit.
 
         Returns one answer per request, in order: the :class:`TickResult` of a
@@ -352,7 +357,16 @@ class WorldScheduler:
         raised. After the COMMIT, the committed worlds' claimed generation
         requests are handed to the sink (transactional outbox), the whole
         group's hand-off stage within ``sink_timeout_seconds``.
+
+        ``wall_at`` is the wall time at which the deltas end, written as each
+        world's ``last_advanced_at``. A caller measuring the deltas on its own
+        clock (the runner) reads it at the same moment, so a pause of the
+        process before or while the group is planned (a long garbage
+        collection) cannot move the stamp away from the time the tick covers.
+        Default: the wall clock, read once for the group before planning.
         """
+        if wall_at is None:
+            wall_at = datetime.now(UTC)
         answers: list[TickResult | BaseException | None] = [None] * len(requests)
         work: list[_Planned] = []
         hand_off: list[_World] = []  # committed (or paused) worlds with outbox work
@@ -369,7 +383,7 @@ class WorldScheduler:
                 entry.context.record_failure(_describe(exc))
                 answers[index] = exc
                 continue
-            planned = _Planned(index, entry, plan, time.perf_counter(), datetime.now(UTC))
+            planned = _Planned(index, entry, plan, time.perf_counter(), wall_at)
             entry.last_committed = None
             if plan.delta_game_seconds == 0.0 and entry.context.paused:
                 # Frozen clock: nothing can become due, nothing to write (so no tick to count).

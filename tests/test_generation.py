@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -361,9 +362,11 @@ async def test_batch_timeout_during_hand_off_keeps_every_world_time_exact(store:
         await hang.wait()
 
     class GroupSizes(WorldScheduler):
-        async def tick_worlds(self, requests: Sequence[tuple[int, float]]) -> list[TickResult | BaseException]:
+        async def tick_worlds(
+            self, requests: Sequence[tuple[int, float]], *, wall_at: datetime | None = None
+        ) -> list[TickResult | BaseException]:
             groups.append(len(requests))
-            return await super().tick_worlds(requests)
+            return await super().tick_worlds(requests, wall_at=wall_at)
 
     clock = VirtualClock()
     runner = SchedulerLoopRunner(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 import pytest
 from sqlalchemy import text
@@ -22,9 +23,11 @@ class RecordingScheduler(WorldScheduler):
         super().__init__(store)
         self.groups: list[list[int]] = []
 
-    async def tick_worlds(self, requests: Sequence[tuple[int, float]]) -> list[TickResult | BaseException]:
+    async def tick_worlds(
+        self, requests: Sequence[tuple[int, float]], *, wall_at: datetime | None = None
+    ) -> list[TickResult | BaseException]:
         self.groups.append([w for w, _ in requests])
-        return await super().tick_worlds(requests)
+        return await super().tick_worlds(requests, wall_at=wall_at)
 
 
 async def test_failing_world_rolls_back_alone_and_its_neighbours_commit(store: Store) -> None:

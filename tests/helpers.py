@@ -125,6 +125,59 @@ async def drop_trigger(store: Store, table: str, *, name: str = "inject_fault") 
             await conn.execute(text(f"DROP FUNCTION IF EXISTS {name}_fn()"))
 
 
+async def install_commit_failure(store: Store, world_id: int) -> None:
+    """Make the COMMIT of every transaction that moved one world's clock fail, in the database.
+
+    Every statement of the tick succeeds; the check is deferred to COMMIT
+    (PostgreSQL: a deferred constraint trigger that raises; SQLite: a
+    deferred foreign key that a trigger violates). A grouped tick containing
+    the world therefore fails as a whole, without saying which world caused it.
+    """
+    async with store.transaction() as conn:
+        if store.dialect == "sqlite":
+            await conn.execute(text("CREATE TABLE inject_commit_parent (id INTEGER PRIMARY KEY)"))
+            await conn.execute(
+                text(
+                    "CREATE TABLE inject_commit_child (parent INTEGER "
+                    "REFERENCES inject_commit_parent (id) DEFERRABLE INITIALLY DEFERRED)"
+                )
+            )
+            await conn.execute(
+                text(
+                    "CREATE TRIGGER inject_commit_fault AFTER UPDATE ON world_states "
+                    f"WHEN NEW.world_id = {world_id} AND NEW.ticks IS NOT OLD.ticks "
+                    "BEGIN INSERT INTO inject_commit_child VALUES (-1); END"
+                )
+            )
+        else:
+            await conn.execute(
+                text(
+                    "CREATE OR REPLACE FUNCTION inject_commit_fault_fn() RETURNS trigger AS $$ "
+                    "BEGIN RAISE EXCEPTION 'injected commit fault'; END $$ LANGUAGE plpgsql"
+                )
+            )
+            await conn.execute(
+                text(
+                    "CREATE CONSTRAINT TRIGGER inject_commit_fault AFTER UPDATE ON world_states "
+                    "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+                    f"WHEN (NEW.world_id = {world_id} AND NEW.ticks IS DISTINCT FROM OLD.ticks) "
+                    "EXECUTE FUNCTION inject_commit_fault_fn()"
+                )
+            )
+
+
+async def drop_commit_failure(store: Store) -> None:
+    """Undo :func:`install_commit_failure`."""
+    async with store.transaction() as conn:
+        if store.dialect == "sqlite":
+            await conn.execute(text("DROP TRIGGER IF EXISTS inject_commit_fault"))
+            await conn.execute(text("DROP TABLE IF EXISTS inject_commit_child"))
+            await conn.execute(text("DROP TABLE IF EXISTS inject_commit_parent"))
+        else:
+            await conn.execute(text("DROP TRIGGER IF EXISTS inject_commit_fault ON world_states"))
+            await conn.execute(text("DROP FUNCTION IF EXISTS inject_commit_fault_fn()"))
+
+
 async def npc_rows(store: Store, world_id: int) -> Sequence[Any]:
     async with store.engine.connect() as conn:
         return (

@@ -13,7 +13,17 @@ from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import StaleWorldStateError, Store
-from tests.helpers import drop_trigger, install_failing_trigger, make_world, npc_rows, world_state
+from tests.helpers import (
+    drop_commit_failure,
+    drop_trigger,
+    install_commit_failure,
+    install_failing_trigger,
+    make_world,
+    npc_rows,
+    world_state,
+)
+
+FUSE_GROUPS = 1000
 
 
 class RecordingScheduler(WorldScheduler):
@@ -22,11 +32,16 @@ class RecordingScheduler(WorldScheduler):
     def __init__(self, store: Store) -> None:
         super().__init__(store)
         self.groups: list[list[int]] = []
+        #: Stopped after FUSE_GROUPS groups: a runner retrying a failing group at once
+        #: forever (virtual time standing still) must fail the test, not hang it.
+        self.fuse: SchedulerLoopRunner | None = None
 
     async def tick_worlds(
         self, requests: Sequence[tuple[int, float]], *, wall_at: datetime | None = None
     ) -> list[TickResult | BaseException]:
         self.groups.append([w for w, _ in requests])
+        if self.fuse is not None and len(self.groups) >= FUSE_GROUPS:
+            self.fuse.stop()
         return await super().tick_worlds(requests, wall_at=wall_at)
 
 
@@ -181,3 +196,49 @@ async def test_runner_groups_due_worlds_and_a_failing_world_ticks_alone(store: S
     finally:
         await drop_trigger(store, "npcs")
     assert all(runner.scheduler.get_context(w).ticks_processed == 6 for w in worlds if w != bad)
+
+
+async def test_world_failing_the_shared_commit_never_shares_a_group_again(store: Store) -> None:
+    """Fault 4's batch-isolation rule, on a fault that fails a group as a whole.
+
+    A failure of the shared COMMIT (like a batch timeout) does not say which
+    world caused it: every world of the group is retried at once, alone, and
+    from then on the failing world ticks in a group of its own until it
+    succeeds. Without the rule it would take its neighbours' shared
+    transaction down at every tick (or, retried at once with them, forever).
+    """
+    worlds = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: 2}))[0] for i in range(6)]
+    bad = worlds[2]
+    healthy = [w for w in worlds if w != bad]
+    sched = RecordingScheduler(store)
+    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), backoff_base_seconds=1.0, backoff_max_seconds=4.0)
+    sched.fuse = runner  # without the rule the failing group would be retried at once forever
+    for w in worlds:
+        await runner.add_world(w)
+    await runner.run_until(1.0)
+    assert sched.groups == [worlds]  # due together: one group
+
+    await install_commit_failure(store, bad)
+    try:
+        sched.groups.clear()
+        await runner.run_until(6.0)
+        first, *after = sched.groups
+        assert first == worlds  # the group that failed at its COMMIT
+        shared = [g for g in after if bad in g and len(g) > 1]
+        assert not shared, f"world {bad} shared {len(shared)} groups after its first failure, e.g. {shared[:3]}"
+        assert after[: len(worlds)] == [[w] for w in worlds]  # each world retried at once, alone
+        bad_ctx = runner.scheduler.get_context(bad)
+        assert bad_ctx.state == "failing" and bad_ctx.ticks_processed == 1
+        assert bad_ctx.ticks_failed == 4  # the group, then alone at 2, 3 and 5 s (backoff 1, 2 s)
+        for w in healthy:
+            ctx = runner.scheduler.get_context(w)
+            # Every slot of the grid committed (the failed group's was retried at
+            # once), world time exact: the neighbours lost one attempt, not a tick.
+            assert (ctx.ticks_processed, ctx.ticks_skipped, ctx.ticks_failed) == (6, 0, 1), w
+            assert await world_state(store, w) == (pytest.approx(6 * 60.0), 6)
+    finally:
+        await drop_commit_failure(store)
+    sched.groups.clear()
+    await runner.run_until(11.0)  # its next retry (backoff 4 s) succeeds at 9 s
+    assert runner.scheduler.get_context(bad).state == "running"
+    assert any(bad in g and len(g) > 1 for g in sched.groups)  # recovered: back in a shared group

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
@@ -21,6 +22,11 @@ _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 def _by_name(item: tuple[str | None, int]) -> str:
     return item[0] or ""
+
+
+def _same_instant(a: datetime, b: datetime) -> bool:
+    # SQLite hands timestamps back naive (UTC); PostgreSQL aware.
+    return (a if a.tzinfo else a.replace(tzinfo=UTC)) == (b if b.tzinfo else b.replace(tzinfo=UTC))
 
 
 def format_world_time(world_time: float) -> str:
@@ -119,9 +125,10 @@ class WorldSimulationContext:
         # change, and the real seconds it covered.
         self._carry_real = 0.0
         self._carry_game = 0.0
-        # Plans of failed ticks since the last confirmed one: a tick can commit
-        # although we saw it fail (timeout or disconnect during COMMIT).
-        self._unconfirmed: list[AdvancePlan] = []
+        # Plans of failed ticks since the last confirmed one, with the stamp
+        # each would have written: a tick can commit although we saw it fail
+        # (timeout or disconnect during COMMIT).
+        self._unconfirmed: list[tuple[AdvancePlan, datetime | None]] = []
         #: Real seconds covered by such a tick, found by the last :meth:`resync` (else 0).
         self.adopted_real_seconds = 0.0
 
@@ -219,21 +226,33 @@ class WorldSimulationContext:
         if version is not None:
             self.config_version = version
 
-    def record_unconfirmed(self, plan: AdvancePlan) -> None:
-        """Remember the plan of a tick that failed without a known outcome (it may have committed)."""
-        if plan.world_time_before == self.current_world_time:
-            self._unconfirmed = [*self._unconfirmed[-15:], plan]
+    def record_unconfirmed(self, plan: AdvancePlan, advanced_at: datetime | None = None) -> None:
+        """Remember the plan of a tick that failed without a known outcome (it may have committed).
 
-    def resync(self, world_time: float, ticks: int) -> None:
+        ``advanced_at`` is the ``last_advanced_at`` stamp the tick would have
+        written: it tells apart failed ticks that would have left the same
+        world time (two attempts that both hit ``maxCatchUpSeconds``).
+        """
+        if plan.world_time_before == self.current_world_time:
+            self._unconfirmed = [*self._unconfirmed[-15:], (plan, advanced_at)]
+
+    def resync(self, world_time: float, ticks: int, advanced_at: datetime | None = None) -> None:
         """Adopt the committed clock from the database (after an unknown commit outcome).
 
-        If the database holds exactly the result of one of our failed ticks,
+        If the database holds exactly the result of one of our failed ticks
+        (its world time, and its stamp ``advanced_at`` where both are known),
         that tick did commit: :attr:`adopted_real_seconds` is then the real
         time it covered, so the caller measures the next tick from its start
         instead of covering that interval a second time.
         """
         adopted = next(
-            (p for p in self._unconfirmed if ticks == self.ticks_processed + 1 and p.world_time_after == world_time),
+            (
+                plan
+                for plan, at in self._unconfirmed
+                if ticks == self.ticks_processed + 1
+                and plan.world_time_after == world_time
+                and (at is None or advanced_at is None or _same_instant(at, advanced_at))
+            ),
             None,
         )
         self.adopted_real_seconds = adopted.delta_real_seconds if adopted is not None else 0.0

@@ -290,7 +290,7 @@ class WorldScheduler:
         """
         entry = self._require(world_id)
         record = await self.store.get_world(world_id)
-        entry.context.resync(float(record.world_time or 0.0), int(record.ticks or 0))
+        entry.context.resync(float(record.world_time or 0.0), int(record.ticks or 0), record.last_advanced_at)
         log.warning("world state resynchronised", world_id=world_id, world_time=record.world_time, ticks=record.ticks)
         return entry.context
 
@@ -403,14 +403,14 @@ class WorldScheduler:
                     planned.entry.context.record_failure(_describe(exc))
                     if not isinstance(exc, StaleWorldStateError):
                         # The shared COMMIT's outcome may be unknown (timeout, lost connection).
-                        planned.entry.context.record_unconfirmed(planned.plan)
+                        planned.entry.context.record_unconfirmed(planned.plan, planned.wall_at_start)
                 raise
             for planned, outcome in zip(work, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     planned.entry.last_committed = None
                     planned.entry.context.record_failure(_describe(outcome))
                     if not isinstance(outcome, StaleWorldStateError):
-                        planned.entry.context.record_unconfirmed(planned.plan)
+                        planned.entry.context.record_unconfirmed(planned.plan, planned.wall_at_start)
                     answers[planned.index] = outcome
                 else:
                     answers[planned.index] = self._apply(planned, outcome, debug=debug)

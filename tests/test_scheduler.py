@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from scheduler_daemon.scheduler import WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store, WorldNotFoundError
 from scheduler_daemon.world_config import WorldConfigError
-from tests.helpers import drop_trigger, install_failing_trigger, make_world, npc_rows, world_state
+from tests.helpers import (
+    drop_commit_failure,
+    drop_trigger,
+    install_commit_failure,
+    install_failing_trigger,
+    make_world,
+    npc_rows,
+    world_state,
+)
 
 
 async def test_register_creates_state_and_tick_commits(store: Store) -> None:
@@ -214,3 +225,35 @@ async def test_reload_with_a_written_record_applies_it_and_never_goes_back(store
     # An older record (a concurrent writer got there first) changes nothing.
     ctx = await sched.reload_world(world_id, record=record)
     assert (ctx.config.time_scale, ctx.config_version) == (7.0, v2 + 5)
+
+
+async def test_resync_adopts_the_failed_tick_whose_stamp_the_database_holds(store: Store) -> None:
+    """Two failed ticks that moved the clock equally (both capped): the stamp tells which one committed.
+
+    A tick whose COMMIT failed without a known outcome may have committed
+    (the reply lost). Here two attempts from the same committed state both
+    cover more than ``maxCatchUpSeconds``, so both would write the same world
+    time; the runner must measure the next tick from the start of the one that
+    committed, or its interval is counted twice (or lost) for the difference.
+    """
+    world_id, _ = await make_world(store, simulation={"timeScale": 60, "maxCatchUpSeconds": 5})
+    sched = WorldScheduler(store)
+    await sched.register_world(world_id)
+    first_at = datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    second_at = first_at + timedelta(seconds=0.3)
+    await install_commit_failure(store, world_id)
+    try:
+        for delta, at in ((100.0, first_at), (100.3, second_at)):
+            with pytest.raises(DBAPIError):  # fails at COMMIT, so its outcome is unknown to the scheduler
+                await sched.tick_world(world_id, delta, wall_at=at)
+    finally:
+        await drop_commit_failure(store)
+    # What the second attempt leaves behind had it committed and only its reply been lost.
+    async with store.transaction() as conn:
+        await conn.execute(
+            text("UPDATE world_states SET world_time = 300.0, ticks = 1, last_advanced_at = :at WHERE world_id = :w"),
+            {"at": second_at, "w": world_id},
+        )
+    ctx = await sched.resync_world(world_id)
+    assert (ctx.current_world_time, ctx.ticks_processed) == (300.0, 1)
+    assert ctx.adopted_real_seconds == pytest.approx(100.3)

@@ -50,7 +50,8 @@ test: $(VENV)/.installed-dev
 	$(BIN)/pytest
 
 # The fault suite at full strength (20 SIGKILLs per backend, 30 s outage, 40 killed
-# connection rounds, 60 kills inside grouped writes) plus a 30-minute soak sampling RSS and open fds. Not in CI.
+# connection rounds, 60 kills inside grouped writes) plus a 30-minute soak sampling
+# RSS and open fds. Not in CI.
 # Figures of every fault test are appended to var/faults-report.jsonl.
 soak: $(VENV)/.installed-dev
 	@mkdir -p $(VAR)

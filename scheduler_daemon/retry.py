@@ -63,8 +63,42 @@ async def retry_transient(
     except Exception as exc:
         if not is_transient(exc) or max_attempts == 1:
             raise
-        replay: BaseException | None = exc
+        failed = exc
+    return await retry_after(
+        failed,
+        what,
+        func,
+        started=started,
+        max_seconds=max_seconds,
+        max_attempts=max_attempts,
+        min_wait=min_wait,
+        multiplier=multiplier,
+        max_wait=max_wait,
+        **log_fields,
+    )
 
+
+async def retry_after(
+    failed: BaseException,
+    what: str,
+    func: Callable[[], Awaitable[T]],
+    *,
+    started: float,
+    max_seconds: float | None = None,
+    max_attempts: int | None = None,
+    min_wait: float = 0.0,
+    multiplier: float = 0.2,
+    max_wait: float = 5.0,
+    **log_fields: object,
+) -> T:
+    """:func:`retry_transient` for a caller that ran the first attempt itself and saw it fail.
+
+    ``failed`` is that attempt's transient error and ``started`` its
+    ``time.monotonic()`` start; it counts as attempt 1 (logged, waited for,
+    and against ``max_seconds``). The runner's batches use this: on the hot
+    path even :func:`retry_transient`'s own coroutine and arguments show.
+    """
+    replay: BaseException | None = failed
     stop: stop_base = stop_after_attempt(max_attempts or 1_000_000)
     if max_seconds is not None:
         # tenacity's clock starts now; the first attempt already used some of the budget.
@@ -89,8 +123,8 @@ async def retry_transient(
     ):
         with attempt:
             if replay is not None:
-                # Replays the fast path's failure so tenacity counts, logs and waits for it.
-                failed, replay = replay, None
-                raise failed
+                # Replays the first attempt's failure so tenacity counts, logs and waits for it.
+                failed_first, replay = replay, None
+                raise failed_first
             return await func()
     raise AssertionError("unreachable")  # pragma: no cover

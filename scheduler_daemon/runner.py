@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +37,9 @@ from scheduler_daemon.clock import Clock, MonotonicClock, TimerHandle
 from scheduler_daemon.context import WorldSimulationContext
 from scheduler_daemon.deadlines import DeadlineWheel, Entry
 from scheduler_daemon.leasing import LeaseKeeper
-from scheduler_daemon.retry import first_line, retry_transient
+from scheduler_daemon.retry import first_line, retry_after, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
-from scheduler_daemon.store.errors import is_database_error
+from scheduler_daemon.store.errors import is_database_error, is_transient
 from scheduler_daemon.store.leases import LeaseLostError
 from scheduler_daemon.store.repository import StaleWorldStateError, WorldNotFoundError, WorldRecord
 
@@ -55,36 +56,64 @@ _UNIT_ATTEMPTS = 3
 
 
 class _ResizableLimit:
-    """A semaphore whose limit a reload can change while permits are held.
+    """A FIFO semaphore whose limit a reload can change while permits are held.
 
     Raising the limit adds permits at once; lowering it is paid back by the
     next releases, so in-flight ticks keep the permits they hold and the
     running count converges to the new limit without cancelling anything.
+    As with :class:`_SlotLock`, the uncontended acquire is a plain call
+    (:meth:`try_acquire`): ``asyncio.Semaphore`` costs two coroutines per batch.
     """
+
+    __slots__ = ("_free", "_waiters", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._sem = asyncio.Semaphore(limit)
-        self._debt = 0  # releases to swallow after the limit was lowered
+        self._free = limit  # negative after the limit was lowered below the permits held
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     def resize(self, limit: int) -> None:
-        delta = limit - self.limit
+        self._free += limit - self.limit
         self.limit = limit
-        while delta > 0 and self._debt > 0:
-            self._debt -= 1
-            delta -= 1
-        for _ in range(delta):
-            self._sem.release()
-        self._debt += max(-delta, 0)
+        self._hand_over()
+
+    def try_acquire(self) -> bool:
+        """Take a permit if one is free and nobody is queued for it."""
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # _hand_over() gives the permit by resolving it
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over just as we were cancelled: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self._free += 1
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._free -= 1
+                waiter.set_result(None)
 
     async def __aenter__(self) -> None:
-        await self._sem.acquire()
+        await self.acquire()
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._debt > 0:
-            self._debt -= 1
-        else:
-            self._sem.release()
+        self.release()
 
 
 class _SlotLock:
@@ -704,106 +733,119 @@ class SchedulerLoopRunner:
         results: list[TickResult | None] = [None] * n
         locked: list[_Slot] = []
         started = self.clock.now()
+        limit = self._limit
+        holds_permit = False
         try:
-            async with self._limit:
-                for slot, _ in batch:
-                    # Uncontended unless a config reload or removal of this world is in progress.
-                    if not slot.lock.try_acquire():
-                        await slot.lock.acquire()
-                    locked.append(slot)
-                if self._stopping:
-                    return  # queued ticks never start once stopping
-                live: list[int] = []
-                live_slots: list[_Slot] = []
-                # A timeout can hit the post-commit generation hand-off, after
-                # ticks were committed and applied (see the except below).
-                applied_before: list[int] = []
-                for i, (slot, _) in enumerate(batch):
-                    if not slot.removed:
-                        live.append(i)
-                        live_slots.append(slot)
-                        outcomes[i] = "error"
-                        applied_before.append(slot.ctx.ticks_processed)
-                if not live:
-                    return
-                started = self.clock.now()
+            if not limit.try_acquire():
+                await limit.acquire()
+            holds_permit = True
+            for slot, _ in batch:
+                # Uncontended unless a config reload or removal of this world is in progress.
+                if not slot.lock.try_acquire():
+                    await slot.lock.acquire()
+                locked.append(slot)
+            if self._stopping:
+                return  # queued ticks never start once stopping
+            live: list[int] = []
+            live_slots: list[_Slot] = []
+            # A timeout can hit the post-commit generation hand-off, after
+            # ticks were committed and applied (see the except below).
+            applied_before: list[int] = []
+            for i, (slot, _) in enumerate(batch):
+                if not slot.removed:
+                    live.append(i)
+                    live_slots.append(slot)
+                    outcomes[i] = "error"
+                    applied_before.append(slot.ctx.ticks_processed)
+            if not live:
+                return
+            started = self.clock.now()
 
-                async def attempt() -> Sequence[TickResult | BaseException]:
-                    # Each attempt covers the real time up to its own start.
-                    nonlocal started
-                    started = now = self.clock.now()
-                    # The stamp (last_advanced_at) of that same moment, read before
-                    # anything can pause the process: read while planning, a pause
-                    # (a long GC) shifted the stamps of the worlds planned after it.
-                    wall = datetime.now(UTC)
-                    return await self.scheduler.tick_worlds(
-                        [(slot.world_id, max(now - slot.last_tick_at, 0.0)) for slot in live_slots], wall_at=wall
-                    )
+            async def attempt() -> Sequence[TickResult | BaseException]:
+                # Each attempt covers the real time up to its own start.
+                nonlocal started
+                started = now = self.clock.now()
+                # The stamp (last_advanced_at) of that same moment, read before
+                # anything can pause the process: read while planning, a pause
+                # (a long GC) shifted the stamps of the worlds planned after it.
+                wall = datetime.now(UTC)
+                return await self.scheduler.tick_worlds(
+                    [(slot.world_id, max(now - slot.last_tick_at, 0.0)) for slot in live_slots], wall_at=wall
+                )
 
-                answers: Sequence[TickResult | BaseException]
-                try:
-                    with self._timeouts.scope(self.tick_timeout_seconds):
-                        if self.leases is not None:
-                            # Overdue renewal (loop frozen?) is only noted: the fenced
-                            # tick itself checks owner+epoch in the database and renews.
-                            for slot in live_slots:
-                                self.leases.check_overdue(slot.world_id)
-                        answers = await retry_transient(
+            answers: Sequence[TickResult | BaseException]
+            try:
+                with self._timeouts.scope(self.tick_timeout_seconds):
+                    if self.leases is not None:
+                        # Overdue renewal (loop frozen?) is only noted: the fenced
+                        # tick itself checks owner+epoch in the database and renews.
+                        for slot in live_slots:
+                            self.leases.check_overdue(slot.world_id)
+                    # The first attempt inlined (retry_transient's fast path, minus its call).
+                    first_at = time.monotonic()
+                    try:
+                        answers = await attempt()
+                    except Exception as exc:
+                        if not is_transient(exc):
+                            raise
+                        answers = await retry_after(
+                            exc,
                             "tick",
                             attempt,
+                            started=first_at,
                             max_attempts=_UNIT_ATTEMPTS,
                             multiplier=0.05,
                             max_wait=0.5,
                             world_ids=[slot.world_id for slot in live_slots],
                         )
-                except Exception as exc:
-                    for slot, before in zip(live_slots, applied_before, strict=True):
-                        if slot.ctx.ticks_processed > before:
-                            # Committed and applied; only the hand-off was cut
-                            # short. Its interval must not be counted twice.
-                            slot.last_tick_at = started
-                    if len(live) > 1:
-                        # One event for the batch (world_ids): which world caused it is not known yet.
-                        log.error(
-                            "tick failed",
-                            world_ids=[slot.world_id for slot in live_slots],
-                            error="timeout" if isinstance(exc, TimeoutError) else first_line(exc),
-                            tick_timeout_seconds=self.tick_timeout_seconds,
-                            retry="each world at once, alone",
-                        )
-                        for i, slot in zip(live, live_slots, strict=True):
-                            outcomes[i] = "retry"
-                            slot.solo = True
-                        return
-                    if isinstance(exc, TimeoutError):
-                        log.error(
-                            "tick timed out",
-                            world_id=live_slots[0].world_id,
-                            tick_timeout_seconds=self.tick_timeout_seconds,
-                        )
-                    answers = [exc]
-                for i, slot, answer in zip(live, live_slots, answers, strict=True):
-                    if not isinstance(answer, BaseException):
-                        outcomes[i] = "ok"
-                        results[i] = answer
+            except Exception as exc:
+                for slot, before in zip(live_slots, applied_before, strict=True):
+                    if slot.ctx.ticks_processed > before:
+                        # Committed and applied; only the hand-off was cut
+                        # short. Its interval must not be counted twice.
                         slot.last_tick_at = started
-                        if self.leases is not None:
-                            self.leases.renewed_by_tick(slot.world_id, started)
-                    elif isinstance(answer, LeaseLostError):
-                        # Nothing was written (the fence failed first): drop the world at once.
-                        outcomes[i] = "lease_lost"
-                        await self._drop_lost_in_tick(slot, reason="fence")
-                    elif isinstance(answer, TimeoutError):
-                        outcomes[i] = "timeout"
-                    elif isinstance(answer, StaleWorldStateError):
-                        log.error(
-                            "tick refused: world state moved underneath", world_id=slot.world_id, error=str(answer)
-                        )
-                        await self._resync(slot)
-                    else:
-                        log.error("tick failed", world_id=slot.world_id, exc_info=answer)
-                        self._count_db_error(answer, "tick")
+                if len(live) > 1:
+                    # One event for the batch (world_ids): which world caused it is not known yet.
+                    log.error(
+                        "tick failed",
+                        world_ids=[slot.world_id for slot in live_slots],
+                        error="timeout" if isinstance(exc, TimeoutError) else first_line(exc),
+                        tick_timeout_seconds=self.tick_timeout_seconds,
+                        retry="each world at once, alone",
+                    )
+                    for i, slot in zip(live, live_slots, strict=True):
+                        outcomes[i] = "retry"
+                        slot.solo = True
+                    return
+                if isinstance(exc, TimeoutError):
+                    log.error(
+                        "tick timed out",
+                        world_id=live_slots[0].world_id,
+                        tick_timeout_seconds=self.tick_timeout_seconds,
+                    )
+                answers = [exc]
+            for i, slot, answer in zip(live, live_slots, answers, strict=True):
+                if not isinstance(answer, BaseException):
+                    outcomes[i] = "ok"
+                    results[i] = answer
+                    slot.last_tick_at = started
+                    if self.leases is not None:
+                        self.leases.renewed_by_tick(slot.world_id, started)
+                elif isinstance(answer, LeaseLostError):
+                    # Nothing was written (the fence failed first): drop the world at once.
+                    outcomes[i] = "lease_lost"
+                    await self._drop_lost_in_tick(slot, reason="fence")
+                elif isinstance(answer, TimeoutError):
+                    outcomes[i] = "timeout"
+                elif isinstance(answer, StaleWorldStateError):
+                    log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(answer))
+                    await self._resync(slot)
+                else:
+                    log.error("tick failed", world_id=slot.world_id, exc_info=answer)
+                    self._count_db_error(answer, "tick")
         finally:
+            if holds_permit:
+                limit.release()
             for slot in locked:
                 slot.lock.release()
             self._finish_batch(batch, outcomes, results, started)

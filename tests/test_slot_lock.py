@@ -1,4 +1,4 @@
-"""The runner's per-world lock: exclusive, FIFO, and safe when a waiter is cancelled."""
+"""The runner's per-world lock and its batch limit: exclusive, FIFO, and safe when a waiter is cancelled."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from scheduler_daemon.runner import _SlotLock
+from scheduler_daemon.runner import _ResizableLimit, _SlotLock
 
 
 async def test_uncontended_acquire_is_immediate_and_exclusive() -> None:
@@ -74,3 +74,39 @@ async def test_a_waiter_cancelled_after_the_hand_over_passes_the_lock_on() -> No
     assert lock.locked()
     lock.release()
     assert not lock.locked()
+
+
+async def test_the_batch_limit_hands_permits_over_in_order_and_skips_cancelled_waiters() -> None:
+    limit = _ResizableLimit(1)
+    assert limit.try_acquire() and not limit.try_acquire()
+    order: list[int] = []
+
+    async def batch(n: int) -> None:
+        await limit.acquire()
+        order.append(n)
+        limit.release()
+
+    tasks = [asyncio.create_task(batch(n)) for n in range(4)]
+    await asyncio.sleep(0)
+    tasks[1].cancel()
+    limit.release()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert order == [0, 2, 3]
+    assert limit.try_acquire() and not limit.try_acquire()  # exactly the one permit is left
+    limit.release()
+
+
+async def test_a_batch_cancelled_after_the_hand_over_passes_its_permit_on() -> None:
+    limit = _ResizableLimit(1)
+    assert limit.try_acquire()
+    first = asyncio.create_task(limit.acquire())
+    second = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    limit.release()  # hands over to `first`, which is cancelled before it runs
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.wait_for(second, 1.0)
+    assert not limit.try_acquire()
+    limit.release()
+    assert limit.try_acquire()

@@ -355,8 +355,11 @@ class SchedulerLoopRunner:
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._wake: asyncio.Future[None] | None = None
-        self._wake_at = math.inf  # when the sleeping loop's timer fires
-        self._timer: TimerHandle | None = None
+        self._timer: TimerHandle | None = None  # wakes the loop task (discovery, idle)
+        # While start() runs, a timer callback dispatches ticks (no task wakeup per window).
+        self._pumping = False
+        self._tick_timer: TimerHandle | None = None
+        self._tick_timer_at = math.inf
         self._next_discovery: float | None = None
 
     # --------------------------------------------------------- configuration
@@ -615,12 +618,39 @@ class SchedulerLoopRunner:
         slot.generation += 1
         deadline = slot.deadline
         self._deadlines.push(deadline, slot.world_id, slot.generation)
-        if deadline < self._wake_at:
-            self._poke()
+        if deadline < self._tick_timer_at:
+            self._arm_ticks(deadline)
 
     def _poke(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
+
+    def _arm_ticks(self, at: float) -> None:
+        """(Re)arm the tick timer for ``at`` (only while :meth:`start` runs)."""
+        if not self._pumping:
+            return
+        if self._tick_timer is not None:
+            self._tick_timer.cancel()
+        self._tick_timer = self.clock.call_at(at, self._pump)
+        self._tick_timer_at = at
+
+    def _pump(self) -> None:
+        """Tick timer: dispatch what is due within the batch window, re-arm for the next deadline.
+
+        A plain timer callback rather than the loop task waking up: at 10,000
+        worlds a task wakeup per window (a future, a loop iteration) cost
+        more than the dispatch itself.
+        """
+        self._tick_timer, self._tick_timer_at = None, math.inf
+        if self._stopping:
+            return
+        now = self.clock.now()
+        self.progress += 1
+        self._dispatch_due(now, now + self.batch_window_seconds)
+        following = self.next_deadline()
+        if following is not None:
+            # At most one dispatch per window: what falls due within it was just dispatched.
+            self._arm_ticks(max(following, now + self.batch_window_seconds))
 
     def next_deadline(self) -> float | None:
         """Earliest pending tick deadline (stale entries dropped)."""
@@ -868,7 +898,8 @@ class SchedulerLoopRunner:
                 if reschedule:
                     slot.generation += 1
                     deadlines.push(now, slot.world_id, slot.generation)
-                    self._poke()
+                    if now < self._tick_timer_at:
+                        self._arm_ticks(now)
                 continue
             if observer:
                 observer.tick_finished(slot.world_id, outcome, started - scheduled, duration, result)
@@ -880,8 +911,8 @@ class SchedulerLoopRunner:
                     slot.generation += 1
                     deadline = slot.anchor + slot.k * slot.interval
                     deadlines.push(deadline, slot.world_id, slot.generation)
-                    if deadline < self._wake_at:
-                        self._poke()  # due before the sleeping loop's timer: it must move
+                    if deadline < self._tick_timer_at:
+                        self._arm_ticks(deadline)  # due before the tick timer: it must move
                 continue
             if outcome == "ok":
                 self.ticks_ok += 1
@@ -966,25 +997,26 @@ class SchedulerLoopRunner:
                 if (discovery is None or discovery.done()) and now >= (self._next_discovery or now):
                     discovery = asyncio.create_task(self._discover_safely(), name="discovery")
                     self._next_discovery = now + self.discovery_interval_seconds
-                self._dispatch_due(now, now + self.batch_window_seconds)
-                wake_at = min(
-                    d
-                    for d in (self.next_deadline(), self._next_discovery, now + self.idle_wake_seconds)
-                    if d is not None
-                )
-                # At most one wakeup per window (what is due within it was just
-                # dispatched), and never a busy loop on a discovery still running.
+                if not self._pumping:
+                    self._pumping = True
+                    self._pump()
+                wake_at = now + self.idle_wake_seconds
+                if self._next_discovery is not None:
+                    wake_at = min(wake_at, self._next_discovery)
+                # Never a busy loop on a discovery still running.
                 wake_at = max(wake_at, now + self.batch_window_seconds)
                 self._wake = loop.create_future()
-                self._wake_at = wake_at
                 self._timer = self.clock.call_at(wake_at, self._poke)
                 try:
                     await self._wake
                 finally:
                     self._timer.cancel()
                     self._wake = None
-                    self._wake_at = math.inf
         finally:
+            self._pumping = False
+            if self._tick_timer is not None:
+                self._tick_timer.cancel()
+                self._tick_timer, self._tick_timer_at = None, math.inf
             for task in (discovery, keeper):
                 if task is not None and not task.done():
                     task.cancel()

@@ -228,3 +228,41 @@ async def test_idle_loop_shows_progress_every_idle_wake(store: Store) -> None:
     finally:
         runner.stop()
         await asyncio.wait_for(task, timeout=30)
+
+
+async def _settle(runner: SchedulerLoopRunner) -> None:
+    """Until the loop has nothing dispatched or running (bounded: the ticks do real database I/O)."""
+    deadline = asyncio.get_running_loop().time() + 30
+    await asyncio.sleep(0)
+    while runner._inflight or runner._ready:
+        assert asyncio.get_running_loop().time() < deadline, "ticks did not finish"
+        await asyncio.sleep(0.001)
+
+
+async def test_running_loop_ticks_every_slot_at_its_deadline(store: Store) -> None:
+    """start(): the tick timer serves every grid slot, re-armed when a world added mid-sleep is due first."""
+    slow, _ = await make_world(store, name="slow", simulation={"tickIntervalSeconds": 2.0, "timeScale": 10})
+    clock = VirtualClock()
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock, discovery_interval_seconds=3600)
+    task = asyncio.create_task(runner.start())
+    try:
+        await asyncio.wait_for(runner.discovered.wait(), timeout=30)
+        await _settle(runner)
+        clock.advance(0.5)
+        await _settle(runner)
+        # Added while the tick timer waits for the slow world's slot at 2.0:
+        # its first slot (1.0) comes first, so the timer must move.
+        fast, _ = await make_world(store, name="fast", simulation={"tickIntervalSeconds": 0.5, "timeScale": 10})
+        await runner.add_world(fast, first_deadline=1.0)
+        for _ in range(19):  # to 10.0 in 0.5 s steps; every slot is due exactly at a step
+            clock.advance(0.5)
+            await _settle(runner)
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, timeout=30)
+    # Slow: slots 2, 4, …, 10. Fast: 1.0, 1.5, …, 10.0, the first covering 1.0 - 0.5.
+    assert await world_state(store, slow) == (pytest.approx(100.0), 5)
+    assert await world_state(store, fast) == (pytest.approx(95.0), 19)
+    assert runner.ticks_failed == 0
+    stats = runner.get_stats()["worlds"]
+    assert stats[slow]["ticks_skipped"] == 0 and stats[fast]["ticks_skipped"] == 0

@@ -73,7 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if "core" in only:
         results["core"] = core.run_core(
-            profile.core_worlds, profile.core_warmup, profile.core_seconds, isolate=profile.name != "micro"
+            profile.core_worlds,
+            profile.core_warmup,
+            profile.core_seconds,
+            isolate=profile.name != "micro",
+            repeats=1 if profile.name == "micro" else 3,
         )
     if "pg" in only:
         if args.postgres_url:

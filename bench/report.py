@@ -53,8 +53,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in core["runs"]:
+            label = f"{r['impl']} (run {r['repeat'] + 1})" if r.get("repeat") else r["impl"]
             lines.append(
-                f"| {r['impl']} | {r['worlds']} | {r['cpu_core_fraction'] * 100:.1f} | "
+                f"| {label} | {r['worlds']} | "
+                f"{r['cpu_core_fraction'] * 100:.1f} | "
                 f"{r['cpu_s_per_1000_ticks']:.4f} | {r['p50_lag_ms']:.2f} | {r['p99_lag_ms']:.2f} | "
                 f"{r['max_lag_ms']:.1f} | {r['missed_ticks']} |"
             )
@@ -109,7 +111,9 @@ def write_plot(results: dict[str, Any], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     core = results.get("core", {})
     for impl in ("floor", "apscheduler", "runner"):
-        runs = sorted((r for r in core.get("runs", []) if r["impl"] == impl), key=lambda r: r["worlds"])
+        runs = sorted(
+            (r for r in core.get("runs", []) if r["impl"] == impl and not r.get("repeat")), key=lambda r: r["worlds"]
+        )
         if runs:
             ax.plot([r["worlds"] for r in runs], [r["p99_lag_ms"] for r in runs], marker="o", label=f"core: {impl}")
     for section, label in (("e2e_pg", "daemon e2e PostgreSQL"), ("e2e_sqlite", "daemon e2e SQLite")):

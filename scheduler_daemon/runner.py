@@ -39,6 +39,7 @@ from scheduler_daemon.deadlines import DeadlineWheel, Entry
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.retry import first_line, retry_after, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
+from scheduler_daemon.simulation.tiers import NO_SESSIONS_FINGERPRINT
 from scheduler_daemon.store.errors import is_database_error, is_transient
 from scheduler_daemon.store.leases import LeaseLostError
 from scheduler_daemon.store.repository import StaleWorldStateError, WorldNotFoundError, WorldRecord
@@ -486,11 +487,16 @@ class SchedulerLoopRunner:
         active = await store.discover_active_worlds()
         if self.leases is not None:
             active = await self._balance(active)
-        for world_id in [w for w in self._slots if w not in active]:
+        for world_id in sorted(self._slots.keys() - active.keys()):
             await self.remove_world(world_id)
-        for world_id in [w for w in self.broken if w not in active]:
+        for world_id in self.broken.keys() - active.keys():
             del self.broken[world_id]
-        for n, (world_id, version) in enumerate(sorted(active.items()), 1):
+        # Only worlds that are new or whose version moved: a set difference of
+        # (id, version) pairs, in C. At 10,000 worlds a Python comparison per
+        # world was a quarter of the runner's CPU in the core benchmark.
+        known = {w: s.ctx.config_version for w, s in self._slots.items()}
+        known.update((w, b.config_version) for w, b in self.broken.items())
+        for n, (world_id, version) in enumerate(sorted(active.items() - known.items()), 1):
             if n % _DISCOVERY_YIELD_EVERY == 0:
                 # Thousands of worlds: let due ticks run between chunks of the comparison.
                 await asyncio.sleep(0)
@@ -525,11 +531,25 @@ class SchedulerLoopRunner:
         """
         sessions = await self.scheduler.store.active_session_views()
         refreshed: list[int] = []
-        for n, (world_id, slot) in enumerate(sorted(self._slots.items()), 1):
+        now, max_age = self.clock.now(), self.tier_refresh_max_seconds
+        # A cheap superset of the worlds to recompute first (nobody online, no
+        # NPC moved, not due periodically: nothing to do), as in discover().
+        candidates = sorted(
+            w
+            for w, s in self._slots.items()
+            if w in sessions
+            or now - s.tiers_at >= max_age
+            or s.ctx.tiers_stale
+            or s.ctx.sessions_fingerprint != NO_SESSIONS_FINGERPRINT
+        )
+        for n, world_id in enumerate(candidates, 1):
             if n % _DISCOVERY_YIELD_EVERY == 0:
                 await asyncio.sleep(0)  # as in discover(): due ticks run between chunks
+            slot = self._slots.get(world_id)
+            if slot is None:
+                continue  # removed meanwhile
             views = sessions.get(world_id, [])
-            periodic = self.clock.now() - slot.tiers_at >= self.tier_refresh_max_seconds
+            periodic = self.clock.now() - slot.tiers_at >= max_age
             if slot.removed or not (periodic or self.scheduler.tiers_outdated(world_id, views)):
                 continue
             try:

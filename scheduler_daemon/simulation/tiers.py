@@ -284,7 +284,7 @@ def sessions_fingerprint(sessions: Iterable[SessionView]) -> str:
     ordered = sorted(sessions, key=lambda s: s.id)
     if not ordered:
         # Most worlds have nobody online; discovery checks every world each pass.
-        return _NO_SESSIONS_FINGERPRINT
+        return NO_SESSIONS_FINGERPRINT
     parts = [f"{s.id}|{s.location!r}|{sorted(s.scene_npc_ids)}|{sorted(s.involved_npc_ids)}" for s in ordered]
     return _digest("\n".join(parts))
 
@@ -293,7 +293,8 @@ def _digest(text: str) -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
-_NO_SESSIONS_FINGERPRINT = _digest("")
+#: The fingerprint of a world with nobody online (most worlds, most of the time).
+NO_SESSIONS_FINGERPRINT = _digest("")
 
 
 def tier_relevant_locations(sessions: Iterable[SessionView], rules: Iterable[TierRule] = ()) -> frozenset[str]:

@@ -56,22 +56,61 @@ _DISCOVERY_YIELD_EVERY = 500
 _UNIT_ATTEMPTS = 3
 
 
-class _ResizableLimit:
+class _FifoGate:
+    """What a FIFO lock and a FIFO semaphore share: waiters queue, the uncontended acquire is a plain call.
+
+    :meth:`try_acquire` takes the gate without a coroutine or a future; only
+    when it fails does :meth:`acquire` queue a future, which the subclass's
+    :meth:`release` resolves to hand the gate over (at 10,000 ticks a second,
+    ``asyncio.Lock``'s and ``asyncio.Semaphore``'s coroutines were measurable).
+    """
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_acquire(self) -> bool:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # release() hands the gate over by resolving it
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over just as we were cancelled: pass it on
+            elif waiter in self._waiters:  # release() may have dropped it already
+                self._waiters.remove(waiter)
+            raise
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _ResizableLimit(_FifoGate):
     """A FIFO semaphore whose limit a reload can change while permits are held.
 
     Raising the limit adds permits at once; lowering it is paid back by the
     next releases, so in-flight ticks keep the permits they hold and the
     running count converges to the new limit without cancelling anything.
-    As with :class:`_SlotLock`, the uncontended acquire is a plain call
-    (:meth:`try_acquire`): ``asyncio.Semaphore`` costs two coroutines per batch.
     """
 
-    __slots__ = ("_free", "_waiters", "limit")
+    __slots__ = ("_free", "limit")
 
     def __init__(self, limit: int) -> None:
+        super().__init__()
         self.limit = limit
         self._free = limit  # negative after the limit was lowered below the permits held
-        self._waiters: deque[asyncio.Future[None]] = deque()
 
     def resize(self, limit: int) -> None:
         self._free += limit - self.limit
@@ -85,20 +124,6 @@ class _ResizableLimit:
             return True
         return False
 
-    async def acquire(self) -> None:
-        if self.try_acquire():
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter  # _hand_over() gives the permit by resolving it
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed over just as we were cancelled: pass it on
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
-            raise
-
     def release(self) -> None:
         self._free += 1
         self._hand_over()
@@ -110,28 +135,19 @@ class _ResizableLimit:
                 self._free -= 1
                 waiter.set_result(None)
 
-    async def __aenter__(self) -> None:
-        await self.acquire()
 
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
+class _SlotLock(_FifoGate):
+    """A FIFO lock: serialises a world's loop tick with its config reload, forced tick, tier refresh and removal.
 
-
-class _SlotLock:
-    """A FIFO lock whose uncontended acquire is a plain call, not a coroutine.
-
-    Serialises a world's loop tick with its config reload, forced tick, tier
-    refresh and removal. Those are rare, so the loop's ticks take it with
-    :meth:`try_acquire` (no coroutine, no future) and wait with
-    :meth:`acquire` only when it is held; at 10,000 ticks a second
-    ``asyncio.Lock``'s coroutine per tick was measurable.
+    Those are rare, so the loop's ticks take it with :meth:`try_acquire` and
+    wait with :meth:`acquire` only when it is held.
     """
 
-    __slots__ = ("_held", "_waiters")
+    __slots__ = ("_held",)
 
     def __init__(self) -> None:
+        super().__init__()
         self._held = False
-        self._waiters: deque[asyncio.Future[None]] = deque()
 
     def locked(self) -> bool:
         return self._held
@@ -143,20 +159,6 @@ class _SlotLock:
         self._held = True
         return True
 
-    async def acquire(self) -> None:
-        if self.try_acquire():
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter  # release() hands the lock over by resolving it
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed over just as we were cancelled: pass it on
-            elif waiter in self._waiters:  # release() may have dropped it already
-                self._waiters.remove(waiter)
-            raise
-
     def release(self) -> None:
         """Hand the lock to the longest waiter, or free it."""
         while self._waiters:
@@ -165,12 +167,6 @@ class _SlotLock:
                 waiter.set_result(None)  # stays held: ownership moves to the waiter
                 return
         self._held = False
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
 
 
 class TickObserver(Protocol):

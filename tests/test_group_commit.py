@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -99,36 +100,24 @@ async def test_world_whose_state_moved_underneath_is_refused_alone_in_its_group(
 
 
 async def test_failure_of_the_shared_commit_fails_every_world_and_applies_nothing(store: Store) -> None:
-    if store.dialect != "postgresql":
-        pytest.skip("needs a deferred constraint trigger (fires at COMMIT); SQLite has none")
     worlds = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.ACTIVE: 3}))[0] for i in range(3)]
     sched = WorldScheduler(store)
     for w in worlds:
         await sched.register_world(w)
-    async with store.transaction() as conn:
-        await conn.execute(
-            text(
-                "CREATE OR REPLACE FUNCTION inject_fault_fn() RETURNS trigger AS $$ "
-                "BEGIN RAISE EXCEPTION 'injected commit fault'; END $$ LANGUAGE plpgsql"
-            )
-        )
-        await conn.execute(
-            text(
-                f"CREATE CONSTRAINT TRIGGER inject_fault AFTER UPDATE ON world_states DEFERRABLE INITIALLY DEFERRED "
-                f"FOR EACH ROW WHEN (NEW.world_id = {worlds[2]}) EXECUTE FUNCTION inject_fault_fn()"
-            )
-        )
+    await install_commit_failure(store, worlds[2])
+    # PostgreSQL: the deferred trigger's exception; SQLite: the deferred foreign key.
+    fault = "injected commit fault|FOREIGN KEY constraint failed"
     try:
-        with pytest.raises(Exception, match="injected commit fault"):
+        with pytest.raises(Exception, match=fault):
             await sched.tick_worlds([(w, 1.0) for w in worlds])
     finally:
-        await drop_trigger(store, "world_states")
+        await drop_commit_failure(store)
     for w in worlds:
         assert await world_state(store, w) == (0.0, 0)
         assert all(r[3] == 0 for r in await npc_rows(store, w))
         ctx = sched.get_context(w)
         assert ctx.ticks_processed == 0 and ctx.current_world_time == 0.0
-        assert "injected commit fault" in (ctx.last_error or "")
+        assert re.search(fault, ctx.last_error or "")
 
 
 async def test_unknown_and_paused_worlds_in_a_group(store: Store) -> None:

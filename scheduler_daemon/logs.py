@@ -40,10 +40,18 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | N
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any
+    # Tracebacks without local variables: structlog's defaults render every
+    # frame's locals, which puts whole batches of worlds (and whatever else a
+    # frame holds) into the log, and rendering them took most of the time of a
+    # tick that failed.
     if console:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     else:
-        shared.append(structlog.processors.dict_tracebacks)
+        shared.append(
+            structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+        )
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), renderer],

@@ -14,9 +14,23 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import structlog
 from sqlalchemy.engine import make_url
 
 from scheduler_daemon.store.repository import Store
+
+# In-process tests log through structlog's default pipeline, whose console
+# renderer draws rich tracebacks with every frame's locals: most of the time
+# of runner tests that log failed ticks. Plain tracebacks, as the daemon
+# renders them (logs.py); the rest of the default pipeline stays.
+_DEFAULT_PROCESSORS = structlog.get_config()["processors"]
+assert isinstance(_DEFAULT_PROCESSORS[-1], structlog.dev.ConsoleRenderer)
+structlog.configure(
+    processors=[
+        *_DEFAULT_PROCESSORS[:-1],
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+    ]
+)
 
 PG_ENV = "SCHEDULER_TEST_POSTGRES_URL"
 TABLES_IN_DELETE_ORDER = (

@@ -83,7 +83,7 @@ async def retry_after(
     what: str,
     func: Callable[[], Awaitable[T]],
     *,
-    started: float,
+    started: float | None = None,
     max_seconds: float | None = None,
     max_attempts: int | None = None,
     min_wait: float = 0.0,
@@ -93,14 +93,17 @@ async def retry_after(
 ) -> T:
     """:func:`retry_transient` for a caller that ran the first attempt itself and saw it fail.
 
-    ``failed`` is that attempt's transient error and ``started`` its
-    ``time.monotonic()`` start; it counts as attempt 1 (logged, waited for,
-    and against ``max_seconds``). The runner's batches use this: on the hot
-    path even :func:`retry_transient`'s own coroutine and arguments show.
+    ``failed`` is that attempt's transient error; it counts as attempt 1
+    (logged and waited for). With ``max_seconds``, ``started`` is required:
+    the first attempt's ``time.monotonic()`` start, which counts against the
+    budget. The runner's batches use this: on the hot path even
+    :func:`retry_transient`'s own coroutine and arguments show.
     """
     replay: BaseException | None = failed
     stop: stop_base = stop_after_attempt(max_attempts or 1_000_000)
     if max_seconds is not None:
+        if started is None:
+            raise ValueError("retry_after: max_seconds needs the first attempt's start")
         # tenacity's clock starts now; the first attempt already used some of the budget.
         stop = stop | stop_after_delay(max(max_seconds - (time.monotonic() - started), 0.0))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from structlog.testing import capture_logs
 
-from scheduler_daemon.retry import retry_transient
+from scheduler_daemon.retry import retry_after, retry_transient
 
 
 class _Flaky:
@@ -67,3 +67,11 @@ async def test_max_seconds_already_spent_by_the_first_attempt_stops_retrying() -
     with pytest.raises(ConnectionResetError, match="attempt 1"):
         await retry_transient("tick", func, max_seconds=0.0, multiplier=0.001, max_wait=0.001)
     assert func.calls == 1
+
+
+async def test_retry_after_needs_the_first_start_for_a_time_budget() -> None:
+    async def never() -> int:
+        raise AssertionError("must not run")
+
+    with pytest.raises(ValueError, match="max_seconds needs the first attempt's start"):
+        await retry_after(ConnectionResetError("gone"), "unit", never, max_seconds=1.0)

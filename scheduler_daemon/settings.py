@@ -71,8 +71,8 @@ class SchedulerSettings(_Section):
     max_concurrent_ticks: int = Field(default=16, ge=1, le=10_000)
     #: Worlds committed together in one transaction (each atomic on its own).
     max_batch_size: int = Field(default=64, ge=1, le=10_000)
-    #: Worlds falling due within this window are dispatched together.
-    batch_window_seconds: float = Field(default=0.001, ge=0, le=1)
+    #: Worlds falling due within this window are dispatched together (a tick may start this much early).
+    batch_window_seconds: float = Field(default=0.0015, ge=0, le=1)
     tick_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     backoff_max_seconds: float = Field(default=60.0, gt=0, le=86400)
     #: Unique per daemon (leases); default hostname-pid.

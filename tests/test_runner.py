@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+import scheduler_daemon.runner as runner_module
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
@@ -174,3 +177,14 @@ async def test_slots_passed_while_backed_off_are_counted_as_missed(store: Store)
     assert ctx.state == "running" and ctx.ticks_failed >= 4
     # 45 one-second slots passed (the grid restarts at the recovering tick, which may shift it by under a slot).
     assert 44 <= ctx.ticks_processed + ctx.ticks_failed + ctx.ticks_skipped <= 45, ctx.get_stats()
+
+
+async def test_scans_of_every_world_let_due_ticks_run_between_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Discovery and tier refresh scan every registered world through _in_chunks:
+    # at 10,000 worlds one scan in a single loop step held ticks up by 5-20 ms.
+    monkeypatch.setattr(runner_module, "_DISCOVERY_YIELD_EVERY", 2)
+    seen: list[object] = []
+    asyncio.get_running_loop().call_soon(seen.append, "tick")  # stands in for a due tick's callback
+    async for chunk in runner_module._in_chunks([1, 2, 3, 4, 5]):
+        seen.append(chunk)
+    assert seen == [[1, 2], "tick", [3, 4], [5]]

@@ -29,8 +29,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR, decide, parse_behavior
-from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState, Tier
-from scheduler_daemon.store.repository import _DUE_QUERY, Store
+from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
+from scheduler_daemon.simulation.tiers import last_taken
+from scheduler_daemon.store.repository import _DUE_MANY_PG, Store
 from scheduler_daemon.world_config import parse_world_config
 
 DAY = 86_400.0
@@ -128,12 +129,11 @@ async def _bench_selection(url: str, npcs: int, runs: int, budget: int) -> None:
         # Server-side execution time of the whole selection statement (no client,
         # driver or event-loop overhead): EXPLAIN ANALYZE of the exact SQL.
         server_ms: list[float] = []
+        explain = sa.text("EXPLAIN (ANALYZE, FORMAT JSON) " + _DUE_MANY_PG.text)
         async with store.engine.connect() as conn:
-            compiled = _DUE_QUERY.compile(dialect=conn.dialect)
-            sql = str(compiled)
             for i in range(200):
-                params = {**compiled.params, "w": world_id, "now": world_time + (i % 100), "lim": budget}
-                result = await conn.exec_driver_sql("EXPLAIN (ANALYZE, FORMAT JSON) " + sql, params)
+                params = {"wids": [world_id], "nows": [world_time + (i % 100)], "lims": [budget]}
+                result = await conn.execute(explain, params)
                 server_ms.append(float(result.scalar_one()[0]["Execution Time"]))
         select_ms: list[float] = []
         waiting_ms: list[float] = []
@@ -143,11 +143,9 @@ async def _bench_selection(url: str, npcs: int, runs: int, budget: int) -> None:
                 started = time.perf_counter()
                 due = await store.select_due_npcs(conn, world_id, now, budget)
                 select_ms.append((time.perf_counter() - started) * 1000)
-                selected: dict[Tier, int] = {}
-                for npc in due:
-                    selected[npc.tier] = selected.get(npc.tier, 0) + 1
+                taken = last_taken(due)
                 started = time.perf_counter()
-                await store.oldest_waiting(conn, world_id, now, selected)
+                await store.oldest_waiting(conn, world_id, now, taken)
                 waiting_ms.append((time.perf_counter() - started) * 1000)
                 await conn.rollback()
         print(f"PostgreSQL selection: world of {npcs:,} NPCs (~half due), budget {budget}, {runs} runs each")

@@ -36,6 +36,7 @@ from scheduler_daemon.simulation.tiers import (
     SessionView,
     TierAssignment,
     assign_tiers,
+    last_taken,
     sessions_fingerprint,
     tier_relevant_locations,
 )
@@ -444,7 +445,7 @@ class WorldScheduler:
                 ],
             )
             full = [
-                (p.entry.context.world_id, p.plan.world_time_after, _tier_counts(due[p.entry.context.world_id]))
+                (p.entry.context.world_id, p.plan.world_time_after, last_taken(due[p.entry.context.world_id]))
                 for p in work
                 if len(due[p.entry.context.world_id]) >= p.entry.context.config.max_npc_ticks_per_step
             ]
@@ -812,13 +813,6 @@ class _GroupReads:
     due: Mapping[int, list[NpcState]]  # due NPCs, in decision order
     pending: Mapping[int, DueWork]  # chain steps / generation claims to do
     waiting: Mapping[int, Mapping[Tier, float]]  # worlds with a full budget: oldest left waiting per tier
-
-
-def _tier_counts(due: Sequence[NpcState]) -> dict[Tier, int]:
-    counts: dict[Tier, int] = {}
-    for npc in due:
-        counts[npc.tier] = counts.get(npc.tier, 0) + 1
-    return counts
 
 
 def _describe(exc: BaseException) -> str:

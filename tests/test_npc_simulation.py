@@ -22,7 +22,7 @@ from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
-from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView, assign_tiers, select_due
+from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView, assign_tiers, last_taken, select_due
 from scheduler_daemon.store.models import npcs
 from scheduler_daemon.store.repository import Store
 from tests.helpers import make_world, npc_rows, world_state
@@ -287,12 +287,10 @@ async def test_selection_sql_mirrors_select_due_on_random_populations(store: Sto
         expected = select_due(((t, at, i) for (t, at), i in zip(population, ids, strict=True)), now, budget)
         async with store.transaction() as conn:
             got = await store.select_due_npcs(conn, world_id, now, budget)
-            selected: dict[Tier, int] = {}
-            for n in got:
-                selected[n.tier] = selected.get(n.tier, 0) + 1
-            waiting = await store.oldest_waiting(conn, world_id, now, selected)
+            taken = last_taken(got)
+            waiting = await store.oldest_waiting(conn, world_id, now, taken)
             # The grouped form (one statement for a tick's whole group) agrees world by world.
-            many = await store.oldest_waiting_many(conn, [(other, now, {}), (world_id, now, selected)])
+            many = await store.oldest_waiting_many(conn, [(other, now, {}), (world_id, now, taken)])
         assert [n.id for n in got] == expected
         assert many == {world_id: waiting, other: {Tier.DETAILED: -100.0}}
         # The oldest NPC each tier leaves waiting, by the same model.

@@ -19,7 +19,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 from pydantic.alias_generators import to_camel
 
-from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
+from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState, Tier
 
 __all__ = [
     "NpcPlacement",
@@ -272,6 +272,16 @@ def select_due(candidates: Iterable[tuple[Tier, float, int]], world_time: float,
     )
     # nsmallest(n, it) == sorted(it)[:n], without sorting the whole backlog.
     return [npc_id for _, _, npc_id in heapq.nsmallest(budget, due)]
+
+
+def last_taken(due: Iterable[NpcState]) -> dict[Tier, tuple[float, int]]:
+    """Per tier, ``(next_decision_at, id)`` of the last NPC a selection took.
+
+    ``due`` is in :func:`select_due` order, so the NPCs a tick left waiting in
+    a tier are exactly the ones after this key in ``(next_decision_at, id)``
+    order: the store's backlog probe (``Store.oldest_waiting``) starts there.
+    """
+    return {npc.tier: (npc.next_decision_at, npc.id) for npc in due}
 
 
 def sessions_fingerprint(sessions: Iterable[SessionView]) -> str:

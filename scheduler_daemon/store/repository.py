@@ -11,6 +11,7 @@ import copy
 import functools
 import itertools
 import json
+import math
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -226,10 +227,18 @@ def _waiting_query() -> sa.CompoundSelect[Any]:
     now = sa.bindparam("now", type_=npcs.c.next_decision_at.type)
     parts = [
         sa.select(sa.literal(int(t)).label("tier"), npcs.c.next_decision_at)
-        .where(npcs.c.world_id == world, npcs.c.tier == int(t), npcs.c.next_decision_at <= now)
+        .where(
+            npcs.c.world_id == world,
+            npcs.c.tier == int(t),
+            npcs.c.next_decision_at <= now,
+            sa.tuple_(npcs.c.next_decision_at, npcs.c.id)
+            > sa.tuple_(
+                sa.bindparam(f"after_at{int(t)}", type_=npcs.c.next_decision_at.type),
+                sa.bindparam(f"after_id{int(t)}", type_=sa.Integer),
+            ),
+        )
         .order_by(npcs.c.next_decision_at, npcs.c.id)
         .limit(1)
-        .offset(sa.bindparam(f"skip{int(t)}", type_=sa.Integer))
         .subquery()
         for t in SIMULATED_TIERS
     ]
@@ -242,16 +251,22 @@ _WAITING_QUERY: Final = _waiting_query()
 def _waiting_many_pg() -> sa.TextClause:
     per_tier = " UNION ALL ".join(
         f"(SELECT {int(t)} AS tier, next_decision_at FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
-        f"AND next_decision_at <= q.now ORDER BY next_decision_at, id LIMIT 1 OFFSET q.skip{int(t)})"
+        f"AND next_decision_at <= q.now AND (next_decision_at, id) > (q.after_at{int(t)}, q.after_id{int(t)}) "
+        f"ORDER BY next_decision_at, id LIMIT 1)"
         for t in SIMULATED_TIERS
     )
-    skips = ", ".join(f"CAST(:skip{int(t)} AS integer[])" for t in SIMULATED_TIERS)
-    columns = ", ".join(f"skip{int(t)}" for t in SIMULATED_TIERS)
+    afters = ", ".join(
+        f"CAST(:after_at{int(t)} AS float8[]), CAST(:after_id{int(t)} AS integer[])" for t in SIMULATED_TIERS
+    )
+    columns = ", ".join(f"after_at{int(t)}, after_id{int(t)}" for t in SIMULATED_TIERS)
     return sa.text(
         f"SELECT q.world_id, w.tier, w.next_decision_at FROM unnest(CAST(:wids AS integer[]), "
-        f"CAST(:nows AS float8[]), {skips}) AS q(world_id, now, {columns}) CROSS JOIN LATERAL ({per_tier}) AS w"
+        f"CAST(:nows AS float8[]), {afters}) AS q(world_id, now, {columns}) CROSS JOIN LATERAL ({per_tier}) AS w"
     )
 
+
+#: "Nothing taken from this tier yet": before every NPC in ``(next_decision_at, id)`` order.
+_BEFORE_ALL: Final = (-math.inf, 0)
 
 # Several worlds' oldest_waiting in one statement (PostgreSQL).
 _WAITING_MANY_PG: Final = _waiting_many_pg()
@@ -777,33 +792,38 @@ class Store:
 
     @staticmethod
     async def oldest_waiting(
-        conn: AsyncConnection, world_id: int, world_time: float, selected: Mapping[Tier, int]
+        conn: AsyncConnection, world_id: int, world_time: float, taken: Mapping[Tier, tuple[float, int]]
     ) -> dict[Tier, float]:
         """Per simulated tier, ``next_decision_at`` of the most overdue NPC left waiting.
 
-        ``selected`` is how many NPCs of each tier this tick took; they are the
-        first ones in ``(next_decision_at, id)`` order, so the oldest one left is
-        at that offset. One statement, one short index range per tier. Tiers
-        with nobody waiting are absent.
+        ``taken`` is, per tier, ``(next_decision_at, id)`` of the last NPC this
+        tick took (see :func:`last_taken`); they are the first ones in that
+        order, so the oldest one left is the next one after it: one index
+        descent per tier, however many were taken. Tiers with nobody waiting
+        are absent.
         """
         params: dict[str, Any] = {"w": world_id, "now": world_time}
-        params.update({f"skip{int(t)}": selected.get(t, 0) for t in SIMULATED_TIERS})
+        for t in SIMULATED_TIERS:
+            params[f"after_at{int(t)}"], params[f"after_id{int(t)}"] = taken.get(t, _BEFORE_ALL)
         return {Tier(r[0]): float(r[1]) for r in (await conn.execute(_WAITING_QUERY, params)).all()}
 
     @staticmethod
     async def oldest_waiting_many(
-        conn: AsyncConnection, requests: Sequence[tuple[int, float, Mapping[Tier, int]]]
+        conn: AsyncConnection, requests: Sequence[tuple[int, float, Mapping[Tier, tuple[float, int]]]]
     ) -> dict[int, dict[Tier, float]]:
-        """:meth:`oldest_waiting` for several ``(world_id, world_time, selected)``: one statement on PostgreSQL."""
+        """:meth:`oldest_waiting` for several ``(world_id, world_time, taken)``: one statement on PostgreSQL."""
         out: dict[int, dict[Tier, float]] = {world_id: {} for world_id, _, _ in requests}
         if not requests:
             return out
         if conn.dialect.name != "postgresql":
-            for world_id, world_time, selected in requests:
-                out[world_id] = await Store.oldest_waiting(conn, world_id, world_time, selected)
+            for world_id, world_time, taken in requests:
+                out[world_id] = await Store.oldest_waiting(conn, world_id, world_time, taken)
             return out
         params: dict[str, Any] = {"wids": [w for w, _, _ in requests], "nows": [float(t) for _, t, _ in requests]}
-        params.update({f"skip{int(t)}": [sel.get(t, 0) for _, _, sel in requests] for t in SIMULATED_TIERS})
+        for t in SIMULATED_TIERS:
+            afters = [taken.get(t, _BEFORE_ALL) for _, _, taken in requests]
+            params[f"after_at{int(t)}"] = [float(at) for at, _ in afters]
+            params[f"after_id{int(t)}"] = [npc_id for _, npc_id in afters]
         for world_id, tier, next_at in (await conn.execute(_WAITING_MANY_PG, params)).all():
             out[int(world_id)][Tier(tier)] = float(next_at)
         return out

@@ -1,15 +1,17 @@
 """End to end on a real database: W worlds × 500 NPCs, NPCs due continuously, 50 decisions per tick.
 
-Every world has 500 NPCs (seeded 20 detailed, 100 active, 380 ambient; the
-daemon re-tiers them at registration, and with no players online they all
-become dormant, which the later implementations then read too) with the demo
-behaviour content, ``maxNpcTicksPerStep`` 50 and ``timeScale`` 36,000, so
-each NPC becomes due again within about 0.2 real seconds of its decision
-(activities of 30-120 game minutes, the dormant interval of 2 game hours):
-every tick finds 50 due NPCs, and no implementation runs out of due NPCs
-at the throughputs measured here (500 NPCs per world cover about 2,500
-decisions per second per world; at ``timeScale`` 3600 a dormant NPC was
-due only every 2 s, which capped a 64-world run near 16,000 decisions/s). One world tick is the same work in every
+Every world has 500 NPCs, seeded dormant: the tier the daemon assigns them at
+registration with no players online. So its registration rewrites nothing
+(seeded in other tiers, it rewrote all 32,000 NPCs of a 64-world run just
+before its own window, dead rows only the daemon's run had to step over)
+and every implementation reads the same tiers. The demo behaviour content,
+``maxNpcTicksPerStep`` 50 and ``timeScale`` 36,000: each NPC becomes due
+again within about 0.2 real seconds of its decision (activities of 30-120
+game minutes, the dormant interval of 2 game hours), so every tick finds 50
+due NPCs, and no implementation runs out of due NPCs at the throughputs
+measured here (500 NPCs per world cover about 2,500 decisions per second per
+world; at ``timeScale`` 3600 a dormant NPC was due only every 2 s, which
+capped a 64-world run near 16,000 decisions/s). One world tick is the same work in every
 implementation: select at most 50 due NPCs (higher tiers first, most overdue
 first), run the behaviour ``decide`` on each, write them back, advance the
 world clock by the elapsed real time × timeScale (capped at 60 s), commit.
@@ -55,7 +57,6 @@ from typing import Any
 from bench.common import brk_heap_mib, cpu_seconds, lag_summary, progress, rss_mib
 
 NPCS_PER_WORLD = 500
-TIER_MIX = ((0, 20), (1, 100), (2, 380))  # (tier, count): detailed, active, ambient
 ROUTINES = ("villager", "merchant", "night_owl")
 TIME_SCALE = 36_000.0
 MAX_NPC_TICKS = 50
@@ -96,6 +97,7 @@ async def seed(url: str, worlds: int) -> list[int]:
     import sqlalchemy as sa
 
     from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR
+    from scheduler_daemon.simulation.npc import Tier
     from scheduler_daemon.store.models import npcs, world_states
     from scheduler_daemon.store.models import worlds as worlds_table
     from scheduler_daemon.store.repository import Store
@@ -118,22 +120,19 @@ async def seed(url: str, worlds: int) -> list[int]:
             await conn.execute(sa.insert(world_states), [{"world_id": w} for w in ids])
         rows: list[dict[str, Any]] = []
         for w in ids:
-            n = 0
-            for tier, count in TIER_MIX:
-                for _ in range(count):
-                    rows.append(
-                        {
-                            "world_id": w,
-                            "name": f"npc-{n}",
-                            "tier": tier,
-                            "next_decision_at": 0.0,
-                            "home": "home-" + str(n % 7),
-                            "location": "square",
-                            "routine": ROUTINES[n % len(ROUTINES)],
-                            "state": {},
-                        }
-                    )
-                    n += 1
+            for n in range(NPCS_PER_WORLD):
+                rows.append(
+                    {
+                        "world_id": w,
+                        "name": f"npc-{n}",
+                        "tier": int(Tier.DORMANT),
+                        "next_decision_at": 0.0,
+                        "home": "home-" + str(n % 7),
+                        "location": "square",
+                        "routine": ROUTINES[n % len(ROUTINES)],
+                        "state": {},
+                    }
+                )
             if len(rows) >= 20_000:
                 async with store.transaction() as conn:
                     await conn.execute(sa.insert(npcs), rows)

@@ -187,6 +187,24 @@ async def test_runner_groups_due_worlds_and_a_failing_world_ticks_alone(store: S
     assert all(runner.scheduler.get_context(w).ticks_processed == 6 for w in worlds if w != bad)
 
 
+async def test_a_large_dispatch_is_spread_over_the_workers_in_batches_of_at_least_16(store: Store) -> None:
+    # All 40 worlds fall due together. One batch of 40 would leave the
+    # database idle while the daemon decides and the daemon idle while the
+    # database writes; spread over the workers, the batches overlap.
+    worlds = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: 1}))[0] for i in range(40)]
+    sched = RecordingScheduler(store)
+    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), max_concurrent_ticks=2, max_batch_size=64)
+    for w in worlds:
+        await runner.add_world(w)
+    await runner.run_until(1.0)
+    assert [len(g) for g in sched.groups] == [20, 20]  # two workers: halves
+    runner.set_limits(max_concurrent_ticks=8)
+    sched.groups.clear()
+    await runner.run_until(2.0)
+    assert [len(g) for g in sched.groups] == [16, 16, 8]  # eight workers, but no batch below 16 worlds
+    assert sorted(w for g in sched.groups for w in g) == worlds
+
+
 async def test_world_failing_the_shared_commit_never_shares_a_group_again(store: Store) -> None:
     """Fault 4's batch-isolation rule, on a fault that fails a group as a whole.
 

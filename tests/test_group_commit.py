@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -44,6 +45,19 @@ class RecordingScheduler(WorldScheduler):
         if self.fuse is not None and len(self.groups) >= FUSE_GROUPS:
             self.fuse.stop()
         return await super().tick_worlds(requests, wall_at=wall_at)
+
+
+async def recorded_runner(
+    store: Store, worlds: int, npcs: int, **runner_kw: Any
+) -> tuple[list[int], RecordingScheduler, SchedulerLoopRunner]:
+    """``worlds`` worlds of ``npcs`` detailed NPCs, registered with a runner on a virtual clock that records groups."""
+    ids = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: npcs}))[0] for i in range(worlds)]
+    sched = RecordingScheduler(store)
+    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), **runner_kw)
+    sched.fuse = runner  # a runner retrying a failing group at once forever fails the test, not hangs it
+    for w in ids:
+        await runner.add_world(w)
+    return ids, sched, runner
 
 
 async def test_failing_world_rolls_back_alone_and_its_neighbours_commit(store: Store) -> None:
@@ -160,11 +174,7 @@ async def test_batched_selection_matches_the_per_world_selection(store: Store) -
 
 
 async def test_runner_groups_due_worlds_and_a_failing_world_ticks_alone(store: Store) -> None:
-    worlds = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: 2}))[0] for i in range(10)]
-    sched = RecordingScheduler(store)
-    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), max_batch_size=4, backoff_base_seconds=1.0)
-    for w in worlds:
-        await runner.add_world(w)
+    worlds, sched, runner = await recorded_runner(store, 10, 2, max_batch_size=4, backoff_base_seconds=1.0)
     await runner.run_until(1.0)
     # Ten worlds due at the same moment: groups of at most four, every world once.
     assert [len(g) for g in sched.groups] == [4, 4, 2]
@@ -191,11 +201,7 @@ async def test_a_large_dispatch_is_spread_over_the_workers_in_batches_of_at_leas
     # All 40 worlds fall due together. One batch of 40 would leave the
     # database idle while the daemon decides and the daemon idle while the
     # database writes; spread over the workers, the batches overlap.
-    worlds = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: 1}))[0] for i in range(40)]
-    sched = RecordingScheduler(store)
-    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), max_concurrent_ticks=2, max_batch_size=64)
-    for w in worlds:
-        await runner.add_world(w)
+    worlds, sched, runner = await recorded_runner(store, 40, 1, max_concurrent_ticks=2, max_batch_size=64)
     await runner.run_until(1.0)
     assert [len(g) for g in sched.groups] == [20, 20]  # two workers: halves
     runner.set_limits(max_concurrent_ticks=8)
@@ -214,14 +220,10 @@ async def test_world_failing_the_shared_commit_never_shares_a_group_again(store:
     succeeds. Without the rule it would take its neighbours' shared
     transaction down at every tick (or, retried at once with them, forever).
     """
-    worlds = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: 2}))[0] for i in range(6)]
+    # Without the rule the failing group would be retried at once forever (the fuse stops it).
+    worlds, sched, runner = await recorded_runner(store, 6, 2, backoff_base_seconds=1.0, backoff_max_seconds=4.0)
     bad = worlds[2]
     healthy = [w for w in worlds if w != bad]
-    sched = RecordingScheduler(store)
-    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), backoff_base_seconds=1.0, backoff_max_seconds=4.0)
-    sched.fuse = runner  # without the rule the failing group would be retried at once forever
-    for w in worlds:
-        await runner.add_world(w)
     await runner.run_until(1.0)
     assert sched.groups == [worlds]  # due together: one group
 

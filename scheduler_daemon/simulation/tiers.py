@@ -30,6 +30,7 @@ __all__ = [
     "TierRule",
     "assign_tiers",
     "determine_simulation_tier",
+    "last_taken",
     "select_due",
     "sessions_fingerprint",
     "tier_relevant_locations",

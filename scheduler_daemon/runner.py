@@ -129,6 +129,11 @@ class _ResizableLimit(_FifoGate):
         self.limit = limit
         self._free = limit  # negative after the limit was lowered below the permits held
 
+    @property
+    def free(self) -> int:
+        """Permits no batch holds (negative while a lowered limit is paid back)."""
+        return self._free
+
     def resize(self, limit: int) -> None:
         self._free += limit - self.limit
         self.limit = limit
@@ -364,7 +369,6 @@ class SchedulerLoopRunner:
         self._deadlines = DeadlineWheel()
         self._ready: deque[tuple[_Slot, float]] = deque()  # due worlds waiting for a batch worker
         self._workers = 0  # batch workers running (each holds at most one transaction)
-        self._busy = 0  # workers holding a batch (the others are about to take one)
         self._limit = _ResizableLimit(max_concurrent_ticks)  # batches holding a transaction
         self._timeouts = _BatchTimeouts()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -755,14 +759,15 @@ class SchedulerLoopRunner:
     def _batch_size(self) -> int:
         """How many queued worlds one batch takes.
 
-        The queue is spread over the workers not holding a batch, so that several batches
-        overlap (one deciding in Python while another's statements run in the
-        database: with all 64 worlds of the e2e benchmark in one batch, the
-        daemon and PostgreSQL took turns, each idle half the time), but never
-        below ``_MIN_SPLIT_BATCH`` worlds, nor above ``max_batch_size``.
+        The queue is spread over the transaction permits no batch holds (a
+        worker takes its permit as soon as it has taken its batch), so that
+        several batches overlap: one deciding in Python while another's
+        statements run in the database. (With all 64 worlds of the e2e
+        benchmark in one batch, the daemon and PostgreSQL took turns, each idle
+        half the time.) Never below ``_MIN_SPLIT_BATCH`` worlds, nor above
+        ``max_batch_size``.
         """
-        free = max(self.max_concurrent_ticks - self._busy, 1)
-        spread = -(-len(self._ready) // free)
+        spread = -(-len(self._ready) // max(self._limit.free, 1))
         return min(self.max_batch_size, max(_MIN_SPLIT_BATCH, spread))
 
     def _take_batch(self) -> list[tuple[_Slot, float]]:
@@ -784,12 +789,7 @@ class SchedulerLoopRunner:
     async def _work(self) -> None:
         try:
             while self._ready:
-                batch = self._take_batch()
-                self._busy += 1
-                try:
-                    await self._tick_batch(batch)
-                finally:
-                    self._busy -= 1
+                await self._tick_batch(self._take_batch())
         finally:
             self._workers -= 1
             # Not a done callback: that would cost the loop another iteration per batch.

@@ -9,9 +9,9 @@ from typing import Any, cast
 from scheduler_daemon.context import WorldSimulationContext
 from scheduler_daemon.scheduler import TickResult, WorldScheduler, _World
 from scheduler_daemon.simulation.behavior import BehaviorContent
-from scheduler_daemon.simulation.tiers import SessionView, sessions_fingerprint
+from scheduler_daemon.simulation.tiers import sessions_fingerprint
 from scheduler_daemon.store.leases import Lease
-from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.repository import ActiveSessions, Store
 from scheduler_daemon.world_config import parse_world_config
 
 
@@ -28,9 +28,9 @@ class NoopStore:
     async def discover_active_worlds(self) -> dict[int, int]:
         return dict(self.worlds)
 
-    async def active_session_views(self) -> dict[int, list[SessionView]]:
+    async def active_session_views(self) -> ActiveSessions:
         # No players online: discovery still compares every world's tier inputs, as in the daemon.
-        return {}
+        return ActiveSessions({}, [])
 
 
 class NoopScheduler(WorldScheduler):
@@ -42,6 +42,11 @@ class NoopScheduler(WorldScheduler):
         self._config = parse_world_config({}, world_id=0)
         self._result = _result(0, 0.0)
         self._no_sessions = sessions_fingerprint([])
+
+    async def register_worlds(
+        self, requests: Sequence[tuple[int, Lease | None]]
+    ) -> dict[int, WorldSimulationContext | Exception]:
+        return {world_id: await self.register_world(world_id) for world_id, _ in requests}
 
     async def register_world(self, world_id: int, *, lease: Lease | None = None) -> WorldSimulationContext:
         # No database, no leases: the runner passes one only when several daemons share PostgreSQL.

@@ -296,27 +296,41 @@ def cmd_worlds(args: argparse.Namespace) -> int:
                 active = await store.discover_active_worlds()
                 rows = []
                 for w in await store.list_worlds():
-                    try:
-                        cfg = parse_world_config(w.simulation_raw, world_id=w.id, defaults=defaults)
-                        scale, state = f"{cfg.time_scale:g}", ("paused" if cfg.pause_simulation else "running")
-                    except WorldConfigError:
-                        scale, state = "?", "invalid-config"
-                    if w.id not in active:
-                        state = "inactive"
+                    scale, state, problem = "?", "invalid", w.problem or ""
+                    if w.problem is None:
+                        try:
+                            cfg = parse_world_config(w.simulation_raw, world_id=w.id, defaults=defaults)
+                        except WorldConfigError as exc:
+                            problem = str(exc)
+                        else:
+                            scale = f"{cfg.time_scale:g}"
+                            state = "paused" if cfg.pause_simulation else "running"
+                            if w.id not in active:
+                                state = "inactive"
                     rows.append(
-                        (str(w.id), w.name, state, format_world_time(w.world_time or 0.0), str(w.ticks or 0), scale)
+                        (
+                            str(w.id),
+                            w.name,
+                            state,
+                            format_world_time(w.world_time or 0.0),
+                            str(w.ticks or 0),
+                            scale,
+                            problem.removeprefix(f"world {w.id}: "),
+                        )
                     )
-                _print_table(("ID", "NAME", "STATE", "WORLD TIME", "TICKS", "SCALE"), rows)
+                _print_table(("ID", "NAME", "STATE", "WORLD TIME", "TICKS", "SCALE", "PROBLEM"), rows)
                 return 0
             try:
                 w = await store.get_world(args.world_id)
             except WorldNotFoundError as exc:
                 raise CliError(str(exc), 1) from None
-            try:
-                config: Any = parse_world_config(w.simulation_raw, world_id=w.id, defaults=defaults).to_wire()
-                config_error = None
-            except WorldConfigError as exc:
-                config, config_error = w.simulation_raw, str(exc)
+            config: Any = w.simulation_raw
+            config_error = None
+            if w.problem is None:
+                try:
+                    config = parse_world_config(w.simulation_raw, world_id=w.id, defaults=defaults).to_wire()
+                except WorldConfigError as exc:
+                    config_error = str(exc)
             counts = await store.tier_counts(w.id)
             out = {
                 "id": w.id,
@@ -328,12 +342,15 @@ def cmd_worlds(args: argparse.Namespace) -> int:
                 "configVersion": w.config_version,
                 "config": config,
                 "configError": config_error,
+                # Why the world cannot run: its stored row, or its config.
+                "problem": w.problem or config_error,
                 "npcsPerTier": {t.label: counts.get(t, 0) for t in Tier},
+                "quarantinedNpcs": {str(npc): why for npc, why in (await store.npc_problems(w.id)).items()},
                 "activities": {
                     (name if name is not None else "(undecided)"): n
                     for name, n in sorted((await store.activity_counts(w.id)).items(), key=lambda x: x[0] or "")
                 },
-                "activeSessions": len(await store.active_sessions(w.id)),
+                "activeSessions": await store.count_active_sessions(w.id),
             }
             print(json.dumps(out, indent=2, default=str))
             return 0

@@ -71,6 +71,8 @@ class TickOutcome:
     #: False when the tick wrote nothing (a paused world with a frozen clock):
     #: the committed tick counter, mirrored from ``world_states.ticks``, stays.
     state_written: bool = True
+    #: NPC rows this tick found undecidable and froze: ``{npc_id: problem}``.
+    quarantined: dict[int, str] = field(default_factory=dict)
 
 
 class WorldSimulationContext:
@@ -112,6 +114,8 @@ class WorldSimulationContext:
         self.tier_relevant_locations: frozenset[str] = frozenset()
         self.tiers_stale = False
         self.tier_refreshes = 0
+        #: NPC rows that cannot be decided (kept frozen until fixed): ``{npc_id: problem}``.
+        self.quarantined_npcs: dict[int, str] = {}
         # Tiers whose waiting NPCs fell behind (see apply_tick); an "episode"
         # lasts from the first such tick until no tier lags any more.
         self.lagging_tiers: frozenset[Tier] = frozenset()
@@ -191,6 +195,9 @@ class WorldSimulationContext:
                 self.activity_counts.pop(activity, None)
         if outcome.tier_inputs_moved:
             self.tiers_stale = True
+        if outcome.quarantined:
+            self.quarantined_npcs.update(outcome.quarantined)
+            self.tiers_stale = True  # the frozen rows left their tiers: recount
         self.last_tick_duration_ms = outcome.duration_ms
         if self.ticks_processed == 1 or self.average_tick_duration_ms == 0.0:
             self.average_tick_duration_ms = outcome.duration_ms
@@ -289,9 +296,14 @@ class WorldSimulationContext:
         sessions_fingerprint: str,
         relevant_locations: frozenset[str],
         activity_counts: Mapping[str | None, int],
+        quarantined: Mapping[int, str] | None = None,
     ) -> None:
-        """Adopt a committed tier assignment and the inputs it was computed from."""
+        """Adopt a committed tier assignment and the inputs it was computed from.
+
+        ``quarantined`` replaces the quarantine: the assignment read every NPC row.
+        """
         self.tier_population = dict(counts)
+        self.quarantined_npcs = dict(quarantined or {})
         self.sessions_fingerprint = sessions_fingerprint
         self.tier_relevant_locations = relevant_locations
         self.activity_counts = {k: v for k, v in activity_counts.items() if v}
@@ -363,6 +375,7 @@ class WorldSimulationContext:
                 for name, n in sorted(self.activity_counts.items(), key=_by_name)
             },
             "tier_refreshes": self.tier_refreshes,
+            "quarantined_npcs": {str(npc): problem for npc, problem in sorted(self.quarantined_npcs.items())},
             "last_tick_duration_ms": self.last_tick_duration_ms,
             "average_tick_duration_ms": self.average_tick_duration_ms,
             "last_error": self.last_error,

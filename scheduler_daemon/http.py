@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
+import heapq
 import hmac
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 import structlog
 import uvicorn
-from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -48,8 +49,9 @@ from scheduler_daemon.metrics import SchedulerMetrics
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldNotRegisteredError
 from scheduler_daemon.settings import HttpSettings, SettingsError
+from scheduler_daemon.simulation.npc import SIMULATED_TIERS
 from scheduler_daemon.store.errors import is_database_error
-from scheduler_daemon.store.repository import ConfigVersionConflictError, WorldNotFoundError, WorldRecord
+from scheduler_daemon.store.repository import InvalidStoredWorldError, WorldNotFoundError, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, WorldConfigError, apply_patch, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.http")
@@ -67,6 +69,9 @@ MAX_JSON_DEPTH = 32
 READY_MAX_LOOP_LAG_SECONDS = 0.5
 #: ``/readyz`` database ping timeout.
 READY_DB_TIMEOUT_SECONDS = 2.0
+#: ``GET /api/v1/worlds`` page sizes: the default and the largest a client may ask for.
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 #: Largest token file read (a token is a few dozen bytes).
 MAX_TOKEN_BYTES = 4096
 #: systemd credential name (``LoadCredential=admin-token:…``).
@@ -183,7 +188,7 @@ class WorldSummary(_Wire):
 
     world_id: int
     name: str | None = None
-    state: Literal["running", "paused", "failing"]
+    state: Literal["running", "paused", "failing", "isolated"]
     world_time: float | None = Field(description="Committed world time, game seconds (null: isolated world)")
     world_time_human: str | None = Field(description="e.g. 'day 3 Wed 08:30'")
     time_scale: float | None
@@ -198,15 +203,35 @@ class WorldSummary(_Wire):
     jobs_enqueued_last_tick: int | None
     config_version: int
     last_error: str | None
-    isolated: bool = Field(description="Not ticking: the stored config or behaviour is invalid")
+    isolated: bool = Field(
+        description="Not ticking: its stored row, config or behaviour is invalid (lastError says why)"
+    )
+    quarantined_npcs: int = Field(default=0, description="NPC rows that cannot be decided, kept frozen until fixed")
     lease_owner: str | None = Field(
         default=None, description="Instance id of the daemon holding the world's lease (PostgreSQL; null: none)"
     )
     lease_epoch: int | None = Field(default=None, description="Fencing epoch of that lease")
 
 
+class PageQuery(BaseModel):
+    """``GET /api/v1/worlds`` query: a page of worlds by id (unknown parameters are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(
+        default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE, description=f"Worlds per page (at most {MAX_PAGE_SIZE})"
+    )
+    cursor: int | None = Field(default=None, ge=0, le=MAX_WORLD_ID, description="nextCursor of the previous page")
+
+
 class WorldList(_Wire):
+    """One page of worlds, by id."""
+
     worlds: list[WorldSummary]
+    next_cursor: int | None = Field(
+        default=None, description="Pass as ?cursor= for the next page; null on the last page"
+    )
+    total: int = Field(default=0, description="Worlds this daemon runs or has isolated, on every page")
 
 
 class PauseResponse(_Wire):
@@ -508,14 +533,36 @@ def create_app(backend: AdminBackend) -> FastAPI:
                 raise HTTPException(404, detail=f"world {world_id} is isolated: {broken.error}") from None
             raise HTTPException(404, detail=f"world {world_id} is not running on this daemon") from None
 
+    async def _change(world_id: int, change: Callable[[WorldRecord], Mapping[str, Any] | None]) -> WorldRecord:
+        """Read-modify-write the world's config under its row lock, then apply it before the world's next tick.
+
+        Concurrent writers are serialized by the database, each merging into
+        the latest version, so an unconditional change never conflicts.
+        """
+        try:
+            written = await store.change_world_simulation(world_id, change)
+        except WorldNotFoundError as exc:
+            raise HTTPException(404, detail=str(exc)) from None
+        except InvalidStoredWorldError as exc:
+            raise HTTPException(409, detail=f"{exc}; fix the stored row first") from None
+        if scheduler.is_registered(world_id):
+            try:
+                await runner.apply_world_config(world_id, written)
+            except (ValueError, LookupError) as exc:
+                # The stored config is valid, something else of the world is
+                # not (e.g. its behaviour content): discovery isolates it.
+                log.error("world could not apply its new config", world_id=world_id, error=str(exc))
+        return written
+
     async def _write_patch(world_id: int, patch: Any, if_match: str | None) -> tuple[WorldConfig, int]:
         """Merge, validate, persist with an incremented config_version, apply before the next tick."""
         if isinstance(patch, Mapping):
             problems = _storable_problems(patch)
             if problems:
                 raise _unprocessable(problems)
-        for _attempt in range(5):
-            record = await _get_world(world_id)
+        merged: list[WorldConfig] = []
+
+        def change(record: WorldRecord) -> Mapping[str, Any]:
             if if_match is not None and not _if_match_ok(if_match, record.config_version):
                 raise HTTPException(
                     412, detail=f"world {world_id}: config version is {record.config_version}, If-Match was {if_match}"
@@ -525,57 +572,90 @@ def create_app(backend: AdminBackend) -> FastAPI:
                 new_raw, config = apply_patch(current, patch, world_id=world_id, defaults=backend.scheduler_defaults)
             except WorldConfigError as exc:
                 raise _unprocessable(exc.errors) from None
-            try:
-                version = await store.update_world_simulation(
-                    world_id, new_raw, expected_version=record.config_version, current=record
-                )
-            except WorldNotFoundError as exc:
-                raise HTTPException(404, detail=str(exc)) from None
-            except ConfigVersionConflictError as exc:
-                if if_match is not None:
-                    raise HTTPException(412, detail=str(exc)) from None
-                continue  # someone else won the race: merge into their version
-            log.info("world config changed over the admin API", world_id=world_id, config_version=version, patch=patch)
-            if scheduler.is_registered(world_id):
-                written = dataclasses.replace(
-                    record, meta={**record.meta, "simulation": new_raw}, config_version=version
-                )
-                try:
-                    await runner.apply_world_config(world_id, written)
-                except (ValueError, WorldNotFoundError) as exc:
-                    # The stored config is valid, something else of the world is
-                    # not (e.g. its behaviour content): discovery isolates it.
-                    log.error("world could not apply its new config", world_id=world_id, error=str(exc))
-            return config, version
-        raise HTTPException(409, detail=f"world {world_id}: config keeps changing concurrently; retry")
+            merged.append(config)
+            return new_raw
+
+        written = await _change(world_id, change)
+        log.info(
+            "world config changed over the admin API",
+            world_id=world_id,
+            config_version=written.config_version,
+            patch=patch,
+        )
+        return merged[-1], written.config_version
 
     async def _pause(world_id: int, paused: bool, response: Response) -> PauseResponse:
-        record = await _get_world(world_id)
-        try:
-            config = parse_world_config(record.simulation_raw, world_id=world_id, defaults=backend.scheduler_defaults)
-        except WorldConfigError:
-            config = None
-        version = record.config_version
-        if config is None or config.pause_simulation != paused:
-            _, version = await _write_patch(world_id, {"pauseSimulation": paused}, None)
+        def change(record: WorldRecord) -> Mapping[str, Any] | None:
+            current = record.simulation_raw if isinstance(record.simulation_raw, Mapping) else {}
+            try:
+                if (
+                    parse_world_config(current, world_id=world_id, defaults=backend.scheduler_defaults).pause_simulation
+                    == paused
+                ):
+                    return None  # already so: idempotent, no new version
+            except WorldConfigError:
+                pass  # the patch below names what is invalid
+            try:
+                return apply_patch(
+                    current, {"pauseSimulation": paused}, world_id=world_id, defaults=backend.scheduler_defaults
+                )[0]
+            except WorldConfigError as exc:
+                raise _unprocessable(exc.errors) from None
+
+        written = await _change(world_id, change)
         world_time = (
             scheduler.get_context(world_id).current_world_time
             if scheduler.is_registered(world_id)
-            else float((await _get_world(world_id)).world_time or 0.0)
+            else float(written.world_time or 0.0)
         )
-        response.headers["ETag"] = _etag(version)
+        response.headers["ETag"] = _etag(written.config_version)
         return PauseResponse(world_id=world_id, paused=paused, world_time=world_time)
 
     v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)], responses=_ERRORS)
 
     @v1.get("/worlds", response_model=WorldList, response_model_by_alias=True, summary="Registered worlds")
-    async def list_worlds() -> WorldList:
-        """Worlds this daemon runs (and isolated ones), with state, world time, tick rate and last error."""
-        names = {w.id: w.name for w in await store.list_worlds()}
+    async def list_worlds(page_query: Annotated[PageQuery, Query()]) -> WorldList:
+        """Worlds this daemon runs (and isolated ones), by id, a page at a time.
+
+        State, world time, tick rate and last error come from the daemon's
+        memory; only the page's names are read from the database.
+        """
+        contexts = scheduler.get_all_contexts()
+        limit, after = page_query.limit, -1 if page_query.cursor is None else page_query.cursor
+        page = heapq.nsmallest(limit + 1, (w for w in itertools.chain(contexts, runner.broken) if w > after))
+        more = len(page) > limit
+        page = page[:limit]
+        names = await store.world_names(page)
         out: list[WorldSummary] = []
-        for world_id, ctx in sorted(scheduler.get_all_contexts().items()):
+        for world_id in page:
+            ctx = contexts.get(world_id)
+            if ctx is None:
+                broken = runner.broken[world_id]
+                out.append(
+                    WorldSummary(
+                        world_id=world_id,
+                        name=names.get(world_id),
+                        state="isolated",
+                        world_time=None,
+                        world_time_human=None,
+                        time_scale=None,
+                        tick_interval_seconds=None,
+                        tick_rate=None,
+                        lag_p99_seconds=None,
+                        ticks_processed=None,
+                        ticks_skipped=None,
+                        ticks_failed=None,
+                        npcs_per_tier={},
+                        npcs_simulated_total=None,
+                        jobs_enqueued_last_tick=None,
+                        config_version=broken.config_version,
+                        last_error=broken.error,
+                        isolated=True,
+                    )
+                )
+                continue
             rate, p99 = backend.metrics.recent_tick_stats(world_id)
-            stats = ctx.get_stats()
+            lease = scheduler.get_lease(world_id)
             out.append(
                 WorldSummary(
                     world_id=world_id,
@@ -590,55 +670,34 @@ def create_app(backend: AdminBackend) -> FastAPI:
                     ticks_processed=ctx.ticks_processed,
                     ticks_skipped=ctx.ticks_skipped,
                     ticks_failed=ctx.ticks_failed,
-                    npcs_per_tier=stats["npcs_per_tier"],
+                    npcs_per_tier={t.label: ctx.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
                     npcs_simulated_total=ctx.npcs_simulated_total,
                     jobs_enqueued_last_tick=ctx.jobs_enqueued_last_tick,
                     config_version=ctx.config_version,
                     last_error=ctx.last_error,
                     isolated=False,
-                    lease_owner=lease.owner if (lease := scheduler.get_lease(world_id)) else None,
+                    quarantined_npcs=len(ctx.quarantined_npcs),
+                    lease_owner=lease.owner if lease else None,
                     lease_epoch=lease.epoch if lease else None,
                 )
             )
-        for world_id, broken in sorted(runner.broken.items()):
-            out.append(
-                WorldSummary(
-                    world_id=world_id,
-                    name=names.get(world_id),
-                    state="failing",
-                    world_time=None,
-                    world_time_human=None,
-                    time_scale=None,
-                    tick_interval_seconds=None,
-                    tick_rate=None,
-                    lag_p99_seconds=None,
-                    ticks_processed=None,
-                    ticks_skipped=None,
-                    ticks_failed=None,
-                    npcs_per_tier={},
-                    npcs_simulated_total=None,
-                    jobs_enqueued_last_tick=None,
-                    config_version=broken.config_version,
-                    last_error=broken.error,
-                    isolated=True,
-                )
-            )
-        out.sort(key=lambda w: w.world_id)
-        return WorldList(worlds=out)
+        return WorldList(worlds=out, next_cursor=page[-1] if more else None, total=len(contexts) + len(runner.broken))
 
     @v1.get(
         "/worlds/{world_id}/scheduler/config",
         response_model=WorldConfig,
         response_model_by_alias=True,
-        responses={409: {"model": Detail, "description": "The stored config is invalid"}},
+        responses={409: {"model": Detail, "description": "The stored row or config is invalid"}},
         summary="Effective scheduler config",
     )
     async def get_config(world_id: WorldId, response: Response) -> WorldConfig:
         """The world's effective, validated config (stored config over the daemon's defaults). ETag: config version."""
         record = await _get_world(world_id)
         try:
-            config = parse_world_config(record.simulation_raw, world_id=world_id, defaults=backend.scheduler_defaults)
-        except WorldConfigError as exc:
+            config = parse_world_config(
+                record.require_valid().simulation_raw, world_id=world_id, defaults=backend.scheduler_defaults
+            )
+        except (WorldConfigError, InvalidStoredWorldError) as exc:
             raise HTTPException(409, detail=str(exc)) from None
         response.headers["ETag"] = _etag(record.config_version)
         return config
@@ -647,7 +706,10 @@ def create_app(backend: AdminBackend) -> FastAPI:
         "/worlds/{world_id}/scheduler/config",
         response_model=WorldConfig,
         response_model_by_alias=True,
-        responses={412: {"model": Detail, "description": "If-Match does not match the current config version"}},
+        responses={
+            409: {"model": Detail, "description": "The world's stored row cannot be used (its meta is not an object)"},
+            412: {"model": Detail, "description": "If-Match does not match the current config version"},
+        },
         summary="Change the scheduler config (partial)",
     )
     async def put_config(
@@ -670,12 +732,22 @@ def create_app(backend: AdminBackend) -> FastAPI:
         response.headers["ETag"] = _etag(version)
         return config
 
-    @v1.post("/worlds/{world_id}/scheduler/pause", response_model=PauseResponse, summary="Pause (idempotent)")
+    @v1.post(
+        "/worlds/{world_id}/scheduler/pause",
+        response_model=PauseResponse,
+        summary="Pause (idempotent)",
+        responses={409: {"model": Detail, "description": "The world's stored row cannot be used"}},
+    )
     async def pause(world_id: WorldId, response: Response) -> PauseResponse:
         """Freeze the world's clock (``pauseSimulation: true``, persisted)."""
         return await _pause(world_id, True, response)
 
-    @v1.post("/worlds/{world_id}/scheduler/resume", response_model=PauseResponse, summary="Resume (idempotent)")
+    @v1.post(
+        "/worlds/{world_id}/scheduler/resume",
+        response_model=PauseResponse,
+        summary="Resume (idempotent)",
+        responses={409: {"model": Detail, "description": "The world's stored row cannot be used"}},
+    )
     async def resume(world_id: WorldId, response: Response) -> PauseResponse:
         """Let the world's clock run again; resuming never jumps."""
         return await _pause(world_id, False, response)

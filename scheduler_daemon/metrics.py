@@ -50,8 +50,8 @@ if TYPE_CHECKING:
     from scheduler_daemon.runner import SchedulerLoopRunner
     from scheduler_daemon.scheduler import TickResult
 
-#: The world states of ``worldsched_worlds``; isolated worlds count as failing.
-WORLD_STATES = ("running", "paused", "failing")
+#: The world states of ``worldsched_worlds`` (isolated: not ticking, its stored row, config or behaviour is invalid).
+WORLD_STATES = ("running", "paused", "failing", "isolated")
 #: Tick outcomes of ``worldsched_ticks_total``.
 TICK_OUTCOMES = ("ok", "error", "timeout")
 
@@ -95,9 +95,15 @@ class _StateCollector(Collector):
             "Largest game-time lag of an NPC decision in the last tick, over all worlds, per tier",
             labels=["tier"],
         )
+        quarantined = GaugeMetricFamily(
+            "worldsched_quarantined_rows",
+            "Rows of the registered worlds that cannot be read (NPCs kept frozen, sessions left out of tiering)",
+            labels=["table"],
+        )
         states = dict.fromkeys(WORLD_STATES, 0)
         population = dict.fromkeys(Tier, 0)
         max_lag: dict[Tier, float] = {}
+        bad_npcs = bad_sessions = 0
         runner = m.runner
         if runner is not None:
             for world_id, ctx in sorted(runner.scheduler.get_all_contexts().items()):
@@ -107,7 +113,11 @@ class _StateCollector(Collector):
                     population[tier] = population.get(tier, 0) + count
                 for tier, value in ctx.decision_lag_per_tier.items():
                     max_lag[tier] = max(max_lag.get(tier, 0.0), value)
-            states["failing"] += len(runner.broken)
+                bad_npcs += len(ctx.quarantined_npcs)
+            states["isolated"] = len(runner.broken)
+            bad_sessions = runner.scheduler.ignored_sessions
+        quarantined.add_metric(["npcs"], bad_npcs)
+        quarantined.add_metric(["sessions"], bad_sessions)
         for state, count in states.items():
             worlds.add_metric([state], count)
         for tier in Tier:
@@ -118,6 +128,7 @@ class _StateCollector(Collector):
         yield world_time
         yield npcs
         yield lag
+        yield quarantined
 
         ok, success_at = m.reload_status() if m.reload_status is not None else (True, None)
         yield GaugeMetricFamily(

@@ -40,8 +40,8 @@ from scheduler_daemon.retry import first_line, retry_after, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.tiers import NO_SESSIONS_FINGERPRINT
 from scheduler_daemon.store.errors import is_database_error, is_transient
-from scheduler_daemon.store.leases import LeaseLostError
-from scheduler_daemon.store.repository import StaleWorldStateError, WorldNotFoundError, WorldRecord
+from scheduler_daemon.store.leases import Lease, LeaseLostError
+from scheduler_daemon.store.repository import ActiveSessions, StaleWorldStateError, WorldRecord
 
 log = structlog.get_logger("scheduler_daemon.runner")
 
@@ -49,6 +49,11 @@ log = structlog.get_logger("scheduler_daemon.runner")
 # (watchdog progress) never depends on having worlds.
 _IDLE_WAKE_SECONDS = 1.0
 _DISCOVERY_YIELD_EVERY = 500
+#: Worlds registered per transaction (one statement of each kind for all of them).
+_REGISTER_CHUNK = 250
+#: An isolated world is tried again this often even if its config version did not move
+#: (a fix of its state row or of a value the version does not cover).
+BROKEN_RETRY_SECONDS = 30.0
 # Smallest batch a dispatch is split into to spread it over the workers: below
 # it a batch's fixed statements (due NPCs, backlog, clock moves, savepoint,
 # COMMIT) weigh more than the overlap of batches gains.
@@ -191,6 +196,14 @@ class _SlotLock(_FifoGate):
         self._held = False
 
 
+class WorldSource(Protocol):
+    """What discovery reads: the worlds that should run, and every active session."""
+
+    async def discover_active_worlds(self) -> dict[int, int]: ...
+
+    async def active_session_views(self) -> ActiveSessions: ...
+
+
 class TickObserver(Protocol):
     """Receives runner events (metrics implement this).
 
@@ -312,11 +325,12 @@ class _Slot:
 
 @dataclass(slots=True)
 class BrokenWorld:
-    """A world that could not be registered (invalid config or behaviour)."""
+    """A world that could not be registered (an unusable stored row, invalid config or behaviour)."""
 
     world_id: int
     config_version: int
     error: str
+    retry_at: float = math.inf  # clock time of the next registration attempt without a version change
 
 
 class SchedulerLoopRunner:
@@ -344,6 +358,8 @@ class SchedulerLoopRunner:
         leases: LeaseKeeper | None = None,
     ) -> None:
         self.scheduler = scheduler
+        #: Where discovery reads which worlds should run and their sessions.
+        self.worlds: WorldSource = scheduler.store
         self.leases = leases
         self.clock: Clock = clock or MonotonicClock()
         self.max_concurrent_ticks = max_concurrent_ticks
@@ -362,6 +378,8 @@ class SchedulerLoopRunner:
         self.idle_wake_seconds = _IDLE_WAKE_SECONDS
         #: Set once the first discovery pass has finished (successfully or not).
         self.discovered = asyncio.Event()
+        #: (worlds registered, worlds to register) of the current discovery pass.
+        self.registration = (0, 0)
         self.ticks_ok = 0
         self.ticks_failed = 0
         self._slots: dict[int, _Slot] = {}
@@ -416,26 +434,50 @@ class SchedulerLoopRunner:
 
         The first tick is due one interval from now, or at ``first_deadline``
         (on this runner's clock) to spread worlds over the interval. With
-        leases, only a world whose lease we hold is registered.
+        leases, only a world whose lease we hold is registered. Raises what
+        :meth:`~scheduler_daemon.scheduler.WorldScheduler.register_world` raises.
         """
-        lease = self.leases.lease_for(world_id) if self.leases is not None else None
-        if self.leases is not None and lease is None:
-            # Lost (or given up) while discovery was busy: never tick a world unfenced.
-            log.info("world not registered: its lease is no longer ours", world_id=world_id)
-            return
-        ctx = await self.scheduler.register_world(world_id, lease=lease)
+        failed = await self.add_worlds([world_id], first_deadline=first_deadline)
+        if world_id in failed:
+            raise failed[world_id]
+
+    async def add_worlds(
+        self, world_ids: Sequence[int], *, first_deadline: float | None = None
+    ) -> dict[int, Exception]:
+        """Register several worlds in one transaction and schedule them; returns the ones that failed.
+
+        A world that cannot be registered (its error names it and the field)
+        is left out and returned; the others are registered.
+        """
+        requests: list[tuple[int, Lease | None]] = []
+        for world_id in world_ids:
+            lease = self.leases.lease_for(world_id) if self.leases is not None else None
+            if self.leases is not None and lease is None:
+                # Lost (or given up) while discovery was busy: never tick a world unfenced.
+                log.info("world not registered: its lease is no longer ours", world_id=world_id)
+                continue
+            requests.append((world_id, lease))
+        if not requests:
+            return {}
+        answers = await self.scheduler.register_worlds(requests)
+        failed: dict[int, Exception] = {}
         now = self.clock.now()
-        interval = ctx.config.tick_interval_seconds
-        anchor = now if first_deadline is None else first_deadline - interval
-        slot = _Slot(world_id, ctx, interval=interval, anchor=anchor, k=1, last_tick_at=now, tiers_at=now)
-        old = self._slots.get(world_id)
-        if old is not None:
-            old.removed = True
-        self._slots[world_id] = slot
-        self.broken.pop(world_id, None)
-        self._push(slot)
-        if self.observer:
-            self.observer.world_registered(world_id)
+        for world_id, answer in answers.items():
+            if isinstance(answer, Exception):
+                failed[world_id] = answer
+                continue
+            interval = answer.config.tick_interval_seconds
+            anchor = now if first_deadline is None else first_deadline - interval
+            slot = _Slot(world_id, answer, interval=interval, anchor=anchor, k=1, last_tick_at=now, tiers_at=now)
+            old = self._slots.get(world_id)
+            if old is not None:
+                old.removed = True
+            self._slots[world_id] = slot
+            self.broken.pop(world_id, None)
+            self._push(slot)
+            if self.observer:
+                self.observer.world_registered(world_id)
+        return failed
 
     async def remove_world(self, world_id: int) -> None:
         """Stop ticking a world (waits for its in-flight tick) and unregister it."""
@@ -500,9 +542,15 @@ class SchedulerLoopRunner:
             return result
 
     async def discover(self) -> None:
-        """Register newly active worlds, drop inactive ones, pick up config changes."""
-        store = self.scheduler.store
-        active = await store.discover_active_worlds()
+        """Register newly active worlds, drop inactive ones, pick up config changes.
+
+        New worlds are registered in chunks of ``_REGISTER_CHUNK`` (one
+        transaction each); :attr:`registration` tells how far the pass got.
+        A world that cannot be registered is isolated (:attr:`broken`) with
+        the reason, logged once, and tried again when its config version moves
+        or after ``BROKEN_RETRY_SECONDS``.
+        """
+        active = await self.worlds.discover_active_worlds()
         if self.leases is not None:
             active = await self._balance(active)
         for world_id in sorted(self._slots.keys() - active.keys()):
@@ -510,34 +558,45 @@ class SchedulerLoopRunner:
         for world_id in self.broken.keys() - active.keys():
             del self.broken[world_id]
         # Only worlds that are new, or whose version moved, are looked at one
-        # by one. The registered worlds are compared in chunks with due ticks
-        # running between them: at 10,000 worlds one pass in a single loop
-        # step (even as a set difference in C) held ticks up by 5-20 ms.
-        broken = self.broken
-        todo = {
-            w for w in active.keys() - self._slots.keys() if w not in broken or broken[w].config_version != active[w]
-        }
+        # by one; the registered worlds are compared in chunks with due ticks
+        # running between them.
+        broken, now = self.broken, self.clock.now()
+        new = sorted(
+            w
+            for w in active.keys() - self._slots.keys()
+            if w not in broken or broken[w].config_version != active[w] or now >= broken[w].retry_at
+        )
+        changed: list[int] = []
         async for chunk in _in_chunks(list(self._slots.items())):
-            todo.update(w for w, s in chunk if s.ctx.config_version != active.get(w, s.ctx.config_version))
-        for n, world_id in enumerate(sorted(todo), 1):
+            changed += (w for w, s in chunk if s.ctx.config_version != active.get(w, s.ctx.config_version))
+        self.registration = (0, len(new))
+        for start in range(0, len(new), _REGISTER_CHUNK):
+            batch = new[start : start + _REGISTER_CHUNK]
+            for world_id, exc in (await self.add_worlds(batch)).items():
+                self._isolate(world_id, active[world_id], exc)
+            self.registration = (min(start + _REGISTER_CHUNK, len(new)), len(new))
+            await asyncio.sleep(0)
+        for n, world_id in enumerate(sorted(changed), 1):
             if n % _DISCOVERY_YIELD_EVERY == 0:
                 await asyncio.sleep(0)
-            version = active[world_id]
+            slot = self._slots.get(world_id)
+            if slot is None or slot.ctx.config_version == active[world_id]:
+                continue
             try:
-                slot = self._slots.get(world_id)
-                if slot is not None:
-                    if slot.ctx.config_version != version:
-                        await self.apply_world_config(world_id)
-                elif world_id not in self.broken or self.broken[world_id].config_version != version:
-                    await self.add_world(world_id)
-            except (ValueError, WorldNotFoundError) as exc:
-                # Invalid stored config/behaviour: isolate this world only, with
-                # a message naming it and the field; retry when its version changes.
-                if world_id in self._slots:
-                    await self.remove_world(world_id)
-                self.broken[world_id] = BrokenWorld(world_id, version, str(exc))
-                log.error("world isolated", world_id=world_id, config_version=version, error=str(exc))
+                await self.apply_world_config(world_id)
+            except (ValueError, LookupError) as exc:
+                # Invalid stored config/behaviour: isolate this world only.
+                await self.remove_world(world_id)
+                self._isolate(world_id, active[world_id], exc)
         await self.refresh_tiers()
+
+    def _isolate(self, world_id: int, version: int, exc: Exception) -> None:
+        """Keep a world that cannot run out of ticking, with its reason; logged once per reason."""
+        error = str(exc)
+        before = self.broken.get(world_id)
+        self.broken[world_id] = BrokenWorld(world_id, version, error, self.clock.now() + BROKEN_RETRY_SECONDS)
+        if before is None or before.error != error:
+            log.error("world isolated", world_id=world_id, config_version=version, error=error)
 
     async def refresh_tiers(self) -> list[int]:
         """Recompute tiers of the registered worlds whose tier inputs changed.
@@ -552,7 +611,9 @@ class SchedulerLoopRunner:
         what no fingerprint sees (NPCs added, removed or re-homed by the game
         backend). Returns the worlds recomputed.
         """
-        sessions = await self.scheduler.store.active_session_views()
+        read = await self.worlds.active_session_views()
+        self.scheduler.note_ignored_sessions(read.ignored)
+        sessions = read.views
         refreshed: list[int] = []
         now, max_age = self.clock.now(), self.tier_refresh_max_seconds
         # A cheap superset of the worlds to recompute first (nobody online, no
@@ -919,7 +980,10 @@ class SchedulerLoopRunner:
                     if self.leases is not None:
                         self.leases.renewed_by_tick(slot.world_id, started)
                 elif isinstance(answer, LeaseLostError):
-                    # Nothing was written (the fence failed first): drop the world at once.
+                    # Nothing was written (the fence failed first): drop the world at
+                    # once, unless the fence failed only because its state row was deleted.
+                    if await self._restored(slot):
+                        continue
                     outcomes[i] = "lease_lost"
                     await self._drop_lost_in_tick(slot, reason="fence")
                 elif isinstance(answer, TimeoutError):
@@ -975,6 +1039,13 @@ class SchedulerLoopRunner:
                 self.ticks_failed += 1
             if reschedule:
                 self._reschedule(slot, ok=outcome == "ok", now=now)
+
+    async def _restored(self, slot: _Slot) -> bool:
+        try:
+            return await self.scheduler.restore_missing_state(slot.world_id)
+        except Exception as exc:
+            log.error("world state row check failed", world_id=slot.world_id, error=first_line(exc))
+            return False
 
     async def _resync(self, slot: _Slot) -> None:
         try:

@@ -43,8 +43,18 @@ from scheduler_daemon.simulation.tiers import (
 from scheduler_daemon.store import chains as chain_sql
 from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.errors import is_transient
-from scheduler_daemon.store.leases import Lease, fence_tick
-from scheduler_daemon.store.repository import DueWork, StaleWorldStateError, Store, WorldAdvance, WorldRecord
+from scheduler_daemon.store.leases import Lease, fence_tick, lease_columns
+from scheduler_daemon.store.repository import (
+    ActiveSessions,
+    DueWork,
+    IgnoredSession,
+    QuarantinedNpc,
+    StaleWorldStateError,
+    Store,
+    WorldAdvance,
+    WorldNotFoundError,
+    WorldRecord,
+)
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
@@ -138,9 +148,11 @@ class WorldScheduler:
         self.sink_timeout_seconds = sink_timeout_seconds
         self.on_commit = on_commit
         self._worlds: dict[int, _World] = {}
+        self._ignored_sessions: dict[int, str] = {}  # session id -> why tiering cannot read it
 
     # ------------------------------------------------------------ registry
     def _load(self, record: WorldRecord) -> tuple[WorldConfig, BehaviorContent]:
+        record.require_valid()
         config = parse_world_config(record.simulation_raw, world_id=record.id, defaults=self.defaults)
         behavior = parse_behavior(record.id, record.meta.get("behavior"))
         return config, behavior
@@ -152,36 +164,74 @@ class WorldScheduler:
         :mod:`scheduler_daemon.store.leases`); register only after claiming,
         so the clock loaded here is the last one any owner committed.
 
-        Raises :class:`~scheduler_daemon.world_config.WorldConfigError` or
+        Raises :class:`~scheduler_daemon.store.repository.InvalidStoredWorldError`,
+        :class:`~scheduler_daemon.world_config.WorldConfigError` or
         :class:`~scheduler_daemon.simulation.behavior.BehaviorContentError` naming
-        the world and the field when its stored config (``tierRules``
+        the world and the field when its stored row, config (``tierRules``
         included) or behaviour content is invalid; the world is then not
         registered and nothing else is affected. Tiers are assigned from the
         world's current sessions before the first tick.
         """
-        record = await self.store.ensure_world_state(world_id)
-        config, behavior = self._load(record)
-        ctx = WorldSimulationContext(
-            world_id,
-            config,
-            world_time=float(record.world_time or 0.0),
-            ticks=int(record.ticks or 0),
-            config_version=record.config_version,
-        )
-        entry = _World(ctx, behavior, lease=lease)
-        await self._assign_tiers(entry, None)
-        self._worlds[world_id] = entry
-        log.info(
-            "world registered",
-            world_id=world_id,
-            name=record.name,
-            world_time=ctx.current_world_time,
-            time_scale=config.time_scale,
-            tick_interval_seconds=config.tick_interval_seconds,
-            paused=config.pause_simulation,
-            lease_epoch=lease.epoch if lease else None,
-        )
-        return ctx
+        answer = (await self.register_worlds([(world_id, lease)]))[world_id]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def register_worlds(
+        self, requests: Sequence[tuple[int, Lease | None]]
+    ) -> dict[int, WorldSimulationContext | Exception]:
+        """Register several worlds (``(world_id, lease)`` each) in one transaction.
+
+        Missing state rows are created, the worlds loaded, and their tiers
+        assigned with one statement of each kind for all of them, so
+        registering thousands of worlds costs a few transactions, not several
+        per world. Each world is checked on its own: one that cannot be
+        registered gets its exception as its answer (see
+        :meth:`register_world`) and the others are registered. A database
+        error fails the whole call.
+        """
+        leases = dict(requests)
+        answers: dict[int, WorldSimulationContext | Exception] = {}
+        entries: dict[int, _World] = {}
+        async with self.store.transaction() as conn:
+            created = await self.store.create_missing_states(conn, list(leases))
+            records = await self.store.load_worlds(conn, list(leases))
+            for world_id, lease in leases.items():
+                record = records.get(world_id)
+                try:
+                    if record is None:
+                        raise WorldNotFoundError(world_id)
+                    config, behavior = self._load(record)
+                except (ValueError, LookupError) as exc:
+                    answers[world_id] = exc
+                    continue
+                ctx = WorldSimulationContext(
+                    world_id,
+                    config,
+                    world_time=float(record.world_time or 0.0),
+                    ticks=int(record.ticks or 0),
+                    config_version=record.config_version,
+                )
+                entries[world_id] = _World(ctx, behavior, lease=lease)
+            assigned = await self._compute_tiers(conn, entries, None) if entries else {}
+        if created:
+            log.info("world state rows created at world time 0", world_ids=created)
+        for world_id, entry in entries.items():
+            self._adopt_tiers(entry, assigned[world_id])
+            self._worlds[world_id] = entry
+            ctx, config = entry.context, entry.context.config
+            log.info(
+                "world registered",
+                world_id=world_id,
+                name=records[world_id].name,
+                world_time=ctx.current_world_time,
+                time_scale=config.time_scale,
+                tick_interval_seconds=config.tick_interval_seconds,
+                paused=config.pause_simulation,
+                lease_epoch=entry.lease.epoch if entry.lease else None,
+            )
+            answers[world_id] = ctx
+        return answers
 
     def get_lease(self, world_id: int) -> Lease | None:
         """The lease a registered world's ticks are fenced on (``None``: single instance)."""
@@ -244,56 +294,141 @@ class WorldScheduler:
         """
         return await self._assign_tiers(self._require(world_id), sessions)
 
+    def note_ignored_sessions(self, ignored: Sequence[IgnoredSession]) -> None:
+        """Report session rows tiering cannot read: once each when first seen, and once when fixed.
+
+        ``ignored`` is the complete list from a read of every active session.
+        """
+        now = {s.session_id: s for s in ignored}
+        for session_id, session in now.items():
+            if self._ignored_sessions.get(session_id) != session.problem:
+                log.warning(
+                    "session ignored for tiering: its row cannot be read",
+                    world_id=session.world_id,
+                    session_id=session_id,
+                    problem=session.problem,
+                )
+        for session_id in self._ignored_sessions.keys() - now.keys():
+            log.info("session readable again", session_id=session_id)
+        self._ignored_sessions = {session_id: s.problem for session_id, s in now.items()}
+
+    @property
+    def ignored_sessions(self) -> int:
+        """Active session rows left out of tiering because they cannot be read."""
+        return len(self._ignored_sessions)
+
     async def _assign_tiers(self, entry: _World, sessions: Sequence[SessionView] | None) -> TierAssignment:
-        ctx = entry.context
-        config = ctx.config
-        now = ctx.current_world_time
-        intervals = config.tiers.intervals()
+        world_id = entry.context.world_id
+        views = None if sessions is None else ActiveSessions({world_id: list(sessions)}, [])
         async with self.store.transaction() as conn:
-            if sessions is None:
-                sessions = await self.store.session_views(conn, ctx.world_id)
-            records = await self.store.npc_placements(conn, ctx.world_id)
+            assigned = (await self._compute_tiers(conn, {world_id: entry}, views))[world_id]
+        self._adopt_tiers(entry, assigned)
+        return assigned.assignment
+
+    async def _compute_tiers(
+        self, conn: AsyncConnection, entries: Mapping[int, _World], sessions: ActiveSessions | None
+    ) -> dict[int, _Assigned]:
+        """Assign the tiers of several worlds from their sessions and write the changed ones (one statement).
+
+        NPC rows that cannot be decided are quarantined: frozen, outside every
+        capacity, until a later assignment finds them readable again.
+        """
+        if sessions is None:
+            sessions = await self.store.session_views_many(conn, list(entries))
+        placements = await self.store.npc_placements_many(conn, list(entries))
+        changes: dict[int, dict[int, tuple[Tier, float | None]]] = {}
+        out: dict[int, _Assigned] = {}
+        for world_id, entry in entries.items():
+            config = entry.context.config
+            now = entry.context.current_world_time
+            intervals = config.tiers.intervals()
+            records = placements.get(world_id, [])
+            views = sessions.views.get(world_id, [])
+            quarantined = {r.placement.id: r.problem for r in records if r.problem is not None}
             assignment = assign_tiers(
-                (r.placement for r in records), sessions, config.tiers.capacities(), config.tier_rules
+                (r.placement for r in records if r.problem is None),
+                views,
+                config.tiers.capacities(),
+                config.tier_rules,
             )
-            changes: dict[int, tuple[Tier, float | None]] = {}
+            per_world: dict[int, tuple[Tier, float | None]] = {}
             for record in records:
-                new = assignment.tiers[record.placement.id]
+                new = Tier.FROZEN if record.problem is not None else assignment.tiers[record.placement.id]
                 if new != record.tier:
                     # A promoted NPC is decided at its new cadence within one
                     # new interval, not after its old (coarser) one.
-                    due_by = now + intervals[new] if new < record.tier and new != Tier.FROZEN else None
-                    changes[record.placement.id] = (new, due_by)
-            await self.store.write_tier_changes(conn, ctx.world_id, changes)
-        activities: dict[str | None, int] = {}
-        for record in records:
-            activities[record.current_activity] = activities.get(record.current_activity, 0) + 1
+                    promoted = new != Tier.FROZEN and (record.tier is None or new < record.tier)
+                    per_world[record.placement.id] = (new, now + intervals[new] if promoted else None)
+            changes[world_id] = per_world
+            counts = dict(assignment.counts)
+            counts[Tier.FROZEN] = counts.get(Tier.FROZEN, 0) + len(quarantined)
+            activities: dict[str | None, int] = {}
+            for record in records:
+                activities[record.current_activity] = activities.get(record.current_activity, 0) + 1
+            out[world_id] = _Assigned(assignment, counts, views, activities, quarantined, len(per_world))
+        await self.store.write_tier_changes(conn, changes)
+        return out
+
+    def _adopt_tiers(self, entry: _World, assigned: _Assigned) -> None:
+        """After the assignment's commit: the context takes it over; quarantine changes are logged."""
+        ctx = entry.context
+        _log_quarantine(ctx.world_id, ctx.quarantined_npcs, assigned.quarantined)
         ctx.record_tier_assignment(
-            assignment.counts,
-            sessions_fingerprint=sessions_fingerprint(sessions),
-            relevant_locations=tier_relevant_locations(sessions, config.tier_rules),
-            activity_counts=activities,
+            assigned.counts,
+            sessions_fingerprint=sessions_fingerprint(assigned.sessions),
+            relevant_locations=tier_relevant_locations(assigned.sessions, ctx.config.tier_rules),
+            activity_counts=assigned.activities,
+            quarantined=assigned.quarantined,
         )
         log.debug(
             "tiers assigned",
             world_id=ctx.world_id,
-            sessions=len(sessions),
-            changed=len(changes),
-            population={t.label: n for t, n in assignment.counts.items()},
+            sessions=len(assigned.sessions),
+            changed=assigned.changed,
+            population={t.label: n for t, n in assigned.counts.items()},
         )
-        return assignment
 
     async def resync_world(self, world_id: int) -> WorldSimulationContext:
         """Reload a registered world's committed clock from the database.
 
         Used when a commit's outcome is unknown (e.g. the connection dropped
-        during COMMIT) or the state row moved underneath us.
+        during COMMIT) or the state row moved underneath us. A state row
+        that is gone is recreated from the context's clock (see
+        :meth:`restore_missing_state`).
         """
         entry = self._require(world_id)
-        record = await self.store.get_world(world_id)
+        record = (await self.store.get_world(world_id)).require_valid()
+        if record.world_time is None and await self.restore_missing_state(world_id):
+            return entry.context
         entry.context.resync(float(record.world_time or 0.0), int(record.ticks or 0), record.last_advanced_at)
         log.warning("world state resynchronised", world_id=world_id, world_time=record.world_time, ticks=record.ticks)
         return entry.context
+
+    async def restore_missing_state(self, world_id: int) -> bool:
+        """Recreate a registered world's deleted ``world_states`` row from its last committed clock.
+
+        Returns False (nothing written) when the row exists. The world's
+        lease, if it has one, is put on the new row, so its fenced ticks go on.
+        """
+        entry = self._require(world_id)
+        ctx = entry.context
+        async with self.store.transaction() as conn:
+            restored = await self.store.restore_world_state(
+                conn,
+                world_id,
+                world_time=ctx.current_world_time,
+                ticks=ctx.ticks_processed,
+                advanced_at=None,
+                lease_columns=lease_columns(entry.lease) if entry.lease is not None else None,
+            )
+        if restored:
+            log.warning(
+                "world state row was missing; recreated from the last committed clock",
+                world_id=world_id,
+                world_time=ctx.current_world_time,
+                ticks=ctx.ticks_processed,
+            )
+        return restored
 
     async def unregister_world(self, world_id: int) -> None:
         """Stop tracking a world. Its state is already persisted by every committed tick."""
@@ -437,13 +572,14 @@ class WorldScheduler:
         extra round trips per world on every tick.)
         """
         async with self.store.transaction() as conn:
-            due = await self.store.select_due_npcs_many(
+            selected = await self.store.select_due_npcs_many(
                 conn,
                 [
                     (p.entry.context.world_id, p.plan.world_time_after, p.entry.context.config.max_npc_ticks_per_step)
                     for p in work
                 ],
             )
+            due = selected.npcs
             full = [
                 (p.entry.context.world_id, p.plan.world_time_after, last_taken(due[p.entry.context.world_id]))
                 for p in work
@@ -451,6 +587,7 @@ class WorldScheduler:
             ]
             reads = _GroupReads(
                 due=due,
+                quarantined=selected.quarantined,
                 pending=await self.store.due_work_many(
                     conn, [(p.entry.context.world_id, p.plan.world_time_after) for p in work]
                 ),
@@ -533,6 +670,11 @@ class WorldScheduler:
                 # Lock the state row under our lease before any write, so a lost
                 # lease writes nothing and no claim can slip in before COMMIT.
                 await fence_tick(conn, entry.lease)
+            bad = reads.quarantined.get(ctx.world_id)
+            if bad:
+                # Out of the selection until fixed; its row itself is left as it is.
+                await self.store.write_tier_changes(conn, {ctx.world_id: {q.npc_id: (Tier.FROZEN, None) for q in bad}})
+                outcome.quarantined = {q.npc_id: q.problem for q in bad}
             _count_tiers(due, now, outcome)
             for tier, next_at in reads.waiting.get(ctx.world_id, {}).items():
                 lag = now - next_at
@@ -596,6 +738,8 @@ class WorldScheduler:
         plan = planned.plan
         outcome.duration_ms = (time.perf_counter() - planned.started) * 1000.0
         was_lagging = ctx.lagging_tiers
+        if outcome.quarantined:
+            _log_quarantine(ctx.world_id, ctx.quarantined_npcs, {**ctx.quarantined_npcs, **outcome.quarantined})
         ctx.apply_tick(plan, outcome)
         _log_lag_transition(ctx, was_lagging)
         entry = planned.entry
@@ -807,10 +951,23 @@ class _Body:
 
 
 @dataclass(frozen=True, slots=True)
+class _Assigned:
+    """A tier assignment computed inside a transaction, for the context to adopt after the commit."""
+
+    assignment: TierAssignment
+    counts: dict[Tier, int]  # population per tier, quarantined rows counted as frozen
+    sessions: list[SessionView]
+    activities: dict[str | None, int]
+    quarantined: dict[int, str]
+    changed: int
+
+
+@dataclass(frozen=True, slots=True)
 class _GroupReads:
     """What a grouped tick reads once for all its worlds, before their bodies (by world id)."""
 
     due: Mapping[int, list[NpcState]]  # due NPCs, in decision order
+    quarantined: Mapping[int, list[QuarantinedNpc]]  # rows the selection found undecidable
     pending: Mapping[int, DueWork]  # chain steps / generation claims to do
     waiting: Mapping[int, Mapping[Tier, float]]  # worlds with a full budget: oldest left waiting per tier
 
@@ -860,3 +1017,12 @@ def _log_lag_transition(ctx: WorldSimulationContext, was_lagging: frozenset[Tier
         )
     elif was_lagging and not ctx.lagging_tiers:
         log.info("npc decision lag recovered", decision_lag_seconds=lags)
+
+
+def _log_quarantine(world_id: int, before: Mapping[int, str], after: Mapping[int, str]) -> None:
+    """WARNING once per NPC row entering quarantine (or with a new problem), INFO once when it leaves."""
+    for npc_id, problem in after.items():
+        if before.get(npc_id) != problem:
+            log.warning("npc quarantined: its row cannot be decided", world_id=world_id, npc_id=npc_id, problem=problem)
+    for npc_id in before.keys() - after.keys():
+        log.info("npc released from quarantine", world_id=world_id, npc_id=npc_id)

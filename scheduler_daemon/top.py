@@ -37,18 +37,37 @@ class TopError(Exception):
     """The daemon could not be queried; the message says why in one line."""
 
 
+#: Worlds per request: the admin API's largest page.
+PAGE_SIZE = 1000
+
+
 def fetch_worlds(url: str, token: str | None, *, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """``GET {url}/api/v1/worlds`` and return its worlds."""
+    """``GET {url}/api/v1/worlds``, page by page, and return every world."""
     if not url.startswith(("http://", "https://")):
         raise TopError(f"--url must start with http:// or https://, got {url!r}")
-    request = urllib.request.Request(  # noqa: S310 (scheme checked above)
-        url.rstrip("/") + "/api/v1/worlds", headers={"Accept": "application/json"}
+    worlds: list[dict[str, Any]] = []
+    cursor: int | None = None
+    while True:
+        query = f"?limit={PAGE_SIZE}" + (f"&cursor={cursor}" if cursor is not None else "")
+        body = _get(url, "/api/v1/worlds" + query, token, timeout)
+        page = body.get("worlds") if isinstance(body, dict) else None
+        if not isinstance(page, list):
+            raise TopError(f"{url}: unexpected answer (is this a scheduler-daemon?)")
+        worlds += page
+        cursor = body.get("nextCursor")
+        if not isinstance(cursor, int):
+            return worlds
+
+
+def _get(url: str, path: str, token: str | None, timeout: float) -> Any:
+    request = urllib.request.Request(  # noqa: S310 (scheme checked by the caller)
+        url.rstrip("/") + path, headers={"Accept": "application/json"}
     )
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (operator-given URL)
-            body = json.loads(response.read())
+            return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             raise TopError(f"{url}: 401 unauthorized (pass --token-file with the admin token)") from None
@@ -57,10 +76,6 @@ def fetch_worlds(url: str, token: str | None, *, timeout: float = 5.0) -> list[d
         raise TopError(f"cannot reach {url}: {exc.reason}") from None
     except (OSError, ValueError) as exc:
         raise TopError(f"{url}: {exc}") from None
-    worlds = body.get("worlds") if isinstance(body, dict) else None
-    if not isinstance(worlds, list):
-        raise TopError(f"{url}: unexpected answer (is this a scheduler-daemon?)")
-    return worlds
 
 
 def _world_time(seconds: float | None) -> str:

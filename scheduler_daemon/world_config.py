@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
@@ -80,7 +80,9 @@ class WorldConfig(ConfigModel):
     max_chain_steps_per_step: int = Field(default=100, ge=0, le=1_000_000)
     pause_simulation: bool = False
     max_catch_up_seconds: float = Field(default=60.0, gt=0, le=86400)
-    always_on: bool = False
+    #: Strict: discovery reads it in SQL as a JSON boolean, so ``1`` or ``"yes"``
+    #: (which a lax bool would accept) must isolate the world, not run it.
+    always_on: StrictBool = False
     tiers: TiersConfig = TiersConfig()
     #: Rule-based tier pins (see :class:`~scheduler_daemon.simulation.tiers.TierRule`);
     #: strict: an unknown key inside a rule is an error, not kept.

@@ -166,11 +166,11 @@ async def test_batched_selection_matches_the_per_world_selection(store: Store) -
         many = await store.select_due_npcs_many(conn, requests)
         for world_id, world_time, limit in requests:
             one = await store.select_due_npcs(conn, world_id, world_time, limit)
-            assert [n.id for n in many[world_id]] == [n.id for n in one]
+            assert [n.id for n in many.npcs[world_id]] == [n.id for n in one]
             due = [n for n in population[world_id] if n.tier != Tier.FROZEN and n.next_decision_at <= world_time]
             expected = sorted(due, key=lambda n: (n.tier, n.next_decision_at, n.id))[:limit]
             assert [n.id for n in one] == [n.id for n in expected]
-    assert many[worlds[3]] == []
+    assert many.npcs[worlds[3]] == [] and many.quarantined == {}
 
 
 async def test_runner_groups_due_worlds_and_a_failing_world_ticks_alone(store: Store) -> None:

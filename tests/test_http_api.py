@@ -123,7 +123,7 @@ async def test_list_worlds_with_states_and_isolated_worlds(api: Api) -> None:
     assert worlds[running]["lastError"] is None
     assert sum(worlds[running]["npcsPerTier"].values()) >= 0
     assert worlds[paused]["state"] == "paused" and worlds[paused]["worldTime"] == 0.0
-    assert worlds[broken]["state"] == "failing" and worlds[broken]["isolated"] is True
+    assert worlds[broken]["state"] == "isolated" and worlds[broken]["isolated"] is True
     assert "timeScale" in worlds[broken]["lastError"]
 
 
@@ -384,7 +384,7 @@ async def test_generation_complete_without_a_job_queue_is_404(api: Api) -> None:
 
 async def test_generation_complete_against_the_real_job_queue(api: Api) -> None:
     world_id = await running_world(api)
-    (session,) = await api.store.active_sessions(world_id)
+    (session,) = (await api.store.active_session_views()).views[world_id]
     request_id = await jobs.create_request(api.store, world_id, session.id, "portrait", {"prompt": "a fox"})
     api.backend.complete_generation = functools.partial(jobs.complete_for_api, api.store)
     url = f"/api/v1/generation/{request_id}/complete"
@@ -472,8 +472,9 @@ async def test_database_outage_is_503_not_500(tmp_path: Path) -> None:
         backend, _, _ = make_api(store)
         transport = httpx.ASGITransport(app=create_app(backend))
         async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH) as c:
+            # The list comes from the daemon's memory: without worlds it needs no database.
+            assert (await c.get("/api/v1/worlds")).json() == {"worlds": [], "nextCursor": None, "total": 0}
             for method, path, body in (
-                ("GET", "/api/v1/worlds", None),
                 ("GET", "/api/v1/worlds/1/scheduler/config", None),
                 ("PUT", "/api/v1/worlds/1/scheduler/config", {"timeScale": 2}),
                 ("POST", "/api/v1/worlds/1/scheduler/pause", None),
@@ -483,3 +484,22 @@ async def test_database_outage_is_503_not_500(tmp_path: Path) -> None:
                 assert "database unavailable" in r.json()["detail"]
     finally:
         await store.dispose()
+
+
+async def test_the_world_list_pages_by_id_and_refuses_unknown_parameters(api: Api) -> None:
+    ids = [await running_world(api) for _ in range(5)]
+    broken, _ = await make_world(api.store, simulation={"timeScale": -5})
+    await api.runner.discover()
+    seen: list[int] = []
+    cursor = None
+    while True:
+        query = "?limit=2" + (f"&cursor={cursor}" if cursor is not None else "")
+        body = (await api.client.get("/api/v1/worlds" + query)).json()
+        assert len(body["worlds"]) <= 2 and body["total"] == 6
+        seen += [w["worldId"] for w in body["worlds"]]
+        cursor = body["nextCursor"]
+        if cursor is None:
+            break
+    assert seen == sorted([*ids, broken])
+    for bad in ("?limit=0", "?limit=1001", "?cursor=-1", "?colour=blue"):
+        assert (await api.client.get("/api/v1/worlds" + bad)).status_code == 422, bad

@@ -74,7 +74,8 @@ async def test_metrics_follow_ticks(store: Store) -> None:
     before = scrape(metrics)
     assert value(before, "worldsched_worlds", state="running") == 1
     assert value(before, "worldsched_worlds", state="paused") == 1
-    assert value(before, "worldsched_worlds", state="failing") == 1  # the isolated one
+    assert value(before, "worldsched_worlds", state="isolated") == 1
+    assert value(before, "worldsched_worlds", state="failing") == 0
     assert value(before, "worldsched_npcs", tier="detailed") == 2
     assert value(before, "worldsched_npcs", tier="ambient") == 3
     assert value(before, "worldsched_npcs", tier="frozen") == 0

@@ -34,6 +34,7 @@ GAUGES: dict[str, set[str]] = {
     "worldsched_config_last_reload_success_timestamp_seconds": set(),
     "worldsched_build_info": {"version"},
     "worldsched_leases_held": set(),
+    "worldsched_quarantined_rows": {"table"},
 }
 COUNTERS: dict[str, set[str]] = {
     "worldsched_ticks_total": {"outcome"},
@@ -51,7 +52,8 @@ OPTIONAL_COUNTERS: dict[str, set[str]] = {
 }
 HISTOGRAMS = ["worldsched_tick_duration_seconds", "worldsched_tick_lag_seconds"]
 LABEL_VALUES = {
-    "state": {"running", "paused", "failing"},
+    "state": {"running", "paused", "failing", "isolated"},
+    "table": {"npcs", "sessions"},
     "outcome": {"ok", "error", "timeout"},
 }
 
@@ -295,6 +297,8 @@ def test_histogram_panels_use_quantiles_over_bucket_rates(dashboard: dict[str, A
 EXPECTED_ALERTS = {
     "SchedulerConfigReloadFailed",
     "SchedulerWorldsFailing",
+    "SchedulerWorldsIsolated",
+    "SchedulerRowsQuarantined",
     "SchedulerTickLagHigh",
     "SchedulerTicksMissed",
     "SchedulerJobBacklogGrowing",
@@ -528,7 +532,9 @@ def rule_tests() -> list[dict[str, Any]]:
                 _series("up", "1x40"),
                 _series("worldsched_config_last_reload_successful", "1 1 0 0 0 0 0"),
                 _series("worldsched_worlds", "2x40", state="failing"),
+                _series("worldsched_worlds", "0 0 1x40", state="isolated"),
                 _series("worldsched_worlds", "9x40", state="running"),
+                _series("worldsched_quarantined_rows", "0 3x40", table="npcs"),
                 *_bucket_series("worldsched_tick_lag_seconds", slow),
                 _series("worldsched_ticks_missed_total", "0+3x40"),
                 _series("worldsched_jobs", "10+5x60", status="pending"),
@@ -547,6 +553,18 @@ def rule_tests() -> list[dict[str, Any]]:
                     "eval_time": "6m",
                     "alertname": "SchedulerWorldsFailing",
                     "exp_alerts": [_alert("SchedulerWorldsFailing", **INSTANCE)],
+                },
+                {"eval_time": "4m", "alertname": "SchedulerWorldsIsolated", "exp_alerts": []},
+                {
+                    "eval_time": "9m",
+                    "alertname": "SchedulerWorldsIsolated",
+                    "exp_alerts": [_alert("SchedulerWorldsIsolated", **INSTANCE)],
+                },
+                {"eval_time": "10m", "alertname": "SchedulerRowsQuarantined", "exp_alerts": []},
+                {
+                    "eval_time": "20m",
+                    "alertname": "SchedulerRowsQuarantined",
+                    "exp_alerts": [_alert("SchedulerRowsQuarantined", table="npcs", **INSTANCE)],
                 },
                 {"eval_time": "8m", "alertname": "SchedulerTickLagHigh", "exp_alerts": []},
                 {
@@ -584,6 +602,8 @@ def rule_tests() -> list[dict[str, Any]]:
                 _series("up", "1x40"),
                 _series("worldsched_config_last_reload_successful", "1x40"),
                 _series("worldsched_worlds", "0x40", state="failing"),
+                _series("worldsched_worlds", "0 1 0x38", state="isolated"),
+                _series("worldsched_quarantined_rows", "0 2 0x38", table="npcs"),
                 *_bucket_series("worldsched_tick_lag_seconds", fast),
                 _series("worldsched_ticks_missed_total", "0 0 0 1 1x36"),
                 _series("worldsched_jobs", "50x60", status="pending"),

@@ -95,6 +95,15 @@ def _held(leases: Collection[Lease]) -> sa.TableValuedAlias:
     )
 
 
+def lease_columns(lease: Lease) -> dict[str, Any]:
+    """``world_states`` column values that put ``lease`` on a row (owner, epoch, expiry from the database clock)."""
+    return {
+        "lease_owner": lease.owner,
+        "lease_epoch": lease.epoch,
+        "lease_expires_at": lease.now() + _seconds(max(lease.ttl_seconds, 1.0)),
+    }
+
+
 async def fence_tick(conn: AsyncConnection, lease: Lease) -> int:
     """First statement of a fenced tick: lock the world's state row if the lease is still ours.
 

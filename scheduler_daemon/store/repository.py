@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import functools
 import itertools
 import json
 import math
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
@@ -51,17 +53,61 @@ class ConfigVersionConflictError(RuntimeError):
         super().__init__(f"world {world_id}: config version is {actual}, not {expected}")
 
 
-class InvalidStoredJSONError(ValueError):
-    """A world's ``meta`` column holds text that is not JSON (possible on SQLite)."""
+#: A world's ``meta`` larger than this (bytes of its JSON text) is never loaded:
+#: the world is isolated with the reason instead.
+MAX_WORLD_META_BYTES: Final = 4 * 1024 * 1024
+#: An NPC's ``state`` larger than this is never loaded: the NPC is quarantined.
+MAX_NPC_STATE_BYTES: Final = 256 * 1024
+
+
+class InvalidStoredWorldError(ValueError):
+    """A world's stored row cannot be used (``meta`` not JSON, not an object, too large; a bad clock).
+
+    The message names the world and the field; the world is isolated, nothing else is affected.
+    """
 
     def __init__(self, world_id: int, problem: str) -> None:
         self.world_id = world_id
-        super().__init__(f"world {world_id}: meta: stored value is not valid JSON ({problem})")
+        self.problem = problem
+        super().__init__(f"world {world_id}: {problem}")
+
+
+def json_type_name(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    """A stored value for a message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "…"
+
+
+#: Ids per ``IN (…)`` list: SQLite binds one parameter each and allows 32,766.
+_IDS_PER_STATEMENT: Final = 1000
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)
 class WorldRecord:
-    """A ``worlds`` row joined with its state row (state may not exist yet)."""
+    """A ``worlds`` row joined with its state row (state may not exist yet).
+
+    ``problem`` says why the stored row cannot be used (then ``meta`` is empty);
+    see :meth:`require_valid`.
+    """
 
     id: int
     name: str
@@ -70,50 +116,101 @@ class WorldRecord:
     world_time: float | None
     ticks: int | None
     last_advanced_at: datetime | None
+    problem: str | None = None
 
     @property
     def simulation_raw(self) -> Any:
         return self.meta.get("simulation")
 
-
-@dataclass(frozen=True, slots=True)
-class SessionRecord:
-    id: int
-    world_id: int
-    user_id: str
-    location: str | None
-    scene_npc_ids: list[int]
-    involved_npc_ids: list[int]
-    active: bool
+    def require_valid(self) -> WorldRecord:
+        """This record, or :class:`InvalidStoredWorldError` naming the world and the bad field."""
+        if self.problem is not None:
+            raise InvalidStoredWorldError(self.id, self.problem)
+        return self
 
 
 @dataclass(frozen=True, slots=True)
 class PlacementRecord:
-    """What tier assignment reads of one NPC, plus its stored tier and activity."""
+    """What tier assignment reads of one NPC, plus its stored tier and activity.
+
+    ``tier`` is ``None`` when the stored value is no tier; ``problem`` says why
+    the NPC cannot be decided (it is quarantined), ``None`` when it can.
+    """
 
     placement: NpcPlacement
-    tier: Tier
+    tier: Tier | None
     current_activity: str | None
+    problem: str | None = None
 
 
-def _session_view(row: Sequence[Any]) -> SessionView:
-    # (id, user_id, location, scene_npc_ids, involved_npc_ids); JSON lists of ids.
+_TIER_VALUES: Final = frozenset(int(t) for t in Tier)
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveSessions:
+    """Active sessions as tiering sees them, by world, and the rows it could not read."""
+
+    views: dict[int, list[SessionView]]
+    ignored: list[IgnoredSession]
+
+
+def _active_sessions(rows: Iterable[Sequence[Any]], dialect: str) -> ActiveSessions:
+    """(world_id, *session view columns) rows, each checked on its own."""
+    out = ActiveSessions({}, [])
+    for row in rows:
+        view = _session_view(row[1:], dialect)
+        if isinstance(view, SessionView):
+            out.views.setdefault(int(row[0]), []).append(view)
+        else:
+            out.ignored.append(IgnoredSession(int(row[1]), int(row[0]), view))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class IgnoredSession:
+    """An active session row tiering cannot read (it is left out of tier assignment, and reported)."""
+
+    session_id: int
+    world_id: int
+    problem: str
+
+
+def _npc_ids(raw: Any, field: str, dialect: str) -> tuple[frozenset[int] | None, str | None]:
+    """A session's JSON list of NPC ids, or the problem naming ``field``."""
+    if raw is None:
+        return frozenset(), None
+    if isinstance(raw, str) and dialect == "sqlite":
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            return None, f"{field}: stored value is not valid JSON"
+    if not isinstance(raw, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
+        return None, f"{field}: expected a JSON array of NPC ids, got {_shown(raw)}"
+    return frozenset(raw), None
+
+
+def _session_view(row: Sequence[Any], dialect: str) -> SessionView | str:
+    """(id, user_id, location, scene_npc_ids, involved_npc_ids) as tiering sees it, or what is wrong with it."""
+    scene, problem = _npc_ids(row[3], "scene_npc_ids", dialect)
+    involved, problem2 = _npc_ids(row[4], "involved_npc_ids", dialect)
+    if scene is None or involved is None:
+        return problem or problem2 or "unreadable"
+    if row[2] is not None and not isinstance(row[2], str):
+        return f"location: expected text, got {_shown(row[2])}"
     return SessionView(
-        id=int(row[0]),
-        user_id=str(row[1]),
-        location=row[2],
-        scene_npc_ids=frozenset(int(i) for i in (row[3] or [])),
-        involved_npc_ids=frozenset(int(i) for i in (row[4] or [])),
+        id=int(row[0]), user_id=str(row[1]), location=row[2], scene_npc_ids=scene, involved_npc_ids=involved
     )
 
 
-_SESSION_VIEW_COLUMNS = (
-    sessions.c.id,
-    sessions.c.user_id,
-    sessions.c.location,
-    sessions.c.scene_npc_ids,
-    sessions.c.involved_npc_ids,
-)
+def _session_view_columns(dialect: str) -> tuple[sa.ColumnElement[Any], ...]:
+    # SQLite: the JSON lists as raw text, decoded row by row (_session_view).
+    lists: tuple[sa.ColumnElement[Any], ...] = (sessions.c.scene_npc_ids, sessions.c.involved_npc_ids)
+    if dialect == "sqlite":
+        lists = (
+            sa.type_coerce(sessions.c.scene_npc_ids, sa.Text).label("scene_npc_ids"),
+            sa.type_coerce(sessions.c.involved_npc_ids, sa.Text).label("involved_npc_ids"),
+        )
+    return (sessions.c.id, sessions.c.user_id, sessions.c.location, *lists)
 
 
 def _now() -> datetime:
@@ -141,11 +238,68 @@ _NPC_COLUMNS = (
 )
 
 
-def _npc_from_row(row: Sequence[Any]) -> NpcState:
+@dataclass(frozen=True, slots=True)
+class QuarantinedNpc:
+    """An NPC row the daemon cannot decide; ``problem`` names the field and what is wrong."""
+
+    npc_id: int
+    world_id: int
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class DueNpcs:
+    """The due NPCs of several worlds, by world: the ones to decide, and the rows quarantined on the way."""
+
+    npcs: dict[int, list[NpcState]]
+    quarantined: dict[int, list[QuarantinedNpc]]
+
+
+_NUMBER_FIELDS = ((4, "next_decision_at"), (10, "energy"), (11, "mood_valence"), (12, "mood_arousal"))
+_OPTIONAL_NUMBER_FIELDS = ((9, "activity_started_at"), (13, "last_decision_at"))
+_OPTIONAL_TEXT_FIELDS = ((5, "location"), (6, "home"), (7, "routine"), (8, "current_activity"))
+
+
+def _npc_problem(row: Sequence[Any]) -> str | None:
+    """What makes a loaded NPC row undecidable (SQLite keeps any value in any column), or ``None``."""
+    for i, name in _NUMBER_FIELDS:
+        if not _is_number(row[i]):
+            return f"{name}: expected a finite number, got {_shown(row[i])}"
+    for i, name in _OPTIONAL_NUMBER_FIELDS:
+        if row[i] is not None and not _is_number(row[i]):
+            return f"{name}: expected a finite number or null, got {_shown(row[i])}"
+    for i, name in _OPTIONAL_TEXT_FIELDS:
+        if row[i] is not None and not isinstance(row[i], str):
+            return f"{name}: expected text or null, got {_shown(row[i])}"
+    if not isinstance(row[14], int) or isinstance(row[14], bool):
+        return f"decisions: expected an integer, got {_shown(row[14])}"
+    return None
+
+
+def _npc_from_row(row: Sequence[Any], dialect: str) -> NpcState | QuarantinedNpc:
+    """One loaded NPC row, checked: an :class:`NpcState`, or why it must not be decided.
+
+    ``state`` comes as decoded JSON (PostgreSQL), raw text (SQLite), or NULL
+    when it is over :data:`MAX_NPC_STATE_BYTES` (the selection leaves it in the database).
+    """
+    state = row[15]
+    problem = None
+    if state is None:
+        problem = f"state: larger than the limit of {MAX_NPC_STATE_BYTES} bytes"
+    elif isinstance(state, str) and dialect == "sqlite":
+        try:
+            state = json.loads(state)
+        except ValueError:
+            problem = "state: stored value is not valid JSON"
+    if problem is None and not isinstance(state, dict):
+        problem = f"state: expected a JSON object, got {json_type_name(state)}"
+    problem = problem or _npc_problem(row)
+    if problem is not None:
+        return QuarantinedNpc(int(row[0]), int(row[1]), problem)
     return NpcState(
         id=row[0],
         world_id=row[1],
-        name=row[2],
+        name=str(row[2]),
         tier=Tier(row[3]),
         next_decision_at=row[4],
         location=row[5],
@@ -158,14 +312,51 @@ def _npc_from_row(row: Sequence[Any]) -> NpcState:
         mood_arousal=row[12],
         last_decision_at=row[13],
         decisions=row[14],
-        state=row[15] if isinstance(row[15], dict) else {},
+        state=state,
     )
+
+
+def _npc_problem_sql(dialect: str) -> str:
+    """SQL text: why an NPC row cannot be decided (NULL when it can), for scans that must not load ``state``.
+
+    The same rules as :func:`_npc_from_row`, checked without shipping the rows.
+    """
+    if dialect == "postgresql":  # typed columns: only the JSON can be wrong
+        return (
+            "CASE WHEN jsonb_typeof(state) <> 'object' "
+            "THEN 'state: expected a JSON object, got ' || jsonb_typeof(state) "
+            f"WHEN octet_length(state::text) > {MAX_NPC_STATE_BYTES} "
+            f"THEN 'state: larger than the limit of {MAX_NPC_STATE_BYTES} bytes' END"
+        )
+    checks = [
+        *(
+            f"WHEN typeof({name}) NOT IN ('integer', 'real') "
+            f"THEN '{name}: expected a finite number, got ' || typeof({name})"
+            for _, name in _NUMBER_FIELDS
+        ),
+        *(
+            f"WHEN typeof({name}) NOT IN ('integer', 'real', 'null') "
+            f"THEN '{name}: expected a finite number or null, got ' || typeof({name})"
+            for _, name in _OPTIONAL_NUMBER_FIELDS
+        ),
+        *(
+            f"WHEN typeof({name}) NOT IN ('text', 'null') THEN '{name}: expected text or null, got ' || typeof({name})"
+            for _, name in _OPTIONAL_TEXT_FIELDS
+        ),
+        "WHEN typeof(decisions) <> 'integer' THEN 'decisions: expected an integer, got ' || typeof(decisions)",
+        f"WHEN length(state) > {MAX_NPC_STATE_BYTES} "
+        f"THEN 'state: larger than the limit of {MAX_NPC_STATE_BYTES} bytes'",
+        "WHEN NOT json_valid(state) THEN 'state: stored value is not valid JSON'",
+        "WHEN json_type(state) <> 'object' THEN 'state: expected a JSON object, got ' || json_type(state)",
+    ]
+    return "CASE " + " ".join(checks) + " END"
 
 
 def _due_one_sql(w: str, t: str, lim: str) -> str:
     """One world's due NPCs: a UNION ALL of one index range per tier, each in due order and limited."""
     per_tier = " UNION ALL ".join(
-        f"SELECT * FROM (SELECT {_NPC_COLUMN_NAMES} FROM npcs WHERE world_id = {w} AND tier = {int(tier)} "
+        f"SELECT * FROM (SELECT {_selected_npc_columns('sqlite')} FROM npcs WHERE world_id = {w} "
+        f"AND tier = {int(tier)} "
         f"AND next_decision_at <= {t} ORDER BY next_decision_at, id LIMIT {lim})"
         for tier in SIMULATED_TIERS
     )
@@ -184,12 +375,21 @@ def _due_many_sqlite(worlds: int) -> sa.TextClause:
 # SQLite refuses compound selects of more than 500 terms.
 _SQLITE_WORLDS_PER_SELECT = 400
 
-_NPC_COLUMN_NAMES = ", ".join(c.name for c in _NPC_COLUMNS)
+
+def _selected_npc_columns(dialect: str) -> str:
+    """The NPC columns the tick reads; ``state`` NULL when over the limit, so it never leaves the database.
+
+    PostgreSQL checks the stored (possibly compressed) size, which costs no
+    decompression; the periodic scan (:func:`_npc_problem_sql`) checks the text size.
+    """
+    size = "pg_column_size(state)" if dialect == "postgresql" else "length(state)"
+    guarded = f"CASE WHEN {size} <= {MAX_NPC_STATE_BYTES} THEN state END AS state"
+    return ", ".join(guarded if c.name == "state" else c.name for c in _NPC_COLUMNS)
 
 
 def _due_many_pg() -> sa.TextClause:
     per_tier = " UNION ALL ".join(
-        f"(SELECT {_NPC_COLUMN_NAMES} FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
+        f"(SELECT {_selected_npc_columns('postgresql')} FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
         f"AND next_decision_at <= q.now ORDER BY next_decision_at, id LIMIT q.lim)"
         for t in SIMULATED_TIERS
     )
@@ -404,109 +604,255 @@ class Store:
         return int(world_id)
 
     def _world_query(self) -> sa.Select[Any]:
+        """A world with its state row; ``meta`` only if within :data:`MAX_WORLD_META_BYTES`, and its size."""
+        if self.dialect == "postgresql":
+            size: sa.ColumnElement[Any] = sa.func.octet_length(sa.cast(worlds.c.meta, sa.Text))
+            meta: sa.ColumnElement[Any] = sa.case((size <= MAX_WORLD_META_BYTES, worlds.c.meta))
+            advanced: sa.ColumnElement[Any] = world_states.c.last_advanced_at
+        else:
+            # Raw text, decoded row by row (_world_record): SQLite holds any
+            # value in any column, and one undecodable row must not fail a query of many.
+            size = sa.func.length(sa.cast(worlds.c.meta, sa.LargeBinary))
+            meta = sa.case((size <= MAX_WORLD_META_BYTES, sa.type_coerce(worlds.c.meta, sa.Text)))
+            advanced = sa.type_coerce(world_states.c.last_advanced_at, sa.Text)
         return sa.select(
             worlds.c.id,
             worlds.c.name,
-            worlds.c.meta,
+            meta,
+            size,
             worlds.c.config_version,
             world_states.c.world_time,
             world_states.c.ticks,
-            world_states.c.last_advanced_at,
+            advanced,
         ).select_from(worlds.outerjoin(world_states, world_states.c.world_id == worlds.c.id))
 
-    @staticmethod
-    def _world_record(row: Sequence[Any]) -> WorldRecord:
-        meta = row[2] if isinstance(row[2], dict) else {"_invalid_meta": row[2]}
-        return WorldRecord(row[0], row[1], meta, row[3], row[4], row[5], row[6])
+    def _world_record(self, row: Sequence[Any]) -> WorldRecord:
+        """Check one row's values; a bad one makes the record's ``problem`` (naming the field), never an exception."""
+        world_id, name, meta, size, version, world_time, ticks, advanced = row
+        problems: list[str] = []
+        if meta is None:
+            problems.append(f"meta: {size} bytes stored, larger than the limit of {MAX_WORLD_META_BYTES} bytes")
+        elif isinstance(meta, str) and self.dialect == "sqlite":
+            try:
+                meta = json.loads(meta)
+            except ValueError as exc:
+                problems.append(f"meta: stored value is not valid JSON ({exc})")
+        if not problems and not isinstance(meta, dict):
+            problems.append(f"meta: expected a JSON object, got {json_type_name(meta)}")
+        if not isinstance(version, int) or isinstance(version, bool):
+            problems.append(f"config_version: expected an integer, got {_shown(version)}")
+            version = 0
+        if world_time is not None and not _is_number(world_time):
+            problems.append(f"world_states.world_time: expected a finite number, got {_shown(world_time)}")
+            world_time = None
+        if ticks is not None and (not isinstance(ticks, int) or isinstance(ticks, bool) or ticks < 0):
+            problems.append(f"world_states.ticks: expected a non-negative integer, got {_shown(ticks)}")
+            ticks = None
+        if isinstance(advanced, str):
+            try:
+                advanced = datetime.fromisoformat(advanced)
+            except ValueError:
+                problems.append(f"world_states.last_advanced_at: not a timestamp: {_shown(advanced)}")
+                advanced = None
+        return WorldRecord(
+            int(world_id),
+            str(name),
+            meta if not problems else {},
+            version,
+            None if world_time is None else float(world_time),
+            ticks,
+            advanced,
+            "; ".join(problems) or None,
+        )
 
     async def get_world(self, world_id: int, conn: AsyncConnection | None = None) -> WorldRecord:
-        """Load one world; raises :class:`WorldNotFoundError`, or :class:`InvalidStoredJSONError`."""
+        """Load one world (its ``problem`` set if the stored row is unusable); raises :class:`WorldNotFoundError`."""
         query = self._world_query().where(worlds.c.id == world_id)
-        try:
-            if conn is None:
-                async with self.engine.connect() as own:
-                    row = (await own.execute(query)).first()
-            else:
-                row = (await conn.execute(query)).first()
-        except ValueError as exc:  # json.JSONDecodeError while reading the row
-            raise InvalidStoredJSONError(world_id, str(exc)) from None
+        if conn is None:
+            async with self.engine.connect() as own:
+                row = (await own.execute(query)).first()
+        else:
+            row = (await conn.execute(query)).first()
         if row is None:
             raise WorldNotFoundError(world_id)
         return self._world_record(row)
 
-    async def list_worlds(self) -> list[WorldRecord]:
+    async def list_worlds(self, world_ids: Collection[int] | None = None) -> list[WorldRecord]:
+        """Every world (or those of ``world_ids``) in id order, each checked on its own (see ``problem``)."""
+        query = self._world_query().order_by(worlds.c.id)
+        if world_ids is None:
+            async with self.engine.connect() as conn:
+                return [self._world_record(r) for r in (await conn.execute(query)).all()]
+        out: list[WorldRecord] = []
+        ids = sorted(world_ids)
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(self._world_query().order_by(worlds.c.id))).all()
-        return [self._world_record(r) for r in rows]
+            for start in range(0, len(ids), _IDS_PER_STATEMENT):
+                chunk = query.where(worlds.c.id.in_(ids[start : start + _IDS_PER_STATEMENT]))
+                out += [self._world_record(r) for r in (await conn.execute(chunk)).all()]
+        return out
 
-    async def ensure_world_state(self, world_id: int) -> WorldRecord:
-        """Create the world's state row at world time 0 if it is missing."""
-        async with self.transaction() as conn:
-            record = await self.get_world(world_id, conn)
-            if record.world_time is None:
-                await conn.execute(sa.insert(world_states).values(world_id=world_id))
-                record = await self.get_world(world_id, conn)
-        return record
+    async def world_names(self, world_ids: Collection[int]) -> dict[int, str]:
+        """Names of the given worlds (one narrow query; ``meta`` is never read)."""
+        if not world_ids:
+            return {}
+        query = sa.select(worlds.c.id, worlds.c.name).where(worlds.c.id.in_(sorted(world_ids)))
+        async with self.engine.connect() as conn:
+            return {int(r[0]): str(r[1]) for r in (await conn.execute(query)).all()}
+
+    @staticmethod
+    async def create_missing_states(conn: AsyncConnection, world_ids: Collection[int]) -> list[int]:
+        """Insert a state row at world time 0 for each of ``world_ids`` that has none; returns those worlds."""
+        if not world_ids:
+            return []
+        insert = postgresql.insert(world_states) if conn.dialect.name == "postgresql" else sqlite.insert(world_states)
+        statement = (
+            insert.from_select(["world_id"], sa.select(worlds.c.id).where(worlds.c.id.in_(sorted(world_ids))))
+            .on_conflict_do_nothing(index_elements=[world_states.c.world_id])
+            .returning(world_states.c.world_id)
+        )
+        return sorted(int(w) for w in (await conn.execute(statement)).scalars())
+
+    async def load_worlds(self, conn: AsyncConnection, world_ids: Collection[int]) -> dict[int, WorldRecord]:
+        """The given worlds (those that exist), each checked on its own, in one query."""
+        query = self._world_query().where(worlds.c.id.in_(sorted(world_ids)))
+        return {record.id: record for record in map(self._world_record, (await conn.execute(query)).all())}
+
+    @staticmethod
+    async def restore_world_state(
+        conn: AsyncConnection,
+        world_id: int,
+        *,
+        world_time: float,
+        ticks: int,
+        advanced_at: datetime | None,
+        lease_columns: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Recreate a deleted state row at the given clock; False if a row exists (nothing written).
+
+        ``lease_columns`` (see :func:`scheduler_daemon.store.leases.lease_columns`)
+        puts the lease the caller holds on the new row.
+        """
+        values: dict[str, Any] = {
+            "world_id": world_id,
+            "world_time": world_time,
+            "ticks": ticks,
+            "last_advanced_at": advanced_at,
+            **(lease_columns or {}),
+        }
+        insert = postgresql.insert(world_states) if conn.dialect.name == "postgresql" else sqlite.insert(world_states)
+        statement = (
+            insert.values(**values)
+            .on_conflict_do_nothing(index_elements=[world_states.c.world_id])
+            .returning(world_states.c.world_id)
+        )
+        return (await conn.execute(statement)).first() is not None
 
     async def discover_active_worlds(self) -> dict[int, int]:
-        """Worlds that should tick, with their config versions.
+        """Worlds that should tick, and worlds whose row cannot be judged, with their config versions.
 
-        Active means at least one active session, or ``alwaysOn: true`` in the
-        world's simulation config. One query; the JSON flag is read in SQL so
-        big behaviour content is never shipped to the daemon for discovery.
+        Active means at least one active session, or ``alwaysOn: true`` (a JSON
+        boolean) in the world's simulation config. One query; the flag is read
+        in SQL, so big behaviour content never travels for discovery. Every
+        value is type-checked in SQL row by row (``jsonb_typeof``, ``json_valid``),
+        so no row can fail the query: a world whose ``meta``, ``simulation`` or
+        ``alwaysOn`` has the wrong type (or whose meta is not JSON) is returned
+        too, and registering it isolates it with the reason.
         """
         has_session = (
             sa.select(sa.literal(1)).where(sessions.c.world_id == worlds.c.id, sessions.c.active.is_(True)).exists()
         )
-        always_on: sa.ColumnElement[Any] = worlds.c.meta["simulation"]["alwaysOn"].as_boolean()
-        if self.dialect == "sqlite":
-            # SQLite can hold text that is not JSON; json_extract on one such
-            # row would fail the whole query and stop discovery of every world.
-            always_on = sa.case((sa.func.json_valid(worlds.c.meta) == 1, always_on), else_=sa.false())
-        query = sa.select(worlds.c.id, worlds.c.config_version).where(sa.or_(has_session, always_on.is_(True)))
+        sim_type: sa.ColumnElement[Any]
+        flag_type: sa.ColumnElement[Any]
+        if self.dialect == "postgresql":
+            meta_type = sa.func.jsonb_typeof(worlds.c.meta)
+            sim_type = sa.func.jsonb_typeof(sa.literal_column("worlds.meta -> 'simulation'"))
+            flag_type = sa.func.jsonb_typeof(sa.literal_column("worlds.meta -> 'simulation' -> 'alwaysOn'"))
+            always_on = sa.and_(
+                flag_type == "boolean", sa.literal_column("worlds.meta -> 'simulation' ->> 'alwaysOn'") == "true"
+            )
+            suspect = sa.or_(
+                meta_type != "object",
+                sim_type.not_in(["object", "null"]),
+                flag_type.not_in(["boolean", "null"]),
+            )
+        else:
+            valid = sa.func.json_valid(worlds.c.meta) == 1
+            sim_type = sa.case((valid, sa.func.json_type(worlds.c.meta, "$.simulation")))
+            flag_type = sa.case((valid, sa.func.json_type(worlds.c.meta, "$.simulation.alwaysOn")))
+            always_on = flag_type == "true"
+            # Every JSON function behind CASE WHEN json_valid: SQL does not promise
+            # to stop an OR early, and json_type of malformed text fails the query.
+            suspect = sa.or_(
+                sa.not_(valid),
+                sa.case((valid, sa.func.json_type(worlds.c.meta))) != "object",
+                sim_type.not_in(["object", "null"]),
+                flag_type.not_in(["true", "false", "null"]),
+            )
+        query = sa.select(worlds.c.id, worlds.c.config_version).where(
+            sa.or_(has_session, sa.func.coalesce(always_on, sa.false()), sa.func.coalesce(suspect, sa.false()))
+        )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return {int(r[0]): int(r[1]) for r in rows}
+        # A version that is not an integer (SQLite) still discovers the world; loading it reports the field.
+        return {int(r[0]): r[1] if isinstance(r[1], int) else -1 for r in rows}
 
-    async def update_world_simulation(
+    async def change_world_simulation(
         self,
         world_id: int,
-        new_simulation: Mapping[str, Any],
+        change: Callable[[WorldRecord], Mapping[str, Any] | None],
         *,
         expected_version: int | None = None,
-        current: WorldRecord | None = None,
-    ) -> int:
-        """Store a new ``meta["simulation"]`` and bump ``config_version``; returns the new version.
+    ) -> WorldRecord:
+        """Read-modify-write ``meta["simulation"]`` under the world's row lock; returns the record as stored.
 
-        With ``expected_version`` the update only applies if nobody changed the
-        config since (optimistic concurrency); otherwise raises
-        :class:`ConfigVersionConflictError`. ``current`` is the world as the
-        caller read it at that version (its other ``meta`` keys are kept):
-        then the update is a single conditional statement.
+        ``change`` gets the current record and returns the new simulation config,
+        or ``None`` to leave it as it is (no version bump). It runs inside the
+        transaction, which holds the row (``FOR UPDATE``; SQLite: the write
+        lock), so concurrent writers of one world are serialized and each
+        merges into the latest version: nothing is lost and nothing conflicts.
+        With ``expected_version`` a different stored version raises
+        :class:`ConfigVersionConflictError` (the caller's If-Match). A stored
+        row that cannot be used raises :class:`InvalidStoredWorldError`, an
+        exception from ``change`` rolls back.
         """
+        query = self._world_query().where(worlds.c.id == world_id)
+        if self.dialect == "postgresql":
+            query = query.with_for_update(of=worlds)
         async with self.transaction() as conn:
-            if current is None or expected_version is None or current.config_version != expected_version:
-                current = await self.get_world(world_id, conn)
+            row = (await conn.execute(query)).first()
+            if row is None:
+                raise WorldNotFoundError(world_id)
+            current = self._world_record(row).require_valid()
             if expected_version is not None and current.config_version != expected_version:
                 raise ConfigVersionConflictError(world_id, expected_version, current.config_version)
+            new_simulation = change(current)
+            if new_simulation is None:
+                return current
             meta = copy.deepcopy(current.meta)
             meta["simulation"] = copy.deepcopy(dict(new_simulation))
-            result = await conn.execute(
-                sa.update(worlds)
-                .where(worlds.c.id == world_id, worlds.c.config_version == current.config_version)
-                .values(meta=meta, config_version=worlds.c.config_version + 1, updated_at=_now())
-                .returning(worlds.c.config_version)
-            )
-            version = result.scalar_one_or_none()
-            if version is None:  # changed (or deleted) between the read and our write
-                latest = await self.get_world(world_id, conn)
-                raise ConfigVersionConflictError(world_id, current.config_version, latest.config_version)
-        return int(version)
+            version = (
+                await conn.execute(
+                    sa.update(worlds)
+                    .where(worlds.c.id == world_id)
+                    .values(meta=meta, config_version=worlds.c.config_version + 1, updated_at=_now())
+                    .returning(worlds.c.config_version)
+                )
+            ).scalar_one()
+        return dataclasses.replace(current, meta=meta, config_version=int(version))
+
+    async def update_world_simulation(
+        self, world_id: int, new_simulation: Mapping[str, Any], *, expected_version: int | None = None
+    ) -> int:
+        """Store a new ``meta["simulation"]`` (see :meth:`change_world_simulation`); returns the new version."""
+        record = await self.change_world_simulation(
+            world_id, lambda _: new_simulation, expected_version=expected_version
+        )
+        return record.config_version
 
     async def set_world_meta_key(self, world_id: int, key: str, value: Any) -> int:
         """Replace one top-level ``meta`` key (e.g. ``behavior``); bumps ``config_version``."""
         async with self.transaction() as conn:
-            current = await self.get_world(world_id, conn)
+            current = (await self.get_world(world_id, conn)).require_valid()
             meta = copy.deepcopy(current.meta)
             meta[key] = copy.deepcopy(value)
             version = (
@@ -553,22 +899,11 @@ class Store:
                 sa.update(sessions).where(sessions.c.id == session_id).values(active=active, updated_at=_now())
             )
 
-    async def active_sessions(self, world_id: int, conn: AsyncConnection | None = None) -> list[SessionRecord]:
-        query = sa.select(
-            sessions.c.id,
-            sessions.c.world_id,
-            sessions.c.user_id,
-            sessions.c.location,
-            sessions.c.scene_npc_ids,
-            sessions.c.involved_npc_ids,
-            sessions.c.active,
-        ).where(sessions.c.world_id == world_id, sessions.c.active.is_(True))
-        if conn is None:
-            async with self.engine.connect() as own:
-                rows = (await own.execute(query.order_by(sessions.c.id))).all()
-        else:
-            rows = (await conn.execute(query.order_by(sessions.c.id))).all()
-        return [SessionRecord(r[0], r[1], r[2], r[3], list(r[4] or []), list(r[5] or []), bool(r[6])) for r in rows]
+    async def count_active_sessions(self, world_id: int) -> int:
+        """How many active sessions (players online) a world has."""
+        query = sa.select(sa.func.count()).where(sessions.c.world_id == world_id, sessions.c.active.is_(True))
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar_one())
 
     # ------------------------------------------------------------------ npcs
     async def add_npcs(self, world_id: int, rows: Iterable[Mapping[str, Any]]) -> list[int]:
@@ -598,72 +933,107 @@ class Store:
             )
 
     async def get_npcs(self, world_id: int, ids: Iterable[int] | None = None) -> list[NpcState]:
-        query = sa.select(*_NPC_COLUMNS).where(npcs.c.world_id == world_id)
+        """The world's NPCs (or those of ``ids``) that can be decided; quarantined rows are left out."""
+        query = (
+            sa.select(sa.text(_selected_npc_columns(self.dialect))).select_from(npcs).where(npcs.c.world_id == world_id)
+        )
         if ids is not None:
             query = query.where(npcs.c.id.in_(list(ids)))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.order_by(npcs.c.id))).all()
-        return [_npc_from_row(r) for r in rows]
+        return [npc for npc in (_npc_from_row(r, self.dialect) for r in rows) if isinstance(npc, NpcState)]
+
+    async def npc_problems(self, world_id: int) -> dict[int, str]:
+        """The world's NPC rows that cannot be decided, with the reason (the quarantine, read from the database)."""
+        problem = sa.text(_npc_problem_sql(self.dialect))
+        query = sa.select(npcs.c.id, problem).select_from(npcs).where(npcs.c.world_id == world_id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.order_by(npcs.c.id))).all()
+        return {int(r[0]): str(r[1]) for r in rows if r[1] is not None}
 
     async def tier_counts(self, world_id: int, conn: AsyncConnection | None = None) -> dict[Tier, int]:
+        """NPCs of one world per stored tier (a value that is no tier is not counted)."""
         query = sa.select(npcs.c.tier, sa.func.count()).where(npcs.c.world_id == world_id).group_by(npcs.c.tier)
         if conn is None:
             async with self.engine.connect() as own:
                 rows = (await own.execute(query)).all()
         else:
             rows = (await conn.execute(query)).all()
-        return {Tier(r[0]): int(r[1]) for r in rows}
+        return {Tier(r[0]): int(r[1]) for r in rows if r[0] in _TIER_VALUES}
 
-    async def active_session_views(self) -> dict[int, list[SessionView]]:
+    async def active_session_views(self) -> ActiveSessions:
         """Every world's active sessions as tiering sees them, in one query.
 
         Discovery fingerprints these to notice session changes; only active
-        sessions are read (players online), never the NPCs.
+        sessions are read (players online), never the NPCs. A row tiering
+        cannot read is left out and reported (``ignored``), never fails the query.
         """
+        query = sa.select(sessions.c.world_id, *_session_view_columns(self.dialect)).where(sessions.c.active.is_(True))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.order_by(sessions.c.world_id, sessions.c.id))).all()
+        return _active_sessions(rows, self.dialect)
+
+    @staticmethod
+    async def session_views_many(conn: AsyncConnection, world_ids: Collection[int]) -> ActiveSessions:
+        """The active sessions of the given worlds as tiering sees them (see :meth:`active_session_views`)."""
+        dialect = conn.dialect.name
         query = (
-            sa.select(sessions.c.world_id, *_SESSION_VIEW_COLUMNS)
-            .where(sessions.c.active.is_(True))
+            sa.select(sessions.c.world_id, *_session_view_columns(dialect))
+            .where(sessions.c.world_id.in_(sorted(world_ids)), sessions.c.active.is_(True))
             .order_by(sessions.c.world_id, sessions.c.id)
         )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        out: dict[int, list[SessionView]] = {}
-        for row in rows:
-            out.setdefault(int(row[0]), []).append(_session_view(row[1:]))
+        return _active_sessions((await conn.execute(query)).all(), dialect)
+
+    @staticmethod
+    async def npc_placements_many(
+        conn: AsyncConnection, world_ids: Collection[int]
+    ) -> dict[int, list[PlacementRecord]]:
+        """Every NPC of the given worlds with what tiering needs, and why it cannot be decided (if so).
+
+        A few narrow columns and a row check in SQL (:func:`_npc_problem_sql`):
+        ``state`` itself never leaves the database here.
+        """
+        out: dict[int, list[PlacementRecord]] = {w: [] for w in world_ids}
+        problem = sa.text(_npc_problem_sql(conn.dialect.name))
+        query = (
+            sa.select(
+                npcs.c.world_id, npcs.c.id, npcs.c.location, npcs.c.home, npcs.c.tier, npcs.c.current_activity, problem
+            )
+            .select_from(npcs)
+            .where(npcs.c.world_id.in_(sorted(world_ids)))
+        )
+        for world_id, npc_id, location, home, tier, activity, why in (await conn.execute(query)).all():
+            placement = NpcPlacement(
+                int(npc_id),
+                location if isinstance(location, str) else None,
+                home if isinstance(home, str) else None,
+            )
+            out[int(world_id)].append(
+                PlacementRecord(
+                    placement,
+                    Tier(tier) if tier in _TIER_VALUES else None,
+                    activity if isinstance(activity, str) else None,
+                    None if why is None else str(why),
+                )
+            )
         return out
 
     @staticmethod
-    async def session_views(conn: AsyncConnection, world_id: int) -> list[SessionView]:
-        """One world's active sessions as tiering sees them."""
-        query = (
-            sa.select(*_SESSION_VIEW_COLUMNS)
-            .where(sessions.c.world_id == world_id, sessions.c.active.is_(True))
-            .order_by(sessions.c.id)
-        )
-        return [_session_view(r) for r in (await conn.execute(query)).all()]
-
-    @staticmethod
-    async def npc_placements(conn: AsyncConnection, world_id: int) -> list[PlacementRecord]:
-        """Every NPC of one world with what tiering needs (a few narrow columns)."""
-        query = sa.select(npcs.c.id, npcs.c.location, npcs.c.home, npcs.c.tier, npcs.c.current_activity).where(
-            npcs.c.world_id == world_id
-        )
-        return [
-            PlacementRecord(NpcPlacement(int(r[0]), r[1], r[2]), Tier(r[3]), r[4])
-            for r in (await conn.execute(query)).all()
-        ]
-
-    @staticmethod
     async def write_tier_changes(
-        conn: AsyncConnection, world_id: int, changes: Mapping[int, tuple[Tier, float | None]]
+        conn: AsyncConnection, changes: Mapping[int, Mapping[int, tuple[Tier, float | None]]]
     ) -> None:
-        """Write new tiers: ``{npc_id: (tier, due_by)}``, only for NPCs whose tier changed.
+        """Write new tiers: ``{world_id: {npc_id: (tier, due_by)}}``, only for NPCs whose tier changed.
 
         ``due_by`` (or ``None``) pulls ``next_decision_at`` forward to at most
         that world time (a promoted NPC is decided at its new tier's cadence
         soon), never pushes it back. One executemany, ``world_id`` in every WHERE.
         """
-        if not changes:
+        rows = [
+            {"b_id": npc_id, "w": world_id, "b_tier": int(tier), "b_due": due}
+            for world_id, per_npc in changes.items()
+            for npc_id, (tier, due) in per_npc.items()
+        ]
+        if not rows:
             return
         due_by = sa.bindparam("b_due", type_=npcs.c.next_decision_at.type)
         await conn.execute(
@@ -674,10 +1044,7 @@ class Store:
                 # NULL compares as unknown, so "no due_by" keeps the stored value.
                 next_decision_at=sa.case((npcs.c.next_decision_at > due_by, due_by), else_=npcs.c.next_decision_at),
             ),
-            [
-                {"b_id": npc_id, "w": world_id, "b_tier": int(tier), "b_due": due}
-                for npc_id, (tier, due) in changes.items()
-            ],
+            rows,
         )
 
     async def activity_counts(self, world_id: int) -> dict[str | None, int]:
@@ -726,26 +1093,28 @@ class Store:
 
         One statement: a UNION ALL of one index range per tier on
         ``(world_id, tier, next_decision_at)``, each already in due order and
-        limited, so the database never reads NPCs that are not due.
+        limited, so the database never reads NPCs that are not due. Rows that
+        cannot be decided are left out (see :meth:`select_due_npcs_many`).
         """
-        return (await Store.select_due_npcs_many(conn, [(world_id, world_time, limit)]))[world_id]
+        return (await Store.select_due_npcs_many(conn, [(world_id, world_time, limit)])).npcs[world_id]
 
     @staticmethod
-    async def select_due_npcs_many(
-        conn: AsyncConnection, requests: Sequence[tuple[int, float, int]]
-    ) -> dict[int, list[NpcState]]:
+    async def select_due_npcs_many(conn: AsyncConnection, requests: Sequence[tuple[int, float, int]]) -> DueNpcs:
         """Due NPCs of several worlds in one statement: ``(world_id, world_time, limit)`` each.
 
         Per world the same rule as :meth:`select_due_npcs`. PostgreSQL: a
         ``LATERAL`` join over ``unnest`` of the requests (one constant
         statement, however many worlds). SQLite: a ``UNION ALL`` of the
         per-world statements, in chunks under its compound-select limit.
+        Each row is checked on its own: one that cannot be decided (see
+        :func:`_npc_from_row`) goes to ``quarantined`` instead of failing the group.
         """
-        out: dict[int, list[NpcState]] = {world_id: [] for world_id, _, _ in requests}
+        out = DueNpcs({world_id: [] for world_id, _, _ in requests}, {})
         wanted = [(w, t, lim) for w, t, lim in requests if lim > 0]
         if not wanted:
             return out
-        if conn.dialect.name == "postgresql":
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
             rows: Sequence[Any] = (
                 await conn.execute(
                     _DUE_MANY_PG,
@@ -765,7 +1134,11 @@ class Store:
                     params[f"w{i}"], params[f"t{i}"], params[f"l{i}"] = w, float(t), lim
                 rows.extend((await conn.execute(_due_many_sqlite(len(chunk)), params)).all())
         for row in rows:
-            out[row[1]].append(_npc_from_row(row))
+            npc = _npc_from_row(row, dialect)
+            if isinstance(npc, NpcState):
+                out.npcs[row[1]].append(npc)
+            else:
+                out.quarantined.setdefault(npc.world_id, []).append(npc)
         return out
 
     @staticmethod

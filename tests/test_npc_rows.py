@@ -1,0 +1,135 @@
+"""What a tick does with the stored NPC rows: keeps what it does not own, quarantines what it cannot read.
+
+Against both real databases. A game keeps its own keys in an NPC's ``state``;
+a decision must leave them alone. A row the daemon cannot decide (``state``
+not a JSON object or over the size limit; on SQLite, which stores any value
+in any column, a number column holding text) is quarantined: never decided,
+never rewritten, reported (log, stats, ``worlds show``), and decided again
+once fixed. Its neighbours tick on.
+"""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+
+from scheduler_daemon.scheduler import WorldScheduler
+from scheduler_daemon.simulation.behavior import COOLDOWNS_KEY
+from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.models import npcs
+from scheduler_daemon.store.repository import Store
+
+
+async def _state(store: Store, npc_id: int) -> object:
+    async with store.engine.connect() as conn:
+        raw = (await conn.execute(sa.select(npcs.c.state).where(npcs.c.id == npc_id))).scalar_one()
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+async def test_a_decision_keeps_the_games_own_state_keys(store: Store) -> None:
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    (npc,) = await store.add_npcs(world_id, [{"name": "smith", "state": {"questStage": 3, "inventory": ["hammer"]}}])
+    sched = WorldScheduler(store)
+    await sched.register_world(world_id)
+    for _ in range(3):
+        result = await sched.tick_world(world_id, 3600.0 / 60)  # an hour of game time per tick
+    assert result.npcs_simulated >= 0
+    state = await _state(store, npc)
+    assert isinstance(state, dict)
+    assert state["questStage"] == 3 and state["inventory"] == ["hammer"], state
+    assert COOLDOWNS_KEY in state  # the daemon's own key is there too
+    rows = await store.get_npcs(world_id, [npc])
+    assert rows[0].decisions >= 1 and rows[0].tier != Tier.FROZEN
+
+
+async def _set_raw(store: Store, npc_id: int, column: str, sql_value: str, params: dict[str, object]) -> None:
+    async with store.transaction() as conn:
+        await conn.execute(sa.text(f"UPDATE npcs SET {column} = {sql_value} WHERE id = :id"), {"id": npc_id, **params})
+
+
+async def _decisions(store: Store, npc_id: int) -> int:
+    async with store.engine.connect() as conn:
+        return int((await conn.execute(sa.select(npcs.c.decisions).where(npcs.c.id == npc_id))).scalar_one())
+
+
+async def test_a_row_with_a_state_that_is_no_object_is_quarantined_not_rewritten(store: Store) -> None:
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    good, bad = await store.add_npcs(world_id, [{"name": "good"}, {"name": "bad"}])
+    cast = "CAST(:v AS jsonb)" if store.dialect == "postgresql" else ":v"
+    await _set_raw(store, bad, "state", cast, {"v": json.dumps(["not", "an", "object"])})
+    sched = WorldScheduler(store)
+    ctx = await sched.register_world(world_id)  # registration's scan finds it
+    assert set(ctx.quarantined_npcs) == {bad} and "state" in ctx.quarantined_npcs[bad]
+    await sched.tick_world(world_id, 60.0)
+    assert await _decisions(store, good) == 1 and await _decisions(store, bad) == 0
+    assert await _state(store, bad) == ["not", "an", "object"]  # never rewritten
+    assert (await store.get_npcs(world_id, [bad])) == []
+    assert set(await store.npc_problems(world_id)) == {bad}
+    assert ctx.get_stats()["quarantined_npcs"] == {str(bad): ctx.quarantined_npcs[bad]}
+    # Fixed: the next assignment releases it, and it is decided again.
+    await _set_raw(store, bad, "state", cast, {"v": json.dumps({"fixed": True})})
+    await sched.refresh_tiers(world_id)
+    assert ctx.quarantined_npcs == {}
+    await sched.tick_world(world_id, 7200.0 / 60)
+    assert await _decisions(store, bad) == 1
+    assert (await _state(store, bad))["fixed"] is True  # type: ignore[index]
+
+
+async def test_a_row_going_bad_between_scans_is_quarantined_by_the_tick_itself(store: Store) -> None:
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    good, bad = await store.add_npcs(world_id, [{"name": "good"}, {"name": "bad"}])
+    sched = WorldScheduler(store)
+    ctx = await sched.register_world(world_id)
+    assert ctx.quarantined_npcs == {}
+    if store.dialect == "postgresql":
+        await _set_raw(store, bad, "state", "CAST(:v AS jsonb)", {"v": json.dumps("a string")})
+    else:  # SQLite keeps any value in any column
+        await _set_raw(store, bad, "energy", ":v", {"v": "very tired"})
+    result = await sched.tick_world(world_id, 60.0)
+    assert result.npcs_simulated == 1
+    assert set(ctx.quarantined_npcs) == {bad}
+    assert await _decisions(store, bad) == 0 and await _decisions(store, good) == 1
+    tiers = {n: t for n, t in (await _tiers(store, world_id)).items()}
+    assert tiers[bad] == Tier.FROZEN  # out of the selection, so it stops taking the budget
+
+
+async def _tiers(store: Store, world_id: int) -> dict[int, Tier]:
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(npcs.c.id, npcs.c.tier).where(npcs.c.world_id == world_id))).all()
+    return {int(r[0]): Tier(r[1]) for r in rows}
+
+
+async def test_an_oversized_state_is_never_loaded(store: Store) -> None:
+    from scheduler_daemon.store.repository import MAX_NPC_STATE_BYTES
+
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    (big,) = await store.add_npcs(world_id, [{"name": "hoarder", "state": {"junk": "x" * (MAX_NPC_STATE_BYTES + 1)}}])
+    sched = WorldScheduler(store)
+    ctx = await sched.register_world(world_id)
+    assert "larger than" in ctx.quarantined_npcs[big]
+    await sched.tick_world(world_id, 60.0)
+    assert await _decisions(store, big) == 0
+
+
+async def test_sqlite_number_columns_holding_text_are_quarantined(tmp_path: object) -> None:
+    from pathlib import Path
+
+    store = Store.from_url(f"sqlite+aiosqlite:///{Path(str(tmp_path)) / 'db.sqlite'}")
+    try:
+        await store.upgrade()
+        world_id = await store.create_world("w", simulation={"alwaysOn": True})
+        ids = await store.add_npcs(world_id, [{"name": f"n{i}"} for i in range(4)])
+        await _set_raw(store, ids[1], "next_decision_at", ":v", {"v": "soon"})  # never selected by the tick
+        await _set_raw(store, ids[2], "decisions", ":v", {"v": 1.5})
+        await _set_raw(store, ids[3], "state", ":v", {"v": "{not json"})
+        sched = WorldScheduler(store)
+        ctx = await sched.register_world(world_id)
+        assert set(ctx.quarantined_npcs) == set(ids[1:])
+        assert "next_decision_at" in ctx.quarantined_npcs[ids[1]]
+        assert "decisions" in ctx.quarantined_npcs[ids[2]]
+        assert "JSON" in ctx.quarantined_npcs[ids[3]]
+        result = await sched.tick_world(world_id, 60.0)
+        assert result.npcs_simulated == 1
+    finally:
+        await store.dispose()

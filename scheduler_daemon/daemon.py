@@ -31,6 +31,7 @@ from scheduler_daemon.http import (
     check_bind_allowed,
     create_app,
     load_admin_token,
+    token_path,
 )
 from scheduler_daemon.jobs import complete_for_api, in_flight_counts, load_sink
 from scheduler_daemon.leasing import LeaseKeeper
@@ -39,7 +40,7 @@ from scheduler_daemon.metrics import SchedulerMetrics
 from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
-from scheduler_daemon.settings import Settings, SettingsError, load_settings, restart_only_changes
+from scheduler_daemon.settings import HttpSettings, Settings, SettingsError, load_settings, restart_only_changes
 from scheduler_daemon.simulation.behavior import load_decide_fn
 from scheduler_daemon.store.database import create_engine
 from scheduler_daemon.store.leases import LeaseStore
@@ -85,6 +86,9 @@ def lock_sqlite_database(url: str) -> int | None:
     database = make_url(url).database
     if not url.startswith("sqlite") or not database or database == ":memory:" or database.startswith("file:"):
         return None
+    # The real file, not the spelling of its path: a symlink or a relative
+    # path to the same database must find the same lock.
+    database = str(Path(database).resolve())
     lock_path = f"{database}.lock"
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -190,6 +194,7 @@ class Daemon:
 
     async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
         s = self.settings
+        warn_about_permissions(self.config_path, s.http if s.http.enabled else None)
         try:
             decide_fn = load_decide_fn(s.scheduler.behavior)
         except ValueError as exc:
@@ -426,13 +431,14 @@ class Daemon:
                 load_decide_fn(new.scheduler.behavior)  # validate even though it needs a restart
             if new.generation.sink != self.settings.generation.sink:
                 load_sink(new.generation.sink)
-            # The token file is re-read on every reload; bind/enabled are restart-only,
-            # so the running ones decide whether a token is required.
+            # The token file is re-read on every reload; enabled is restart-only,
+            # so the running value decides whether a token is read at all.
             running_http = self.settings.http
-            new_http = new.http.model_copy(update={"enabled": running_http.enabled, "bind": running_http.bind})
-            token = load_admin_token(new_http) if running_http.enabled else None
+            token = load_admin_token(new.http) if running_http.enabled else None
             if running_http.enabled:
-                check_bind_allowed(new_http, token)
+                _refuse_weaker_http(running_http, new.http, had_token=self.admin_token is not None, token=token)
+                check_bind_allowed(new.http, token)
+            warn_about_permissions(self.config_path, new.http if running_http.enabled else None)
             await self._validate_defaults(new)
         except (SettingsError, ValueError) as exc:
             return self._reload_failed(str(exc))
@@ -459,14 +465,14 @@ class Daemon:
         """Refuse new ``[defaults.simulation]`` that would make a running world's config invalid."""
         if new.defaults.simulation == self.settings.defaults.simulation or self.runner is None or self.store is None:
             return
-        running = set(self.runner.world_ids)
         problems = []
-        for record in await self.store.list_worlds():
-            if record.id in running:
-                try:
-                    parse_world_config(record.simulation_raw, world_id=record.id, defaults=new.defaults.simulation)
-                except WorldConfigError as exc:
-                    problems.append(str(exc))
+        for record in await self.store.list_worlds(self.runner.world_ids):
+            if record.problem is not None:
+                continue  # unusable whatever the defaults: discovery isolates it
+            try:
+                parse_world_config(record.simulation_raw, world_id=record.id, defaults=new.defaults.simulation)
+            except WorldConfigError as exc:
+                problems.append(str(exc))
         if problems:
             raise SettingsError("defaults.simulation: would make running worlds invalid: " + "; ".join(problems))
 
@@ -590,6 +596,55 @@ def _redact(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _refuse_weaker_http(running: HttpSettings, new: HttpSettings, *, had_token: bool, token: str | None) -> None:
+    """Refuse a reload that would switch authentication off or move the listener.
+
+    A file caught half-written (valid TOML without ``[http]``) must not open
+    the admin API: a daemon started with a token keeps requiring one, and the
+    bind address only changes with a restart.
+    """
+    if had_token and token is None:
+        raise SettingsError(
+            "http.admin_token_file: the running daemon requires an admin token and the new configuration "
+            "configures none (a half-written file?); set it again, or restart to run without one"
+        )
+    if new.bind != running.bind:
+        raise SettingsError(
+            f"http.bind: {new.bind!r} differs from the running {running.bind!r}; the bind address changes "
+            "only with a restart"
+        )
+
+
+def warn_about_permissions(config_path: Path | None, http: HttpSettings | None) -> None:
+    """WARNING for a config file others can write and an admin token file others can read (never fatal)."""
+    if config_path is not None:
+        mode = _mode(config_path)
+        if mode is not None and mode & 0o022:
+            log.warning(
+                "config file is writable by others",
+                path=str(config_path),
+                mode=oct(mode),
+                hint="chmod go-w: whoever can write it can change the daemon's settings on the next reload",
+            )
+    path = token_path(http) if http is not None else None
+    if path is not None:
+        mode = _mode(path)
+        if mode is not None and mode & 0o004:
+            log.warning(
+                "admin token file is readable by others",
+                path=str(path),
+                mode=oct(mode),
+                hint="chmod o-r, or load it as the systemd credential admin-token",
+            )
+
+
+def _mode(path: Path) -> int | None:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return None  # missing or unreadable: reading it reports that
 
 
 def _warn_if_pool_too_small(s: Settings) -> None:

@@ -79,3 +79,21 @@ async def test_reload_rotates_the_token_and_keeps_it_when_the_file_breaks(tmp_pa
     token.write_text("three")
     assert await daemon.reload() is True
     assert daemon.admin_token == "three"
+
+
+async def test_reload_refuses_to_drop_the_token_or_move_the_listener(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("one")
+    config = tmp_path / "config.toml"
+    good = f'[http]\nadmin_token_file = "{token}"\n'
+    config.write_text(good)
+    daemon = Daemon(load_settings(config), config)
+    daemon.admin_token = "one"
+    config.write_text("[metrics]\nper_world = true\n")  # half-written: no [http]
+    assert await daemon.reload() is False
+    assert daemon.admin_token == "one" and "admin token" in (daemon.last_reload_error or "")
+    config.write_text(good + 'bind = "127.0.0.2"\n')
+    assert await daemon.reload() is False
+    assert "http.bind" in (daemon.last_reload_error or "")
+    config.write_text(good)
+    assert await daemon.reload() is True

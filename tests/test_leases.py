@@ -240,6 +240,29 @@ def test_second_daemon_on_the_same_sqlite_file_is_refused(tmp_path: Path) -> Non
     os.close(second)
 
 
+@pytest.mark.parametrize("alias", ["symlink", "dot-dot", "relative"])
+def test_the_sqlite_lock_is_keyed_on_the_real_file(tmp_path: Path, alias: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tmp_path / "data" / "scheduler.db"
+    real.parent.mkdir()
+    real.touch()
+    if alias == "symlink":
+        (tmp_path / "link.db").symlink_to(real)
+        other = tmp_path / "link.db"
+    elif alias == "dot-dot":
+        other = tmp_path / "data" / ".." / "data" / "scheduler.db"
+    else:
+        monkeypatch.chdir(tmp_path)
+        other = Path("data/scheduler.db")
+    fd = lock_sqlite_database(f"sqlite+aiosqlite:///{real}")
+    assert fd is not None
+    try:
+        with pytest.raises(StartupError, match="already running") as err:
+            lock_sqlite_database(f"sqlite+aiosqlite:///{other}")
+        assert str(real) in str(err.value)
+    finally:
+        os.close(fd)
+
+
 async def test_renewal_skips_a_row_our_tick_holds_and_claims_skip_it_too(pg: Store) -> None:
     clock = DbClock()
     busy, _ = await make_world(pg, name="busy")

@@ -246,3 +246,78 @@ def test_hostile_world_configs_isolate_only_that_world(fault_db: FaultDatabase, 
         summary=report.summary(),
     )
     assert report.violations == [], "\n".join(report.violations)
+
+
+def _status(port: int, token: str | None) -> int:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(f"http://127.0.0.1:{port}/api/v1/worlds", headers=headers, timeout=10).status_code
+
+
+def _reload_gauge(port: int) -> float:
+    import re
+
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    found = re.search(r"^worldsched_config_last_reload_successful (\S+)$", text, re.M)
+    assert found, "reload gauge missing"
+    return float(found[1])
+
+
+def test_a_reload_that_would_weaken_security_is_refused(tmp_path: Path) -> None:
+    """A half-written file without ``[http]`` (the token would be gone) or with another bind: refused, old kept."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'fault.db'}"
+    db = FaultDatabase(url, "sqlite")
+    try:
+        from tests.faults.audit import install_audit
+
+        db.run(lambda store: store.upgrade())
+        install_audit(db)
+        world = {"tickIntervalSeconds": 0.2, "maxCatchUpSeconds": 30.0, "timeScale": 600.0}
+        worlds = seed_worlds(db, 1, simulation=world)
+        token = tmp_path / "admin-token"
+        token.write_text("s3cret\n")
+        token.chmod(0o644)  # readable by others: warned about
+        config = tmp_path / "config.toml"
+        http = {"bind": "127.0.0.1", "port": 0, "admin_token_file": str(token)}
+        good = write_config(config, http=http).read_text()
+        config.chmod(0o666)  # writable by others: warned about
+        refusals = "configuration reload failed, keeping the running configuration"
+        with running_daemon(config, daemon_env(url), tmp_path / "daemon.log") as daemon:
+            port = daemon.http_port()
+            wait_for_progress(db, worlds, timeout=60, what="first ticks")
+            warnings = {e["event"] for e in daemon.log_lines() if e.get("level") == "warning"}
+            assert "config file is writable by others" in warnings, warnings
+            assert "admin token file is readable by others" in warnings, warnings
+            assert _status(port, None) == 401 and _status(port, "s3cret") == 200
+            cases = [
+                ("no-http-section", good.split("[http]")[0], ("admin token",)),
+                ("token-removed", good.replace(f'admin_token_file = "{token}"', ""), ("admin token",)),
+                ("other-bind", good.replace('bind = "127.0.0.1"', 'bind = "127.0.0.2"'), ("http.bind", "restart")),
+            ]
+            for name, content, words in cases:
+                before = len(daemon.events(refusals))
+                config.write_text(content)
+                daemon.signal(signal.SIGHUP)
+                events = poll(
+                    lambda n=before: daemon.events(refusals)[n:], timeout=20, what=f"the {name} reload to be refused"
+                )
+                error = str(events[0].get("error", ""))
+                for word in words:
+                    assert word in error, (name, error)
+                assert _status(port, None) == 401, f"{name}: the API answered without a token"
+                assert _status(port, "s3cret") == 200
+                assert _reload_gauge(port) == 0.0
+            config.write_text(good)
+            daemon.signal(signal.SIGHUP)
+            poll(lambda: _reload_gauge(port) == 1.0, timeout=20, what="a good reload")
+            wait_for_progress(db, worlds, timeout=20, what="ticks after the reloads")
+            code = daemon.stop()
+        assert code == 0, daemon.log_tail()
+        report = check_invariants(db, {w: WorldRules(600.0, 30.0) for w in worlds})
+        record_result("reload-security", backend="sqlite", violations=len(report.violations))
+        assert report.violations == [], "\n".join(report.violations)
+    finally:
+        db.dispose()

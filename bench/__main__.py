@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import core, e2e
+from bench import core, e2e, startup
 from bench.common import progress
 from bench.report import write_markdown, write_plot
 
@@ -38,12 +38,16 @@ class Profile:
     e2e_warmup: float
     e2e_seconds: float
     sqlite_saturate_worlds: int
+    startup_worlds: int  # time to READY=1 and RSS of the real daemon, both backends
+    startup_settle: float
 
 
 PROFILES = {
-    "full": Profile("full", (1_000, 10_000), 3.0, 30.0, 256, (32, 64, 125, 250, 500, 1000, 2000), 3.0, 20.0, 64),
-    "quick": Profile("quick", (10_000,), 1.5, 6.0, 64, (16, 32, 64), 1.0, 4.0, 16),
-    "micro": Profile("micro", (200,), 0.3, 1.0, 4, (4,), 0.3, 1.0, 4),
+    "full": Profile(
+        "full", (1_000, 10_000), 3.0, 30.0, 256, (32, 64, 125, 250, 500, 1000, 2000), 3.0, 20.0, 64, 10_000, 30.0
+    ),
+    "quick": Profile("quick", (10_000,), 1.5, 6.0, 64, (16, 32, 64), 1.0, 4.0, 16, 2_000, 10.0),
+    "micro": Profile("micro", (200,), 0.3, 1.0, 4, (4,), 0.3, 1.0, 4, 20, 1.0),
 }
 
 CONCURRENCY = 8  # daemon batch workers = raw implementations' connections
@@ -55,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smaller sizes, same ratios, under 3 minutes")
     mode.add_argument("--micro", action="store_true", help="tiny smoke run (seconds)")
-    parser.add_argument("--only", default="core,pg,sqlite", help="comma list of core, pg, sqlite")
+    parser.add_argument("--only", default="core,pg,sqlite,startup", help="comma list of core, pg, sqlite, startup")
     parser.add_argument("--postgres-url", default=os.environ.get("SCHEDULER_TEST_POSTGRES_URL"))
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
@@ -108,6 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             group=GROUP,
             impls=("daemon", "naive_orm"),
             isolate=profile.name != "micro",
+        )
+    if "startup" in only:
+        results["startup"] = startup.run(
+            ["sqlite", "postgresql"],
+            profile.startup_worlds,
+            postgres_url=args.postgres_url,
+            settle_seconds=profile.startup_settle,
         )
     results["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results["elapsed_seconds"] = time.monotonic() - started

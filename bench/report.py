@@ -93,6 +93,22 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
                 f"{r['missed_ticks']} | {r['failed_ticks']} | {r['rss_mib_start']:.0f}→{r['rss_mib_end']:.0f} | "
                 f"{'yes' if r['sustained'] else 'no'} |"
             )
+    startup = {k: v for k, v in results.get("startup", {}).items() if "seconds_to_ready" in v}
+    if startup:
+        lines += [
+            "",
+            "Start-up of the real daemon (worlds ticking every 5 s, 5 NPCs each):",
+            "",
+            "| backend | worlds | s to READY=1 | EXTEND_TIMEOUT sent | RSS MiB at READY → after settling | "
+            "ticks/s after READY (expected) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for backend, r in startup.items():
+            lines.append(
+                f"| {backend} | {r['worlds']} | {r['seconds_to_ready']} | {r['extend_timeout_messages']} | "
+                f"{r['rss_mib_at_ready']}→{r['rss_mib_after_settle']} | "
+                f"{r['ticks_per_s_after_ready']} ({r['ticks_per_s_expected']}) |"
+            )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

@@ -62,6 +62,10 @@ EXIT_ALREADY_RUNNING = 6
 
 #: SIGHUPs arriving this soon after the first join its reload (``for f in …; kill -HUP``).
 RELOAD_SETTLE_SECONDS = 0.2
+#: While the first discovery registers worlds: report progress this often, and
+#: ask systemd for this much more start-up time whenever registration moved.
+STARTUP_REPORT_SECONDS = 2.0
+STARTUP_EXTEND_SECONDS = 30.0
 #: How often ``STATUS=`` is refreshed for ``systemctl status``.
 STATUS_INTERVAL_SECONDS = 5.0
 
@@ -328,9 +332,26 @@ class Daemon:
         starts. Returns False if the daemon stopped meanwhile.
         """
         assert self.runner is not None
-        discovered = asyncio.create_task(self.runner.discovered.wait())
+        runner = self.runner
+        discovered = asyncio.create_task(runner.discovered.wait())
+        reported = (-1, -1)
         try:
-            await asyncio.wait({runner_task, discovered}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait(
+                    {runner_task, discovered}, timeout=STARTUP_REPORT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    break
+                # A first discovery of many worlds takes a while: say how far it is,
+                # and extend systemd's start timeout only while registration moves.
+                progress = runner.registration
+                status = f"registering worlds: {progress[0]}/{progress[1]}"
+                if progress != reported:
+                    self.notifier.extend_timeout(STARTUP_EXTEND_SECONDS, status)
+                    log.info("registering worlds", registered=progress[0], discovered=progress[1])
+                else:
+                    self.notifier.status(status)
+                reported = progress
         finally:
             discovered.cancel()
         return not runner_task.done() and not self._stop_requested

@@ -160,6 +160,18 @@ class SystemdNotifier:
         """
         return self.notify("RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}")
 
+    def extend_timeout(self, seconds: float, status: str | None = None) -> bool:
+        """Ask for ``seconds`` more before a start-up (or reload) timeout, e.g. while registering many worlds.
+
+        ``EXTEND_TIMEOUT_USEC`` (systemd >= 236) moves the running timeout to
+        now + ``seconds``; send it again before it runs out, and only while
+        making progress, so a start-up that hangs still times out.
+        """
+        fields = [f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}"]
+        if status is not None:
+            fields.append(f"STATUS={_one_line(status)}")
+        return self.notify(*fields)
+
     def stopping(self) -> bool:
         """Report that graceful shutdown has begun."""
         return self.notify("STOPPING=1")

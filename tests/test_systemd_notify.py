@@ -134,6 +134,14 @@ def test_ready_without_and_with_status(receiver: Receiver) -> None:
     assert receiver.recv() == b"READY=1\nSTATUS=ticking 3 worlds"
 
 
+def test_extend_timeout_in_microseconds_with_a_status(receiver: Receiver) -> None:
+    notifier = SystemdNotifier(receiver.notify_socket)
+    assert notifier.extend_timeout(30.0, "registering worlds: 250/10000")
+    assert receiver.recv() == b"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=registering worlds: 250/10000"
+    assert notifier.extend_timeout(1.5)
+    assert receiver.recv() == b"EXTEND_TIMEOUT_USEC=1500000"
+
+
 def test_stopping_and_watchdog(receiver: Receiver) -> None:
     notifier = SystemdNotifier(receiver.notify_socket)
     assert notifier.stopping()

@@ -1,4 +1,4 @@
-"""Connections that cannot write are dropped, against a real PostgreSQL.
+"""Connections that cannot write are dropped, and readiness says so, against a real PostgreSQL.
 
 A database-wide ``default_transaction_read_only = on`` makes every session
 opened afterwards read-only, as on a demoted primary after a failover; a
@@ -12,11 +12,17 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
+from scheduler_daemon.clock import VirtualClock
+from scheduler_daemon.http import AdminBackend, create_app
+from scheduler_daemon.metrics import SchedulerMetrics
+from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.store.errors import is_transient, needs_new_connection
 from scheduler_daemon.store.repository import Store
 from tests.conftest import require_postgres_url
@@ -130,3 +136,27 @@ async def test_an_ordinary_error_keeps_its_connection(store: Store) -> None:
     assert not failed.value.connection_invalidated
     assert not is_transient(failed.value)
     assert await _pooled_sessions(store, 1) == [(pid, "off")]
+
+
+@pytest.mark.postgres
+async def test_readyz_of_an_idle_daemon_reports_a_read_only_database_and_recovers_after_the_reset(
+    store: Store, admin: psycopg.Connection[tuple[object, ...]], pg_url: str
+) -> None:
+    db = str(sa.make_url(pg_url).database)
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock())  # no worlds: no tick to fail
+    metrics = SchedulerMetrics(version="test", runner=runner, process_collectors=False)
+    app = create_app(AdminBackend(runner=runner, metrics=metrics, token=lambda: None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/readyz")).status_code == 200
+        await store.dispose()
+        _read_only_default(admin, db, True)
+        r = await client.get("/readyz")
+        assert r.status_code == 503, r.text
+        assert r.json()["database"] == "read-only"
+        assert r.json()["detail"] == "database refuses writes: read-only transactions"
+        # Reset without killing a session: the check dropped the read-only one, so the next one reconnects.
+        _read_only_default(admin, db, False)
+        r = await client.get("/readyz")
+        assert r.status_code == 200, r.text
+        assert r.json()["database"] == "ok"
+        assert (await client.get("/healthz")).status_code == 200

@@ -54,3 +54,9 @@ def is_transient(exc: BaseException) -> bool:
 def is_database_error(exc: BaseException) -> bool:
     """True for any error raised by the database layer (counted in ``worldsched_db_errors_total``)."""
     return isinstance(exc, sa_exc.SQLAlchemyError | sqlite3.Error | psycopg.Error) or is_transient(exc)
+
+
+def error_class(exc: BaseException) -> str:
+    """The driver's error class under SQLAlchemy's wrapper (``ReadOnlySqlTransaction``, not ``InternalError``)."""
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else None
+    return type(orig if orig is not None else exc).__name__

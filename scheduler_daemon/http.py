@@ -287,7 +287,7 @@ class CompleteRequest(_Wire):
 class Health(_Wire):
     status: Literal["ok", "unavailable"]
     loop_lag_seconds: float
-    database: Literal["ok", "unreachable", "not checked"] = "not checked"
+    database: Literal["ok", "unreachable", "read-only", "not checked"] = "not checked"
     detail: str | None = None
 
 
@@ -824,21 +824,34 @@ def create_app(backend: AdminBackend) -> FastAPI:
         response_model=Health,
         summary="Readiness",
         tags=["health"],
-        responses={503: {"model": Health, "description": "Database unreachable, loop lagging, or stopping"}},
+        responses={
+            503: {
+                "model": Health,
+                "description": "Database unreachable or read-only, ticks failing in the database, loop lagging, "
+                "or stopping",
+            }
+        },
     )
     async def readyz() -> Any:
-        """Database reachable and event-loop lag under the threshold; 503 otherwise."""
+        """Database accepts writes, ticks commit, event-loop lag under the threshold; 503 otherwise."""
         lag = backend.loop_lag.lag_seconds
         problems = []
-        database: Literal["ok", "unreachable"] = "ok"
+        database: Literal["ok", "unreachable", "read-only"] = "ok"
         try:
             async with asyncio.timeout(READY_DB_TIMEOUT_SECONDS):
-                await store.ping()
+                refusal = await store.write_refusal()
+            if refusal is not None:
+                database = "read-only"
+                problems.append(f"database refuses writes: {refusal}")
+                backend.metrics.db_error("readiness")
         except Exception as exc:
             database = "unreachable"
             problems.append(f"database: {type(exc).__name__}")
             if is_database_error(exc) or isinstance(exc, TimeoutError):
                 backend.metrics.db_error("readiness")
+        ticks = runner.ticks_problem()
+        if ticks is not None:
+            problems.append(ticks)
         if lag > READY_MAX_LOOP_LAG_SECONDS:
             problems.append(f"event loop lag {lag:.3f}s > {READY_MAX_LOOP_LAG_SECONDS}s")
         if not backend.accepting():

@@ -39,7 +39,7 @@ from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.retry import first_line, retry_after, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.tiers import NO_SESSIONS_FINGERPRINT
-from scheduler_daemon.store.errors import is_database_error, is_transient
+from scheduler_daemon.store.errors import error_class, is_database_error, is_transient
 from scheduler_daemon.store.leases import Lease, LeaseLostError
 from scheduler_daemon.store.repository import ActiveSessions, StaleWorldStateError, WorldRecord
 
@@ -76,6 +76,11 @@ async def _in_chunks(items: list[_T]) -> AsyncIterator[list[_T]]:
         if start:
             await asyncio.sleep(0)
         yield items[start : start + _DISCOVERY_YIELD_EVERY]
+
+
+def _touched_database(result: TickResult) -> bool:
+    # A paused world whose clock did not move ticks without a transaction.
+    return not result.paused or result.delta_game_seconds != 0.0
 
 
 class _FifoGate:
@@ -223,6 +228,43 @@ class TickObserver(Protocol):
     def world_unregistered(self, world_id: int) -> None: ...
 
     def db_error(self, operation: str) -> None: ...
+
+
+class TickCommits:
+    """Whether ticks commit: what readiness reports, since ``SELECT 1`` works on a database that refuses writes.
+
+    The runner records each tick that touched the database: a commit, or a
+    failure with a database error. Ticks are failing while the latest of
+    those was a failure, i.e. from the first such failure after a commit
+    until the next commit. Times are on the runner's clock.
+    """
+
+    __slots__ = ("error", "failing_since", "last_commit_at")
+
+    def __init__(self) -> None:
+        self.last_commit_at: float | None = None
+        #: The first tick failed by a database error since the last commit (``None``: not failing).
+        self.failing_since: float | None = None
+        #: The error class of the latest such failure.
+        self.error = ""
+
+    def committed(self, at: float) -> None:
+        """A tick committed at ``at``."""
+        self.last_commit_at = at
+        self.failing_since = None
+
+    def failed(self, at: float, exc: BaseException) -> None:
+        """A tick failed at ``at`` with the database error ``exc``."""
+        if self.failing_since is None:
+            self.failing_since = at
+        self.error = error_class(exc)
+
+    def problem(self, now: float) -> str | None:
+        """Why ticks are not committing (``None`` while the latest tick that touched the database committed)."""
+        if self.failing_since is None:
+            return None
+        last = "no commit yet" if self.last_commit_at is None else f"last commit {now - self.last_commit_at:.0f} s ago"
+        return f"ticks failing: {self.error} since {now - self.failing_since:.0f} s ({last})"
 
 
 class _BatchTimeouts:
@@ -382,6 +424,8 @@ class SchedulerLoopRunner:
         self.registration = (0, 0)
         self.ticks_ok = 0
         self.ticks_failed = 0
+        #: Commits and database failures of ticks (``/readyz``).
+        self.commits = TickCommits()
         self._slots: dict[int, _Slot] = {}
         # (deadline, world_id, generation) entries, bucketed by millisecond.
         self._deadlines = DeadlineWheel()
@@ -531,12 +575,14 @@ class SchedulerLoopRunner:
             try:
                 result = await self.scheduler.tick_world(world_id, delta_real_seconds)
             except Exception as exc:
-                self._count_db_error(exc, "tick")
+                self._tick_failed(exc)
                 if self.observer:
                     # No slot was scheduled, so there is no lag to report (NaN).
                     self.observer.tick_finished(world_id, "error", math.nan, self.clock.now() - started, None)
                 raise
             self.progress += 1
+            if _touched_database(result):
+                self.commits.committed(self.clock.now())
             if self.observer:
                 self.observer.tick_finished(world_id, "ok", math.nan, self.clock.now() - started, result)
             return result
@@ -972,10 +1018,12 @@ class SchedulerLoopRunner:
                         tick_timeout_seconds=self.tick_timeout_seconds,
                     )
                 answers = [exc]
+            committed = False
             for i, slot, answer in zip(live, live_slots, answers, strict=True):
                 if not isinstance(answer, BaseException):
                     outcomes[i] = "ok"
                     results[i] = answer
+                    committed = committed or _touched_database(answer)
                     slot.last_tick_at = started
                     if self.leases is not None:
                         self.leases.renewed_by_tick(slot.world_id, started)
@@ -993,7 +1041,10 @@ class SchedulerLoopRunner:
                     await self._resync(slot)
                 else:
                     log.error("tick failed", world_id=slot.world_id, exc_info=answer)
-                    self._count_db_error(answer, "tick")
+                    self._tick_failed(answer)
+            if committed:
+                # Recorded after the batch's failed worlds: the COMMIT that followed their rollback succeeded.
+                self.commits.committed(self.clock.now())
         finally:
             if holds_permit:
                 limit.release()
@@ -1166,6 +1217,21 @@ class SchedulerLoopRunner:
     def _count_db_error(self, exc: BaseException, operation: str) -> None:
         if self.observer is not None and is_database_error(exc):
             self.observer.db_error(operation)
+
+    def ticks_problem(self) -> str | None:
+        """Why ticks are not committing (``/readyz``); ``None`` while they commit or no world is registered.
+
+        Without worlds no tick can commit or fail, so an old failure (of a
+        world since dropped) says nothing about the database any more.
+        """
+        return self.commits.problem(self.clock.now()) if self._slots else None
+
+    def _tick_failed(self, exc: BaseException) -> None:
+        """A tick's final failure: a database error is counted and makes ticks "failing" for readiness."""
+        if is_database_error(exc):
+            self.commits.failed(self.clock.now(), exc)
+            if self.observer is not None:
+                self.observer.db_error("tick")
 
     def stop(self) -> None:
         """Stop starting new ticks; :meth:`start` returns once in-flight ticks finish."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,6 +356,10 @@ async def test_forced_tick_on_a_failing_database_is_503_not_500(api: Api) -> Non
         await drop_trigger(api.store, "world_states")
     assert r.status_code == 503
     assert await world_state(api.store, world_id) == (0.0, 0)
+    r = await api.client.get("/readyz")
+    assert r.status_code == 503 and r.json()["detail"].startswith("ticks failing: "), r.text
+    await api.client.post(f"/api/v1/worlds/{world_id}/scheduler/tick", json={"deltaSeconds": 1})
+    assert (await api.client.get("/readyz")).status_code == 200
 
 
 # -------------------------------------------------------------------- stats
@@ -443,6 +448,45 @@ async def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) ->
             assert families["worldsched_db_errors"].samples[0].value == 1
     finally:
         await store.dispose()
+
+
+async def test_readyz_is_503_while_ticks_fail_in_the_database_and_200_after_the_next_commit(api: Api) -> None:
+    from tests.helpers import drop_trigger, install_failing_trigger
+
+    failing = await running_world(api)
+    # Ticks on a frozen clock without a transaction: they say nothing about commits.
+    await running_world(api, pauseSimulation=True)
+    await install_failing_trigger(api.store, "world_states", failing)
+    try:
+        await api.runner.run_until(4.0)  # the first tick fails at 1 s, its retries (backed off) too
+        assert api.runner.ticks_failed >= 2
+        r = await api.client.get("/readyz")
+        assert r.status_code == 503, r.text
+        assert r.json()["database"] == "ok"  # SELECT 1 (and PostgreSQL's read-only check) still pass
+        assert re.fullmatch(r"ticks failing: \w+ since 3 s \(no commit yet\)", r.json()["detail"]), r.json()
+        families = {f.name: f for f in text_string_to_metric_families((await api.client.get("/metrics")).text)}
+        assert families["worldsched_db_errors"].samples[0].value == api.runner.ticks_failed
+    finally:
+        await drop_trigger(api.store, "world_states")
+    await api.runner.run_until(8.0)  # the next retry commits
+    r = await api.client.get("/readyz")
+    assert r.status_code == 200, r.text
+    assert r.json()["detail"] is None
+
+
+async def test_readyz_forgets_failed_ticks_once_no_world_is_left(api: Api) -> None:
+    from tests.helpers import drop_trigger, install_failing_trigger
+
+    world_id = await running_world(api)
+    await install_failing_trigger(api.store, "world_states", world_id)
+    try:
+        await api.runner.run_until(1.0)
+        assert (await api.client.get("/readyz")).status_code == 503
+        await api.runner.remove_world(world_id)  # e.g. deactivated, or its lease went to another daemon
+        r = await api.client.get("/readyz")
+        assert r.status_code == 200, r.text
+    finally:
+        await drop_trigger(api.store, "world_states")
 
 
 async def test_openapi_documents_every_route_in_camel_case(api: Api) -> None:

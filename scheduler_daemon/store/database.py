@@ -7,8 +7,10 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from scheduler_daemon.store.errors import needs_new_connection
 
 SUPPORTED_DRIVERS = ("postgresql+psycopg", "sqlite+aiosqlite")
 
@@ -61,6 +63,15 @@ def _sqlite_on_begin(conn: sa.Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITES) else "BEGIN")
 
 
+def _reconnect_when_writes_refused(context: ExceptionContext) -> None:
+    # A session left read-only (a failover's demoted primary, a standby) or
+    # being shut down stays in the pool and passes the pre-ping's SELECT 1.
+    # Flagged as a disconnect, SQLAlchemy drops it and every older pooled
+    # connection, so the next attempt connects anew.
+    if needs_new_connection(context.original_exception):
+        context.is_disconnect = True
+
+
 @asynccontextmanager
 async def begin_writing(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A transaction that will write: committed on normal exit, rolled back on an exception."""
@@ -85,6 +96,10 @@ def create_engine(
     that sits inside a transaction for longer, releasing its row locks. With
     leases this bounds how long a frozen daemon (SIGSTOP mid-tick) can keep a
     world's state row locked against a new owner.
+
+    PostgreSQL errors that mean "this connection cannot write"
+    (:func:`~scheduler_daemon.store.errors.needs_new_connection`) invalidate
+    the connection and the pool's older ones, like a lost connection.
     """
     url = normalize_url(url)
     if url.startswith("sqlite"):
@@ -98,7 +113,7 @@ def create_engine(
     }
     if idle_in_transaction_timeout is not None:
         connect_args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_in_transaction_timeout * 1000)}"
-    return create_async_engine(
+    engine = create_async_engine(
         url,
         echo=echo,
         pool_size=pool_size,
@@ -106,3 +121,5 @@ def create_engine(
         pool_pre_ping=True,
         connect_args=connect_args,
     )
+    sa.event.listen(engine.sync_engine, "handle_error", _reconnect_when_writes_refused)
+    return engine

@@ -518,6 +518,10 @@ _WRITE_DECISIONS_MANY_PG: Final = sa.text(
 )
 
 
+# The readiness check's question: would this session's next transaction accept a write?
+_WRITABLE_PG: Final = sa.text("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
+
+
 @dataclass(frozen=True, slots=True)
 class WorldAdvance:
     """One world's fenced clock move at the end of its tick."""
@@ -579,6 +583,26 @@ class Store:
         """Round-trip to the database (raises on failure)."""
         async with self.engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
+
+    async def write_refusal(self) -> str | None:
+        """Why a write would be refused on a pooled connection now; ``None`` if it would be accepted.
+
+        PostgreSQL: the server is in recovery (a standby), or the session's
+        transactions are read-only (``default_transaction_read_only``, as on a
+        demoted primary after a failover). Such a connection is invalidated, so
+        the next check reconnects (reaching the new primary, and seeing a reset
+        setting) even when no tick runs to fail on it. SQLite: a round trip.
+        Raises when the database cannot be reached.
+        """
+        async with self.engine.connect() as conn:
+            if self.dialect != "postgresql":
+                await conn.execute(sa.text("SELECT 1"))
+                return None
+            in_recovery, read_only = (await conn.execute(_WRITABLE_PG)).one()
+            if not in_recovery and read_only != "on":
+                return None
+            await conn.invalidate()
+            return "in recovery (a standby)" if in_recovery else "read-only transactions"
 
     async def upgrade(self) -> tuple[set[str], set[str]]:
         """Apply pending migrations."""

@@ -594,6 +594,33 @@ def pg_block_connections(db: FaultDatabase, blocked: bool) -> int:
     return sum(1 for r in rows if r[0])
 
 
+def pg_keep_test_sessions_writable(db: FaultDatabase) -> None:
+    """The test's own sessions on ``db`` ignore a database-wide ``default_transaction_read_only``.
+
+    A connection option (``-c``) outranks ``ALTER DATABASE … SET``, so the
+    checks, the kills and the reset keep working while the daemon's new
+    sessions start read-only.
+    """
+    db.engine.dispose()
+    db.engine = sa.create_engine(
+        sync_url(db.url),
+        poolclass=sa.pool.NullPool,
+        connect_args={"options": "-c default_transaction_read_only=off"},
+    )
+
+
+def pg_set_default_read_only(db: FaultDatabase, read_only: bool) -> None:
+    """``ALTER DATABASE … SET default_transaction_read_only = on`` or ``RESET`` it.
+
+    What sessions on a demoted primary look like: every transaction they start
+    is read-only. Sessions already open keep the value they started with.
+    """
+    if read_only:
+        db.execute(f'ALTER DATABASE "{db.name}" SET default_transaction_read_only = on')
+    else:
+        db.execute(f'ALTER DATABASE "{db.name}" RESET default_transaction_read_only')
+
+
 def pg_daemon_in_transaction(db: FaultDatabase) -> bool:
     """Whether one of the daemon's sessions is inside an open transaction right now."""
     rows = db.execute(

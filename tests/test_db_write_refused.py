@@ -1,0 +1,162 @@
+"""Connections that cannot write are dropped, and readiness says so, against a real PostgreSQL.
+
+A database-wide ``default_transaction_read_only = on`` makes every session
+opened afterwards read-only, as on a demoted primary after a failover; a
+``RESET`` leaves the sessions already open read-only. Each test gets a
+database of its own, since it changes that database's defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import psycopg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+
+from scheduler_daemon.clock import VirtualClock
+from scheduler_daemon.http import AdminBackend, create_app
+from scheduler_daemon.metrics import SchedulerMetrics
+from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.scheduler import WorldScheduler
+from scheduler_daemon.store.errors import is_transient, needs_new_connection
+from scheduler_daemon.store.repository import Store
+from tests.conftest import require_postgres_url
+from tests.faults.harness import create_pg_database, drop_pg_database, libpq
+
+
+# ------------------------------------------------------------- classification
+@pytest.mark.parametrize(
+    ("sqlstate", "message", "reconnect"),
+    [
+        ("25006", "cannot execute UPDATE in a read-only transaction", True),
+        ("57P01", "terminating connection due to administrator command", True),
+        ("57P02", "terminating connection because of crash of another server process", True),
+        ("57P03", "the database system is in recovery mode", True),
+        ("57P04", "terminating connection due to conflict with recovery", True),
+        ("08006", "server closed the connection unexpectedly", True),
+        ("40001", "canceling statement due to conflict with recovery", True),
+        ("40001", "could not serialize access due to concurrent update", False),
+        ("40P01", "deadlock detected", False),
+        ("23505", "duplicate key value violates unique constraint", False),
+        ("22012", "division by zero", False),
+    ],
+)
+def test_errors_that_need_a_new_connection(sqlstate: str, message: str, reconnect: bool) -> None:
+    # The driver's own exception classes, as psycopg raises them for these SQLSTATEs.
+    error = psycopg.errors.lookup(sqlstate)(message)
+    assert needs_new_connection(error) is reconnect
+    if reconnect:
+        assert is_transient(error), "a unit of work that lost its connection is worth retrying"
+
+
+def test_sqlite_and_other_errors_never_need_a_new_connection() -> None:
+    assert not needs_new_connection(sqlite3.OperationalError("attempt to write a readonly database"))
+    assert not needs_new_connection(ConnectionResetError("gone"))
+
+
+# ---------------------------------------------------------------- PostgreSQL
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    url = create_pg_database(require_postgres_url())
+    try:
+        yield url
+    finally:
+        drop_pg_database(url)
+
+
+@pytest.fixture
+def admin(pg_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """The test's own session: read-write whatever the database's default says."""
+    with psycopg.connect(libpq(pg_url), autocommit=True, options="-c default_transaction_read_only=off") as conn:
+        yield conn
+
+
+@pytest.fixture
+async def store(pg_url: str) -> AsyncIterator[Store]:
+    store = Store.from_url(pg_url)
+    try:
+        await store.upgrade()
+        yield store
+    finally:
+        await store.dispose()
+
+
+def _read_only_default(admin: psycopg.Connection[tuple[object, ...]], db: str, on: bool) -> None:
+    if on:
+        admin.execute(f'ALTER DATABASE "{db}" SET default_transaction_read_only = on')
+    else:
+        admin.execute(f'ALTER DATABASE "{db}" RESET default_transaction_read_only')
+
+
+async def _pooled_sessions(store: Store, n: int) -> list[tuple[int, str]]:
+    """``n`` sessions checked out of the pool at once: ``(backend pid, transaction_read_only)`` each."""
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(store.engine.connect()) for _ in range(n)]
+        query = sa.text("SELECT pg_backend_pid(), current_setting('transaction_read_only')")
+        rows = [(await conn.execute(query)).one() for conn in conns]
+    return [(int(pid), str(setting)) for pid, setting in rows]
+
+
+@pytest.mark.postgres
+async def test_a_read_only_session_is_dropped_with_the_older_pooled_ones_and_the_next_write_succeeds(
+    store: Store, admin: psycopg.Connection[tuple[object, ...]], pg_url: str
+) -> None:
+    db = str(sa.make_url(pg_url).database)
+    await store.dispose()  # the pool starts empty: every session below opens under the read-only default
+    _read_only_default(admin, db, True)
+    stale = await _pooled_sessions(store, 2)
+    assert [setting for _, setting in stale] == ["on", "on"]
+    _read_only_default(admin, db, False)  # and no session killed: the two stay in the pool, read-only
+
+    with pytest.raises(DBAPIError) as refused:
+        await store.create_world("refused")
+    assert isinstance(refused.value.orig, psycopg.Error) and refused.value.orig.sqlstate == "25006"
+    assert refused.value.connection_invalidated
+    assert is_transient(refused.value)
+
+    # The next write succeeds at once: the failure also dropped the other session opened before it.
+    world_id = await store.create_world("accepted")
+    assert (await store.get_world(world_id)).name == "accepted"
+    fresh = await _pooled_sessions(store, 2)
+    assert [setting for _, setting in fresh] == ["off", "off"]
+    assert not {pid for pid, _ in fresh} & {pid for pid, _ in stale}
+
+
+@pytest.mark.postgres
+async def test_an_ordinary_error_keeps_its_connection(store: Store) -> None:
+    [(pid, _)] = await _pooled_sessions(store, 1)
+    with pytest.raises(DBAPIError) as failed:
+        async with store.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1 / 0"))
+    assert not failed.value.connection_invalidated
+    assert not is_transient(failed.value)
+    assert await _pooled_sessions(store, 1) == [(pid, "off")]
+
+
+@pytest.mark.postgres
+async def test_readyz_of_an_idle_daemon_reports_a_read_only_database_and_recovers_after_the_reset(
+    store: Store, admin: psycopg.Connection[tuple[object, ...]], pg_url: str
+) -> None:
+    db = str(sa.make_url(pg_url).database)
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock())  # no worlds: no tick to fail
+    metrics = SchedulerMetrics(version="test", runner=runner, process_collectors=False)
+    app = create_app(AdminBackend(runner=runner, metrics=metrics, token=lambda: None))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/readyz")).status_code == 200
+        await store.dispose()
+        _read_only_default(admin, db, True)
+        r = await client.get("/readyz")
+        assert r.status_code == 503, r.text
+        assert r.json()["database"] == "read-only"
+        assert r.json()["detail"] == "database refuses writes: read-only transactions"
+        # Reset without killing a session: the check dropped the read-only one, so the next one reconnects.
+        _read_only_default(admin, db, False)
+        r = await client.get("/readyz")
+        assert r.status_code == 200, r.text
+        assert r.json()["database"] == "ok"
+        assert (await client.get("/healthz")).status_code == 200

@@ -44,13 +44,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scheduler_daemon.context import format_world_time
+from scheduler_daemon.context import WorldSimulationContext, format_world_time
+from scheduler_daemon.loop_budget import LoopBudget
 from scheduler_daemon.metrics import SchedulerMetrics
-from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.runner import BrokenWorld, SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldNotRegisteredError
 from scheduler_daemon.settings import HttpSettings, SettingsError
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS
 from scheduler_daemon.store.errors import is_database_error
+from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.repository import InvalidStoredWorldError, WorldNotFoundError, WorldRecord
 from scheduler_daemon.world_config import WorldConfig, WorldConfigError, apply_patch, parse_world_config
 
@@ -69,6 +71,8 @@ MAX_JSON_DEPTH = 32
 READY_MAX_LOOP_LAG_SECONDS = 0.5
 #: ``/readyz`` database ping timeout.
 READY_DB_TIMEOUT_SECONDS = 2.0
+#: Largest share of the event loop that admin work over many worlds may take (see loop_budget).
+ADMIN_LOOP_SHARE = 0.2
 #: ``GET /api/v1/worlds`` page sizes: the default and the largest a client may ask for.
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -328,6 +332,8 @@ class AdminBackend:
     complete_generation: GenerationCompleter | None = None
     #: False while the daemon stops (``/readyz`` then says 503).
     accepting: Callable[[], bool] = lambda: True
+    #: The loop share work over many worlds (lists, ``/metrics``) may take from ticks.
+    budget: LoopBudget = field(default_factory=lambda: LoopBudget(ADMIN_LOOP_SHARE))
 
     @property
     def scheduler_defaults(self) -> dict[str, Any]:
@@ -460,6 +466,62 @@ def _if_match_ok(header: str, version: int) -> bool:
         if tag.strip('"') == str(version):
             return True
     return False
+
+
+def _world_row(
+    ctx: WorldSimulationContext, name: str | None, rate: float | None, p99: float | None, lease: Lease | None
+) -> dict[str, Any]:
+    """A running world as :class:`WorldSummary` on the wire, built without a model (lists are thousands long)."""
+    return {
+        "worldId": ctx.world_id,
+        "name": name,
+        "state": ctx.state,
+        "worldTime": ctx.current_world_time,
+        "worldTimeHuman": format_world_time(ctx.current_world_time),
+        "timeScale": ctx.config.time_scale,
+        "tickIntervalSeconds": ctx.config.tick_interval_seconds,
+        "tickRate": rate,
+        "lagP99Seconds": p99,
+        "ticksProcessed": ctx.ticks_processed,
+        "ticksSkipped": ctx.ticks_skipped,
+        "ticksFailed": ctx.ticks_failed,
+        "npcsPerTier": {t.label: ctx.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
+        "npcsSimulatedTotal": ctx.npcs_simulated_total,
+        "jobsEnqueuedLastTick": ctx.jobs_enqueued_last_tick,
+        "configVersion": ctx.config_version,
+        "lastError": ctx.last_error,
+        "isolated": False,
+        "quarantinedNpcs": len(ctx.quarantined_npcs),
+        "leaseOwner": lease.owner if lease else None,
+        "leaseEpoch": lease.epoch if lease else None,
+    }
+
+
+def _isolated_row(world_id: int, name: str | None, broken: BrokenWorld) -> dict[str, Any]:
+    """An isolated world as :class:`WorldSummary` on the wire."""
+    return {
+        "worldId": world_id,
+        "name": name,
+        "state": "isolated",
+        "worldTime": None,
+        "worldTimeHuman": None,
+        "timeScale": None,
+        "tickIntervalSeconds": None,
+        "tickRate": None,
+        "lagP99Seconds": None,
+        "ticksProcessed": None,
+        "ticksSkipped": None,
+        "ticksFailed": None,
+        "npcsPerTier": {},
+        "npcsSimulatedTotal": None,
+        "jobsEnqueuedLastTick": None,
+        "configVersion": broken.config_version,
+        "lastError": broken.error,
+        "isolated": True,
+        "quarantinedNpcs": 0,
+        "leaseOwner": None,
+        "leaseEpoch": None,
+    }
 
 
 def create_app(backend: AdminBackend) -> FastAPI:
@@ -613,75 +675,39 @@ def create_app(backend: AdminBackend) -> FastAPI:
 
     v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)], responses=_ERRORS)
 
-    @v1.get("/worlds", response_model=WorldList, response_model_by_alias=True, summary="Registered worlds")
-    async def list_worlds(page_query: Annotated[PageQuery, Query()]) -> WorldList:
+    @v1.get(
+        "/worlds",
+        summary="Registered worlds",
+        responses={200: {"model": WorldList, "description": "A page of worlds, by id"}},
+    )
+    async def list_worlds(page_query: Annotated[PageQuery, Query()]) -> Response:
         """Worlds this daemon runs (and isolated ones), by id, a page at a time.
 
         State, world time, tick rate and last error come from the daemon's
         memory; only the page's names are read from the database.
         """
+        budget = backend.budget
         contexts = scheduler.get_all_contexts()
+        broken = runner.broken
         limit, after = page_query.limit, -1 if page_query.cursor is None else page_query.cursor
-        page = heapq.nsmallest(limit + 1, (w for w in itertools.chain(contexts, runner.broken) if w > after))
+        page = await budget.call(
+            lambda: heapq.nsmallest(limit + 1, (w for w in itertools.chain(contexts, broken) if w > after))
+        )
         more = len(page) > limit
         page = page[:limit]
         names = await store.world_names(page)
-        out: list[WorldSummary] = []
-        for world_id in page:
+
+        def row(world_id: int) -> str:
             ctx = contexts.get(world_id)
             if ctx is None:
-                broken = runner.broken[world_id]
-                out.append(
-                    WorldSummary(
-                        world_id=world_id,
-                        name=names.get(world_id),
-                        state="isolated",
-                        world_time=None,
-                        world_time_human=None,
-                        time_scale=None,
-                        tick_interval_seconds=None,
-                        tick_rate=None,
-                        lag_p99_seconds=None,
-                        ticks_processed=None,
-                        ticks_skipped=None,
-                        ticks_failed=None,
-                        npcs_per_tier={},
-                        npcs_simulated_total=None,
-                        jobs_enqueued_last_tick=None,
-                        config_version=broken.config_version,
-                        last_error=broken.error,
-                        isolated=True,
-                    )
-                )
-                continue
+                return json.dumps(_isolated_row(world_id, names.get(world_id), broken[world_id]))
             rate, p99 = backend.metrics.recent_tick_stats(world_id)
-            lease = scheduler.get_lease(world_id)
-            out.append(
-                WorldSummary(
-                    world_id=world_id,
-                    name=names.get(world_id),
-                    state=ctx.state,
-                    world_time=ctx.current_world_time,
-                    world_time_human=format_world_time(ctx.current_world_time),
-                    time_scale=ctx.config.time_scale,
-                    tick_interval_seconds=ctx.config.tick_interval_seconds,
-                    tick_rate=rate,
-                    lag_p99_seconds=p99,
-                    ticks_processed=ctx.ticks_processed,
-                    ticks_skipped=ctx.ticks_skipped,
-                    ticks_failed=ctx.ticks_failed,
-                    npcs_per_tier={t.label: ctx.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
-                    npcs_simulated_total=ctx.npcs_simulated_total,
-                    jobs_enqueued_last_tick=ctx.jobs_enqueued_last_tick,
-                    config_version=ctx.config_version,
-                    last_error=ctx.last_error,
-                    isolated=False,
-                    quarantined_npcs=len(ctx.quarantined_npcs),
-                    lease_owner=lease.owner if lease else None,
-                    lease_epoch=lease.epoch if lease else None,
-                )
-            )
-        return WorldList(worlds=out, next_cursor=page[-1] if more else None, total=len(contexts) + len(runner.broken))
+            return json.dumps(_world_row(ctx, names.get(world_id), rate, p99, scheduler.get_lease(world_id)))
+
+        rows = await budget.map(page, row)
+        tail = json.dumps({"nextCursor": page[-1] if more else None, "total": len(contexts) + len(broken)})
+        # Serialized piece by piece above (under the budget), not by FastAPI in one go.
+        return Response('{"worlds":[' + ",".join(rows) + "]," + tail[1:], media_type="application/json")
 
     @v1.get(
         "/worlds/{world_id}/scheduler/config",
@@ -812,7 +838,8 @@ def create_app(backend: AdminBackend) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         await backend.metrics.refresh()
-        return Response(backend.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body = await backend.budget.call(backend.metrics.render)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/healthz", response_model=Health, summary="Liveness", tags=["health"])
     async def healthz() -> Health:

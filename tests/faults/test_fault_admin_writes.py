@@ -51,9 +51,7 @@ async def _burst(port: int, world_id: int) -> tuple[list[int], list[int], int]:
     base = f"http://127.0.0.1:{port}/api/v1/worlds/{world_id}/scheduler"
     limits = httpx.Limits(max_connections=WRITERS)
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        puts = await asyncio.gather(
-            *(client.put(f"{base}/config", json={f"mark{i}": i}) for i in range(WRITERS))
-        )
+        puts = await asyncio.gather(*(client.put(f"{base}/config", json={f"mark{i}": i}) for i in range(WRITERS)))
         semaphore = asyncio.Semaphore(WRITERS)
 
         async def toggle(i: int) -> int:

@@ -1020,9 +1020,9 @@ def _log_lag_transition(ctx: WorldSimulationContext, was_lagging: frozenset[Tier
 
 
 def _log_quarantine(world_id: int, before: Mapping[int, str], after: Mapping[int, str]) -> None:
-    """WARNING once per NPC row entering quarantine (or with a new problem), INFO once when it leaves."""
+    """WARNING once per NPC row entering quarantine, INFO once when it leaves."""
     for npc_id, problem in after.items():
-        if before.get(npc_id) != problem:
+        if npc_id not in before:
             log.warning("npc quarantined: its row cannot be decided", world_id=world_id, npc_id=npc_id, problem=problem)
     for npc_id in before.keys() - after.keys():
         log.info("npc released from quarantine", world_id=world_id, npc_id=npc_id)

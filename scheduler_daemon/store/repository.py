@@ -379,11 +379,15 @@ _SQLITE_WORLDS_PER_SELECT = 400
 def _selected_npc_columns(dialect: str) -> str:
     """The NPC columns the tick reads; ``state`` NULL when over the limit, so it never leaves the database.
 
-    PostgreSQL checks the stored (possibly compressed) size, which costs no
-    decompression; the periodic scan (:func:`_npc_problem_sql`) checks the text size.
+    PostgreSQL: an uncompressed value's stored size is read without touching
+    it; only a compressed one (large by definition) is measured as text.
     """
-    size = "pg_column_size(state)" if dialect == "postgresql" else "length(state)"
-    guarded = f"CASE WHEN {size} <= {MAX_NPC_STATE_BYTES} THEN state END AS state"
+    if dialect == "postgresql":
+        small = f"pg_column_compression(state) IS NULL AND pg_column_size(state) <= {MAX_NPC_STATE_BYTES}"
+        fits = f"{small} OR octet_length(state::text) <= {MAX_NPC_STATE_BYTES}"
+    else:
+        fits = f"length(state) <= {MAX_NPC_STATE_BYTES}"
+    guarded = f"CASE WHEN {fits} THEN state END AS state"
     return ", ".join(guarded if c.name == "state" else c.name for c in _NPC_COLUMNS)
 
 

@@ -430,6 +430,7 @@ class SchedulerLoopRunner:
         # (deadline, world_id, generation) entries, bucketed by millisecond.
         self._deadlines = DeadlineWheel()
         self._ready: deque[tuple[_Slot, float]] = deque()  # due worlds waiting for a batch worker
+        self._ready_alone = 0  # of them, worlds that tick in a batch of their own
         self._workers = 0  # batch workers running (each holds at most one transaction)
         self._limit = _ResizableLimit(max_concurrent_ticks)  # batches holding a transaction
         self._timeouts = _BatchTimeouts()
@@ -846,6 +847,8 @@ class SchedulerLoopRunner:
                 slot.k = latest
             slot.in_flight = True
             ready.append((slot, scheduled))
+            if slot.solo or slot.failures:
+                self._ready_alone += 1
         return self._spawn_workers()
 
     def _spawn_workers(self) -> list[asyncio.Task[None]]:
@@ -855,7 +858,11 @@ class SchedulerLoopRunner:
         # become due while every worker is busy wait and join the next batch
         # (group commit: the busier the database, the bigger the batches).
         tasks: list[asyncio.Task[None]] = []
-        wanted = -(-len(self._ready) // self._batch_size())
+        # A world that ticks alone is a batch of its own: one worker each, so the
+        # neighbours of a hung world, retried alone after their shared batch
+        # timed out, do not wait for its retry to time out again.
+        alone = self._ready_alone
+        wanted = alone + -(-(len(self._ready) - alone) // self._batch_size())
         while self._ready and self._workers < self.max_concurrent_ticks and len(tasks) < wanted:
             self._workers += 1
             task = asyncio.create_task(self._work(), name="tick-batch")
@@ -888,6 +895,7 @@ class SchedulerLoopRunner:
         first = self._ready.popleft()
         batch = [first]
         if first[0].failures or first[0].solo:
+            self._ready_alone -= 1
             return batch
         while self._ready and len(batch) < size and not (self._ready[0][0].failures or self._ready[0][0].solo):
             batch.append(self._ready.popleft())

@@ -324,8 +324,16 @@ def _scrape_failed(base_url: str) -> float:
 
 
 def _daemon_view(base_url: str) -> dict[int, Mapping[str, Any]]:
-    worlds = httpx.get(f"{base_url}/api/v1/worlds", timeout=60).json()["worlds"]
-    return {int(w["worldId"]): w for w in worlds}
+    """Every world the daemon lists, page by page (the view spans the pages' answers)."""
+    out: dict[int, Mapping[str, Any]] = {}
+    cursor = None
+    while True:
+        query = "?limit=1000" + (f"&cursor={cursor}" if cursor is not None else "")
+        body = httpx.get(f"{base_url}/api/v1/worlds{query}", timeout=60).json()
+        out.update((int(w["worldId"]), w) for w in body["worlds"])
+        cursor = body["nextCursor"]
+        if cursor is None:
+            return out
 
 
 def _check_changes(db: FaultDatabase, worlds: Mapping[int, World]) -> list[str]:

@@ -34,6 +34,7 @@ GAUGES: dict[str, set[str]] = {
     "worldsched_config_last_reload_success_timestamp_seconds": set(),
     "worldsched_build_info": {"version"},
     "worldsched_leases_held": set(),
+    "worldsched_http_connections": set(),
 }
 COUNTERS: dict[str, set[str]] = {
     "worldsched_ticks_total": {"outcome"},
@@ -44,6 +45,8 @@ COUNTERS: dict[str, set[str]] = {
     "worldsched_db_errors_total": set(),
     "worldsched_lease_lost_total": set(),
     "worldsched_lease_claims_total": set(),
+    "worldsched_http_connections_closed_total": {"reason"},
+    "worldsched_http_accept_errors_total": set(),
 }
 OPTIONAL_COUNTERS: dict[str, set[str]] = {
     "worldsched_world_ticks_total": {"world_id"},
@@ -53,6 +56,7 @@ HISTOGRAMS = ["worldsched_tick_duration_seconds", "worldsched_tick_lag_seconds"]
 LABEL_VALUES = {
     "state": {"running", "paused", "failing"},
     "outcome": {"ok", "error", "timeout"},
+    "reason": {"timeout", "evicted", "refused"},
 }
 
 

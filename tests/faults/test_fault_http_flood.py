@@ -34,7 +34,6 @@ import pytest
 from scheduler_daemon.simulation.npc import Tier
 from tests.faults.audit import WorldRules, check_invariants
 from tests.faults.harness import (
-    DaemonProcess,
     FaultDatabase,
     daemon_env,
     poll,
@@ -106,18 +105,24 @@ class Flood:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while True:
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A new connection, or None once the flood stops."""
+        while not self._stop.is_set():
             try:
                 return await asyncio.open_connection("127.0.0.1", self.port)
             except OSError:
                 self.counts.connect_errors += 1
                 await asyncio.sleep(0.1)  # the attacker's own pace after a refused connect
+        return None
 
     async def _idle(self) -> None:
         """Connect, send nothing, reconnect once the daemon closes the connection."""
-        while True:
-            reader, writer = await self._connect()
+        # Checked besides cancellation: a cancellation can get lost when a read completes at the same moment.
+        while not self._stop.is_set():
+            connection = await self._connect()
+            if connection is None:
+                return
+            reader, writer = connection
             self.counts.connects += 1
             with contextlib.suppress(OSError):
                 await reader.read(1)  # b"" once the daemon closes it
@@ -126,15 +131,19 @@ class Flood:
 
     async def _slowloris(self) -> None:
         """Connect, then one byte of an endless header line per second."""
-        while True:
-            reader, writer = await self._connect()
+        while not self._stop.is_set():
+            connection = await self._connect()
+            if connection is None:
+                return
+            reader, writer = connection
             self.counts.slowloris_connects += 1
             with contextlib.suppress(OSError):
                 writer.write(b"GET /metrics HTTP/1.1\r\nHost: flood\r\nX-Slow: ")
-                while True:
+                while not self._stop.is_set():
                     try:
-                        if await asyncio.wait_for(reader.read(1), timeout=1.0) == b"":
-                            break
+                        async with asyncio.timeout(1.0):
+                            if await reader.read(1) == b"":
+                                break
                     except TimeoutError:
                         writer.write(b"a")
             writer.close()
@@ -151,7 +160,6 @@ class Window:
     scrapes: int = 0
     scrape_failures: list[str] = field(default_factory=list)
     scrape_max_seconds: float = 0.0
-    daemon_fds_max: int = 0
     last_metrics: str = ""
 
     @property
@@ -159,13 +167,30 @@ class Window:
         return self.ticks / self.seconds if self.seconds > 0 else 0.0
 
 
-def _open_fds(pid: int) -> int:
-    with contextlib.suppress(OSError):
-        return len(list(Path(f"/proc/{pid}/fd").iterdir()))
-    return 0
+class FdSampler:
+    """The most file descriptors a process held, sampled every 10 ms in a thread (Linux ``/proc``)."""
+
+    def __init__(self, pid: int) -> None:
+        self.path = Path(f"/proc/{pid}/fd")
+        self.max = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fd-sampler")
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            with contextlib.suppress(OSError):
+                self.max = max(self.max, sum(1 for _ in self.path.iterdir()))
+
+    def __enter__(self) -> FdSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
-def observe(db: FaultDatabase, worlds: list[int], daemon: DaemonProcess, port: int, seconds: float) -> Window:
+def observe(db: FaultDatabase, worlds: list[int], port: int, seconds: float) -> Window:
     """Scrape ``/metrics`` on a fresh connection every SCRAPE_INTERVAL_SECONDS for ``seconds``; count ticks."""
     window = Window()
     ticks_before = sum(db.ticks()[w] for w in worlds)
@@ -183,7 +208,6 @@ def observe(db: FaultDatabase, worlds: list[int], daemon: DaemonProcess, port: i
         took = time.monotonic() - scrape_started
         window.scrapes += 1
         window.scrape_max_seconds = max(window.scrape_max_seconds, took)
-        window.daemon_fds_max = max(window.daemon_fds_max, _open_fds(daemon.pid))
         time.sleep(max(0.0, SCRAPE_INTERVAL_SECONDS - took))  # the scrape pace, not a wait for a condition
     window.seconds = time.monotonic() - started
     window.ticks = sum(db.ticks()[w] for w in worlds) - ticks_before
@@ -193,7 +217,7 @@ def observe(db: FaultDatabase, worlds: list[int], daemon: DaemonProcess, port: i
 def metric(text: str, name: str, **labels: str) -> float | None:
     """One sample's value from the Prometheus text format (``None``: not exported)."""
     rendered = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(rendered) + r"\}" if labels else "") + r" (\S+)$"
+    pattern = "^" + re.escape(name) + (r"\{" + re.escape(rendered) + r"\}" if labels else "") + r" (\S+)$"
     found = re.search(pattern, text, re.MULTILINE)
     return float(found[1]) if found else None
 
@@ -222,8 +246,12 @@ def test_connection_flood_does_not_starve_ticks_or_metrics(fault_db: FaultDataba
         running_daemon(config, daemon_env(db.url), log_path, open_files_limit=FD_LIMIT) as daemon,
     ):
         port = daemon.http_port()
+        # It could not raise its limit, and the shipped connection limit fits.
+        (limits,) = daemon.events("open files limit")
+        assert (limits["soft"], limits["hard"]) == (FD_LIMIT, FD_LIMIT), limits
+        assert daemon.events("http server listening")[0]["max_connections"] == 100
         wait_for_progress(db, worlds, timeout=60, what="first ticks")
-        baseline = observe(db, worlds, daemon, port, BASELINE_SECONDS)
+        baseline = observe(db, worlds, port, BASELINE_SECONDS)
         with Flood(port, idle=IDLE_CONNECTIONS, slowloris=SLOWLORIS) as flood:
             poll(
                 lambda: flood.counts.connects >= IDLE_CONNECTIONS // 10,
@@ -231,14 +259,15 @@ def test_connection_flood_does_not_starve_ticks_or_metrics(fault_db: FaultDataba
                 what="the flood to reach the daemon",
             )
             log_size, log_lines = log_path.stat().st_size, len(daemon.log_lines())
-            flooded = observe(db, worlds, daemon, port, FLOOD_SECONDS)
+            with FdSampler(daemon.pid) as fds:
+                flooded = observe(db, worlds, port, FLOOD_SECONDS)
             log_bytes = log_path.stat().st_size - log_size
             log_lines = len(daemon.log_lines()) - log_lines
             alive_during_flood = daemon.alive()
         counts = flood.counts
         if alive_during_flood:
             wait_for_progress(db, worlds, timeout=30, what="ticks after the flood")
-        after = observe(db, worlds, daemon, port, 1.0) if daemon.alive() else Window()
+        after = observe(db, worlds, port, 1.0) if daemon.alive() else Window()
         code = daemon.stop()
 
     closed = {
@@ -263,7 +292,7 @@ def test_connection_flood_does_not_starve_ticks_or_metrics(fault_db: FaultDataba
         scrape_failures=len(flooded.scrape_failures),
         scrape_max_seconds=round(flooded.scrape_max_seconds, 2),
         baseline_scrape_max_seconds=round(baseline.scrape_max_seconds, 2),
-        daemon_fds_max=flooded.daemon_fds_max,
+        daemon_fds_max=fds.max,
         log_bytes_during_flood=log_bytes,
         log_lines_during_flood=log_lines,
         flood=counts.__dict__,
@@ -284,3 +313,23 @@ def test_connection_flood_does_not_starve_ticks_or_metrics(fault_db: FaultDataba
     assert (closed["evicted"] or 0) > 0 and (closed["timeout"] or 0) > 0, closed
     assert code == 0, daemon.log_tail()
     assert report.violations == [], "\n".join(report.violations)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_connection_limit_beyond_the_open_files_limit_is_lowered_with_a_warning(
+    fault_db: FaultDatabase, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "config.toml", http={"bind": "127.0.0.1", "port": 0})
+    with running_daemon(config, daemon_env(fault_db.url), tmp_path / "daemon.log", open_files_limit=256) as daemon:
+        port = daemon.http_port()
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        (warning,) = daemon.events(
+            "http.max_connections lowered to fit the open-files limit (raise LimitNOFILE= or ulimit -n)"
+        )
+        listening = daemon.events("http server listening")[0]
+        code = daemon.stop()
+    assert code == 0, daemon.log_tail()
+    # 256 - (database pools 16 + 8 + lease pool 4 + connections being accepted 128 + other 64)
+    assert warning["max_connections"] == 100 and warning["effective_max_connections"] == 36, warning
+    assert warning["open_files_limit"] == 256 and warning["level"] == "warning"
+    assert listening["max_connections"] == 36

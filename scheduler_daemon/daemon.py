@@ -33,6 +33,13 @@ from scheduler_daemon.http import (
     load_admin_token,
     token_path,
 )
+from scheduler_daemon.http_connections import (
+    ACCEPT_PIPELINE_FDS,
+    AcceptErrorHandler,
+    ConnectionGuard,
+    fit_connection_limit,
+    raise_open_files_limit,
+)
 from scheduler_daemon.jobs import complete_for_api, in_flight_counts, load_sink
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.logs import configure_logging
@@ -68,6 +75,12 @@ STARTUP_REPORT_SECONDS = 2.0
 STARTUP_EXTEND_SECONDS = 30.0
 #: How often ``STATUS=`` is refreshed for ``systemctl status``.
 STATUS_INTERVAL_SECONDS = 5.0
+#: The lease keeper's own connection pool (PostgreSQL).
+LEASE_POOL_SIZE = 2
+LEASE_POOL_OVERFLOW = 2
+#: Open files the daemon needs besides HTTP connections, database pools and accepting:
+#: log, SQLite files, epoll, signal and notify sockets, the interpreter's own.
+OTHER_OPEN_FILES = 64
 
 
 class StartupError(RuntimeError):
@@ -210,6 +223,8 @@ class Daemon:
         # HTTP: validate the token and bind the port before anything slow, so a
         # bad token file or a port in use fails at once with one line.
         self.admin_token = self._load_token(s)
+        open_files = _raise_open_files_limit()
+        guard = _connection_guard(s, open_files) if s.http.enabled else None
         sock = self._bind_http(s) if s.http.enabled else None
         try:
             self._sqlite_lock_fd = lock_sqlite_database(s.database.url)
@@ -226,7 +241,10 @@ class Daemon:
             sink_timeout_seconds=s.hand_off_timeout_seconds,
         )
         self.metrics = SchedulerMetrics(
-            version=_version(), per_world=s.metrics.per_world, reload_status=self._reload_status
+            version=_version(),
+            per_world=s.metrics.per_world,
+            reload_status=self._reload_status,
+            http_connections=guard,
         )
         # worldsched_jobs{status}: one grouped count per scrape, cached for the collector.
         job_counts: dict[str, int] = {}
@@ -243,7 +261,10 @@ class Daemon:
             # Heartbeats and renewals get their own small pool: they must never
             # queue behind ticks for a connection, or a busy daemon loses its leases.
             self._lease_engine = create_engine(
-                s.database.url, pool_size=2, max_overflow=2, connect_timeout=s.database.connect_timeout_seconds
+                s.database.url,
+                pool_size=LEASE_POOL_SIZE,
+                max_overflow=LEASE_POOL_OVERFLOW,
+                connect_timeout=s.database.connect_timeout_seconds,
             )
             self.leases = LeaseKeeper(
                 LeaseStore(self._lease_engine, s.scheduler.instance_id, s.scheduler.lease_ttl_seconds), clock
@@ -281,10 +302,14 @@ class Daemon:
         lag_monitor.start()
         http_server: HttpServer | None = None
         runner_task: asyncio.Task[None] | None = None
+        accept_errors = AcceptErrorHandler(guard) if guard is not None else None
+        if accept_errors is not None:
+            accept_errors.install(loop)
         try:
             if sock is not None:
+                assert guard is not None
                 # Serving before READY=1: the port is bound and answering when systemd counts us up.
-                http_server = await self._start_http(sock, lag_monitor)
+                http_server = await self._start_http(sock, guard, lag_monitor)
                 sock = None
             runner_task = asyncio.create_task(self.runner.start(), name="runner")
             if await self._serving(runner_task):
@@ -308,6 +333,8 @@ class Daemon:
             await self.runner.shutdown()
             if http_server is not None:
                 await http_server.stop()
+            if accept_errors is not None:
+                accept_errors.uninstall(loop)
             if sock is not None:
                 sock.close()
             await lag_monitor.stop()
@@ -373,7 +400,7 @@ class Daemon:
         except HttpBindError as exc:
             raise StartupError(str(exc), EXIT_ADDRESS_IN_USE if exc.in_use else EXIT_CONFIG) from None
 
-    async def _start_http(self, sock: socket.socket, lag_monitor: LoopLagMonitor) -> HttpServer:
+    async def _start_http(self, sock: socket.socket, guard: ConnectionGuard, lag_monitor: LoopLagMonitor) -> HttpServer:
         assert self.runner is not None and self.metrics is not None and self.store is not None
         store = self.store
         backend = AdminBackend(
@@ -384,7 +411,7 @@ class Daemon:
             accepting=lambda: self._stop_requested == 0,
             complete_generation=functools.partial(complete_for_api, store),
         )
-        server = HttpServer(create_app(backend), sock)
+        server = HttpServer(create_app(backend), sock, guard)
         await server.start()
         http = self.settings.http
         log.info(
@@ -393,6 +420,8 @@ class Daemon:
             port=server.port,
             url=f"http://{http.bind if ':' not in http.bind else f'[{http.bind}]'}:{server.port}",
             admin_auth="token" if self.admin_token is not None else "none",
+            max_connections=guard.max_connections,
+            request_timeout_seconds=guard.request_timeout_seconds,
         )
         if self.admin_token is None:
             log.warning(
@@ -507,7 +536,13 @@ class Daemon:
                 update={
                     "database": old.database,
                     "http": new.http.model_copy(
-                        update={"enabled": old.http.enabled, "bind": old.http.bind, "port": old.http.port}
+                        update={
+                            "enabled": old.http.enabled,
+                            "bind": old.http.bind,
+                            "port": old.http.port,
+                            "max_connections": old.http.max_connections,
+                            "request_timeout_seconds": old.http.request_timeout_seconds,
+                        }
                     ),
                     "scheduler": new.scheduler.model_copy(
                         update={
@@ -681,3 +716,28 @@ def _warn_if_pool_too_small(s: Settings) -> None:
             max_overflow=s.database.max_overflow,
             pool_total=pool,
         )
+
+
+def _raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one (logged); returns the soft limit in force."""
+    before, soft, hard = raise_open_files_limit()
+    log.info("open files limit", soft=soft, hard=hard, soft_at_start=before)
+    return soft
+
+
+def _connection_guard(s: Settings, open_files: int) -> ConnectionGuard:
+    """The HTTP connection guard, its limit lowered if connections plus everything else exceed ``open_files``."""
+    db_pools = s.database.pool_size + s.database.max_overflow + LEASE_POOL_SIZE + LEASE_POOL_OVERFLOW
+    reserved = db_pools + ACCEPT_PIPELINE_FDS + OTHER_OPEN_FILES
+    limit = fit_connection_limit(s.http.max_connections, soft_limit=open_files, reserved=reserved)
+    if limit < s.http.max_connections:
+        log.warning(
+            "http.max_connections lowered to fit the open-files limit (raise LimitNOFILE= or ulimit -n)",
+            max_connections=s.http.max_connections,
+            effective_max_connections=limit,
+            open_files_limit=open_files,
+            reserved_database_pools=db_pools,
+            reserved_accepting=ACCEPT_PIPELINE_FDS,
+            reserved_other=OTHER_OPEN_FILES,
+        )
+    return ConnectionGuard(max_connections=limit, request_timeout_seconds=s.http.request_timeout_seconds)

@@ -3,7 +3,9 @@
 FastAPI served by uvicorn inside the daemon's own event loop. The daemon binds
 the listening socket itself (so "address in use" is a clean startup error and
 ``READY=1`` comes only once the port is bound) and keeps its own signal
-handling: :class:`EmbeddedServer` never installs uvicorn's.
+handling: :class:`EmbeddedServer` never installs uvicorn's. Every connection
+goes through a :class:`~scheduler_daemon.http_connections.ConnectionGuard`
+(connection limit, request deadline).
 
 Every ``/api/v1`` route needs ``Authorization: Bearer <token>`` when a token is
 configured (``[http] admin_token_file`` or the systemd credential
@@ -45,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler_daemon.context import WorldSimulationContext, format_world_time
+from scheduler_daemon.http_connections import LISTEN_BACKLOG, ConnectionGuard
 from scheduler_daemon.loop_budget import LoopBudget
 from scheduler_daemon.metrics import SchedulerMetrics
 from scheduler_daemon.runner import BrokenWorld, SchedulerLoopRunner
@@ -907,7 +910,7 @@ class HttpBindError(OSError):
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind and listen on ``host:port`` (port 0: any free port)."""
+    """Bind and listen on ``host:port`` (port 0: any free port), backlog ``LISTEN_BACKLOG``."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -917,7 +920,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         in_use = exc.errno == errno.EADDRINUSE
@@ -936,17 +939,24 @@ class EmbeddedServer(uvicorn.Server):
 
 
 class HttpServer:
-    """Runs the app on an already bound socket inside the current event loop."""
+    """Runs the app on an already bound socket inside the current event loop.
 
-    def __init__(self, app: Any, sock: socket.socket) -> None:
+    Every connection is a ``guard.protocol`` (uvicorn's h11 protocol behind the
+    guard's connection limit and request deadline).
+    """
+
+    def __init__(self, app: Any, sock: socket.socket, guard: ConnectionGuard) -> None:
         self.sock = sock
         config = uvicorn.Config(
             app,
+            http=guard.protocol,
             log_config=None,
             access_log=False,
             lifespan="off",
             server_header=False,
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
+            # asyncio listens again with this (uvicorn's default is 2048): keep bind_socket's bound.
+            backlog=LISTEN_BACKLOG,
         )
         self.server = EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None
@@ -973,9 +983,9 @@ class HttpServer:
 
 
 @contextlib.asynccontextmanager
-async def serving(app: Any, sock: socket.socket) -> AsyncIterator[HttpServer]:
-    """Serve ``app`` on ``sock`` for the duration of the block."""
-    server = HttpServer(app, sock)
+async def serving(app: Any, sock: socket.socket, guard: ConnectionGuard) -> AsyncIterator[HttpServer]:
+    """Serve ``app`` on ``sock`` through ``guard`` for the duration of the block."""
+    server = HttpServer(app, sock, guard)
     await server.start()
     try:
         yield server

@@ -6,7 +6,8 @@ Two sources feed one :class:`~prometheus_client.CollectorRegistry` per daemon:
   :class:`~scheduler_daemon.runner.TickObserver` (ticks, misses, NPC decisions,
   job hand-offs, chain steps, database errors, per-world counters);
 * state read at scrape time by a collector (worlds by state, world time, NPCs
-  per tier, decision lag, reload status, and the optional providers below).
+  per tier, decision lag, reload status, the HTTP connection guard's counters,
+  and the optional providers below).
 
 Histograms carry no per-world label (cardinality); the per-world counters can
 be switched off with ``[metrics] per_world = false``.
@@ -39,7 +40,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -48,6 +49,7 @@ from prometheus_client.registry import Collector
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 
 if TYPE_CHECKING:
+    from scheduler_daemon.http_connections import ConnectionGuard
     from scheduler_daemon.runner import SchedulerLoopRunner
     from scheduler_daemon.scheduler import TickResult
 
@@ -159,11 +161,32 @@ class _StateCollector(Collector):
             held.add_metric([], m.leases_held())
         yield held
 
+        connections = GaugeMetricFamily("worldsched_http_connections", "Open connections to the HTTP port")
+        closed = CounterMetricFamily(
+            "worldsched_http_connections_closed",
+            "HTTP connections the guard closed: timeout (no response started within http.request_timeout_seconds), "
+            "evicted (idle, for a new connection), refused (new, with every open connection busy)",
+            labels=["reason"],
+        )
+        accept_errors = CounterMetricFamily(
+            "worldsched_http_accept_errors", "accept() failures on the HTTP port for lack of file descriptors or memory"
+        )
+        guard = m.http_connections
+        if guard is not None:
+            connections.add_metric([], guard.open_connections)
+            for reason, count in guard.closed.items():
+                closed.add_metric([reason], count)
+            accept_errors.add_metric([], guard.accept_errors)
+        yield connections
+        yield closed
+        yield accept_errors
+
 
 class SchedulerMetrics:
     """The daemon's metrics; attach as the runner's observer.
 
-    ``runner`` is read at scrape time; ``reload_status``, ``job_counts`` and
+    ``runner`` and ``http_connections`` (the HTTP server's connection guard)
+    are read at scrape time; ``reload_status``, ``job_counts`` and
     ``leases_held`` are optional providers (see the module docstring).
     """
 
@@ -174,12 +197,14 @@ class SchedulerMetrics:
         per_world: bool = True,
         runner: SchedulerLoopRunner | None = None,
         reload_status: ReloadStatus | None = None,
+        http_connections: ConnectionGuard | None = None,
         registry: CollectorRegistry | None = None,
         process_collectors: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.runner = runner
         self.reload_status = reload_status
+        self.http_connections = http_connections
         self.job_counts: Callable[[], Mapping[str, int]] | None = None
         self.leases_held: Callable[[], int] | None = None
         self._per_world = per_world

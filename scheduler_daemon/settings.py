@@ -54,12 +54,16 @@ class DatabaseSettings(_Section):
 
 
 class HttpSettings(_Section):
-    """``[http]``: the admin API and ``/metrics`` (bind and port are restart-only)."""
+    """``[http]``: the admin API and ``/metrics`` (all restart-only but the token file)."""
 
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = Field(default=9464, ge=0, le=65535)
     admin_token_file: Path | None = None
+    #: Open connections at most; a new one evicts the one idle longest (lowered to fit the open-files limit).
+    max_connections: int = Field(default=100, ge=1, le=100_000)
+    #: From accept, and from the first byte after a response, an answer must start within this; else: closed.
+    request_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
 
 
 class SchedulerSettings(_Section):
@@ -179,6 +183,8 @@ RESTART_ONLY = (
     "http.enabled",
     "http.bind",
     "http.port",
+    "http.max_connections",
+    "http.request_timeout_seconds",
     "scheduler.instance_id",
     "scheduler.lease_ttl_seconds",
     "scheduler.behavior",

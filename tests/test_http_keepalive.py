@@ -14,6 +14,7 @@ import asyncio
 from fastapi import FastAPI
 
 from scheduler_daemon.http import bind_socket, serving
+from scheduler_daemon.http_connections import ConnectionGuard
 
 #: Longer than uvicorn's and httpx's 5 s defaults, so the old server would have closed the connection.
 IDLE_SECONDS = 6.0
@@ -32,7 +33,9 @@ async def test_idle_keep_alive_connection_still_serves_after_the_clients_expiry(
     async def ping() -> dict[str, bool]:
         return {"ok": True}
 
-    async with serving(app, bind_socket("127.0.0.1", 0)) as server:
+    # A request deadline shorter than the idle period: it must not apply to idle keep-alive.
+    guard = ConnectionGuard(max_connections=100, request_timeout_seconds=1.0)
+    async with serving(app, bind_socket("127.0.0.1", 0), guard) as server:
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         try:
             assert (await _get(reader, writer)).startswith(b"HTTP/1.1 200")

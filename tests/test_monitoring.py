@@ -35,6 +35,7 @@ GAUGES: dict[str, set[str]] = {
     "worldsched_build_info": {"version"},
     "worldsched_leases_held": set(),
     "worldsched_quarantined_rows": {"table"},
+    "worldsched_http_connections": set(),
 }
 COUNTERS: dict[str, set[str]] = {
     "worldsched_ticks_total": {"outcome"},
@@ -45,6 +46,8 @@ COUNTERS: dict[str, set[str]] = {
     "worldsched_db_errors_total": set(),
     "worldsched_lease_lost_total": set(),
     "worldsched_lease_claims_total": set(),
+    "worldsched_http_connections_closed_total": {"reason"},
+    "worldsched_http_accept_errors_total": set(),
 }
 OPTIONAL_COUNTERS: dict[str, set[str]] = {
     "worldsched_world_ticks_total": {"world_id"},
@@ -55,6 +58,7 @@ LABEL_VALUES = {
     "state": {"running", "paused", "failing", "isolated"},
     "table": {"npcs", "sessions"},
     "outcome": {"ok", "error", "timeout"},
+    "reason": {"timeout", "evicted", "refused"},
 }
 
 
@@ -305,6 +309,7 @@ EXPECTED_ALERTS = {
     "SchedulerDown",
     "SchedulerDbErrors",
     "SchedulerLeaseLost",
+    "SchedulerHttpConnectionsShed",
 }
 
 
@@ -540,6 +545,7 @@ def rule_tests() -> list[dict[str, Any]]:
                 _series("worldsched_jobs", "10+5x60", status="pending"),
                 _series("worldsched_db_errors_total", "0+1x40"),
                 _series("worldsched_lease_lost_total", "0 0 0 1 1 1 1 1 1"),
+                _series("worldsched_http_connections_closed_total", "0+600x40", reason="evicted"),
             ],
             "alert_rule_test": [
                 {"eval_time": "1m", "alertname": "SchedulerConfigReloadFailed", "exp_alerts": []},
@@ -588,6 +594,12 @@ def rule_tests() -> list[dict[str, Any]]:
                     "alertname": "SchedulerDbErrors",
                     "exp_alerts": [_alert("SchedulerDbErrors", **INSTANCE)],
                 },
+                {"eval_time": "5m", "alertname": "SchedulerHttpConnectionsShed", "exp_alerts": []},
+                {
+                    "eval_time": "20m",
+                    "alertname": "SchedulerHttpConnectionsShed",
+                    "exp_alerts": [_alert("SchedulerHttpConnectionsShed", **INSTANCE)],
+                },
                 {"eval_time": "2m", "alertname": "SchedulerLeaseLost", "exp_alerts": []},
                 {
                     "eval_time": "6m",
@@ -609,6 +621,9 @@ def rule_tests() -> list[dict[str, Any]]:
                 _series("worldsched_jobs", "50x60", status="pending"),
                 _series("worldsched_db_errors_total", "0 0 2 2x37"),
                 _series("worldsched_lease_lost_total", "0x40"),
+                _series("worldsched_http_connections_closed_total", "0+2x40", reason="timeout"),
+                _series("worldsched_http_connections_closed_total", "0x40", reason="evicted"),
+                _series("worldsched_http_accept_errors_total", "0x40"),
             ],
             "alert_rule_test": [
                 {"eval_time": "30m", "alertname": name, "exp_alerts": []} for name in sorted(EXPECTED_ALERTS)

@@ -69,7 +69,9 @@ async def test_failed_reload_keeps_settings_and_reports_until_a_good_one(tmp_pat
         assert state["last_error"].startswith(f"{path}: ") and reason in state["last_error"]
         assert state["last_success_timestamp"] == started["last_success_timestamp"]
 
-    path.write_text(GOOD.replace('"INFO"', '"DEBUG"').replace("/tmp/a.db", "/tmp/b.db") + "[http]\nport = 1\n")
+    path.write_text(
+        GOOD.replace('"INFO"', '"DEBUG"').replace("/tmp/a.db", "/tmp/b.db") + "[http]\nport = 1\nmax_connections = 7\n"
+    )
     assert await daemon.reload() is True
     state = daemon.get_stats()["config_reload"]
     assert state == {
@@ -77,12 +79,13 @@ async def test_failed_reload_keeps_settings_and_reports_until_a_good_one(tmp_pat
         "last_successful": True,
         "last_error": None,
         "last_success_timestamp": state["last_success_timestamp"],
-        "restart_pending": ["database.url", "http.port"],
+        "restart_pending": ["database.url", "http.port", "http.max_connections"],
     }
     assert state["last_success_timestamp"] >= started["last_success_timestamp"]
     assert daemon.settings.logging.level == "DEBUG"  # reloadable: applied
     assert daemon.settings.database.url == running.database.url  # restart-only: kept as running
     assert daemon.settings.http.port == running.http.port
+    assert daemon.settings.http.max_connections == running.http.max_connections
 
 
 async def test_reload_refuses_defaults_that_would_break_a_running_world(store: Store, tmp_path: Path) -> None:

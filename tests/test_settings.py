@@ -238,6 +238,8 @@ def test_check_config_accepts_the_example(capsys: pytest.CaptureFixture[str]) ->
     [
         ("[scheduler\n", "invalid TOML"),
         ("[scheduler]\ndiscovery_interval_seconds = 0\n", "scheduler.discovery_interval_seconds"),
+        ("[http]\nmax_connections = 0\n", "http.max_connections: Input should be greater than or equal to 1"),
+        ("[http]\nrequest_timeout_seconds = 0\n", "http.request_timeout_seconds: Input should be greater than 0"),
     ],
 )
 def test_check_config_fails_with_one_line_and_exit_2(

@@ -52,6 +52,7 @@ REQUIRED_SERVICE: dict[str, str] = {
     "SystemCallArchitectures": "native",
     "CapabilityBoundingSet": "",
     "UMask": "0077",
+    "LimitNOFILE": "65536",
 }
 # Present with any (non-empty) value.
 REQUIRED_NONEMPTY = ["RestartSec", "TimeoutStopSec", "StateDirectory"]
@@ -144,6 +145,20 @@ def test_forbidden_directives_absent(name: str) -> None:
 def test_single_instance_units_migrate_as_the_service_user(name: str) -> None:
     # Not "+"-prefixed: it must run sandboxed as the dynamic user that owns the SQLite file.
     assert values(load(name), "Service", "ExecStartPre") == [MIGRATE]
+
+
+@pytest.mark.parametrize("name", ALL_UNITS)
+def test_open_files_limit_fits_the_default_connection_limit_and_pools(name: str) -> None:
+    from structlog.testing import capture_logs
+
+    from scheduler_daemon.daemon import _connection_guard
+    from scheduler_daemon.settings import Settings
+
+    settings = Settings()
+    with capture_logs() as logs:
+        guard = _connection_guard(settings, int(single(load(name), "Service", "LimitNOFILE")))
+    assert guard.max_connections == settings.http.max_connections
+    assert logs == []
 
 
 def test_template_does_not_migrate() -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -332,18 +333,31 @@ def daemon_env(db_url: str, **extra: str) -> dict[str, str]:
 
 
 class DaemonProcess:
-    """One ``scheduler-daemon run`` subprocess; stderr (JSON log lines) goes to a file."""
+    """One ``scheduler-daemon run`` subprocess; stderr (JSON log lines) goes to a file.
 
-    def __init__(self, config: Path, env: Mapping[str, str], log_path: Path) -> None:
+    ``open_files_limit`` sets the subprocess's RLIMIT_NOFILE soft and hard
+    limit before it starts (so the daemon cannot raise it).
+    """
+
+    def __init__(
+        self, config: Path, env: Mapping[str, str], log_path: Path, *, open_files_limit: int | None = None
+    ) -> None:
         self.config = config
         self.env = dict(env)
         self.log_path = log_path
+        self.open_files_limit = open_files_limit
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at: datetime | None = None  # wall time of the spawn
         self.stopped_at: datetime | None = None
 
     def start(self) -> DaemonProcess:
         self.started_at = utcnow()
+        limit = self.open_files_limit
+
+        def limit_open_files() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "scheduler_daemon", "--config", str(self.config), "run"],
@@ -351,6 +365,7 @@ class DaemonProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
                 cwd=ROOT,
+                preexec_fn=limit_open_files if limit is not None else None,
             )
         return self
 
@@ -428,9 +443,11 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def running_daemon(config: Path, env: Mapping[str, str], log_path: Path) -> Iterator[DaemonProcess]:
+def running_daemon(
+    config: Path, env: Mapping[str, str], log_path: Path, *, open_files_limit: int | None = None
+) -> Iterator[DaemonProcess]:
     """Start the daemon; always killed on the way out (SIGTERM first if still running)."""
-    daemon = DaemonProcess(config, env, log_path).start()
+    daemon = DaemonProcess(config, env, log_path, open_files_limit=open_files_limit).start()
     try:
         yield daemon
     finally:

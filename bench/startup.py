@@ -1,14 +1,14 @@
 """Start-up at scale: time to ``READY=1`` and resident memory of the real daemon with many worlds.
 
-``python -m bench.startup [--worlds N] [--backend sqlite,postgresql]`` (part of
-``make bench``). Seeds N always-on worlds ticking every 5 s (each with a few
-dormant NPCs) in a fresh database, starts ``scheduler-daemon run`` as a
-subprocess with ``$NOTIFY_SOCKET`` pointing at a datagram socket of ours, and
-reports per backend: seconds from spawn to ``READY=1``, the
-``EXTEND_TIMEOUT_USEC`` and ``STATUS=registering …`` messages sent meanwhile,
-the daemon's RSS at READY and after a settling window (which starts one tick
-interval after READY), and the ticks it committed and missed in that window
-(from ``/metrics``).
+``python -m bench.startup [--worlds N] [--backend sqlite,postgresql]`` (also
+part of ``make bench``; alone it writes ``bench/results/startup.json``).
+Seeds N always-on worlds ticking every 5 s (each with a few dormant NPCs) in
+a fresh database and starts ``scheduler-daemon run`` as a subprocess with
+``$NOTIFY_SOCKET`` pointing at a datagram socket of ours. Reports per backend:
+seconds from spawn to ``READY=1``; the ``EXTEND_TIMEOUT_USEC`` and
+``STATUS=registering …`` messages sent meanwhile; the daemon's RSS at READY
+and after a settling window (which starts one tick interval after READY);
+the ticks it committed and missed in that window (from ``/metrics``).
 """
 
 from __future__ import annotations
@@ -205,13 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backend", default="sqlite,postgresql")
     parser.add_argument("--settle-seconds", type=float, default=30.0)
     parser.add_argument("--postgres-url", default=os.environ.get("SCHEDULER_TEST_POSTGRES_URL"))
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
-    print(
-        json.dumps(
-            run(backends, args.worlds, postgres_url=args.postgres_url, settle_seconds=args.settle_seconds), indent=2
-        )
-    )
+    results = run(backends, args.worlds, postgres_url=args.postgres_url, settle_seconds=args.settle_seconds)
+    results["machine"] = {"cpus": os.cpu_count(), "loadavg": list(os.getloadavg())}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "startup.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(results, indent=2))
     return 0
 
 

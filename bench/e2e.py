@@ -244,9 +244,11 @@ class WorldClock:
 
 # ------------------------------------------------------------------ daemon
 async def run_daemon(url: str, world_ids: list[int], warmup: float, seconds: float, args: Any) -> dict[str, Any]:
+    from scheduler_daemon.clock import MonotonicClock
     from scheduler_daemon.logs import configure_logging
-    from scheduler_daemon.runner import SchedulerLoopRunner
-    from scheduler_daemon.scheduler import TickResult, WorldScheduler
+    from scheduler_daemon.runtime import build_runtime
+    from scheduler_daemon.scheduler import TickResult
+    from scheduler_daemon.settings import DefaultsSettings, SchedulerSettings, Settings
     from scheduler_daemon.store.repository import Store
 
     configure_logging("WARNING", "json")
@@ -280,8 +282,12 @@ async def run_daemon(url: str, world_ids: list[int], warmup: float, seconds: flo
             return {w: 1 for w in world_ids}
 
     store = BenchStore(Store.from_url(url, pool_size=args.concurrency, max_overflow=2).engine)
-    scheduler = WorldScheduler(store, defaults={"tickIntervalSeconds": interval})
-    runner = SchedulerLoopRunner(scheduler, observer=Observer(), max_concurrent_ticks=args.concurrency)
+    settings = Settings(
+        scheduler=SchedulerSettings(max_concurrent_ticks=args.concurrency),
+        defaults=DefaultsSettings(simulation={"tickIntervalSeconds": interval}),
+    )
+    runner = build_runtime(settings, store, MonotonicClock()).runner
+    runner.observer = Observer()
     start = runner.clock.now() + 1.0 + len(world_ids) / 2000
     for i, world_id in enumerate(world_ids):
         await runner.add_world(world_id, first_deadline=start + i * interval / len(world_ids))

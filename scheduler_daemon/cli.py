@@ -186,7 +186,7 @@ def _run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 
 async def _open_store(settings: Settings, *, check: bool = True) -> Any:
-    from scheduler_daemon.daemon import EXIT_DATABASE, EXIT_NOT_MIGRATED
+    from scheduler_daemon.exits import EXIT_DATABASE, EXIT_NOT_MIGRATED
     from scheduler_daemon.store.migrate import SchemaNotMigratedError
     from scheduler_daemon.store.repository import Store
 
@@ -206,7 +206,8 @@ async def _open_store(settings: Settings, *, check: bool = True) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from scheduler_daemon.daemon import Daemon, StartupError
+    from scheduler_daemon.daemon import Daemon
+    from scheduler_daemon.exits import StartupError
     from scheduler_daemon.logs import configure_logging
 
     settings, path, explicit = _settings(args)
@@ -445,9 +446,8 @@ def cmd_chains(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from scheduler_daemon.context import format_world_time
     from scheduler_daemon.fastforward import FastForwardError, fast_forward
-    from scheduler_daemon.jobs import load_sink
     from scheduler_daemon.logs import configure_logging
-    from scheduler_daemon.simulation.behavior import load_decide_fn
+    from scheduler_daemon.runtime import Plugins
     from scheduler_daemon.store.repository import WorldNotFoundError
 
     settings, _, _ = _settings(args)
@@ -455,13 +455,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     level = settings.logging.level if settings.logging.level not in ("DEBUG", "INFO") else "WARNING"
     configure_logging(level, settings.logging.format, stream=sys.stderr)
     try:
-        decide_fn = load_decide_fn(settings.scheduler.behavior)
-    except ValueError as exc:
-        raise CliError(f"scheduler.behavior: {exc}", EXIT_USAGE) from None
-    try:
-        sink = load_sink(settings.generation.sink)
-    except ValueError as exc:
-        raise CliError(f"generation.sink: {exc}", EXIT_USAGE) from None
+        plugins = Plugins.from_settings(settings)
+    except SettingsError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
 
     async def main() -> int:
         store = await _open_store(settings)
@@ -472,11 +468,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 args.game_hours,
                 dry_run=args.dry_run,
                 force=args.force,
-                defaults=settings.defaults.simulation,
-                decide_fn=decide_fn,
-                discovery_interval_seconds=settings.scheduler.discovery_interval_seconds,
-                sink=sink,
-                sink_timeout_seconds=settings.hand_off_timeout_seconds,
+                settings=settings,
+                plugins=plugins,
             )
         except (WorldNotFoundError, FastForwardError) as exc:
             raise CliError(str(exc), 1) from None
@@ -500,7 +493,7 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    from scheduler_daemon.http import load_admin_token
+    from scheduler_daemon.http.auth import load_admin_token
     from scheduler_daemon.settings import HttpSettings
     from scheduler_daemon.top import TopError, run_top
 

@@ -23,13 +23,12 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from scheduler_daemon.clock import VirtualClock
-from scheduler_daemon.jobs import GenerationSink, leave_enqueued
-from scheduler_daemon.runner import SchedulerLoopRunner
-from scheduler_daemon.scheduler import CommittedTick, WorldScheduler
-from scheduler_daemon.simulation.behavior import DecideFn, decide
+from scheduler_daemon.runner import RunnerLimits
+from scheduler_daemon.runtime import Plugins, build_runtime
+from scheduler_daemon.scheduler import CommittedTick
+from scheduler_daemon.settings import Settings
 from scheduler_daemon.simulation.summary import SimulationSummary, SummaryCollector
 from scheduler_daemon.store.repository import Store
 
@@ -62,17 +61,16 @@ async def fast_forward(
     game_hours: float,
     *,
     dry_run: bool,
-    defaults: dict[str, Any] | None = None,
-    decide_fn: DecideFn = decide,
     force: bool = False,
-    discovery_interval_seconds: float = 5.0,
-    sink: GenerationSink = leave_enqueued,
-    sink_timeout_seconds: float = 5.0,
+    settings: Settings | None = None,
+    plugins: Plugins | None = None,
 ) -> SimulationSummary:
     """Simulate ``game_hours`` of world ``world_id`` as fast as possible.
 
-    Committed runs hand claimed generation requests to ``sink`` like the
-    daemon; a dry run never calls it (its claims stay in the copy).
+    ``settings`` give the defaults, the hand-off timeout and the tier refresh
+    period (``discovery_interval_seconds``), as in the daemon. Committed runs
+    hand claimed generation requests to the plugins' sink like the daemon; a
+    dry run never calls it (its claims stay in the copy).
 
     Raises :class:`~scheduler_daemon.store.repository.WorldNotFoundError`,
     :class:`~scheduler_daemon.world_config.WorldConfigError` or
@@ -83,6 +81,8 @@ async def fast_forward(
     if not 0 < game_hours <= MAX_GAME_HOURS:
         raise FastForwardError(f"game hours must be > 0 and <= {MAX_GAME_HOURS:g}, got {game_hours:g}")
     plan = _Plan(world_id, game_hours, dry_run)
+    settings = settings or Settings()
+    plugins = plugins or Plugins()
     if not dry_run:
         record = await store.get_world(world_id)
         if not force and record.last_advanced_at is not None:
@@ -95,32 +95,20 @@ async def fast_forward(
                     f"world {world_id} was ticked {age:.0f}s ago, probably by a running daemon; "
                     "stop it first, or use --dry-run (a copy), or --force"
                 )
-        return await _run(
-            store,
-            plan,
-            WorldScheduler(
-                store, defaults=defaults, decide_fn=decide_fn, sink=sink, sink_timeout_seconds=sink_timeout_seconds
-            ),
-            discovery_interval_seconds,
-        )
+        return await _run(store, plan, settings, plugins)
     data = await store.export_world(world_id)
     with tempfile.TemporaryDirectory(prefix="scheduler-simulate-") as tmp:
         copy = Store.from_url(f"sqlite+aiosqlite:///{Path(tmp) / 'simulate.db'}")
         try:
             await copy.upgrade()
             await copy.import_world(data)
-            copied = WorldScheduler(copy, defaults=defaults, decide_fn=decide_fn)  # default sink: calls no one
-            return await _run(copy, plan, copied, discovery_interval_seconds)
+            # The default sink calls no one: the copy's claims stay in the copy.
+            return await _run(copy, plan, settings, Plugins(decide_fn=plugins.decide_fn))
         finally:
             await copy.dispose()
 
 
-async def _run(
-    store: Store,
-    plan: _Plan,
-    scheduler: WorldScheduler,
-    discovery_interval_seconds: float,
-) -> SimulationSummary:
+async def _run(store: Store, plan: _Plan, settings: Settings, plugins: Plugins) -> SimulationSummary:
     started = time.perf_counter()  # wall time for the report only
     collector: SummaryCollector | None = None
 
@@ -128,10 +116,13 @@ async def _run(
         if collector is not None:
             collector.observe(tick.npcs, tick.decisions, tick.decision_lag_per_tier)
 
-    scheduler.on_commit = observe
     clock = VirtualClock()
-    # No backoff retries: a failing tick stops the simulation (see below).
-    runner = SchedulerLoopRunner(scheduler, clock=clock, max_concurrent_ticks=1)
+    discovery_interval_seconds = settings.scheduler.discovery_interval_seconds
+    # One batch at a time; no backoff retries: a failing tick stops the simulation (see below).
+    limits = RunnerLimits(max_concurrent_ticks=1, discovery_interval_seconds=discovery_interval_seconds)
+    runtime = build_runtime(settings, store, clock, plugins=plugins, limits=limits)
+    scheduler, runner = runtime.scheduler, runtime.runner
+    scheduler.on_commit = observe
     await runner.add_world(plan.world_id)
     try:
         ctx = scheduler.get_context(plan.world_id)

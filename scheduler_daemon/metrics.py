@@ -12,13 +12,11 @@ Two sources feed one :class:`~prometheus_client.CollectorRegistry` per daemon:
 Histograms carry no per-world label (cardinality); the per-world counters can
 be switched off with ``[metrics] per_world = false``.
 
-Seams for features that live elsewhere: ``job_counts`` (generation requests
-per status) and ``leases_held`` are optional callables; until one is set its
-family is exported without samples rather than with made-up zeros. Values that
-need the database are fetched by an async *refresher*
-(:meth:`SchedulerMetrics.add_refresher`) that ``/metrics`` awaits before
-rendering, e.g. one that caches ``SELECT status, count(*)`` for ``job_counts``.
-The lease counters are incremented through :meth:`SchedulerMetrics.lease_claimed`
+Sources owned elsewhere are handed in at construction: ``job_counts``
+(generation requests per status, an async count that ``/metrics`` awaits
+through :meth:`SchedulerMetrics.refresh` before rendering) and ``leases_held``;
+without one its family is exported without samples rather than with made-up
+zeros. The lease counters are incremented through :meth:`SchedulerMetrics.lease_claimed`
 and :meth:`SchedulerMetrics.lease_lost`.
 """
 
@@ -49,7 +47,7 @@ from prometheus_client.registry import Collector
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 
 if TYPE_CHECKING:
-    from scheduler_daemon.http_connections import ConnectionGuard
+    from scheduler_daemon.http.connections import ConnectionGuard
     from scheduler_daemon.runner import SchedulerLoopRunner
     from scheduler_daemon.scheduler import TickResult
 
@@ -149,7 +147,7 @@ class _StateCollector(Collector):
 
         jobs = GaugeMetricFamily("worldsched_jobs", "Generation requests by status", labels=["status"])
         if m.job_counts is not None:
-            counts = m.job_counts()
+            counts = m.job_counts
             # Only what the provider counted (the live queue): a finished status
             # it does not count must not read as 0.
             for status in sorted(counts):
@@ -185,9 +183,10 @@ class _StateCollector(Collector):
 class SchedulerMetrics:
     """The daemon's metrics; attach as the runner's observer.
 
-    ``runner`` and ``http_connections`` (the HTTP server's connection guard)
-    are read at scrape time; ``reload_status``, ``job_counts`` and
-    ``leases_held`` are optional providers (see the module docstring).
+    Every data source is handed in at construction and read at scrape time:
+    ``runner``, ``http_connections`` (the HTTP server's connection guard),
+    ``reload_status``, ``leases_held``, and ``job_counts``, an async count
+    refreshed before each render (see the module docstring).
     """
 
     def __init__(
@@ -198,6 +197,8 @@ class SchedulerMetrics:
         runner: SchedulerLoopRunner | None = None,
         reload_status: ReloadStatus | None = None,
         http_connections: ConnectionGuard | None = None,
+        leases_held: Callable[[], int] | None = None,
+        job_counts: Callable[[], Awaitable[Mapping[str, int]]] | None = None,
         registry: CollectorRegistry | None = None,
         process_collectors: bool = True,
     ) -> None:
@@ -205,10 +206,11 @@ class SchedulerMetrics:
         self.runner = runner
         self.reload_status = reload_status
         self.http_connections = http_connections
-        self.job_counts: Callable[[], Mapping[str, int]] | None = None
-        self.leases_held: Callable[[], int] | None = None
+        self.leases_held = leases_held
+        self.count_jobs = job_counts
+        #: The last counts ``job_counts`` returned (a failed refresh keeps them).
+        self.job_counts: dict[str, int] | None = None
         self._per_world = per_world
-        self._refreshers: list[Callable[[], Awaitable[None]]] = []
         # world id -> (finish time, lag) of its recent regular ticks.
         self._recent: dict[int, deque[tuple[float, float]]] = {}
         if process_collectors:
@@ -367,24 +369,16 @@ class SchedulerMetrics:
         rate = (len(recent) - 1) / span if span > 0 else None
         return rate, p99
 
-    # ------------------------------------------------------------ refreshers
-    def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
-        """Run ``refresh`` before each ``/metrics`` render (to cache values read from the database)."""
-        self._refreshers.append(refresh)
-
+    # ------------------------------------------------------------ refresh
     async def refresh(self) -> None:
-        """Run the refreshers concurrently, bounded; a failure keeps the previous values."""
-        if not self._refreshers:
+        """Refresh the values read from the database, bounded; a failure keeps the previous values."""
+        if self.count_jobs is None:
             return
         try:
             async with asyncio.timeout(REFRESH_TIMEOUT_SECONDS):
-                results = await asyncio.gather(*(r() for r in self._refreshers), return_exceptions=True)
-        except TimeoutError:
+                self.job_counts = dict(await self.count_jobs())
+        except Exception:
             self.db_error("metrics refresh")
-            return
-        for result in results:
-            if isinstance(result, Exception):
-                self.db_error("metrics refresh")
 
     # ---------------------------------------------------------------- output
     def render(self) -> bytes:

@@ -38,6 +38,7 @@ from scheduler_daemon.deadlines import DeadlineWheel, Entry
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.retry import first_line, retry_after, retry_transient
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
+from scheduler_daemon.settings import SchedulerSettings
 from scheduler_daemon.simulation.tiers import NO_SESSIONS_FINGERPRINT
 from scheduler_daemon.store.errors import error_class, is_database_error, is_transient
 from scheduler_daemon.store.leases import Lease, LeaseLostError
@@ -375,6 +376,33 @@ class BrokenWorld:
     retry_at: float = math.inf  # clock time of the next registration attempt without a version change
 
 
+@dataclass(frozen=True, slots=True)
+class RunnerLimits:
+    """The runner's tunables (``[scheduler]`` settings); reloadable through :meth:`SchedulerLoopRunner.set_limits`."""
+
+    max_concurrent_ticks: int = 16
+    max_batch_size: int = 64
+    batch_window_seconds: float = 0.0015
+    tick_timeout_seconds: float = 10.0
+    discovery_interval_seconds: float = 5.0
+    backoff_base_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+    tier_refresh_max_seconds: float = 60.0
+
+    @classmethod
+    def from_settings(cls, scheduler: SchedulerSettings) -> RunnerLimits:
+        """The limits a ``[scheduler]`` section sets."""
+        return cls(
+            max_concurrent_ticks=scheduler.max_concurrent_ticks,
+            max_batch_size=scheduler.max_batch_size,
+            batch_window_seconds=scheduler.batch_window_seconds,
+            tick_timeout_seconds=scheduler.tick_timeout_seconds,
+            discovery_interval_seconds=scheduler.discovery_interval_seconds,
+            backoff_max_seconds=scheduler.backoff_max_seconds,
+            tier_refresh_max_seconds=scheduler.tier_refresh_max_seconds,
+        )
+
+
 class SchedulerLoopRunner:
     """Runs the scheduler loop for all registered worlds.
 
@@ -388,14 +416,7 @@ class SchedulerLoopRunner:
         scheduler: WorldScheduler,
         *,
         clock: Clock | None = None,
-        max_concurrent_ticks: int = 16,
-        max_batch_size: int = 64,
-        batch_window_seconds: float = 0.0015,
-        tick_timeout_seconds: float = 10.0,
-        discovery_interval_seconds: float = 5.0,
-        backoff_base_seconds: float = 1.0,
-        backoff_max_seconds: float = 60.0,
-        tier_refresh_max_seconds: float = 60.0,
+        limits: RunnerLimits | None = None,
         observer: TickObserver | None = None,
         leases: LeaseKeeper | None = None,
     ) -> None:
@@ -404,14 +425,16 @@ class SchedulerLoopRunner:
         self.worlds: WorldSource = scheduler.store
         self.leases = leases
         self.clock: Clock = clock or MonotonicClock()
-        self.max_concurrent_ticks = max_concurrent_ticks
-        self.max_batch_size = max_batch_size
-        self.batch_window_seconds = batch_window_seconds
-        self.tick_timeout_seconds = tick_timeout_seconds
-        self.discovery_interval_seconds = discovery_interval_seconds
-        self.backoff_base_seconds = backoff_base_seconds
-        self.backoff_max_seconds = backoff_max_seconds
-        self.tier_refresh_max_seconds = tier_refresh_max_seconds
+        limits = limits or RunnerLimits()
+        self.limits = limits
+        self.max_concurrent_ticks = limits.max_concurrent_ticks
+        self.max_batch_size = limits.max_batch_size
+        self.batch_window_seconds = limits.batch_window_seconds
+        self.tick_timeout_seconds = limits.tick_timeout_seconds
+        self.discovery_interval_seconds = limits.discovery_interval_seconds
+        self.backoff_base_seconds = limits.backoff_base_seconds
+        self.backoff_max_seconds = limits.backoff_max_seconds
+        self.tier_refresh_max_seconds = limits.tier_refresh_max_seconds
         self.observer = observer
         self.broken: dict[int, BrokenWorld] = {}
         self.progress = 0  # increases while the loop works (watchdog feed)
@@ -432,7 +455,7 @@ class SchedulerLoopRunner:
         self._ready: deque[tuple[_Slot, float]] = deque()  # due worlds waiting for a batch worker
         self._ready_alone = 0  # of them, worlds that tick in a batch of their own
         self._workers = 0  # batch workers running (each holds at most one transaction)
-        self._limit = _ResizableLimit(max_concurrent_ticks)  # batches holding a transaction
+        self._limit = _ResizableLimit(limits.max_concurrent_ticks)  # batches holding a transaction
         self._timeouts = _BatchTimeouts()
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -445,27 +468,21 @@ class SchedulerLoopRunner:
         self._next_discovery: float | None = None
 
     # --------------------------------------------------------- configuration
-    def set_limits(
-        self,
-        *,
-        max_concurrent_ticks: int | None = None,
-        max_batch_size: int | None = None,
-        batch_window_seconds: float | None = None,
-        tick_timeout_seconds: float | None = None,
-        discovery_interval_seconds: float | None = None,
-    ) -> None:
-        """Apply reloadable limits; batches in flight finish under the old ones."""
-        if max_concurrent_ticks is not None and max_concurrent_ticks != self.max_concurrent_ticks:
-            self.max_concurrent_ticks = max_concurrent_ticks
-            self._limit.resize(max_concurrent_ticks)
-        if max_batch_size is not None:
-            self.max_batch_size = max_batch_size
-        if batch_window_seconds is not None:
-            self.batch_window_seconds = batch_window_seconds
-        if tick_timeout_seconds is not None:
-            self.tick_timeout_seconds = tick_timeout_seconds
-        if discovery_interval_seconds is not None:
-            self.discovery_interval_seconds = discovery_interval_seconds
+    def set_limits(self, limits: RunnerLimits) -> None:
+        """Apply reloaded limits; batches in flight finish under the old ones."""
+        if limits.max_concurrent_ticks != self.max_concurrent_ticks:
+            self._limit.resize(limits.max_concurrent_ticks)
+        discovery_moved = limits.discovery_interval_seconds != self.discovery_interval_seconds
+        self.limits = limits
+        self.max_concurrent_ticks = limits.max_concurrent_ticks
+        self.max_batch_size = limits.max_batch_size
+        self.batch_window_seconds = limits.batch_window_seconds
+        self.tick_timeout_seconds = limits.tick_timeout_seconds
+        self.discovery_interval_seconds = limits.discovery_interval_seconds
+        self.backoff_base_seconds = limits.backoff_base_seconds
+        self.backoff_max_seconds = limits.backoff_max_seconds
+        self.tier_refresh_max_seconds = limits.tier_refresh_max_seconds
+        if discovery_moved:
             self._next_discovery = self.clock.now()
             self._poke()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from scheduler_daemon.daemon import Daemon
-from scheduler_daemon.http import check_bind_allowed, is_loopback, load_admin_token, token_path
+from scheduler_daemon.http.auth import check_bind_allowed, is_loopback, load_admin_token, token_path
 from scheduler_daemon.settings import HttpSettings, SettingsError, load_settings
 
 
@@ -74,8 +74,8 @@ async def test_reload_rotates_the_token_and_keeps_it_when_the_file_breaks(tmp_pa
     assert daemon.admin_token == "two"
     token.unlink()
     assert await daemon.reload() is False
-    assert daemon.admin_token == "two" and daemon.last_reload_ok is False
-    assert "not found" in (daemon.last_reload_error or "")
+    assert daemon.admin_token == "two" and daemon.reloads.ok is False
+    assert "not found" in (daemon.reloads.error or "")
     token.write_text("three")
     assert await daemon.reload() is True
     assert daemon.admin_token == "three"
@@ -91,9 +91,9 @@ async def test_reload_refuses_to_drop_the_token_or_move_the_listener(tmp_path: P
     daemon.admin_token = "one"
     config.write_text("[metrics]\nper_world = true\n")  # half-written: no [http]
     assert await daemon.reload() is False
-    assert daemon.admin_token == "one" and "admin token" in (daemon.last_reload_error or "")
+    assert daemon.admin_token == "one" and "admin token" in (daemon.reloads.error or "")
     config.write_text(good + 'bind = "127.0.0.2"\n')
     assert await daemon.reload() is False
-    assert "http.bind" in (daemon.last_reload_error or "")
+    assert "http.bind" in (daemon.reloads.error or "")
     config.write_text(good)
     assert await daemon.reload() is True

@@ -18,8 +18,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
+from scheduler_daemon.admin import WorldAdmin
 from scheduler_daemon.clock import VirtualClock
-from scheduler_daemon.http import AdminBackend, create_app
+from scheduler_daemon.http.routes import create_app
 from scheduler_daemon.metrics import SchedulerMetrics
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
@@ -143,9 +144,10 @@ async def test_readyz_of_an_idle_daemon_reports_a_read_only_database_and_recover
     store: Store, admin: psycopg.Connection[tuple[object, ...]], pg_url: str
 ) -> None:
     db = str(sa.make_url(pg_url).database)
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock())  # no worlds: no tick to fail
+    scheduler = WorldScheduler(store)
+    runner = SchedulerLoopRunner(scheduler, clock=VirtualClock())  # no worlds: no tick to fail
     metrics = SchedulerMetrics(version="test", runner=runner, process_collectors=False)
-    app = create_app(AdminBackend(runner=runner, metrics=metrics, token=lambda: None))
+    app = create_app(WorldAdmin(store, scheduler, runner, metrics), token=lambda: None)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         assert (await client.get("/readyz")).status_code == 200
         await store.dispose()

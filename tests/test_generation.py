@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from scheduler_daemon import jobs
 from scheduler_daemon.clock import VirtualClock
-from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldScheduler
 from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.repository import Store
@@ -338,7 +338,9 @@ async def test_tick_timeout_during_hand_off_keeps_world_time_exact(store: Store)
     clock = VirtualClock()
     # A sink stage longer than the tick timeout (the settings forbid it; a slow database can still get there).
     runner = SchedulerLoopRunner(
-        WorldScheduler(store, sink=hanging_sink, sink_timeout_seconds=60), clock=clock, tick_timeout_seconds=0.3
+        WorldScheduler(store, sink=hanging_sink, sink_timeout_seconds=60),
+        clock=clock,
+        limits=RunnerLimits(tick_timeout_seconds=0.3),
     )
     await runner.add_world(world_id)
     await runner.run_until(1.0)  # commits world time 60, then times out in the hand-off
@@ -370,7 +372,9 @@ async def test_batch_timeout_during_hand_off_keeps_every_world_time_exact(store:
 
     clock = VirtualClock()
     runner = SchedulerLoopRunner(
-        GroupSizes(store, sink=hanging_sink, sink_timeout_seconds=60), clock=clock, tick_timeout_seconds=0.3
+        GroupSizes(store, sink=hanging_sink, sink_timeout_seconds=60),
+        clock=clock,
+        limits=RunnerLimits(tick_timeout_seconds=0.3),
     )
     for w, _ in worlds:
         await runner.add_world(w)

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from scheduler_daemon.clock import VirtualClock
-from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import StaleWorldStateError, Store
@@ -53,7 +53,7 @@ async def recorded_runner(
     """``worlds`` worlds of ``npcs`` detailed NPCs, registered with a runner on a virtual clock that records groups."""
     ids = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: npcs}))[0] for i in range(worlds)]
     sched = RecordingScheduler(store)
-    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), **runner_kw)
+    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), limits=RunnerLimits(**runner_kw))
     sched.fuse = runner  # a runner retrying a failing group at once forever fails the test, not hangs it
     for w in ids:
         await runner.add_world(w)
@@ -204,7 +204,7 @@ async def test_a_large_dispatch_is_spread_over_the_workers_in_batches_of_at_leas
     worlds, sched, runner = await recorded_runner(store, 40, 1, max_concurrent_ticks=2, max_batch_size=64)
     await runner.run_until(1.0)
     assert [len(g) for g in sched.groups] == [20, 20]  # two workers: halves
-    runner.set_limits(max_concurrent_ticks=8)
+    runner.set_limits(RunnerLimits(max_concurrent_ticks=8))
     sched.groups.clear()
     await runner.run_until(2.0)
     assert [len(g) for g in sched.groups] == [16, 16, 8]  # eight workers, but no batch below 16 worlds

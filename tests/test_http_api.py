@@ -20,8 +20,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler_daemon import jobs
+from scheduler_daemon.admin import WorldAdmin
 from scheduler_daemon.clock import VirtualClock
-from scheduler_daemon.http import MAX_BODY_BYTES, AdminBackend, create_app
+from scheduler_daemon.http.middleware import MAX_BODY_BYTES
+from scheduler_daemon.http.routes import create_app
 from scheduler_daemon.metrics import SchedulerMetrics
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
@@ -40,23 +42,24 @@ class Api:
     clock: VirtualClock
     store: Store
     metrics: SchedulerMetrics
-    backend: AdminBackend
+    admin: WorldAdmin
 
 
-def make_api(store: Store, *, token: str | None = TOKEN) -> tuple[AdminBackend, SchedulerLoopRunner, VirtualClock]:
+def make_api(store: Store) -> tuple[WorldAdmin, SchedulerLoopRunner, VirtualClock]:
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock)
+    scheduler = WorldScheduler(store)
+    runner = SchedulerLoopRunner(scheduler, clock=clock)
     metrics = SchedulerMetrics(version="test", runner=runner, process_collectors=False)
     runner.observer = metrics
-    return AdminBackend(runner=runner, metrics=metrics, token=lambda: token), runner, clock
+    return WorldAdmin(store, scheduler, runner, metrics), runner, clock
 
 
 @pytest.fixture
 async def api(store: Store) -> AsyncIterator[Api]:
-    backend, runner, clock = make_api(store)
-    transport = httpx.ASGITransport(app=create_app(backend))
+    admin, runner, clock = make_api(store)
+    transport = httpx.ASGITransport(app=create_app(admin, token=lambda: TOKEN))
     async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=AUTH) as client:
-        yield Api(client, runner, clock, store, backend.metrics, backend)
+        yield Api(client, runner, clock, store, admin.metrics, admin)
 
 
 async def running_world(api: Api, **simulation: Any) -> int:
@@ -87,16 +90,17 @@ async def test_every_api_route_requires_the_token(api: Api) -> None:
 
 
 async def test_without_a_configured_token_the_api_is_open(store: Store) -> None:
-    backend, _, _ = make_api(store, token=None)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(backend)), base_url="http://t") as c:
+    admin, _, _ = make_api(store)
+    app = create_app(admin, token=lambda: None)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.get("/api/v1/worlds")).status_code == 200
 
 
 async def test_token_is_read_per_request(store: Store) -> None:
     current = {"token": "old"}
-    backend, _, _ = make_api(store)
-    backend.token = lambda: current["token"]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(backend)), base_url="http://t") as c:
+    admin, _, _ = make_api(store)
+    app = create_app(admin, token=lambda: current["token"])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         assert (await c.get("/api/v1/worlds", headers={"Authorization": "Bearer old"})).status_code == 200
         current["token"] = "new"  # what a SIGHUP with a rotated token file does
         assert (await c.get("/api/v1/worlds", headers={"Authorization": "Bearer old"})).status_code == 401
@@ -391,7 +395,7 @@ async def test_generation_complete_against_the_real_job_queue(api: Api) -> None:
     world_id = await running_world(api)
     (session,) = (await api.store.active_session_views()).views[world_id]
     request_id = await jobs.create_request(api.store, world_id, session.id, "portrait", {"prompt": "a fox"})
-    api.backend.complete_generation = functools.partial(jobs.complete_for_api, api.store)
+    api.admin.complete_generation = functools.partial(jobs.complete_for_api, api.store)
     url = f"/api/v1/generation/{request_id}/complete"
     # Still pending (never handed out): the queue refuses the transition.
     assert (await api.client.post(url, json={"status": "succeeded"})).status_code == 409
@@ -417,7 +421,7 @@ async def test_generation_complete_delegates_to_the_job_queue(api: Api) -> None:
         done[request_id] = status
         return {"request_id": request_id, "status": status}
 
-    api.backend.complete_generation = complete
+    api.admin.complete_generation = complete
     r = await api.client.post("/api/v1/generation/7/complete", json={"status": "failed", "error": "oom"})
     assert r.status_code == 200 and r.json() == {"requestId": 7, "status": "failed"}
     assert (await api.client.post("/api/v1/generation/7/complete", json={"status": "failed"})).status_code == 409
@@ -429,7 +433,7 @@ async def test_healthz_and_readyz(api: Api) -> None:
     assert (await api.client.get("/healthz")).json()["status"] == "ok"
     r = await api.client.get("/readyz")
     assert r.status_code == 200 and r.json()["database"] == "ok"
-    api.backend.accepting = lambda: False
+    api.admin.accepting = lambda: False
     r = await api.client.get("/readyz")
     assert r.status_code == 503 and "stopping" in r.json()["detail"]
 
@@ -438,8 +442,9 @@ async def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) ->
     # A real failure: SQLite cannot open a file in a directory that does not exist.
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'db.sqlite'}")
     try:
-        backend, _, _ = make_api(store)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(backend)), base_url="http://t") as c:
+        admin, _, _ = make_api(store)
+        app = create_app(admin, token=lambda: TOKEN)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             r = await c.get("/readyz")
             assert r.status_code == 503
             assert r.json()["database"] == "unreachable"
@@ -513,8 +518,8 @@ async def test_openapi_documents_every_route_in_camel_case(api: Api) -> None:
 async def test_database_outage_is_503_not_500(tmp_path: Path) -> None:
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'db.sqlite'}")
     try:
-        backend, _, _ = make_api(store)
-        transport = httpx.ASGITransport(app=create_app(backend))
+        admin, _, _ = make_api(store)
+        transport = httpx.ASGITransport(app=create_app(admin, token=lambda: TOKEN))
         async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH) as c:
             # The list comes from the daemon's memory: without worlds it needs no database.
             assert (await c.get("/api/v1/worlds")).json() == {"worlds": [], "nextCursor": None, "total": 0}

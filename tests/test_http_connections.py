@@ -24,14 +24,14 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from scheduler_daemon.http import HttpServer, bind_socket, serving
-from scheduler_daemon.http_connections import (
+from scheduler_daemon.http.connections import (
     ACCEPT_OUT_OF_RESOURCES,
     AcceptErrorHandler,
     ConnectionGuard,
     fit_connection_limit,
     raise_open_files_limit,
 )
+from scheduler_daemon.http.server import HttpServer, bind_socket, serving
 from scheduler_daemon.metrics import SchedulerMetrics
 
 DEADLINE = 0.5

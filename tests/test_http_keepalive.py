@@ -13,8 +13,8 @@ import asyncio
 
 from fastapi import FastAPI
 
-from scheduler_daemon.http import bind_socket, serving
-from scheduler_daemon.http_connections import ConnectionGuard
+from scheduler_daemon.http.connections import ConnectionGuard
+from scheduler_daemon.http.server import bind_socket, serving
 
 #: Longer than uvicorn's and httpx's 5 s defaults, so the old server would have closed the connection.
 IDLE_SECONDS = 6.0

@@ -15,7 +15,8 @@ import pytest
 import sqlalchemy as sa
 
 from scheduler_daemon.clock import VirtualClock
-from scheduler_daemon.daemon import EXIT_ALREADY_RUNNING, StartupError, lock_sqlite_database
+from scheduler_daemon.exits import EXIT_ALREADY_RUNNING, StartupError
+from scheduler_daemon.instance_lock import lock_sqlite_database
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.metrics import SchedulerMetrics
-from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
@@ -30,17 +30,16 @@ def value(families: dict[str, Any], sample: str, **labels: str) -> float:
     raise KeyError((sample, labels))
 
 
-def runner_with_metrics(store: Store, **kwargs: Any) -> tuple[SchedulerLoopRunner, SchedulerMetrics]:
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock(), **kwargs)
+def runner_with_metrics(store: Store, **limits: Any) -> tuple[SchedulerLoopRunner, SchedulerMetrics]:
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock(), limits=RunnerLimits(**limits))
     metrics = SchedulerMetrics(version="1.2.3", runner=runner, reload_status=lambda: (True, 1700000000.0))
     runner.observer = metrics
     return runner, metrics
 
 
 def test_exported_families_are_exactly_the_ones_dashboard_and_alerts_use() -> None:
-    metrics = SchedulerMetrics(version="x")
-    metrics.job_counts = lambda: {"pending": 1}
-    metrics.leases_held = lambda: 0
+    metrics = SchedulerMetrics(version="x", leases_held=lambda: 0)
+    metrics.job_counts = {"pending": 1}
     metrics.world_registered(1)
     metrics.world_npc_ticks.labels(world_id="1", tier="detailed").inc()
     families = {f.name: f for f in metrics.registry.collect() if f.name.startswith("worldsched_")}
@@ -182,7 +181,7 @@ def test_job_and_lease_families_carry_no_made_up_values_until_wired() -> None:
     families = scrape(metrics)
     assert families["worldsched_jobs"].samples == []
     assert families["worldsched_leases_held"].samples == []
-    metrics.job_counts = lambda: {"pending": 4, "running": 1}
+    metrics.job_counts = {"pending": 4, "running": 1}
     metrics.leases_held = lambda: 7
     metrics.lease_claimed(1)
     metrics.lease_lost(1)
@@ -206,18 +205,15 @@ def test_failed_reload_sets_the_gauge_to_zero() -> None:
 
 
 async def test_refreshers_feed_database_values_and_failures_count_as_db_errors() -> None:
-    metrics = SchedulerMetrics(version="x", process_collectors=False)
-    cache: dict[str, int] = {}
     calls = {"n": 0}
 
-    async def refresh_jobs() -> None:
+    async def count_jobs() -> dict[str, int]:
         calls["n"] += 1
         if calls["n"] == 2:
             raise ConnectionError("database went away")
-        cache.update(pending=calls["n"])
+        return {"pending": calls["n"]}
 
-    metrics.add_refresher(refresh_jobs)
-    metrics.job_counts = lambda: cache
+    metrics = SchedulerMetrics(version="x", process_collectors=False, job_counts=count_jobs)
     await metrics.refresh()
     assert value(scrape(metrics), "worldsched_jobs", status="pending") == 1
     await metrics.refresh()  # fails: the last good value stays, the error is counted

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from scheduler_daemon.clock import VirtualClock
-from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
@@ -112,7 +112,7 @@ async def test_npcs_added_by_the_backend_get_their_tier_at_the_periodic_recomput
     await add_plain_npcs(store, world_id, 3)
     await store.add_session(world_id, "u", location="square")
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock, tier_refresh_max_seconds=60.0)
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock, limits=RunnerLimits(tier_refresh_max_seconds=60.0))
     await runner.discover()
     ctx = runner.scheduler.get_context(world_id)
     late = await add_plain_npcs(store, world_id, 2, location="square")  # dormant by the column default

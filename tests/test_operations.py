@@ -14,7 +14,8 @@ from sqlalchemy import text
 
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.daemon import Daemon
-from scheduler_daemon.runner import SchedulerLoopRunner, _ResizableLimit
+from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner, _ResizableLimit
+from scheduler_daemon.runtime import build_runtime
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.settings import load_settings
 from scheduler_daemon.simulation.npc import Tier
@@ -93,10 +94,8 @@ async def test_reload_refuses_defaults_that_would_break_a_running_world(store: S
     path = tmp_path / "config.toml"
     path.write_text(GOOD)
     daemon = Daemon(load_settings(path), path)
-    daemon.store = store
-    daemon.scheduler = WorldScheduler(store)
-    daemon.runner = SchedulerLoopRunner(daemon.scheduler, clock=VirtualClock())
-    await daemon.runner.add_world(world_id)
+    daemon.runtime = build_runtime(daemon.settings, store, VirtualClock())
+    await daemon.runtime.runner.add_world(world_id)
 
     # Valid on its own, but the world's own tickIntervalSeconds (5) exceeds it.
     path.write_text(GOOD + "[defaults.simulation]\nmaxCatchUpSeconds = 2\n")
@@ -105,11 +104,11 @@ async def test_reload_refuses_defaults_that_would_break_a_running_world(store: S
     assert error.startswith("defaults.simulation: would make running worlds invalid: ")
     assert f"world {world_id}" in error and "maxCatchUpSeconds" in error
     assert daemon.settings.defaults.simulation == {}
-    assert daemon.scheduler.get_context(world_id).config.max_catch_up_seconds == 60
+    assert daemon.runtime.scheduler.get_context(world_id).config.max_catch_up_seconds == 60
 
     path.write_text(GOOD + "[defaults.simulation]\ntimeScale = 120\n")
     assert await daemon.reload() is True
-    assert daemon.scheduler.get_context(world_id).config.time_scale == 120
+    assert daemon.runtime.scheduler.get_context(world_id).config.time_scale == 120
 
 
 async def _hold(limit: _ResizableLimit, running: list[int], release: asyncio.Event) -> None:
@@ -210,7 +209,9 @@ async def test_transient_database_error_retries_the_whole_tick(pg_store: Store) 
 async def test_idle_loop_shows_progress_every_idle_wake(store: Store) -> None:
     """No worlds at all: the loop still wakes (and counts progress) for the watchdog."""
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock, discovery_interval_seconds=3600)
+    runner = SchedulerLoopRunner(
+        WorldScheduler(store), clock=clock, limits=RunnerLimits(discovery_interval_seconds=3600)
+    )
     runner.idle_wake_seconds = 0.25  # the daemon sets a quarter of WATCHDOG_USEC
     task = asyncio.create_task(runner.start())
     try:
@@ -246,7 +247,9 @@ async def test_running_loop_ticks_every_slot_at_its_deadline(store: Store) -> No
     """start(): the tick timer serves every grid slot, re-armed when a world added mid-sleep is due first."""
     slow, _ = await make_world(store, name="slow", simulation={"tickIntervalSeconds": 2.0, "timeScale": 10})
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock, discovery_interval_seconds=3600)
+    runner = SchedulerLoopRunner(
+        WorldScheduler(store), clock=clock, limits=RunnerLimits(discovery_interval_seconds=3600)
+    )
     task = asyncio.create_task(runner.start())
     try:
         await asyncio.wait_for(runner.discovered.wait(), timeout=30)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 import scheduler_daemon.runner as runner_module
 from scheduler_daemon.clock import VirtualClock
-from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.behavior import BehaviorContent, decide
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
@@ -16,8 +17,8 @@ from scheduler_daemon.store.repository import Store
 from tests.helpers import drop_trigger, install_failing_trigger, make_world, world_state
 
 
-def runner_for(store: Store, clock: VirtualClock, **kw: object) -> SchedulerLoopRunner:
-    return SchedulerLoopRunner(WorldScheduler(store), clock=clock, **kw)  # type: ignore[arg-type]
+def runner_for(store: Store, clock: VirtualClock, **limits: Any) -> SchedulerLoopRunner:
+    return SchedulerLoopRunner(WorldScheduler(store), clock=clock, limits=RunnerLimits(**limits))
 
 
 async def test_worlds_tick_at_their_own_rates(store: Store) -> None:

@@ -151,12 +151,14 @@ def test_single_instance_units_migrate_as_the_service_user(name: str) -> None:
 def test_open_files_limit_fits_the_default_connection_limit_and_pools(name: str) -> None:
     from structlog.testing import capture_logs
 
-    from scheduler_daemon.daemon import _connection_guard
+    from scheduler_daemon.http.listener import connection_guard
+    from scheduler_daemon.runtime import database_connections
     from scheduler_daemon.settings import Settings
 
     settings = Settings()
+    open_files = int(single(load(name), "Service", "LimitNOFILE"))
     with capture_logs() as logs:
-        guard = _connection_guard(settings, int(single(load(name), "Service", "LimitNOFILE")))
+        guard = connection_guard(settings.http, open_files=open_files, database_pools=database_connections(settings))
     assert guard.max_connections == settings.http.max_connections
     assert logs == []
 

@@ -1,0 +1,107 @@
+"""The admin port as the daemon opens it: token, bound socket, connection guard, accept errors.
+
+Opened before anything slow (a bad token file or a port in use fails the start
+at once with one line) and served before ``READY=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import structlog
+
+from scheduler_daemon.exits import EXIT_ADDRESS_IN_USE, EXIT_CONFIG, StartupError
+from scheduler_daemon.http.auth import check_bind_allowed, load_admin_token
+from scheduler_daemon.http.connections import (
+    ACCEPT_PIPELINE_FDS,
+    AcceptErrorHandler,
+    ConnectionGuard,
+    fit_connection_limit,
+)
+from scheduler_daemon.http.server import HttpBindError, HttpServer, bind_socket
+from scheduler_daemon.settings import HttpSettings, SettingsError
+
+log = structlog.get_logger("scheduler_daemon.http")
+
+#: Open files the daemon needs besides HTTP connections, database pools and accepting:
+#: log, SQLite files, epoll, signal and notify sockets, the interpreter's own.
+OTHER_OPEN_FILES = 64
+
+
+def load_startup_token(http: HttpSettings) -> str | None:
+    """The admin token at start (``None``: none configured); a bad one is a :class:`StartupError`."""
+    try:
+        token = load_admin_token(http)
+        check_bind_allowed(http, token)
+    except SettingsError as exc:
+        raise StartupError(str(exc), EXIT_CONFIG) from None
+    return token
+
+
+def connection_guard(http: HttpSettings, *, open_files: int, database_pools: int) -> ConnectionGuard:
+    """The connection guard, its limit lowered if connections plus everything else exceed ``open_files``."""
+    reserved = database_pools + ACCEPT_PIPELINE_FDS + OTHER_OPEN_FILES
+    limit = fit_connection_limit(http.max_connections, soft_limit=open_files, reserved=reserved)
+    if limit < http.max_connections:
+        log.warning(
+            "http.max_connections lowered to fit the open-files limit (raise LimitNOFILE= or ulimit -n)",
+            max_connections=http.max_connections,
+            effective_max_connections=limit,
+            open_files_limit=open_files,
+            reserved_database_pools=database_pools,
+            reserved_accepting=ACCEPT_PIPELINE_FDS,
+            reserved_other=OTHER_OPEN_FILES,
+        )
+    return ConnectionGuard(max_connections=limit, request_timeout_seconds=http.request_timeout_seconds)
+
+
+class AdminListener:
+    """The bound admin port and its guard; :meth:`serve` runs an app on it, :meth:`close` releases it."""
+
+    def __init__(self, http: HttpSettings, guard: ConnectionGuard) -> None:
+        self.http = http
+        self.guard = guard
+        try:
+            self.sock: socket.socket | None = bind_socket(http.bind, http.port)
+        except HttpBindError as exc:
+            raise StartupError(str(exc), EXIT_ADDRESS_IN_USE if exc.in_use else EXIT_CONFIG) from None
+        self.server: HttpServer | None = None
+        self._accept_errors: AcceptErrorHandler | None = None
+
+    async def serve(self, app: Any, *, authenticated: bool) -> None:
+        """Serve ``app``; returns once the port answers."""
+        assert self.sock is not None
+        self._accept_errors = AcceptErrorHandler(self.guard)
+        self._accept_errors.install(asyncio.get_running_loop())
+        self.server = HttpServer(app, self.sock, self.guard)
+        await self.server.start()
+        http = self.http
+        host = http.bind if ":" not in http.bind else f"[{http.bind}]"
+        log.info(
+            "http server listening",
+            bind=http.bind,
+            port=self.server.port,
+            url=f"http://{host}:{self.server.port}",
+            admin_auth="token" if authenticated else "none",
+            max_connections=self.guard.max_connections,
+            request_timeout_seconds=self.guard.request_timeout_seconds,
+        )
+        if not authenticated:
+            log.warning(
+                "no admin token configured: the admin API is unauthenticated and served on loopback only",
+                bind=http.bind,
+            )
+
+    async def close(self) -> None:
+        """Stop serving (open requests finish) and release the port."""
+        if self.server is not None:
+            await self.server.stop()  # closes the socket
+            self.server = None
+        elif self.sock is not None:
+            self.sock.close()
+        self.sock = None
+        if self._accept_errors is not None:
+            self._accept_errors.uninstall(asyncio.get_running_loop())
+            self._accept_errors = None

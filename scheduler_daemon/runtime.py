@@ -1,0 +1,175 @@
+"""The composition root: the object graph every entry point runs.
+
+``build_runtime(settings, store, clock)`` wires the tick engine
+(:class:`~scheduler_daemon.scheduler.WorldScheduler`), the loop
+(:class:`~scheduler_daemon.runner.SchedulerLoopRunner`), and, where asked, the
+metrics, the lease keeper and the admin service. The daemon, ``simulate``, the
+CLI and the benchmarks all build through here, so a setting means the same
+thing everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from scheduler_daemon.admin import WorldAdmin
+from scheduler_daemon.clock import Clock
+from scheduler_daemon.http.connections import ConnectionGuard
+from scheduler_daemon.jobs import GenerationSink, complete_for_api, in_flight_counts, leave_enqueued, load_sink
+from scheduler_daemon.leasing import LeaseKeeper
+from scheduler_daemon.loop_lag import LoopLagMonitor
+from scheduler_daemon.metrics import ReloadStatus, SchedulerMetrics
+from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
+from scheduler_daemon.scheduler import WorldScheduler
+from scheduler_daemon.settings import Settings, SettingsError
+from scheduler_daemon.simulation.behavior import DecideFn, decide, load_decide_fn
+from scheduler_daemon.store.database import create_engine
+from scheduler_daemon.store.leases import LeaseStore
+from scheduler_daemon.store.repository import Store
+
+#: The lease keeper's own connection pool (PostgreSQL): heartbeats and renewals
+#: must never queue behind ticks for a connection, or a busy daemon loses its leases.
+LEASE_POOL_SIZE = 2
+LEASE_POOL_OVERFLOW = 2
+
+
+def database_connections(settings: Settings) -> int:
+    """The most database connections a runtime built from ``settings`` opens (ticks and leases)."""
+    db = settings.database
+    return db.pool_size + db.max_overflow + LEASE_POOL_SIZE + LEASE_POOL_OVERFLOW
+
+
+@dataclass(frozen=True)
+class Plugins:
+    """The user code a deployment names in its settings: the decide function and the generation sink."""
+
+    decide_fn: DecideFn = decide
+    sink: GenerationSink = leave_enqueued
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Plugins:
+        """Import ``scheduler.behavior`` and ``generation.sink``; :class:`SettingsError` names the field."""
+        try:
+            decide_fn = load_decide_fn(settings.scheduler.behavior)
+        except ValueError as exc:
+            raise SettingsError(f"scheduler.behavior: {exc}") from None
+        try:
+            sink = load_sink(settings.generation.sink)
+        except ValueError as exc:
+            raise SettingsError(f"generation.sink: {exc}") from None
+        return cls(decide_fn, sink)
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """What the running daemon adds to its metrics besides the runtime's own sources."""
+
+    version: str
+    reload_status: ReloadStatus | None = None
+    http_connections: ConnectionGuard | None = None
+
+
+@dataclass
+class Runtime:
+    """The wired object graph; :meth:`close` releases what :func:`build_runtime` opened."""
+
+    settings: Settings
+    store: Store
+    scheduler: WorldScheduler
+    runner: SchedulerLoopRunner
+    metrics: SchedulerMetrics | None = None
+    leases: LeaseKeeper | None = None
+    _lease_engine: AsyncEngine | None = field(default=None, repr=False)
+
+    def admin(self, loop_lag: LoopLagMonitor, accepting: Callable[[], bool]) -> WorldAdmin:
+        """The admin service over this runtime (needs metrics)."""
+        assert self.metrics is not None, "the admin service needs a runtime built with telemetry"
+        return WorldAdmin(
+            self.store,
+            self.scheduler,
+            self.runner,
+            self.metrics,
+            loop_lag=loop_lag,
+            complete_generation=functools.partial(complete_for_api, self.store),
+            accepting=accepting,
+        )
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Apply reloadable settings: runner limits, hand-off timeout, per-world metrics.
+
+        New ``[defaults.simulation]`` are applied to the worlds by the caller
+        (it validates them against the stored configs first).
+        """
+        self.settings = settings
+        self.runner.set_limits(RunnerLimits.from_settings(settings.scheduler))
+        self.scheduler.sink_timeout_seconds = settings.hand_off_timeout_seconds
+        if self.metrics is not None:
+            self.metrics.per_world = settings.metrics.per_world
+
+    async def close(self) -> None:
+        """Release the lease keeper's connections (after ``runner.shutdown()`` gave the leases back).
+
+        The store belongs to the caller, who opened it.
+        """
+        if self._lease_engine is not None:
+            await self._lease_engine.dispose()
+            self._lease_engine = None
+
+
+def build_runtime(
+    settings: Settings,
+    store: Store,
+    clock: Clock,
+    *,
+    plugins: Plugins | None = None,
+    limits: RunnerLimits | None = None,
+    telemetry: Telemetry | None = None,
+    leases: bool = False,
+) -> Runtime:
+    """Wire scheduler and runner over ``store`` and ``clock`` from ``settings``.
+
+    ``limits`` overrides the ``[scheduler]`` limits (``simulate`` ticks one
+    batch at a time); ``telemetry`` adds metrics fed by the runner, the lease
+    keeper and the generation queue; ``leases`` runs a lease keeper on its own
+    small connection pool (PostgreSQL).
+    """
+    plugins = plugins or Plugins()
+    scheduler = WorldScheduler(
+        store,
+        defaults=settings.defaults.simulation,
+        decide_fn=plugins.decide_fn,
+        sink=plugins.sink,
+        sink_timeout_seconds=settings.hand_off_timeout_seconds,
+    )
+    keeper, lease_engine = None, None
+    if leases:
+        lease_engine = create_engine(
+            settings.database.url,
+            pool_size=LEASE_POOL_SIZE,
+            max_overflow=LEASE_POOL_OVERFLOW,
+            connect_timeout=settings.database.connect_timeout_seconds,
+        )
+        lease_store = LeaseStore(lease_engine, settings.scheduler.instance_id, settings.scheduler.lease_ttl_seconds)
+        keeper = LeaseKeeper(lease_store, clock)
+    runner = SchedulerLoopRunner(
+        scheduler, clock=clock, leases=keeper, limits=limits or RunnerLimits.from_settings(settings.scheduler)
+    )
+    metrics = None
+    if telemetry is not None:
+        metrics = SchedulerMetrics(
+            version=telemetry.version,
+            per_world=settings.metrics.per_world,
+            runner=runner,
+            reload_status=telemetry.reload_status,
+            http_connections=telemetry.http_connections,
+            leases_held=(lambda: keeper.leases_held) if keeper is not None else None,
+            job_counts=lambda: in_flight_counts(store),
+        )
+        runner.observer = metrics
+        if keeper is not None:
+            keeper.observer = metrics
+    return Runtime(settings, store, scheduler, runner, metrics, keeper, lease_engine)

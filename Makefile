@@ -66,7 +66,7 @@ fmt: $(VENV)/.installed-dev
 	$(BIN)/ruff format scheduler_daemon tests bench
 	$(BIN)/ruff check --fix scheduler_daemon tests bench
 
-# Benchmarks (bench/README in README.md "Performance"). PostgreSQL from SCHEDULER_TEST_POSTGRES_URL.
+# Benchmarks (docs/performance.md). PostgreSQL from SCHEDULER_TEST_POSTGRES_URL.
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench
 

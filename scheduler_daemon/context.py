@@ -78,7 +78,7 @@ class TickOutcome:
 class WorldSimulationContext:
     """Runtime context of one world: clock, effective config, counters.
 
-    Time rules (DESIGN.md): a tick advances ``world_time`` by the real time
+    Time rules (ARCHITECTURE.md, "Time semantics"): a tick advances ``world_time`` by the real time
     elapsed since the previous tick × ``timeScale``, the real part capped at
     ``maxCatchUpSeconds``; a paused world's clock is frozen; a config change
     accepted mid-interval accrues the elapsed part of the interval at the old

@@ -2,7 +2,7 @@
 
 Speed targets live in the benchmarks, not here: this only checks that every
 implementation runs, ticks, and that the result files carry the keys the
-closing report and the README table are built from.
+closing report and the tables of docs/performance.md are built from.
 """
 
 from __future__ import annotations

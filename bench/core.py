@@ -188,7 +188,8 @@ async def run_runner(worlds: int, warmup: float, seconds: float) -> dict[str, An
         def world_unregistered(self, world_id: int) -> None:
             return None
 
-    runner = SchedulerLoopRunner(NoopScheduler(), observer=Observer())
+    scheduler = NoopScheduler()
+    runner = SchedulerLoopRunner(scheduler, scheduler.noop_store, observer=Observer())
     # Registering takes a while; the first deadlines must not have passed by the time it is done.
     start = runner.clock.now() + INTERVAL + worlds / 5000
     for i in range(worlds):

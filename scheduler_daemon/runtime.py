@@ -156,7 +156,7 @@ def build_runtime(
         lease_store = LeaseStore(lease_engine, settings.scheduler.instance_id, settings.scheduler.lease_ttl_seconds)
         keeper = LeaseKeeper(lease_store, clock)
     runner = SchedulerLoopRunner(
-        scheduler, clock=clock, leases=keeper, limits=limits or RunnerLimits.from_settings(settings.scheduler)
+        scheduler, store, clock=clock, leases=keeper, limits=limits or RunnerLimits.from_settings(settings.scheduler)
     )
     metrics = None
     if telemetry is not None:

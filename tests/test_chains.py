@@ -20,7 +20,7 @@ async def test_one_hour_steps_at_time_scale_3600_fire_one_per_real_second(store:
     steps = [ia.step(ia.wait_hours(1), {"line": f"step {i}"}) for i in range(5)]
     chain = await ia.start_chain(store, world_id, steps, chain_key="visit", session_id=session, npc_id=7)
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock)
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=clock)
     await runner.add_world(world_id)
 
     for second in range(1, 6):
@@ -44,7 +44,7 @@ async def test_long_catch_up_tick_fires_every_due_step_in_order(store: Store) ->
     waits = [ia.wait_minutes(30), ia.wait_hours(2), ia.wait_seconds(0), ia.wait_days(1), ia.wait_hours(1)]
     chain = await ia.start_chain(store, world_id, [ia.step(w, i) for i, w in enumerate(waits)], chain_key="long")
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock)
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=clock)
     await runner.add_world(world_id)
     clock.set(10.0)  # the loop stalled: one tick covers 10 h of game time
     await runner.run_once()

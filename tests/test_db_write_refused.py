@@ -145,7 +145,7 @@ async def test_readyz_of_an_idle_daemon_reports_a_read_only_database_and_recover
 ) -> None:
     db = str(sa.make_url(pg_url).database)
     scheduler = WorldScheduler(store)
-    runner = SchedulerLoopRunner(scheduler, clock=VirtualClock())  # no worlds: no tick to fail
+    runner = SchedulerLoopRunner(scheduler, store, clock=VirtualClock())  # no worlds: no tick to fail
     metrics = SchedulerMetrics(version="test", runner=runner, process_collectors=False)
     app = create_app(WorldAdmin(store, scheduler, runner, metrics), token=lambda: None)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:

@@ -339,6 +339,7 @@ async def test_tick_timeout_during_hand_off_keeps_world_time_exact(store: Store)
     # A sink stage longer than the tick timeout (the settings forbid it; a slow database can still get there).
     runner = SchedulerLoopRunner(
         WorldScheduler(store, sink=hanging_sink, sink_timeout_seconds=60),
+        store,
         clock=clock,
         limits=RunnerLimits(tick_timeout_seconds=0.3),
     )
@@ -373,6 +374,7 @@ async def test_batch_timeout_during_hand_off_keeps_every_world_time_exact(store:
     clock = VirtualClock()
     runner = SchedulerLoopRunner(
         GroupSizes(store, sink=hanging_sink, sink_timeout_seconds=60),
+        store,
         clock=clock,
         limits=RunnerLimits(tick_timeout_seconds=0.3),
     )

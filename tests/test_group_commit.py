@@ -53,7 +53,7 @@ async def recorded_runner(
     """``worlds`` worlds of ``npcs`` detailed NPCs, registered with a runner on a virtual clock that records groups."""
     ids = [(await make_world(store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: npcs}))[0] for i in range(worlds)]
     sched = RecordingScheduler(store)
-    runner = SchedulerLoopRunner(sched, clock=VirtualClock(), limits=RunnerLimits(**runner_kw))
+    runner = SchedulerLoopRunner(sched, store, clock=VirtualClock(), limits=RunnerLimits(**runner_kw))
     sched.fuse = runner  # a runner retrying a failing group at once forever fails the test, not hangs it
     for w in ids:
         await runner.add_world(w)

@@ -48,7 +48,7 @@ class Api:
 def make_api(store: Store) -> tuple[WorldAdmin, SchedulerLoopRunner, VirtualClock]:
     clock = VirtualClock()
     scheduler = WorldScheduler(store)
-    runner = SchedulerLoopRunner(scheduler, clock=clock)
+    runner = SchedulerLoopRunner(scheduler, store, clock=clock)
     metrics = SchedulerMetrics(version="test", runner=runner, process_collectors=False)
     runner.observer = metrics
     return WorldAdmin(store, scheduler, runner, metrics), runner, clock

@@ -150,7 +150,7 @@ async def test_advance_world_state_is_fenced_on_owner_and_epoch(pg: Store) -> No
 
 def lease_runner(pg: Store, owner: str, db_clock: DbClock, clock: VirtualClock) -> SchedulerLoopRunner:
     keeper = LeaseKeeper(lease_store(pg, owner, db_clock), clock)
-    return SchedulerLoopRunner(WorldScheduler(pg), clock=clock, leases=keeper)
+    return SchedulerLoopRunner(WorldScheduler(pg), pg, clock=clock, leases=keeper)
 
 
 async def test_runner_drops_a_world_at_once_when_its_fence_fails(pg: Store) -> None:

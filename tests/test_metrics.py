@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ def value(families: dict[str, Any], sample: str, **labels: str) -> float:
 
 
 def runner_with_metrics(store: Store, **limits: Any) -> tuple[SchedulerLoopRunner, SchedulerMetrics]:
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock(), limits=RunnerLimits(**limits))
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=VirtualClock(), limits=RunnerLimits(**limits))
     metrics = SchedulerMetrics(version="1.2.3", runner=runner, reload_status=lambda: (True, 1700000000.0))
     runner.observer = metrics
     return runner, metrics
@@ -151,7 +152,7 @@ async def test_timeouts_and_missed_slots_are_counted(store: Store) -> None:
     # Cumulative buckets: the first tick was on time, the second served 0.5 s late.
     assert value(families, "worldsched_tick_lag_seconds_bucket", le="0.25") == 1
     assert value(families, "worldsched_tick_lag_seconds_bucket", le="0.5") == 2
-    runner.tick_timeout_seconds = 1e-9
+    runner.set_limits(dataclasses.replace(runner.limits, tick_timeout_seconds=1e-9))
     await runner.run_until(6.0)
     assert value(scrape(metrics), "worldsched_ticks_total", outcome="timeout") == 1
 

@@ -80,7 +80,7 @@ async def test_tiers_follow_session_changes_at_discovery_and_not_every_tick(stor
     world_id = await store.create_world("w", simulation={"alwaysOn": True, "timeScale": 60})
     ids = await add_plain_npcs(store, world_id, 6, location="farm", home="hill", next_decision_at=10_000.0)
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock)
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=clock)
     await runner.discover()
     ctx = runner.scheduler.get_context(world_id)
     assert set((await stored_tiers(store, world_id)).values()) == {Tier.DORMANT}  # no sessions yet
@@ -112,7 +112,9 @@ async def test_npcs_added_by_the_backend_get_their_tier_at_the_periodic_recomput
     await add_plain_npcs(store, world_id, 3)
     await store.add_session(world_id, "u", location="square")
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock, limits=RunnerLimits(tier_refresh_max_seconds=60.0))
+    runner = SchedulerLoopRunner(
+        WorldScheduler(store), store, clock=clock, limits=RunnerLimits(tier_refresh_max_seconds=60.0)
+    )
     await runner.discover()
     ctx = runner.scheduler.get_context(world_id)
     late = await add_plain_npcs(store, world_id, 2, location="square")  # dormant by the column default
@@ -149,7 +151,7 @@ async def test_moves_only_to_or_from_player_locations_trigger_recomputation(stor
     )
     await store.add_session(world_id, "alice", location="square")
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock)
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=clock)
     await runner.discover()
     ctx = runner.scheduler.get_context(world_id)
     await runner.run_until(1.0)  # world time 60: only the roamer decides (farm/mill)
@@ -169,7 +171,7 @@ async def test_tier_rules_pin_npcs_and_invalid_rules_isolate_the_world(store: St
     )
     market, farm = await store.add_npcs(world_id, [{"name": "m", "location": "market"}, {"name": "f"}])
     good, _ = await make_world(store, name="good")
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock())
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=VirtualClock())
     await runner.discover()
     assert await stored_tiers(store, world_id) == {market: Tier.ACTIVE, farm: Tier.DORMANT}
 
@@ -189,7 +191,7 @@ async def test_invalid_behavior_isolates_only_that_world_and_recovers_when_fixed
     bad, _ = await make_world(store, name="bad", behavior=bad_behavior, npcs_per_tier={Tier.DETAILED: 3})
     later, _ = await make_world(store, name="later", behavior=DEMO_BEHAVIOR, npcs_per_tier={Tier.DETAILED: 3})
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock)
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=clock)
     await runner.discover()
     assert runner.world_ids == [good, later]
     assert runner.broken[bad].error.startswith(f"world {bad}: behavior.defaultRoutine: unknown routine 'hermit'")
@@ -320,7 +322,7 @@ async def test_activity_counts_in_memory_track_the_database(store: Store) -> Non
         behavior=DEMO_BEHAVIOR,
         npcs_per_tier={Tier.DETAILED: 5, Tier.ACTIVE: 5, Tier.AMBIENT: 10},
     )
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock())
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=VirtualClock())
     await runner.discover()
     ctx = runner.scheduler.get_context(world_id)
     assert ctx.activity_snapshot()["doing"] == {"undecided": 20}

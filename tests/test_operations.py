@@ -14,7 +14,8 @@ from sqlalchemy import text
 
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.daemon import Daemon
-from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner, _ResizableLimit
+from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
+from scheduler_daemon.runner.sync import ResizableLimit
 from scheduler_daemon.runtime import build_runtime
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.settings import load_settings
@@ -111,7 +112,7 @@ async def test_reload_refuses_defaults_that_would_break_a_running_world(store: S
     assert daemon.runtime.scheduler.get_context(world_id).config.time_scale == 120
 
 
-async def _hold(limit: _ResizableLimit, running: list[int], release: asyncio.Event) -> None:
+async def _hold(limit: ResizableLimit, running: list[int], release: asyncio.Event) -> None:
     async with limit:
         running.append(1)
         await release.wait()
@@ -119,7 +120,7 @@ async def _hold(limit: _ResizableLimit, running: list[int], release: asyncio.Eve
 
 
 async def test_tick_limit_resizes_while_permits_are_held() -> None:
-    limit = _ResizableLimit(2)
+    limit = ResizableLimit(2)
     running: list[int] = []
     release = asyncio.Event()
     tasks = [asyncio.create_task(_hold(limit, running, release)) for _ in range(6)]
@@ -167,7 +168,7 @@ async def test_transient_database_error_retries_the_whole_tick(pg_store: Store) 
     store = pg_store
     world_id, _ = await make_world(store, simulation={"timeScale": 10}, npcs_per_tier={Tier.DETAILED: 3})
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock)
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=clock)
     await runner.add_world(world_id)
     async with store.transaction() as conn:
         # A sequence is not transactional: the first two ticks fail, later ones pass.
@@ -210,7 +211,7 @@ async def test_idle_loop_shows_progress_every_idle_wake(store: Store) -> None:
     """No worlds at all: the loop still wakes (and counts progress) for the watchdog."""
     clock = VirtualClock()
     runner = SchedulerLoopRunner(
-        WorldScheduler(store), clock=clock, limits=RunnerLimits(discovery_interval_seconds=3600)
+        WorldScheduler(store), store, clock=clock, limits=RunnerLimits(discovery_interval_seconds=3600)
     )
     runner.idle_wake_seconds = 0.25  # the daemon sets a quarter of WATCHDOG_USEC
     task = asyncio.create_task(runner.start())
@@ -248,7 +249,7 @@ async def test_running_loop_ticks_every_slot_at_its_deadline(store: Store) -> No
     slow, _ = await make_world(store, name="slow", simulation={"tickIntervalSeconds": 2.0, "timeScale": 10})
     clock = VirtualClock()
     runner = SchedulerLoopRunner(
-        WorldScheduler(store), clock=clock, limits=RunnerLimits(discovery_interval_seconds=3600)
+        WorldScheduler(store), store, clock=clock, limits=RunnerLimits(discovery_interval_seconds=3600)
     )
     task = asyncio.create_task(runner.start())
     try:

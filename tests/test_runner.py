@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-import scheduler_daemon.runner as runner_module
+import scheduler_daemon.runner.state as runner_state
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
@@ -18,7 +18,7 @@ from tests.helpers import drop_trigger, install_failing_trigger, make_world, wor
 
 
 def runner_for(store: Store, clock: VirtualClock, **limits: Any) -> SchedulerLoopRunner:
-    return SchedulerLoopRunner(WorldScheduler(store), clock=clock, limits=RunnerLimits(**limits))
+    return SchedulerLoopRunner(WorldScheduler(store), store, clock=clock, limits=RunnerLimits(**limits))
 
 
 async def test_worlds_tick_at_their_own_rates(store: Store) -> None:
@@ -61,7 +61,7 @@ async def test_tick_overrunning_its_interval_skips_slots(store: Store) -> None:
     world_id, _ = await make_world(
         store, simulation={"timeScale": 1, "maxNpcTicksPerStep": 1}, npcs_per_tier={Tier.DETAILED: 1}
     )
-    runner = SchedulerLoopRunner(WorldScheduler(store, decide_fn=slow_decide), clock=clock)
+    runner = SchedulerLoopRunner(WorldScheduler(store, decide_fn=slow_decide), store, clock=clock)
     await runner.add_world(world_id)
     await runner.run_until(1.0)  # tick at 1.0 runs until 3.5
     assert clock.now() == pytest.approx(3.5)
@@ -181,11 +181,11 @@ async def test_slots_passed_while_backed_off_are_counted_as_missed(store: Store)
 
 
 async def test_scans_of_every_world_let_due_ticks_run_between_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Discovery and tier refresh scan every registered world through _in_chunks:
+    # Discovery and tier refresh scan every registered world through in_chunks:
     # at 10,000 worlds one scan in a single loop step held ticks up by 5-20 ms.
-    monkeypatch.setattr(runner_module, "_DISCOVERY_YIELD_EVERY", 2)
+    monkeypatch.setattr(runner_state, "SCAN_CHUNK", 2)
     seen: list[object] = []
     asyncio.get_running_loop().call_soon(seen.append, "tick")  # stands in for a due tick's callback
-    async for chunk in runner_module._in_chunks([1, 2, 3, 4, 5]):
+    async for chunk in runner_state.in_chunks([1, 2, 3, 4, 5]):
         seen.append(chunk)
     assert seen == [[1, 2], "tick", [3, 4], [5]]

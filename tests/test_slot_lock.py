@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from scheduler_daemon.runner import _ResizableLimit, _SlotLock
+from scheduler_daemon.runner.sync import ResizableLimit, SlotLock
 
 
 async def test_uncontended_acquire_is_immediate_and_exclusive() -> None:
-    lock = _SlotLock()
+    lock = SlotLock()
     assert lock.try_acquire() and lock.locked()
     assert not lock.try_acquire()
     lock.release()
@@ -21,7 +21,7 @@ async def test_uncontended_acquire_is_immediate_and_exclusive() -> None:
 
 
 async def test_waiters_get_the_lock_in_arrival_order_and_it_is_never_shared() -> None:
-    lock = _SlotLock()
+    lock = SlotLock()
     order: list[int] = []
     holders = 0
 
@@ -45,7 +45,7 @@ async def test_waiters_get_the_lock_in_arrival_order_and_it_is_never_shared() ->
 
 
 async def test_a_cancelled_waiter_neither_takes_nor_strands_the_lock() -> None:
-    lock = _SlotLock()
+    lock = SlotLock()
     assert lock.try_acquire()
     cancelled = asyncio.create_task(lock.acquire())
     after = asyncio.create_task(lock.acquire())
@@ -61,7 +61,7 @@ async def test_a_cancelled_waiter_neither_takes_nor_strands_the_lock() -> None:
 
 
 async def test_a_waiter_cancelled_after_the_hand_over_passes_the_lock_on() -> None:
-    lock = _SlotLock()
+    lock = SlotLock()
     assert lock.try_acquire()
     first = asyncio.create_task(lock.acquire())
     second = asyncio.create_task(lock.acquire())
@@ -77,7 +77,7 @@ async def test_a_waiter_cancelled_after_the_hand_over_passes_the_lock_on() -> No
 
 
 async def test_the_batch_limit_hands_permits_over_in_order_and_skips_cancelled_waiters() -> None:
-    limit = _ResizableLimit(1)
+    limit = ResizableLimit(1)
     assert limit.try_acquire() and not limit.try_acquire()
     order: list[int] = []
 
@@ -97,7 +97,7 @@ async def test_the_batch_limit_hands_permits_over_in_order_and_skips_cancelled_w
 
 
 async def test_a_batch_cancelled_after_the_hand_over_passes_its_permit_on() -> None:
-    limit = _ResizableLimit(1)
+    limit = ResizableLimit(1)
     assert limit.try_acquire()
     first = asyncio.create_task(limit.acquire())
     second = asyncio.create_task(limit.acquire())

@@ -98,7 +98,7 @@ async def test_a_fix_by_plain_sql_moves_the_config_version(store: Store) -> None
 
 async def test_an_isolated_world_runs_once_its_row_is_fixed(store: Store) -> None:
     world_id = await _insert_world(store, json.dumps({"simulation": {"alwaysOn": 1}}))
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock())
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=VirtualClock())
     await runner.discover()
     assert world_id in runner.broken and "alwaysOn" in runner.broken[world_id].error
     async with store.transaction() as conn:
@@ -125,7 +125,7 @@ async def test_an_unreadable_session_is_left_out_of_tiering_and_reported(store: 
     assert [s.id for s in read.views[world_id]] == [good]
     assert [(s.session_id, s.world_id) for s in read.ignored] == [(bad, world_id)]
     assert "scene_npc_ids" in read.ignored[0].problem
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock())
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=VirtualClock())
     await runner.discover()
     assert runner.scheduler.ignored_sessions == 1
     assert runner.scheduler.get_context(world_id).tier_population[Tier.DETAILED] == 1
@@ -134,7 +134,7 @@ async def test_an_unreadable_session_is_left_out_of_tiering_and_reported(store: 
 async def test_a_deleted_state_row_is_recreated_from_the_last_committed_clock(store: Store) -> None:
     world_id = await store.create_world("w", simulation={"alwaysOn": True, "timeScale": 60})
     clock = VirtualClock()
-    runner = SchedulerLoopRunner(WorldScheduler(store), clock=clock)
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=clock)
     await runner.discover()
     await runner.run_until(3.0)
     assert await world_state(store, world_id) == (180.0, 3)

@@ -1,0 +1,138 @@
+"""Registering, reconfiguring, force-ticking and removing worlds on the runner."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import structlog
+
+from scheduler_daemon.runner.base import RunnerBase
+from scheduler_daemon.runner.state import Slot, touched_database
+from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError
+from scheduler_daemon.store.leases import Lease
+from scheduler_daemon.store.repository import WorldRecord
+
+log = structlog.get_logger("scheduler_daemon.runner")
+
+
+class WorldRegistry(RunnerBase):
+    """The registered worlds: add, remove, apply a new config, force a tick."""
+
+    @property
+    def world_ids(self) -> list[int]:
+        return sorted(self._slots)
+
+    async def add_world(self, world_id: int, *, first_deadline: float | None = None) -> None:
+        """Register a world with the scheduler and schedule its first tick.
+
+        The first tick is due one interval from now, or at ``first_deadline``
+        (on this runner's clock) to spread worlds over the interval. With
+        leases, only a world whose lease we hold is registered. Raises what
+        :meth:`~scheduler_daemon.scheduler.WorldScheduler.register_world` raises.
+        """
+        failed = await self.add_worlds([world_id], first_deadline=first_deadline)
+        if world_id in failed:
+            raise failed[world_id]
+
+    async def add_worlds(
+        self, world_ids: Sequence[int], *, first_deadline: float | None = None
+    ) -> dict[int, Exception]:
+        """Register several worlds in one transaction and schedule them; returns the ones that failed.
+
+        A world that cannot be registered (its error names it and the field)
+        is left out and returned; the others are registered.
+        """
+        requests: list[tuple[int, Lease | None]] = []
+        for world_id in world_ids:
+            lease = self.leases.lease_for(world_id) if self.leases is not None else None
+            if self.leases is not None and lease is None:
+                # Lost (or given up) while discovery was busy: never tick a world unfenced.
+                log.info("world not registered: its lease is no longer ours", world_id=world_id)
+                continue
+            requests.append((world_id, lease))
+        if not requests:
+            return {}
+        answers = await self.scheduler.register_worlds(requests)
+        failed: dict[int, Exception] = {}
+        now = self.clock.now()
+        for world_id, answer in answers.items():
+            if isinstance(answer, Exception):
+                failed[world_id] = answer
+                continue
+            interval = answer.config.tick_interval_seconds
+            anchor = now if first_deadline is None else first_deadline - interval
+            slot = Slot(world_id, answer, interval=interval, anchor=anchor, k=1, last_tick_at=now, tiers_at=now)
+            old = self._slots.get(world_id)
+            if old is not None:
+                old.removed = True
+            self._slots[world_id] = slot
+            self.broken.pop(world_id, None)
+            self._push(slot)
+            if self.observer:
+                self.observer.world_registered(world_id)
+        return failed
+
+    async def remove_world(self, world_id: int) -> None:
+        """Stop ticking a world (waits for its in-flight tick) and unregister it."""
+        slot = self._slots.pop(world_id, None)
+        if slot is None:
+            return
+        slot.removed = True
+        async with slot.lock:
+            await self.scheduler.unregister_world(world_id)
+        if self.observer:
+            self.observer.world_unregistered(world_id)
+
+    async def apply_world_config(self, world_id: int, record: WorldRecord | None = None) -> None:
+        """Re-read a world's config now (or apply ``record``, just written); takes effect before its next tick.
+
+        Waits for an in-flight tick of that world first so the elapsed part of
+        the interval accrues at the old scale exactly once.
+        """
+        slot = self._slots.get(world_id)
+        if slot is None:
+            return
+        async with slot.lock:
+            now = self.clock.now()
+            ctx = await self.scheduler.reload_world(
+                world_id, elapsed_real_since_tick=now - slot.last_tick_at, record=record
+            )
+            new_interval = ctx.config.tick_interval_seconds
+            if new_interval != slot.interval:
+                # Re-anchor the grid at the last tick so the new rate starts from it.
+                slot.interval = new_interval
+                slot.anchor = slot.last_tick_at
+                slot.k = 1
+                if not slot.in_flight:
+                    self._push(slot)
+
+    async def force_tick(self, world_id: int, delta_real_seconds: float) -> TickResult:
+        """Tick one registered world now, covering ``delta_real_seconds`` of real time.
+
+        For the admin API: an extra tick on top of the world's grid (its next
+        regular tick still covers the real time since the previous regular
+        one). Holds the world's lock, so it never overlaps a loop tick.
+        Raises :class:`~scheduler_daemon.scheduler.WorldNotRegisteredError`.
+        """
+        slot = self._slots.get(world_id)
+        if slot is None:
+            raise WorldNotRegisteredError(world_id)
+        async with slot.lock:
+            if slot.removed:
+                raise WorldNotRegisteredError(world_id)
+            started = self.clock.now()
+            try:
+                result = await self.scheduler.tick_world(world_id, delta_real_seconds)
+            except Exception as exc:
+                self._tick_failed(exc)
+                if self.observer:
+                    # No slot was scheduled, so there is no lag to report (NaN).
+                    self.observer.tick_finished(world_id, "error", math.nan, self.clock.now() - started, None)
+                raise
+            self.progress += 1
+            if touched_database(result):
+                self.commits.committed(self.clock.now())
+            if self.observer:
+                self.observer.tick_finished(world_id, "ok", math.nan, self.clock.now() - started, result)
+            return result

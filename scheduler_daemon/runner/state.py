@@ -1,0 +1,134 @@
+"""The runner's data: its limits, a registered world's slot, isolated worlds, commit health, chunked scans."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from scheduler_daemon.context import WorldSimulationContext
+from scheduler_daemon.runner.sync import SlotLock
+from scheduler_daemon.scheduler import TickResult
+from scheduler_daemon.settings import SchedulerSettings
+from scheduler_daemon.store.errors import error_class
+
+#: Scans of every registered world yield to due ticks after this many worlds.
+SCAN_CHUNK = 500
+_T = TypeVar("_T")
+
+
+async def in_chunks(items: list[_T]) -> AsyncIterator[list[_T]]:
+    """``items`` in chunks of ``SCAN_CHUNK``, letting due ticks run between chunks.
+
+    A scan of thousands of worlds in one loop step delays every tick due
+    meanwhile (docs/performance.md).
+    """
+    for start in range(0, len(items), SCAN_CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        yield items[start : start + SCAN_CHUNK]
+
+
+def touched_database(result: TickResult) -> bool:
+    # A paused world whose clock did not move ticks without a transaction.
+    return not result.paused or result.delta_game_seconds != 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerLimits:
+    """The runner's tunables (``[scheduler]`` settings); reloadable through :meth:`SchedulerLoopRunner.set_limits`."""
+
+    max_concurrent_ticks: int = 16
+    max_batch_size: int = 64
+    batch_window_seconds: float = 0.0015
+    tick_timeout_seconds: float = 10.0
+    discovery_interval_seconds: float = 5.0
+    backoff_base_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+    tier_refresh_max_seconds: float = 60.0
+
+    @classmethod
+    def from_settings(cls, scheduler: SchedulerSettings) -> RunnerLimits:
+        """The limits a ``[scheduler]`` section sets."""
+        return cls(
+            max_concurrent_ticks=scheduler.max_concurrent_ticks,
+            max_batch_size=scheduler.max_batch_size,
+            batch_window_seconds=scheduler.batch_window_seconds,
+            tick_timeout_seconds=scheduler.tick_timeout_seconds,
+            discovery_interval_seconds=scheduler.discovery_interval_seconds,
+            backoff_max_seconds=scheduler.backoff_max_seconds,
+            tier_refresh_max_seconds=scheduler.tier_refresh_max_seconds,
+        )
+
+
+@dataclass(slots=True)
+class Slot:
+    """Scheduling state of one registered world."""
+
+    world_id: int
+    ctx: WorldSimulationContext  # the scheduler's context of this registration (updated in place)
+    interval: float
+    anchor: float  # start of the fixed-rate grid
+    k: int  # index of the next slot on the grid
+    last_tick_at: float  # monotonic time the committed world time corresponds to
+    lock: SlotLock = field(default_factory=SlotLock)
+    generation: int = 0  # bumps invalidate stale deadline entries
+    failures: int = 0
+    retry_at: float | None = None  # backoff deadline after a failure
+    in_flight: bool = False
+    removed: bool = False
+    tiers_at: float = 0.0  # clock time of the last tier assignment
+    solo: bool = False  # its last batch failed as a whole: tick alone until a tick succeeds
+
+    @property
+    def deadline(self) -> float:
+        return self.retry_at if self.retry_at is not None else self.anchor + self.k * self.interval
+
+
+@dataclass(slots=True)
+class BrokenWorld:
+    """A world that could not be registered (an unusable stored row, invalid config or behaviour)."""
+
+    world_id: int
+    config_version: int
+    error: str
+    retry_at: float = math.inf  # clock time of the next registration attempt without a version change
+
+
+class TickCommits:
+    """Whether ticks commit: what readiness reports, since ``SELECT 1`` works on a database that refuses writes.
+
+    The runner records each tick that touched the database: a commit, or a
+    failure with a database error. Ticks are failing while the latest of
+    those was a failure, i.e. from the first such failure after a commit
+    until the next commit. Times are on the runner's clock.
+    """
+
+    __slots__ = ("error", "failing_since", "last_commit_at")
+
+    def __init__(self) -> None:
+        self.last_commit_at: float | None = None
+        #: The first tick failed by a database error since the last commit (``None``: not failing).
+        self.failing_since: float | None = None
+        #: The error class of the latest such failure.
+        self.error = ""
+
+    def committed(self, at: float) -> None:
+        """A tick committed at ``at``."""
+        self.last_commit_at = at
+        self.failing_since = None
+
+    def failed(self, at: float, exc: BaseException) -> None:
+        """A tick failed at ``at`` with the database error ``exc``."""
+        if self.failing_since is None:
+            self.failing_since = at
+        self.error = error_class(exc)
+
+    def problem(self, now: float) -> str | None:
+        """Why ticks are not committing (``None`` while the latest tick that touched the database committed)."""
+        if self.failing_since is None:
+            return None
+        last = "no commit yet" if self.last_commit_at is None else f"last commit {now - self.last_commit_at:.0f} s ago"
+        return f"ticks failing: {self.error} since {now - self.failing_since:.0f} s ({last})"

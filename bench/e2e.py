@@ -97,7 +97,7 @@ async def seed(url: str, worlds: int) -> list[int]:
     """Migrate and insert ``worlds`` worlds with 500 NPCs each; returns the world ids."""
     import sqlalchemy as sa
 
-    from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR
+    from scheduler_daemon.demo import DEMO_BEHAVIOR
     from scheduler_daemon.simulation.npc import Tier
     from scheduler_daemon.store.models import npcs, world_states
     from scheduler_daemon.store.models import worlds as worlds_table
@@ -222,7 +222,8 @@ async def measure(counter: Counter, warmup: float, seconds: float) -> dict[str, 
 
 
 def behaviour() -> tuple[Any, dict[Any, float]]:
-    from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR, parse_behavior
+    from scheduler_daemon.demo import DEMO_BEHAVIOR
+    from scheduler_daemon.simulation.behavior import parse_behavior
     from scheduler_daemon.world_config import parse_world_config
 
     content = parse_behavior(0, DEMO_BEHAVIOR)

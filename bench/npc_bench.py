@@ -28,7 +28,8 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR, decide, parse_behavior
+from scheduler_daemon.demo import DEMO_BEHAVIOR
+from scheduler_daemon.simulation.behavior import decide, parse_behavior
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
 from scheduler_daemon.simulation.tiers import last_taken
 from scheduler_daemon.store.repository import _DUE_MANY_PG, Store

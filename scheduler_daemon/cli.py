@@ -447,7 +447,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from scheduler_daemon.context import format_world_time
     from scheduler_daemon.fastforward import FastForwardError, fast_forward
     from scheduler_daemon.logs import configure_logging
-    from scheduler_daemon.runtime import Plugins
+    from scheduler_daemon.plugins import Plugins
     from scheduler_daemon.store.repository import WorldNotFoundError
 
     settings, _, _ = _settings(args)

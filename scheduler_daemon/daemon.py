@@ -34,9 +34,10 @@ from scheduler_daemon.http.routes import create_app
 from scheduler_daemon.instance_lock import lock_sqlite_database
 from scheduler_daemon.logs import configure_logging
 from scheduler_daemon.loop_lag import LoopLagMonitor
+from scheduler_daemon.plugins import Plugins
 from scheduler_daemon.reload import ReloadState, check_new_settings, keep_restart_only, warn_about_permissions
 from scheduler_daemon.retry import first_line, retry_transient
-from scheduler_daemon.runtime import Plugins, Runtime, Telemetry, build_runtime, database_connections
+from scheduler_daemon.runtime import Runtime, Telemetry, build_runtime, database_connections
 from scheduler_daemon.settings import Settings, SettingsError, load_settings
 from scheduler_daemon.store.migrate import SchemaNotMigratedError
 from scheduler_daemon.store.repository import Store

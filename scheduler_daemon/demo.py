@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from scheduler_daemon import interactions, jobs
-from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR
 from scheduler_daemon.simulation.chains import step, wait_hours, wait_minutes
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView, assign_tiers
@@ -49,6 +48,97 @@ _FIRST = (
 _LAST = ("Ashford", "Brook", "Cole", "Dale", "Eld", "Fenn", "Gale", "Hart", "Ives", "Jarrow")
 _HOMES = ("north_row", "mill_lane", "harbour_end", "old_town", "hillside")
 _ROUTINES = ("villager", "villager", "villager", "merchant", "night_owl")
+
+
+def _slot(days: list[str] | None, start: str, end: str, **weights: float) -> dict[str, Any]:
+    slot: dict[str, Any] = {"start": start, "end": end, "activities": weights}
+    if days is not None:
+        slot["days"] = days
+    return slot
+
+
+_WEEKDAYS = ["mon", "tue", "wed", "thu", "fri"]
+
+#: Demo behaviour content (JSON shape, camelCase), e.g. for new worlds and tests.
+#: Every routine covers the whole week. Treat as read-only; parse it with
+#: :func:`~scheduler_daemon.simulation.behavior.parse_behavior`.
+DEMO_BEHAVIOR: Final[dict[str, Any]] = {
+    "activities": {
+        # Slept in short chunks so waking follows the routine's night slot closely.
+        "sleep": {
+            "durationMinutes": [90, 150],
+            "energyPerHour": 12.0,
+            "moodValence": 1.0,
+            "moodArousal": -6.0,
+            "location": "home",
+        },
+        "eat": {
+            "durationMinutes": [20, 45],
+            "energyPerHour": 4.0,
+            "moodValence": 6.0,
+            "moodArousal": 1.0,
+            "location": ["tavern", "home"],
+            "cooldownMinutes": 180,
+        },
+        "work": {
+            "durationMinutes": [90, 180],
+            "energyPerHour": -8.0,
+            "moodValence": -2.0,
+            "moodArousal": 3.0,
+            "location": ["workshop", "market"],
+            "requirements": {"minEnergy": 20},
+        },
+        "socialise": {
+            "durationMinutes": [30, 120],
+            "energyPerHour": -3.0,
+            "moodValence": 10.0,
+            "moodArousal": 6.0,
+            "location": ["tavern", "square"],
+            "cooldownMinutes": 60,
+            "requirements": {"minEnergy": 10},
+        },
+        "wander": {
+            "durationMinutes": [20, 60],
+            "energyPerHour": -2.0,
+            "moodValence": 3.0,
+            "moodArousal": 2.0,
+            "location": ["square", "park"],
+            "cooldownMinutes": 30,
+            "requirements": {"minEnergy": 5},
+        },
+    },
+    "routines": {
+        "villager": {
+            "slots": [
+                _slot(None, "22:00", "06:00", sleep=1),
+                _slot(None, "06:00", "08:00", eat=3, wander=1),
+                _slot(_WEEKDAYS, "08:00", "12:00", work=5, wander=1),
+                _slot(_WEEKDAYS, "12:00", "13:00", eat=4, socialise=1),
+                _slot(_WEEKDAYS, "13:00", "18:00", work=5, socialise=1),
+                _slot(["sat", "sun"], "08:00", "18:00", wander=3, socialise=3, eat=1),
+                _slot(None, "18:00", "22:00", eat=2, socialise=3, wander=1),
+            ]
+        },
+        "merchant": {
+            "slots": [
+                _slot(None, "23:00", "07:00", sleep=1),
+                _slot(None, "07:00", "09:00", eat=3, wander=1),
+                _slot(["mon", "tue", "wed", "thu", "fri", "sat"], "09:00", "19:00", work=6, eat=1),
+                _slot(["sun"], "09:00", "19:00", wander=2, socialise=2, eat=1),
+                _slot(None, "19:00", "23:00", socialise=3, eat=2),
+            ]
+        },
+        "night_owl": {
+            "slots": [
+                _slot(None, "04:00", "12:00", sleep=1),
+                _slot(None, "12:00", "14:00", eat=3, wander=1),
+                _slot(None, "14:00", "20:00", wander=2, work=2, socialise=1),
+                _slot(None, "20:00", "04:00", socialise=4, wander=2, eat=1),
+            ]
+        },
+    },
+    "defaultRoutine": "villager",
+}
 
 
 @dataclass(frozen=True, slots=True)

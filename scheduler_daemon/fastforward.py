@@ -25,8 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from scheduler_daemon.clock import VirtualClock
+from scheduler_daemon.plugins import Plugins
 from scheduler_daemon.runner import RunnerLimits
-from scheduler_daemon.runtime import Plugins, build_runtime
+from scheduler_daemon.runtime import build_runtime
 from scheduler_daemon.scheduler import CommittedTick
 from scheduler_daemon.settings import Settings
 from scheduler_daemon.simulation.summary import SimulationSummary, SummaryCollector

@@ -19,7 +19,6 @@ and the admin API).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -35,7 +34,6 @@ from scheduler_daemon.store.jobs import (
 from scheduler_daemon.store.repository import Store, WorldNotFoundError
 
 __all__ = [
-    "DEFAULT_SINK",
     "GenerationRequest",
     "GenerationRequestError",
     "GenerationSink",
@@ -49,7 +47,6 @@ __all__ = [
     "get_request",
     "leave_enqueued",
     "list_requests",
-    "load_sink",
     "start_requests",
 ]
 
@@ -57,35 +54,9 @@ __all__ = [
 #: out) counts as a failed hand-off; returning means accepted. May be async.
 GenerationSink = Callable[[GenerationRequest], Awaitable[None] | None]
 
-DEFAULT_SINK = "scheduler_daemon.jobs:leave_enqueued"
-
 
 def leave_enqueued(request: GenerationRequest) -> None:
     """The default sink: accept, leaving the row ``enqueued`` for workers (:func:`start_requests`)."""
-
-
-def load_sink(spec: str) -> GenerationSink:
-    """Resolve ``"package.module:callable"`` to a sink; :class:`ValueError` names ``spec`` and the problem."""
-    module_name, sep, attr_path = spec.partition(":")
-    if not sep or not all(p.isidentifier() for p in [*module_name.split("."), *attr_path.split(".")]):
-        raise ValueError(f"generation sink {spec!r}: expected 'package.module:callable'")
-    try:
-        target: object = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name or module_name.startswith((exc.name or "") + "."):
-            raise ValueError(f"generation sink {spec!r}: module {module_name!r} not found") from exc
-        raise ValueError(f"generation sink {spec!r}: importing failed: {exc}") from exc
-    except Exception as exc:
-        raise ValueError(f"generation sink {spec!r}: importing failed: {exc}") from exc
-    for part in attr_path.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise ValueError(f"generation sink {spec!r}: {module_name!r} has no attribute {attr_path!r}") from None
-    if not callable(target):
-        raise ValueError(f"generation sink {spec!r}: {attr_path!r} is not callable")
-    sink: GenerationSink = target  # the signature is checked on first use
-    return sink
 
 
 async def create_request(

@@ -79,6 +79,12 @@ class _StateCollector(Collector):
         self._m = metrics
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._worlds()
+        yield from self._reload()
+        yield from self._providers()
+        yield from self._http()
+
+    def _worlds(self) -> Iterator[Metric]:
         m = self._m
         worlds = GaugeMetricFamily(
             "worldsched_worlds", "Worlds registered with this daemon, by state", labels=["state"]
@@ -131,6 +137,8 @@ class _StateCollector(Collector):
         yield lag
         yield quarantined
 
+    def _reload(self) -> Iterator[Metric]:
+        m = self._m
         ok, success_at = m.reload_status() if m.reload_status is not None else (True, None)
         yield GaugeMetricFamily(
             "worldsched_config_last_reload_successful",
@@ -145,6 +153,8 @@ class _StateCollector(Collector):
             stamp.add_metric([], success_at)
         yield stamp
 
+    def _providers(self) -> Iterator[Metric]:
+        m = self._m
         jobs = GaugeMetricFamily("worldsched_jobs", "Generation requests by status", labels=["status"])
         if m.job_counts is not None:
             counts = m.job_counts
@@ -159,6 +169,7 @@ class _StateCollector(Collector):
             held.add_metric([], m.leases_held())
         yield held
 
+    def _http(self) -> Iterator[Metric]:
         connections = GaugeMetricFamily("worldsched_http_connections", "Open connections to the HTTP port")
         closed = CounterMetricFamily(
             "worldsched_http_connections_closed",
@@ -169,7 +180,7 @@ class _StateCollector(Collector):
         accept_errors = CounterMetricFamily(
             "worldsched_http_accept_errors", "accept() failures on the HTTP port for lack of file descriptors or memory"
         )
-        guard = m.http_connections
+        guard = self._m.http_connections
         if guard is not None:
             connections.add_metric([], guard.open_connections)
             for reason, count in guard.closed.items():

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from scheduler_daemon.http.auth import check_bind_allowed, load_admin_token, token_path
-from scheduler_daemon.runtime import Plugins
+from scheduler_daemon.plugins import Plugins
 from scheduler_daemon.settings import HttpSettings, Settings, SettingsError, restart_only_changes
 
 log = structlog.get_logger("scheduler_daemon.daemon")

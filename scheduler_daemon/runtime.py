@@ -19,14 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from scheduler_daemon.admin import WorldAdmin
 from scheduler_daemon.clock import Clock
 from scheduler_daemon.http.connections import ConnectionGuard
-from scheduler_daemon.jobs import GenerationSink, complete_for_api, in_flight_counts, leave_enqueued, load_sink
+from scheduler_daemon.jobs import complete_for_api, in_flight_counts
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.loop_lag import LoopLagMonitor
 from scheduler_daemon.metrics import ReloadStatus, SchedulerMetrics
+from scheduler_daemon.plugins import Plugins
 from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
-from scheduler_daemon.settings import Settings, SettingsError
-from scheduler_daemon.simulation.behavior import DecideFn, decide, load_decide_fn
+from scheduler_daemon.settings import Settings
 from scheduler_daemon.store.database import create_engine
 from scheduler_daemon.store.leases import LeaseStore
 from scheduler_daemon.store.repository import Store
@@ -41,27 +41,6 @@ def database_connections(settings: Settings) -> int:
     """The most database connections a runtime built from ``settings`` opens (ticks and leases)."""
     db = settings.database
     return db.pool_size + db.max_overflow + LEASE_POOL_SIZE + LEASE_POOL_OVERFLOW
-
-
-@dataclass(frozen=True)
-class Plugins:
-    """The user code a deployment names in its settings: the decide function and the generation sink."""
-
-    decide_fn: DecideFn = decide
-    sink: GenerationSink = leave_enqueued
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Plugins:
-        """Import ``scheduler.behavior`` and ``generation.sink``; :class:`SettingsError` names the field."""
-        try:
-            decide_fn = load_decide_fn(settings.scheduler.behavior)
-        except ValueError as exc:
-            raise SettingsError(f"scheduler.behavior: {exc}") from None
-        try:
-            sink = load_sink(settings.generation.sink)
-        except ValueError as exc:
-            raise SettingsError(f"generation.sink: {exc}") from None
-        return cls(decide_fn, sink)
 
 
 @dataclass(frozen=True)

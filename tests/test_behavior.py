@@ -11,9 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from scheduler_daemon.demo import DEMO_BEHAVIOR
+from scheduler_daemon.plugins import load_decide_fn
+from scheduler_daemon.settings import DEFAULT_BEHAVIOR
 from scheduler_daemon.simulation.behavior import (
-    DEFAULT_DECIDE_SPEC,
-    DEMO_BEHAVIOR,
     IDLE_ACTIVITY,
     MIN_IDLE_SECONDS,
     Activity,
@@ -23,7 +24,6 @@ from scheduler_daemon.simulation.behavior import (
     decide,
     decision_draws,
     integrate_effects,
-    load_decide_fn,
     parse_behavior,
     simulate_batch,
 )
@@ -565,7 +565,7 @@ def test_a_villager_lives_a_varied_day_and_sleeps_at_night(npc_id: int) -> None:
 
 def test_load_decide_fn_resolves_the_default() -> None:
     assert load_decide_fn() is decide
-    assert load_decide_fn(DEFAULT_DECIDE_SPEC) is decide
+    assert load_decide_fn(DEFAULT_BEHAVIOR) is decide
 
 
 @pytest.mark.parametrize(
@@ -577,7 +577,7 @@ def test_load_decide_fn_resolves_the_default() -> None:
         ("no_such_module_xyz:decide", "module 'no_such_module_xyz' not found"),
         ("scheduler_daemon.no_such_module:decide", "not found"),
         ("scheduler_daemon.simulation.behavior:nope", "has no attribute 'nope'"),
-        ("scheduler_daemon.simulation.behavior:DEMO_BEHAVIOR", "is not callable"),
+        ("scheduler_daemon.demo:DEMO_BEHAVIOR", "is not callable"),
     ],
 )
 def test_load_decide_fn_errors_name_the_spec(spec: str, problem: str) -> None:

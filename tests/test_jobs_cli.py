@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from scheduler_daemon import cli, interactions, jobs
+from scheduler_daemon.plugins import load_sink
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.store.repository import Store
 from tests.conftest import TABLES_IN_DELETE_ORDER
@@ -79,7 +80,7 @@ def test_generation_settings_and_sink_loading(tmp_path: Path) -> None:
     path.write_text('[generation]\nsink = "tests.sinks:recording_sink"\nsink_timeout_seconds = 2.5\n')
     settings = load_settings(path)
     assert settings.generation.sink_timeout_seconds == 2.5
-    assert jobs.load_sink(settings.generation.sink).__name__ == "recording_sink"
+    assert load_sink(settings.generation.sink).__name__ == "recording_sink"
     assert settings.hand_off_timeout_seconds == 2.5
     # A short tick timeout alone stays valid; the hand-off then gets half of it.
     path.write_text("[scheduler]\ntick_timeout_seconds = 2\n")
@@ -94,4 +95,4 @@ def test_generation_settings_and_sink_loading(tmp_path: Path) -> None:
         ("tests.sinks:os", "'os' is not callable"),
     ):
         with pytest.raises(ValueError, match=message):
-            jobs.load_sink(spec)
+            load_sink(spec)

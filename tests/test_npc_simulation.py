@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from scheduler_daemon.clock import VirtualClock
+from scheduler_daemon.demo import DEMO_BEHAVIOR
 from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
-from scheduler_daemon.simulation.behavior import DEMO_BEHAVIOR
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView, assign_tiers, last_taken, select_due
 from scheduler_daemon.store.models import npcs

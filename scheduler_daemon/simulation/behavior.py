@@ -27,13 +27,12 @@ Content semantics worth knowing:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 import re
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from functools import cached_property
-from typing import Annotated, Any, Final, Literal, NamedTuple, cast
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -51,8 +50,6 @@ from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 __all__ = [
     "COOLDOWNS_KEY",
     "DAY_SECONDS",
-    "DEFAULT_DECIDE_SPEC",
-    "DEMO_BEHAVIOR",
     "HOME_LOCATION",
     "IDLE_ACTIVITY",
     "MIN_IDLE_SECONDS",
@@ -71,7 +68,6 @@ __all__ = [
     "decision_draws",
     "describe_validation_error",
     "integrate_effects",
-    "load_decide_fn",
     "parse_behavior",
     "simulate_batch",
 ]
@@ -94,8 +90,6 @@ MOOD_MAX: Final = 100.0
 
 #: Key of :attr:`NpcDecision.state` holding ``{activity: world time last finished}``.
 COOLDOWNS_KEY: Final = "cooldowns"
-
-DEFAULT_DECIDE_SPEC: Final = "scheduler_daemon.simulation.behavior:decide"
 
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 WEEKDAYS: Final[tuple[Weekday, ...]] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -449,6 +443,28 @@ def _resolve_location(activity: Activity, npc: NpcState, u: float) -> str | None
     return target
 
 
+def _finish_current(
+    npc: NpcState, content: BehaviorContent, world_time: float
+) -> tuple[float, float, float, dict[str, float]]:
+    """Energy, mood valence and arousal after the current activity, clamped, and the running cooldowns."""
+    current_name = npc.current_activity
+    current = content.activities.get(current_name) if current_name is not None else None
+    if npc.activity_started_at is not None:
+        started = npc.activity_started_at
+    elif npc.last_decision_at is not None:
+        started = npc.last_decision_at
+    else:
+        started = world_time
+    delta = integrate_effects(current, world_time - started)
+    energy = _clamp(npc.energy + delta.energy, ENERGY_MIN, ENERGY_MAX)
+    valence = _clamp(npc.mood_valence + delta.mood_valence, MOOD_MIN, MOOD_MAX)
+    arousal = _clamp(npc.mood_arousal + delta.mood_arousal, MOOD_MIN, MOOD_MAX)
+    cooldowns = _read_cooldowns(npc.state, content, world_time)
+    if current is not None and current_name is not None and current.cooldown_seconds > 0.0:
+        cooldowns[current_name] = world_time
+    return energy, valence, arousal, cooldowns
+
+
 def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_interval: float) -> NpcDecision:
     """Finish the NPC's current activity and choose the next one at ``world_time``.
 
@@ -477,22 +493,7 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
         raise ValueError(f"npc {npc.id}: tier_interval must be finite and >= 0, got {tier_interval}")
 
     # 1. Finish the current activity.
-    current_name = npc.current_activity
-    current = content.activities.get(current_name) if current_name is not None else None
-    if npc.activity_started_at is not None:
-        started = npc.activity_started_at
-    elif npc.last_decision_at is not None:
-        started = npc.last_decision_at
-    else:
-        started = world_time
-    delta = integrate_effects(current, world_time - started)
-    energy = _clamp(npc.energy + delta.energy, ENERGY_MIN, ENERGY_MAX)
-    valence = _clamp(npc.mood_valence + delta.mood_valence, MOOD_MIN, MOOD_MAX)
-    arousal = _clamp(npc.mood_arousal + delta.mood_arousal, MOOD_MIN, MOOD_MAX)
-
-    cooldowns = _read_cooldowns(npc.state, content, world_time)
-    if current is not None and current_name is not None and current.cooldown_seconds > 0.0:
-        cooldowns[current_name] = world_time
+    energy, valence, arousal, cooldowns = _finish_current(npc, content, world_time)
 
     # 2. Pick the next activity.
     draws = decision_draws(npc.world_id, npc.id, world_time)
@@ -536,40 +537,6 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
 DecideFn = Callable[[NpcState, BehaviorContent, float, float], NpcDecision]
 
 
-def load_decide_fn(spec: str = DEFAULT_DECIDE_SPEC) -> DecideFn:
-    """Resolve ``"package.module:callable"`` (attribute may be dotted) to a decide function.
-
-    Raises :class:`ValueError` naming ``spec`` when it is malformed, the module
-    cannot be imported, the attribute is missing or it is not callable. The
-    signature itself cannot be checked cheaply; a wrong one fails on first use.
-    """
-    module_name, sep, attr_path = spec.partition(":")
-    parts_ok = all(p.isidentifier() for p in module_name.split(".")) and all(
-        p.isidentifier() for p in attr_path.split(".")
-    )
-    if not sep or not parts_ok:
-        raise ValueError(f"decide function {spec!r}: expected 'package.module:callable'")
-    try:
-        target: object = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        # Distinguish "the named module does not exist" from "it exists but one
-        # of its own imports is missing", which needs a different fix.
-        if missing == module_name or module_name.startswith(missing + "."):
-            raise ValueError(f"decide function {spec!r}: module {module_name!r} not found") from exc
-        raise ValueError(f"decide function {spec!r}: importing failed: {exc}") from exc
-    except Exception as exc:  # any error raised while executing the module
-        raise ValueError(f"decide function {spec!r}: importing failed: {exc}") from exc
-    for part in attr_path.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise ValueError(f"decide function {spec!r}: {module_name!r} has no attribute {attr_path!r}") from None
-    if not callable(target):
-        raise ValueError(f"decide function {spec!r}: {attr_path!r} is not callable")
-    return cast(DecideFn, target)
-
-
 def simulate_batch(
     npcs: Iterable[NpcState],
     content: BehaviorContent,
@@ -598,94 +565,3 @@ def simulate_batch(
             )
         decisions.append(decision)
     return decisions
-
-
-def _slot(days: list[str] | None, start: str, end: str, **weights: float) -> dict[str, Any]:
-    slot: dict[str, Any] = {"start": start, "end": end, "activities": weights}
-    if days is not None:
-        slot["days"] = days
-    return slot
-
-
-_WEEKDAYS = ["mon", "tue", "wed", "thu", "fri"]
-
-#: Demo behaviour content (JSON shape, camelCase), e.g. for new worlds and tests.
-#: Every routine covers the whole week. Treat as read-only; parse it with
-#: :func:`parse_behavior` (or ``BehaviorContent.model_validate``).
-DEMO_BEHAVIOR: Final[dict[str, Any]] = {
-    "activities": {
-        # Slept in short chunks so waking follows the routine's night slot closely.
-        "sleep": {
-            "durationMinutes": [90, 150],
-            "energyPerHour": 12.0,
-            "moodValence": 1.0,
-            "moodArousal": -6.0,
-            "location": "home",
-        },
-        "eat": {
-            "durationMinutes": [20, 45],
-            "energyPerHour": 4.0,
-            "moodValence": 6.0,
-            "moodArousal": 1.0,
-            "location": ["tavern", "home"],
-            "cooldownMinutes": 180,
-        },
-        "work": {
-            "durationMinutes": [90, 180],
-            "energyPerHour": -8.0,
-            "moodValence": -2.0,
-            "moodArousal": 3.0,
-            "location": ["workshop", "market"],
-            "requirements": {"minEnergy": 20},
-        },
-        "socialise": {
-            "durationMinutes": [30, 120],
-            "energyPerHour": -3.0,
-            "moodValence": 10.0,
-            "moodArousal": 6.0,
-            "location": ["tavern", "square"],
-            "cooldownMinutes": 60,
-            "requirements": {"minEnergy": 10},
-        },
-        "wander": {
-            "durationMinutes": [20, 60],
-            "energyPerHour": -2.0,
-            "moodValence": 3.0,
-            "moodArousal": 2.0,
-            "location": ["square", "park"],
-            "cooldownMinutes": 30,
-            "requirements": {"minEnergy": 5},
-        },
-    },
-    "routines": {
-        "villager": {
-            "slots": [
-                _slot(None, "22:00", "06:00", sleep=1),
-                _slot(None, "06:00", "08:00", eat=3, wander=1),
-                _slot(_WEEKDAYS, "08:00", "12:00", work=5, wander=1),
-                _slot(_WEEKDAYS, "12:00", "13:00", eat=4, socialise=1),
-                _slot(_WEEKDAYS, "13:00", "18:00", work=5, socialise=1),
-                _slot(["sat", "sun"], "08:00", "18:00", wander=3, socialise=3, eat=1),
-                _slot(None, "18:00", "22:00", eat=2, socialise=3, wander=1),
-            ]
-        },
-        "merchant": {
-            "slots": [
-                _slot(None, "23:00", "07:00", sleep=1),
-                _slot(None, "07:00", "09:00", eat=3, wander=1),
-                _slot(["mon", "tue", "wed", "thu", "fri", "sat"], "09:00", "19:00", work=6, eat=1),
-                _slot(["sun"], "09:00", "19:00", wander=2, socialise=2, eat=1),
-                _slot(None, "19:00", "23:00", socialise=3, eat=2),
-            ]
-        },
-        "night_owl": {
-            "slots": [
-                _slot(None, "04:00", "12:00", sleep=1),
-                _slot(None, "12:00", "14:00", eat=3, wander=1),
-                _slot(None, "14:00", "20:00", wander=2, work=2, socialise=1),
-                _slot(None, "20:00", "04:00", socialise=4, wander=2, eat=1),
-            ]
-        },
-    },
-    "defaultRoutine": "villager",
-}

@@ -1,0 +1,74 @@
+"""User code named in the settings as ``"package.module:callable"``: the decide function and the generation sink."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import cast
+
+from scheduler_daemon.jobs import GenerationSink, leave_enqueued
+from scheduler_daemon.settings import DEFAULT_BEHAVIOR, Settings, SettingsError
+from scheduler_daemon.simulation.behavior import DecideFn, decide
+
+
+def load_callable(spec: str, what: str) -> object:
+    """Resolve ``"package.module:callable"`` (the attribute may be dotted) to a callable.
+
+    Raises :class:`ValueError` starting with ``what`` and naming ``spec`` when
+    it is malformed, the module cannot be imported, the attribute is missing
+    or it is not callable. The signature cannot be checked cheaply; a wrong
+    one fails on first use.
+    """
+    module_name, sep, attr_path = spec.partition(":")
+    if not sep or not all(p.isidentifier() for p in [*module_name.split("."), *attr_path.split(".")]):
+        raise ValueError(f"{what} {spec!r}: expected 'package.module:callable'")
+    try:
+        target: object = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        # "The named module does not exist" and "one of its own imports is
+        # missing" need different fixes.
+        if missing == module_name or module_name.startswith(missing + "."):
+            raise ValueError(f"{what} {spec!r}: module {module_name!r} not found") from exc
+        raise ValueError(f"{what} {spec!r}: importing failed: {exc}") from exc
+    except Exception as exc:  # any error raised while executing the module
+        raise ValueError(f"{what} {spec!r}: importing failed: {exc}") from exc
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"{what} {spec!r}: {module_name!r} has no attribute {attr_path!r}") from None
+    if not callable(target):
+        raise ValueError(f"{what} {spec!r}: {attr_path!r} is not callable")
+    return target
+
+
+def load_decide_fn(spec: str = DEFAULT_BEHAVIOR) -> DecideFn:
+    """The decide function ``spec`` names (:func:`load_callable`'s errors)."""
+    return cast(DecideFn, load_callable(spec, "decide function"))
+
+
+def load_sink(spec: str) -> GenerationSink:
+    """The generation sink ``spec`` names (:func:`load_callable`'s errors)."""
+    return cast(GenerationSink, load_callable(spec, "generation sink"))
+
+
+@dataclass(frozen=True)
+class Plugins:
+    """The user code a deployment names in its settings."""
+
+    decide_fn: DecideFn = decide
+    sink: GenerationSink = leave_enqueued
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Plugins:
+        """Import ``scheduler.behavior`` and ``generation.sink``; :class:`SettingsError` names the field."""
+        try:
+            decide_fn = load_decide_fn(settings.scheduler.behavior)
+        except ValueError as exc:
+            raise SettingsError(f"scheduler.behavior: {exc}") from None
+        try:
+            sink = load_sink(settings.generation.sink)
+        except ValueError as exc:
+            raise SettingsError(f"generation.sink: {exc}") from None
+        return cls(decide_fn, sink)

@@ -206,16 +206,6 @@ class WorldSimulationContext:
         self.last_error = None
         self.consecutive_failures = 0
 
-    def advance_time(self, delta_real_seconds: float) -> float:
-        """Advance the clock without any simulation work; returns game seconds added.
-
-        For embedding and tests; :class:`~scheduler_daemon.scheduler.WorldScheduler`
-        plans, commits, then applies instead.
-        """
-        plan = self.plan_advance(delta_real_seconds)
-        self.apply_tick(plan)
-        return plan.delta_game_seconds
-
     def update_config(
         self, config: WorldConfig, *, version: int | None = None, elapsed_real_since_tick: float = 0.0
     ) -> None:
@@ -268,15 +258,6 @@ class WorldSimulationContext:
         self.ticks_processed = ticks
         self._carry_real = 0.0
         self._carry_game = 0.0
-
-    # ---------------------------------------------------------------- budget
-    def can_simulate_more_npcs(self, simulated_so_far: int) -> bool:
-        """Whether the per-tick NPC budget allows another decision."""
-        return simulated_so_far < self.config.max_npc_ticks_per_step
-
-    def can_enqueue_more_jobs(self, enqueued_so_far: int) -> bool:
-        """Whether the per-tick job budget allows another claim."""
-        return enqueued_so_far < self.config.max_job_ops_per_step
 
     # ------------------------------------------------------------ bookkeeping
     def record_skipped(self, slots: int) -> None:

@@ -122,6 +122,18 @@ async def test_budget_and_per_user_quota_with_completions_letting_more_flow(stor
     assert len(sink.calls) == 100 and len({i for i, _ in sink.calls}) == 100  # each handed out exactly once
 
 
+async def test_a_zero_job_budget_hands_out_nothing(store: Store) -> None:
+    world_id, sessions = await world_with_users(store, 2, {"timeScale": 1, "maxJobOpsPerStep": 0})
+    await bulk_requests(store, world_id, sessions, 4)
+    sink = RecordingSink()
+    sched = WorldScheduler(store, sink=sink)
+    await sched.register_world(world_id)
+    for _ in range(3):
+        assert (await sched.tick_world(world_id, 1.0)).jobs_enqueued == 0
+    assert {r[0] for r in (await statuses(store, world_id)).values()} == {"pending"}
+    assert sink.calls == []
+
+
 async def test_world_quota_caps_in_flight(store: Store) -> None:
     world_id, sessions = await world_with_users(
         store, 10, {"maxJobOpsPerStep": 10, "generation": {"maxInFlightPerWorld": 4, "maxInFlightPerUser": 5}}

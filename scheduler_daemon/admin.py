@@ -154,14 +154,18 @@ class WorldAdmin:
         ids = ids[:limit]
         names = await self.store.world_names(ids)
 
-        def row(world_id: int) -> dict[str, Any]:
-            ctx = contexts.get(world_id)
-            if ctx is None:
-                return isolated_summary(world_id, names.get(world_id), broken[world_id])
-            rate, p99 = self.metrics.recent_tick_stats(world_id)
-            return running_summary(ctx, names.get(world_id), rate, p99, self.scheduler.get_lease(world_id))
+        def row(world_id: int) -> dict[str, Any] | None:
+            # Read now, not from the snapshot: a world may have left (lease lost,
+            # isolation dropped) while the names were read.
+            if self.scheduler.is_registered(world_id):
+                rate, p99 = self.metrics.recent_tick_stats(world_id)
+                ctx, lease = self.scheduler.get_context(world_id), self.scheduler.get_lease(world_id)
+                return running_summary(ctx, names.get(world_id), rate, p99, lease)
+            if (isolated := broken.get(world_id)) is not None:
+                return isolated_summary(world_id, names.get(world_id), isolated)
+            return None
 
-        rows = await self.budget.map(ids, row)
+        rows = [r for r in await self.budget.map(ids, row) if r is not None]
         return WorldPage(rows, ids[-1] if more else None, len(contexts) + len(broken))
 
     async def config(self, world_id: int) -> tuple[WorldConfig, int]:

@@ -535,6 +535,29 @@ async def test_database_outage_is_503_not_500(tmp_path: Path) -> None:
         await store.dispose()
 
 
+async def test_the_world_list_survives_worlds_leaving_while_it_is_built(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Worlds come and go while a page is built (a lease lost, an isolated world
+    # dropped): the list answers with what is still here instead of failing.
+    kept, gone = await running_world(api), await running_world(api)
+    broken, _ = await make_world(api.store, simulation={"timeScale": -5})
+    await api.runner.discover()
+    assert broken in api.runner.broken
+    world_names = api.store.world_names
+
+    async def names_while_worlds_leave(ids: list[int]) -> dict[int, str]:
+        names = await world_names(ids)
+        await api.runner.remove_world(gone)
+        api.runner.broken.pop(broken)
+        return names
+
+    monkeypatch.setattr(api.store, "world_names", names_while_worlds_leave)
+    r = await api.client.get("/api/v1/worlds")
+    assert r.status_code == 200, r.text
+    assert [w["worldId"] for w in r.json()["worlds"]] == [kept]
+
+
 async def test_the_world_list_pages_by_id_and_refuses_unknown_parameters(api: Api) -> None:
     ids = [await running_world(api) for _ in range(5)]
     broken, _ = await make_world(api.store, simulation={"timeScale": -5})

@@ -55,8 +55,8 @@ async def retry_transient(
     error; other errors propagate at once. Each retry is logged at WARNING
     with the attempt number and the error.
     """
-    # Fast path: the first attempt runs outside tenacity, whose per-call state
-    # costs ~20 µs, more than a whole batch of cheap ticks (bench/core.py).
+    # The first attempt runs outside tenacity: its per-call state costs more
+    # than a batch of cheap ticks (docs/performance.md).
     started = time.monotonic()
     try:
         return await func()

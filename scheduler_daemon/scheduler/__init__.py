@@ -1,11 +1,14 @@
-"""``WorldScheduler``: one tick of one world = load ─► decide (pure) ─► commit (see :mod:`.engine`)."""
+"""``WorldScheduler``: registers worlds and ticks them against the store (see :mod:`.engine`).
 
-from scheduler_daemon.scheduler.engine import (
+``results`` holds what a tick returns and the per-world and per-tick records.
+"""
+
+from scheduler_daemon.scheduler.engine import WorldScheduler
+from scheduler_daemon.scheduler.results import (
     CommittedTick,
     TickListener,
     TickResult,
     WorldNotRegisteredError,
-    WorldScheduler,
     _World,
 )
 

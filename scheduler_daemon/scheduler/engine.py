@@ -12,16 +12,26 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from scheduler_daemon.context import AdvancePlan, TickOutcome, WorldSimulationContext
+from scheduler_daemon.context import TickOutcome, WorldSimulationContext
 from scheduler_daemon.jobs import GenerationSink, leave_enqueued
+from scheduler_daemon.scheduler.results import (
+    CommittedTick,
+    TickListener,
+    TickResult,
+    WorldNotRegisteredError,
+    _Assigned,
+    _Body,
+    _GroupReads,
+    _Planned,
+    _World,
+)
 from scheduler_daemon.simulation import chains as chain_logic
 from scheduler_daemon.simulation import generation as gen_logic
 from scheduler_daemon.simulation.behavior import (
@@ -46,9 +56,7 @@ from scheduler_daemon.store.errors import is_transient
 from scheduler_daemon.store.leases import Lease, fence_tick, lease_columns
 from scheduler_daemon.store.repository import (
     ActiveSessions,
-    DueWork,
     IgnoredSession,
-    QuarantinedNpc,
     StaleWorldStateError,
     Store,
     WorldAdvance,
@@ -61,63 +69,6 @@ log = structlog.get_logger("scheduler_daemon.scheduler")
 
 # A tick whose world has no pending request (never mutated).
 _NOTHING_CLAIMED: Final = job_sql.ClaimResult(claimed=[], rejected=[], in_flight=0)
-
-
-class WorldNotRegisteredError(LookupError):
-    """The world is not registered with this scheduler."""
-
-    def __init__(self, world_id: int) -> None:
-        self.world_id = world_id
-        super().__init__(f"world {world_id} is not registered")
-
-
-@dataclass(frozen=True, slots=True)
-class TickResult:
-    """What one tick did (returned by :meth:`WorldScheduler.tick_world`)."""
-
-    world_id: int
-    world_time_before: float
-    world_time_after: float
-    delta_real_seconds: float
-    delta_game_seconds: float
-    npcs_simulated: int
-    jobs_enqueued: int
-    chain_steps: int
-    npcs_per_tier: dict[str, int]
-    duration_ms: float
-    capped: bool
-    paused: bool
-
-
-@dataclass(frozen=True, slots=True)
-class CommittedTick:
-    """One committed tick's NPC work, for observers such as ``simulate``'s summary.
-
-    ``npcs`` are the states as selected (before deciding), ``decisions`` the
-    committed outcomes in the same order.
-    """
-
-    world_id: int
-    world_time: float
-    npcs: Sequence[NpcState]
-    decisions: Sequence[NpcDecision]
-    decision_lag_per_tier: Mapping[Tier, float]
-
-
-#: Called after each committed tick (see :class:`WorldScheduler`).
-TickListener = Callable[[CommittedTick], None]
-
-
-@dataclass(slots=True)
-class _World:
-    context: WorldSimulationContext
-    behavior: BehaviorContent
-    extra: dict[str, Any] = field(default_factory=dict)
-    last_committed: CommittedTick | None = None  # handed to on_commit after apply
-    # Claimed generation requests may await hand-off. True at registration, so
-    # the first tick after a (re)start hands out what a crash left behind.
-    outbox_pending: bool = True
-    lease: Lease | None = None  # the fencing token when several daemons share the database
 
 
 class WorldScheduler:
@@ -924,52 +875,6 @@ class WorldScheduler:
         entry.outbox_pending = len(batch) >= limit or len(accepted) + len(failed) < len(batch)
         if accepted:
             log.info("generation requests handed off", world_id=ctx.world_id, count=len(accepted), request_ids=accepted)
-
-
-@dataclass(slots=True)
-class _Planned:
-    """A world's tick between planning and commit."""
-
-    index: int  # position in the tick_worlds request
-    entry: _World
-    plan: AdvancePlan
-    started: float  # perf_counter at planning, for duration_ms
-    wall_at_start: datetime  # wall time the tick's world time corresponds to (for humans)
-    # Log events of the tick body, emitted by _apply only once it committed
-    # (the body may be rolled back and re-run): (level, event, fields).
-    events: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Body:
-    """A world's tick body before its NPC and clock writes."""
-
-    outcome: TickOutcome
-    due: list[NpcState]
-    decisions: list[NpcDecision]
-    claim: job_sql.ClaimResult
-
-
-@dataclass(frozen=True, slots=True)
-class _Assigned:
-    """A tier assignment computed inside a transaction, for the context to adopt after the commit."""
-
-    assignment: TierAssignment
-    counts: dict[Tier, int]  # population per tier, quarantined rows counted as frozen
-    sessions: list[SessionView]
-    activities: dict[str | None, int]
-    quarantined: dict[int, str]
-    changed: int
-
-
-@dataclass(frozen=True, slots=True)
-class _GroupReads:
-    """What a grouped tick reads once for all its worlds, before their bodies (by world id)."""
-
-    due: Mapping[int, list[NpcState]]  # due NPCs, in decision order
-    quarantined: Mapping[int, list[QuarantinedNpc]]  # rows the selection found undecidable
-    pending: Mapping[int, DueWork]  # chain steps / generation claims to do
-    waiting: Mapping[int, Mapping[Tier, float]]  # worlds with a full budget: oldest left waiting per tier
 
 
 def _describe(exc: BaseException) -> str:

@@ -68,10 +68,37 @@ class GroupTicking(SchedulerBase):
         if wall_at is None:
             wall_at = datetime.now(UTC)
         answers: list[TickResult | BaseException | None] = [None] * len(requests)
-        work: list[_Planned] = []
         hand_off: list[_World] = []  # committed (or paused) worlds with outbox work
-        # Checked once per group: a filtered structlog call still costs ~10 µs.
+        # Checked once per group, not per world: even a filtered log call has a cost.
         debug = log.is_enabled_for(logging.DEBUG)
+        work = self._plan_group(requests, wall_at, answers, hand_off, debug=debug)
+        if work:
+            await self._commit_and_apply(work, answers, hand_off, debug=debug)
+        if hand_off:
+            # Transactional outbox: only committed claims are handed out, after
+            # the COMMIT; the whole group's hand-off shares one deadline.
+            deadline = asyncio.get_running_loop().time() + self.sink_timeout_seconds
+            for entry in hand_off:
+                await self._hand_off(entry, deadline)
+        return [a for a in answers if a is not None]
+
+    def _plan_group(
+        self,
+        requests: Sequence[tuple[int, float]],
+        wall_at: datetime,
+        answers: list[TickResult | BaseException | None],
+        hand_off: list[_World],
+        *,
+        debug: bool,
+    ) -> list[_Planned]:
+        """Plan each world's advance; returns the worlds to commit.
+
+        A world that is not registered or cannot plan gets its exception as
+        its answer. A paused world whose clock stands still has nothing to
+        write: it is applied at once (and joins ``hand_off`` if its outbox
+        has work).
+        """
+        work: list[_Planned] = []
         for index, (world_id, delta) in enumerate(requests):
             entry = self._worlds.get(world_id)
             if entry is None:
@@ -94,37 +121,38 @@ class GroupTicking(SchedulerBase):
                     hand_off.append(entry)
             else:
                 work.append(planned)
-        if work:
-            try:
-                outcomes = await self._commit_group(work)
-            except BaseException as exc:
-                for planned in work:
-                    planned.entry.last_committed = None
-                    planned.entry.context.record_failure(_describe(exc))
-                    if not isinstance(exc, StaleWorldStateError):
-                        # The shared COMMIT's outcome may be unknown (timeout, lost connection).
-                        planned.entry.context.record_unconfirmed(planned.plan, planned.wall_at_start)
-                raise
-            for planned, outcome in zip(work, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    planned.entry.last_committed = None
-                    planned.entry.context.record_failure(_describe(outcome))
-                    if not isinstance(outcome, StaleWorldStateError):
-                        planned.entry.context.record_unconfirmed(planned.plan, planned.wall_at_start)
-                    answers[planned.index] = outcome
-                else:
-                    answers[planned.index] = self._apply(planned, outcome, debug=debug)
-                    if outcome.jobs_enqueued:
-                        planned.entry.outbox_pending = True
-                    if planned.entry.outbox_pending:
-                        hand_off.append(planned.entry)
-        if hand_off:
-            # Transactional outbox: only committed claims are handed out, after
-            # the COMMIT; the whole group's hand-off shares one deadline.
-            deadline = asyncio.get_running_loop().time() + self.sink_timeout_seconds
-            for entry in hand_off:
-                await self._hand_off(entry, deadline)
-        return [a for a in answers if a is not None]
+        return work
+
+    async def _commit_and_apply(
+        self,
+        work: list[_Planned],
+        answers: list[TickResult | BaseException | None],
+        hand_off: list[_World],
+        *,
+        debug: bool,
+    ) -> None:
+        """Commit the planned worlds as one group, then apply each committed tick and answer each world.
+
+        A committed world with outbox work joins ``hand_off``. If the group's
+        transaction itself fails, every world records the failure and the
+        error is raised.
+        """
+        try:
+            outcomes = await self._commit_group(work)
+        except BaseException as exc:
+            for planned in work:
+                _record_failure(planned, exc)
+            raise
+        for planned, outcome in zip(work, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                _record_failure(planned, outcome)
+                answers[planned.index] = outcome
+            else:
+                answers[planned.index] = self._apply(planned, outcome, debug=debug)
+                if outcome.jobs_enqueued:
+                    planned.entry.outbox_pending = True
+                if planned.entry.outbox_pending:
+                    hand_off.append(planned.entry)
 
     async def _commit_group(self, work: list[_Planned]) -> list[TickOutcome | BaseException]:
         """One transaction for the group: batched due-NPC selection, then each world's tick body.
@@ -213,6 +241,15 @@ class GroupTicking(SchedulerBase):
             advanced_at=planned.wall_at_start,
             lease=planned.entry.lease,
         )
+
+
+def _record_failure(planned: _Planned, exc: BaseException) -> None:
+    """A world whose tick did not commit records the failure; its clock and counters stay as they were."""
+    planned.entry.last_committed = None
+    planned.entry.context.record_failure(_describe(exc))
+    if not isinstance(exc, StaleWorldStateError):
+        # The COMMIT's outcome may be unknown (timeout, lost connection): a resync may find it committed.
+        planned.entry.context.record_unconfirmed(planned.plan, planned.wall_at_start)
 
 
 def _describe(exc: BaseException) -> str:

@@ -81,13 +81,15 @@ def _arm_planning_pause() -> None:
     seconds = float(os.environ.get("FAULT_PAUSE_SECONDS", "0.3"))
     at = int(os.environ.get("FAULT_PAUSE_AT", "3"))
     planned = 0
+    # WorldScheduler.tick_worlds lives in one module of the scheduler package.
+    package = f"{os.sep}scheduler_daemon{os.sep}scheduler{os.sep}"
 
     def profile(frame: FrameType, event: str, _arg: Any) -> None:
         nonlocal planned
         if event != "call":
             return
         code = frame.f_code
-        if code.co_name == "tick_worlds" and code.co_filename.endswith("scheduler.py"):
+        if code.co_name == "tick_worlds" and package in code.co_filename:
             planned = 0
         elif code.co_name == "plan_advance" and code.co_filename.endswith("context.py"):
             planned += 1

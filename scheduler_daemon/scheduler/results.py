@@ -72,7 +72,6 @@ class _World:
 
     context: WorldSimulationContext
     behavior: BehaviorContent
-    extra: dict[str, Any] = field(default_factory=dict)
     last_committed: CommittedTick | None = None  # handed to on_commit after apply
     # Claimed generation requests may await hand-off. True at registration, so
     # the first tick after a (re)start hands out what a crash left behind.

@@ -187,7 +187,7 @@ def _run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 async def _open_store(settings: Settings, *, check: bool = True) -> Any:
     from scheduler_daemon.exits import EXIT_DATABASE, EXIT_NOT_MIGRATED
-    from scheduler_daemon.store.migrate import SchemaNotMigratedError
+    from scheduler_daemon.store.errors import SchemaNotMigratedError
     from scheduler_daemon.store.repository import Store
 
     store = Store.from_url(settings.database.url, connect_timeout=settings.database.connect_timeout_seconds)
@@ -254,7 +254,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     except Exception as exc:
         if isinstance(exc, CliError):
             raise
-        from scheduler_daemon.store.migrate import SchemaNotMigratedError
+        from scheduler_daemon.store.errors import SchemaNotMigratedError
 
         if isinstance(exc, SchemaNotMigratedError):
             raise CliError(str(exc), 4) from None
@@ -284,7 +284,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_worlds(args: argparse.Namespace) -> int:
     from scheduler_daemon.context import format_world_time
     from scheduler_daemon.simulation.npc import Tier
-    from scheduler_daemon.store.repository import WorldNotFoundError
+    from scheduler_daemon.store.errors import WorldNotFoundError
     from scheduler_daemon.world_config import WorldConfigError, parse_world_config
 
     settings, _, _ = _settings(args)
@@ -448,7 +448,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from scheduler_daemon.fastforward import FastForwardError, fast_forward
     from scheduler_daemon.logs import configure_logging
     from scheduler_daemon.plugins import Plugins
-    from scheduler_daemon.store.repository import WorldNotFoundError
+    from scheduler_daemon.store.errors import WorldNotFoundError
 
     settings, _, _ = _settings(args)
     # Per-world INFO lines would drown the report; warnings (lag) still show.

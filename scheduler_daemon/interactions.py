@@ -31,9 +31,10 @@ from scheduler_daemon.simulation.chains import (
     wait_seconds,
 )
 from scheduler_daemon.store import chains as sql
-from scheduler_daemon.store.chains import ChainNotFoundError, ChainRecord
-from scheduler_daemon.store.jobs import SessionNotFoundError, session_user
-from scheduler_daemon.store.repository import Store, WorldNotFoundError
+from scheduler_daemon.store.chains import ChainRecord
+from scheduler_daemon.store.errors import ChainNotFoundError, SessionNotFoundError, WorldNotFoundError
+from scheduler_daemon.store.jobs import session_user
+from scheduler_daemon.store.repository import Store
 
 __all__ = [
     "ChainError",

@@ -25,13 +25,14 @@ from typing import Any
 from scheduler_daemon.simulation import generation as gen
 from scheduler_daemon.simulation.generation import GenerationRequestError
 from scheduler_daemon.store import jobs as sql
-from scheduler_daemon.store.jobs import (
-    GenerationRequest,
+from scheduler_daemon.store.errors import (
     RequestNotFoundError,
     RequestStateError,
     SessionNotFoundError,
+    WorldNotFoundError,
 )
-from scheduler_daemon.store.repository import Store, WorldNotFoundError
+from scheduler_daemon.store.jobs import GenerationRequest
+from scheduler_daemon.store.repository import Store
 
 __all__ = [
     "GenerationRequest",
@@ -117,7 +118,7 @@ async def complete_for_api(store: Store, request_id: int, status: str, error: st
     """
     try:
         request = await complete_request(store, request_id, status, error)
-    except sql.RequestStateError as exc:
+    except RequestStateError as exc:
         raise ValueError(str(exc)) from None
     return request.to_wire()
 

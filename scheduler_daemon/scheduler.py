@@ -42,17 +42,15 @@ from scheduler_daemon.simulation.tiers import (
 )
 from scheduler_daemon.store import chains as chain_sql
 from scheduler_daemon.store import jobs as job_sql
-from scheduler_daemon.store.errors import is_transient
+from scheduler_daemon.store.errors import StaleWorldStateError, WorldNotFoundError, is_transient
 from scheduler_daemon.store.leases import Lease, fence_tick, lease_columns
 from scheduler_daemon.store.repository import (
     ActiveSessions,
     DueWork,
     IgnoredSession,
     QuarantinedNpc,
-    StaleWorldStateError,
     Store,
     WorldAdvance,
-    WorldNotFoundError,
     WorldRecord,
 )
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
@@ -164,7 +162,7 @@ class WorldScheduler:
         :mod:`scheduler_daemon.store.leases`); register only after claiming,
         so the clock loaded here is the last one any owner committed.
 
-        Raises :class:`~scheduler_daemon.store.repository.InvalidStoredWorldError`,
+        Raises :class:`~scheduler_daemon.store.errors.InvalidStoredWorldError`,
         :class:`~scheduler_daemon.world_config.WorldConfigError` or
         :class:`~scheduler_daemon.simulation.behavior.BehaviorContentError` naming
         the world and the field when its stored row, config (``tierRules``

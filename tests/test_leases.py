@@ -21,7 +21,8 @@ from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.leases import Lease, LeaseLostError, LeaseStore, RenewResult, fence_tick
+from scheduler_daemon.store.errors import LeaseLostError
+from scheduler_daemon.store.leases import Lease, LeaseStore, RenewResult, fence_tick
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store, require_postgres_url
 from tests.helpers import make_world, npc_rows, world_state

@@ -11,7 +11,8 @@ from sqlalchemy.exc import DBAPIError
 
 from scheduler_daemon.scheduler import WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.repository import Store, WorldNotFoundError
+from scheduler_daemon.store.errors import WorldNotFoundError
+from scheduler_daemon.store.repository import Store
 from scheduler_daemon.world_config import WorldConfigError
 from tests.helpers import (
     drop_commit_failure,

@@ -11,17 +11,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation import chains as ch
+from scheduler_daemon.store.errors import ChainNotFoundError
 from scheduler_daemon.store.models import interaction_chains as ic
 from scheduler_daemon.store.models import interaction_cooldowns as cd
 from scheduler_daemon.store.models import world_states
-
-
-class ChainNotFoundError(LookupError):
-    """No interaction chain with that id."""
-
-    def __init__(self, chain_id: int) -> None:
-        self.chain_id = chain_id
-        super().__init__(f"interaction chain {chain_id} does not exist")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,36 +19,13 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation import generation as gen
+from scheduler_daemon.store.errors import RequestNotFoundError, RequestStateError, SessionNotFoundError
 from scheduler_daemon.store.models import generation_requests as gr
 from scheduler_daemon.store.models import sessions
 
 #: How many candidate pages one claim reads at most (users at their cap are
 #: excluded in SQL, so more than one page is rare).
 _MAX_PAGES = 8
-
-
-class RequestNotFoundError(LookupError):
-    """No generation request with that id."""
-
-    def __init__(self, request_id: int) -> None:
-        self.request_id = request_id
-        super().__init__(f"generation request {request_id} does not exist")
-
-
-class RequestStateError(RuntimeError):
-    """The request is not in a state that allows the transition (e.g. completing a finished one)."""
-
-    def __init__(self, request_id: int, status: str, wanted: str) -> None:
-        self.request_id, self.status, self.wanted = request_id, status, wanted
-        super().__init__(f"generation request {request_id} is {status}; cannot mark it {wanted}")
-
-
-class SessionNotFoundError(LookupError):
-    """No session with that id in that world."""
-
-    def __init__(self, world_id: int, session_id: int) -> None:
-        self.world_id, self.session_id = world_id, session_id
-        super().__init__(f"world {world_id}: session {session_id} does not exist")
 
 
 @dataclass(frozen=True, slots=True)

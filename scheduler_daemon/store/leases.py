@@ -27,21 +27,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from scheduler_daemon.store.errors import LeaseLostError
 from scheduler_daemon.store.models import scheduler_instances, world_states, worlds
-from scheduler_daemon.store.repository import StaleWorldStateError
 
 #: Instance rows expired for longer than this are deleted (history for humans until then).
 INSTANCE_RETENTION_SECONDS = 3600.0
 
 DbNow = Callable[[], sa.ColumnElement[datetime]]
-
-
-class LeaseLostError(StaleWorldStateError):
-    """The world's lease is no longer ours (another instance claimed it); nothing was written."""
-
-    def __init__(self, world_id: int, owner: str, epoch: int) -> None:
-        self.world_id, self.owner, self.epoch = world_id, owner, epoch
-        super().__init__(f"world {world_id}: lease (owner {owner!r}, epoch {epoch}) lost; tick rolled back")
 
 
 @dataclass(frozen=True, slots=True)

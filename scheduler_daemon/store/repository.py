@@ -27,30 +27,16 @@ from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcSta
 from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView
 from scheduler_daemon.store import migrate
 from scheduler_daemon.store.database import begin_writing, create_engine
+from scheduler_daemon.store.errors import (
+    ConfigVersionConflictError,
+    InvalidStoredWorldError,
+    StaleWorldStateError,
+    WorldNotFoundError,
+)
 from scheduler_daemon.store.models import metadata, npcs, sessions, world_states, worlds
 
 if TYPE_CHECKING:
     from scheduler_daemon.store.leases import Lease
-
-
-class WorldNotFoundError(LookupError):
-    """No world with that id."""
-
-    def __init__(self, world_id: int) -> None:
-        self.world_id = world_id
-        super().__init__(f"world {world_id} does not exist")
-
-
-class StaleWorldStateError(RuntimeError):
-    """The world's state row changed under us (another writer, or a lost lease)."""
-
-
-class ConfigVersionConflictError(RuntimeError):
-    """An optimistic config update lost against a concurrent one."""
-
-    def __init__(self, world_id: int, expected: int, actual: int) -> None:
-        self.world_id, self.expected, self.actual = world_id, expected, actual
-        super().__init__(f"world {world_id}: config version is {actual}, not {expected}")
 
 
 #: A world's ``meta`` larger than this (bytes of its JSON text) is never loaded:
@@ -58,18 +44,6 @@ class ConfigVersionConflictError(RuntimeError):
 MAX_WORLD_META_BYTES: Final = 4 * 1024 * 1024
 #: An NPC's ``state`` larger than this is never loaded: the NPC is quarantined.
 MAX_NPC_STATE_BYTES: Final = 256 * 1024
-
-
-class InvalidStoredWorldError(ValueError):
-    """A world's stored row cannot be used (``meta`` not JSON, not an object, too large; a bad clock).
-
-    The message names the world and the field; the world is isolated, nothing else is affected.
-    """
-
-    def __init__(self, world_id: int, problem: str) -> None:
-        self.world_id = world_id
-        self.problem = problem
-        super().__init__(f"world {world_id}: {problem}")
 
 
 def json_type_name(value: Any) -> str:
@@ -613,7 +587,7 @@ class Store:
         return await migrate.upgrade(self.engine)
 
     async def check_schema(self) -> None:
-        """Raise :class:`~scheduler_daemon.store.migrate.SchemaNotMigratedError` if behind."""
+        """Raise :class:`~scheduler_daemon.store.errors.SchemaNotMigratedError` if behind."""
         await migrate.check_schema(self.engine)
 
     # ---------------------------------------------------------------- worlds

@@ -51,7 +51,7 @@ def _imports(name: str, path: Path) -> set[str]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base])
+                    base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base])
                 if base.startswith("scheduler_daemon"):
                     found.add(base.rstrip("."))
                     found.update(f"{base}.{a.name}" for a in node.names)

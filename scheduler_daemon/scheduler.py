@@ -645,7 +645,7 @@ class WorldScheduler:
             world_time=planned.plan.world_time_after,
             expected_ticks=ctx.ticks_processed,
             advanced_at=planned.wall_at_start,
-            lease=planned.entry.lease,
+            fence=planned.entry.lease.fence if planned.entry.lease is not None else None,
         )
 
     async def _tick_body(self, conn: AsyncConnection, planned: _Planned, reads: _GroupReads) -> _Body:

@@ -94,7 +94,7 @@ class LeaseMachine(RuleBasedStateMachine):
             async with self.store.transaction() as conn:
                 ticks = await fence_tick(conn, lease)
                 await self.store.advance_world_state(
-                    conn, lease.world_id, world_time=float(ticks + 1), expected_ticks=ticks, lease=lease
+                    conn, lease.world_id, world_time=float(ticks + 1), expected_ticks=ticks, fence=lease.fence
                 )
         except Exception:
             return False
@@ -172,7 +172,7 @@ class LeaseMachine(RuleBasedStateMachine):
                     return False, await self.leases[peer].claim(self.world_ids, WORLD_COUNT)
                 got = await self.leases[peer].claim(self.world_ids, WORLD_COUNT)
                 await self.store.advance_world_state(
-                    conn, w, world_time=float(ticks + 1), expected_ticks=ticks, lease=lease
+                    conn, w, world_time=float(ticks + 1), expected_ticks=ticks, fence=lease.fence
                 )
                 await trans.commit()
                 return True, got

@@ -143,9 +143,9 @@ async def test_advance_world_state_is_fenced_on_owner_and_epoch(pg: Store) -> No
     stale = Lease(world_id, "a", lease.epoch - 1)
     with pytest.raises(Exception, match="with lease"):
         async with pg.transaction() as conn:
-            await pg.advance_world_state(conn, world_id, world_time=1.0, expected_ticks=0, lease=stale)
+            await pg.advance_world_state(conn, world_id, world_time=1.0, expected_ticks=0, fence=stale.fence)
     async with pg.transaction() as conn:
-        await pg.advance_world_state(conn, world_id, world_time=1.0, expected_ticks=0, lease=lease)
+        await pg.advance_world_state(conn, world_id, world_time=1.0, expected_ticks=0, fence=lease.fence)
     assert await world_state(pg, world_id) == (1.0, 1)
 
 

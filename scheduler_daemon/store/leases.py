@@ -28,6 +28,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scheduler_daemon.store.errors import LeaseLostError
+from scheduler_daemon.store.fence import Fence
 from scheduler_daemon.store.models import scheduler_instances, world_states, worlds
 
 #: Instance rows expired for longer than this are deleted (history for humans until then).
@@ -47,6 +48,11 @@ class Lease:
     ttl_seconds: float = 0.0
     #: The database clock of the store that granted the lease (tests substitute it).
     now: DbNow = field(default=sa.func.clock_timestamp, compare=False, repr=False)
+
+    @property
+    def fence(self) -> Fence:
+        """What the tick's writes check: this lease's owner and epoch."""
+        return Fence(self.owner, self.epoch)
 
 
 @dataclass(frozen=True, slots=True)

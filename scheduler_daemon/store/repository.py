@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mappi
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -33,11 +33,8 @@ from scheduler_daemon.store.errors import (
     StaleWorldStateError,
     WorldNotFoundError,
 )
+from scheduler_daemon.store.fence import Fence
 from scheduler_daemon.store.models import metadata, npcs, sessions, world_states, worlds
-
-if TYPE_CHECKING:
-    from scheduler_daemon.store.leases import Lease
-
 
 #: A world's ``meta`` larger than this (bytes of its JSON text) is never loaded:
 #: the world is isolated with the reason instead.
@@ -508,7 +505,7 @@ class WorldAdvance:
     world_time: float
     expected_ticks: int  # the tick counter the tick was planned from
     advanced_at: datetime  # wall time the new world time corresponds to
-    lease: Lease | None = None  # also fenced on owner + epoch (several daemons)
+    fence: Fence | None = None  # also fenced on the lease's owner + epoch (several daemons)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1272,7 +1269,7 @@ class Store:
                     world_time=a.world_time,
                     expected_ticks=a.expected_ticks,
                     advanced_at=a.advanced_at,
-                    lease=a.lease,
+                    fence=a.fence,
                 )
             return
         params = {
@@ -1280,8 +1277,8 @@ class Store:
             "expected": [a.expected_ticks for a in advances],
             "ts": [float(a.world_time) for a in advances],
             "ats": [a.advanced_at for a in advances],
-            "owners": [a.lease.owner if a.lease is not None else None for a in advances],
-            "epochs": [a.lease.epoch if a.lease is not None else None for a in advances],
+            "owners": [a.fence.owner if a.fence is not None else None for a in advances],
+            "epochs": [a.fence.epoch if a.fence is not None else None for a in advances],
         }
         moved = {int(r[0]) for r in (await conn.execute(_ADVANCE_MANY_PG, params)).all()}
         stale = [a.world_id for a in advances if a.world_id not in moved]
@@ -1298,13 +1295,13 @@ class Store:
         world_time: float,
         expected_ticks: int,
         advanced_at: datetime | None = None,
-        lease: Lease | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """Move the committed clock, fenced on the tick counter we planned from.
 
         ``advanced_at`` is the wall time the new world time corresponds to (the
         tick's start), for humans and external checks; default: now.
-        With a ``lease`` (several daemons on PostgreSQL) the update is also
+        With a ``fence`` (several daemons on PostgreSQL) the update is also
         conditional on ``lease_owner = me AND lease_epoch = my epoch``.
         Raises :class:`StaleWorldStateError` when the row moved under us, so
         a tick can never be applied twice (the caller's transaction, with the
@@ -1317,13 +1314,13 @@ class Store:
             "at": advanced_at or _now(),
         }
         statement = _ADVANCE_WORLD_STATE
-        if lease is not None:
+        if fence is not None:
             statement = _ADVANCE_WORLD_STATE_LEASED
-            params.update(owner=lease.owner, epoch=lease.epoch)
+            params.update(owner=fence.owner, epoch=fence.epoch)
         result = await conn.execute(statement, params)
         if result.rowcount != 1:
             raise StaleWorldStateError(
                 f"world {world_id}: state row is not at tick {expected_ticks}"
-                + (f" with lease (owner {lease.owner!r}, epoch {lease.epoch})" if lease is not None else "")
+                + (f" with lease (owner {fence.owner!r}, epoch {fence.epoch})" if fence is not None else "")
                 + "; refusing to apply the tick"
             )

@@ -11,7 +11,8 @@ from scheduler_daemon.scheduler import TickResult, WorldScheduler, _World
 from scheduler_daemon.simulation.behavior import BehaviorContent
 from scheduler_daemon.simulation.tiers import sessions_fingerprint
 from scheduler_daemon.store.leases import Lease
-from scheduler_daemon.store.repository import ActiveSessions, Store
+from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.sessions import ActiveSessions
 from scheduler_daemon.world_config import parse_world_config
 
 

@@ -44,15 +44,11 @@ from scheduler_daemon.store import chains as chain_sql
 from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.errors import StaleWorldStateError, WorldNotFoundError, is_transient
 from scheduler_daemon.store.leases import Lease, fence_tick, lease_columns
-from scheduler_daemon.store.repository import (
-    ActiveSessions,
-    DueWork,
-    IgnoredSession,
-    QuarantinedNpc,
-    Store,
-    WorldAdvance,
-    WorldRecord,
-)
+from scheduler_daemon.store.npcs import QuarantinedNpc
+from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.sessions import ActiveSessions, IgnoredSession
+from scheduler_daemon.store.ticks import DueWork, WorldAdvance
+from scheduler_daemon.store.worlds import WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.scheduler")

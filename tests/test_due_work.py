@@ -12,7 +12,8 @@ from sqlalchemy import text
 
 from scheduler_daemon import interactions, jobs
 from scheduler_daemon.store import chains as chain_sql
-from scheduler_daemon.store.repository import DueWork, Store
+from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.ticks import DueWork
 
 NOTHING = DueWork(chains=False, requests=False)
 

@@ -18,9 +18,10 @@ from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.base import MAX_WORLD_META_BYTES
 from scheduler_daemon.store.errors import InvalidStoredWorldError
 from scheduler_daemon.store.models import world_states
-from scheduler_daemon.store.repository import MAX_WORLD_META_BYTES, Store
+from scheduler_daemon.store.repository import Store
 from tests.helpers import world_state
 
 #: label -> stored meta (JSON text); every one must be discovered and then isolated.

@@ -10,7 +10,8 @@ from scheduler_daemon.context import WorldSimulationContext
 from scheduler_daemon.scheduler import TickResult
 from scheduler_daemon.simulation.tiers import SessionView
 from scheduler_daemon.store.leases import Lease
-from scheduler_daemon.store.repository import ActiveSessions, IgnoredSession, WorldRecord
+from scheduler_daemon.store.sessions import ActiveSessions, IgnoredSession
+from scheduler_daemon.store.worlds import WorldRecord
 
 
 class TickEngine(Protocol):

@@ -40,10 +40,10 @@ from scheduler_daemon.simulation.tiers import (
     sessions_fingerprint,
     tier_relevant_locations,
 )
-from scheduler_daemon.store import chains as chain_sql
-from scheduler_daemon.store import jobs as job_sql
+from scheduler_daemon.store.chains import ChainUpdate
 from scheduler_daemon.store.errors import StaleWorldStateError, WorldNotFoundError, is_transient
-from scheduler_daemon.store.leases import Lease, fence_tick, lease_columns
+from scheduler_daemon.store.generation import ClaimResult, GenerationRequest
+from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.npcs import QuarantinedNpc
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.store.sessions import ActiveSessions, IgnoredSession
@@ -54,7 +54,7 @@ from scheduler_daemon.world_config import WorldConfig, parse_world_config
 log = structlog.get_logger("scheduler_daemon.scheduler")
 
 # A tick whose world has no pending request (never mutated).
-_NOTHING_CLAIMED: Final = job_sql.ClaimResult(claimed=[], rejected=[], in_flight=0)
+_NOTHING_CLAIMED: Final = ClaimResult(claimed=[], rejected=[], in_flight=0)
 
 
 class WorldNotRegisteredError(LookupError):
@@ -413,7 +413,7 @@ class WorldScheduler:
                 world_time=ctx.current_world_time,
                 ticks=ctx.ticks_processed,
                 advanced_at=None,
-                lease_columns=lease_columns(entry.lease) if entry.lease is not None else None,
+                lease=entry.lease,
             )
         if restored:
             log.warning(
@@ -663,7 +663,7 @@ class WorldScheduler:
             if entry.lease is not None:
                 # Lock the state row under our lease before any write, so a lost
                 # lease writes nothing and no claim can slip in before COMMIT.
-                await fence_tick(conn, entry.lease)
+                await self.store.fence_tick(conn, entry.lease)
             bad = reads.quarantined.get(ctx.world_id)
             if bad:
                 # Out of the selection until fixed; its row itself is left as it is.
@@ -681,7 +681,7 @@ class WorldScheduler:
                 outcome.chain_steps = await self._advance_chains(conn, ctx, now, planned.events)
             claim = _NOTHING_CLAIMED
             if pending.requests:
-                claim = await job_sql.claim_requests(
+                claim = await self.store.claim_requests(
                     conn,
                     ctx.world_id,
                     now,
@@ -795,8 +795,8 @@ class WorldScheduler:
         events go to ``events``, for after the commit.
         """
         budget = ctx.config.max_chain_steps_per_step
-        due = await chain_sql.select_due_chains(conn, ctx.world_id, now, budget)
-        updates: list[chain_sql.ChainUpdate] = []
+        due = await self.store.select_due_chains(conn, ctx.world_id, now, budget)
+        updates: list[ChainUpdate] = []
         failures: list[tuple[int, str]] = []
         fired_total = 0
         for chain in due:
@@ -814,7 +814,7 @@ class WorldScheduler:
                 continue
             fired_total += len(advance.fired)
             updates.append(
-                chain_sql.ChainUpdate(
+                ChainUpdate(
                     chain_id=chain.id,
                     current_step=advance.current_step,
                     next_step_at=advance.next_step_at,
@@ -836,9 +836,9 @@ class WorldScheduler:
                     },
                 )
             )
-        await chain_sql.write_chain_updates(conn, ctx.world_id, updates)
+        await self.store.write_chain_updates(conn, ctx.world_id, updates)
         if failures:
-            await chain_sql.fail_chains(conn, ctx.world_id, failures)
+            await self.store.fail_chains(conn, ctx.world_id, failures)
             events.append(
                 (
                     logging.ERROR,
@@ -869,10 +869,10 @@ class WorldScheduler:
         if deadline <= loop.time():
             return  # out of time: the requests wait for the next tick (outbox_pending stays)
         try:
-            async with self.store.engine.connect() as conn:
-                batch = await job_sql.outbox(conn, ctx.world_id, limit)
+            async with self.store.connect() as conn:
+                batch = await self.store.outbox(conn, ctx.world_id, limit)
             accepted: list[int] = []
-            failed: list[tuple[job_sql.GenerationRequest, str]] = []
+            failed: list[tuple[GenerationRequest, str]] = []
             for request in batch:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -889,7 +889,7 @@ class WorldScheduler:
                 else:
                     accepted.append(request.id)
             async with self.store.transaction() as conn:
-                await job_sql.mark_handed_off(conn, ctx.world_id, accepted)
+                await self.store.mark_handed_off(conn, ctx.world_id, accepted)
                 for request, error in failed:
                     decision = gen_logic.retry_after_failure(
                         request.attempts,
@@ -898,7 +898,7 @@ class WorldScheduler:
                         time_scale=config.time_scale,
                         world_time=ctx.current_world_time,
                     )
-                    await job_sql.mark_handoff_failed(conn, ctx.world_id, request.id, decision, error)
+                    await self.store.mark_handoff_failed(conn, ctx.world_id, request.id, decision, error)
                     log.warning(
                         "generation hand-off failed",
                         world_id=ctx.world_id,
@@ -941,7 +941,7 @@ class _Body:
     outcome: TickOutcome
     due: list[NpcState]
     decisions: list[NpcDecision]
-    claim: job_sql.ClaimResult
+    claim: ClaimResult
 
 
 @dataclass(frozen=True, slots=True)

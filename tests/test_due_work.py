@@ -11,7 +11,6 @@ import pytest
 from sqlalchemy import text
 
 from scheduler_daemon import interactions, jobs
-from scheduler_daemon.store import chains as chain_sql
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.store.ticks import DueWork
 
@@ -32,9 +31,9 @@ async def test_chain_is_due_exactly_when_its_next_step_is(store: Store) -> None:
     async with store.transaction() as conn:
         probe = await store.due_work_many(conn, [(world, 99.9)])
         assert probe[world] == NOTHING
-        assert await chain_sql.select_due_chains(conn, world, 99.9, 10) == []
+        assert await store.select_due_chains(conn, world, 99.9, 10) == []
         assert (await store.due_work_many(conn, [(world, 100.0)]))[world].chains
-        assert [c.id for c in await chain_sql.select_due_chains(conn, world, 100.0, 10)] == [chain]
+        assert [c.id for c in await store.select_due_chains(conn, world, 100.0, 10)] == [chain]
     await interactions.cancel_chain(store, chain)
     async with store.transaction() as conn:
         assert (await store.due_work_many(conn, [(world, 1e9)]))[world] == NOTHING

@@ -16,7 +16,6 @@ from scheduler_daemon import jobs
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldScheduler
-from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.repository import Store
 from tests.helpers import drop_trigger, install_failing_trigger
 
@@ -45,11 +44,11 @@ async def bulk_requests(
     """``count`` pending requests round-robin over the sessions, in one transaction (fast seeding)."""
     async with store.transaction() as conn:
         return [
-            await job_sql.insert_request(
+            await store.insert_request(
                 conn,
                 world_id=world_id,
                 session_id=sessions[i % len(sessions)],
-                user_id=await job_sql.session_user(conn, world_id, sessions[i % len(sessions)]),
+                user_id=await store.session_user(conn, world_id, sessions[i % len(sessions)]),
                 npc_id=None,
                 kind="portrait",
                 payload={"n": i},

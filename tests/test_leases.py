@@ -22,7 +22,7 @@ from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.errors import LeaseLostError
-from scheduler_daemon.store.leases import Lease, LeaseStore, RenewResult, fence_tick
+from scheduler_daemon.store.leases import Lease, LeaseStore, RenewResult
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store, require_postgres_url
 from tests.helpers import make_world, npc_rows, world_state
@@ -274,7 +274,7 @@ async def test_renewal_skips_a_row_our_tick_holds_and_claims_skip_it_too(pg: Sto
     clock.advance(TTL + 1)  # both expired: claimable by b unless locked
     async with pg.engine.connect() as conn:
         trans = await conn.begin()
-        await fence_tick(conn, leases[0])  # a's tick of `busy` holds its row
+        await pg.fence_tick(conn, leases[0])  # a's tick of `busy` holds its row
         result = await a.renew(leases)
         assert result == RenewResult({idle}, set())  # neither renewed nor lost: decided next time
         assert [x.world_id for x in await b.claim([busy, idle], 2)] == []  # idle renewed, busy locked

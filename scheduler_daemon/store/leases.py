@@ -1,10 +1,10 @@
-"""Every lease statement: instance heartbeats, world leases, the tick fence.
+"""Every lease statement: instance heartbeats and world leases (``LeaseStore``), the tick fence (``Fencing``).
 
 PostgreSQL only (SQLite is single-instance). World ownership is a lease on the
 world's ``world_states`` row: ``lease_owner`` (instance id),
 ``lease_expires_at`` (computed from the database's clock, never a client's)
 and ``lease_epoch``, which increases on every claim. A tick is fenced on
-``owner = me AND epoch = my epoch`` (:func:`fence_tick` locks the row at the
+``owner = me AND epoch = my epoch`` (:meth:`Fencing.fence_tick` locks the row at the
 start of the tick's transaction), so once another instance has claimed the
 world, the old owner cannot commit a single row of it, however long it was
 paused.
@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from scheduler_daemon.store.base import StoreBase
 from scheduler_daemon.store.errors import LeaseLostError
 from scheduler_daemon.store.fence import Fence
 from scheduler_daemon.store.models import scheduler_instances, world_states, worlds
@@ -44,7 +45,7 @@ class Lease:
     world_id: int
     owner: str
     epoch: int
-    #: With a TTL, every fenced tick also renews the lease (see :func:`fence_tick`).
+    #: With a TTL, every fenced tick also renews the lease (see :meth:`Fencing.fence_tick`).
     ttl_seconds: float = 0.0
     #: The database clock of the store that granted the lease (tests substitute it).
     now: DbNow = field(default=sa.func.clock_timestamp, compare=False, repr=False)
@@ -102,29 +103,33 @@ def lease_columns(lease: Lease) -> dict[str, Any]:
     }
 
 
-async def fence_tick(conn: AsyncConnection, lease: Lease) -> int:
-    """First statement of a fenced tick: lock the world's state row if the lease is still ours.
+class Fencing(StoreBase):
+    """The lease statement of the tick's own transaction; a part of ``Store``, unlike :class:`LeaseStore`."""
 
-    Returns the committed tick counter. Raises :class:`LeaseLostError` when
-    the owner or epoch changed. Holding the row lock for the rest of the
-    transaction means no claim can change the epoch before we commit (claims
-    skip locked rows). The same statement renews the lease (expiry from the
-    database's clock): a world that ticks keeps its lease without waiting for
-    the renewal task.
-    """
-    fenced = sa.update(world_states).where(
-        world_states.c.world_id == lease.world_id,
-        world_states.c.lease_owner == lease.owner,
-        world_states.c.lease_epoch == lease.epoch,
-    )
-    if lease.ttl_seconds > 0:
-        fenced = fenced.values(lease_expires_at=lease.now() + _seconds(lease.ttl_seconds))
-    else:
-        fenced = fenced.values(lease_epoch=world_states.c.lease_epoch)  # lock only
-    row = (await conn.execute(fenced.returning(world_states.c.ticks))).first()
-    if row is None:
-        raise LeaseLostError(lease.world_id, lease.owner, lease.epoch)
-    return int(row[0])
+    @staticmethod
+    async def fence_tick(conn: AsyncConnection, lease: Lease) -> int:
+        """First statement of a fenced tick: lock the world's state row if the lease is still ours.
+
+        Returns the committed tick counter. Raises :class:`LeaseLostError` when
+        the owner or epoch changed. Holding the row lock for the rest of the
+        transaction means no claim can change the epoch before we commit (claims
+        skip locked rows). The same statement renews the lease (expiry from the
+        database's clock): a world that ticks keeps its lease without waiting for
+        the renewal task.
+        """
+        fenced = sa.update(world_states).where(
+            world_states.c.world_id == lease.world_id,
+            world_states.c.lease_owner == lease.owner,
+            world_states.c.lease_epoch == lease.epoch,
+        )
+        if lease.ttl_seconds > 0:
+            fenced = fenced.values(lease_expires_at=lease.now() + _seconds(lease.ttl_seconds))
+        else:
+            fenced = fenced.values(lease_epoch=world_states.c.lease_epoch)  # lock only
+        row = (await conn.execute(fenced.returning(world_states.c.ticks))).first()
+        if row is None:
+            raise LeaseLostError(lease.world_id, lease.owner, lease.epoch)
+        return int(row[0])
 
 
 class LeaseStore:
@@ -211,7 +216,7 @@ class LeaseStore:
 
         One conditional ``UPDATE … RETURNING`` over a ``FOR UPDATE SKIP
         LOCKED`` selection: rows an owner is ticking right now (locked by
-        :func:`fence_tick`) are skipped, never waited for. Every claim
+        :meth:`Fencing.fence_tick`) are skipped, never waited for. Every claim
         increases the epoch. Missing state rows are created first.
         """
         if limit <= 0 or not candidates:

@@ -1,13 +1,19 @@
 """``Store``: the whole database access of the daemon, composed from one part per concern.
 
-Each part builds the SQL of its own tables (:mod:`~scheduler_daemon.store.worlds`,
+Each part builds the SQL of its own tables: :mod:`~scheduler_daemon.store.worlds`,
 :mod:`~scheduler_daemon.store.sessions`, :mod:`~scheduler_daemon.store.npcs`,
-:mod:`~scheduler_daemon.store.ticks`). Statements that run inside a caller's
-transaction take its open connection; the others open their own.
+:mod:`~scheduler_daemon.store.ticks`, :mod:`~scheduler_daemon.store.generation`,
+:mod:`~scheduler_daemon.store.chains` and the tick's fence in
+:mod:`~scheduler_daemon.store.leases`. Statements that run inside a caller's
+transaction take its open connection (``store.claim_requests(conn, …)``); the
+others open their own.
 """
 
 from __future__ import annotations
 
+from scheduler_daemon.store.chains import Chains
+from scheduler_daemon.store.generation import GenerationRequests
+from scheduler_daemon.store.leases import Fencing
 from scheduler_daemon.store.npcs import Npcs
 from scheduler_daemon.store.sessions import Sessions
 from scheduler_daemon.store.ticks import Ticks
@@ -16,5 +22,5 @@ from scheduler_daemon.store.worlds import Worlds
 __all__ = ["Store"]
 
 
-class Store(Worlds, Sessions, Npcs, Ticks):
+class Store(Worlds, Sessions, Npcs, Ticks, GenerationRequests, Chains, Fencing):
     """Database access for the scheduler (PostgreSQL via psycopg 3, or SQLite)."""

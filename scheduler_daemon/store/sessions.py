@@ -1,4 +1,4 @@
-"""Sessions (players online): adding them, and reading the active ones as tiering sees them."""
+"""Sessions (players online): adding them, reading the active ones as tiering sees them, a session's user."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation.tiers import SessionView
 from scheduler_daemon.store.base import StoreBase, shown, wall_now
+from scheduler_daemon.store.errors import SessionNotFoundError
 from scheduler_daemon.store.models import sessions
 
 
@@ -146,3 +147,15 @@ class Sessions(StoreBase):
             .order_by(sessions.c.world_id, sessions.c.id)
         )
         return _active_sessions((await conn.execute(query)).all(), dialect)
+
+    @staticmethod
+    async def session_user(conn: AsyncConnection, world_id: int, session_id: int) -> str:
+        """The user of a session of this world; raises :class:`SessionNotFoundError`."""
+        user = (
+            await conn.execute(
+                sa.select(sessions.c.user_id).where(sessions.c.id == session_id, sessions.c.world_id == world_id)
+            )
+        ).scalar_one_or_none()
+        if user is None:
+            raise SessionNotFoundError(world_id, session_id)
+        return str(user)

@@ -24,6 +24,7 @@ from scheduler_daemon.store.base import (
     wall_now,
 )
 from scheduler_daemon.store.errors import ConfigVersionConflictError, InvalidStoredWorldError, WorldNotFoundError
+from scheduler_daemon.store.leases import Lease, lease_columns
 from scheduler_daemon.store.models import metadata, sessions, world_states, worlds
 
 
@@ -187,6 +188,14 @@ class Worlds(StoreBase):
         return {record.id: record for record in map(self._world_record, (await conn.execute(query)).all())}
 
     @staticmethod
+    async def committed_world_time(conn: AsyncConnection, world_id: int) -> float | None:
+        """The world's last committed world time (``None`` if it has no state row)."""
+        value = (
+            await conn.execute(sa.select(world_states.c.world_time).where(world_states.c.world_id == world_id))
+        ).scalar_one_or_none()
+        return None if value is None else float(value)
+
+    @staticmethod
     async def restore_world_state(
         conn: AsyncConnection,
         world_id: int,
@@ -194,19 +203,18 @@ class Worlds(StoreBase):
         world_time: float,
         ticks: int,
         advanced_at: datetime | None,
-        lease_columns: Mapping[str, Any] | None = None,
+        lease: Lease | None = None,
     ) -> bool:
         """Recreate a deleted state row at the given clock; False if a row exists (nothing written).
 
-        ``lease_columns`` (see :func:`scheduler_daemon.store.leases.lease_columns`)
-        puts the lease the caller holds on the new row.
+        ``lease``, the lease the caller holds, is put on the new row (expiry from the database clock).
         """
         values: dict[str, Any] = {
             "world_id": world_id,
             "world_time": world_time,
             "ticks": ticks,
             "last_advanced_at": advanced_at,
-            **(lease_columns or {}),
+            **(lease_columns(lease) if lease is not None else {}),
         }
         insert = dialect_insert(conn, world_states)
         statement = (

@@ -45,7 +45,7 @@ from scheduler_daemon.store.errors import StaleWorldStateError, WorldNotFoundErr
 from scheduler_daemon.store.generation import ClaimResult, GenerationRequest
 from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.npcs import QuarantinedNpc
-from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.protocol import TickStore
 from scheduler_daemon.store.sessions import ActiveSessions, IgnoredSession
 from scheduler_daemon.store.ticks import DueWork, WorldAdvance
 from scheduler_daemon.store.worlds import WorldRecord
@@ -127,7 +127,7 @@ class WorldScheduler:
 
     def __init__(
         self,
-        store: Store,
+        store: TickStore,
         *,
         defaults: Mapping[str, Any] | None = None,
         decide_fn: DecideFn = decide,

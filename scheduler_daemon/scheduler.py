@@ -21,7 +21,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.context import AdvancePlan, TickOutcome, WorldSimulationContext
-from scheduler_daemon.jobs import GenerationSink, leave_enqueued
+from scheduler_daemon.generation import GenerationSink, leave_enqueued
 from scheduler_daemon.simulation import chains as chain_logic
 from scheduler_daemon.simulation import generation as gen_logic
 from scheduler_daemon.simulation.behavior import (
@@ -121,7 +121,7 @@ class WorldScheduler:
     own (``[defaults.simulation]`` in the daemon's settings). ``decide_fn`` is
     the behaviour function (see :mod:`scheduler_daemon.simulation.behavior`).
     ``sink`` receives claimed generation requests after each tick's commit
-    (see :mod:`scheduler_daemon.jobs`); one grouped tick's hand-off stage
+    (see :mod:`scheduler_daemon.generation`); one grouped tick's hand-off stage
     takes at most ``sink_timeout_seconds``, the rest waits for the next tick.
     """
 

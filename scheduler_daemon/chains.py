@@ -7,7 +7,7 @@ can pass ``scheduler.get_context(world_id).current_world_time``.
 
 ::
 
-    from scheduler_daemon.interactions import start_chain, step, wait_hours, wait_minutes
+    from scheduler_daemon.chains import start_chain, step, wait_hours, wait_minutes
 
     await start_chain(store, world_id, [step(wait_minutes(30), {"line": "hello"}),
                                         step(wait_hours(2), {"line": "goodbye"})],

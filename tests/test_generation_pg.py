@@ -10,6 +10,7 @@ import pytest
 
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store, require_postgres_url
+from tests.helpers import count_by_status
 
 pytestmark = pytest.mark.postgres
 
@@ -56,8 +57,7 @@ async def test_two_open_claims_take_disjoint_rows_without_waiting(pg_store: Stor
         assert not set(first.claimed) & set(second.claimed)
         await tx_a.commit()
         await tx_b.commit()
-    async with pg_store.engine.connect() as conn:
-        counts = await pg_store.count_by_status(conn, world_id)
+    counts = await count_by_status(pg_store, world_id)
     assert counts == {"enqueued": 16, "pending": 4}
 
 

@@ -25,7 +25,7 @@ from scheduler_daemon.store.errors import LeaseLostError
 from scheduler_daemon.store.leases import Lease, LeaseStore, RenewResult
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store, require_postgres_url
-from tests.helpers import make_world, npc_rows, world_state
+from tests.helpers import live_instances, make_world, npc_rows, world_state
 
 pytestmark = pytest.mark.postgres
 
@@ -104,9 +104,9 @@ async def test_heartbeats_count_live_instances_from_the_database_clock(pg: Store
     assert await b.heartbeat() == 2
     clock.advance(TTL + 1)  # A died
     assert await b.heartbeat() == 1
-    assert {r["instance_id"]: r["live"] for r in await b.live_instances()} == {"a": False, "b": True}
+    assert {r["instance_id"]: r["live"] for r in await live_instances(pg, clock.sql)} == {"a": False, "b": True}
     await b.leave()
-    assert [r["instance_id"] for r in await a.live_instances()] == ["a"]
+    assert [r["instance_id"] for r in await live_instances(pg, clock.sql)] == ["a"]
 
 
 async def test_fenced_tick_after_takeover_rolls_back_and_writes_nothing(pg: Store) -> None:

@@ -346,15 +346,6 @@ class GenerationRequests(StoreBase):
         return [_record(r) for r in (await conn.execute(query)).all()]
 
     @staticmethod
-    async def count_by_status(conn: AsyncConnection, world_id: int) -> dict[str, int]:
-        rows = (
-            await conn.execute(
-                sa.select(gr.c.status, sa.func.count()).where(gr.c.world_id == world_id).group_by(gr.c.status)
-            )
-        ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
-
-    @staticmethod
     async def count_queue_by_status(conn: AsyncConnection, statuses: Sequence[str]) -> dict[str, int]:
         """Requests per status over all worlds, for the given statuses (each reported, 0 included)."""
         rows = (

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -62,16 +62,6 @@ class RenewResult:
 
     renewed: set[int]
     lost: set[int]
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseInfo:
-    """A world's lease as stored (for humans: ``worlds list``, the API)."""
-
-    world_id: int
-    owner: str | None
-    epoch: int
-    expires_at: datetime | None
 
 
 def _seconds(seconds: float) -> sa.ColumnElement[Any]:
@@ -194,22 +184,6 @@ class LeaseStore:
                 sa.delete(scheduler_instances).where(scheduler_instances.c.instance_id == self.instance_id)
             )
 
-    async def live_instances(self) -> list[dict[str, Any]]:
-        """Every instance row with whether it is live (for operators)."""
-        async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(
-                        scheduler_instances.c.instance_id,
-                        scheduler_instances.c.hostname,
-                        scheduler_instances.c.pid,
-                        scheduler_instances.c.heartbeat_at,
-                        (scheduler_instances.c.expires_at > self._now()).label("live"),
-                    ).order_by(scheduler_instances.c.instance_id)
-                )
-            ).all()
-        return [dict(r._mapping) for r in rows]
-
     # ---------------------------------------------------------------- leases
     async def claim(self, candidates: Collection[int], limit: int) -> list[Lease]:
         """Claim at most ``limit`` of ``candidates`` whose lease is free or expired.
@@ -317,17 +291,3 @@ class LeaseStore:
                 )
             ).all()
         return unlocked, {int(r[0]) for r in rows}
-
-    async def lease_info(self, world_ids: Collection[int] | None = None) -> Mapping[int, LeaseInfo]:
-        """Stored leases (all worlds by default)."""
-        query = sa.select(
-            world_states.c.world_id,
-            world_states.c.lease_owner,
-            world_states.c.lease_epoch,
-            world_states.c.lease_expires_at,
-        )
-        if world_ids is not None:
-            query = query.where(world_states.c.world_id == sa.func.any(_ids(world_ids)))
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return {int(r[0]): LeaseInfo(int(r[0]), r[1], int(r[2]), r[3]) for r in rows}

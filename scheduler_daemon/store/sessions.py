@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation.tiers import SessionView
-from scheduler_daemon.store.base import StoreBase, shown, wall_now
+from scheduler_daemon.store.base import StoreBase, shown
 from scheduler_daemon.store.errors import SessionNotFoundError
 from scheduler_daemon.store.models import sessions
 
@@ -112,12 +112,6 @@ class Sessions(StoreBase):
                 )
             ).scalar_one()
         return int(sid)
-
-    async def set_session_active(self, session_id: int, active: bool) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(
-                sa.update(sessions).where(sessions.c.id == session_id).values(active=active, updated_at=wall_now())
-            )
 
     async def count_active_sessions(self, world_id: int) -> int:
         """How many active sessions (players online) a world has."""

@@ -317,31 +317,6 @@ class Worlds(StoreBase):
             ).scalar_one()
         return dataclasses.replace(current, meta=meta, config_version=int(version))
 
-    async def update_world_simulation(
-        self, world_id: int, new_simulation: Mapping[str, Any], *, expected_version: int | None = None
-    ) -> int:
-        """Store a new ``meta["simulation"]`` (see :meth:`change_world_simulation`); returns the new version."""
-        record = await self.change_world_simulation(
-            world_id, lambda _: new_simulation, expected_version=expected_version
-        )
-        return record.config_version
-
-    async def set_world_meta_key(self, world_id: int, key: str, value: Any) -> int:
-        """Replace one top-level ``meta`` key (e.g. ``behavior``); bumps ``config_version``."""
-        async with self.transaction() as conn:
-            current = (await self.get_world(world_id, conn)).require_valid()
-            meta = copy.deepcopy(current.meta)
-            meta[key] = copy.deepcopy(value)
-            version = (
-                await conn.execute(
-                    sa.update(worlds)
-                    .where(worlds.c.id == world_id)
-                    .values(meta=meta, config_version=worlds.c.config_version + 1, updated_at=wall_now())
-                    .returning(worlds.c.config_version)
-                )
-            ).scalar_one()
-        return int(version)
-
     async def export_world(self, world_id: int) -> dict[str, list[dict[str, Any]]]:
         """Every row one world owns, per table (``worlds`` by id, others by ``world_id``).
 

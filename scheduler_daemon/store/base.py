@@ -99,9 +99,8 @@ class StoreBase:
 
         SQLite has one writer at a time: this process's writers queue on a
         lock in the event loop, in order, instead of each polling the file
-        lock in SQLite's busy handler (sleeps of up to 100 ms, which made
-        concurrent batches of ticks mostly wait). Not reentrant: never open a
-        transaction while holding one.
+        lock in SQLite's busy handler, which sleeps up to 100 ms between
+        polls. Not reentrant: never open a transaction while holding one.
         """
         if self._write_lock is None:
             async with self.engine.begin() as conn:

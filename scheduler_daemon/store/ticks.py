@@ -67,7 +67,7 @@ def _due_one_sql(w: str, t: str, lim: str) -> str:
 @functools.cache
 def _due_many_sqlite(worlds: int) -> sa.TextClause:
     # Prebuilt text per group size: building the equivalent Core constructs
-    # for every tick cost more than running the query on SQLite.
+    # for every tick costs more than running the query on SQLite.
     return sa.text(
         " UNION ALL ".join(f"SELECT * FROM ({_due_one_sql(f':w{i}', f':t{i}', f':l{i}')})" for i in range(worlds))
     )
@@ -192,7 +192,7 @@ _ADVANCE_MANY_PG: Final = sa.text(
 # Set-based NPC write on PostgreSQL: one UPDATE … FROM jsonb_to_recordset(…)
 # for a whole group of worlds instead of one UPDATE per NPC. The rows travel
 # as one JSON parameter: psycopg dumps array elements (and parses long
-# multi-row VALUES queries) in Python, which cost more than the whole
+# multi-row VALUES queries) in Python, which costs more than the whole
 # statement on the server. A NULL state keeps the stored JSON.
 _WRITE_DECISIONS_MANY_PG: Final = sa.text(
     "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "

@@ -34,7 +34,6 @@ from sqlalchemy.engine import make_url
 
 from scheduler_daemon.logs import configure_logging
 from scheduler_daemon.scheduler import WorldScheduler
-from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.models import generation_requests
 from scheduler_daemon.store.repository import Store
 
@@ -90,7 +89,7 @@ async def bench_claim(store: Store, args: argparse.Namespace) -> tuple[float, li
     while claimed < args.requests:
         started = time.perf_counter()
         async with store.transaction() as conn:
-            result = await job_sql.claim_requests(
+            result = await store.claim_requests(
                 conn,
                 world_id,
                 0.0,

@@ -32,7 +32,8 @@ from scheduler_daemon.demo import DEMO_BEHAVIOR
 from scheduler_daemon.simulation.behavior import decide, parse_behavior
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcState
 from scheduler_daemon.simulation.tiers import last_taken
-from scheduler_daemon.store.repository import _DUE_MANY_PG, Store
+from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.ticks import _DUE_MANY_PG
 from scheduler_daemon.world_config import parse_world_config
 
 DAY = 86_400.0

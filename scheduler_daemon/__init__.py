@@ -9,8 +9,8 @@ Public Python API for embedding::
     await scheduler.register_world(1)
     await scheduler.tick_world(1, delta_real_seconds=1.0)
 
-Generation requests: :mod:`scheduler_daemon.jobs`; interaction chains and
-cooldowns: :mod:`scheduler_daemon.interactions`.
+Generation requests: :mod:`scheduler_daemon.generation`; interaction chains and
+cooldowns: :mod:`scheduler_daemon.chains`.
 """
 
 from scheduler_daemon.clock import Clock, MonotonicClock, VirtualClock

@@ -28,9 +28,10 @@ from scheduler_daemon.metrics import SchedulerMetrics
 from scheduler_daemon.runner import BrokenWorld, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS
-from scheduler_daemon.store.errors import is_database_error
+from scheduler_daemon.store.errors import InvalidStoredWorldError, WorldNotFoundError, is_database_error
 from scheduler_daemon.store.leases import Lease
-from scheduler_daemon.store.repository import InvalidStoredWorldError, Store, WorldNotFoundError, WorldRecord
+from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.worlds import WorldRecord
 from scheduler_daemon.world_config import WorldConfig, WorldConfigError, apply_patch, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.admin")

@@ -187,7 +187,7 @@ def _run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 async def _open_store(settings: Settings, *, check: bool = True) -> Any:
     from scheduler_daemon.exits import EXIT_DATABASE, EXIT_NOT_MIGRATED
-    from scheduler_daemon.store.migrate import SchemaNotMigratedError
+    from scheduler_daemon.store.errors import SchemaNotMigratedError
     from scheduler_daemon.store.repository import Store
 
     store = Store.from_url(settings.database.url, connect_timeout=settings.database.connect_timeout_seconds)
@@ -254,7 +254,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     except Exception as exc:
         if isinstance(exc, CliError):
             raise
-        from scheduler_daemon.store.migrate import SchemaNotMigratedError
+        from scheduler_daemon.store.errors import SchemaNotMigratedError
 
         if isinstance(exc, SchemaNotMigratedError):
             raise CliError(str(exc), 4) from None
@@ -284,7 +284,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_worlds(args: argparse.Namespace) -> int:
     from scheduler_daemon.context import format_world_time
     from scheduler_daemon.simulation.npc import Tier
-    from scheduler_daemon.store.repository import WorldNotFoundError
+    from scheduler_daemon.store.errors import WorldNotFoundError
     from scheduler_daemon.world_config import WorldConfigError, parse_world_config
 
     settings, _, _ = _settings(args)
@@ -362,7 +362,7 @@ def cmd_worlds(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from scheduler_daemon import jobs
+    from scheduler_daemon import generation
 
     settings, _, _ = _settings(args)
 
@@ -370,7 +370,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         store = await _open_store(settings)
         try:
             if args.jobs_command == "list":
-                requests = await jobs.list_requests(store, world_id=args.world, status=args.status, limit=args.limit)
+                requests = await generation.list_requests(
+                    store, world_id=args.world, status=args.status, limit=args.limit
+                )
                 if args.json:
                     for r in requests:
                         print(json.dumps(r.to_wire(), default=str))
@@ -392,10 +394,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 return 0
             try:
                 if args.jobs_command == "complete":
-                    done = await jobs.complete_request(store, args.request_id, args.status, args.error)
+                    done = await generation.complete_request(store, args.request_id, args.status, args.error)
                 else:
-                    done = await jobs.cancel_request(store, args.request_id)
-            except (jobs.RequestNotFoundError, jobs.RequestStateError) as exc:
+                    done = await generation.cancel_request(store, args.request_id)
+            except (generation.RequestNotFoundError, generation.RequestStateError) as exc:
                 raise CliError(str(exc), 1) from None
             print(f"generation request {done.id}: {done.status}")
             return 0
@@ -406,7 +408,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_chains(args: argparse.Namespace) -> int:
-    from scheduler_daemon import interactions
+    from scheduler_daemon.chains import list_chains
     from scheduler_daemon.context import format_world_time
 
     settings, _, _ = _settings(args)
@@ -414,7 +416,7 @@ def cmd_chains(args: argparse.Namespace) -> int:
     async def main() -> int:
         store = await _open_store(settings)
         try:
-            chains = await interactions.list_chains(store, world_id=args.world, status=args.status, limit=args.limit)
+            chains = await list_chains(store, world_id=args.world, status=args.status, limit=args.limit)
         finally:
             await store.dispose()
         if args.json:
@@ -448,7 +450,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from scheduler_daemon.fastforward import FastForwardError, fast_forward
     from scheduler_daemon.logs import configure_logging
     from scheduler_daemon.plugins import Plugins
-    from scheduler_daemon.store.repository import WorldNotFoundError
+    from scheduler_daemon.store.errors import WorldNotFoundError
 
     settings, _, _ = _settings(args)
     # Per-world INFO lines would drown the report; warnings (lag) still show.

@@ -39,7 +39,7 @@ from scheduler_daemon.reload import ReloadState, check_new_settings, keep_restar
 from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.runtime import Runtime, Telemetry, build_runtime, database_connections
 from scheduler_daemon.settings import Settings, SettingsError, load_settings
-from scheduler_daemon.store.migrate import SchemaNotMigratedError
+from scheduler_daemon.store.errors import SchemaNotMigratedError
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.systemd import SystemdNotifier, watchdog_interval_seconds, watchdog_loop
 from scheduler_daemon.world_config import WorldConfigError, parse_world_config

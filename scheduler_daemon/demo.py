@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Final
 
-from scheduler_daemon import interactions, jobs
+from scheduler_daemon import chains, generation
 from scheduler_daemon.simulation.chains import step, wait_hours, wait_minutes
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView, assign_tiers
@@ -232,7 +232,7 @@ async def _seed_interactions(
     """Pending generation requests per session and one chain per session (or per world)."""
     for view in sessions:
         for i in range(8):
-            await jobs.create_request(
+            await generation.create_request(
                 store,
                 world_id,
                 view.id,
@@ -250,6 +250,6 @@ async def _seed_interactions(
     if sessions:
         for view in sessions:
             npc = min(view.scene_npc_ids) if view.scene_npc_ids else None
-            await interactions.start_chain(store, world_id, steps, chain_key="visit", session_id=view.id, npc_id=npc)
+            await chains.start_chain(store, world_id, steps, chain_key="visit", session_id=view.id, npc_id=npc)
     else:
-        await interactions.start_chain(store, world_id, steps, chain_key="market-day", npc_id=npc_ids[0])
+        await chains.start_chain(store, world_id, steps, chain_key="market-day", npc_id=npc_ids[0])

@@ -73,7 +73,7 @@ async def fast_forward(
     hand claimed generation requests to the plugins' sink like the daemon; a
     dry run never calls it (its claims stay in the copy).
 
-    Raises :class:`~scheduler_daemon.store.repository.WorldNotFoundError`,
+    Raises :class:`~scheduler_daemon.store.errors.WorldNotFoundError`,
     :class:`~scheduler_daemon.world_config.WorldConfigError` or
     :class:`~scheduler_daemon.simulation.behavior.BehaviorContentError` (invalid
     stored content), and :class:`FastForwardError` (paused world, recent

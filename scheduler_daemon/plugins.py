@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import cast
+from typing import Final, cast
 
-from scheduler_daemon.jobs import GenerationSink, leave_enqueued
-from scheduler_daemon.settings import DEFAULT_BEHAVIOR, Settings, SettingsError
+import structlog
+
+from scheduler_daemon.generation import GenerationSink, leave_enqueued
+from scheduler_daemon.settings import DEFAULT_BEHAVIOR, DEFAULT_GENERATION_SINK, Settings, SettingsError
 from scheduler_daemon.simulation.behavior import DecideFn, decide
+
+log = structlog.get_logger("scheduler_daemon.plugins")
+
+#: Sink specs of earlier versions and what they name now. Our old example
+#: config named the default sink's old module, and copies of it must keep working.
+RENAMED_SINKS: Final = {"scheduler_daemon.jobs:leave_enqueued": DEFAULT_GENERATION_SINK}
 
 
 def load_callable(spec: str, what: str) -> object:
@@ -49,7 +57,19 @@ def load_decide_fn(spec: str = DEFAULT_BEHAVIOR) -> DecideFn:
 
 
 def load_sink(spec: str) -> GenerationSink:
-    """The generation sink ``spec`` names (:func:`load_callable`'s errors)."""
+    """The generation sink ``spec`` names (:func:`load_callable`'s errors).
+
+    A spec naming the sink under its old module (see :data:`RENAMED_SINKS`)
+    loads the renamed one, with a deprecation warning.
+    """
+    renamed = RENAMED_SINKS.get(spec)
+    if renamed is not None:
+        log.warning(
+            "generation.sink names a renamed module; loading the new name (update the config)",
+            deprecated=spec,
+            replacement=renamed,
+        )
+        spec = renamed
     return cast(GenerationSink, load_callable(spec, "generation sink"))
 
 

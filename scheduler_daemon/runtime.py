@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scheduler_daemon.admin import WorldAdmin
 from scheduler_daemon.clock import Clock
+from scheduler_daemon.generation import complete_for_api, in_flight_counts
 from scheduler_daemon.http.connections import ConnectionGuard
-from scheduler_daemon.jobs import complete_for_api, in_flight_counts
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.loop_lag import LoopLagMonitor
 from scheduler_daemon.metrics import ReloadStatus, SchedulerMetrics

@@ -24,7 +24,7 @@ DEFAULT_CONFIG_PATH = Path("/etc/scheduler-daemon/config.toml")
 MAX_CONFIG_BYTES = 1024 * 1024  # 1 MiB
 
 DEFAULT_BEHAVIOR = "scheduler_daemon.simulation.behavior:decide"
-DEFAULT_GENERATION_SINK = "scheduler_daemon.jobs:leave_enqueued"
+DEFAULT_GENERATION_SINK = "scheduler_daemon.generation:leave_enqueued"
 
 
 class SettingsError(ValueError):

@@ -1,13 +1,17 @@
-"""Test helpers: real faults injected at the database level, world builders."""
+"""Test helpers: real faults injected at the database level, world builders, writes only tests make."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy import text
 
 from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.models import generation_requests, scheduler_instances, sessions, worlds
 from scheduler_daemon.store.repository import Store
 
 
@@ -197,3 +201,65 @@ async def world_state(store: Store, world_id: int) -> tuple[float, int]:
             await conn.execute(text("SELECT world_time, ticks FROM world_states WHERE world_id = :w"), {"w": world_id})
         ).one()
     return float(row[0]), int(row[1])
+
+
+async def update_world_simulation(
+    store: Store, world_id: int, new_simulation: Mapping[str, Any], *, expected_version: int | None = None
+) -> int:
+    """Store a new ``meta["simulation"]`` (see ``Store.change_world_simulation``); returns the new version."""
+    record = await store.change_world_simulation(world_id, lambda _: new_simulation, expected_version=expected_version)
+    return record.config_version
+
+
+async def set_world_meta_key(store: Store, world_id: int, key: str, value: Any) -> int:
+    """Replace one top-level ``meta`` key (e.g. ``behavior``); bumps ``config_version``."""
+    async with store.transaction() as conn:
+        current = (await store.get_world(world_id, conn)).require_valid()
+        meta = copy.deepcopy(current.meta)
+        meta[key] = copy.deepcopy(value)
+        version = (
+            await conn.execute(
+                sa.update(worlds)
+                .where(worlds.c.id == world_id)
+                .values(meta=meta, config_version=worlds.c.config_version + 1, updated_at=datetime.now(UTC))
+                .returning(worlds.c.config_version)
+            )
+        ).scalar_one()
+    return int(version)
+
+
+async def set_session_active(store: Store, session_id: int, active: bool) -> None:
+    async with store.transaction() as conn:
+        await conn.execute(
+            sa.update(sessions).where(sessions.c.id == session_id).values(active=active, updated_at=datetime.now(UTC))
+        )
+
+
+async def count_by_status(store: Store, world_id: int) -> dict[str, int]:
+    """One world's generation requests per status."""
+    gr = generation_requests
+    async with store.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(gr.c.status, sa.func.count()).where(gr.c.world_id == world_id).group_by(gr.c.status)
+            )
+        ).all()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+async def live_instances(store: Store, now: Callable[[], sa.ColumnElement[datetime]]) -> list[dict[str, Any]]:
+    """Every instance row with whether it is live by the database clock ``now`` (what operators would see)."""
+    si = scheduler_instances
+    async with store.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(
+                    si.c.instance_id,
+                    si.c.hostname,
+                    si.c.pid,
+                    si.c.heartbeat_at,
+                    (si.c.expires_at > now()).label("live"),
+                ).order_by(si.c.instance_id)
+            )
+        ).all()
+    return [dict(r._mapping) for r in rows]

@@ -10,7 +10,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from scheduler_daemon.jobs import GenerationRequest
+from scheduler_daemon.generation import GenerationRequest
 
 
 def _append(env: str, line: str) -> None:

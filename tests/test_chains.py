@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from scheduler_daemon import interactions as ia
+from scheduler_daemon import chains as ia
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from scheduler_daemon import interactions, jobs
-from scheduler_daemon.store import chains as chain_sql
-from scheduler_daemon.store.repository import DueWork, Store
+from scheduler_daemon import chains, generation
+from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.ticks import DueWork
 
 NOTHING = DueWork(chains=False, requests=False)
 
@@ -27,14 +27,14 @@ async def test_empty_worlds_have_nothing_due(store: Store) -> None:
 
 async def test_chain_is_due_exactly_when_its_next_step_is(store: Store) -> None:
     world = await store.create_world("w")
-    chain = await interactions.start_chain(store, world, [{"wait": 100}], chain_key="k", world_time=0.0)
+    chain = await chains.start_chain(store, world, [{"wait": 100}], chain_key="k", world_time=0.0)
     async with store.transaction() as conn:
         probe = await store.due_work_many(conn, [(world, 99.9)])
         assert probe[world] == NOTHING
-        assert await chain_sql.select_due_chains(conn, world, 99.9, 10) == []
+        assert await store.select_due_chains(conn, world, 99.9, 10) == []
         assert (await store.due_work_many(conn, [(world, 100.0)]))[world].chains
-        assert [c.id for c in await chain_sql.select_due_chains(conn, world, 100.0, 10)] == [chain]
-    await interactions.cancel_chain(store, chain)
+        assert [c.id for c in await store.select_due_chains(conn, world, 100.0, 10)] == [chain]
+    await chains.cancel_chain(store, chain)
     async with store.transaction() as conn:
         assert (await store.due_work_many(conn, [(world, 1e9)]))[world] == NOTHING
 
@@ -42,7 +42,7 @@ async def test_chain_is_due_exactly_when_its_next_step_is(store: Store) -> None:
 async def test_requests_are_claimable_when_pending_and_past_not_before(store: Store) -> None:
     world = await store.create_world("w")
     session = await store.add_session(world, "user")
-    request = await jobs.create_request(store, world, session, "portrait", {})
+    request = await generation.create_request(store, world, session, "portrait", {})
     async with store.transaction() as conn:
         assert (await store.due_work_many(conn, [(world, 0.0)]))[world].requests
         # Backing off in world time: not claimable before not_before.
@@ -58,7 +58,7 @@ async def test_requests_are_claimable_when_pending_and_past_not_before(store: St
 async def test_each_world_is_probed_at_its_own_time(store: Store, worlds: int) -> None:
     ids = [await store.create_world(f"w{i}") for i in range(worlds)]
     for world in ids[::2]:
-        await interactions.start_chain(store, world, [{"wait": 10}], chain_key="k", world_time=0.0)
+        await chains.start_chain(store, world, [{"wait": 10}], chain_key="k", world_time=0.0)
     async with store.transaction() as conn:
         probe = await store.due_work_many(conn, [(w, 10.0 if i % 4 == 0 else 5.0) for i, w in enumerate(ids)])
     assert {w for w, d in probe.items() if d.chains} == set(ids[::4])

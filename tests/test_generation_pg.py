@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store, require_postgres_url
+from tests.helpers import count_by_status
 
 pytestmark = pytest.mark.postgres
 
@@ -32,7 +32,7 @@ async def seed(store: Store, count: int, users: int = 4) -> int:
     sessions = [await store.add_session(world_id, f"user-{u}") for u in range(users)]
     async with store.transaction() as conn:
         for i in range(count):
-            await job_sql.insert_request(
+            await store.insert_request(
                 conn,
                 world_id=world_id,
                 session_id=sessions[i % users],
@@ -50,15 +50,14 @@ async def test_two_open_claims_take_disjoint_rows_without_waiting(pg_store: Stor
     async with pg_store.engine.connect() as a, pg_store.engine.connect() as b:
         tx_a = await a.begin()
         tx_b = await b.begin()
-        first = await job_sql.claim_requests(a, world_id, 0.0, max_ops=8, **QUOTAS)
+        first = await pg_store.claim_requests(a, world_id, 0.0, max_ops=8, **QUOTAS)
         # A still holds its row locks; B must skip them, not wait for A's commit.
-        second = await asyncio.wait_for(job_sql.claim_requests(b, world_id, 0.0, max_ops=8, **QUOTAS), timeout=10)
+        second = await asyncio.wait_for(pg_store.claim_requests(b, world_id, 0.0, max_ops=8, **QUOTAS), timeout=10)
         assert len(first.claimed) == 8 and len(second.claimed) == 8
         assert not set(first.claimed) & set(second.claimed)
         await tx_a.commit()
         await tx_b.commit()
-    async with pg_store.engine.connect() as conn:
-        counts = await job_sql.count_by_status(conn, world_id)
+    counts = await count_by_status(pg_store, world_id)
     assert counts == {"enqueued": 16, "pending": 4}
 
 
@@ -69,7 +68,7 @@ async def test_racing_claimers_claim_every_row_exactly_once(pg_store: Store) -> 
         mine: list[int] = []
         while True:
             async with pg_store.transaction() as conn:
-                result = await job_sql.claim_requests(conn, world_id, 0.0, max_ops=7, **QUOTAS)
+                result = await pg_store.claim_requests(conn, world_id, 0.0, max_ops=7, **QUOTAS)
             if not result.claimed:
                 return mine
             mine += result.claimed

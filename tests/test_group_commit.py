@@ -14,7 +14,8 @@ from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.repository import StaleWorldStateError, Store
+from scheduler_daemon.store.errors import StaleWorldStateError
+from scheduler_daemon.store.repository import Store
 from tests.helpers import (
     drop_commit_failure,
     drop_trigger,

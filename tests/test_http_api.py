@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from scheduler_daemon import jobs
+from scheduler_daemon import generation
 from scheduler_daemon.admin import WorldAdmin
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.http.middleware import MAX_BODY_BYTES
@@ -394,17 +394,17 @@ async def test_generation_complete_without_a_job_queue_is_404(api: Api) -> None:
 async def test_generation_complete_against_the_real_job_queue(api: Api) -> None:
     world_id = await running_world(api)
     (session,) = (await api.store.active_session_views()).views[world_id]
-    request_id = await jobs.create_request(api.store, world_id, session.id, "portrait", {"prompt": "a fox"})
-    api.admin.complete_generation = functools.partial(jobs.complete_for_api, api.store)
+    request_id = await generation.create_request(api.store, world_id, session.id, "portrait", {"prompt": "a fox"})
+    api.admin.complete_generation = functools.partial(generation.complete_for_api, api.store)
     url = f"/api/v1/generation/{request_id}/complete"
     # Still pending (never handed out): the queue refuses the transition.
     assert (await api.client.post(url, json={"status": "succeeded"})).status_code == 409
     await api.runner.scheduler.tick_world(world_id, 1.0)  # claims it; the default sink leaves it enqueued
-    assert (await jobs.get_request(api.store, request_id)).status == "enqueued"
+    assert (await generation.get_request(api.store, request_id)).status == "enqueued"
     r = await api.client.post(url, json={"status": "failed", "error": "out of memory"})
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "failed" and r.json()["lastError"] == "out of memory"
-    stored = await jobs.get_request(api.store, request_id)
+    stored = await generation.get_request(api.store, request_id)
     assert (stored.status, stored.last_error) == ("failed", "out of memory")
     assert (await api.client.post(url, json={"status": "succeeded"})).status_code == 409  # already finished
     assert (await api.client.post("/api/v1/generation/999999/complete", json={"status": "failed"})).status_code == 404

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
-from scheduler_daemon import cli, interactions, jobs
+from scheduler_daemon import chains, cli, generation
 from scheduler_daemon.plugins import load_sink
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.store.repository import Store
@@ -25,9 +26,9 @@ async def _seed(url: str) -> tuple[int, int, int]:
                 await conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES_IN_DELETE_ORDER)} RESTART IDENTITY CASCADE"))
         world_id = await store.create_world("cli", simulation={"timeScale": 60})
         session = await store.add_session(world_id, "alice")
-        claimed = await jobs.create_request(store, world_id, session, "portrait", {"style": "ink"}, priority=2)
-        pending = await jobs.create_request(store, world_id, session, "voice", {})
-        await interactions.start_chain(store, world_id, [{"wait": 3600}, {"wait": 60}], chain_key="greet")
+        claimed = await generation.create_request(store, world_id, session, "portrait", {"style": "ink"}, priority=2)
+        pending = await generation.create_request(store, world_id, session, "voice", {})
+        await chains.start_chain(store, world_id, [{"wait": 3600}, {"wait": 60}], chain_key="greet")
         sched = WorldScheduler(store, defaults={"maxJobOpsPerStep": 1})
         await sched.register_world(world_id)
         await sched.tick_world(world_id, 60.0)  # world time 3600: the chain's first step fires
@@ -96,3 +97,24 @@ def test_generation_settings_and_sink_loading(tmp_path: Path) -> None:
     ):
         with pytest.raises(ValueError, match=message):
             load_sink(spec)
+
+
+def test_the_old_default_sink_spec_loads_the_renamed_sink_with_a_deprecation_warning(tmp_path: Path) -> None:
+    from scheduler_daemon.plugins import Plugins
+    from scheduler_daemon.settings import load_settings
+
+    # As copied from the example config of earlier versions, before jobs.py became generation.py.
+    path = tmp_path / "config.toml"
+    path.write_text('[generation]\nsink = "scheduler_daemon.jobs:leave_enqueued"\n')
+    with capture_logs() as logs:
+        plugins = Plugins.from_settings(load_settings(path))
+    assert plugins.sink is generation.leave_enqueued
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [(e["deprecated"], e["replacement"]) for e in warnings] == [
+        ("scheduler_daemon.jobs:leave_enqueued", "scheduler_daemon.generation:leave_enqueued")
+    ]
+    assert "renamed module" in warnings[0]["event"]
+    # The current spec loads the same sink without a warning.
+    with capture_logs() as logs:
+        assert load_sink("scheduler_daemon.generation:leave_enqueued") is generation.leave_enqueued
+    assert logs == []

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from scheduler_daemon import jobs
+from scheduler_daemon import generation
 from scheduler_daemon.store.repository import Store
 from tests.conftest import TABLES_IN_DELETE_ORDER
 from tests.test_daemon_process import ROOT, poll, sync_url
@@ -30,7 +30,7 @@ async def _seed(url: str) -> tuple[int, int]:
                 await conn.execute(sa.text(f"TRUNCATE {', '.join(TABLES_IN_DELETE_ORDER)} RESTART IDENTITY CASCADE"))
         world_id = await store.create_world("crash", simulation={"timeScale": 60, "tickIntervalSeconds": 0.2})
         session = await store.add_session(world_id, "alice")
-        request_id = await jobs.create_request(store, world_id, session, "portrait", {"style": "oil"})
+        request_id = await generation.create_request(store, world_id, session, "portrait", {"style": "oil"})
         return world_id, request_id
     finally:
         await store.dispose()

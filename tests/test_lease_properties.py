@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from scheduler_daemon.store.leases import Lease, LeaseStore, fence_tick
+from scheduler_daemon.store.leases import Lease, LeaseStore
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store, require_postgres_url
 
@@ -92,9 +92,9 @@ class LeaseMachine(RuleBasedStateMachine):
     async def _commit(self, lease: Lease) -> bool:
         try:
             async with self.store.transaction() as conn:
-                ticks = await fence_tick(conn, lease)
+                ticks = await self.store.fence_tick(conn, lease)
                 await self.store.advance_world_state(
-                    conn, lease.world_id, world_time=float(ticks + 1), expected_ticks=ticks, lease=lease
+                    conn, lease.world_id, world_time=float(ticks + 1), expected_ticks=ticks, fence=lease.fence
                 )
         except Exception:
             return False
@@ -166,13 +166,13 @@ class LeaseMachine(RuleBasedStateMachine):
             try:
                 trans = await conn.begin()
                 try:
-                    ticks = await fence_tick(conn, lease)
+                    ticks = await self.store.fence_tick(conn, lease)
                 except Exception:
                     await trans.rollback()
                     return False, await self.leases[peer].claim(self.world_ids, WORLD_COUNT)
                 got = await self.leases[peer].claim(self.world_ids, WORLD_COUNT)
                 await self.store.advance_world_state(
-                    conn, w, world_time=float(ticks + 1), expected_ticks=ticks, lease=lease
+                    conn, w, world_time=float(ticks + 1), expected_ticks=ticks, fence=lease.fence
                 )
                 await trans.commit()
                 return True, got

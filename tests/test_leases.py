@@ -21,10 +21,11 @@ from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.leases import Lease, LeaseLostError, LeaseStore, RenewResult, fence_tick
+from scheduler_daemon.store.errors import LeaseLostError
+from scheduler_daemon.store.leases import Lease, LeaseStore, RenewResult
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store, require_postgres_url
-from tests.helpers import make_world, npc_rows, world_state
+from tests.helpers import live_instances, make_world, npc_rows, world_state
 
 pytestmark = pytest.mark.postgres
 
@@ -103,9 +104,9 @@ async def test_heartbeats_count_live_instances_from_the_database_clock(pg: Store
     assert await b.heartbeat() == 2
     clock.advance(TTL + 1)  # A died
     assert await b.heartbeat() == 1
-    assert {r["instance_id"]: r["live"] for r in await b.live_instances()} == {"a": False, "b": True}
+    assert {r["instance_id"]: r["live"] for r in await live_instances(pg, clock.sql)} == {"a": False, "b": True}
     await b.leave()
-    assert [r["instance_id"] for r in await a.live_instances()] == ["a"]
+    assert [r["instance_id"] for r in await live_instances(pg, clock.sql)] == ["a"]
 
 
 async def test_fenced_tick_after_takeover_rolls_back_and_writes_nothing(pg: Store) -> None:
@@ -142,9 +143,9 @@ async def test_advance_world_state_is_fenced_on_owner_and_epoch(pg: Store) -> No
     stale = Lease(world_id, "a", lease.epoch - 1)
     with pytest.raises(Exception, match="with lease"):
         async with pg.transaction() as conn:
-            await pg.advance_world_state(conn, world_id, world_time=1.0, expected_ticks=0, lease=stale)
+            await pg.advance_world_state(conn, world_id, world_time=1.0, expected_ticks=0, fence=stale.fence)
     async with pg.transaction() as conn:
-        await pg.advance_world_state(conn, world_id, world_time=1.0, expected_ticks=0, lease=lease)
+        await pg.advance_world_state(conn, world_id, world_time=1.0, expected_ticks=0, fence=lease.fence)
     assert await world_state(pg, world_id) == (1.0, 1)
 
 
@@ -273,7 +274,7 @@ async def test_renewal_skips_a_row_our_tick_holds_and_claims_skip_it_too(pg: Sto
     clock.advance(TTL + 1)  # both expired: claimable by b unless locked
     async with pg.engine.connect() as conn:
         trans = await conn.begin()
-        await fence_tick(conn, leases[0])  # a's tick of `busy` holds its row
+        await pg.fence_tick(conn, leases[0])  # a's tick of `busy` holds its row
         result = await a.renew(leases)
         assert result == RenewResult({idle}, set())  # neither renewed nor lost: decided next time
         assert [x.world_id for x in await b.claim([busy, idle], 2)] == []  # idle renewed, busy locked

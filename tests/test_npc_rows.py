@@ -101,7 +101,7 @@ async def _tiers(store: Store, world_id: int) -> dict[int, Tier]:
 
 
 async def test_an_oversized_state_is_never_loaded(store: Store) -> None:
-    from scheduler_daemon.store.repository import MAX_NPC_STATE_BYTES
+    from scheduler_daemon.store.base import MAX_NPC_STATE_BYTES
 
     world_id = await store.create_world("w", simulation={"alwaysOn": True})
     (big,) = await store.add_npcs(world_id, [{"name": "hoarder", "state": {"junk": "x" * (MAX_NPC_STATE_BYTES + 1)}}])

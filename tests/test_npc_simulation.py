@@ -25,7 +25,14 @@ from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView, assign_tiers, last_taken, select_due
 from scheduler_daemon.store.models import npcs
 from scheduler_daemon.store.repository import Store
-from tests.helpers import make_world, npc_rows, world_state
+from tests.helpers import (
+    make_world,
+    npc_rows,
+    set_session_active,
+    set_world_meta_key,
+    update_world_simulation,
+    world_state,
+)
 
 SMALL_TIERS = {
     "detailed": {"maxNpcs": 2, "decisionIntervalSeconds": 60},
@@ -101,7 +108,7 @@ async def test_tiers_follow_session_changes_at_discovery_and_not_every_tick(stor
     assert rows[ids[0]][2] == pytest.approx(now + 60.0)
     assert rows[ids[1]][2] == pytest.approx(now + 1800.0)
 
-    await store.set_session_active(session, False)
+    await set_session_active(store, session, False)
     await runner.discover()
     assert set((await stored_tiers(store, world_id)).values()) == {Tier.DORMANT}
     assert ctx.tier_refreshes == refreshes + 2
@@ -175,7 +182,7 @@ async def test_tier_rules_pin_npcs_and_invalid_rules_isolate_the_world(store: St
     await runner.discover()
     assert await stored_tiers(store, world_id) == {market: Tier.ACTIVE, farm: Tier.DORMANT}
 
-    await store.update_world_simulation(world_id, {"alwaysOn": True, "tierRules": [{"match": {}, "tier": "active"}]})
+    await update_world_simulation(store, world_id, {"alwaysOn": True, "tierRules": [{"match": {}, "tier": "active"}]})
     await runner.discover()
     assert runner.world_ids == [good]
     error = runner.broken[world_id].error
@@ -199,14 +206,14 @@ async def test_invalid_behavior_isolates_only_that_world_and_recovers_when_fixed
     assert (await world_state(store, good))[1] == 5 and (await world_state(store, bad))[1] == 0
 
     # Content breaking while a world runs isolates it at the next discovery.
-    await store.set_world_meta_key(later, "behavior", {"activities": {"nap": {"durationMinutes": [5, 1]}}})
+    await set_world_meta_key(store, later, "behavior", {"activities": {"nap": {"durationMinutes": [5, 1]}}})
     await runner.discover()
     assert runner.world_ids == [good]
     assert "behavior.activities.nap.durationMinutes" in runner.broken[later].error
     stats = runner.get_stats()["broken_worlds"]
     assert set(stats) == {bad, later}
 
-    await store.set_world_meta_key(bad, "behavior", DEMO_BEHAVIOR)
+    await set_world_meta_key(store, bad, "behavior", DEMO_BEHAVIOR)
     await runner.discover()
     assert runner.world_ids == [good, bad] and bad not in runner.broken
     await runner.run_until(7.0)
@@ -248,7 +255,7 @@ async def test_overload_lags_the_lowest_tier_reports_it_and_warns_once_per_episo
     assert len(warnings) == 1 and warnings[0]["lagging_tiers"] == ["ambient"]
 
     # A budget that fits: the backlog clears, recovery is logged once.
-    await store.update_world_simulation(world_id, {**simulation, "maxNpcTicksPerStep": 40})
+    await update_world_simulation(store, world_id, {**simulation, "maxNpcTicksPerStep": 40})
     await sched.reload_world(world_id)
     with capture_logs() as logs:
         for _ in range(5):

@@ -14,7 +14,14 @@ from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.behavior import BehaviorContent, decide
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 from scheduler_daemon.store.repository import Store
-from tests.helpers import drop_trigger, install_failing_trigger, make_world, world_state
+from tests.helpers import (
+    drop_trigger,
+    install_failing_trigger,
+    make_world,
+    set_session_active,
+    update_world_simulation,
+    world_state,
+)
 
 
 def runner_for(store: Store, clock: VirtualClock, **limits: Any) -> SchedulerLoopRunner:
@@ -114,14 +121,14 @@ async def test_discovery_registers_unregisters_and_applies_config(store: Store) 
     assert runner.world_ids == [a, b]
 
     await runner.run_until(1.0)
-    version = await store.update_world_simulation(a, {"timeScale": 100})
+    version = await update_world_simulation(store, a, {"timeScale": 100})
     clock.set(1.5)
     await runner.discover()  # picks up config_version; the half second so far accrues at 10
     assert runner.scheduler.get_context(a).config_version == version
     await runner.run_until(2.0)
     assert (await world_state(store, a))[0] == pytest.approx(10 + 0.5 * 10 + 0.5 * 100)
 
-    await store.set_session_active(session, False)
+    await set_session_active(store, session, False)
     await runner.discover()
     assert runner.world_ids == [a]
 
@@ -136,7 +143,7 @@ async def test_invalid_config_isolates_only_that_world(store: Store) -> None:
     assert bad in runner.broken
     assert f"world {bad}" in runner.broken[bad].error and "tickIntervalSeconds" in runner.broken[bad].error
     # Fixing the config (new version) brings it back on the next discovery.
-    await store.update_world_simulation(bad, {"tickIntervalSeconds": 1})
+    await update_world_simulation(store, bad, {"tickIntervalSeconds": 1})
     await runner.discover()
     assert runner.world_ids == [good, bad] and bad not in runner.broken
 
@@ -145,7 +152,7 @@ async def test_config_becoming_invalid_isolates_a_running_world(store: Store) ->
     w, _ = await make_world(store)
     runner = runner_for(store, VirtualClock())
     await runner.discover()
-    await store.update_world_simulation(w, {"timeScale": 0})
+    await update_world_simulation(store, w, {"timeScale": 0})
     await runner.discover()
     assert runner.world_ids == [] and "timeScale" in runner.broken[w].error
 
@@ -156,7 +163,7 @@ async def test_interval_change_reanchors_the_grid(store: Store) -> None:
     runner = runner_for(store, clock)
     await runner.discover()
     await runner.run_until(3.0)
-    await store.update_world_simulation(w, {"tickIntervalSeconds": 0.25, "timeScale": 1})
+    await update_world_simulation(store, w, {"tickIntervalSeconds": 0.25, "timeScale": 1})
     await runner.discover()
     await runner.run_until(4.0)
     assert await world_state(store, w) == (pytest.approx(4.0), 3 + 4)

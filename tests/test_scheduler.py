@@ -11,7 +11,8 @@ from sqlalchemy.exc import DBAPIError
 
 from scheduler_daemon.scheduler import WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.repository import Store, WorldNotFoundError
+from scheduler_daemon.store.errors import WorldNotFoundError
+from scheduler_daemon.store.repository import Store
 from scheduler_daemon.world_config import WorldConfigError
 from tests.helpers import (
     drop_commit_failure,
@@ -20,6 +21,7 @@ from tests.helpers import (
     install_failing_trigger,
     make_world,
     npc_rows,
+    update_world_simulation,
     world_state,
 )
 
@@ -140,7 +142,7 @@ async def test_paused_ticks_are_not_counted_so_the_next_tick_passes_its_fence(st
     for _ in range(3):
         await sched.tick_world(world_id, 1.0)
     assert ctx.ticks_processed == 0  # mirrors world_states.ticks
-    await store.update_world_simulation(world_id, {"pauseSimulation": False, "timeScale": 60})
+    await update_world_simulation(store, world_id, {"pauseSimulation": False, "timeScale": 60})
     await sched.reload_world(world_id)
     result = await sched.tick_world(world_id, 1.0)
     assert result.delta_game_seconds == pytest.approx(60.0)
@@ -215,7 +217,7 @@ async def test_reload_with_a_written_record_applies_it_and_never_goes_back(store
     world_id, _ = await make_world(store, simulation={"timeScale": 60})
     sched = WorldScheduler(store)
     await sched.register_world(world_id)
-    v2 = await store.update_world_simulation(world_id, {"timeScale": 120})
+    v2 = await update_world_simulation(store, world_id, {"timeScale": 120})
     record = await store.get_world(world_id)
     assert record.config_version == v2
     # Applied from the record itself: the database is not read again.

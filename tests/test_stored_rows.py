@@ -18,9 +18,11 @@ from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.base import MAX_WORLD_META_BYTES
+from scheduler_daemon.store.errors import InvalidStoredWorldError
 from scheduler_daemon.store.models import world_states
-from scheduler_daemon.store.repository import MAX_WORLD_META_BYTES, InvalidStoredWorldError, Store
-from tests.helpers import world_state
+from scheduler_daemon.store.repository import Store
+from tests.helpers import update_world_simulation, world_state
 
 #: label -> stored meta (JSON text); every one must be discovered and then isolated.
 POISON = {
@@ -92,7 +94,7 @@ async def test_a_fix_by_plain_sql_moves_the_config_version(store: Store) -> None
         )
     assert (await store.get_world(world_id)).config_version == before + 1
     # The daemon's own writes bump it once, not twice.
-    version = await store.update_world_simulation(world_id, {"alwaysOn": True, "timeScale": 2})
+    version = await update_world_simulation(store, world_id, {"alwaysOn": True, "timeScale": 2})
     assert version == before + 2
 
 

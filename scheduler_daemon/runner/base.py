@@ -20,7 +20,7 @@ from scheduler_daemon.runner.state import BrokenWorld, RunnerLimits, Slot, TickC
 from scheduler_daemon.runner.sync import BatchTimeouts, ResizableLimit
 
 if TYPE_CHECKING:
-    from scheduler_daemon.store.repository import WorldRecord
+    from scheduler_daemon.store.worlds import WorldRecord
 
 
 class RunnerBase:

@@ -12,9 +12,7 @@ from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.discovery import UNIT_ATTEMPTS
 from scheduler_daemon.runner.state import Slot, touched_database
 from scheduler_daemon.scheduler import TickResult
-from scheduler_daemon.store.errors import is_database_error, is_transient
-from scheduler_daemon.store.leases import LeaseLostError
-from scheduler_daemon.store.repository import StaleWorldStateError
+from scheduler_daemon.store.errors import LeaseLostError, StaleWorldStateError, is_database_error, is_transient
 
 log = structlog.get_logger("scheduler_daemon.runner")
 

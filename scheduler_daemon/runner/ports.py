@@ -1,4 +1,7 @@
-"""What the runner depends on, declared: a tick engine, a world source, an observer of its events."""
+"""What the runner depends on, declared: a tick engine, a world source, an observer of its events.
+
+The world source is the store's :class:`~scheduler_daemon.store.protocol.WorldSource`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,11 @@ from scheduler_daemon.context import WorldSimulationContext
 from scheduler_daemon.scheduler import TickResult
 from scheduler_daemon.simulation.tiers import SessionView
 from scheduler_daemon.store.leases import Lease
-from scheduler_daemon.store.repository import ActiveSessions, IgnoredSession, WorldRecord
+from scheduler_daemon.store.protocol import WorldSource
+from scheduler_daemon.store.sessions import IgnoredSession
+from scheduler_daemon.store.worlds import WorldRecord
+
+__all__ = ["TickEngine", "TickObserver", "WorldSource"]
 
 
 class TickEngine(Protocol):
@@ -50,14 +57,6 @@ class TickEngine(Protocol):
     def ignored_sessions(self) -> int: ...
 
     def get_stats(self) -> dict[str, Any]: ...
-
-
-class WorldSource(Protocol):
-    """What discovery reads: the worlds that should run, and every active session."""
-
-    async def discover_active_worlds(self) -> dict[int, int]: ...
-
-    async def active_session_views(self) -> ActiveSessions: ...
 
 
 class TickObserver(Protocol):

@@ -11,7 +11,7 @@ from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.state import Slot, touched_database
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError
 from scheduler_daemon.store.leases import Lease
-from scheduler_daemon.store.repository import WorldRecord
+from scheduler_daemon.store.worlds import WorldRecord
 
 log = structlog.get_logger("scheduler_daemon.runner")
 

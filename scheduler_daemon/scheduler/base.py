@@ -17,17 +17,18 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from scheduler_daemon.context import TickOutcome, WorldSimulationContext
-    from scheduler_daemon.jobs import GenerationSink
+    from scheduler_daemon.generation import GenerationSink
     from scheduler_daemon.scheduler.results import TickResult, _Assigned, _Body, _GroupReads, _Planned
     from scheduler_daemon.simulation.behavior import DecideFn
     from scheduler_daemon.simulation.tiers import SessionView, TierAssignment
-    from scheduler_daemon.store.repository import ActiveSessions, Store
+    from scheduler_daemon.store.protocol import TickStore
+    from scheduler_daemon.store.sessions import ActiveSessions
 
 
 class SchedulerBase:
     """Shared state of :class:`~scheduler_daemon.scheduler.engine.WorldScheduler` (set in its ``__init__``)."""
 
-    store: Store
+    store: TickStore
     #: Raw camelCase simulation config under each world's own.
     defaults: dict[str, Any]
     decide_fn: DecideFn

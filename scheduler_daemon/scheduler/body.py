@@ -21,13 +21,12 @@ from scheduler_daemon.scheduler.results import CommittedTick, TickResult, _Body,
 from scheduler_daemon.scheduler.tiers import log_quarantine
 from scheduler_daemon.simulation.behavior import simulate_batch
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
-from scheduler_daemon.store import jobs as job_sql
-from scheduler_daemon.store.leases import fence_tick
+from scheduler_daemon.store.generation import ClaimResult
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
 
 # A tick whose world has no pending request (never mutated).
-_NOTHING_CLAIMED: Final = job_sql.ClaimResult(claimed=[], rejected=[], in_flight=0)
+_NOTHING_CLAIMED: Final = ClaimResult(claimed=[], rejected=[], in_flight=0)
 
 
 class TickBody(SchedulerBase):
@@ -52,7 +51,7 @@ class TickBody(SchedulerBase):
             if entry.lease is not None:
                 # Lock the state row under our lease before any write, so a lost
                 # lease writes nothing and no claim can slip in before COMMIT.
-                await fence_tick(conn, entry.lease)
+                await self.store.fence_tick(conn, entry.lease)
             bad = reads.quarantined.get(ctx.world_id)
             if bad:
                 # Out of the selection until fixed; its row itself is left as it is.
@@ -70,7 +69,7 @@ class TickBody(SchedulerBase):
                 outcome.chain_steps = await self._advance_chains(conn, ctx, now, planned.events)
             claim = _NOTHING_CLAIMED
             if pending.requests:
-                claim = await job_sql.claim_requests(
+                claim = await self.store.claim_requests(
                     conn,
                     ctx.world_id,
                     now,

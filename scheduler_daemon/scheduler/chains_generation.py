@@ -20,8 +20,8 @@ from scheduler_daemon.scheduler.base import SchedulerBase
 from scheduler_daemon.scheduler.results import _World
 from scheduler_daemon.simulation import chains as chain_logic
 from scheduler_daemon.simulation import generation as gen_logic
-from scheduler_daemon.store import chains as chain_sql
-from scheduler_daemon.store import jobs as job_sql
+from scheduler_daemon.store.chains import ChainUpdate
+from scheduler_daemon.store.generation import GenerationRequest
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
 
@@ -43,8 +43,8 @@ class ChainsAndGeneration(SchedulerBase):
         events go to ``events``, for after the commit.
         """
         budget = ctx.config.max_chain_steps_per_step
-        due = await chain_sql.select_due_chains(conn, ctx.world_id, now, budget)
-        updates: list[chain_sql.ChainUpdate] = []
+        due = await self.store.select_due_chains(conn, ctx.world_id, now, budget)
+        updates: list[ChainUpdate] = []
         failures: list[tuple[int, str]] = []
         fired_total = 0
         for chain in due:
@@ -62,7 +62,7 @@ class ChainsAndGeneration(SchedulerBase):
                 continue
             fired_total += len(advance.fired)
             updates.append(
-                chain_sql.ChainUpdate(
+                ChainUpdate(
                     chain_id=chain.id,
                     current_step=advance.current_step,
                     next_step_at=advance.next_step_at,
@@ -84,9 +84,9 @@ class ChainsAndGeneration(SchedulerBase):
                     },
                 )
             )
-        await chain_sql.write_chain_updates(conn, ctx.world_id, updates)
+        await self.store.write_chain_updates(conn, ctx.world_id, updates)
         if failures:
-            await chain_sql.fail_chains(conn, ctx.world_id, failures)
+            await self.store.fail_chains(conn, ctx.world_id, failures)
             events.append(
                 (
                     logging.ERROR,
@@ -117,10 +117,10 @@ class ChainsAndGeneration(SchedulerBase):
         if deadline <= loop.time():
             return  # out of time: the requests wait for the next tick (outbox_pending stays)
         try:
-            async with self.store.engine.connect() as conn:
-                batch = await job_sql.outbox(conn, ctx.world_id, limit)
+            async with self.store.connect() as conn:
+                batch = await self.store.outbox(conn, ctx.world_id, limit)
             accepted: list[int] = []
-            failed: list[tuple[job_sql.GenerationRequest, str]] = []
+            failed: list[tuple[GenerationRequest, str]] = []
             for request in batch:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -137,7 +137,7 @@ class ChainsAndGeneration(SchedulerBase):
                 else:
                     accepted.append(request.id)
             async with self.store.transaction() as conn:
-                await job_sql.mark_handed_off(conn, ctx.world_id, accepted)
+                await self.store.mark_handed_off(conn, ctx.world_id, accepted)
                 for request, error in failed:
                     decision = gen_logic.retry_after_failure(
                         request.attempts,
@@ -146,7 +146,7 @@ class ChainsAndGeneration(SchedulerBase):
                         time_scale=config.time_scale,
                         world_time=ctx.current_world_time,
                     )
-                    await job_sql.mark_handoff_failed(conn, ctx.world_id, request.id, decision, error)
+                    await self.store.mark_handoff_failed(conn, ctx.world_id, request.id, decision, error)
                     log.warning(
                         "generation hand-off failed",
                         world_id=ctx.world_id,

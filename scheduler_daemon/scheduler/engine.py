@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from scheduler_daemon.jobs import GenerationSink, leave_enqueued
+from scheduler_daemon.generation import GenerationSink, leave_enqueued
 from scheduler_daemon.scheduler.body import TickBody
 from scheduler_daemon.scheduler.chains_generation import ChainsAndGeneration
 from scheduler_daemon.scheduler.registry import WorldRegistry
@@ -20,7 +20,7 @@ from scheduler_daemon.scheduler.results import TickListener
 from scheduler_daemon.scheduler.ticking import GroupTicking
 from scheduler_daemon.scheduler.tiers import Tiering
 from scheduler_daemon.simulation.behavior import DecideFn, decide
-from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.protocol import TickStore
 
 
 class WorldScheduler(WorldRegistry, Tiering, GroupTicking, TickBody, ChainsAndGeneration):
@@ -30,13 +30,13 @@ class WorldScheduler(WorldRegistry, Tiering, GroupTicking, TickBody, ChainsAndGe
     own (``[defaults.simulation]`` in the daemon's settings). ``decide_fn`` is
     the behaviour function (see :mod:`scheduler_daemon.simulation.behavior`).
     ``sink`` receives claimed generation requests after each tick's commit
-    (see :mod:`scheduler_daemon.jobs`); one grouped tick's hand-off stage
+    (see :mod:`scheduler_daemon.generation`); one grouped tick's hand-off stage
     takes at most ``sink_timeout_seconds``, the rest waits for the next tick.
     """
 
     def __init__(
         self,
-        store: Store,
+        store: TickStore,
         *,
         defaults: Mapping[str, Any] | None = None,
         decide_fn: DecideFn = decide,

@@ -16,8 +16,9 @@ from scheduler_daemon.context import WorldSimulationContext
 from scheduler_daemon.scheduler.base import SchedulerBase
 from scheduler_daemon.scheduler.results import WorldNotRegisteredError, _World
 from scheduler_daemon.simulation.behavior import BehaviorContent, parse_behavior
-from scheduler_daemon.store.leases import Lease, lease_columns
-from scheduler_daemon.store.repository import WorldNotFoundError, WorldRecord
+from scheduler_daemon.store.errors import WorldNotFoundError
+from scheduler_daemon.store.leases import Lease
+from scheduler_daemon.store.worlds import WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
@@ -39,7 +40,7 @@ class WorldRegistry(SchedulerBase):
         :mod:`scheduler_daemon.store.leases`); register only after claiming,
         so the clock loaded here is the last one any owner committed.
 
-        Raises :class:`~scheduler_daemon.store.repository.InvalidStoredWorldError`,
+        Raises :class:`~scheduler_daemon.store.errors.InvalidStoredWorldError`,
         :class:`~scheduler_daemon.world_config.WorldConfigError` or
         :class:`~scheduler_daemon.simulation.behavior.BehaviorContentError` naming
         the world and the field when its stored row, config (``tierRules``
@@ -178,7 +179,7 @@ class WorldRegistry(SchedulerBase):
                 world_time=ctx.current_world_time,
                 ticks=ctx.ticks_processed,
                 advanced_at=None,
-                lease_columns=lease_columns(entry.lease) if entry.lease is not None else None,
+                lease=entry.lease,
             )
         if restored:
             log.warning(

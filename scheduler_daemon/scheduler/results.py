@@ -16,9 +16,10 @@ from scheduler_daemon.context import AdvancePlan, TickOutcome, WorldSimulationCo
 from scheduler_daemon.simulation.behavior import BehaviorContent
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 from scheduler_daemon.simulation.tiers import SessionView, TierAssignment
-from scheduler_daemon.store import jobs as job_sql
+from scheduler_daemon.store.generation import ClaimResult
 from scheduler_daemon.store.leases import Lease
-from scheduler_daemon.store.repository import DueWork, QuarantinedNpc
+from scheduler_daemon.store.npcs import QuarantinedNpc
+from scheduler_daemon.store.ticks import DueWork
 
 
 class WorldNotRegisteredError(LookupError):
@@ -100,7 +101,7 @@ class _Body:
     outcome: TickOutcome
     due: list[NpcState]
     decisions: list[NpcDecision]
-    claim: job_sql.ClaimResult
+    claim: ClaimResult
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,8 +20,8 @@ from scheduler_daemon.context import TickOutcome
 from scheduler_daemon.scheduler.base import SchedulerBase
 from scheduler_daemon.scheduler.results import TickResult, WorldNotRegisteredError, _GroupReads, _Planned, _World
 from scheduler_daemon.simulation.tiers import last_taken
-from scheduler_daemon.store.errors import is_transient
-from scheduler_daemon.store.repository import StaleWorldStateError, WorldAdvance
+from scheduler_daemon.store.errors import StaleWorldStateError, is_transient
+from scheduler_daemon.store.ticks import WorldAdvance
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
 
@@ -239,7 +239,7 @@ class GroupTicking(SchedulerBase):
             world_time=planned.plan.world_time_after,
             expected_ticks=ctx.ticks_processed,
             advanced_at=planned.wall_at_start,
-            lease=planned.entry.lease,
+            fence=planned.entry.lease.fence if planned.entry.lease is not None else None,
         )
 
 

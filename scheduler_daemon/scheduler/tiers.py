@@ -22,7 +22,7 @@ from scheduler_daemon.simulation.tiers import (
     sessions_fingerprint,
     tier_relevant_locations,
 )
-from scheduler_daemon.store.repository import ActiveSessions, IgnoredSession
+from scheduler_daemon.store.sessions import ActiveSessions, IgnoredSession
 
 log = structlog.get_logger("scheduler_daemon.scheduler")
 

@@ -1,1 +1,4 @@
-"""Everything that talks SQL: tables, migrations, the repository, leases."""
+"""Everything that talks SQL: tables, migrations, and ``Store`` (:mod:`.repository`), built from one module per concern.
+
+Errors are in :mod:`.errors`; what the scheduler needs of a store is :mod:`.protocol`.
+"""

@@ -1,4 +1,4 @@
-"""SQL for interaction chains and interaction cooldowns (all times are world times)."""
+"""Interaction chains' and cooldowns' statements (``Chains``); all times are world times."""
 
 from __future__ import annotations
 
@@ -7,21 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation import chains as ch
+from scheduler_daemon.store.base import StoreBase, dialect_insert
+from scheduler_daemon.store.errors import ChainNotFoundError
 from scheduler_daemon.store.models import interaction_chains as ic
 from scheduler_daemon.store.models import interaction_cooldowns as cd
-from scheduler_daemon.store.models import world_states
-
-
-class ChainNotFoundError(LookupError):
-    """No interaction chain with that id."""
-
-    def __init__(self, chain_id: int) -> None:
-        self.chain_id = chain_id
-        super().__init__(f"interaction chain {chain_id} does not exist")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,62 +75,10 @@ def _record(r: Sequence[Any]) -> ChainRecord:
     )
 
 
-async def committed_world_time(conn: AsyncConnection, world_id: int) -> float | None:
-    """The world's last committed world time (``None`` if it has no state row)."""
-    value = (
-        await conn.execute(sa.select(world_states.c.world_time).where(world_states.c.world_id == world_id))
-    ).scalar_one_or_none()
-    return None if value is None else float(value)
-
-
-async def insert_chain(
-    conn: AsyncConnection,
-    *,
-    world_id: int,
-    session_id: int | None,
-    npc_id: int | None,
-    chain_key: str,
-    steps: Sequence[ch.ChainStep],
-    started_at: float,
-) -> int:
-    cid = (
-        await conn.execute(
-            sa.insert(ic)
-            .values(
-                world_id=world_id,
-                session_id=session_id,
-                npc_id=npc_id,
-                chain_key=chain_key,
-                steps=ch.steps_to_wire(steps),
-                current_step=0,
-                started_at=started_at,
-                next_step_at=ch.first_due_at(started_at, steps),
-                status=ch.ACTIVE,
-                fired=[],
-            )
-            .returning(ic.c.id)
-        )
-    ).scalar_one()
-    return int(cid)
-
-
-async def select_due_chains(conn: AsyncConnection, world_id: int, world_time: float, limit: int) -> list[ChainRecord]:
-    """Active chains of one world with a step due, most overdue first."""
-    if limit <= 0:
-        return []
-    rows = (
-        await conn.execute(
-            sa.select(*_COLUMNS)
-            .where(ic.c.world_id == world_id, ic.c.status == ch.ACTIVE, ic.c.next_step_at <= world_time)
-            .order_by(ic.c.next_step_at, ic.c.id)
-            .limit(limit)
-        )
-    ).all()
-    return [_record(r) for r in rows]
-
-
 @dataclass(frozen=True, slots=True)
 class ChainUpdate:
+    """A chain as one tick advanced it, to be written back."""
+
     chain_id: int
     current_step: int
     next_step_at: float | None
@@ -147,104 +87,154 @@ class ChainUpdate:
     fired: list[dict[str, Any]]
 
 
-async def write_chain_updates(conn: AsyncConnection, world_id: int, updates: Sequence[ChainUpdate]) -> None:
-    """Write advanced chains back (one executemany; ``world_id`` in every WHERE)."""
-    if not updates:
-        return
-    await conn.execute(
-        sa.update(ic)
-        .where(ic.c.id == sa.bindparam("b_id"), ic.c.world_id == sa.bindparam("b_world"))
-        .values(
-            current_step=sa.bindparam("b_step"),
-            next_step_at=sa.bindparam("b_next"),
-            status=sa.bindparam("b_status"),
-            completed_at=sa.bindparam("b_completed"),
-            fired=sa.bindparam("b_fired", type_=ic.c.fired.type),
-            updated_at=sa.func.current_timestamp(),
-        ),
-        [
-            {
-                "b_id": u.chain_id,
-                "b_world": world_id,
-                "b_step": u.current_step,
-                "b_next": u.next_step_at,
-                "b_status": u.status,
-                "b_completed": u.completed_at,
-                "b_fired": u.fired,
-            }
-            for u in updates
-        ],
-    )
+class Chains(StoreBase):
+    """The ``interaction_chains`` and ``interaction_cooldowns`` tables."""
 
+    @staticmethod
+    async def insert_chain(
+        conn: AsyncConnection,
+        *,
+        world_id: int,
+        session_id: int | None,
+        npc_id: int | None,
+        chain_key: str,
+        steps: Sequence[ch.ChainStep],
+        started_at: float,
+    ) -> int:
+        cid = (
+            await conn.execute(
+                sa.insert(ic)
+                .values(
+                    world_id=world_id,
+                    session_id=session_id,
+                    npc_id=npc_id,
+                    chain_key=chain_key,
+                    steps=ch.steps_to_wire(steps),
+                    current_step=0,
+                    started_at=started_at,
+                    next_step_at=ch.first_due_at(started_at, steps),
+                    status=ch.ACTIVE,
+                    fired=[],
+                )
+                .returning(ic.c.id)
+            )
+        ).scalar_one()
+        return int(cid)
 
-async def fail_chains(conn: AsyncConnection, world_id: int, failures: Sequence[tuple[int, str]]) -> None:
-    """Isolate broken chain rows: ``failed`` with the reason, never ticked again."""
-    if not failures:
-        return
-    await conn.execute(
-        sa.update(ic)
-        .where(ic.c.id == sa.bindparam("b_id"), ic.c.world_id == sa.bindparam("b_world"))
-        .values(status=ch.FAILED, last_error=sa.bindparam("b_error"), updated_at=sa.func.current_timestamp()),
-        [{"b_id": cid, "b_world": world_id, "b_error": reason[:4000]} for cid, reason in failures],
-    )
+    @staticmethod
+    async def select_due_chains(
+        conn: AsyncConnection, world_id: int, world_time: float, limit: int
+    ) -> list[ChainRecord]:
+        """Active chains of one world with a step due, most overdue first."""
+        if limit <= 0:
+            return []
+        rows = (
+            await conn.execute(
+                sa.select(*_COLUMNS)
+                .where(ic.c.world_id == world_id, ic.c.status == ch.ACTIVE, ic.c.next_step_at <= world_time)
+                .order_by(ic.c.next_step_at, ic.c.id)
+                .limit(limit)
+            )
+        ).all()
+        return [_record(r) for r in rows]
 
-
-async def get_chain(conn: AsyncConnection, chain_id: int) -> ChainRecord:
-    row = (await conn.execute(sa.select(*_COLUMNS).where(ic.c.id == chain_id))).first()
-    if row is None:
-        raise ChainNotFoundError(chain_id)
-    return _record(row)
-
-
-async def list_chains(
-    conn: AsyncConnection, *, world_id: int | None = None, status: str | None = None, limit: int = 100
-) -> list[ChainRecord]:
-    query = sa.select(*_COLUMNS).order_by(ic.c.id).limit(limit)
-    if world_id is not None:
-        query = query.where(ic.c.world_id == world_id)
-    if status is not None:
-        query = query.where(ic.c.status == status)
-    return [_record(r) for r in (await conn.execute(query)).all()]
-
-
-async def cancel_chain(conn: AsyncConnection, chain_id: int) -> bool:
-    """Cancel an active chain; False if it was not active."""
-    result = await conn.execute(
-        sa.update(ic)
-        .where(ic.c.id == chain_id, ic.c.status == ch.ACTIVE)
-        .values(status=ch.CANCELLED, next_step_at=None, updated_at=sa.func.current_timestamp())
-    )
-    return bool(result.rowcount)
-
-
-# --------------------------------------------------------------- cooldowns
-async def last_interaction_at(
-    conn: AsyncConnection, world_id: int, session_id: int, npc_id: int, key: str
-) -> float | None:
-    value = (
+    @staticmethod
+    async def write_chain_updates(conn: AsyncConnection, world_id: int, updates: Sequence[ChainUpdate]) -> None:
+        """Write advanced chains back (one executemany; ``world_id`` in every WHERE)."""
+        if not updates:
+            return
         await conn.execute(
-            sa.select(cd.c.last_interaction_at).where(
-                cd.c.world_id == world_id,
-                cd.c.session_id == session_id,
-                cd.c.npc_id == npc_id,
-                cd.c.interaction_key == key,
+            sa.update(ic)
+            .where(ic.c.id == sa.bindparam("b_id"), ic.c.world_id == sa.bindparam("b_world"))
+            .values(
+                current_step=sa.bindparam("b_step"),
+                next_step_at=sa.bindparam("b_next"),
+                status=sa.bindparam("b_status"),
+                completed_at=sa.bindparam("b_completed"),
+                fired=sa.bindparam("b_fired", type_=ic.c.fired.type),
+                updated_at=sa.func.current_timestamp(),
+            ),
+            [
+                {
+                    "b_id": u.chain_id,
+                    "b_world": world_id,
+                    "b_step": u.current_step,
+                    "b_next": u.next_step_at,
+                    "b_status": u.status,
+                    "b_completed": u.completed_at,
+                    "b_fired": u.fired,
+                }
+                for u in updates
+            ],
+        )
+
+    @staticmethod
+    async def fail_chains(conn: AsyncConnection, world_id: int, failures: Sequence[tuple[int, str]]) -> None:
+        """Isolate broken chain rows: ``failed`` with the reason, never ticked again."""
+        if not failures:
+            return
+        await conn.execute(
+            sa.update(ic)
+            .where(ic.c.id == sa.bindparam("b_id"), ic.c.world_id == sa.bindparam("b_world"))
+            .values(status=ch.FAILED, last_error=sa.bindparam("b_error"), updated_at=sa.func.current_timestamp()),
+            [{"b_id": cid, "b_world": world_id, "b_error": reason[:4000]} for cid, reason in failures],
+        )
+
+    @staticmethod
+    async def get_chain(conn: AsyncConnection, chain_id: int) -> ChainRecord:
+        row = (await conn.execute(sa.select(*_COLUMNS).where(ic.c.id == chain_id))).first()
+        if row is None:
+            raise ChainNotFoundError(chain_id)
+        return _record(row)
+
+    @staticmethod
+    async def list_chains(
+        conn: AsyncConnection, *, world_id: int | None = None, status: str | None = None, limit: int = 100
+    ) -> list[ChainRecord]:
+        query = sa.select(*_COLUMNS).order_by(ic.c.id).limit(limit)
+        if world_id is not None:
+            query = query.where(ic.c.world_id == world_id)
+        if status is not None:
+            query = query.where(ic.c.status == status)
+        return [_record(r) for r in (await conn.execute(query)).all()]
+
+    @staticmethod
+    async def cancel_chain(conn: AsyncConnection, chain_id: int) -> bool:
+        """Cancel an active chain; False if it was not active."""
+        result = await conn.execute(
+            sa.update(ic)
+            .where(ic.c.id == chain_id, ic.c.status == ch.ACTIVE)
+            .values(status=ch.CANCELLED, next_step_at=None, updated_at=sa.func.current_timestamp())
+        )
+        return bool(result.rowcount)
+
+    @staticmethod
+    async def last_interaction_at(
+        conn: AsyncConnection, world_id: int, session_id: int, npc_id: int, key: str
+    ) -> float | None:
+        value = (
+            await conn.execute(
+                sa.select(cd.c.last_interaction_at).where(
+                    cd.c.world_id == world_id,
+                    cd.c.session_id == session_id,
+                    cd.c.npc_id == npc_id,
+                    cd.c.interaction_key == key,
+                )
+            )
+        ).scalar_one_or_none()
+        return None if value is None else float(value)
+
+    @staticmethod
+    async def upsert_interaction(
+        conn: AsyncConnection, world_id: int, session_id: int, npc_id: int, key: str, world_time: float
+    ) -> None:
+        """Set ``lastInteractionAt`` (world time) and count the interaction; one statement on both backends."""
+        stmt = dialect_insert(conn, cd).values(
+            world_id=world_id, session_id=session_id, npc_id=npc_id, interaction_key=key, last_interaction_at=world_time
+        )
+        await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[cd.c.world_id, cd.c.session_id, cd.c.npc_id, cd.c.interaction_key],
+                set_={"last_interaction_at": world_time, "interactions": cd.c.interactions + 1},
             )
         )
-    ).scalar_one_or_none()
-    return None if value is None else float(value)
-
-
-async def upsert_interaction(
-    conn: AsyncConnection, world_id: int, session_id: int, npc_id: int, key: str, world_time: float
-) -> None:
-    """Set ``lastInteractionAt`` (world time) and count the interaction; one statement on both backends."""
-    insert: Any = postgresql.insert(cd) if conn.dialect.name == "postgresql" else sqlite.insert(cd)
-    stmt = insert.values(
-        world_id=world_id, session_id=session_id, npc_id=npc_id, interaction_key=key, last_interaction_at=world_time
-    )
-    await conn.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[cd.c.world_id, cd.c.session_id, cd.c.npc_id, cd.c.interaction_key],
-            set_={"last_interaction_at": world_time, "interactions": cd.c.interactions + 1},
-        )
-    )

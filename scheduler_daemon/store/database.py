@@ -10,13 +10,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from scheduler_daemon.store.errors import needs_new_connection
+from scheduler_daemon.store.errors import DatabaseURLError, needs_new_connection
 
 SUPPORTED_DRIVERS = ("postgresql+psycopg", "sqlite+aiosqlite")
-
-
-class DatabaseURLError(ValueError):
-    """The database URL names an unsupported backend or is malformed."""
 
 
 def normalize_url(url: str) -> str:

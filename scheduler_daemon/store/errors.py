@@ -1,4 +1,8 @@
-"""Which database errors are transient (worth retrying the whole unit of work), and which need a new connection."""
+"""Every error the store raises, and which database errors are transient or need a new connection.
+
+The classes say what went wrong with a world, a request or a chain (callers
+catch them by name); the functions classify the driver's errors for retries.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,87 @@ import sqlite3
 
 import psycopg
 from sqlalchemy import exc as sa_exc
+
+
+class DatabaseURLError(ValueError):
+    """The database URL names an unsupported backend or is malformed."""
+
+
+class SchemaNotMigratedError(RuntimeError):
+    """The database schema is missing or behind this version of the daemon."""
+
+
+class WorldNotFoundError(LookupError):
+    """No world with that id."""
+
+    def __init__(self, world_id: int) -> None:
+        self.world_id = world_id
+        super().__init__(f"world {world_id} does not exist")
+
+
+class InvalidStoredWorldError(ValueError):
+    """A world's stored row cannot be used (``meta`` not JSON, not an object, too large; a bad clock).
+
+    The message names the world and the field; the world is isolated, nothing else is affected.
+    """
+
+    def __init__(self, world_id: int, problem: str) -> None:
+        self.world_id = world_id
+        self.problem = problem
+        super().__init__(f"world {world_id}: {problem}")
+
+
+class ConfigVersionConflictError(RuntimeError):
+    """An optimistic config update lost against a concurrent one."""
+
+    def __init__(self, world_id: int, expected: int, actual: int) -> None:
+        self.world_id, self.expected, self.actual = world_id, expected, actual
+        super().__init__(f"world {world_id}: config version is {actual}, not {expected}")
+
+
+class StaleWorldStateError(RuntimeError):
+    """The world's state row changed under us (another writer, or a lost lease)."""
+
+
+class LeaseLostError(StaleWorldStateError):
+    """The world's lease is no longer ours (another instance claimed it); nothing was written."""
+
+    def __init__(self, world_id: int, owner: str, epoch: int) -> None:
+        self.world_id, self.owner, self.epoch = world_id, owner, epoch
+        super().__init__(f"world {world_id}: lease (owner {owner!r}, epoch {epoch}) lost; tick rolled back")
+
+
+class SessionNotFoundError(LookupError):
+    """No session with that id in that world."""
+
+    def __init__(self, world_id: int, session_id: int) -> None:
+        self.world_id, self.session_id = world_id, session_id
+        super().__init__(f"world {world_id}: session {session_id} does not exist")
+
+
+class RequestNotFoundError(LookupError):
+    """No generation request with that id."""
+
+    def __init__(self, request_id: int) -> None:
+        self.request_id = request_id
+        super().__init__(f"generation request {request_id} does not exist")
+
+
+class RequestStateError(RuntimeError):
+    """The request is not in a state that allows the transition (e.g. completing a finished one)."""
+
+    def __init__(self, request_id: int, status: str, wanted: str) -> None:
+        self.request_id, self.status, self.wanted = request_id, status, wanted
+        super().__init__(f"generation request {request_id} is {status}; cannot mark it {wanted}")
+
+
+class ChainNotFoundError(LookupError):
+    """No interaction chain with that id."""
+
+    def __init__(self, chain_id: int) -> None:
+        self.chain_id = chain_id
+        super().__init__(f"interaction chain {chain_id} does not exist")
+
 
 # SQLSTATEs after which a connection can no longer write, so only a new
 # connection can succeed: read-only transaction (a demoted primary, a hot

@@ -1,10 +1,10 @@
-"""Every lease statement: instance heartbeats, world leases, the tick fence.
+"""Every lease statement: instance heartbeats and world leases (``LeaseStore``), the tick fence (``Fencing``).
 
 PostgreSQL only (SQLite is single-instance). World ownership is a lease on the
 world's ``world_states`` row: ``lease_owner`` (instance id),
 ``lease_expires_at`` (computed from the database's clock, never a client's)
 and ``lease_epoch``, which increases on every claim. A tick is fenced on
-``owner = me AND epoch = my epoch`` (:func:`fence_tick` locks the row at the
+``owner = me AND epoch = my epoch`` (:meth:`Fencing.fence_tick` locks the row at the
 start of the tick's transaction), so once another instance has claimed the
 world, the old owner cannot commit a single row of it, however long it was
 paused.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,21 +27,15 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from scheduler_daemon.store.base import StoreBase
+from scheduler_daemon.store.errors import LeaseLostError
+from scheduler_daemon.store.fence import Fence
 from scheduler_daemon.store.models import scheduler_instances, world_states, worlds
-from scheduler_daemon.store.repository import StaleWorldStateError
 
 #: Instance rows expired for longer than this are deleted (history for humans until then).
 INSTANCE_RETENTION_SECONDS = 3600.0
 
 DbNow = Callable[[], sa.ColumnElement[datetime]]
-
-
-class LeaseLostError(StaleWorldStateError):
-    """The world's lease is no longer ours (another instance claimed it); nothing was written."""
-
-    def __init__(self, world_id: int, owner: str, epoch: int) -> None:
-        self.world_id, self.owner, self.epoch = world_id, owner, epoch
-        super().__init__(f"world {world_id}: lease (owner {owner!r}, epoch {epoch}) lost; tick rolled back")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +45,15 @@ class Lease:
     world_id: int
     owner: str
     epoch: int
-    #: With a TTL, every fenced tick also renews the lease (see :func:`fence_tick`).
+    #: With a TTL, every fenced tick also renews the lease (see :meth:`Fencing.fence_tick`).
     ttl_seconds: float = 0.0
     #: The database clock of the store that granted the lease (tests substitute it).
     now: DbNow = field(default=sa.func.clock_timestamp, compare=False, repr=False)
+
+    @property
+    def fence(self) -> Fence:
+        """What the tick's writes check: this lease's owner and epoch."""
+        return Fence(self.owner, self.epoch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,16 +62,6 @@ class RenewResult:
 
     renewed: set[int]
     lost: set[int]
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseInfo:
-    """A world's lease as stored (for humans: ``worlds list``, the API)."""
-
-    world_id: int
-    owner: str | None
-    epoch: int
-    expires_at: datetime | None
 
 
 def _seconds(seconds: float) -> sa.ColumnElement[Any]:
@@ -104,29 +93,33 @@ def lease_columns(lease: Lease) -> dict[str, Any]:
     }
 
 
-async def fence_tick(conn: AsyncConnection, lease: Lease) -> int:
-    """First statement of a fenced tick: lock the world's state row if the lease is still ours.
+class Fencing(StoreBase):
+    """The lease statement of the tick's own transaction; a part of ``Store``, unlike :class:`LeaseStore`."""
 
-    Returns the committed tick counter. Raises :class:`LeaseLostError` when
-    the owner or epoch changed. Holding the row lock for the rest of the
-    transaction means no claim can change the epoch before we commit (claims
-    skip locked rows). The same statement renews the lease (expiry from the
-    database's clock): a world that ticks keeps its lease without waiting for
-    the renewal task.
-    """
-    fenced = sa.update(world_states).where(
-        world_states.c.world_id == lease.world_id,
-        world_states.c.lease_owner == lease.owner,
-        world_states.c.lease_epoch == lease.epoch,
-    )
-    if lease.ttl_seconds > 0:
-        fenced = fenced.values(lease_expires_at=lease.now() + _seconds(lease.ttl_seconds))
-    else:
-        fenced = fenced.values(lease_epoch=world_states.c.lease_epoch)  # lock only
-    row = (await conn.execute(fenced.returning(world_states.c.ticks))).first()
-    if row is None:
-        raise LeaseLostError(lease.world_id, lease.owner, lease.epoch)
-    return int(row[0])
+    @staticmethod
+    async def fence_tick(conn: AsyncConnection, lease: Lease) -> int:
+        """First statement of a fenced tick: lock the world's state row if the lease is still ours.
+
+        Returns the committed tick counter. Raises :class:`LeaseLostError` when
+        the owner or epoch changed. Holding the row lock for the rest of the
+        transaction means no claim can change the epoch before we commit (claims
+        skip locked rows). The same statement renews the lease (expiry from the
+        database's clock): a world that ticks keeps its lease without waiting for
+        the renewal task.
+        """
+        fenced = sa.update(world_states).where(
+            world_states.c.world_id == lease.world_id,
+            world_states.c.lease_owner == lease.owner,
+            world_states.c.lease_epoch == lease.epoch,
+        )
+        if lease.ttl_seconds > 0:
+            fenced = fenced.values(lease_expires_at=lease.now() + _seconds(lease.ttl_seconds))
+        else:
+            fenced = fenced.values(lease_epoch=world_states.c.lease_epoch)  # lock only
+        row = (await conn.execute(fenced.returning(world_states.c.ticks))).first()
+        if row is None:
+            raise LeaseLostError(lease.world_id, lease.owner, lease.epoch)
+        return int(row[0])
 
 
 class LeaseStore:
@@ -191,29 +184,13 @@ class LeaseStore:
                 sa.delete(scheduler_instances).where(scheduler_instances.c.instance_id == self.instance_id)
             )
 
-    async def live_instances(self) -> list[dict[str, Any]]:
-        """Every instance row with whether it is live (for operators)."""
-        async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    sa.select(
-                        scheduler_instances.c.instance_id,
-                        scheduler_instances.c.hostname,
-                        scheduler_instances.c.pid,
-                        scheduler_instances.c.heartbeat_at,
-                        (scheduler_instances.c.expires_at > self._now()).label("live"),
-                    ).order_by(scheduler_instances.c.instance_id)
-                )
-            ).all()
-        return [dict(r._mapping) for r in rows]
-
     # ---------------------------------------------------------------- leases
     async def claim(self, candidates: Collection[int], limit: int) -> list[Lease]:
         """Claim at most ``limit`` of ``candidates`` whose lease is free or expired.
 
         One conditional ``UPDATE … RETURNING`` over a ``FOR UPDATE SKIP
         LOCKED`` selection: rows an owner is ticking right now (locked by
-        :func:`fence_tick`) are skipped, never waited for. Every claim
+        :meth:`Fencing.fence_tick`) are skipped, never waited for. Every claim
         increases the epoch. Missing state rows are created first.
         """
         if limit <= 0 or not candidates:
@@ -314,17 +291,3 @@ class LeaseStore:
                 )
             ).all()
         return unlocked, {int(r[0]) for r in rows}
-
-    async def lease_info(self, world_ids: Collection[int] | None = None) -> Mapping[int, LeaseInfo]:
-        """Stored leases (all worlds by default)."""
-        query = sa.select(
-            world_states.c.world_id,
-            world_states.c.lease_owner,
-            world_states.c.lease_epoch,
-            world_states.c.lease_expires_at,
-        )
-        if world_ids is not None:
-            query = query.where(world_states.c.world_id == sa.func.any(_ids(world_ids)))
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return {int(r[0]): LeaseInfo(int(r[0]), r[1], int(r[2]), r[3]) for r in rows}

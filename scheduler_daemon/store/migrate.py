@@ -12,12 +12,9 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scheduler_daemon.store.database import begin_writing
+from scheduler_daemon.store.errors import SchemaNotMigratedError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
-
-
-class SchemaNotMigratedError(RuntimeError):
-    """The database schema is missing or behind this version of the daemon."""
 
 
 def _alembic_config(connection: Connection | None = None) -> Config:

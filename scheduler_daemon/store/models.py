@@ -108,7 +108,7 @@ npcs = sa.Table(
 #: 64-bit ids on PostgreSQL; SQLite only auto-increments an INTEGER primary key.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
-# Generation requests (issue 4). The outbox is ``status = 'enqueued' AND NOT
+# Generation requests. The outbox is ``status = 'enqueued' AND NOT
 # handed_off``: claimed in a committed tick, not yet accepted by the sink.
 generation_requests = sa.Table(
     "generation_requests",

@@ -32,7 +32,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from scheduler_daemon.jobs import create_request
+from scheduler_daemon.generation import create_request
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.models import world_states, worlds
 from scheduler_daemon.store.repository import Store

@@ -26,7 +26,7 @@ import time
 from types import FrameType
 from typing import Any
 
-from scheduler_daemon.jobs import GenerationRequest
+from scheduler_daemon.generation import GenerationRequest
 from scheduler_daemon.simulation.behavior import BehaviorContent
 from scheduler_daemon.simulation.behavior import decide as builtin_decide
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState

@@ -30,7 +30,7 @@ import httpx
 import pytest
 
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.repository import MAX_NPC_STATE_BYTES
+from scheduler_daemon.store.base import MAX_NPC_STATE_BYTES
 from tests.faults.audit import WorldRules, check_invariants
 from tests.faults.harness import (
     ROOT,

@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from scheduler_daemon.http.wire import MAX_PAGE_SIZE
-from scheduler_daemon.store.repository import MAX_WORLD_META_BYTES
+from scheduler_daemon.store.base import MAX_WORLD_META_BYTES
 from tests.faults.audit import WorldRules, check_invariants
 from tests.faults.harness import (
     FaultDatabase,

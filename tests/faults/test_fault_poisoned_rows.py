@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from scheduler_daemon.store.repository import MAX_WORLD_META_BYTES
+from scheduler_daemon.store.base import MAX_WORLD_META_BYTES
 from tests.faults.audit import WorldRules, check_invariants
 from tests.faults.harness import (
     ROOT,

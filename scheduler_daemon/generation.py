@@ -24,14 +24,14 @@ from typing import Any
 
 from scheduler_daemon.simulation import generation as gen
 from scheduler_daemon.simulation.generation import GenerationRequestError
-from scheduler_daemon.store import jobs as sql
-from scheduler_daemon.store.jobs import (
-    GenerationRequest,
+from scheduler_daemon.store.errors import (
     RequestNotFoundError,
     RequestStateError,
     SessionNotFoundError,
+    WorldNotFoundError,
 )
-from scheduler_daemon.store.repository import Store, WorldNotFoundError
+from scheduler_daemon.store.generation import GenerationRequest
+from scheduler_daemon.store.repository import Store
 
 __all__ = [
     "GenerationRequest",
@@ -82,8 +82,8 @@ async def create_request(
         raise GenerationRequestError(f"npc_id: expected an integer or None, got {npc_id!r}")
     async with store.transaction() as conn:
         await store.get_world(world_id, conn)
-        user_id = await sql.session_user(conn, world_id, session_id)
-        return await sql.insert_request(
+        user_id = await store.session_user(conn, world_id, session_id)
+        return await store.insert_request(
             conn,
             world_id=world_id,
             session_id=session_id,
@@ -106,7 +106,7 @@ async def complete_request(store: Store, request_id: int, status: str, error: st
     if status not in gen.COMPLETION_STATUSES:
         raise ValueError(f"status: expected one of {', '.join(gen.COMPLETION_STATUSES)}, got {status!r}")
     async with store.transaction() as conn:
-        return await sql.set_status(conn, request_id, allowed_from=gen.IN_FLIGHT, status=status, error=error)
+        return await store.set_status(conn, request_id, allowed_from=gen.IN_FLIGHT, status=status, error=error)
 
 
 async def complete_for_api(store: Store, request_id: int, status: str, error: str | None) -> dict[str, Any]:
@@ -117,7 +117,7 @@ async def complete_for_api(store: Store, request_id: int, status: str, error: st
     """
     try:
         request = await complete_request(store, request_id, status, error)
-    except sql.RequestStateError as exc:
+    except RequestStateError as exc:
         raise ValueError(str(exc)) from None
     return request.to_wire()
 
@@ -128,14 +128,14 @@ async def in_flight_counts(store: Store) -> dict[str, int]:
     Only the live queue (pending, enqueued, running): finished rows grow
     without bound and would make every scrape slower.
     """
-    async with store.engine.connect() as conn:
-        return await sql.count_queue_by_status(conn, (gen.PENDING, *gen.IN_FLIGHT))
+    async with store.connect() as conn:
+        return await store.count_queue_by_status(conn, (gen.PENDING, *gen.IN_FLIGHT))
 
 
 async def cancel_request(store: Store, request_id: int) -> GenerationRequest:
     """Cancel a request that no worker runs yet (``pending`` or ``enqueued``)."""
     async with store.transaction() as conn:
-        return await sql.set_status(conn, request_id, allowed_from=(gen.PENDING, gen.ENQUEUED), status=gen.CANCELLED)
+        return await store.set_status(conn, request_id, allowed_from=(gen.PENDING, gen.ENQUEUED), status=gen.CANCELLED)
 
 
 async def start_requests(
@@ -146,13 +146,13 @@ async def start_requests(
     Concurrent workers never get the same request (``SKIP LOCKED`` on PostgreSQL).
     """
     async with store.transaction() as conn:
-        return await sql.start_requests(conn, limit=limit, world_id=world_id, kinds=kinds)
+        return await store.start_requests(conn, limit=limit, world_id=world_id, kinds=kinds)
 
 
 async def get_request(store: Store, request_id: int) -> GenerationRequest:
     """One request; raises :class:`RequestNotFoundError`."""
-    async with store.engine.connect() as conn:
-        return await sql.get_request(conn, request_id)
+    async with store.connect() as conn:
+        return await store.get_request(conn, request_id)
 
 
 async def list_requests(
@@ -161,5 +161,5 @@ async def list_requests(
     """Requests by id, optionally of one world and/or one status."""
     if status is not None and status not in gen.STATUSES:
         raise ValueError(f"status: expected one of {', '.join(gen.STATUSES)}, got {status!r}")
-    async with store.engine.connect() as conn:
-        return await sql.list_requests(conn, world_id=world_id, status=status, limit=limit)
+    async with store.connect() as conn:
+        return await store.list_requests(conn, world_id=world_id, status=status, limit=limit)

@@ -7,7 +7,7 @@ can pass ``scheduler.get_context(world_id).current_world_time``.
 
 ::
 
-    from scheduler_daemon.interactions import start_chain, step, wait_hours, wait_minutes
+    from scheduler_daemon.chains import start_chain, step, wait_hours, wait_minutes
 
     await start_chain(store, world_id, [step(wait_minutes(30), {"line": "hello"}),
                                         step(wait_hours(2), {"line": "goodbye"})],
@@ -30,10 +30,9 @@ from scheduler_daemon.simulation.chains import (
     wait_minutes,
     wait_seconds,
 )
-from scheduler_daemon.store import chains as sql
-from scheduler_daemon.store.chains import ChainNotFoundError, ChainRecord
-from scheduler_daemon.store.jobs import SessionNotFoundError, session_user
-from scheduler_daemon.store.repository import Store, WorldNotFoundError
+from scheduler_daemon.store.chains import ChainRecord
+from scheduler_daemon.store.errors import ChainNotFoundError, SessionNotFoundError, WorldNotFoundError
+from scheduler_daemon.store.repository import Store
 
 __all__ = [
     "ChainError",
@@ -80,7 +79,7 @@ async def _now(conn: Any, store: Store, world_id: int, world_time: float | None)
     await store.get_world(world_id, conn)  # WorldNotFoundError names the world
     if world_time is not None:
         return world_time
-    committed = await sql.committed_world_time(conn, world_id)
+    committed = await store.committed_world_time(conn, world_id)
     return committed if committed is not None else 0.0
 
 
@@ -109,8 +108,8 @@ async def start_chain(
     async with store.transaction() as conn:
         now = await _now(conn, store, world_id, at)
         if session_id is not None:
-            await session_user(conn, world_id, session_id)
-        return await sql.insert_chain(
+            await store.session_user(conn, world_id, session_id)
+        return await store.insert_chain(
             conn, world_id=world_id, session_id=session_id, npc_id=npc_id, chain_key=key, steps=parsed, started_at=now
         )
 
@@ -118,14 +117,14 @@ async def start_chain(
 async def cancel_chain(store: Store, chain_id: int) -> bool:
     """Cancel an active chain (no further steps fire); False if it had already ended."""
     async with store.transaction() as conn:
-        await sql.get_chain(conn, chain_id)
-        return await sql.cancel_chain(conn, chain_id)
+        await store.get_chain(conn, chain_id)
+        return await store.cancel_chain(conn, chain_id)
 
 
 async def get_chain(store: Store, chain_id: int) -> ChainRecord:
     """One chain with its fired steps; raises :class:`ChainNotFoundError`."""
-    async with store.engine.connect() as conn:
-        return await sql.get_chain(conn, chain_id)
+    async with store.connect() as conn:
+        return await store.get_chain(conn, chain_id)
 
 
 async def list_chains(
@@ -134,8 +133,8 @@ async def list_chains(
     """Chains by id, optionally of one world and/or one status."""
     if status is not None and status not in ch.STATUSES:
         raise ValueError(f"status: expected one of {', '.join(ch.STATUSES)}, got {status!r}")
-    async with store.engine.connect() as conn:
-        return await sql.list_chains(conn, world_id=world_id, status=status, limit=limit)
+    async with store.connect() as conn:
+        return await store.list_chains(conn, world_id=world_id, status=status, limit=limit)
 
 
 async def record_interaction(
@@ -148,15 +147,15 @@ async def record_interaction(
         raise ChainError(f"npc_id: expected an integer, got {npc_id!r}")
     async with store.transaction() as conn:
         now = await _now(conn, store, world_id, at)
-        await session_user(conn, world_id, session_id)
-        await sql.upsert_interaction(conn, world_id, session_id, npc_id, key, now)
+        await store.session_user(conn, world_id, session_id)
+        await store.upsert_interaction(conn, world_id, session_id, npc_id, key, now)
     return now
 
 
 async def last_interaction_at(store: Store, world_id: int, session_id: int, npc_id: int, key: str) -> float | None:
     """``lastInteractionAt`` in world time, or None if it never happened."""
-    async with store.engine.connect() as conn:
-        return await sql.last_interaction_at(conn, world_id, session_id, npc_id, key)
+    async with store.connect() as conn:
+        return await store.last_interaction_at(conn, world_id, session_id, npc_id, key)
 
 
 async def is_on_cooldown(
@@ -171,7 +170,7 @@ async def is_on_cooldown(
 ) -> bool:
     """Whether the interaction happened less than ``cooldown_seconds`` game seconds ago (world time)."""
     at = _world_time_arg(world_time)
-    async with store.engine.connect() as conn:
+    async with store.connect() as conn:
         now = await _now(conn, store, world_id, at)
-        last = await sql.last_interaction_at(conn, world_id, session_id, npc_id, key)
+        last = await store.last_interaction_at(conn, world_id, session_id, npc_id, key)
     return on_cooldown(last, cooldown_seconds, now)

@@ -1,0 +1,447 @@
+"""The tick's hot path: the grouped reads and writes of every tick, each on the tick's open connection.
+
+Due-NPC selection, the due-work probe, the backlog probe, the decided NPC
+columns written back, and the fenced clock move. Statements are built once
+at import (per group size on SQLite).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
+from scheduler_daemon.store.base import SQLITE_WORLDS_PER_SELECT, StoreBase, wall_now
+from scheduler_daemon.store.errors import StaleWorldStateError
+from scheduler_daemon.store.fence import Fence
+from scheduler_daemon.store.models import npcs, world_states
+from scheduler_daemon.store.npcs import QuarantinedNpc, npc_from_row, selected_npc_columns
+
+
+@dataclass(frozen=True, slots=True)
+class DueNpcs:
+    """The due NPCs of several worlds, by world: the ones to decide, and the rows quarantined on the way."""
+
+    npcs: dict[int, list[NpcState]]
+    quarantined: dict[int, list[QuarantinedNpc]]
+
+
+@dataclass(frozen=True, slots=True)
+class WorldAdvance:
+    """One world's fenced clock move at the end of its tick."""
+
+    world_id: int
+    world_time: float
+    expected_ticks: int  # the tick counter the tick was planned from
+    advanced_at: datetime  # wall time the new world time corresponds to
+    fence: Fence | None = None  # also fenced on the lease's owner + epoch (several daemons)
+
+
+@dataclass(frozen=True, slots=True)
+class DueWork:
+    """What a world's tick has to do besides its NPCs (read once per grouped tick)."""
+
+    chains: bool  # an active chain has a step due
+    requests: bool  # a pending generation request may be claimed
+
+
+def _due_one_sql(w: str, t: str, lim: str) -> str:
+    """One world's due NPCs: a UNION ALL of one index range per tier, each in due order and limited."""
+    per_tier = " UNION ALL ".join(
+        f"SELECT * FROM (SELECT {selected_npc_columns('sqlite')} FROM npcs WHERE world_id = {w} "
+        f"AND tier = {int(tier)} "
+        f"AND next_decision_at <= {t} ORDER BY next_decision_at, id LIMIT {lim})"
+        for tier in SIMULATED_TIERS
+    )
+    return f"SELECT * FROM ({per_tier}) ORDER BY tier, next_decision_at, id LIMIT {lim}"
+
+
+@functools.cache
+def _due_many_sqlite(worlds: int) -> sa.TextClause:
+    # Prebuilt text per group size: building the equivalent Core constructs
+    # for every tick costs more than running the query on SQLite.
+    return sa.text(
+        " UNION ALL ".join(f"SELECT * FROM ({_due_one_sql(f':w{i}', f':t{i}', f':l{i}')})" for i in range(worlds))
+    )
+
+
+def _due_many_pg() -> sa.TextClause:
+    per_tier = " UNION ALL ".join(
+        f"(SELECT {selected_npc_columns('postgresql')} FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
+        f"AND next_decision_at <= q.now ORDER BY next_decision_at, id LIMIT q.lim)"
+        for t in SIMULATED_TIERS
+    )
+    return sa.text(
+        f"SELECT n.* FROM unnest(CAST(:wids AS integer[]), CAST(:nows AS float8[]), CAST(:lims AS integer[])) "
+        f"AS q(world_id, now, lim) CROSS JOIN LATERAL ("
+        f"SELECT * FROM ({per_tier}) AS u ORDER BY tier, next_decision_at, id LIMIT q.lim) AS n"
+    )
+
+
+_DUE_MANY_PG = _due_many_pg()
+
+# SQLite, in process (no round trips to save): one executemany. A NULL state
+# keeps the stored JSON.
+_WRITE_DECISION_SQLITE = (
+    "UPDATE npcs SET next_decision_at = ?, current_activity = ?, activity_started_at = ?, location = ?, "
+    "energy = ?, mood_valence = ?, mood_arousal = ?, last_decision_at = ?, decisions = decisions + 1, "
+    "state = COALESCE(?, state) WHERE id = ? AND world_id = ?"
+)
+
+# Built once: constructing the statement per tick costs more than running it.
+_ADVANCE_WORLD_STATE = (
+    sa.update(world_states)
+    .where(world_states.c.world_id == sa.bindparam("w"), world_states.c.ticks == sa.bindparam("expected"))
+    .values(world_time=sa.bindparam("t"), ticks=world_states.c.ticks + 1, last_advanced_at=sa.bindparam("at"))
+)
+# The same, fenced on the lease as well (several daemons on PostgreSQL).
+_ADVANCE_WORLD_STATE_LEASED = _ADVANCE_WORLD_STATE.where(
+    world_states.c.lease_owner == sa.bindparam("owner"), world_states.c.lease_epoch == sa.bindparam("epoch")
+)
+
+
+def _waiting_query() -> sa.CompoundSelect[Any]:
+    world = sa.bindparam("w", type_=sa.Integer)
+    now = sa.bindparam("now", type_=npcs.c.next_decision_at.type)
+    parts = [
+        sa.select(sa.literal(int(t)).label("tier"), npcs.c.next_decision_at)
+        .where(
+            npcs.c.world_id == world,
+            npcs.c.tier == int(t),
+            npcs.c.next_decision_at <= now,
+            sa.tuple_(npcs.c.next_decision_at, npcs.c.id)
+            > sa.tuple_(
+                sa.bindparam(f"after_at{int(t)}", type_=npcs.c.next_decision_at.type),
+                sa.bindparam(f"after_id{int(t)}", type_=sa.Integer),
+            ),
+        )
+        .order_by(npcs.c.next_decision_at, npcs.c.id)
+        .limit(1)
+        .subquery()
+        for t in SIMULATED_TIERS
+    ]
+    return sa.union_all(*(sa.select(p) for p in parts))
+
+
+_WAITING_QUERY: Final = _waiting_query()
+
+
+def _waiting_many_pg() -> sa.TextClause:
+    per_tier = " UNION ALL ".join(
+        f"(SELECT {int(t)} AS tier, next_decision_at FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
+        f"AND next_decision_at <= q.now AND (next_decision_at, id) > (q.after_at{int(t)}, q.after_id{int(t)}) "
+        f"ORDER BY next_decision_at, id LIMIT 1)"
+        for t in SIMULATED_TIERS
+    )
+    afters = ", ".join(
+        f"CAST(:after_at{int(t)} AS float8[]), CAST(:after_id{int(t)} AS integer[])" for t in SIMULATED_TIERS
+    )
+    columns = ", ".join(f"after_at{int(t)}, after_id{int(t)}" for t in SIMULATED_TIERS)
+    return sa.text(
+        f"SELECT q.world_id, w.tier, w.next_decision_at FROM unnest(CAST(:wids AS integer[]), "
+        f"CAST(:nows AS float8[]), {afters}) AS q(world_id, now, {columns}) CROSS JOIN LATERAL ({per_tier}) AS w"
+    )
+
+
+#: "Nothing taken from this tier yet": before every NPC in ``(next_decision_at, id)`` order.
+_BEFORE_ALL: Final = (-math.inf, 0)
+
+# Several worlds' oldest_waiting in one statement (PostgreSQL).
+_WAITING_MANY_PG: Final = _waiting_many_pg()
+
+# Does a world have a chain step due / a request it may claim now? One row per
+# world; EXISTS stops at the first index hit, however long a backlog is.
+_DUE_WORK_BODY = (
+    "SELECT q.world_id, "
+    "EXISTS (SELECT 1 FROM interaction_chains c WHERE c.world_id = q.world_id AND c.status = 'active' "
+    "AND c.next_step_at <= q.now), "
+    "EXISTS (SELECT 1 FROM generation_requests g WHERE g.world_id = q.world_id AND g.status = 'pending' "
+    "AND (g.not_before IS NULL OR g.not_before <= q.now)) "
+)
+_DUE_WORK_PG: Final = sa.text(
+    _DUE_WORK_BODY + "FROM unnest(CAST(:wids AS integer[]), CAST(:nows AS float8[])) AS q(world_id, now)"
+)
+
+
+@functools.cache
+def _due_work_sqlite(worlds: int) -> sa.TextClause:
+    values = ", ".join(f"(:w{i}, :t{i})" for i in range(worlds))
+    return sa.text(f"WITH q(world_id, now) AS (VALUES {values}) " + _DUE_WORK_BODY + "FROM q")
+
+
+# Several worlds' clock moves in one statement (PostgreSQL), each fenced like
+# _ADVANCE_WORLD_STATE(_LEASED); RETURNING says which rows moved.
+_ADVANCE_MANY_PG: Final = sa.text(
+    "UPDATE world_states AS ws SET world_time = d.t, ticks = ws.ticks + 1, last_advanced_at = d.at "
+    "FROM unnest(CAST(:wids AS integer[]), CAST(:expected AS bigint[]), CAST(:ts AS float8[]), "
+    "CAST(:ats AS timestamptz[]), CAST(:owners AS text[]), CAST(:epochs AS bigint[])) "
+    "AS d(w, expected, t, at, owner, epoch) "
+    "WHERE ws.world_id = d.w AND ws.ticks = d.expected "
+    "AND (d.owner IS NULL OR (ws.lease_owner = d.owner AND ws.lease_epoch = d.epoch)) "
+    "RETURNING ws.world_id"
+)
+
+# Set-based NPC write on PostgreSQL: one UPDATE … FROM jsonb_to_recordset(…)
+# for a whole group of worlds instead of one UPDATE per NPC. The rows travel
+# as one JSON parameter: psycopg dumps array elements (and parses long
+# multi-row VALUES queries) in Python, which costs more than the whole
+# statement on the server. A NULL state keeps the stored JSON.
+_WRITE_DECISIONS_MANY_PG: Final = sa.text(
+    "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "
+    "location = d.location, energy = d.energy, mood_valence = d.valence, mood_arousal = d.arousal, "
+    "last_decision_at = d.decided, decisions = npcs.decisions + 1, state = COALESCE(d.state, npcs.state) "
+    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS d(w integer, id integer, next float8, activity text, "
+    "started float8, location text, energy float8, valence float8, arousal float8, decided float8, state jsonb) "
+    "WHERE npcs.id = d.id AND npcs.world_id = d.w"
+)
+
+
+class Ticks(StoreBase):
+    """Every statement of a grouped tick's transaction except the claims, chains and the fence."""
+
+    @staticmethod
+    async def select_due_npcs(conn: AsyncConnection, world_id: int, world_time: float, limit: int) -> list[NpcState]:
+        """At most ``limit`` due NPCs of one world: higher tiers first, most overdue first.
+
+        One statement: a UNION ALL of one index range per tier on
+        ``(world_id, tier, next_decision_at)``, each already in due order and
+        limited, so the database never reads NPCs that are not due. Rows that
+        cannot be decided are left out (see :meth:`select_due_npcs_many`).
+        """
+        return (await Ticks.select_due_npcs_many(conn, [(world_id, world_time, limit)])).npcs[world_id]
+
+    @staticmethod
+    async def select_due_npcs_many(conn: AsyncConnection, requests: Sequence[tuple[int, float, int]]) -> DueNpcs:
+        """Due NPCs of several worlds in one statement: ``(world_id, world_time, limit)`` each.
+
+        Per world the same rule as :meth:`select_due_npcs`. PostgreSQL: a
+        ``LATERAL`` join over ``unnest`` of the requests (one constant
+        statement, however many worlds). SQLite: a ``UNION ALL`` of the
+        per-world statements, in chunks under its compound-select limit.
+        Each row is checked on its own: one that cannot be decided (see
+        :func:`~scheduler_daemon.store.npcs.npc_from_row`) goes to ``quarantined`` instead of failing the group.
+        """
+        out = DueNpcs({world_id: [] for world_id, _, _ in requests}, {})
+        wanted = [(w, t, lim) for w, t, lim in requests if lim > 0]
+        if not wanted:
+            return out
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
+            rows: Sequence[Any] = (
+                await conn.execute(
+                    _DUE_MANY_PG,
+                    {
+                        "wids": [w for w, _, _ in wanted],
+                        "nows": [float(t) for _, t, _ in wanted],
+                        "lims": [lim for _, _, lim in wanted],
+                    },
+                )
+            ).all()
+        else:
+            rows = []
+            for start in range(0, len(wanted), SQLITE_WORLDS_PER_SELECT):
+                chunk = wanted[start : start + SQLITE_WORLDS_PER_SELECT]
+                params: dict[str, Any] = {}
+                for i, (w, t, lim) in enumerate(chunk):
+                    params[f"w{i}"], params[f"t{i}"], params[f"l{i}"] = w, float(t), lim
+                rows.extend((await conn.execute(_due_many_sqlite(len(chunk)), params)).all())
+        for row in rows:
+            npc = npc_from_row(row, dialect)
+            if isinstance(npc, NpcState):
+                out.npcs[row[1]].append(npc)
+            else:
+                out.quarantined.setdefault(npc.world_id, []).append(npc)
+        return out
+
+    @staticmethod
+    async def due_work_many(conn: AsyncConnection, requests: Sequence[tuple[int, float]]) -> dict[int, DueWork]:
+        """Per ``(world_id, world_time)``: whether chains or generation claims have anything to do.
+
+        One statement for a whole group, so a tick skips the chain and claim
+        queries of every world with nothing due (most worlds, most ticks).
+        """
+        if not requests:
+            return {}
+        if conn.dialect.name == "postgresql":
+            params: dict[str, Any] = {"wids": [w for w, _ in requests], "nows": [float(t) for _, t in requests]}
+            rows: list[Any] = list((await conn.execute(_DUE_WORK_PG, params)).all())
+        else:
+            rows = []
+            for start in range(0, len(requests), SQLITE_WORLDS_PER_SELECT):
+                chunk = requests[start : start + SQLITE_WORLDS_PER_SELECT]
+                params = {}
+                for i, (w, t) in enumerate(chunk):
+                    params[f"w{i}"], params[f"t{i}"] = w, float(t)
+                rows.extend((await conn.execute(_due_work_sqlite(len(chunk)), params)).all())
+        return {int(r[0]): DueWork(chains=bool(r[1]), requests=bool(r[2])) for r in rows}
+
+    @staticmethod
+    async def oldest_waiting(
+        conn: AsyncConnection, world_id: int, world_time: float, taken: Mapping[Tier, tuple[float, int]]
+    ) -> dict[Tier, float]:
+        """Per simulated tier, ``next_decision_at`` of the most overdue NPC left waiting.
+
+        ``taken`` is, per tier, ``(next_decision_at, id)`` of the last NPC this
+        tick took (see :func:`last_taken`); they are the first ones in that
+        order, so the oldest one left is the next one after it: one index
+        descent per tier, however many were taken. Tiers with nobody waiting
+        are absent.
+        """
+        params: dict[str, Any] = {"w": world_id, "now": world_time}
+        for t in SIMULATED_TIERS:
+            params[f"after_at{int(t)}"], params[f"after_id{int(t)}"] = taken.get(t, _BEFORE_ALL)
+        return {Tier(r[0]): float(r[1]) for r in (await conn.execute(_WAITING_QUERY, params)).all()}
+
+    @staticmethod
+    async def oldest_waiting_many(
+        conn: AsyncConnection, requests: Sequence[tuple[int, float, Mapping[Tier, tuple[float, int]]]]
+    ) -> dict[int, dict[Tier, float]]:
+        """:meth:`oldest_waiting` for several ``(world_id, world_time, taken)``: one statement on PostgreSQL."""
+        out: dict[int, dict[Tier, float]] = {world_id: {} for world_id, _, _ in requests}
+        if not requests:
+            return out
+        if conn.dialect.name != "postgresql":
+            for world_id, world_time, taken in requests:
+                out[world_id] = await Ticks.oldest_waiting(conn, world_id, world_time, taken)
+            return out
+        params: dict[str, Any] = {"wids": [w for w, _, _ in requests], "nows": [float(t) for _, t, _ in requests]}
+        for t in SIMULATED_TIERS:
+            afters = [taken.get(t, _BEFORE_ALL) for _, _, taken in requests]
+            params[f"after_at{int(t)}"] = [float(at) for at, _ in afters]
+            params[f"after_id{int(t)}"] = [npc_id for _, npc_id in afters]
+        for world_id, tier, next_at in (await conn.execute(_WAITING_MANY_PG, params)).all():
+            out[int(world_id)][Tier(tier)] = float(next_at)
+        return out
+
+    @staticmethod
+    async def write_decisions(conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None:
+        """Write one world's decided NPC columns back (see :meth:`write_decisions_many`)."""
+        await Ticks.write_decisions_many(conn, [(world_id, decisions)])
+
+    @staticmethod
+    async def write_decisions_many(conn: AsyncConnection, batches: Sequence[tuple[int, Sequence[NpcDecision]]]) -> None:
+        """Write decided NPC columns back for several worlds (``world_id`` in every WHERE).
+
+        PostgreSQL: one set-based ``UPDATE … FROM jsonb_to_recordset(…)`` for
+        all of them. SQLite (in process, no round trips to save): one executemany.
+        """
+        if conn.dialect.name == "postgresql":
+            rows: list[Any] = [
+                {
+                    "w": world_id,
+                    "id": d.npc_id,
+                    "next": d.next_decision_at,
+                    "activity": d.current_activity,
+                    "started": d.activity_started_at,
+                    "location": d.location,
+                    "energy": d.energy,
+                    "valence": d.mood_valence,
+                    "arousal": d.mood_arousal,
+                    "decided": d.decided_at,
+                    "state": d.state,
+                }
+                for world_id, decisions in batches
+                for d in decisions
+            ]
+            if rows:
+                # allow_nan=False: a non-finite value from a plug-in decide fails with a clear error.
+                await conn.execute(_WRITE_DECISIONS_MANY_PG, {"rows": json.dumps(rows, allow_nan=False)})
+            return
+        rows = [
+            (
+                d.next_decision_at,
+                d.current_activity,
+                d.activity_started_at,
+                d.location,
+                d.energy,
+                d.mood_valence,
+                d.mood_arousal,
+                d.decided_at,
+                None if d.state is None else json.dumps(d.state, allow_nan=False),
+                d.npc_id,
+                world_id,
+            )
+            for world_id, decisions in batches
+            for d in decisions
+        ]
+        if rows:
+            await conn.exec_driver_sql(_WRITE_DECISION_SQLITE, rows)
+
+    @staticmethod
+    async def advance_world_states(conn: AsyncConnection, advances: Sequence[WorldAdvance]) -> None:
+        """:meth:`advance_world_state` for several worlds: one statement on PostgreSQL.
+
+        Raises :class:`StaleWorldStateError` naming every world whose row did
+        not move (the caller rolls the group back and isolates them).
+        """
+        if len(advances) == 1 or conn.dialect.name != "postgresql":
+            for a in advances:
+                await Ticks.advance_world_state(
+                    conn,
+                    a.world_id,
+                    world_time=a.world_time,
+                    expected_ticks=a.expected_ticks,
+                    advanced_at=a.advanced_at,
+                    fence=a.fence,
+                )
+            return
+        params = {
+            "wids": [a.world_id for a in advances],
+            "expected": [a.expected_ticks for a in advances],
+            "ts": [float(a.world_time) for a in advances],
+            "ats": [a.advanced_at for a in advances],
+            "owners": [a.fence.owner if a.fence is not None else None for a in advances],
+            "epochs": [a.fence.epoch if a.fence is not None else None for a in advances],
+        }
+        moved = {int(r[0]) for r in (await conn.execute(_ADVANCE_MANY_PG, params)).all()}
+        stale = [a.world_id for a in advances if a.world_id not in moved]
+        if stale:
+            raise StaleWorldStateError(
+                f"worlds {stale}: state row not at the planned tick (or lease lost); refusing to apply their ticks"
+            )
+
+    @staticmethod
+    async def advance_world_state(
+        conn: AsyncConnection,
+        world_id: int,
+        *,
+        world_time: float,
+        expected_ticks: int,
+        advanced_at: datetime | None = None,
+        fence: Fence | None = None,
+    ) -> None:
+        """Move the committed clock, fenced on the tick counter we planned from.
+
+        ``advanced_at`` is the wall time the new world time corresponds to (the
+        tick's start), for humans and external checks; default: now.
+        With a ``fence`` (several daemons on PostgreSQL) the update is also
+        conditional on ``lease_owner = me AND lease_epoch = my epoch``.
+        Raises :class:`StaleWorldStateError` when the row moved under us, so
+        a tick can never be applied twice (the caller's transaction, with the
+        tick's NPC writes, then rolls back).
+        """
+        params: dict[str, Any] = {
+            "w": world_id,
+            "expected": expected_ticks,
+            "t": world_time,
+            "at": advanced_at or wall_now(),
+        }
+        statement = _ADVANCE_WORLD_STATE
+        if fence is not None:
+            statement = _ADVANCE_WORLD_STATE_LEASED
+            params.update(owner=fence.owner, epoch=fence.epoch)
+        result = await conn.execute(statement, params)
+        if result.rowcount != 1:
+            raise StaleWorldStateError(
+                f"world {world_id}: state row is not at tick {expected_ticks}"
+                + (f" with lease (owner {fence.owner!r}, epoch {fence.epoch})" if fence is not None else "")
+                + "; refusing to apply the tick"
+            )

@@ -28,7 +28,6 @@ from sqlalchemy import text
 
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
-from tests.conftest import make_store, require_postgres_url
 from tests.helpers import make_world, world_state
 from tests.plugins import BLOCK_MARKER_ENV
 
@@ -396,16 +395,6 @@ def ticks_in_flight(admin: psycopg.Connection[Any], action: str = "") -> int:
         "AND state = 'active' AND query ILIKE '%world_states%'"
     ).fetchone()
     return int(row[0]) if row else 0
-
-
-@pytest.fixture
-async def pg_store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    require_postgres_url()
-    store = await make_store("postgres", tmp_path, request)
-    try:
-        yield store
-    finally:
-        await store.dispose()
 
 
 @pytest.mark.postgres

@@ -26,8 +26,7 @@ from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.store.errors import is_transient, needs_new_connection
 from scheduler_daemon.store.repository import Store
-from tests.conftest import require_postgres_url
-from tests.faults.harness import create_pg_database, drop_pg_database, libpq
+from tests.conftest import libpq
 
 
 # ------------------------------------------------------------- classification
@@ -62,12 +61,9 @@ def test_sqlite_and_other_errors_never_need_a_new_connection() -> None:
 
 # ---------------------------------------------------------------- PostgreSQL
 @pytest.fixture
-def pg_url() -> Iterator[str]:
-    url = create_pg_database(require_postgres_url())
-    try:
-        yield url
-    finally:
-        drop_pg_database(url)
+def pg_url(pg_scratch_url: str) -> str:
+    """A database of the test's own (tests/conftest.py): these tests change its defaults."""
+    return pg_scratch_url
 
 
 @pytest.fixture

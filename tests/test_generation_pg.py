@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.repository import Store
-from tests.conftest import make_store, require_postgres_url
 
 pytestmark = pytest.mark.postgres
 
 QUOTAS = {"max_in_flight_per_world": 100_000, "max_in_flight_per_user": 100_000}
-
-
-@pytest.fixture
-async def pg_store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    require_postgres_url()
-    store = await make_store("postgres", tmp_path, request)
-    try:
-        yield store
-    finally:
-        await store.dispose()
 
 
 async def seed(store: Store, count: int, users: int = 4) -> int:

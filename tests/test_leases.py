@@ -7,7 +7,6 @@ by the test, not by sleeping; runners use a :class:`VirtualClock`.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.leases import Lease, LeaseLostError, LeaseStore, RenewResult, fence_tick
 from scheduler_daemon.store.repository import Store
-from tests.conftest import make_store, require_postgres_url
 from tests.helpers import make_world, npc_rows, world_state
 
 pytestmark = pytest.mark.postgres
@@ -45,13 +43,9 @@ class DbClock:
 
 
 @pytest.fixture
-async def pg(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    require_postgres_url()
-    store = await make_store("postgres", tmp_path, request)
-    try:
-        yield store
-    finally:
-        await store.dispose()
+def pg(pg_store: Store) -> Store:
+    """This module's short name for the shared ``pg_store`` (tests/conftest.py)."""
+    return pg_store
 
 
 def lease_store(store: Store, owner: str, clock: DbClock) -> LeaseStore:

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import ROOT, Cluster, check_accounting, poll
-from tests.conftest import require_postgres_url
 
 pytestmark = [pytest.mark.postgres, pytest.mark.subprocess]
 
@@ -33,9 +32,8 @@ SLACK = 3.0
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    require_postgres_url()
-    c = Cluster(str(request.getfixturevalue("pg_database_url")), tmp_path, ttl=TTL, discovery=DISCOVERY)
+def cluster(tmp_path: Path, pg_database_url: str) -> Iterator[Cluster]:
+    c = Cluster(pg_database_url, tmp_path, ttl=TTL, discovery=DISCOVERY)
     try:
         c.reset(WORLDS, tick_interval=INTERVAL)
         yield c

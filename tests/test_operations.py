@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.settings import load_settings
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
-from tests.conftest import PG_ENV, make_store, require_postgres_url
+from tests.conftest import PG_ENV
 from tests.helpers import drop_trigger, make_world, world_state
 
 
@@ -146,16 +146,6 @@ async def test_tick_limit_resizes_while_permits_are_held() -> None:
     assert len(running) == 3
     third.set()
     await asyncio.gather(*tasks)
-
-
-@pytest.fixture
-async def pg_store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    require_postgres_url()
-    store = await make_store("postgres", tmp_path, request)
-    try:
-        yield store
-    finally:
-        await store.dispose()
 
 
 @pytest.mark.postgres

@@ -28,8 +28,8 @@ from sqlalchemy import text
 
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
-from tests.helpers import make_world, world_state
-from tests.plugins import BLOCK_MARKER_ENV
+from tests.support.helpers import make_world, world_state
+from tests.support.plugins import BLOCK_MARKER_ENV
 
 pytestmark = pytest.mark.subprocess
 
@@ -328,7 +328,7 @@ async def test_watchdog_stops_while_the_loop_is_wedged_and_sighup_bursts_coalesc
         store, simulation={"tickIntervalSeconds": 0.1, "timeScale": 600}, npcs_per_tier={Tier.DETAILED: 5}
     )
     config = tmp_path / "config.toml"
-    config.write_text(config_text("INFO", 'behavior = "tests.plugins:blocking_decide"\n'))
+    config.write_text(config_text("INFO", 'behavior = "tests.support.plugins:blocking_decide"\n'))
     marker = tmp_path / "wedge"
     env = daemon_env(db_url, notify, WATCHDOG_USEC="1000000", **{BLOCK_MARKER_ENV: str(marker)})
     daemon = DaemonProcess(tmp_path, env, config)

@@ -18,7 +18,7 @@ from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldScheduler
 from scheduler_daemon.store import jobs as job_sql
 from scheduler_daemon.store.repository import Store
-from tests.helpers import drop_trigger, install_failing_trigger
+from tests.support.helpers import drop_trigger, install_failing_trigger
 
 
 async def world_with_users(store: Store, users: int, simulation: dict[str, Any] | None = None) -> tuple[int, list[int]]:

@@ -15,7 +15,7 @@ from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import StaleWorldStateError, Store
-from tests.helpers import (
+from tests.support.helpers import (
     drop_commit_failure,
     drop_trigger,
     install_commit_failure,

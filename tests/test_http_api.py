@@ -29,7 +29,7 @@ from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
-from tests.helpers import make_world, world_state
+from tests.support.helpers import make_world, world_state
 
 TOKEN = "test-token-Zx9"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -350,7 +350,7 @@ async def test_forced_tick_waits_for_the_loop_tick_of_that_world(api: Api) -> No
 
 
 async def test_forced_tick_on_a_failing_database_is_503_not_500(api: Api) -> None:
-    from tests.helpers import drop_trigger, install_failing_trigger
+    from tests.support.helpers import drop_trigger, install_failing_trigger
 
     world_id = await running_world(api)
     await install_failing_trigger(api.store, "world_states", world_id)
@@ -456,7 +456,7 @@ async def test_readyz_is_503_when_the_database_is_unreachable(tmp_path: Path) ->
 
 
 async def test_readyz_is_503_while_ticks_fail_in_the_database_and_200_after_the_next_commit(api: Api) -> None:
-    from tests.helpers import drop_trigger, install_failing_trigger
+    from tests.support.helpers import drop_trigger, install_failing_trigger
 
     failing = await running_world(api)
     # Ticks on a frozen clock without a transaction: they say nothing about commits.
@@ -480,7 +480,7 @@ async def test_readyz_is_503_while_ticks_fail_in_the_database_and_200_after_the_
 
 
 async def test_readyz_forgets_failed_ticks_once_no_world_is_left(api: Api) -> None:
-    from tests.helpers import drop_trigger, install_failing_trigger
+    from tests.support.helpers import drop_trigger, install_failing_trigger
 
     world_id = await running_world(api)
     await install_failing_trigger(api.store, "world_states", world_id)

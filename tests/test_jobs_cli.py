@@ -77,7 +77,7 @@ def test_generation_settings_and_sink_loading(tmp_path: Path) -> None:
     from scheduler_daemon.settings import SettingsError, load_settings
 
     path = tmp_path / "config.toml"
-    path.write_text('[generation]\nsink = "tests.sinks:recording_sink"\nsink_timeout_seconds = 2.5\n')
+    path.write_text('[generation]\nsink = "tests.support.sinks:recording_sink"\nsink_timeout_seconds = 2.5\n')
     settings = load_settings(path)
     assert settings.generation.sink_timeout_seconds == 2.5
     assert load_sink(settings.generation.sink).__name__ == "recording_sink"
@@ -91,8 +91,8 @@ def test_generation_settings_and_sink_loading(tmp_path: Path) -> None:
     for spec, message in (
         ("nocolon", "expected 'package.module:callable'"),
         ("tests.no_such_module:f", "module 'tests.no_such_module' not found"),
-        ("tests.sinks:missing", "'tests.sinks' has no attribute 'missing'"),
-        ("tests.sinks:os", "'os' is not callable"),
+        ("tests.support.sinks:missing", "'tests.support.sinks' has no attribute 'missing'"),
+        ("tests.support.sinks:os", "'os' is not callable"),
     ):
         with pytest.raises(ValueError, match=message):
             load_sink(spec)

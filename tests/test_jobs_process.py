@@ -79,7 +79,7 @@ def test_crash_between_commit_and_hand_off_hands_the_request_out_again(db_url: s
 
     try:
         # Run 1: the sink is entered (the claim has committed) and never returns; kill -9 right there.
-        first = _start(env, "tests.sinks:blocking_sink", log)
+        first = _start(env, "tests.support.sinks:blocking_sink", log)
         try:
             poll(lambda: marker.exists() and marker.read_text().strip(), timeout=30, what="the sink to be called")
             _stop(first, signal.SIGKILL)
@@ -90,7 +90,7 @@ def test_crash_between_commit_and_hand_off_hands_the_request_out_again(db_url: s
         assert (status, bool(handed_off), attempts) == ("enqueued", False, 0)  # committed claim, still in the outbox
 
         # Run 2: a restarted daemon hands the same request out again, with the same idempotency key.
-        second = _start(env, "tests.sinks:recording_sink", log)
+        second = _start(env, "tests.support.sinks:recording_sink", log)
         try:
             poll(lambda: bool(row()[1]), timeout=30, what="the request to be handed off after the restart")
         finally:

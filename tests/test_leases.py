@@ -22,7 +22,7 @@ from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.leases import Lease, LeaseLostError, LeaseStore, RenewResult, fence_tick
 from scheduler_daemon.store.repository import Store
-from tests.helpers import make_world, npc_rows, world_state
+from tests.support.helpers import make_world, npc_rows, world_state
 
 pytestmark = pytest.mark.postgres
 

@@ -5,7 +5,7 @@ on a loaded 2-core machine must still renew comfortably inside the TTL (with
 shorter TTLs a CPU-starved daemon loses leases it still wants, which is
 correct and fenced, but makes the balance assertions wait on the churn). Every committed tick
 is recorded by a database trigger and checked against what the daemons
-report (see ``tests/cluster.py``).
+report (see ``tests/support/cluster.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ROOT, Cluster, check_accounting, poll
+from tests.support.cluster import ROOT, Cluster, check_accounting, poll
 
 pytestmark = [pytest.mark.postgres, pytest.mark.subprocess]
 

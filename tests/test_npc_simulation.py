@@ -25,7 +25,7 @@ from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 from scheduler_daemon.simulation.tiers import NpcPlacement, SessionView, assign_tiers, last_taken, select_due
 from scheduler_daemon.store.models import npcs
 from scheduler_daemon.store.repository import Store
-from tests.helpers import make_world, npc_rows, world_state
+from tests.support.helpers import make_world, npc_rows, world_state
 
 SMALL_TIERS = {
     "detailed": {"maxNpcs": 2, "decisionIntervalSeconds": 60},

@@ -22,7 +22,7 @@ from scheduler_daemon.settings import load_settings
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
 from tests.conftest import PG_ENV
-from tests.helpers import drop_trigger, make_world, world_state
+from tests.support.helpers import drop_trigger, make_world, world_state
 
 
 @pytest.fixture(autouse=True)

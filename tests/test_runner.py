@@ -14,7 +14,7 @@ from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.behavior import BehaviorContent, decide
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 from scheduler_daemon.store.repository import Store
-from tests.helpers import drop_trigger, install_failing_trigger, make_world, world_state
+from tests.support.helpers import drop_trigger, install_failing_trigger, make_world, world_state
 
 
 def runner_for(store: Store, clock: VirtualClock, **limits: Any) -> SchedulerLoopRunner:

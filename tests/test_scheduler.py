@@ -13,7 +13,7 @@ from scheduler_daemon.scheduler import WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store, WorldNotFoundError
 from scheduler_daemon.world_config import WorldConfigError
-from tests.helpers import (
+from tests.support.helpers import (
     drop_commit_failure,
     drop_trigger,
     install_commit_failure,

@@ -23,7 +23,7 @@ from scheduler_daemon.simulation.summary import UNDECIDED, SimulationSummary
 from scheduler_daemon.store.models import metadata, npcs
 from scheduler_daemon.store.repository import Store
 from tests.conftest import make_store
-from tests.helpers import world_state
+from tests.support.helpers import world_state
 
 
 async def demo_world(store: Store, key: str) -> int:

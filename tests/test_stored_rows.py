@@ -20,7 +20,7 @@ from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.models import world_states
 from scheduler_daemon.store.repository import MAX_WORLD_META_BYTES, InvalidStoredWorldError, Store
-from tests.helpers import world_state
+from tests.support.helpers import world_state
 
 #: label -> stored meta (JSON text); every one must be discovered and then isolated.
 POISON = {

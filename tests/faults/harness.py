@@ -36,7 +36,7 @@ from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.models import world_states, worlds
 from scheduler_daemon.store.repository import Store
 from tests.conftest import libpq
-from tests.helpers import add_npcs_in_tiers, tier_capacities_for
+from tests.support.helpers import add_npcs_in_tiers, tier_capacities_for
 
 ROOT = Path(__file__).resolve().parents[2]
 APPLICATION_NAME = "scheduler-daemon"  # set by store/database.py on every PostgreSQL session

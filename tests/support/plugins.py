@@ -1,4 +1,4 @@
-"""Behaviour plug-ins for subprocess tests (``[scheduler] behavior = "tests.plugins:…"``)."""
+"""Behaviour plug-ins for subprocess tests (``[scheduler] behavior = "tests.support.plugins:…"``)."""
 
 from __future__ import annotations
 

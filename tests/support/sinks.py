@@ -1,4 +1,4 @@
-"""Generation sinks for daemon subprocess tests (configured as ``tests.sinks:…``).
+"""Generation sinks for daemon subprocess tests (configured as ``tests.support.sinks:…``).
 
 They talk to the test through files named in the environment, so the test
 can see exactly what a real daemon process handed out.

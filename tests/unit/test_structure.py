@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "scheduler_daemon"
+PACKAGE = Path(__file__).resolve().parents[2] / "scheduler_daemon"
 MAX_MODULE_LINES = 600
 MAX_CLASS_LINES = 400
 MAX_FUNCTION_LINES = 80

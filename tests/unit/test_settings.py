@@ -21,7 +21,7 @@ from scheduler_daemon.settings import (
 )
 from tests.conftest import PG_ENV
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.toml"
 
 

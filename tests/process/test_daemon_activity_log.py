@@ -15,7 +15,7 @@ import pytest
 
 from scheduler_daemon.demo import seed_demo
 from scheduler_daemon.store.repository import Store
-from tests.test_daemon_process import ROOT, poll
+from tests.process.test_daemon_world_time import ROOT, poll
 
 pytestmark = pytest.mark.subprocess
 

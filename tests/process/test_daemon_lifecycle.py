@@ -33,7 +33,7 @@ from tests.support.plugins import BLOCK_MARKER_ENV
 
 pytestmark = pytest.mark.subprocess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 INTERVAL = 0.25  # the test world's tickIntervalSeconds

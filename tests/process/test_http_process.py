@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_daemon_process import ROOT, cli, poll, sync_url
+from tests.process.test_daemon_world_time import ROOT, cli, poll, sync_url
 
 pytestmark = pytest.mark.subprocess
 
@@ -124,7 +124,7 @@ def sample(families: dict[str, Any], family: str, name: str | None = None, **lab
 
 @pytest.fixture
 def seeded_env(db_url: str, tmp_path: Path) -> dict[str, str]:
-    from tests.test_daemon_process import _reset_pg
+    from tests.process.test_daemon_world_time import _reset_pg
 
     _reset_pg(db_url)
     env = base_env(db_url, tmp_path)

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from scheduler_daemon import jobs
 from scheduler_daemon.store.repository import Store
 from tests.conftest import TABLES_IN_DELETE_ORDER
-from tests.test_daemon_process import ROOT, poll, sync_url
+from tests.process.test_daemon_world_time import ROOT, poll, sync_url
 
 pytestmark = pytest.mark.subprocess
 

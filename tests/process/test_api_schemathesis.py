@@ -18,9 +18,9 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
+from tests.process.test_daemon_world_time import cli  # noqa: E402
+from tests.process.test_http_process import TOKEN, Daemon, base_env, start_daemon, stop  # noqa: E402
 from tests.support.api_fuzz import fuzz_admin_api  # noqa: E402
-from tests.test_daemon_process import cli  # noqa: E402
-from tests.test_http_process import TOKEN, Daemon, base_env, start_daemon, stop  # noqa: E402
 
 pytestmark = pytest.mark.subprocess
 

@@ -15,7 +15,7 @@ from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
 from tests.support.helpers import drop_trigger, install_failing_trigger, make_world, npc_rows
-from tests.test_monitoring import COUNTERS, GAUGES, HISTOGRAMS, KNOWN_METRICS, OPTIONAL_COUNTERS
+from tests.system.test_monitoring import COUNTERS, GAUGES, HISTOGRAMS, KNOWN_METRICS, OPTIONAL_COUNTERS
 
 
 def scrape(metrics: SchedulerMetrics) -> dict[str, Any]:

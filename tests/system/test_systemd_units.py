@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-UNIT_DIR = Path(__file__).resolve().parent.parent / "systemd"
+UNIT_DIR = Path(__file__).resolve().parents[2] / "systemd"
 BASE = "scheduler-daemon.service"
 RELOAD = "scheduler-daemon-reload.service"
 TEMPLATE = "scheduler-daemon@.service"

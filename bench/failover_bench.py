@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.cluster import Cluster, check_accounting, poll
+from tests.support.cluster import Cluster, check_accounting, poll
 
 NAMES = ("a", "b", "c")
 

@@ -2,7 +2,14 @@
 
 PostgreSQL tests read ``SCHEDULER_TEST_POSTGRES_URL`` (any database on the
 server; each test run creates and drops its own database next to it). Unset:
-they skip with a reason, except under ``CI=true`` where that is a failure.
+they skip with a reason, except under ``CI=true`` where that is a failure;
+so does an unreachable server.
+
+Fixtures: ``backend`` (``sqlite``, ``postgres``), ``store`` (migrated and
+empty, on each backend), ``db_url`` (the same database as a URL),
+``pg_store`` (PostgreSQL only), ``pg_database_url`` (this session's
+PostgreSQL database), ``pg_scratch_url`` (an empty PostgreSQL database of
+the test's own).
 """
 
 from __future__ import annotations
@@ -59,8 +66,34 @@ def require_postgres_url() -> str:
     return url
 
 
-def _libpq(url: str) -> str:
+def libpq(url: str) -> str:
+    """``url`` as libpq takes it (no SQLAlchemy driver name)."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_pg_database(server_url: str, prefix: str = "sched_test") -> str:
+    """A fresh, empty database next to ``server_url``'s (dropped by :func:`drop_pg_database`).
+
+    An unreachable server skips the test, or fails it under CI.
+    """
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        admin = psycopg.connect(libpq(server_url), autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        if _in_ci():
+            pytest.fail(f"PostgreSQL at {PG_ENV} is unreachable in CI: {exc}")
+        pytest.skip(f"PostgreSQL at {PG_ENV} is unreachable: {exc}")
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return (
+        make_url(server_url).set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+    )
+
+
+def drop_pg_database(url: str) -> None:
+    name = make_url(url).database
+    with psycopg.connect(libpq(url.rsplit("/", 1)[0] + "/postgres"), autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -71,19 +104,22 @@ def pg_server_url() -> str:
 @pytest.fixture(scope="session")
 def pg_database_url(pg_server_url: str) -> Iterator[str]:
     """A fresh database for this test session (concurrent runs don't collide)."""
-    name = f"sched_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    url = create_pg_database(pg_server_url)
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture
+def pg_scratch_url() -> Iterator[str]:
+    """A PostgreSQL database of this test's own, empty (not migrated), dropped afterwards.
+
+    For tests that change database-wide settings, which must not leak into other tests.
+    """
+    url = create_pg_database(require_postgres_url())
     try:
-        admin = psycopg.connect(_libpq(pg_server_url), autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        if _in_ci():
-            pytest.fail(f"PostgreSQL at {PG_ENV} is unreachable in CI: {exc}")
-        pytest.skip(f"PostgreSQL at {PG_ENV} is unreachable: {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(pg_server_url).set(drivername="postgresql+psycopg", database=name)
-    yield url.render_as_string(hide_password=False)
-    with psycopg.connect(_libpq(pg_server_url), autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield url
+    finally:
+        drop_pg_database(url)
 
 
 _pg_migrated: set[str] = set()
@@ -124,6 +160,17 @@ async def store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) ->
         yield s
     finally:
         await s.dispose()
+
+
+@pytest.fixture
+async def pg_store(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A migrated, empty store on PostgreSQL only (what SQLite does not have: leases, row locks, triggers)."""
+    require_postgres_url()
+    store = await make_store("postgres", tmp_path, request)
+    try:
+        yield store
+    finally:
+        await store.dispose()
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_postgres_url
+from tests.conftest import create_pg_database, drop_pg_database, require_postgres_url
 from tests.faults.audit import install_audit
-from tests.faults.harness import FaultDatabase, create_pg_database, drop_pg_database
+from tests.faults.harness import FaultDatabase
 
 pytestmark = pytest.mark.subprocess
 
@@ -19,7 +19,7 @@ def _make(backend: str, tmp_path: Path) -> Iterator[FaultDatabase]:
     if backend == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'fault.db'}"
     else:
-        url = create_pg_database(require_postgres_url())
+        url = create_pg_database(require_postgres_url(), prefix="sched_fault")
     db = FaultDatabase(url, backend)
     try:
         db.run(lambda store: store.upgrade())

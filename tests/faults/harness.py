@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +35,8 @@ from scheduler_daemon.generation import create_request
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.models import world_states, worlds
 from scheduler_daemon.store.repository import Store
-from tests.helpers import add_npcs_in_tiers, tier_capacities_for
+from tests.conftest import libpq
+from tests.support.helpers import add_npcs_in_tiers, tier_capacities_for
 
 ROOT = Path(__file__).resolve().parents[2]
 APPLICATION_NAME = "scheduler-daemon"  # set by store/database.py on every PostgreSQL session
@@ -142,10 +142,6 @@ def sync_url(url: str) -> str:
     return url.replace("sqlite+aiosqlite", "sqlite")
 
 
-def libpq(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @dataclass
 class FaultDatabase:
     """A database of its own for one fault test, migrated, with a sync engine for checks."""
@@ -187,22 +183,6 @@ class FaultDatabase:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-
-def create_pg_database(server_url: str) -> str:
-    """A fresh database next to ``server_url``'s (dropped by :func:`drop_pg_database`)."""
-    name = f"sched_fault_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(libpq(server_url), autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    return (
-        make_url(server_url).set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
-    )
-
-
-def drop_pg_database(url: str) -> None:
-    name = make_url(url).database
-    with psycopg.connect(libpq(url.rsplit("/", 1)[0] + "/postgres"), autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def kill_daemon_sessions(db: FaultDatabase) -> int:

@@ -4,7 +4,7 @@ The daemon runs as a subprocess with its HTTP server and an admin token. Two
 sources of hostile requests:
 
 * schemathesis over the daemon's own ``/openapi.json`` (the generator and
-  checks of ``tests/api_fuzz.py``, shared with ``test_api_schemathesis.py``),
+  checks of ``tests/support/api_fuzz.py``, shared with ``test_api_schemathesis.py``),
   positive and negative cases for every operation;
 * hand-written cases: huge and chunked bodies, deep nesting, NaN/Infinity,
   wrong content types, path ids out of range / negative / huge / not numbers,
@@ -44,7 +44,6 @@ import pytest
 import sqlalchemy as sa
 
 from scheduler_daemon.simulation.npc import Tier
-from tests.api_fuzz import fuzz_admin_api
 from tests.faults.harness import (
     FaultDatabase,
     daemon_env,
@@ -56,6 +55,7 @@ from tests.faults.harness import (
     seed_worlds,
     write_config,
 )
+from tests.support.api_fuzz import fuzz_admin_api
 
 pytestmark = pytest.mark.subprocess
 
@@ -237,7 +237,7 @@ def test_schemathesis_never_errors_and_rejections_write_nothing(api: Api) -> Non
 
     def around(case: Any, call: Any) -> None:
         before = snapshot(api.db)
-        response = call()  # raises on a 5xx or a schema violation (tests/api_fuzz.py CHECKS)
+        response = call()  # raises on a 5xx or a schema violation (tests/support/api_fuzz.py CHECKS)
         after = api.observe(f"{case.method} {case.path} {case.path_parameters}", response.status_code, before)
         if response.status_code < 400:
             _check_visible(api, case, response, before, after)

@@ -69,7 +69,7 @@ from tests.faults.harness import (
     seed_many_worlds,
     write_config,
 )
-from tests.helpers import add_npcs_in_tiers
+from tests.support.helpers import add_npcs_in_tiers
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.postgres]
 

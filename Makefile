@@ -6,7 +6,7 @@ VAR    := $(CURDIR)/var
 # The embedded default for development: SQLite under ./var (env wins over the config file).
 RUN_ENV := SCHEDULER_DATABASE__URL=sqlite+aiosqlite:///$(VAR)/scheduler.db
 
-.PHONY: help venv dev run demo test test-fast lint fmt bench bench-quick bench-memory bench-npc soak clean
+.PHONY: help venv dev run demo test lint fmt bench bench-quick bench-memory bench-npc soak clean
 
 help:
 	@echo "make run         set up .venv, migrate ./var/scheduler.db, seed the demo, run the daemon"

@@ -106,13 +106,13 @@ class SchedulerLoopRunner(WorldRegistry, Discovery, LeaseBalancing, Dispatch, Ba
         self._next_discovery = None
 
     def set_limits(self, limits: RunnerLimits) -> None:
-        """Apply reloaded limits; batches in flight finish under the old ones."""
+        """Apply reloaded limits and discover at once; batches in flight finish under the old ones."""
         old, self.limits = self.limits, limits
         if limits.max_concurrent_ticks != old.max_concurrent_ticks:
             self._limit.resize(limits.max_concurrent_ticks)
-        if limits.discovery_interval_seconds != old.discovery_interval_seconds:
-            self._next_discovery = self.clock.now()
-            self._poke()
+        # A reload is when operators expect changed worlds to be picked up, not an interval later.
+        self._next_discovery = self.clock.now()
+        self._poke()
 
     async def run_once(self) -> dict[str, int]:
         """Tick every world whose deadline has arrived, once, and wait for them."""

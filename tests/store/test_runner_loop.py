@@ -129,6 +129,26 @@ async def test_idle_loop_shows_progress_every_idle_wake(store: Store) -> None:
         await asyncio.wait_for(task, timeout=30)
 
 
+async def test_applying_limits_discovers_at_once(store: Store) -> None:
+    """A reload re-reads which worlds should run right away, not one discovery interval later."""
+    clock = VirtualClock()
+    runner = SchedulerLoopRunner(
+        WorldScheduler(store), store, clock=clock, limits=RunnerLimits(discovery_interval_seconds=3600)
+    )
+    task = asyncio.create_task(runner.start())
+    try:
+        await asyncio.wait_for(runner.discovered.wait(), timeout=30)
+        world_id, _ = await make_world(store)
+        runner.set_limits(runner.limits)  # what a SIGHUP with unchanged [scheduler] settings does
+        deadline = asyncio.get_running_loop().time() + 30
+        while world_id not in runner.world_ids:  # the virtual clock stands still: only the reload can do it
+            assert asyncio.get_running_loop().time() < deadline, "the new world was not discovered"
+            await asyncio.sleep(0.01)
+    finally:
+        runner.stop()
+        await asyncio.wait_for(task, timeout=30)
+
+
 async def _settle(runner: SchedulerLoopRunner) -> None:
     """Until the loop has nothing dispatched or running (bounded: the ticks do real database I/O)."""
     deadline = asyncio.get_running_loop().time() + 30

@@ -3,9 +3,9 @@
 ``build_runtime(settings, store, clock)`` wires the tick engine
 (:class:`~scheduler_daemon.scheduler.WorldScheduler`), the loop
 (:class:`~scheduler_daemon.runner.SchedulerLoopRunner`), and, where asked, the
-metrics, the lease keeper and the admin service. The daemon, ``simulate``, the
-CLI and the benchmarks all build through here, so a setting means the same
-thing everywhere.
+metrics, the lease keeper and the admin service. The daemon, ``simulate``
+(CLI) and the end-to-end benchmarks build through here, so a setting means
+the same thing everywhere.
 """
 
 from __future__ import annotations

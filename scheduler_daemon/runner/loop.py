@@ -53,15 +53,16 @@ IDLE_WAKE_SECONDS = 1.0
 class SchedulerLoopRunner(WorldRegistry, Discovery, LeaseBalancing, Dispatch, BatchTicking):
     """Runs the scheduler loop for all registered worlds.
 
-    ``start()`` runs until ``stop()``; ``run_once()`` ticks every due world
-    once and returns (cron-style use, tests). ``run_until(t)`` drives a
-    :class:`~scheduler_daemon.clock.VirtualClock` deterministically.
+    ``worlds`` (where discovery reads which worlds should run) defaults to the
+    scheduler's store. ``start()`` runs until ``stop()``; ``run_once()`` ticks
+    every due world once and returns (cron-style use, tests). ``run_until(t)``
+    drives a :class:`~scheduler_daemon.clock.VirtualClock` deterministically.
     """
 
     def __init__(
         self,
         scheduler: TickEngine,
-        worlds: WorldSource,
+        worlds: WorldSource | None = None,
         *,
         clock: Clock | None = None,
         limits: RunnerLimits | None = None,
@@ -69,7 +70,7 @@ class SchedulerLoopRunner(WorldRegistry, Discovery, LeaseBalancing, Dispatch, Ba
         leases: LeaseKeeper | None = None,
     ) -> None:
         self.scheduler = scheduler
-        self.worlds = worlds
+        self.worlds = worlds if worlds is not None else scheduler.store
         self.leases = leases
         self.clock = clock or MonotonicClock()
         self.limits = limits or RunnerLimits()

@@ -23,6 +23,10 @@ __all__ = ["TickEngine", "TickObserver", "WorldSource"]
 class TickEngine(Protocol):
     """Registers worlds and ticks them (:class:`~scheduler_daemon.scheduler.WorldScheduler`)."""
 
+    @property
+    def store(self) -> WorldSource:
+        """The database it ticks against: the runner's world source unless it is given another."""
+
     async def register_worlds(
         self, requests: Sequence[tuple[int, Lease | None]]
     ) -> dict[int, WorldSimulationContext | Exception]: ...

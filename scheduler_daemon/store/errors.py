@@ -40,14 +40,6 @@ class InvalidStoredWorldError(ValueError):
         super().__init__(f"world {world_id}: {problem}")
 
 
-class ConfigVersionConflictError(RuntimeError):
-    """An optimistic config update lost against a concurrent one."""
-
-    def __init__(self, world_id: int, expected: int, actual: int) -> None:
-        self.world_id, self.expected, self.actual = world_id, expected, actual
-        super().__init__(f"world {world_id}: config version is {actual}, not {expected}")
-
-
 class StaleWorldStateError(RuntimeError):
     """The world's state row changed under us (another writer, or a lost lease)."""
 

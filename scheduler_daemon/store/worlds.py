@@ -23,7 +23,7 @@ from scheduler_daemon.store.base import (
     shown,
     wall_now,
 )
-from scheduler_daemon.store.errors import ConfigVersionConflictError, InvalidStoredWorldError, WorldNotFoundError
+from scheduler_daemon.store.errors import InvalidStoredWorldError, WorldNotFoundError
 from scheduler_daemon.store.leases import Lease, lease_columns
 from scheduler_daemon.store.models import metadata, sessions, world_states, worlds
 
@@ -277,8 +277,6 @@ class Worlds(StoreBase):
         self,
         world_id: int,
         change: Callable[[WorldRecord], Mapping[str, Any] | None],
-        *,
-        expected_version: int | None = None,
     ) -> WorldRecord:
         """Read-modify-write ``meta["simulation"]`` under the world's row lock; returns the record as stored.
 
@@ -286,10 +284,9 @@ class Worlds(StoreBase):
         or ``None`` to leave it as it is (no version bump). It runs inside the
         transaction, which holds the row (``FOR UPDATE``; SQLite: the write
         lock), so concurrent writers of one world are serialized and each
-        merges into the latest version: nothing is lost and nothing conflicts.
-        With ``expected_version`` a different stored version raises
-        :class:`ConfigVersionConflictError` (the caller's If-Match). A stored
-        row that cannot be used raises :class:`InvalidStoredWorldError`, an
+        merges into the latest version: nothing is lost and nothing conflicts
+        (a caller's If-Match is checked by ``change``). A stored row that
+        cannot be used raises :class:`InvalidStoredWorldError`, an
         exception from ``change`` rolls back.
         """
         query = self._world_query().where(worlds.c.id == world_id)
@@ -300,8 +297,6 @@ class Worlds(StoreBase):
             if row is None:
                 raise WorldNotFoundError(world_id)
             current = self._world_record(row).require_valid()
-            if expected_version is not None and current.config_version != expected_version:
-                raise ConfigVersionConflictError(world_id, expected_version, current.config_version)
             new_simulation = change(current)
             if new_simulation is None:
                 return current

@@ -196,3 +196,13 @@ async def test_scans_of_every_world_let_due_ticks_run_between_chunks(monkeypatch
     async for chunk in runner_state.in_chunks([1, 2, 3, 4, 5]):
         seen.append(chunk)
     assert seen == [[1, 2], "tick", [3, 4], [5]]
+
+
+async def test_a_runner_made_from_the_scheduler_alone_discovers_its_stores_worlds(store: Store) -> None:
+    # The embedding pattern users know: SchedulerLoopRunner(scheduler), then discover() and run.
+    world_id, _ = await make_world(store)
+    runner = SchedulerLoopRunner(WorldScheduler(store), clock=VirtualClock())
+    await runner.discover()
+    assert runner.world_ids == [world_id]
+    await runner.run_until(3.0)
+    assert (await world_state(store, world_id))[1] == 3

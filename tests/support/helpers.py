@@ -203,11 +203,9 @@ async def world_state(store: Store, world_id: int) -> tuple[float, int]:
     return float(row[0]), int(row[1])
 
 
-async def update_world_simulation(
-    store: Store, world_id: int, new_simulation: Mapping[str, Any], *, expected_version: int | None = None
-) -> int:
+async def update_world_simulation(store: Store, world_id: int, new_simulation: Mapping[str, Any]) -> int:
     """Store a new ``meta["simulation"]`` (see ``Store.change_world_simulation``); returns the new version."""
-    record = await store.change_world_simulation(world_id, lambda _: new_simulation, expected_version=expected_version)
+    record = await store.change_world_simulation(world_id, lambda _: new_simulation)
     return record.config_version
 
 

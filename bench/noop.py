@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +32,9 @@ class NoopStore:
 
     async def discover_active_worlds(self) -> dict[int, int]:
         return dict(self.worlds)
+
+    async def config_versions(self, world_ids: Collection[int]) -> dict[int, int]:
+        return {w: self.worlds[w] for w in world_ids if w in self.worlds}
 
     async def active_session_views(self) -> ActiveSessions:
         # No players online: discovery still compares every world's tier inputs, as in the daemon.

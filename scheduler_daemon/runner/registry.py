@@ -21,7 +21,8 @@ class WorldRegistry(RunnerBase):
 
     @property
     def world_ids(self) -> list[int]:
-        return sorted(self._slots)
+        """The worlds this runner runs, by id."""
+        return sorted(w for w, slot in self._slots.items() if not slot.removed)
 
     async def add_world(self, world_id: int, *, first_deadline: float | None = None) -> None:
         """Register a world with the scheduler and schedule its first tick.
@@ -74,15 +75,33 @@ class WorldRegistry(RunnerBase):
         return failed
 
     async def remove_world(self, world_id: int) -> None:
-        """Stop ticking a world (waits for its in-flight tick) and unregister it."""
-        slot = self._slots.pop(world_id, None)
+        """Stop ticking a world (waits for its in-flight tick) and unregister it.
+
+        The slot stays (marked removed) until the world is unregistered, so
+        nothing takes the world up again in between (adoption, see
+        :meth:`adopt_registered`), and a slot that replaced it meanwhile
+        (:meth:`add_worlds`) keeps its registration.
+        """
+        slot = self._slots.get(world_id)
         if slot is None:
             return
         slot.removed = True
         async with slot.lock:
+            if self._slots.get(world_id) is not slot:
+                return  # replaced or removed while we waited
+            del self._slots[world_id]
             await self.scheduler.unregister_world(world_id)
         if self.observer:
             self.observer.world_unregistered(world_id)
+
+    def _forget_unregistered(self, slot: Slot) -> None:
+        """The world was unregistered on the scheduler by hand (its tick found it gone): stop running it."""
+        slot.removed = True
+        if self._slots.get(slot.world_id) is slot:
+            del self._slots[slot.world_id]
+            log.info("world no longer registered on the scheduler; not run any more", world_id=slot.world_id)
+            if self.observer:
+                self.observer.world_unregistered(slot.world_id)
 
     async def apply_world_config(self, world_id: int, record: WorldRecord | None = None) -> None:
         """Re-read a world's config now (or apply ``record``, just written); takes effect before its next tick.
@@ -94,6 +113,8 @@ class WorldRegistry(RunnerBase):
         if slot is None:
             return
         async with slot.lock:
+            if slot.removed:
+                return
             now = self.clock.now()
             ctx = await self.scheduler.reload_world(
                 world_id, elapsed_real_since_tick=now - slot.last_tick_at, record=record

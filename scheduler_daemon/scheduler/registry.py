@@ -87,6 +87,7 @@ class WorldRegistry(SchedulerBase):
                     world_time=float(record.world_time or 0.0),
                     ticks=int(record.ticks or 0),
                     config_version=record.config_version,
+                    last_advanced_at=record.last_advanced_at,
                 )
                 entries[world_id] = _World(ctx, behavior, lease=lease)
             assigned = await self._compute_tiers(conn, entries, None) if entries else {}

@@ -25,9 +25,11 @@ from scheduler_daemon.store.worlds import WorldRecord
 
 
 class WorldSource(Protocol):
-    """What the runner's discovery reads: the worlds that should run, and every active session."""
+    """What the runner's discovery reads: the worlds that should run, every active session, config versions."""
 
     async def discover_active_worlds(self) -> dict[int, int]: ...
+
+    async def config_versions(self, world_ids: Collection[int]) -> dict[int, int]: ...
 
     async def active_session_views(self) -> ActiveSessions: ...
 

@@ -273,6 +273,30 @@ class Worlds(StoreBase):
         # A version that is not an integer (SQLite) still discovers the world; loading it reports the field.
         return {int(r[0]): r[1] if isinstance(r[1], int) else -1 for r in rows}
 
+    async def active_world_ids(self) -> list[int]:
+        """The worlds the daemon's discovery would run, by id: the embedding API's ``get_active_worlds``.
+
+        Worlds with an active session or ``alwaysOn: true``, and worlds whose
+        stored row cannot be judged (registering one raises an error naming
+        the field), as :meth:`discover_active_worlds` lists them.
+        """
+        return sorted(await self.discover_active_worlds())
+
+    async def config_versions(self, world_ids: Collection[int]) -> dict[int, int]:
+        """The config version of each of ``world_ids`` that exists (a world not returned is gone)."""
+        ids = sorted(world_ids)
+        out: dict[int, int] = {}
+        async with self.engine.connect() as conn:
+            for start in range(0, len(ids), IDS_PER_STATEMENT):
+                query = sa.select(worlds.c.id, worlds.c.config_version).where(
+                    worlds.c.id.in_(ids[start : start + IDS_PER_STATEMENT])
+                )
+                # A version that is not an integer (SQLite) still moves: reloading it reports the field.
+                out.update(
+                    {int(r[0]): r[1] if isinstance(r[1], int) else -1 for r in (await conn.execute(query)).all()}
+                )
+        return out
+
     async def change_world_simulation(
         self,
         world_id: int,

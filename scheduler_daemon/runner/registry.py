@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import structlog
 
@@ -142,18 +143,53 @@ class WorldRegistry(RunnerBase):
         async with slot.lock:
             if slot.removed:
                 raise WorldNotRegisteredError(world_id)
-            started = self.clock.now()
-            try:
-                result = await self.scheduler.tick_world(world_id, delta_real_seconds)
-            except Exception as exc:
-                self._tick_failed(exc)
-                if self.observer:
-                    # No slot was scheduled, so there is no lag to report (NaN).
-                    self.observer.tick_finished(world_id, "error", math.nan, self.clock.now() - started, None)
-                raise
-            self.progress += 1
-            if touched_database(result):
-                self.commits.committed(self.clock.now())
+            return await self._extra_tick(slot, delta_real_seconds)
+
+    async def freeze_paused(self, world_id: int) -> float:
+        """Commit a paused world's clock as of now, so that it stays where it is; returns its world time.
+
+        A pause accepted between two ticks lets the part of the interval
+        before it accrue at the old rate (:meth:`apply_world_config`), which
+        the world's next tick would commit after the pause was answered. Here,
+        under the world's lock (after a tick in flight), a tick covering the
+        real time since the last one commits that part at once; every later
+        tick of the paused world writes nothing. A world that is not paused
+        (resumed meanwhile), or has nothing to commit, is left as it is.
+        Raises :class:`~scheduler_daemon.scheduler.WorldNotRegisteredError`,
+        or the tick's error (the world's next tick then commits that part).
+        """
+        slot = self._slots.get(world_id)
+        if slot is None:
+            raise WorldNotRegisteredError(world_id)
+        async with slot.lock:
+            if slot.removed:
+                raise WorldNotRegisteredError(world_id)
+            ctx = slot.ctx
+            now = self.clock.now()
+            wall = datetime.now(UTC)
+            elapsed = max(now - slot.last_tick_at, 0.0)
+            if ctx.paused and ctx.plan_advance(elapsed).delta_game_seconds != 0.0:
+                await self._extra_tick(slot, elapsed, wall_at=wall)
+                # A regular tick now: the next one covers the (paused) time from here.
+                slot.last_tick_at = now
+            return ctx.current_world_time
+
+    async def _extra_tick(
+        self, slot: Slot, delta_real_seconds: float, *, wall_at: datetime | None = None
+    ) -> TickResult:
+        """A tick outside the grid (the slot's lock held): counted and observed as a forced one."""
+        started = self.clock.now()
+        try:
+            result = await self.scheduler.tick_world(slot.world_id, delta_real_seconds, wall_at=wall_at)
+        except Exception as exc:
+            self._tick_failed(exc)
             if self.observer:
-                self.observer.tick_finished(world_id, "ok", math.nan, self.clock.now() - started, result)
-            return result
+                # No slot was scheduled, so there is no lag to report (NaN).
+                self.observer.tick_finished(slot.world_id, "error", math.nan, self.clock.now() - started, None)
+            raise
+        self.progress += 1
+        if touched_database(result):
+            self.commits.committed(self.clock.now())
+        if self.observer:
+            self.observer.tick_finished(slot.world_id, "ok", math.nan, self.clock.now() - started, result)
+        return result

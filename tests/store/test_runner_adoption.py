@@ -200,3 +200,17 @@ async def test_with_leases_only_worlds_whose_lease_is_held_tick(pg_store: Store)
     assert (await world_state(pg_store, listed))[1] == 1
     assert await world_state(pg_store, unlisted) == (0.0, 0)
     assert scheduler.get_stats()["worlds"][listed]["lease_owner"] == "a"
+
+
+async def test_the_guides_programmatic_calls(store: Store) -> None:
+    world_id, _ = await make_world(store, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 2})
+    assert world_id == 1
+    scheduler = WorldScheduler(store)
+    await scheduler.register_world(world_id=1)
+    result = await scheduler.tick_world(world_id=1, delta_real_seconds=1.0)
+    assert result.world_time_after == 60.0 and result.npcs_simulated == 2
+    stats = scheduler.get_context(world_id=1).get_stats()
+    assert stats["current_world_time"] == 60.0 and stats["npcs_simulated_last_tick"] == 2
+    assert stats["last_tick_duration_ms"] > 0
+    await scheduler.unregister_world(world_id=1)
+    assert not scheduler.is_registered(1)

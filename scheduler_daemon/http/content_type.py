@@ -81,7 +81,10 @@ class JsonBodyRoute(APIRoute):
         async def read_as_json(request: Request) -> Response:
             headers = request.scope["headers"]
             declared = next((v.decode("latin-1") for k, v in headers if k == b"content-type"), None)
-            body = await request.body()
+            try:
+                body = await request.body()
+            except Exception:
+                body = b""  # the client went away: FastAPI's own read fails and answers it
             if body:
                 refusal = body_refusal(declared, body)
                 if refusal is not None:

@@ -61,8 +61,9 @@ class Adoption(RunnerBase):
         With leases (several daemons) nothing is adopted: only worlds whose
         lease this runner holds may tick, and discovery registers those itself.
         """
-        if self.leases is not None:
-            return []
+        if self.leases is not None or self.scheduler.registrations == self._registrations_seen:
+            return []  # (nothing registered or unregistered since the last look: no scan over every world)
+        self._registrations_seen = self.scheduler.registrations
         contexts = self.scheduler.get_all_contexts()
         adopted: list[int] = []
         now, wall = self.clock.now(), datetime.now(UTC)

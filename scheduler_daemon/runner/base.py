@@ -58,6 +58,7 @@ class RunnerBase:
     _tick_timer: TimerHandle | None
     _tick_timer_at: float
     _next_discovery: float | None
+    _registrations_seen: int  # the scheduler's ``registrations`` at the last adoption scan
 
     if TYPE_CHECKING:
         # registry

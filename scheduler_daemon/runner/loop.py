@@ -108,6 +108,7 @@ class SchedulerLoopRunner(WorldRegistry, Adoption, Discovery, LeaseBalancing, Di
         self._tick_timer = None
         self._tick_timer_at = math.inf
         self._next_discovery = None
+        self._registrations_seen = -1
 
     def set_limits(self, limits: RunnerLimits) -> None:
         """Apply reloaded limits and discover at once; batches in flight finish under the old ones."""

@@ -108,6 +108,8 @@ class WorldRegistry(SchedulerBase):
                 lease_epoch=entry.lease.epoch if entry.lease else None,
             )
             answers[world_id] = ctx
+        if entries:
+            self.registrations += 1
         return answers
 
     def get_lease(self, world_id: int) -> Lease | None:
@@ -195,6 +197,7 @@ class WorldRegistry(SchedulerBase):
         """Stop tracking a world. Its state is already persisted by every committed tick."""
         entry = self._worlds.pop(world_id, None)
         if entry is not None:
+            self.registrations += 1
             log.info(
                 "world unregistered",
                 world_id=world_id,

@@ -478,6 +478,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except ValueError as exc:  # invalid stored config or behaviour: names world and field
             raise CliError(str(exc), EXIT_USAGE) from None
         finally:
+            await plugins.aclose()
             await store.dispose()
         if args.json:
             print(json.dumps(summary.to_dict(), indent=2))

@@ -141,6 +141,7 @@ class Daemon:
         except SettingsError as exc:
             raise StartupError(str(exc), EXIT_CONFIG) from None
         async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(plugins.aclose)  # last: after the runner's final hand-offs
             listener = None
             open_files = _raise_open_files_limit()
             if s.http.enabled:

@@ -15,12 +15,12 @@ notifications sent meanwhile are lost. The discovery poll stays the safety net.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Collection
 from typing import Protocol
 
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
 from scheduler_daemon.retry import first_line
 from scheduler_daemon.store.notifications import CHANNEL, ChangeNotifications
@@ -33,7 +33,7 @@ COALESCE_SECONDS = 0.02
 MAX_NOTIFICATIONS = 1000
 #: A connection quiet this long is checked with a query.
 PROBE_SECONDS = 30.0
-#: Reconnect backoff: full jitter over ``min(RECONNECT_MAX, RECONNECT_BASE × 2^n)``, at least RECONNECT_MIN.
+#: Reconnect backoff (tenacity): jittered between RECONNECT_MIN and ``min(RECONNECT_MAX, RECONNECT_BASE × 2^n)``.
 RECONNECT_BASE_SECONDS = 0.2
 RECONNECT_MIN_SECONDS = 0.05
 RECONNECT_MAX_SECONDS = 10.0
@@ -67,22 +67,30 @@ class ChangeListener:
         """Listen, apply, reconnect after a failure; until cancelled (the connection is closed then)."""
         try:
             while True:
-                try:
-                    await self.notifications.listen()
-                except Exception as exc:
-                    await self._failed(exc)
-                    continue
-                self._resumed()
+                await self._listen()
                 try:
                     while True:
                         await self._next_batch()
                 except Exception as exc:
                     self.listening.clear()
                     await self.notifications.close()
-                    await self._failed(exc)
+                    self._interrupted(exc)
         finally:
             self.listening.clear()
             await self.notifications.close()
+
+    async def _listen(self) -> None:
+        """Connect and LISTEN, retried with jittered exponential backoff until it works."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Exception),
+            wait=wait_random_exponential(
+                multiplier=RECONNECT_BASE_SECONDS, max=RECONNECT_MAX_SECONDS, min=RECONNECT_MIN_SECONDS
+            ),
+            before_sleep=self._connect_failed,
+        ):
+            with attempt:
+                await self.notifications.listen()
+        self._resumed()
 
     async def _next_batch(self) -> None:
         payloads = await self.notifications.receive(
@@ -115,17 +123,19 @@ class ChangeListener:
                 ignored=len(bad),
             )
 
-    async def _failed(self, exc: Exception) -> None:
-        """One WARNING per outage, then wait before the next attempt."""
+    def _connect_failed(self, state: RetryCallState) -> None:
         self._failed_attempts += 1
+        exc = state.outcome.exception() if state.outcome is not None else None
+        self._interrupted(exc)
+
+    def _interrupted(self, exc: BaseException | None) -> None:
+        """One WARNING per outage (until listening again)."""
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             log.warning(
                 "change notifications interrupted, reconnecting; discovery polling covers the gap",
-                error=first_line(exc),
+                error=first_line(exc) if exc is not None else None,
             )
-        cap = min(RECONNECT_MAX_SECONDS, RECONNECT_BASE_SECONDS * 2 ** min(self._failed_attempts, 16))
-        await asyncio.sleep(max(RECONNECT_MIN_SECONDS, random.uniform(0.0, cap)))
 
     def _resumed(self) -> None:
         self.listening.set()

@@ -92,7 +92,11 @@ def test_a_session_inserted_with_sql_reaches_the_owners_tiers_within_a_tick(clus
         cluster.start(name)
     # Not before the owner is known: every world leased, both daemons listening.
     poll(lambda: all(owner for owner, _ in cluster.leases().values()), timeout=60, what="every world owned")
-    poll(lambda: len(listeners(cluster)) == 2, timeout=60, what="both daemons listening")
+    poll(
+        lambda: all(events(cluster, n, "listening for change notifications") for n in "ab"),
+        timeout=60,
+        what="both daemons listening",
+    )
     world, (owner, _) = min(cluster.leases().items())
     other = "b" if owner == "a" else "a"
     with cluster.engine.connect() as conn:

@@ -37,6 +37,8 @@ PROBE_SECONDS = 30.0
 RECONNECT_BASE_SECONDS = 0.2
 RECONNECT_MIN_SECONDS = 0.05
 RECONNECT_MAX_SECONDS = 10.0
+#: Largest world id (``worlds.id`` is a 32-bit integer).
+MAX_WORLD_ID = 2**31 - 1
 #: Payloads that are not a world id are logged at most this often.
 BAD_PAYLOAD_LOG_SECONDS = 60.0
 
@@ -102,10 +104,11 @@ class ChangeListener:
         world_ids: set[int] = set()
         bad: list[str] = []
         for payload in payloads:
-            try:
-                world_ids.add(int(payload))
-            except ValueError:
+            world_id = _world_id(payload)
+            if world_id is None:
                 bad.append(payload)
+            else:
+                world_ids.add(world_id)
         if bad:
             self._bad_payloads(bad)
         if world_ids:
@@ -151,3 +154,12 @@ class ChangeListener:
             log.info("listening for change notifications", channel=CHANNEL)
         self._outage_since = None
         self._failed_attempts = 0
+
+
+def _world_id(payload: str) -> int | None:
+    """The world id a payload names (decimal digits, within the id column's range), else None."""
+    text = payload.strip()
+    if not text.isascii() or not text.isdigit():
+        return None
+    value = int(text)
+    return value if 0 < value <= MAX_WORLD_ID else None

@@ -248,15 +248,21 @@ async def test_payloads_that_are_not_world_ids_are_ignored(pg_store: Store) -> N
     try:
         with structlog.testing.capture_logs() as logs:
             await asyncio.wait_for(listener.listening.wait(), timeout=30)
-            await sql(store, "SELECT pg_notify(%(c)s, 'tavern'), pg_notify(%(c)s, %(w)s)", c=CHANNEL, w=str(world_id))
+            await sql(
+                store,
+                "SELECT pg_notify(%(c)s, 'tavern'), pg_notify(%(c)s, '99999999999'), pg_notify(%(c)s, %(w)s)",
+                c=CHANNEL,
+                w=str(world_id),
+            )
 
             async def applied() -> bool:
                 return runner.changes_applied == 1
 
             await _until(applied, "the valid notification was not applied")
+        assert [e for e in logs if e["log_level"] == "error"] == []  # an out-of-range id never reaches a query
         warnings = [e for e in logs if e["log_level"] == "warning"]
-        assert [(e["event"], e["payload"]) for e in warnings] == [
-            ("change notification ignored: its payload is not a world id", "tavern")
+        assert [(e["event"], e["payload"], e["ignored"]) for e in warnings] == [
+            ("change notification ignored: its payload is not a world id", "tavern", 2)
         ]
         assert warnings[0]["channel"] == CHANNEL
     finally:

@@ -165,6 +165,7 @@ class Daemon:
                 telemetry=telemetry,
                 # Always lease on PostgreSQL, so starting another daemon is all it takes to scale out.
                 leases=store.dialect == "postgresql",
+                notifications=store.dialect == "postgresql",
             )
             stack.push_async_callback(runtime.close)
             self.runtime = runtime
@@ -186,6 +187,12 @@ class Daemon:
                 admin = runtime.admin(lag_monitor, accepting=lambda: self._stop_requested == 0)
                 app = create_app(admin, token=lambda: self.admin_token)
                 await listener.serve(app, authenticated=self.admin_token is not None)
+            if runtime.changes is not None:
+                # LISTEN before the first discovery reads the worlds, so no change falls in between.
+                # If that fails the listener keeps retrying, and discovers once it listens.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.database.connect_timeout_seconds):
+                        await runtime.changes.listening.wait()
             runner_task = asyncio.create_task(runner.start(), name="runner")
             if await self._serving(runner_task):
                 # What startup built lives as long as the process: frozen out of
@@ -218,6 +225,8 @@ class Daemon:
             asyncio.create_task(self._status_loop(), name="status"),
             asyncio.create_task(self._activity_loop(), name="activity-summary"),
         ]
+        if runtime.changes is not None:
+            background.append(asyncio.create_task(runtime.changes.run(), name="change-notifications"))
         wd = watchdog_interval_seconds()
         if wd is not None and self.notifier.enabled:
             runner = runtime.runner

@@ -503,7 +503,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     async def main() -> int:
         store = await _open_store(settings)
         try:
-            return await run_transfer(store, args)
+            return await run_transfer(store, args, settings.defaults.simulation)
         except TransferError as exc:
             raise CliError(str(exc), exc.exit_code) from None
         finally:

@@ -1,1 +1,1 @@
-"""Import and export files: worlds with their NPCs and sessions, as JSON or NDJSON (``scheduler-daemon import``/``export``)."""
+"""Import and export files (``scheduler-daemon import``/``export``): worlds with their NPCs and sessions."""

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from scheduler_daemon.exits import EXIT_CONFIG, EXIT_INPUT_REJECTED, EXIT_OK
+from scheduler_daemon.exits import EXIT_CONFIG, EXIT_DATABASE, EXIT_FAILURE, EXIT_INPUT_REJECTED, EXIT_OK
 
 if TYPE_CHECKING:
     from scheduler_daemon.store.repository import Store
@@ -56,16 +57,27 @@ def add_transfer_parsers(sub: Any, add_config: Callable[[argparse.ArgumentParser
     add_config(p)
 
 
-async def run_transfer(store: Store, args: argparse.Namespace) -> int:
-    """Run ``import`` or ``export`` (``args.command``) against an open store; raises :class:`TransferError`."""
-    if args.command == "import":
-        return await _run_import(store, args)
-    return await _run_export(store, args)
+async def run_transfer(store: Store, args: argparse.Namespace, defaults: Mapping[str, Any]) -> int:
+    """Run ``import`` or ``export`` (``args.command``) against an open store; raises :class:`TransferError`.
+
+    ``defaults`` are the settings' ``[defaults.simulation]``, which imported world configs are validated over.
+    """
+    import sqlalchemy.exc as sa_exc
+
+    from scheduler_daemon.retry import first_line
+
+    try:
+        if args.command == "import":
+            return await _run_import(store, args, defaults)
+        return await _run_export(store, args)
+    except sa_exc.SQLAlchemyError as exc:
+        raise TransferError(f"database error: {first_line(exc)}", EXIT_DATABASE) from None
 
 
-async def _run_import(store: Store, args: argparse.Namespace) -> int:
+async def _run_import(store: Store, args: argparse.Namespace, defaults: Mapping[str, Any]) -> int:
+    from scheduler_daemon.retry import first_line
     from scheduler_daemon.transfer.files import DocumentError, TransferFileError, open_import_file
-    from scheduler_daemon.transfer.importer import import_worlds
+    from scheduler_daemon.transfer.importer import ImportInterrupted, import_worlds
     from scheduler_daemon.transfer.progress import ProgressBar
 
     try:
@@ -73,9 +85,14 @@ async def _run_import(store: Store, args: argparse.Namespace) -> int:
             label = "checking" if args.dry_run else "importing"
             bar = ProgressBar(sys.stderr, label, source.total, enabled=sys.stderr.isatty() and not args.quiet)
             try:
-                summary = await import_worlds(store, source, dry_run=args.dry_run, progress=bar)
+                summary = await import_worlds(store, source, dry_run=args.dry_run, defaults=defaults, progress=bar)
             finally:
                 bar.close()
+    except ImportInterrupted as exc:
+        print(exc.summary.render(), file=sys.stderr)
+        raise TransferError(
+            f"import stopped by a database error: {first_line(exc.__cause__ or exc)}", EXIT_DATABASE
+        ) from None
     except DocumentError as exc:
         raise TransferError(str(exc), EXIT_INPUT_REJECTED) from None
     except TransferFileError as exc:
@@ -88,17 +105,29 @@ async def _run_import(store: Store, args: argparse.Namespace) -> int:
 
 
 async def _run_export(store: Store, args: argparse.Namespace) -> int:
-    from scheduler_daemon.transfer.exporter import export_worlds
+    from scheduler_daemon.transfer.exporter import ExportRefError, export_worlds, resolve_worlds
     from scheduler_daemon.transfer.files import NDJSON_SUFFIXES, FileFormat, TransferFileError, open_export_file
 
     fmt = FileFormat(args.format) if args.format else None
     if fmt is None:
         fmt = FileFormat.NDJSON if args.output.lower().endswith(NDJSON_SUFFIXES) else FileFormat.JSON
     try:
+        # Every reference resolved before anything is written: a typo leaves no file behind.
+        world_ids = await resolve_worlds(store, args.worlds) if args.worlds else None
         with open_export_file(args.output) as out:
-            counts = await export_worlds(store, args.worlds, out, fmt)
+            counts = await export_worlds(store, world_ids, out, fmt)
+    except ExportRefError as exc:
+        raise TransferError(str(exc), EXIT_FAILURE) from None
     except TransferFileError as exc:
         raise TransferError(str(exc), EXIT_CONFIG) from None
+    except BrokenPipeError:
+        # The reader went away (`export | head`): stop quietly, and keep the exit's flush from failing too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise TransferError("the output was closed before the export ended", EXIT_FAILURE) from None
+    except OSError as exc:  # writing the file: disk full, quota (the partial file is removed)
+        raise TransferError(f"{args.output}: {exc.strerror or exc}", EXIT_FAILURE) from None
+    for warning in counts.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     where = "stdout" if args.output == "-" else args.output
     print(f"exported {counts.render()} to {where} ({fmt})", file=sys.stderr)
     return EXIT_OK

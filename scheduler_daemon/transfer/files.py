@@ -88,9 +88,14 @@ def _no_constant(name: str) -> Any:
 _DECODER: Final = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
 
 
+def _json_message(exc: json.JSONDecodeError) -> str:
+    # The decoder's messages expect a position after them ("Unterminated string starting at").
+    return exc.msg.removesuffix(" at").removesuffix(" starting")
+
+
 def _decode_error(exc: ValueError) -> str:
     if isinstance(exc, json.JSONDecodeError):
-        return f"not valid JSON: {exc.msg} (column {exc.colno})"
+        return f"not valid JSON: {_json_message(exc)} (column {exc.colno})"
     return f"not valid JSON: {exc}"
 
 
@@ -163,7 +168,7 @@ class _Document:
         try:
             value, self.pos = _DECODER.raw_decode(self.text, self.pos)
         except json.JSONDecodeError as exc:
-            raise DocumentError(f"line {exc.lineno} column {exc.colno}: not valid JSON: {exc.msg}") from None
+            raise DocumentError(f"line {exc.lineno} column {exc.colno}: not valid JSON: {_json_message(exc)}") from None
         except ValueError as exc:
             raise self.fail(_decode_error(exc)) from None
         return value

@@ -36,7 +36,11 @@ def test_json_document_gives_each_world_the_line_its_object_starts_on(tmp_path: 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('{"worlds": [\n  {"name": "a"},\n  {"name" "b"}\n]}', "line 3 column 11: not valid JSON: Expecting ':' delimiter"),
+        (
+            '{"worlds": [\n  {"name": "a"},\n  {"name" "b"}\n]}',
+            "line 3 column 11: not valid JSON: Expecting ':' delimiter",
+        ),
+        ('{"worlds": [\n  {"name": "a', "line 2 column 12: not valid JSON: Unterminated string"),
         ('{"worlds": [\n  {"name": "a"},\n  {"energy": NaN}\n]}', "line 3: not valid JSON: NaN is not valid JSON"),
         ('{"worlds": [\n  {"energy": 1e999}]}', "line 2: not valid JSON: number out of range: 1e999"),
         ('{"worlds": [\n  {"name": "a"}\n', "line 3: expected ',' or ']' after a world, found the end of the file"),

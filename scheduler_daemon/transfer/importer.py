@@ -85,7 +85,7 @@ def _duplicates(path: str, keys: Sequence[int | str | None], what: str) -> list[
     return problems
 
 
-def check_world(index: int, world: FileWorld, defaults: Mapping[str, Any]) -> list[str]:
+def _check_world(index: int, world: FileWorld, defaults: Mapping[str, Any]) -> list[str]:
     """What the models cannot see: the scheduler config, stored sizes, keys given twice within the world."""
     at = f"worlds[{index}]"
     problems: list[str] = []
@@ -113,7 +113,7 @@ def _parse(entry: Entry, defaults: Mapping[str, Any]) -> FileWorld:
         world = FileWorld.model_validate(entry.data)
     except ValidationError as exc:
         raise RejectedWorld(validation_problems(entry.index, exc)) from None
-    problems = check_world(entry.index, world, defaults)
+    problems = _check_world(entry.index, world, defaults)
     if problems:
         raise RejectedWorld(problems)
     return world

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 #: Problems listed per rejected world; the rest are counted.
 MAX_PROBLEMS_SHOWN: Final = 20
@@ -20,9 +21,15 @@ def field_path(index: int, loc: Iterable[int | str]) -> str:
     return path
 
 
+def _message(error: ErrorDetails) -> str:
+    if error["type"] == "model_type":  # "… or instance of Npc" means nothing in a file
+        return "Input should be a JSON object"
+    return error["msg"].removeprefix("Value error, ")
+
+
 def validation_problems(index: int, exc: ValidationError) -> list[str]:
     """One ``path: message`` per error of a world's validation, paths in the file's camelCase keys."""
-    return [f"{field_path(index, e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)]
+    return [f"{field_path(index, e['loc'])}: {_message(e)}" for e in exc.errors(include_url=False)]
 
 
 @dataclass(frozen=True, slots=True)

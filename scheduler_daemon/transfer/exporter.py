@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, Final
 
-from scheduler_daemon.entities import npc_wire, parse_ref, session_wire, world_wire
+from scheduler_daemon.entities import npc_wire, parse_ref, session_wire
 from scheduler_daemon.store.errors import WorldNotFoundError
 from scheduler_daemon.transfer.files import FileFormat, WorldWriter
 
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 WORLDS_PER_PAGE: Final = 100
 #: NPCs read per query; at most this many are in memory at once.
 NPCS_PER_PAGE: Final = 1000
-#: World fields the daemon keeps for itself: not part of what a world is, so not exported.
-_DAEMON_WORLD_FIELDS: Final = ("configVersion", "paused")
 
 
 class ExportRefError(ValueError):
@@ -77,15 +75,17 @@ async def _world_ids(store: Store, world_ids: Sequence[int] | None) -> AsyncIter
 
 
 def _world_fields(world: StoredWorld) -> dict[str, Any]:
-    wire = world_wire(
-        world.id,
-        external_id=world.external_id,
-        name=world.name,
-        meta=world.meta,
-        config_version=world.config_version,
-        world_time=world.world_time,
-    )
-    return {k: v for k, v in wire.items() if k not in _DAEMON_WORLD_FIELDS}
+    """What a world is, in the file's keys; not the daemon's bookkeeping (``configVersion``, ``paused``)."""
+    meta = dict(world.meta)
+    simulation = meta.pop("simulation", None)
+    return {
+        "id": world.id,
+        "externalId": world.external_id,
+        "name": world.name,
+        "simulation": simulation,
+        "meta": meta,
+        "worldTime": world.world_time,
+    }
 
 
 async def _write_world(store: Store, conn: AsyncConnection, world: StoredWorld, out: WorldWriter) -> ExportCounts:

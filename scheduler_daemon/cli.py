@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("world_id", type=_world_id)
     _add_config(p)
     _add_jobs_parsers(sub)
+    from scheduler_daemon.transfer.commands import add_transfer_parsers
+
+    add_transfer_parsers(sub, _add_config)
 
     p = sub.add_parser("top", help="live table of a running daemon's worlds (admin API)")
     p.add_argument("--url", help="daemon base URL (default: from [http] bind/port of the config)")
@@ -489,6 +492,27 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _run_async(main)
 
 
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from scheduler_daemon.logs import configure_logging
+    from scheduler_daemon.transfer.commands import TransferError, run_transfer
+
+    settings, _, _ = _settings(args)
+    # stdout carries the export or the summary: logs go to stderr, warnings and up.
+    level = settings.logging.level if settings.logging.level not in ("DEBUG", "INFO") else "WARNING"
+    configure_logging(level, settings.logging.format, stream=sys.stderr)
+
+    async def main() -> int:
+        store = await _open_store(settings)
+        try:
+            return await run_transfer(store, args, settings.defaults.simulation)
+        except TransferError as exc:
+            raise CliError(str(exc), exc.exit_code) from None
+        finally:
+            await store.dispose()
+
+    return _run_async(main)
+
+
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
     for row in (header, *rows):
@@ -533,6 +557,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chains": cmd_chains,
     "top": cmd_top,
     "simulate": cmd_simulate,
+    "import": cmd_transfer,
+    "export": cmd_transfer,
 }
 
 

@@ -319,3 +319,24 @@ async def test_an_export_validates_against_the_shipped_schema_and_the_models(sto
     broken = json.loads(text)
     broken["worlds"][0]["npcs"][0]["energy"] = "high"
     assert [e.instance_path for e in validator.iter_errors(broken)] == [["worlds", 0, "npcs", 0, "energy"]]
+
+
+async def test_a_value_the_database_cannot_store_rejects_its_world_and_the_others_go_on(
+    store: Store, tmp_path: Path
+) -> None:
+    # decisions is a BIGINT: past 2**63 - 1 PostgreSQL raised "bigint out of range" and stopped the
+    # whole import as a database error, and SQLite's driver raised OverflowError (a traceback).
+    lines = [
+        {"externalId": "big", "name": "Big", "npcs": [{"name": "a"}, {"name": "b", "decisions": 2**63}]},
+        {"externalId": "max", "name": "Max", "npcs": [{"name": "c", "decisions": 2**63 - 1}]},
+    ]
+    path = tmp_path / "w.ndjson"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary, messages = await run_import(store, path)
+    assert (
+        messages == "line 1: worlds[0].npcs[1].decisions: Input should be less than or equal to 9223372036854775807\n"
+    )
+    assert (summary.worlds_created, summary.npcs_created) == (1, 1)
+    assert await counts(store) == {"worlds": 1, "world_states": 1, "npcs": 1, "sessions": 0}
+    (world,) = worlds_of(await run_export(store))
+    assert world["npcs"][0]["decisions"] == 2**63 - 1

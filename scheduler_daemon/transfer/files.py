@@ -26,6 +26,8 @@ from typing import IO, Any, Final
 #: File name endings that mean NDJSON; ``.json`` means JSON; anything else (and stdin) is told by content.
 NDJSON_SUFFIXES: Final = (".ndjson", ".jsonl")
 STDIO: Final = "-"
+#: A UTF-8 byte order mark, which Windows editors write at the start of a file.
+_BOM: Final = b"\xef\xbb\xbf"
 
 
 class FileFormat(enum.StrEnum):
@@ -88,6 +90,13 @@ def _no_constant(name: str) -> Any:
 _DECODER: Final = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
 
 
+def _decode(text: str) -> Any:
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:  # the decoder recurses per level of nesting
+        raise ValueError("nested too deeply") from None
+
+
 def _json_message(exc: json.JSONDecodeError) -> str:
     # The decoder's messages expect a position after them ("Unterminated string starting at").
     return exc.msg.removesuffix(" at").removesuffix(" starting")
@@ -111,7 +120,7 @@ def format_for(name: str, first_line: bytes | None) -> FileFormat:
     if lowered.endswith(".json") or first_line is None:
         return FileFormat.JSON
     try:
-        value = _DECODER.decode(first_line.decode("utf-8"))
+        value = _decode(first_line.decode("utf-8"))
     except ValueError:
         return FileFormat.JSON
     return FileFormat.NDJSON if isinstance(value, dict) and "worlds" not in value else FileFormat.JSON
@@ -124,7 +133,7 @@ def _ndjson_entries(lines: Iterable[bytes]) -> Iterator[Entry]:
         if not raw.strip():
             continue
         try:
-            data, problem = _DECODER.decode(raw.decode("utf-8")), None
+            data, problem = _decode(raw.decode("utf-8")), None
         except UnicodeDecodeError as exc:
             data, problem = None, f"not valid UTF-8 (byte {exc.start + 1})"
         except ValueError as exc:
@@ -171,6 +180,8 @@ class _Document:
             raise DocumentError(f"line {exc.lineno} column {exc.colno}: not valid JSON: {_json_message(exc)}") from None
         except ValueError as exc:
             raise self.fail(_decode_error(exc)) from None
+        except RecursionError:
+            raise self.fail("not valid JSON: nested too deeply") from None
         return value
 
 
@@ -223,8 +234,16 @@ def _read_lines(stream: IO[bytes], name: str) -> Iterator[bytes]:
         raise TransferFileError(f"{name}: {exc.strerror or exc}") from None
 
 
+def _without_bom(lines: Iterator[bytes]) -> Iterator[bytes]:
+    # RFC 8259 lets a parser ignore a byte order mark; json refuses it.
+    first = next(lines, None)
+    if first is not None:
+        yield first.removeprefix(_BOM)
+        yield from lines
+
+
 def _read_source(stream: IO[bytes], name: str, is_file: bool) -> ImportFile:
-    lines = _read_lines(stream, name)
+    lines = _without_bom(_read_lines(stream, name))
     head: list[bytes] = []
     first = None
     for raw in lines:

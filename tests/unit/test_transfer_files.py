@@ -74,6 +74,37 @@ def test_ndjson_reports_each_bad_line_and_reads_on(tmp_path: Path) -> None:
     ]
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000  # deeper than the decoder's recursion limit
+
+
+def test_json_nested_too_deeply_is_a_bad_line_not_a_crash(tmp_path: Path) -> None:
+    # The decoder raised RecursionError, which no reader caught: a traceback instead of the line.
+    path = tmp_path / "worlds.ndjson"
+    path.write_bytes(b'{"name": "a"}\n' + DEEP + b'\n{"name": "b"}\n')
+    assert _read(path)[2] == [
+        (1, 0, {"name": "a"}, None),
+        (2, 1, None, "not valid JSON: nested too deeply"),
+        (3, 2, {"name": "b"}, None),
+    ]
+    document = tmp_path / "worlds.json"
+    document.write_bytes(b'{"worlds": [\n  {"name": "a"},\n  {"meta": ' + DEEP + b"}\n]}")
+    with pytest.raises(DocumentError, match=r"worlds\.json: line 3: not valid JSON: nested too deeply$"):
+        _read(document)
+    assert format_for("<stdin>", DEEP) is FileFormat.JSON
+
+
+@pytest.mark.parametrize("name", ["worlds.ndjson", "worlds.json", "worlds.txt"])
+def test_a_utf8_byte_order_mark_is_skipped(tmp_path: Path, name: str) -> None:
+    # Windows editors write one; RFC 8259 lets a parser ignore it. It failed the first world, or the document.
+    path = tmp_path / name
+    text = '{"worlds": [\n  {"name": "a"}\n]}\n' if name.endswith(".json") else '{"name": "a"}\n{"name": "b"}\n'
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    fmt, _, entries = _read(path)
+    assert fmt is (FileFormat.JSON if name.endswith(".json") else FileFormat.NDJSON)
+    first_line = 2 if fmt is FileFormat.JSON else 1
+    assert entries[0] == (first_line, 0, {"name": "a"}, None)
+
+
 @pytest.mark.parametrize(
     ("name", "first", "expected"),
     [

@@ -6,6 +6,7 @@ The command line's own behaviour (exit codes, progress bar, stdin) is in
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -340,3 +341,40 @@ async def test_a_value_the_database_cannot_store_rejects_its_world_and_the_other
     assert await counts(store) == {"worlds": 1, "world_states": 1, "npcs": 1, "sessions": 0}
     (world,) = worlds_of(await run_export(store))
     assert world["npcs"][0]["decisions"] == 2**63 - 1
+
+
+@pytest.mark.postgres
+async def test_a_world_that_loses_a_deadlock_is_imported_again(pg_store: Store, tmp_path: Path) -> None:
+    # A running daemon's tick and an import lock a world's NPC rows in different orders; PostgreSQL
+    # ends one of them. The import stopped there (exit 3, later worlds not tried); now it runs the
+    # world's transaction again. The daemon's side is played by a connection that locks an NPC
+    # first, then the world row the import holds, and waits longer than the import to detect it.
+    world = {"externalId": "w", "name": "W", "npcs": [{"externalId": "a", "name": "A", "energy": 10.0}]}
+    path = tmp_path / "w.ndjson"
+    path.write_text(json.dumps(world) + "\n")
+    await run_import(pg_store, path)
+    world_id = await pg_store.resolve_world("w")
+    npc_id = (await pg_store.npc_page(world_id)).rows[0]["id"]
+    world["npcs"][0]["energy"] = 20.0  # type: ignore[index]
+    path.write_text(json.dumps(world) + "\n" + json.dumps({**world, "externalId": "later"}) + "\n")
+
+    async def waiting_for_a_lock() -> int:
+        async with pg_store.connect() as conn:
+            query = (
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            return int((await conn.execute(sa.text(query))).scalar_one())
+
+    async with pg_store.engine.connect() as tick:
+        await tick.execute(sa.text("SET deadlock_timeout = '60s'"))
+        await tick.execute(sa.text("UPDATE npcs SET energy = 0 WHERE id = :n"), {"n": npc_id})
+        importing = asyncio.create_task(run_import(pg_store, path))
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await waiting_for_a_lock():  # the import holds the world row and waits for the NPC
+            assert asyncio.get_running_loop().time() < deadline, "the import never waited for the NPC's lock"
+            await asyncio.sleep(0.05)
+        await tick.execute(sa.text("SELECT id FROM worlds WHERE id = :w FOR UPDATE"), {"w": world_id})
+        await tick.commit()
+    summary, messages = await asyncio.wait_for(importing, timeout=60)
+    assert (messages, summary.worlds_updated, summary.worlds_created, summary.npcs_updated) == ("", 1, 1, 1)
+    assert (await pg_store.npc_page(world_id)).rows[0]["energy"] == 20.0

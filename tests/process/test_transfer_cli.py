@@ -244,3 +244,27 @@ def test_a_running_daemon_ticks_an_imported_world_through_change_notifications(
         assert cluster.stop_all() == {"a": 0}
     finally:
         cluster.close()
+
+
+async def test_output_closed_by_its_reader_ends_without_a_traceback(store: Store, db_url: str, tmp_path: Path) -> None:
+    # `import … | head -1`: the summary could not be printed, a traceback was (the import itself was done).
+    path = tmp_path / "worlds.ndjson"
+    path.write_text(json.dumps(GOOD) + "\n")
+    for args, code, stderr in (
+        (("import", str(path)), 0, ""),
+        (("import", "--json", str(path)), 0, ""),
+        (("export",), 1, "scheduler-daemon: error: the output was closed before the export ended\n"),
+    ):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler_daemon", *args],
+            env=env_for(db_url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone before anything is written
+        assert (proc.wait(timeout=120), proc.stderr.read()) == (code, stderr), args
+        proc.stderr.close()
+    assert await counts(store) == {"worlds": 1, "world_states": 1, "npcs": 1, "sessions": 0}

@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -346,20 +347,46 @@ def open_export_file(path: str) -> Iterator[IO[str]]:
     """A text stream for the export: stdout for ``-``, else a temporary file renamed to ``path`` on success.
 
     A failed export never leaves a half-written file under the requested name.
+    Through a symlink, the file it points at is replaced (the link stays); a
+    path that is not a regular file (a named pipe, ``/dev/stdout``) is written
+    to as it is, never replaced. The file gets the mode a new file would (the
+    umask), or keeps the one it had.
     """
     if path == STDIO:
         yield sys.stdout
         sys.stdout.flush()
         return
     target = Path(path)
+    if target.exists() and not target.is_file():
+        yield from _write_in_place(target)
+        return
+    target = target.resolve()
     try:
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else _new_file_mode()
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise TransferFileError(f"{path}: {exc.strerror or exc}") from None
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             yield out
         Path(tmp).replace(target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_in_place(target: Path) -> Iterator[IO[str]]:
+    try:
+        out = target.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise TransferFileError(f"{target}: {exc.strerror or exc}") from None
+    with out:
+        yield out
+
+
+def _new_file_mode() -> int:
+    # The umask can only be read by setting it; nothing else in this command creates files meanwhile.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -210,6 +210,7 @@ def test_a_running_daemon_ticks_an_imported_world_through_change_notifications(
     cluster = Cluster(pg_database_url, tmp_path, ttl=6.0, discovery=60.0)
     try:
         cluster.reset(1)
+        started = time.monotonic()
         cluster.start("a")
         poll(
             lambda: any(e.get("event") == "listening for change notifications" for e in cluster.log_events("a")),
@@ -224,7 +225,6 @@ def test_a_running_daemon_ticks_an_imported_world_through_change_notifications(
         }
         path = tmp_path / "world.ndjson"
         path.write_text(json.dumps(world) + "\n")
-        started = time.monotonic()
         assert cli(pg_database_url, "import", str(path)).returncode == 0
         with cluster.engine.connect() as conn:
             world_id = conn.execute(sa.text("SELECT id FROM worlds WHERE external_id = 'imported'")).scalar_one()
@@ -240,7 +240,7 @@ def test_a_running_daemon_ticks_an_imported_world_through_change_notifications(
         path.write_text(json.dumps({**world, "sessions": [session]}) + "\n")
         assert cli(pg_database_url, "import", str(path)).returncode == 0
         poll(lambda: tier_of_n1() == 0, timeout=20, what="the session's NPC to be detailed")
-        assert time.monotonic() - started < 60.0, "too slow to rule out a discovery poll"
+        assert time.monotonic() - started < 60.0, "too slow to rule out the daemon's second discovery poll"
         assert cluster.stop_all() == {"a": 0}
     finally:
         cluster.close()

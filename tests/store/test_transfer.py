@@ -378,3 +378,21 @@ async def test_a_world_that_loses_a_deadlock_is_imported_again(pg_store: Store, 
     summary, messages = await asyncio.wait_for(importing, timeout=60)
     assert (messages, summary.worlds_updated, summary.worlds_created, summary.npcs_updated) == ("", 1, 1, 1)
     assert (await pg_store.npc_page(world_id)).rows[0]["energy"] == 20.0
+
+
+async def test_an_unlabelled_id_never_names_an_npc_the_same_import_created(store: Store, tmp_path: Path) -> None:
+    # In an empty database the world's first NPC gets id 1: a session's 1 must not name it by chance.
+    world = {"externalId": "w", "name": "W", "npcs": [{"name": "n"}], "sessions": [{"userId": "u", "sceneNpcIds": [1]}]}
+    path = tmp_path / "w.ndjson"
+    path.write_text(json.dumps(world) + "\n")
+    summary, messages = await run_import(store, path)
+    assert messages == "line 1: worlds[0].sessions[0]: NPCs in neither the file nor the world: 1\n"
+    assert await counts(store) == {"worlds": 0, "world_states": 0, "npcs": 0, "sessions": 0}
+    # Labelled, the same reference is the file's NPC, whatever id it gets.
+    world["npcs"] = [{"id": 1, "name": "n"}]
+    path.write_text(json.dumps(world) + "\n")
+    summary, messages = await run_import(store, path)
+    assert (messages, summary.sessions_created) == ("", 1)
+    (npc,) = (await store.npc_page(await store.resolve_world("w"))).rows
+    (session,) = await store.world_sessions(await store.resolve_world("w"))
+    assert session["scene_npc_ids"] == [npc["id"]]

@@ -213,6 +213,7 @@ job_id_prefix = "{namespace.job_id_prefix}"
         assert namespace.job_keys() == [f"arq:job:{namespace.job_id(request_id)}"]
         worker = start_worker(namespace, daemon_url=daemon.url, token=TOKEN, runs=run_file, log=worker_log)
         poll(lambda: rows(request_id)[0] == "succeeded", timeout=60, what="the worker to complete the request")
+        poll(lambda: namespace.finished(request_id), timeout=30, what="ARQ to finish the job")
     finally:
         if worker is not None:
             stop_process(worker)
@@ -246,6 +247,7 @@ def test_a_redis_outage_keeps_requests_in_the_outbox_until_redis_is_back(
         poll(lambda: rows(first)[:2] == ("enqueued", True), timeout=30, what="the hand-off once Redis is back")
         worker = start_worker(namespace, daemon_url=daemon.url, token=TOKEN, runs=run_file, log=worker_log)
         poll(lambda: rows(first)[0] == "succeeded", timeout=60, what="the first request to complete")
+        poll(lambda: namespace.finished(first), timeout=30, what="ARQ to finish the first job")
 
         # Redis goes away under the daemon's open connections, and comes back empty.
         stop_process(worker)
@@ -259,6 +261,7 @@ def test_a_redis_outage_keeps_requests_in_the_outbox_until_redis_is_back(
         assert namespace.queued() == 1
         worker = start_worker(namespace, daemon_url=daemon.url, token=TOKEN, runs=run_file, log=worker_log)
         poll(lambda: rows(second)[0] == "succeeded", timeout=60, what="the second request to complete")
+        poll(lambda: namespace.finished(second), timeout=30, what="ARQ to finish the second job")
         assert namespace.queued() == 0
     finally:
         if worker is not None:
@@ -317,6 +320,7 @@ def test_sigkill_between_claim_and_hand_off_loses_nothing_and_runs_nothing_twice
         assert namespace.queued() == 1  # one job, whether or not the first daemon had enqueued it
         worker = start_worker(namespace, daemon_url=second.url, token=TOKEN, runs=run_file, log=worker_log)
         poll(lambda: rows(request_id)[0] == "succeeded", timeout=60, what="the worker to complete the request")
+        poll(lambda: namespace.finished(request_id), timeout=30, what="ARQ to finish the job")
     finally:
         if worker is not None:
             stop_process(worker)

@@ -220,7 +220,7 @@ job_id_prefix = "{namespace.job_id_prefix}"
         assert stop_process(daemon.proc) == 0, log.read_text()[-3000:]
     assert runs(run_file) == [f"{request_id} {namespace.job_id(request_id)} 1"], worker_log.read_text()[-3000:]
     assert rows(request_id)[1:3] == (True, 0)
-    # Nothing left to run: the job is done and its result kept (which is what refuses a second enqueue).
+    # Nothing left to run: the job is done and only its result is kept (the worker's keep_result).
     assert namespace.queued() == 0
     assert namespace.job_keys() == [f"arq:result:{namespace.job_id(request_id)}"]
     assert not [e for e in log_events(log) if e.get("level") in ("error", "critical")]

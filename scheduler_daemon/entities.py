@@ -261,6 +261,7 @@ _NPC_WIRE_KEYS: Final = {
     "mood_valence": "moodValence",
     "mood_arousal": "moodArousal",
     "state": "state",
+    "tier": "tier",
     "current_activity": "currentActivity",
     "activity_started_at": "activityStartedAt",
     "next_decision_at": "nextDecisionAt",
@@ -272,10 +273,9 @@ _NPC_WIRE_KEYS: Final = {
 
 def npc_wire(columns: Mapping[str, Any]) -> dict[str, Any]:
     """A stored NPC (column dict, as the store reads it) as the API's :class:`Npc` (camelCase)."""
-    out = {wire: columns.get(column) for column, wire in _NPC_WIRE_KEYS.items()}
     tier = columns.get("tier")
-    out["tier"] = Tier(tier).label if isinstance(tier, int) and tier in Tier._value2member_map_ else None
-    return out
+    label = Tier(tier).label if isinstance(tier, int) and tier in {t.value for t in Tier} else None
+    return {wire: label if column == "tier" else columns.get(column) for column, wire in _NPC_WIRE_KEYS.items()}
 
 
 # ---------------------------------------------------------------- sessions

@@ -187,7 +187,7 @@ async def put_npcs(
 async def list_npcs(ingest: Ingest, world: WorldRef, query: Annotated[NpcPageQuery, Query()]) -> Response:
     """What the daemon decided: tier, activity, location, energy, mood, state, next and last decision."""
     page = await ingest.npc_page(world, query.tier, query.cursor, query.limit)
-    tail = json.dumps({"nextCursor": page.next_cursor})
+    tail = json.dumps({"nextCursor": page.next_cursor}, separators=(",", ":"))
     return Response('{"npcs":[' + ",".join(page.rows) + "]," + tail[1:], media_type="application/json")
 
 

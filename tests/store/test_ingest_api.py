@@ -7,6 +7,7 @@ are checked to have written nothing by counting rows before and after.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -349,3 +350,29 @@ async def test_a_session_naming_missing_npcs_is_422_listing_them(api: Api) -> No
     r = await api.client.put(f"{WORLDS}/ext:harbor/sessions/12345", json={"userId": "u"})
     assert r.status_code == 404 and "session 12345 does not exist" in r.json()["detail"]
     assert await rows(api.store) == before
+
+
+async def test_percent_encoded_external_ids_and_unreadable_rows_are_listed_with_their_problem(api: Api) -> None:
+    await create(api, "north gate")
+    r = await api.client.put("/api/v1/worlds/ext:north%20gate/npcs", json=[npc("ölaf ø"), npc("bob")])
+    assert r.status_code == 200, r.text
+    olaf, bob = (n["id"] for n in r.json()["npcs"])
+    async with api.store.transaction() as conn:  # a game's bad SQL write
+        await conn.execute(sa.text("UPDATE npcs SET state = '[1]' WHERE id = :n"), {"n": bob})
+    listed = {n["id"]: n for n in (await api.client.get("/api/v1/worlds/ext:north%20gate/npcs")).json()["npcs"]}
+    assert listed[bob]["problem"] == "state: expected a JSON object, got array" and listed[bob]["state"] is None
+    assert listed[olaf]["problem"] is None and listed[olaf]["externalId"] == "ölaf ø"
+    assert (await api.client.delete("/api/v1/worlds/ext:north%20gate/npcs/ext:%C3%B6laf%20%C3%B8")).status_code == 204
+    assert list(await tiers(api, "ext:north gate")) == ["bob"]
+
+
+async def test_concurrent_writers_of_one_new_external_id_end_with_one_row(api: Api) -> None:
+    body = {"externalId": "race", "name": "Race", "simulation": CALM}
+    answers = await asyncio.gather(*(api.client.post(WORLDS, json=body) for _ in range(5)))
+    assert sorted(r.status_code for r in answers) == [200, 200, 200, 200, 201], [r.text for r in answers]
+    assert len({r.json()["id"] for r in answers}) == 1
+    batch = [npc("bob", location="dock"), npc("ann")]
+    answers = await asyncio.gather(*(api.client.put(f"{WORLDS}/ext:race/npcs", json=batch) for _ in range(5)))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert sorted(r.json()["created"] for r in answers) == [0, 0, 0, 0, 2]
+    assert len((await rows(api.store))["npcs"]) == 2

@@ -43,8 +43,8 @@ from scheduler_daemon.storable import storable_problems, text_problem
 MAX_ID: Final = 2**31 - 1
 #: Longest external id, name, place or user id (the columns are ``VARCHAR(200)``).
 MAX_TEXT: Final = 200
-#: NPC references per session list.
-MAX_SESSION_NPCS: Final = 10_000
+#: NPC references per session list (a scene is a few; tiers hold at most a few hundred).
+MAX_SESSION_NPCS: Final = 1000
 #: The path prefix of an external id: ``/api/v1/worlds/ext:my-world``.
 EXTERNAL_PREFIX: Final = "ext:"
 
@@ -159,7 +159,7 @@ class World(WorldInput):
     world_time: float | None = Field(
         default=None, description="Committed world time, game seconds (read-only; an import sets it on creation)"
     )
-    paused: bool | None = Field(default=None, description="Read-only: simulation.pauseSimulation")
+    paused: bool | None = Field(default=None, description="Read-only: the effective pauseSimulation")
 
 
 def world_wire(
@@ -170,18 +170,18 @@ def world_wire(
     meta: Mapping[str, Any],
     config_version: int,
     world_time: float | None,
+    paused: bool,
 ) -> dict[str, Any]:
     """A stored world as the API's :class:`World` (camelCase), built without validation (stored rows may be odd)."""
-    simulation = meta.get("simulation")
     return {
         "id": world_id,
         "externalId": external_id,
         "name": name,
-        "simulation": simulation,
+        "simulation": meta.get("simulation"),
         "meta": {k: v for k, v in meta.items() if k != "simulation"},
         "configVersion": config_version,
         "worldTime": world_time,
-        "paused": isinstance(simulation, Mapping) and simulation.get("pauseSimulation") is True,
+        "paused": paused,
     }
 
 
@@ -261,6 +261,7 @@ _NPC_WIRE_KEYS: Final = {
     "mood_valence": "moodValence",
     "mood_arousal": "moodArousal",
     "state": "state",
+    "tier": "tier",
     "current_activity": "currentActivity",
     "activity_started_at": "activityStartedAt",
     "next_decision_at": "nextDecisionAt",
@@ -272,10 +273,9 @@ _NPC_WIRE_KEYS: Final = {
 
 def npc_wire(columns: Mapping[str, Any]) -> dict[str, Any]:
     """A stored NPC (column dict, as the store reads it) as the API's :class:`Npc` (camelCase)."""
-    out = {wire: columns.get(column) for column, wire in _NPC_WIRE_KEYS.items()}
     tier = columns.get("tier")
-    out["tier"] = Tier(tier).label if isinstance(tier, int) and tier in Tier._value2member_map_ else None
-    return out
+    label = Tier(tier).label if isinstance(tier, int) and tier in {t.value for t in Tier} else None
+    return {wire: label if column == "tier" else columns.get(column) for column, wire in _NPC_WIRE_KEYS.items()}
 
 
 # ---------------------------------------------------------------- sessions

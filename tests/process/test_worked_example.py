@@ -6,6 +6,7 @@ directory with this checkout's virtualenv and example config.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -56,15 +57,11 @@ def test_the_worked_example_runs_as_written(tmp_path: Path) -> None:
     try:
         out, err = proc.communicate(timeout=240)
     finally:
-        if proc.poll() is None:
+        # The script, and the daemon it started if it failed before killing it.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
             proc.communicate()
-        else:
-            # The daemon the script started, if the script failed before killing it.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     log = tmp_path / "var" / "example.log"
     context = f"stdout:\n{out}\nstderr:\n{err}\ndaemon log:\n{log.read_text() if log.exists() else '(none)'}"
     assert proc.returncode == 0, context

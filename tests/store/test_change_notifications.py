@@ -238,6 +238,29 @@ async def test_listener_reconnects_once_per_outage_and_discovers_what_it_missed(
         await store.dispose()
 
 
+async def test_a_first_listen_after_the_loop_started_discovers_what_came_before(pg_store: Store) -> None:
+    """The daemon waits only so long for its first LISTEN: a change made before it is found by discovery."""
+    store = pg_store
+    world_id, _ = await make_world(store, session=False)
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=VirtualClock(), limits=NO_POLL)
+    listener = ChangeListener(ChangeNotifications(url_of(store)), runner)
+    tasks = [asyncio.create_task(runner.start())]
+    try:
+        await asyncio.wait_for(runner.discovered.wait(), timeout=30)
+        assert runner.world_ids == []
+        await store.add_session(world_id, "player")  # notified while nobody listens
+        tasks.append(asyncio.create_task(listener.run()))
+
+        async def registered() -> bool:
+            return runner.world_ids == [world_id]
+
+        await _until(registered, "the change made before the first LISTEN was not discovered")
+    finally:
+        runner.stop()
+        tasks[-1].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_payloads_that_are_not_world_ids_are_ignored(pg_store: Store) -> None:
     store = pg_store
     world_id, _ = await make_world(store, simulation={"alwaysOn": True}, session=False)

@@ -8,8 +8,9 @@ arrives meanwhile waits in the connection for the next wakeup, so the work per
 wakeup is bounded and ticks run in between (every step awaits the database).
 
 A lost connection is retried with jittered exponential backoff, logged once
-per outage; once listening again, a discovery pass runs at once, since
-notifications sent meanwhile are lost. The discovery poll stays the safety net.
+per outage; once listening again (or listening for the first time after the
+runner loop started), a discovery pass runs at once, since notifications sent
+meanwhile are lost. The discovery poll stays the safety net.
 """
 
 from __future__ import annotations
@@ -148,10 +149,11 @@ class ChangeListener:
                 outage_seconds=round(time.monotonic() - self._outage_since, 3),
                 attempts=self._failed_attempts,
             )
-            # Whatever was notified during the outage is lost: a discovery pass picks it up.
-            self.target.discover_soon()
         else:
             log.info("listening for change notifications", channel=CHANNEL)
+        # Whatever was notified before (an outage, or a first LISTEN later than the loop's start)
+        # is lost: a discovery pass picks it up. A no-op while the loop has not started.
+        self.target.discover_soon()
         self._outage_since = None
         self._failed_attempts = 0
 

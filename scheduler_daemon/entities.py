@@ -45,8 +45,8 @@ MAX_ID: Final = 2**31 - 1
 MAX_TEXT: Final = 200
 #: Largest count the ``BIGINT`` columns hold (an NPC's ``decisions``).
 MAX_COUNT: Final = 2**63 - 1
-#: NPC references per session list.
-MAX_SESSION_NPCS: Final = 10_000
+#: NPC references per session list (a scene is a few; tiers hold at most a few hundred).
+MAX_SESSION_NPCS: Final = 1000
 #: The path prefix of an external id: ``/api/v1/worlds/ext:my-world``.
 EXTERNAL_PREFIX: Final = "ext:"
 
@@ -161,7 +161,7 @@ class World(WorldInput):
     world_time: float | None = Field(
         default=None, description="Committed world time, game seconds (read-only; an import sets it on creation)"
     )
-    paused: bool | None = Field(default=None, description="Read-only: simulation.pauseSimulation")
+    paused: bool | None = Field(default=None, description="Read-only: the effective pauseSimulation")
 
 
 def world_wire(
@@ -172,18 +172,18 @@ def world_wire(
     meta: Mapping[str, Any],
     config_version: int,
     world_time: float | None,
+    paused: bool,
 ) -> dict[str, Any]:
     """A stored world as the API's :class:`World` (camelCase), built without validation (stored rows may be odd)."""
-    simulation = meta.get("simulation")
     return {
         "id": world_id,
         "externalId": external_id,
         "name": name,
-        "simulation": simulation,
+        "simulation": meta.get("simulation"),
         "meta": {k: v for k, v in meta.items() if k != "simulation"},
         "configVersion": config_version,
         "worldTime": world_time,
-        "paused": isinstance(simulation, Mapping) and simulation.get("pauseSimulation") is True,
+        "paused": paused,
     }
 
 
@@ -263,6 +263,7 @@ _NPC_WIRE_KEYS: Final = {
     "mood_valence": "moodValence",
     "mood_arousal": "moodArousal",
     "state": "state",
+    "tier": "tier",
     "current_activity": "currentActivity",
     "activity_started_at": "activityStartedAt",
     "next_decision_at": "nextDecisionAt",
@@ -274,10 +275,9 @@ _NPC_WIRE_KEYS: Final = {
 
 def npc_wire(columns: Mapping[str, Any]) -> dict[str, Any]:
     """A stored NPC (column dict, as the store reads it) as the API's :class:`Npc` (camelCase)."""
-    out = {wire: columns.get(column) for column, wire in _NPC_WIRE_KEYS.items()}
     tier = columns.get("tier")
-    out["tier"] = Tier(tier).label if isinstance(tier, int) and tier in Tier._value2member_map_ else None
-    return out
+    label = Tier(tier).label if isinstance(tier, int) and tier in {t.value for t in Tier} else None
+    return {wire: label if column == "tier" else columns.get(column) for column, wire in _NPC_WIRE_KEYS.items()}
 
 
 # ---------------------------------------------------------------- sessions

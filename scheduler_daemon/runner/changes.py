@@ -15,6 +15,7 @@ import structlog
 from scheduler_daemon.retry import first_line
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.state import Slot
+from scheduler_daemon.store.errors import LeaseLostError
 from scheduler_daemon.store.worlds import WorldStatus
 
 log = structlog.get_logger("scheduler_daemon.runner")
@@ -110,6 +111,10 @@ class ChangeApplication(RunnerBase):
                 return True
             try:
                 await self.scheduler.refresh_tiers(world_id)
+            except LeaseLostError:
+                # Another instance owns the world now (it applies the change); our next tick's fence drops it.
+                log.info("changes not applied: the world's lease is no longer ours", world_id=world_id)
+                return False
             except Exception as exc:
                 # Keeps the old tiers; the next discovery pass recomputes them.
                 slot.tiers_at = -math.inf

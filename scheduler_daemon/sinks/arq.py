@@ -10,10 +10,13 @@ Handed out once: the ARQ job id is ``job_id_prefix`` + the request's
 idempotency key, and ARQ refuses a job id while that job or its result is in
 Redis. A request handed out again after a crash between the enqueue and
 ``mark_handed_off`` therefore finds its job and is accepted without a second
-one, as long as the first job is still queued or running (at most
-``job_expires_seconds``) or its result is kept (the worker's ``keep_result``,
-one hour by default). A Redis error raises, so the request goes back through
-the daemon's retry path (``generation.maxAttempts``, ``retryBackoffSeconds``).
+one while that job waits or runs (its job key lives at most
+``job_expires_seconds``). A request still being handed out after its job
+finished never had its outcome reported (the report found the daemon or its
+database down, or the request back in ``pending``), so the sink drops the
+kept result and enqueues it again rather than leave it ``enqueued`` for good. A Redis error raises, so the
+request goes back through the daemon's retry path (``generation.maxAttempts``,
+``retryBackoffSeconds``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from scheduler_daemon.store.generation import GenerationRequest
 
 try:
     from arq.connections import ArqRedis
+    from arq.constants import job_key_prefix, result_key_prefix
     from redis.asyncio import ConnectionPool
     from redis.asyncio.connection import parse_url
 except ModuleNotFoundError as exc:  # the optional extra is not installed
@@ -63,20 +67,36 @@ class ArqSink:
         return self.settings.job_id_prefix + request.idempotency_key
 
     async def __call__(self, request: GenerationRequest) -> None:
-        """Enqueue ``request``; a job already in Redis under its id counts as accepted. Redis errors raise."""
-        job = await self._client().enqueue_job(
+        """Enqueue ``request`` unless its job still waits or runs (then accepted as is). Redis errors raise."""
+        redis, job_id = self._client(), self.job_id(request)
+        if await self._enqueue(redis, request, job_id):
+            return
+        if await redis.exists(job_key_prefix + job_id):
+            log.info(
+                "generation request already on the ARQ queue; not enqueued again", request_id=request.id, job_id=job_id
+            )
+            return
+        # Refused for its kept result: the job finished, yet the request is
+        # still being handed out, so its report never reached the daemon (down,
+        # or its database). Accepting would leave it enqueued for good.
+        await redis.delete(result_key_prefix + job_id)
+        if await self._enqueue(redis, request, job_id):
+            log.warning(
+                "generation request's ARQ job finished without reporting back; enqueued again",
+                request_id=request.id,
+                job_id=job_id,
+            )
+
+    async def _enqueue(self, redis: ArqRedis, request: GenerationRequest, job_id: str) -> bool:
+        """ARQ's enqueue; False if ARQ refused the id (its job or its result is in Redis)."""
+        job = await redis.enqueue_job(
             self.settings.function,
             request.to_wire(),
-            _job_id=self.job_id(request),
+            _job_id=job_id,
             _queue_name=self.settings.queue_name,
             _expires=timedelta(seconds=self.settings.job_expires_seconds),
         )
-        if job is None:
-            log.info(
-                "generation request already on the ARQ queue; not enqueued again",
-                request_id=request.id,
-                job_id=self.job_id(request),
-            )
+        return job is not None
 
     def _client(self) -> ArqRedis:
         # Building the client does no I/O: redis-py connects on the first

@@ -140,10 +140,17 @@ class Ingest(IngestNpcs, Worlds):
             raise WorldNotFoundError(ref)
         return self._stored_world(row)
 
-    async def resolve_world(self, ref: int | str, conn: AsyncConnection | None = None) -> int:
-        """The daemon id of a world reference; raises :class:`WorldNotFoundError`."""
+    async def resolve_world(self, ref: int | str, conn: AsyncConnection | None = None, *, lock: bool = False) -> int:
+        """The daemon id of a world reference; raises :class:`WorldNotFoundError`.
+
+        ``lock`` (inside the caller's transaction) keeps the world from being
+        deleted until the commit (PostgreSQL ``FOR KEY SHARE``; config writes
+        are not blocked), so rows written for it never miss their world.
+        """
         key = worlds.c.id == ref if isinstance(ref, int) else worlds.c.external_id == ref
         query = sa.select(worlds.c.id).where(key)
+        if lock and self.dialect == "postgresql":
+            query = query.with_for_update(key_share=True)
         if conn is None:
             async with self.engine.connect() as own:
                 found = (await own.execute(query)).scalar_one_or_none()

@@ -58,16 +58,18 @@ class ChangeNotifications:
     async def receive(self, *, wait: float, window: float, limit: int) -> list[str]:
         """The payloads notified: waits up to ``wait`` seconds for one, then collects more for ``window``.
 
-        Returns at most ``limit`` payloads (the rest stay queued for the next
-        call), or none after a quiet ``wait``; the connection is then checked
-        with a query, so a connection lost silently raises here rather than
-        staying quiet forever. Raises the connection's error when it is lost.
+        Returns about ``limit`` payloads at most (one read from the socket may
+        bring a few more; the rest stay queued for the next call), or none
+        after a quiet ``wait``; the connection is then checked with a query,
+        so a connection lost silently raises here rather than staying quiet
+        forever. Raises the connection's error when it is lost.
         """
         conn = self._conn
         if conn is None:
             raise psycopg.OperationalError("not listening")
         payloads = [n.payload async for n in conn.notifies(timeout=wait, stop_after=1)]
         if not payloads:
+            # A notification that arrives during this query waits for the next notifies() (psycopg >= 3.2.4).
             await conn.execute("SELECT 1")
             return payloads
         if limit > 1:

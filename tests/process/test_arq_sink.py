@@ -213,13 +213,14 @@ job_id_prefix = "{namespace.job_id_prefix}"
         assert namespace.job_keys() == [f"arq:job:{namespace.job_id(request_id)}"]
         worker = start_worker(namespace, daemon_url=daemon.url, token=TOKEN, runs=run_file, log=worker_log)
         poll(lambda: rows(request_id)[0] == "succeeded", timeout=60, what="the worker to complete the request")
+        poll(lambda: namespace.finished(request_id), timeout=30, what="ARQ to finish the job")
     finally:
         if worker is not None:
             stop_process(worker)
         assert stop_process(daemon.proc) == 0, log.read_text()[-3000:]
     assert runs(run_file) == [f"{request_id} {namespace.job_id(request_id)} 1"], worker_log.read_text()[-3000:]
     assert rows(request_id)[1:3] == (True, 0)
-    # Nothing left to run: the job is done and its result kept (which is what refuses a second enqueue).
+    # Nothing left to run: the job is done and only its result is kept (the worker's keep_result).
     assert namespace.queued() == 0
     assert namespace.job_keys() == [f"arq:result:{namespace.job_id(request_id)}"]
     assert not [e for e in log_events(log) if e.get("level") in ("error", "critical")]
@@ -246,6 +247,7 @@ def test_a_redis_outage_keeps_requests_in_the_outbox_until_redis_is_back(
         poll(lambda: rows(first)[:2] == ("enqueued", True), timeout=30, what="the hand-off once Redis is back")
         worker = start_worker(namespace, daemon_url=daemon.url, token=TOKEN, runs=run_file, log=worker_log)
         poll(lambda: rows(first)[0] == "succeeded", timeout=60, what="the first request to complete")
+        poll(lambda: namespace.finished(first), timeout=30, what="ARQ to finish the first job")
 
         # Redis goes away under the daemon's open connections, and comes back empty.
         stop_process(worker)
@@ -259,6 +261,7 @@ def test_a_redis_outage_keeps_requests_in_the_outbox_until_redis_is_back(
         assert namespace.queued() == 1
         worker = start_worker(namespace, daemon_url=daemon.url, token=TOKEN, runs=run_file, log=worker_log)
         poll(lambda: rows(second)[0] == "succeeded", timeout=60, what="the second request to complete")
+        poll(lambda: namespace.finished(second), timeout=30, what="ARQ to finish the second job")
         assert namespace.queued() == 0
     finally:
         if worker is not None:
@@ -317,6 +320,7 @@ def test_sigkill_between_claim_and_hand_off_loses_nothing_and_runs_nothing_twice
         assert namespace.queued() == 1  # one job, whether or not the first daemon had enqueued it
         worker = start_worker(namespace, daemon_url=second.url, token=TOKEN, runs=run_file, log=worker_log)
         poll(lambda: rows(request_id)[0] == "succeeded", timeout=60, what="the worker to complete the request")
+        poll(lambda: namespace.finished(request_id), timeout=30, what="ARQ to finish the job")
     finally:
         if worker is not None:
             stop_process(worker)
@@ -325,3 +329,50 @@ def test_sigkill_between_claim_and_hand_off_loses_nothing_and_runs_nothing_twice
     assert namespace.queued() == 0
     duplicates = [e for e in log_events(log, offset) if e.get("event", "").startswith("generation request already on")]
     assert [e["request_id"] for e in duplicates] == ([request_id] if enqueued_before_kill else [])
+
+
+def test_a_job_whose_report_found_the_daemon_down_runs_again_after_the_restart(
+    db_url: str, tmp_path: Path, namespace: ArqNamespace, rows: Any
+) -> None:
+    """kill -9 after the enqueue; the worker runs the job meanwhile and cannot report: the request is not lost."""
+    _world, request_id = seed(db_url)
+    marker = tmp_path / "marker"
+    log, worker_log, run_file = tmp_path / "daemon.log", tmp_path / "worker.log", tmp_path / "runs"
+    env = daemon_env(db_url, tmp_path, namespace)
+    env.update(
+        SCHEDULER_SCHEDULER__TICK_TIMEOUT_SECONDS="120",
+        SCHEDULER_GENERATION__SINK_TIMEOUT_SECONDS="60",
+        SCHEDULER_SCHEDULER__LEASE_TTL_SECONDS="2",
+        SINK_MARKER_FILE=str(marker),
+    )
+    first = start_daemon({**env, "SCHEDULER_GENERATION__SINK": "tests.support.sinks:arq_enqueue_then_block"}, log)
+    try:
+        poll(lambda: marker.exists() and marker.read_text().strip(), timeout=30, what="the job to be enqueued")
+    finally:
+        stop_process(first.proc, signal.SIGKILL)
+    worker = start_worker(namespace, daemon_url=first.url, token=TOKEN, runs=run_file, log=worker_log)
+    try:
+        # The job runs while the daemon is down: its report is refused by the dead port, so the job fails.
+        poll(lambda: namespace.finished(request_id), timeout=30, what="the job to fail")
+    finally:
+        stop_process(worker)  # it reports to the dead daemon's port; the next one gets the new daemon's
+    assert len(runs(run_file)) == 1
+    assert rows(request_id)[:2] == ("enqueued", False)  # its outcome never reached the database
+
+    offset = log.stat().st_size
+    second = start_daemon(env, log)
+    worker = None
+    try:
+        worker = start_worker(namespace, daemon_url=second.url, token=TOKEN, runs=run_file, log=worker_log)
+        poll(lambda: rows(request_id)[0] == "succeeded", timeout=60, what="the request to run again and complete")
+        poll(lambda: namespace.finished(request_id), timeout=30, what="ARQ to finish the second job")
+    finally:
+        if worker is not None:
+            stop_process(worker)
+        assert stop_process(second.proc) == 0, log.read_text()[-3000:]
+    assert runs(run_file) == [f"{request_id} {namespace.job_id(request_id)} 1"] * 2, worker_log.read_text()[-3000:]
+    assert namespace.queued() == 0
+    again = [
+        e for e in log_events(log, offset) if e.get("event", "").startswith("generation request's ARQ job finished")
+    ]
+    assert [e["request_id"] for e in again] == [request_id]

@@ -8,6 +8,8 @@ database's clock, next to the clock of the session's insert.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -137,3 +139,44 @@ def test_a_session_inserted_with_sql_reaches_the_owners_tiers_within_a_tick(clus
     assert len(with_player) >= 2
     assert not [e for e in events(cluster, other, "tiers assigned") if e["world_id"] == world]
     print(f"session → tiers: {latency * 1000:.0f} ms, after a reconnect {latency_after * 1000:.0f} ms")
+
+
+def test_a_stop_signal_while_waiting_for_the_first_listen_ends_the_daemon(tmp_path: Path, pg_scratch_url: str) -> None:
+    """Startup waits up to ``connect_timeout_seconds`` for LISTEN; a SIGTERM meanwhile must still stop the daemon.
+
+    A role allowed one connection: the store's pool takes it, so LISTEN (a
+    connection of its own) is refused and the daemon sits in that wait.
+    """
+    setup = Cluster(pg_scratch_url, tmp_path)
+    role = f"one_connection_{os.getpid()}"
+    url = sa.engine.make_url(pg_scratch_url).set(username=role).render_as_string(hide_password=False)
+    daemon = Cluster(url, tmp_path, extra_env={"SCHEDULER_DATABASE__CONNECT_TIMEOUT_SECONDS": "120"})
+    try:
+        setup.reset(1)
+        with setup.engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 1'))
+            conn.execute(sa.text(f'GRANT USAGE ON SCHEMA public TO "{role}"'))
+            conn.execute(sa.text(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{role}"'))
+            conn.execute(sa.text(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
+        daemon.start("a")
+        poll(
+            lambda: events(
+                daemon, "a", "change notifications interrupted, reconnecting; discovery polling covers the gap"
+            ),
+            timeout=60,
+            what="LISTEN to be refused",
+        )
+        daemon.signal("a", signal.SIGTERM)
+        poll(lambda: daemon.daemons["a"].proc.poll() is not None, timeout=30, what="the daemon to exit")
+        assert daemon.daemons["a"].proc.returncode == 0
+        assert not events(daemon, "a", "scheduler loop started")
+    finally:
+        daemon.stop_all(timeout=5)
+        with setup.engine.begin() as conn:
+            conn.execute(
+                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = :r"), {"r": role}
+            )
+            conn.execute(sa.text(f'DROP OWNED BY "{role}"'))
+            conn.execute(sa.text(f'DROP ROLE IF EXISTS "{role}"'))
+        setup.engine.dispose()
+        daemon.engine.dispose()

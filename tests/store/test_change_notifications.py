@@ -8,6 +8,7 @@ hour-long discovery interval, so only a notification can bring a change in.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
@@ -51,12 +52,23 @@ async def sql(store: Store, statement: str, **params: object) -> None:
         await conn.execute(statement, params)
 
 
-async def notified(notifications: ChangeNotifications) -> set[str]:
-    """Everything notified so far (a notification is delivered at COMMIT, before the writer returns)."""
+_markers = itertools.count()
+
+
+async def notified(store: Store, notifications: ChangeNotifications) -> set[str]:
+    """Everything notified since the last call.
+
+    Read up to a marker notified now: notifications reach a listener in commit
+    order, so no quiet period has to be guessed (a late one would be missed).
+    """
+    marker = f"marker-{next(_markers)}"
+    await sql(store, "SELECT pg_notify(%(c)s, %(m)s)", c=CHANNEL, m=marker)
     out: set[str] = set()
-    while payloads := await notifications.receive(wait=0.2, window=0.05, limit=1000):
+    while marker not in out:
+        payloads = await notifications.receive(wait=30, window=0, limit=1000)
+        assert payloads, "the marker notification never arrived"
         out.update(payloads)
-    return out
+    return out - {marker}
 
 
 async def test_writes_that_change_what_a_world_runs_notify_its_id(
@@ -65,28 +77,28 @@ async def test_writes_that_change_what_a_world_runs_notify_its_id(
     store = pg_store
     a, (npc,) = await make_world(store, name="a", npcs_per_tier={Tier.AMBIENT: 1})
     b, _ = await make_world(store, name="b", session=False)
-    assert await notified(listening) == {str(a), str(b)}  # created: worlds, NPCs, a session
+    assert await notified(store, listening) == {str(a), str(b)}  # created: worlds, NPCs, a session
 
     await sql(store, "UPDATE sessions SET location = 'tavern' WHERE world_id = %(w)s", w=a)
-    assert await notified(listening) == {str(a)}
+    assert await notified(store, listening) == {str(a)}
     await sql(store, "UPDATE sessions SET updated_at = now() WHERE world_id = %(w)s", w=a)
-    assert await notified(listening) == set()  # nothing tiering reads changed
+    assert await notified(store, listening) == set()  # nothing tiering reads changed
     await sql(store, "UPDATE sessions SET location = location WHERE world_id = %(w)s", w=a)
-    assert await notified(listening) == set()  # the same value again
+    assert await notified(store, listening) == set()  # the same value again
     await sql(store, "UPDATE npcs SET home = 'tavern' WHERE id = %(n)s", n=npc)
-    assert await notified(listening) == {str(a)}
+    assert await notified(store, listening) == {str(a)}
     await sql(store, "UPDATE npcs SET world_id = %(b)s WHERE id = %(n)s", b=b, n=npc)
-    assert await notified(listening) == {str(a), str(b)}  # left one world, joined another
+    assert await notified(store, listening) == {str(a), str(b)}  # left one world, joined another
     await sql(store, "UPDATE npcs SET location = 'square', energy = 5 WHERE id = %(n)s", n=npc)
-    assert await notified(listening) == set()  # columns ticks write: covered by the poll only
+    assert await notified(store, listening) == set()  # columns ticks write: covered by the poll only
     await sql(store, "UPDATE worlds SET meta = meta || '{\"x\": 1}' WHERE id = %(b)s", b=b)
-    assert await notified(listening) == {str(b)}
+    assert await notified(store, listening) == {str(b)}
     await sql(store, "DELETE FROM npcs WHERE id = %(n)s", n=npc)
-    assert await notified(listening) == {str(b)}
+    assert await notified(store, listening) == {str(b)}
     await sql(store, "DELETE FROM worlds WHERE id = %(a)s", a=a)
-    assert await notified(listening) == {str(a)}
+    assert await notified(store, listening) == {str(a)}
     await sql(store, "SELECT pg_notify(%(c)s, %(w)s)", c=CHANNEL, w=str(b))  # what a game can send itself
-    assert await notified(listening) == {str(b)}
+    assert await notified(store, listening) == {str(b)}
 
 
 async def test_ticks_and_tier_assignments_notify_nothing(pg_store: Store, listening: ChangeNotifications) -> None:
@@ -98,7 +110,7 @@ async def test_ticks_and_tier_assignments_notify_nothing(pg_store: Store, listen
     clock = VirtualClock()
     runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=clock, limits=NO_POLL)
     await runner.discover()
-    await notified(listening)  # the setup's own writes
+    await notified(store, listening)  # the setup's own writes
 
     # An NPC walks to the player by a write no trigger covers: the forced
     # recomputation writes new tiers, which must stay quiet too.
@@ -112,7 +124,7 @@ async def test_ticks_and_tier_assignments_notify_nothing(pg_store: Store, listen
     await runner.run_until(60.0)
     assert runner.ticks_ok == 120 and runner.ticks_failed == 0
     await runner.discover()
-    assert await notified(listening) == set()
+    assert await notified(store, listening) == set()
 
 
 async def _until(condition: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
@@ -236,6 +248,29 @@ async def test_listener_reconnects_once_per_outage_and_discovers_what_it_missed(
         await admin.close()
         await writer.close()
         await store.dispose()
+
+
+async def test_a_first_listen_after_the_loop_started_discovers_what_came_before(pg_store: Store) -> None:
+    """The daemon waits only so long for its first LISTEN: a change made before it is found by discovery."""
+    store = pg_store
+    world_id, _ = await make_world(store, session=False)
+    runner = SchedulerLoopRunner(WorldScheduler(store), store, clock=VirtualClock(), limits=NO_POLL)
+    listener = ChangeListener(ChangeNotifications(url_of(store)), runner)
+    tasks = [asyncio.create_task(runner.start())]
+    try:
+        await asyncio.wait_for(runner.discovered.wait(), timeout=30)
+        assert runner.world_ids == []
+        await store.add_session(world_id, "player")  # notified while nobody listens
+        tasks.append(asyncio.create_task(listener.run()))
+
+        async def registered() -> bool:
+            return runner.world_ids == [world_id]
+
+        await _until(registered, "the change made before the first LISTEN was not discovered")
+    finally:
+        runner.stop()
+        tasks[-1].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_payloads_that_are_not_world_ids_are_ignored(pg_store: Store) -> None:

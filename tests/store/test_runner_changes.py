@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog.testing
 
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.leasing import LeaseKeeper
@@ -181,3 +182,41 @@ async def test_with_leases_only_the_owner_acts(pg_store: Store) -> None:
         await asyncio.wait_for(task, timeout=30)
     await runner_a.apply_changes([owned])
     assert runner_a.changes_applied == 1
+
+
+@pytest.mark.postgres
+async def test_a_daemon_that_lost_the_lease_unawares_writes_no_tiers(pg_store: Store) -> None:
+    """A frozen daemon wakes to a change notified meanwhile: the world is another's now, not ours to tier."""
+    store = pg_store
+    world_id, _ = await make_world(store, simulation={"alwaysOn": True})  # a player at "square"
+    clock_a, clock_b = VirtualClock(), VirtualClock()
+    runner_a = runner_for(store, clock_a, leases=LeaseKeeper(LeaseStore(store.engine, "a", 30.0), clock_a))
+    runner_b = runner_for(store, clock_b, leases=LeaseKeeper(LeaseStore(store.engine, "b", 30.0), clock_b))
+    await runner_a.discover()
+    assert runner_a.world_ids == [world_id]
+
+    # A stands still for longer than the TTL (SIGSTOP, a VM pause); its lease runs out and B takes the world.
+    clock_a.set(100.0)
+    async with store.transaction() as conn:
+        await conn.execute(
+            sa.text("UPDATE world_states SET lease_expires_at = now() - interval '1 second' WHERE world_id = :w"),
+            {"w": world_id},
+        )
+    await runner_b.discover()
+    assert runner_b.world_ids == [world_id]
+    (newcomer,) = await store.add_npcs(world_id, [{"name": "newcomer", "location": "square"}])
+    await update_world_simulation(store, world_id, {"tiers": {"detailed": {"maxNpcs": 5}}})  # reassigns tiers too
+
+    with structlog.testing.capture_logs() as logs:
+        await runner_a.apply_changes([world_id])  # A, awake again, before its renewal noticed the loss
+        assert (await tiers(store, world_id))[newcomer] == Tier.DORMANT  # the column's default: A wrote nothing
+        assert runner_a.changes_applied == 0
+        await runner_a.discover()
+    assert (await tiers(store, world_id))[newcomer] == Tier.DORMANT
+    assert runner_a.broken == {}
+    assert [e for e in logs if e["log_level"] == "error"] == []  # not a failure: the world is B's
+
+    await runner_b.apply_changes([world_id])
+    assert (await tiers(store, world_id))[newcomer] == Tier.DETAILED
+    await runner_a.run_until(101.0)  # A's next tick: its fence drops the world
+    assert runner_a.world_ids == []

@@ -45,6 +45,17 @@ class ArqNamespace:
         with self.client() as r:
             return int(r.zcard(self.queue_name))
 
+    def finished(self, request_id: int) -> bool:
+        """ARQ is done with the request's job: its result is stored and its job key gone.
+
+        A request reads ``succeeded`` as soon as the job has reported, a moment
+        before the worker stores the result; a worker stopped in that moment
+        cancels the job and leaves it queued to run again.
+        """
+        job_id = self.job_id(request_id)
+        with self.client() as r:
+            return bool(r.exists(f"arq:result:{job_id}")) and not r.exists(f"arq:job:{job_id}")
+
     def job_keys(self) -> list[str]:
         """This test's ARQ keys (``arq:job:``, ``arq:result:``, ``arq:retry:``, ``arq:in-progress:``)."""
         with self.client() as r:

@@ -7,6 +7,7 @@ guarantee rests on, with a real ARQ worker run in burst mode.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -48,11 +49,13 @@ def sink_for(namespace: ArqNamespace) -> ArqSink:
     )
 
 
-async def run_worker_once(namespace: ArqNamespace, ran: list[dict[str, Any]]) -> None:
-    """A real ARQ worker in burst mode: runs what is queued, then returns."""
+async def run_worker_once(namespace: ArqNamespace, ran: list[dict[str, Any]], *, fail: bool = False) -> None:
+    """A real ARQ worker in burst mode: runs what is queued, then returns; ``fail``: the job raises."""
 
     async def generate(ctx: dict[str, Any], request: dict[str, Any]) -> None:
         ran.append(request)
+        if fail:  # as a job does whose report to the daemon fails (the daemon or its database is down)
+            raise RuntimeError("POST /api/v1/generation/{id}/complete: connection refused")
 
     worker = Worker(
         functions=[func(generate, name="generate")],
@@ -68,27 +71,61 @@ async def run_worker_once(namespace: ArqNamespace, ran: list[dict[str, Any]]) ->
         await worker.close()
 
 
-async def test_the_same_request_handed_out_again_is_one_job_while_its_job_or_result_is_in_redis(
+async def test_the_same_request_handed_out_again_is_one_job_while_its_job_waits_or_runs(
     namespace: ArqNamespace,
 ) -> None:
     sink, request = sink_for(namespace), claimed(41)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def generate(ctx: dict[str, Any], request: dict[str, Any]) -> None:
+        started.set()
+        await release.wait()
+
+    worker = Worker(
+        functions=[func(generate, name="generate")],
+        redis_settings=RedisSettings.from_dsn(namespace.redis_url),
+        queue_name=namespace.queue_name,
+        burst=True,
+        poll_delay=0.01,
+        handle_signals=False,
+    )
     try:
         await sink(request)
         await sink(request)  # a re-delivery after a crash: accepted, not enqueued again
         assert namespace.queued() == 1
         assert namespace.job_keys() == [f"arq:job:{namespace.job_id(41)}"]
 
-        ran: list[dict[str, Any]] = []
-        await run_worker_once(namespace, ran)
-        assert ran == [request.to_wire()]  # the job receives the request as plain JSON-ready data
-        await sink(request)  # the result is kept (the worker's keep_result): still refused
+        running = asyncio.create_task(worker.main())
+        await asyncio.wait_for(started.wait(), timeout=30)
+        await sink(request)  # and while its job runs
+        release.set()
+        await asyncio.wait_for(running, timeout=30)
         assert namespace.queued() == 0
+        assert namespace.job_keys() == [f"arq:result:{namespace.job_id(41)}"]  # it ran once
+    finally:
+        release.set()
+        await worker.close()
+        await sink.aclose()
 
-        # The window: once the result has expired (deleted here), the same id is a new job.
-        with namespace.client() as r:
-            r.delete(f"arq:result:{namespace.job_id(41)}")
+
+@pytest.mark.parametrize("fails", [True, False], ids=["job-failed", "job-succeeded"])
+async def test_a_request_handed_out_again_after_its_job_finished_is_a_new_job(
+    namespace: ArqNamespace, fails: bool
+) -> None:
+    """Still handed out after its job finished: the job's report never reached the daemon (it would wait forever)."""
+    sink, request = sink_for(namespace), claimed(43)
+    try:
+        await sink(request)
+        ran: list[dict[str, Any]] = []
+        await run_worker_once(namespace, ran, fail=fails)
+        assert ran == [request.to_wire()]  # the job receives the request as plain JSON-ready data
+        assert namespace.job_keys() == [f"arq:result:{namespace.job_id(43)}"]  # kept for the worker's keep_result
+
         await sink(request)
         assert namespace.queued() == 1
+        await run_worker_once(namespace, ran)
+        assert ran == [request.to_wire()] * 2
+        assert namespace.job_keys() == [f"arq:result:{namespace.job_id(43)}"]
     finally:
         await sink.aclose()
 

@@ -43,6 +43,8 @@ from scheduler_daemon.storable import storable_problems, text_problem
 MAX_ID: Final = 2**31 - 1
 #: Longest external id, name, place or user id (the columns are ``VARCHAR(200)``).
 MAX_TEXT: Final = 200
+#: Largest count the ``BIGINT`` columns hold (an NPC's ``decisions``).
+MAX_COUNT: Final = 2**63 - 1
 #: NPC references per session list (a scene is a few; tiers hold at most a few hundred).
 MAX_SESSION_NPCS: Final = 1000
 #: The path prefix of an external id: ``/api/v1/worlds/ext:my-world``.
@@ -237,7 +239,7 @@ class Npc(NpcInput):
     activity_started_at: float | None = Field(default=None, description="World time")
     next_decision_at: float = Field(default=0.0, description="World time of the NPC's next decision")
     last_decision_at: float | None = Field(default=None, description="World time of its last decision")
-    decisions: int = Field(default=0, ge=0, description="Decisions taken so far")
+    decisions: int = Field(default=0, ge=0, le=MAX_COUNT, description="Decisions taken so far")
     problem: str | None = Field(
         default=None, description="Read-only: why the daemon cannot decide this NPC (quarantined), or null"
     )

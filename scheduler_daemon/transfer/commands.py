@@ -97,11 +97,17 @@ async def _run_import(store: Store, args: argparse.Namespace, defaults: Mapping[
         raise TransferError(str(exc), EXIT_INPUT_REJECTED) from None
     except TransferFileError as exc:
         raise TransferError(str(exc), EXIT_CONFIG) from None
-    if args.json:
-        print(json.dumps(summary.to_wire(), indent=2))
-    else:
-        print(summary.render())
+    try:
+        print(json.dumps(summary.to_wire(), indent=2) if args.json else summary.render(), flush=True)
+    except BrokenPipeError:
+        # The reader went away (`import … | head -1`); the import itself is done, its exit code stands.
+        _silence_stdout()
     return EXIT_INPUT_REJECTED if summary.failures else EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit does not fail again on a closed pipe."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 async def _run_export(store: Store, args: argparse.Namespace) -> int:
@@ -121,8 +127,8 @@ async def _run_export(store: Store, args: argparse.Namespace) -> int:
     except TransferFileError as exc:
         raise TransferError(str(exc), EXIT_CONFIG) from None
     except BrokenPipeError:
-        # The reader went away (`export | head`): stop quietly, and keep the exit's flush from failing too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # The reader went away (`export | head`): stop quietly.
+        _silence_stdout()
         raise TransferError("the output was closed before the export ended", EXIT_FAILURE) from None
     except OSError as exc:  # writing the file: disk full, quota (the partial file is removed)
         raise TransferError(f"{args.output}: {exc.strerror or exc}", EXIT_FAILURE) from None

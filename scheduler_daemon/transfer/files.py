@@ -16,6 +16,7 @@ import itertools
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,8 @@ from typing import IO, Any, Final
 #: File name endings that mean NDJSON; ``.json`` means JSON; anything else (and stdin) is told by content.
 NDJSON_SUFFIXES: Final = (".ndjson", ".jsonl")
 STDIO: Final = "-"
+#: A UTF-8 byte order mark, which Windows editors write at the start of a file.
+_BOM: Final = b"\xef\xbb\xbf"
 
 
 class FileFormat(enum.StrEnum):
@@ -88,6 +91,13 @@ def _no_constant(name: str) -> Any:
 _DECODER: Final = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
 
 
+def _decode(text: str) -> Any:
+    try:
+        return _DECODER.decode(text)
+    except RecursionError:  # the decoder recurses per level of nesting
+        raise ValueError("nested too deeply") from None
+
+
 def _json_message(exc: json.JSONDecodeError) -> str:
     # The decoder's messages expect a position after them ("Unterminated string starting at").
     return exc.msg.removesuffix(" at").removesuffix(" starting")
@@ -111,7 +121,7 @@ def format_for(name: str, first_line: bytes | None) -> FileFormat:
     if lowered.endswith(".json") or first_line is None:
         return FileFormat.JSON
     try:
-        value = _DECODER.decode(first_line.decode("utf-8"))
+        value = _decode(first_line.decode("utf-8"))
     except ValueError:
         return FileFormat.JSON
     return FileFormat.NDJSON if isinstance(value, dict) and "worlds" not in value else FileFormat.JSON
@@ -124,7 +134,7 @@ def _ndjson_entries(lines: Iterable[bytes]) -> Iterator[Entry]:
         if not raw.strip():
             continue
         try:
-            data, problem = _DECODER.decode(raw.decode("utf-8")), None
+            data, problem = _decode(raw.decode("utf-8")), None
         except UnicodeDecodeError as exc:
             data, problem = None, f"not valid UTF-8 (byte {exc.start + 1})"
         except ValueError as exc:
@@ -171,6 +181,8 @@ class _Document:
             raise DocumentError(f"line {exc.lineno} column {exc.colno}: not valid JSON: {_json_message(exc)}") from None
         except ValueError as exc:
             raise self.fail(_decode_error(exc)) from None
+        except RecursionError:
+            raise self.fail("not valid JSON: nested too deeply") from None
         return value
 
 
@@ -223,8 +235,16 @@ def _read_lines(stream: IO[bytes], name: str) -> Iterator[bytes]:
         raise TransferFileError(f"{name}: {exc.strerror or exc}") from None
 
 
+def _without_bom(lines: Iterator[bytes]) -> Iterator[bytes]:
+    # RFC 8259 lets a parser ignore a byte order mark; json refuses it.
+    first = next(lines, None)
+    if first is not None:
+        yield first.removeprefix(_BOM)
+        yield from lines
+
+
 def _read_source(stream: IO[bytes], name: str, is_file: bool) -> ImportFile:
-    lines = _read_lines(stream, name)
+    lines = _without_bom(_read_lines(stream, name))
     head: list[bytes] = []
     first = None
     for raw in lines:
@@ -327,20 +347,46 @@ def open_export_file(path: str) -> Iterator[IO[str]]:
     """A text stream for the export: stdout for ``-``, else a temporary file renamed to ``path`` on success.
 
     A failed export never leaves a half-written file under the requested name.
+    Through a symlink, the file it points at is replaced (the link stays); a
+    path that is not a regular file (a named pipe, ``/dev/stdout``) is written
+    to as it is, never replaced. The file gets the mode a new file would (the
+    umask), or keeps the one it had.
     """
     if path == STDIO:
         yield sys.stdout
         sys.stdout.flush()
         return
     target = Path(path)
+    if target.exists() and not target.is_file():
+        yield from _write_in_place(target)
+        return
+    target = target.resolve()
     try:
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else _new_file_mode()
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise TransferFileError(f"{path}: {exc.strerror or exc}") from None
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             yield out
         Path(tmp).replace(target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_in_place(target: Path) -> Iterator[IO[str]]:
+    try:
+        out = target.open("w", encoding="utf-8")
+    except OSError as exc:
+        raise TransferFileError(f"{target}: {exc.strerror or exc}") from None
+    with out:
+        yield out
+
+
+def _new_file_mode() -> int:
+    # The umask can only be read by setting it; nothing else in this command creates files meanwhile.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import sqlalchemy.exc as sa_exc
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from scheduler_daemon.retry import retry_transient
 from scheduler_daemon.store.base import MAX_NPC_STATE_BYTES, MAX_WORLD_META_BYTES
 from scheduler_daemon.store.errors import EntityRowsError, UnknownNpcsError, is_unique_violation
 from scheduler_daemon.transfer.files import Entry, ImportFile
@@ -34,6 +35,9 @@ from scheduler_daemon.world_config import WorldConfigError, parse_world_config
 if TYPE_CHECKING:
     from scheduler_daemon.store.repository import Store
 
+#: Attempts at a world's transaction when the database error is transient (see :func:`retry_transient`).
+WORLD_ATTEMPTS: Final = 5
+
 
 class RejectedWorld(Exception):
     """A world that cannot be imported as given; ``problems`` are ``path: message`` lines."""
@@ -44,7 +48,7 @@ class RejectedWorld(Exception):
 
 
 class ImportInterrupted(Exception):
-    """A database error that is no world's fault (the connection lost): the import stops.
+    """A database error that is no world's fault and outlasted the world's retries (the connection lost).
 
     ``summary`` counts the worlds committed before it; the world being written
     was rolled back and the rest were not tried.
@@ -217,13 +221,21 @@ async def write_world(store: Store, conn: AsyncConnection, index: int, world: Fi
 
 async def _import_one(store: Store, entry: Entry, *, dry_run: bool, defaults: Mapping[str, Any]) -> WorldCounts:
     world = _parse(entry, defaults)
+
+    async def attempt() -> WorldCounts:
+        try:
+            async with store.transaction() as conn:
+                counts = await write_world(store, conn, entry.index, world)
+                if dry_run:
+                    raise _RolledBack(counts)
+        except _RolledBack as rolled_back:
+            return rolled_back.counts
+        return counts
+
     try:
-        async with store.transaction() as conn:
-            counts = await write_world(store, conn, entry.index, world)
-            if dry_run:
-                raise _RolledBack(counts)
-    except _RolledBack as rolled_back:
-        return rolled_back.counts
+        # A deadlock with a running daemon's tick (the two lock NPC rows in different orders), a busy
+        # SQLite file or a brief disconnect: the world's whole transaction runs again.
+        return await retry_transient("import of a world", attempt, max_attempts=WORLD_ATTEMPTS, line=entry.line)
     except sa_exc.IntegrityError as exc:
         if not is_unique_violation(exc):
             raise
@@ -231,7 +243,6 @@ async def _import_one(store: Store, entry: Entry, *, dry_run: bool, defaults: Ma
         raise RejectedWorld(
             [f"worlds[{entry.index}]: an external id was inserted by another writer meanwhile; import again"]
         ) from None
-    return counts
 
 
 async def import_worlds(

@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from scheduler_daemon.store.repository import Store
 from tests.conftest import create_pg_database, drop_pg_database, require_postgres_url
 from tests.process.test_daemon_world_time import ROOT
 from tests.store.test_transfer import counts, seed_source, without_daemon_ids, worlds_of
+from tests.support.cluster import Cluster, poll
 
 pytestmark = pytest.mark.subprocess
 
@@ -198,3 +200,71 @@ async def test_unusable_files_and_references_exit_with_one_line(store: Store, db
     assert proc.returncode == 1
     assert "expected a daemon id" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.postgres
+def test_a_running_daemon_ticks_an_imported_world_through_change_notifications(
+    tmp_path: Path, pg_database_url: str
+) -> None:
+    # Discovery polls once a minute: only the NOTIFY of the import's commit can make the daemon act sooner.
+    cluster = Cluster(pg_database_url, tmp_path, ttl=6.0, discovery=60.0)
+    try:
+        cluster.reset(1)
+        started = time.monotonic()
+        cluster.start("a")
+        poll(
+            lambda: any(e.get("event") == "listening for change notifications" for e in cluster.log_events("a")),
+            timeout=60,
+            what="the daemon to listen",
+        )
+        world = {
+            "externalId": "imported",
+            "name": "Imported",
+            "simulation": {"alwaysOn": True, "tickIntervalSeconds": 0.5, "timeScale": 60},
+            "npcs": [{"externalId": f"n{i}", "name": f"N{i}", "home": "h"} for i in range(3)],
+        }
+        path = tmp_path / "world.ndjson"
+        path.write_text(json.dumps(world) + "\n")
+        assert cli(pg_database_url, "import", str(path)).returncode == 0
+        with cluster.engine.connect() as conn:
+            world_id = conn.execute(sa.text("SELECT id FROM worlds WHERE external_id = 'imported'")).scalar_one()
+        poll(lambda: cluster.world_ticks().get(world_id), timeout=20, what="the imported world's first tick")
+
+        def tier_of_n1() -> int:
+            with cluster.engine.connect() as conn:
+                query = sa.text("SELECT tier FROM npcs WHERE world_id = :w AND external_id = 'n1'")
+                return int(conn.execute(query, {"w": world_id}).scalar_one())
+
+        # A second import opens a player's session on n1: the daemon promotes it (tier 0, detailed).
+        session = {"externalId": "s", "userId": "player", "sceneNpcIds": ["n1"]}
+        path.write_text(json.dumps({**world, "sessions": [session]}) + "\n")
+        assert cli(pg_database_url, "import", str(path)).returncode == 0
+        poll(lambda: tier_of_n1() == 0, timeout=20, what="the session's NPC to be detailed")
+        assert time.monotonic() - started < 60.0, "too slow to rule out the daemon's second discovery poll"
+        assert cluster.stop_all() == {"a": 0}
+    finally:
+        cluster.close()
+
+
+async def test_output_closed_by_its_reader_ends_without_a_traceback(store: Store, db_url: str, tmp_path: Path) -> None:
+    # `import … | head -1`: the summary could not be printed, a traceback was (the import itself was done).
+    path = tmp_path / "worlds.ndjson"
+    path.write_text(json.dumps(GOOD) + "\n")
+    for args, code, stderr in (
+        (("import", str(path)), 0, ""),
+        (("import", "--json", str(path)), 0, ""),
+        (("export",), 1, "scheduler-daemon: error: the output was closed before the export ended\n"),
+    ):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "scheduler_daemon", *args],
+            env=env_for(db_url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()  # the reader is gone before anything is written
+        assert (proc.wait(timeout=120), proc.stderr.read()) == (code, stderr), args
+        proc.stderr.close()
+    assert await counts(store) == {"worlds": 1, "world_states": 1, "npcs": 1, "sessions": 0}

@@ -6,6 +6,7 @@ The command line's own behaviour (exit codes, progress bar, stdin) is in
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -319,3 +320,79 @@ async def test_an_export_validates_against_the_shipped_schema_and_the_models(sto
     broken = json.loads(text)
     broken["worlds"][0]["npcs"][0]["energy"] = "high"
     assert [e.instance_path for e in validator.iter_errors(broken)] == [["worlds", 0, "npcs", 0, "energy"]]
+
+
+async def test_a_value_the_database_cannot_store_rejects_its_world_and_the_others_go_on(
+    store: Store, tmp_path: Path
+) -> None:
+    # decisions is a BIGINT: past 2**63 - 1 PostgreSQL raised "bigint out of range" and stopped the
+    # whole import as a database error, and SQLite's driver raised OverflowError (a traceback).
+    lines = [
+        {"externalId": "big", "name": "Big", "npcs": [{"name": "a"}, {"name": "b", "decisions": 2**63}]},
+        {"externalId": "max", "name": "Max", "npcs": [{"name": "c", "decisions": 2**63 - 1}]},
+    ]
+    path = tmp_path / "w.ndjson"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary, messages = await run_import(store, path)
+    assert (
+        messages == "line 1: worlds[0].npcs[1].decisions: Input should be less than or equal to 9223372036854775807\n"
+    )
+    assert (summary.worlds_created, summary.npcs_created) == (1, 1)
+    assert await counts(store) == {"worlds": 1, "world_states": 1, "npcs": 1, "sessions": 0}
+    (world,) = worlds_of(await run_export(store))
+    assert world["npcs"][0]["decisions"] == 2**63 - 1
+
+
+@pytest.mark.postgres
+async def test_a_world_that_loses_a_deadlock_is_imported_again(pg_store: Store, tmp_path: Path) -> None:
+    # A running daemon's tick and an import lock a world's NPC rows in different orders; PostgreSQL
+    # ends one of them. The import stopped there (exit 3, later worlds not tried); now it runs the
+    # world's transaction again. The daemon's side is played by a connection that locks an NPC
+    # first, then the world row the import holds, and waits longer than the import to detect it.
+    world = {"externalId": "w", "name": "W", "npcs": [{"externalId": "a", "name": "A", "energy": 10.0}]}
+    path = tmp_path / "w.ndjson"
+    path.write_text(json.dumps(world) + "\n")
+    await run_import(pg_store, path)
+    world_id = await pg_store.resolve_world("w")
+    npc_id = (await pg_store.npc_page(world_id)).rows[0]["id"]
+    world["npcs"][0]["energy"] = 20.0  # type: ignore[index]
+    path.write_text(json.dumps(world) + "\n" + json.dumps({**world, "externalId": "later"}) + "\n")
+
+    async def waiting_for_a_lock() -> int:
+        async with pg_store.connect() as conn:
+            query = (
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+            return int((await conn.execute(sa.text(query))).scalar_one())
+
+    async with pg_store.engine.connect() as tick:
+        await tick.execute(sa.text("SET deadlock_timeout = '60s'"))
+        await tick.execute(sa.text("UPDATE npcs SET energy = 0 WHERE id = :n"), {"n": npc_id})
+        importing = asyncio.create_task(run_import(pg_store, path))
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await waiting_for_a_lock():  # the import holds the world row and waits for the NPC
+            assert asyncio.get_running_loop().time() < deadline, "the import never waited for the NPC's lock"
+            await asyncio.sleep(0.05)
+        await tick.execute(sa.text("SELECT id FROM worlds WHERE id = :w FOR UPDATE"), {"w": world_id})
+        await tick.commit()
+    summary, messages = await asyncio.wait_for(importing, timeout=60)
+    assert (messages, summary.worlds_updated, summary.worlds_created, summary.npcs_updated) == ("", 1, 1, 1)
+    assert (await pg_store.npc_page(world_id)).rows[0]["energy"] == 20.0
+
+
+async def test_an_unlabelled_id_never_names_an_npc_the_same_import_created(store: Store, tmp_path: Path) -> None:
+    # In an empty database the world's first NPC gets id 1: a session's 1 must not name it by chance.
+    world = {"externalId": "w", "name": "W", "npcs": [{"name": "n"}], "sessions": [{"userId": "u", "sceneNpcIds": [1]}]}
+    path = tmp_path / "w.ndjson"
+    path.write_text(json.dumps(world) + "\n")
+    summary, messages = await run_import(store, path)
+    assert messages == "line 1: worlds[0].sessions[0]: NPCs in neither the file nor the world: 1\n"
+    assert await counts(store) == {"worlds": 0, "world_states": 0, "npcs": 0, "sessions": 0}
+    # Labelled, the same reference is the file's NPC, whatever id it gets.
+    world["npcs"] = [{"id": 1, "name": "n"}]
+    path.write_text(json.dumps(world) + "\n")
+    summary, messages = await run_import(store, path)
+    assert (messages, summary.sessions_created) == ("", 1)
+    (npc,) = (await store.npc_page(await store.resolve_world("w"))).rows
+    (session,) = await store.world_sessions(await store.resolve_world("w"))
+    assert session["scene_npc_ids"] == [npc["id"]]

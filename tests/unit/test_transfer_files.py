@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from scheduler_daemon.transfer.files import (
     TransferFileError,
     WorldWriter,
     format_for,
+    open_export_file,
     open_import_file,
 )
 from scheduler_daemon.transfer.progress import ProgressBar
@@ -72,6 +75,37 @@ def test_ndjson_reports_each_bad_line_and_reads_on(tmp_path: Path) -> None:
         (5, 3, None, "not valid JSON: -Infinity is not valid JSON"),
         (6, 4, {"name": "b"}, None),
     ]
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000  # deeper than the decoder's recursion limit
+
+
+def test_json_nested_too_deeply_is_a_bad_line_not_a_crash(tmp_path: Path) -> None:
+    # The decoder raised RecursionError, which no reader caught: a traceback instead of the line.
+    path = tmp_path / "worlds.ndjson"
+    path.write_bytes(b'{"name": "a"}\n' + DEEP + b'\n{"name": "b"}\n')
+    assert _read(path)[2] == [
+        (1, 0, {"name": "a"}, None),
+        (2, 1, None, "not valid JSON: nested too deeply"),
+        (3, 2, {"name": "b"}, None),
+    ]
+    document = tmp_path / "worlds.json"
+    document.write_bytes(b'{"worlds": [\n  {"name": "a"},\n  {"meta": ' + DEEP + b"}\n]}")
+    with pytest.raises(DocumentError, match=r"worlds\.json: line 3: not valid JSON: nested too deeply$"):
+        _read(document)
+    assert format_for("<stdin>", DEEP) is FileFormat.JSON
+
+
+@pytest.mark.parametrize("name", ["worlds.ndjson", "worlds.json", "worlds.txt"])
+def test_a_utf8_byte_order_mark_is_skipped(tmp_path: Path, name: str) -> None:
+    # Windows editors write one; RFC 8259 lets a parser ignore it. It failed the first world, or the document.
+    path = tmp_path / name
+    text = '{"worlds": [\n  {"name": "a"}\n]}\n' if name.endswith(".json") else '{"name": "a"}\n{"name": "b"}\n'
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    fmt, _, entries = _read(path)
+    assert fmt is (FileFormat.JSON if name.endswith(".json") else FileFormat.NDJSON)
+    first_line = 2 if fmt is FileFormat.JSON else 1
+    assert entries[0] == (first_line, 0, {"name": "a"}, None)
 
 
 @pytest.mark.parametrize(
@@ -157,3 +191,48 @@ def test_a_disabled_progress_bar_writes_only_messages() -> None:
     bar.print("line 1: problem")
     bar.close()
     assert out.getvalue() == "line 1: problem\n"
+
+
+def test_export_to_a_named_pipe_writes_into_it(tmp_path: Path) -> None:
+    # The export wrote a temporary file and renamed it over the pipe: the reader got nothing, and as
+    # root `-o /dev/null` or `-o /dev/stdout` would have replaced the device node in /dev.
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # a reader is there: the export's open does not wait
+    try:
+        with open_export_file(str(pipe)) as out:
+            out.write('{"worlds": []}\n')
+        assert os.read(reader, 1000) == b'{"worlds": []}\n'
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_export_through_a_symlink_replaces_the_file_it_points_at(tmp_path: Path) -> None:
+    target = tmp_path / "backups" / "2026-12-06.json"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    with open_export_file(str(link)) as out:
+        out.write("new")
+    assert link.is_symlink()
+    assert target.read_text() == "new"
+
+
+def test_an_exported_file_has_the_mode_of_any_new_file_or_keeps_its_own(tmp_path: Path) -> None:
+    # mkstemp's 0600 made every export readable by its owner only, whatever the umask.
+    old_umask = os.umask(0o022)
+    try:
+        with open_export_file(str(tmp_path / "new.json")) as out:
+            out.write("{}")
+        assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o644
+        kept = tmp_path / "kept.json"
+        kept.write_text("old")
+        kept.chmod(0o640)
+        with open_export_file(str(kept)) as out:
+            out.write("{}")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    finally:
+        os.umask(old_umask)

@@ -12,6 +12,7 @@ from scheduler_daemon.simulation.behavior import BehaviorContent
 from scheduler_daemon.simulation.tiers import sessions_fingerprint
 from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.sessions import ActiveSessions
+from scheduler_daemon.store.worlds import WorldStatus
 from scheduler_daemon.world_config import parse_world_config
 
 
@@ -33,8 +34,8 @@ class NoopStore:
     async def discover_active_worlds(self) -> dict[int, int]:
         return dict(self.worlds)
 
-    async def config_versions(self, world_ids: Collection[int]) -> dict[int, int]:
-        return {w: self.worlds[w] for w in world_ids if w in self.worlds}
+    async def world_statuses(self, world_ids: Collection[int]) -> dict[int, WorldStatus]:
+        return {w: WorldStatus(self.worlds[w], True) for w in world_ids if w in self.worlds}
 
     async def active_session_views(self) -> ActiveSessions:
         # No players online: discovery still compares every world's tier inputs, as in the daemon.

@@ -28,6 +28,7 @@ from scheduler_daemon.metrics import SchedulerMetrics
 from scheduler_daemon.runner import BrokenWorld, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS
+from scheduler_daemon.storable import storable_problems
 from scheduler_daemon.store.errors import InvalidStoredWorldError, WorldNotFoundError, is_database_error
 from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.repository import Store
@@ -38,8 +39,6 @@ log = structlog.get_logger("scheduler_daemon.admin")
 
 #: Largest share of the event loop that admin work over many worlds may take (see loop_budget).
 ADMIN_LOOP_SHARE = 0.2
-#: Deepest JSON nesting accepted in a config patch.
-MAX_JSON_DEPTH = 32
 #: Readiness fails while the event loop lags more than this.
 READY_MAX_LOOP_LAG_SECONDS = 0.5
 #: Readiness's database check timeout.
@@ -369,30 +368,6 @@ def if_match_ok(header: str, version: int) -> bool:
         if tag.strip('"') == str(version):
             return True
     return False
-
-
-def storable_problems(value: Any, path: str = "", depth: int = 0) -> list[tuple[str, str]]:
-    """Values JSON columns on both databases cannot store (or that nest absurdly deep)."""
-    if depth > MAX_JSON_DEPTH:
-        return [(path, f"nested deeper than {MAX_JSON_DEPTH} levels")]
-    if isinstance(value, str):
-        if "\x00" in value:
-            return [(path, "NUL characters are not allowed")]
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return [(path, "not valid Unicode (lone surrogate)")]
-        return []
-    if isinstance(value, Mapping):
-        problems = []
-        for k, v in value.items():
-            key_path = f"{path}.{k}" if path else str(k)
-            problems += storable_problems(k, key_path, depth + 1)
-            problems += storable_problems(v, key_path, depth + 1)
-        return problems
-    if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in storable_problems(v, f"{path}.{i}", depth + 1)]
-    return []
 
 
 def running_summary(

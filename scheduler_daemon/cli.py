@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("world_id", type=_world_id)
     _add_config(p)
     _add_jobs_parsers(sub)
+    from scheduler_daemon.transfer.commands import add_transfer_parsers
+
+    add_transfer_parsers(sub, _add_config)
 
     p = sub.add_parser("top", help="live table of a running daemon's worlds (admin API)")
     p.add_argument("--url", help="daemon base URL (default: from [http] bind/port of the config)")
@@ -478,12 +481,34 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         except ValueError as exc:  # invalid stored config or behaviour: names world and field
             raise CliError(str(exc), EXIT_USAGE) from None
         finally:
+            await plugins.aclose()
             await store.dispose()
         if args.json:
             print(json.dumps(summary.to_dict(), indent=2))
         else:
             print(summary.render(format_world_time))
         return 0
+
+    return _run_async(main)
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from scheduler_daemon.logs import configure_logging
+    from scheduler_daemon.transfer.commands import TransferError, run_transfer
+
+    settings, _, _ = _settings(args)
+    # stdout carries the export or the summary: logs go to stderr, warnings and up.
+    level = settings.logging.level if settings.logging.level not in ("DEBUG", "INFO") else "WARNING"
+    configure_logging(level, settings.logging.format, stream=sys.stderr)
+
+    async def main() -> int:
+        store = await _open_store(settings)
+        try:
+            return await run_transfer(store, args, settings.defaults.simulation)
+        except TransferError as exc:
+            raise CliError(str(exc), exc.exit_code) from None
+        finally:
+            await store.dispose()
 
     return _run_async(main)
 
@@ -532,6 +557,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "chains": cmd_chains,
     "top": cmd_top,
     "simulate": cmd_simulate,
+    "import": cmd_transfer,
+    "export": cmd_transfer,
 }
 
 

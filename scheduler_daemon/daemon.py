@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from scheduler_daemon.change_listener import ChangeListener
 from scheduler_daemon.clock import MonotonicClock
 from scheduler_daemon.exits import (
     EXIT_CONFIG,
@@ -71,6 +72,8 @@ class Daemon:
         self._stop_requested = 0
         self._stopping_sent = False
         self._reload_event = asyncio.Event()
+        #: Set by the first stop signal (what startup waits on besides its own work).
+        self._stop_signalled = asyncio.Event()
 
     # --------------------------------------------------------------- startup
     async def _connect(self) -> Store:
@@ -141,6 +144,7 @@ class Daemon:
         except SettingsError as exc:
             raise StartupError(str(exc), EXIT_CONFIG) from None
         async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(plugins.aclose)  # last: after the runner's final hand-offs
             listener = None
             open_files = _raise_open_files_limit()
             if s.http.enabled:
@@ -164,6 +168,7 @@ class Daemon:
                 telemetry=telemetry,
                 # Always lease on PostgreSQL, so starting another daemon is all it takes to scale out.
                 leases=store.dialect == "postgresql",
+                notifications=store.dialect == "postgresql",
             )
             stack.push_async_callback(runtime.close)
             self.runtime = runtime
@@ -185,15 +190,19 @@ class Daemon:
                 admin = runtime.admin(lag_monitor, accepting=lambda: self._stop_requested == 0)
                 app = create_app(admin, token=lambda: self.admin_token)
                 await listener.serve(app, authenticated=self.admin_token is not None)
-            runner_task = asyncio.create_task(runner.start(), name="runner")
-            if await self._serving(runner_task):
-                # What startup built lives as long as the process: frozen out of
-                # the collector's way, full collections stop stalling due ticks.
-                gc.collect()
-                gc.freeze()
-                self.notifier.ready(status=self._status_line())
-                log.info("ready", worlds=len(runner.world_ids))
-            await runner_task
+            if runtime.changes is not None:
+                await self._wait_for_listen(runtime.changes)
+            # A stop signal before this point found no loop to stop (and start() would clear it).
+            if not self._stop_requested:
+                runner_task = asyncio.create_task(runner.start(), name="runner")
+                if await self._serving(runner_task):
+                    # What startup built lives as long as the process: frozen out of
+                    # the collector's way, full collections stop stalling due ticks.
+                    gc.collect()
+                    gc.freeze()
+                    self.notifier.ready(status=self._status_line())
+                    log.info("ready", worlds=len(runner.world_ids))
+                await runner_task
         finally:
             self._notify_stopping()
             for task in background:
@@ -211,12 +220,30 @@ class Daemon:
         log.info("stopped")
         return EXIT_OK
 
+    async def _wait_for_listen(self, changes: ChangeListener) -> None:
+        """LISTEN before the first discovery reads the worlds, so no change falls in between.
+
+        Waits at most ``database.connect_timeout_seconds``, and not past a stop
+        signal; if LISTEN still fails, the listener keeps retrying and
+        discovers once it listens.
+        """
+        waits = [asyncio.ensure_future(changes.listening.wait()), asyncio.ensure_future(self._stop_signalled.wait())]
+        try:
+            await asyncio.wait(
+                waits, timeout=self.settings.database.connect_timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
     def _start_background(self, runtime: Runtime) -> list[asyncio.Task[Any]]:
         background = [
             asyncio.create_task(self._reload_loop(), name="reload"),
             asyncio.create_task(self._status_loop(), name="status"),
             asyncio.create_task(self._activity_loop(), name="activity-summary"),
         ]
+        if runtime.changes is not None:
+            background.append(asyncio.create_task(runtime.changes.run(), name="change-notifications"))
         wd = watchdog_interval_seconds()
         if wd is not None and self.notifier.enabled:
             runner = runtime.runner
@@ -261,6 +288,7 @@ class Daemon:
             log.warning("second stop signal, exiting at once", signal=sig.name)
             os._exit(EXIT_FAILURE)
         log.info("stop requested, finishing in-flight ticks", signal=sig.name)
+        self._stop_signalled.set()
         self._notify_stopping()
         if self.runtime is not None:
             self.runtime.runner.stop()

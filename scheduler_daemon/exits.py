@@ -9,6 +9,8 @@ EXIT_DATABASE = 3
 EXIT_NOT_MIGRATED = 4
 EXIT_ADDRESS_IN_USE = 5
 EXIT_ALREADY_RUNNING = 6
+#: ``import``: a world (or the whole file) was rejected; every other world was imported.
+EXIT_INPUT_REJECTED = 7
 
 
 class StartupError(RuntimeError):

@@ -116,6 +116,10 @@ class LeaseKeeper:
             )
         return leases
 
+    async def held_elsewhere(self, world_ids: Collection[int]) -> set[int]:
+        """Of ``world_ids``, the worlds another live instance owns (their changes are its to apply)."""
+        return await self.store.held_elsewhere(world_ids)
+
     async def renew(self, world_ids: Iterable[int] | None = None) -> list[int]:
         """Renew our leases; returns the world ids found lost.
 

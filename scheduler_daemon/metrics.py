@@ -47,6 +47,7 @@ from prometheus_client.registry import Collector
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 
 if TYPE_CHECKING:
+    from scheduler_daemon.change_listener import ChangeListener
     from scheduler_daemon.http.connections import ConnectionGuard
     from scheduler_daemon.runner import SchedulerLoopRunner
     from scheduler_daemon.scheduler import TickResult
@@ -168,6 +169,28 @@ class _StateCollector(Collector):
         if m.leases_held is not None:
             held.add_metric([], m.leases_held())
         yield held
+        yield from self._changes()
+
+    def _changes(self) -> Iterator[Metric]:
+        m = self._m
+        applied = CounterMetricFamily(
+            "worldsched_world_changes_applied",
+            "Registered worlds whose changes were applied before their next tick (API writes, change notifications)",
+        )
+        if m.runner is not None:
+            applied.add_metric([], m.runner.changes_applied)
+        yield applied
+        notified = CounterMetricFamily(
+            "worldsched_change_notifications", "Change notifications received (PostgreSQL LISTEN/NOTIFY)"
+        )
+        up = GaugeMetricFamily(
+            "worldsched_change_listener_up", "1 while the change notifications connection listens, else 0"
+        )
+        if m.changes is not None:
+            notified.add_metric([], m.changes.received)
+            up.add_metric([], 1 if m.changes.listening.is_set() else 0)
+        yield notified
+        yield up
 
     def _http(self) -> Iterator[Metric]:
         connections = GaugeMetricFamily("worldsched_http_connections", "Open connections to the HTTP port")
@@ -196,7 +219,8 @@ class SchedulerMetrics:
 
     Every data source is handed in at construction and read at scrape time:
     ``runner``, ``http_connections`` (the HTTP server's connection guard),
-    ``reload_status``, ``leases_held``, and ``job_counts``, an async count
+    ``reload_status``, ``leases_held``, ``changes`` (the change listener, PostgreSQL),
+    and ``job_counts``, an async count
     refreshed before each render (see the module docstring).
     """
 
@@ -210,6 +234,7 @@ class SchedulerMetrics:
         http_connections: ConnectionGuard | None = None,
         leases_held: Callable[[], int] | None = None,
         job_counts: Callable[[], Awaitable[Mapping[str, int]]] | None = None,
+        changes: ChangeListener | None = None,
         registry: CollectorRegistry | None = None,
         process_collectors: bool = True,
     ) -> None:
@@ -218,6 +243,7 @@ class SchedulerMetrics:
         self.reload_status = reload_status
         self.http_connections = http_connections
         self.leases_held = leases_held
+        self.changes = changes
         self.count_jobs = job_counts
         #: The last counts ``job_counts`` returned (a failed refresh keeps them).
         self.job_counts: dict[str, int] | None = None

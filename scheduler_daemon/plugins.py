@@ -1,10 +1,17 @@
-"""User code named in the settings as ``"package.module:callable"``: the decide function and the generation sink."""
+"""User code named in the settings as ``"package.module:callable"``: the decide function and the generation sink.
+
+A sink that needs the daemon's settings or holds connections (the ARQ sink)
+names an object with two optional methods: ``with_settings(settings)``
+returns the sink this daemon uses (called once at start, so each daemon gets
+its own; it must not connect yet), and that sink's ``aclose()`` is awaited
+when the daemon stops (:meth:`Plugins.aclose`).
+"""
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final, Protocol, cast, runtime_checkable
 
 import structlog
 
@@ -17,6 +24,24 @@ log = structlog.get_logger("scheduler_daemon.plugins")
 #: Sink specs of earlier versions and what they name now. Our old example
 #: config named the default sink's old module, and copies of it must keep working.
 RENAMED_SINKS: Final = {"scheduler_daemon.jobs:leave_enqueued": DEFAULT_GENERATION_SINK}
+
+
+@runtime_checkable
+class SettingsAwareSink(Protocol):
+    """A sink spec's target that builds the daemon's sink from its settings."""
+
+    def with_settings(self, settings: Settings) -> GenerationSink:
+        """The sink to use with ``settings`` (no I/O: also called to validate a reload)."""
+        ...
+
+
+@runtime_checkable
+class ClosableSink(Protocol):
+    """A sink holding connections, released when the daemon stops."""
+
+    async def aclose(self) -> None:
+        """Release the sink's connections; the sink is not called again."""
+        ...
 
 
 def load_callable(spec: str, what: str) -> object:
@@ -82,13 +107,23 @@ class Plugins:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Plugins:
-        """Import ``scheduler.behavior`` and ``generation.sink``; :class:`SettingsError` names the field."""
+        """Import ``scheduler.behavior`` and ``generation.sink`` (bound to ``settings`` if it takes them).
+
+        :class:`SettingsError` names the field.
+        """
         try:
             decide_fn = load_decide_fn(settings.scheduler.behavior)
         except ValueError as exc:
             raise SettingsError(f"scheduler.behavior: {exc}") from None
         try:
             sink = load_sink(settings.generation.sink)
+            if isinstance(sink, SettingsAwareSink):
+                sink = sink.with_settings(settings)
         except ValueError as exc:
             raise SettingsError(f"generation.sink: {exc}") from None
         return cls(decide_fn, sink)
+
+    async def aclose(self) -> None:
+        """Release what the sink holds (its connections), if it holds anything."""
+        if isinstance(self.sink, ClosableSink):
+            await self.sink.aclose()

@@ -94,7 +94,7 @@ def keep_restart_only(old: Settings, new: Settings) -> tuple[Settings, list[str]
                     "behavior": old.scheduler.behavior,
                 }
             ),
-            "generation": new.generation.model_copy(update={"sink": old.generation.sink}),
+            "generation": new.generation.model_copy(update={"sink": old.generation.sink, "arq": old.generation.arq}),
         }
     )
     return kept, changed

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from scheduler_daemon.admin import WorldAdmin
+from scheduler_daemon.change_listener import ChangeListener
 from scheduler_daemon.clock import Clock
 from scheduler_daemon.generation import complete_for_api, in_flight_counts
 from scheduler_daemon.http.connections import ConnectionGuard
@@ -29,6 +30,7 @@ from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.settings import Settings
 from scheduler_daemon.store.database import create_engine
 from scheduler_daemon.store.leases import LeaseStore
+from scheduler_daemon.store.notifications import ChangeNotifications
 from scheduler_daemon.store.repository import Store
 
 #: The lease keeper's own connection pool (PostgreSQL): heartbeats and renewals
@@ -38,9 +40,9 @@ LEASE_POOL_OVERFLOW = 2
 
 
 def database_connections(settings: Settings) -> int:
-    """The most database connections a runtime built from ``settings`` opens (ticks and leases)."""
+    """The most database connections a runtime built from ``settings`` opens (ticks, leases, change listener)."""
     db = settings.database
-    return db.pool_size + db.max_overflow + LEASE_POOL_SIZE + LEASE_POOL_OVERFLOW
+    return db.pool_size + db.max_overflow + LEASE_POOL_SIZE + LEASE_POOL_OVERFLOW + 1
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class Runtime:
     runner: SchedulerLoopRunner
     metrics: SchedulerMetrics | None = None
     leases: LeaseKeeper | None = None
+    #: Applies the changes PostgreSQL notifies; the daemon runs it next to the runner loop.
+    changes: ChangeListener | None = None
     _lease_engine: AsyncEngine | None = field(default=None, repr=False)
 
     def admin(self, loop_lag: LoopLagMonitor, accepting: Callable[[], bool]) -> WorldAdmin:
@@ -108,13 +112,15 @@ def build_runtime(
     limits: RunnerLimits | None = None,
     telemetry: Telemetry | None = None,
     leases: bool = False,
+    notifications: bool = False,
 ) -> Runtime:
     """Wire scheduler and runner over ``store`` and ``clock`` from ``settings``.
 
     ``limits`` overrides the ``[scheduler]`` limits (``simulate`` ticks one
     batch at a time); ``telemetry`` adds metrics fed by the runner, the lease
     keeper and the generation queue; ``leases`` runs a lease keeper on its own
-    small connection pool (PostgreSQL).
+    small connection pool (PostgreSQL); ``notifications`` a change listener on
+    a connection of its own (PostgreSQL), for the caller to run.
     """
     plugins = plugins or Plugins()
     scheduler = WorldScheduler(
@@ -137,6 +143,15 @@ def build_runtime(
     runner = SchedulerLoopRunner(
         scheduler, store, clock=clock, leases=keeper, limits=limits or RunnerLimits.from_settings(settings.scheduler)
     )
+    changes = None
+    if notifications:
+        changes = ChangeListener(
+            ChangeNotifications(
+                store.engine.url.render_as_string(hide_password=False),
+                connect_timeout=settings.database.connect_timeout_seconds,
+            ),
+            runner,
+        )
     metrics = None
     if telemetry is not None:
         metrics = SchedulerMetrics(
@@ -147,8 +162,9 @@ def build_runtime(
             http_connections=telemetry.http_connections,
             leases_held=(lambda: keeper.leases_held) if keeper is not None else None,
             job_counts=lambda: in_flight_counts(store),
+            changes=changes,
         )
         runner.observer = metrics
         if keeper is not None:
             keeper.observer = metrics
-    return Runtime(settings, store, scheduler, runner, metrics, keeper, lease_engine)
+    return Runtime(settings, store, scheduler, runner, metrics, keeper, changes, lease_engine)

@@ -13,6 +13,7 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -88,6 +89,49 @@ class SchedulerSettings(_Section):
     behavior: str = DEFAULT_BEHAVIOR
 
 
+#: ``redis_url`` schemes ARQ (redis-py) accepts.
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class ArqSinkSettings(_Section):
+    """``[generation.arq]``: the ARQ sink (``scheduler_daemon.sinks.arq:enqueue``); all restart-only."""
+
+    #: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS) or ``unix:///path/to/socket``.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: The ARQ queue the worker reads (``WorkerSettings.queue_name``); ARQ's default.
+    queue_name: str = Field(default="arq:queue", min_length=1, max_length=200)
+    #: The name of the worker's job function, called as ``function(ctx, request)``.
+    function: str = Field(default="generate", min_length=1, max_length=200)
+    #: Prepended to the request's idempotency key to make the ARQ job id; one
+    #: Redis database shared by several scheduler databases needs one each.
+    job_id_prefix: str = Field(default="", max_length=100)
+    #: A job no worker started within this is dropped by ARQ (ARQ's own default: one day).
+    job_expires_seconds: float = Field(default=86400.0, gt=0, le=30 * 86400)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        # The checks ARQ's RedisSettings.from_dsn would fail on later, with a traceback.
+        parsed = urlsplit(value)
+        if parsed.scheme not in _REDIS_SCHEMES:
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        try:
+            _ = parsed.port
+        except ValueError as exc:
+            raise ValueError(f"invalid port: {exc}") from None
+        if parsed.scheme == "unix":
+            if not parsed.path:
+                raise ValueError("a unix:// URL needs the socket's path (unix:///run/redis/redis.sock)")
+        elif not parsed.hostname:
+            raise ValueError("missing host (redis://host:port/db)")
+        database = parse_qs(parsed.query).get("db", [])
+        if not database and parsed.scheme != "unix" and parsed.path:
+            database = [parsed.path.lstrip("/")]
+        if database and not database[0].isdigit():
+            raise ValueError(f"the database must be a number, got {database[0]!r}")
+        return value
+
+
 class GenerationSettings(_Section):
     """``[generation]``: where claimed generation requests go after each tick's commit."""
 
@@ -98,6 +142,8 @@ class GenerationSettings(_Section):
     #: worlds ticked together), at most half of ``scheduler.tick_timeout_seconds``.
     #: A slower call counts as a failed hand-off.
     sink_timeout_seconds: float = Field(default=5.0, gt=0, le=3600)
+    #: Used by the ARQ sink only.
+    arq: ArqSinkSettings = ArqSinkSettings()
 
 
 class LoggingSettings(_Section):
@@ -189,6 +235,11 @@ RESTART_ONLY = (
     "scheduler.lease_ttl_seconds",
     "scheduler.behavior",
     "generation.sink",
+    "generation.arq.redis_url",
+    "generation.arq.queue_name",
+    "generation.arq.function",
+    "generation.arq.job_id_prefix",
+    "generation.arq.job_expires_seconds",
 )
 #: Settings a SIGHUP applies.
 RELOADABLE = (

@@ -9,7 +9,8 @@ Fixtures: ``backend`` (``sqlite``, ``postgres``), ``store`` (migrated and
 empty, on each backend), ``db_url`` (the same database as a URL),
 ``pg_store`` (PostgreSQL only), ``pg_database_url`` (this session's
 PostgreSQL database), ``pg_scratch_url`` (an empty PostgreSQL database of
-the test's own).
+the test's own), ``redis_url`` (``SCHEDULER_TEST_REDIS_URL``, default the
+local Redis; unreachable: skip, or fail under ``CI=true``).
 """
 
 from __future__ import annotations
@@ -94,6 +95,31 @@ def drop_pg_database(url: str) -> None:
     name = make_url(url).database
     with psycopg.connect(libpq(url.rsplit("/", 1)[0] + "/postgres"), autocommit=True, connect_timeout=5) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+REDIS_ENV = "SCHEDULER_TEST_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def require_redis_url() -> str:
+    """``SCHEDULER_TEST_REDIS_URL`` (default: the local Redis) if it answers; else skip, or fail under CI."""
+    import redis
+
+    url = os.environ.get(REDIS_ENV) or DEFAULT_REDIS_URL
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        if _in_ci():
+            pytest.fail(f"Redis at {url} ({REDIS_ENV}) is unreachable in CI: {exc}")
+        pytest.skip(f"Redis tests need a Redis server at {url} (set {REDIS_ENV}): {exc}")
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The shared Redis server the ARQ tests use (each test keeps to a namespace of its own)."""
+    return require_redis_url()
 
 
 @pytest.fixture(scope="session")

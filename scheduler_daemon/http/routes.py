@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from scheduler_daemon.admin import AdminError, WorldAdmin
 from scheduler_daemon.http.auth import TokenSource, require_token
 from scheduler_daemon.http.content_type import JsonBodyRoute, refuse_other_bodies
+from scheduler_daemon.http.ingest_routes import body_limit, ingest_routes
 from scheduler_daemon.http.middleware import BodySizeLimit
 from scheduler_daemon.http.wire import (
     ERRORS,
@@ -40,6 +41,7 @@ from scheduler_daemon.http.wire import (
     page_body,
     printable,
 )
+from scheduler_daemon.ingest import IngestAdmin
 from scheduler_daemon.world_config import WorldConfig
 
 log = structlog.get_logger("scheduler_daemon.http")
@@ -258,15 +260,18 @@ def create_app(admin: WorldAdmin, token: TokenSource) -> FastAPI:
         version=__version__,
         description=(
             "Steer the World Simulation Scheduler: list worlds, read and change a world's scheduler "
-            "config, pause/resume, force a tick, read stats. JSON, camelCase. Every /api/v1 route "
-            "needs `Authorization: Bearer <token>` when an admin token is configured. Request bodies "
-            "are JSON: a body sent without a Content-Type, or as application/x-www-form-urlencoded "
-            "(curl's default for -d) that parses as JSON, is read as JSON; another Content-Type is 415."
+            "config, pause/resume, force a tick, read stats; bring a game's worlds, NPCs and sessions in "
+            "and read NPC state back (ingest: `{world}`, `{npc}`, `{session}` are a daemon id or "
+            "`ext:<externalId>`). JSON, camelCase. Every /api/v1 route needs "
+            "`Authorization: Bearer <token>` when an admin token is configured. Request bodies are JSON: "
+            "a body sent without a Content-Type, or as application/x-www-form-urlencoded (curl's default "
+            "for -d) that parses as JSON, is read as JSON; another Content-Type is 415."
         ),
         docs_url=None,
         redoc_url=None,
     )
     app.state.admin = admin
+    app.state.ingest = IngestAdmin.of(admin)
     app.state.token = token
     app.add_exception_handler(AdminError, _refused)
     app.add_exception_handler(RequestValidationError, _validation)
@@ -274,6 +279,7 @@ def create_app(admin: WorldAdmin, token: TokenSource) -> FastAPI:
     app.add_exception_handler(SQLAlchemyError, _database_error)
     app.add_exception_handler(RecursionError, _too_deep)
     app.include_router(v1)
+    app.include_router(ingest_routes)
     app.include_router(open_routes)
-    app.add_middleware(BodySizeLimit)
+    app.add_middleware(BodySizeLimit, limit_for=body_limit)
     return app

@@ -20,7 +20,6 @@ by at most one interval.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import structlog
@@ -103,9 +102,9 @@ class Adoption(RunnerBase):
         unlisted = [w for w, slot in self._slots.items() if slot.manual and not slot.removed and w not in active]
         if not unlisted:
             return active
-        versions: Mapping[int, int] = await self.worlds.config_versions(unlisted)
+        statuses = await self.worlds.world_statuses(unlisted)
         for world_id in unlisted:
-            if world_id not in versions:
+            if world_id not in statuses:
                 log.warning("world registered by hand is gone from the database; not run any more", world_id=world_id)
                 await self.remove_world(world_id)
-        return {**active, **versions}
+        return {**active, **{w: status.config_version for w, status in statuses.items()}}

@@ -83,6 +83,19 @@ class Discovery(RunnerBase):
                 self._isolate(world_id, active[world_id], exc)
         await self.refresh_tiers()
 
+    def discover_soon(self) -> bool:
+        """Run a discovery pass now rather than at the next interval; False if no loop runs to do it.
+
+        While :meth:`start` runs, a pass already under way is followed by
+        another one as soon as it ends (it may have read the database before
+        the change that asked for this one).
+        """
+        if not self._pumping:  # set while start() runs
+            return False
+        self._next_discovery = self.clock.now()
+        self._poke()
+        return True
+
     def _isolate(self, world_id: int, version: int, exc: Exception) -> None:
         """Keep a world that cannot run out of ticking, with its reason; logged once per reason."""
         error = str(exc)

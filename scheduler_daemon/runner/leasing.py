@@ -57,12 +57,7 @@ class LeaseBalancing(RunnerBase):
         """Drop a world whose lease was lost, from inside its own tick (the slot lock is held)."""
         assert self.leases is not None
         self.leases.forget_lost(slot.world_id, reason)
-        slot.removed = True
-        if self._slots.get(slot.world_id) is slot:
-            del self._slots[slot.world_id]
-            await self.scheduler.unregister_world(slot.world_id)
-            if self.observer:
-                self.observer.world_unregistered(slot.world_id)
+        await self._unregister_held(slot)
 
     async def _keep_leases(self) -> None:
         """Background task: heartbeat and renew every TTL/3; drop worlds whose lease was lost."""

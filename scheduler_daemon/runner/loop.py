@@ -35,6 +35,7 @@ from scheduler_daemon.deadlines import DeadlineWheel
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.runner.adoption import Adoption
 from scheduler_daemon.runner.batch import BatchTicking
+from scheduler_daemon.runner.changes import ChangeApplication
 from scheduler_daemon.runner.discovery import Discovery
 from scheduler_daemon.runner.dispatch import Dispatch
 from scheduler_daemon.runner.leasing import LeaseBalancing
@@ -51,7 +52,9 @@ log = structlog.get_logger("scheduler_daemon.runner")
 IDLE_WAKE_SECONDS = 1.0
 
 
-class SchedulerLoopRunner(WorldRegistry, Adoption, Discovery, LeaseBalancing, Dispatch, BatchTicking):
+class SchedulerLoopRunner(
+    WorldRegistry, Adoption, ChangeApplication, Discovery, LeaseBalancing, Dispatch, BatchTicking
+):
     """Runs the scheduler loop for all registered worlds.
 
     ``worlds`` (where discovery reads which worlds should run) defaults to the
@@ -89,6 +92,8 @@ class SchedulerLoopRunner(WorldRegistry, Adoption, Discovery, LeaseBalancing, Di
         self.registration = (0, 0)
         self.ticks_ok = 0
         self.ticks_failed = 0
+        #: Registered worlds whose changes :meth:`apply_changes` applied (a metric).
+        self.changes_applied = 0
         #: Commits and database failures of ticks (``/readyz``).
         self.commits = TickCommits()
         self._slots = {}
@@ -116,8 +121,7 @@ class SchedulerLoopRunner(WorldRegistry, Adoption, Discovery, LeaseBalancing, Di
         if limits.max_concurrent_ticks != old.max_concurrent_ticks:
             self._limit.resize(limits.max_concurrent_ticks)
         # A reload is when operators expect changed worlds to be picked up, not an interval later.
-        self._next_discovery = self.clock.now()
-        self._poke()
+        self.discover_soon()
 
     async def run_once(self) -> dict[str, int]:
         """Tick every world whose deadline has arrived, once, and wait for them.

@@ -116,18 +116,31 @@ class WorldRegistry(RunnerBase):
         async with slot.lock:
             if slot.removed:
                 return
-            now = self.clock.now()
-            ctx = await self.scheduler.reload_world(
-                world_id, elapsed_real_since_tick=now - slot.last_tick_at, record=record
-            )
-            new_interval = ctx.config.tick_interval_seconds
-            if new_interval != slot.interval:
-                # Re-anchor the grid at the last tick so the new rate starts from it.
-                slot.interval = new_interval
-                slot.anchor = slot.last_tick_at
-                slot.k = 1
-                if not slot.in_flight:
-                    self._push(slot)
+            await self._reconfigure(slot, record)
+
+    async def _reconfigure(self, slot: Slot, record: WorldRecord | None = None) -> None:
+        """The body of :meth:`apply_world_config`; the caller holds the slot's lock."""
+        now = self.clock.now()
+        ctx = await self.scheduler.reload_world(
+            slot.world_id, elapsed_real_since_tick=now - slot.last_tick_at, record=record
+        )
+        new_interval = ctx.config.tick_interval_seconds
+        if new_interval != slot.interval:
+            # Re-anchor the grid at the last tick so the new rate starts from it.
+            slot.interval = new_interval
+            slot.anchor = slot.last_tick_at
+            slot.k = 1
+            if not slot.in_flight:
+                self._push(slot)
+
+    async def _unregister_held(self, slot: Slot) -> None:
+        """Unregister a world whose slot lock the caller holds (from inside its tick, or a change)."""
+        slot.removed = True
+        if self._slots.get(slot.world_id) is slot:
+            del self._slots[slot.world_id]
+            await self.scheduler.unregister_world(slot.world_id)
+            if self.observer:
+                self.observer.world_unregistered(slot.world_id)
 
     async def force_tick(self, world_id: int, delta_real_seconds: float) -> TickResult:
         """Tick one registered world now, covering ``delta_real_seconds`` of real time.

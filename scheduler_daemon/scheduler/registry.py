@@ -16,7 +16,7 @@ from scheduler_daemon.context import WorldSimulationContext
 from scheduler_daemon.scheduler.base import SchedulerBase
 from scheduler_daemon.scheduler.results import WorldNotRegisteredError, _World
 from scheduler_daemon.simulation.behavior import BehaviorContent, parse_behavior
-from scheduler_daemon.store.errors import WorldNotFoundError
+from scheduler_daemon.store.errors import LeaseLostError, WorldNotFoundError
 from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.worlds import WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
@@ -141,7 +141,11 @@ class WorldRegistry(SchedulerBase):
         )
         entry.behavior = behavior
         if old.tiers.capacities() != config.tiers.capacities() or old.tier_rules != config.tier_rules:
-            await self._assign_tiers(entry, None)
+            try:
+                await self._assign_tiers(entry, None)
+            except LeaseLostError:
+                # Another instance owns the world now and assigns its tiers; our next tick's fence drops it.
+                log.info("tiers not reassigned: the world's lease is no longer ours", world_id=world_id)
         log.info(
             "world config applied",
             world_id=world_id,

@@ -47,7 +47,9 @@ class Tiering(SchedulerBase):
         ``sessions`` are its active sessions if the caller already read them
         (discovery does, for all worlds in one query); otherwise they are read
         here. Must not run concurrently with a tick of the same world (the
-        runner holds the world's lock).
+        runner holds the world's lock). A world with a lease is fenced like
+        its ticks: once another instance owns it, nothing is written and
+        :class:`~scheduler_daemon.store.errors.LeaseLostError` is raised.
         """
         return await self._assign_tiers(self._require(world_id), sessions)
 
@@ -78,6 +80,9 @@ class Tiering(SchedulerBase):
         world_id = entry.context.world_id
         views = None if sessions is None else ActiveSessions({world_id: list(sessions)}, [])
         async with self.store.transaction() as conn:
+            if entry.lease is not None:
+                # A daemon that lost the lease without noticing yet must not write the new owner's tiers.
+                await self.store.fence_tick(conn, entry.lease)
             assigned = (await self._compute_tiers(conn, {world_id: entry}, views))[world_id]
         self._adopt_tiers(entry, assigned)
         return assigned.assignment

@@ -113,6 +113,20 @@ class StoreBase:
         """A pooled connection for reads (``async with store.connect() as conn``); it writes nothing."""
         return self.engine.connect()
 
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads that all see one snapshot of the database (an export of one world).
+
+        PostgreSQL: a ``REPEATABLE READ`` transaction; SQLite: one deferred
+        read transaction, a snapshot under WAL. It writes nothing. While it is
+        open it holds back vacuum (PostgreSQL) and checkpoints (SQLite).
+        """
+        async with self.engine.connect() as conn:
+            if self.dialect == "postgresql":
+                conn = await conn.execution_options(isolation_level="REPEATABLE READ")
+            async with conn.begin():
+                yield conn
+
     async def ping(self) -> None:
         """Round-trip to the database (raises on failure)."""
         async with self.engine.connect() as conn:

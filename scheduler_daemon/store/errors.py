@@ -20,12 +20,17 @@ class SchemaNotMigratedError(RuntimeError):
     """The database schema is missing or behind this version of the daemon."""
 
 
-class WorldNotFoundError(LookupError):
-    """No world with that id."""
+def shown_ref(ref: int | str) -> str:
+    """A reference as messages show it: a daemon id ``12``, an external id ``ext:abc``."""
+    return str(ref) if isinstance(ref, int) else f"ext:{ref}"
 
-    def __init__(self, world_id: int) -> None:
+
+class WorldNotFoundError(LookupError):
+    """No world with that id (or external id)."""
+
+    def __init__(self, world_id: int | str) -> None:
         self.world_id = world_id
-        super().__init__(f"world {world_id} does not exist")
+        super().__init__(f"world {shown_ref(world_id)} does not exist")
 
 
 class InvalidStoredWorldError(ValueError):
@@ -53,11 +58,48 @@ class LeaseLostError(StaleWorldStateError):
 
 
 class SessionNotFoundError(LookupError):
-    """No session with that id in that world."""
+    """No session with that id (or external id) in that world."""
 
-    def __init__(self, world_id: int, session_id: int) -> None:
+    def __init__(self, world_id: int, session_id: int | str) -> None:
         self.world_id, self.session_id = world_id, session_id
-        super().__init__(f"world {world_id}: session {session_id} does not exist")
+        super().__init__(f"world {world_id}: session {shown_ref(session_id)} does not exist")
+
+
+class NpcNotFoundError(LookupError):
+    """No NPC with that id (or external id) in that world."""
+
+    def __init__(self, world_id: int, npc: int | str) -> None:
+        self.world_id, self.npc = world_id, npc
+        super().__init__(f"world {world_id}: npc {shown_ref(npc)} does not exist")
+
+
+class UnknownNpcsError(LookupError):
+    """A session names NPCs that do not exist in its world; ``refs`` lists them (ids and external ids)."""
+
+    def __init__(self, world_id: int, refs: list[int | str]) -> None:
+        self.world_id, self.refs = world_id, refs
+        super().__init__(f"world {world_id}: no such NPCs: {', '.join(map(shown_ref, refs))}")
+
+
+class EntityRowsError(ValueError):
+    """Rows of a bulk write cannot be written as given; ``problems`` are (item index, field, message).
+
+    Nothing of the write was committed.
+    """
+
+    def __init__(self, world_id: int, problems: list[tuple[int, str, str]]) -> None:
+        self.world_id, self.problems = world_id, problems
+        shown = "; ".join(f"[{i}].{field}: {msg}" for i, field, msg in problems[:10])
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        super().__init__(f"world {world_id}: {shown}{more}")
+
+
+class ExternalIdTakenError(ValueError):
+    """The external id is already another entity's (worlds: among all worlds; NPCs, sessions: in the world)."""
+
+    def __init__(self, kind: str, external_id: str, owner: int) -> None:
+        self.kind, self.external_id, self.owner = kind, external_id, owner
+        super().__init__(f"external id {external_id!r} is already {kind} {owner}'s")
 
 
 class RequestNotFoundError(LookupError):
@@ -95,6 +137,16 @@ _RECONNECT_SQLSTATES = frozenset({"25006", "57P01", "57P02", "57P03", "57P04"})
 _RECOVERY_CONFLICT = "conflict with recovery"
 # Also worth a retry on the same connection: serialization failure, deadlock, lock not available.
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    """True for a unique-index violation (two writers inserting the same external id at once)."""
+    if not isinstance(exc, sa_exc.IntegrityError):
+        return False
+    orig = exc.orig
+    if isinstance(orig, psycopg.Error):
+        return orig.sqlstate == "23505"
+    return isinstance(orig, sqlite3.IntegrityError) and "UNIQUE" in str(orig)
 
 
 def needs_new_connection(exc: BaseException) -> bool:

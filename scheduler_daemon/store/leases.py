@@ -235,6 +235,18 @@ class LeaseStore:
             key=lambda lease: lease.world_id,
         )
 
+    async def held_elsewhere(self, world_ids: Collection[int]) -> set[int]:
+        """Of ``world_ids``, the worlds whose lease another instance holds and has not let expire."""
+        if not world_ids:
+            return set()
+        query = sa.select(world_states.c.world_id).where(
+            world_states.c.world_id == sa.func.any(_ids(world_ids)),
+            world_states.c.lease_owner != self.instance_id,
+            world_states.c.lease_expires_at > self._now(),
+        )
+        async with self.engine.connect() as conn:
+            return {int(w) for w in (await conn.execute(query)).scalars()}
+
     async def renew(self, leases: Collection[Lease]) -> RenewResult:
         """Extend our leases (owner and epoch conditional).
 

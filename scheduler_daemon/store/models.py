@@ -36,6 +36,9 @@ worlds = sa.Table(
     sa.Column("config_version", sa.Integer, nullable=False, server_default="1"),
     sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.current_timestamp()),
     sa.Column("updated_at", Timestamp, nullable=False, server_default=sa.func.current_timestamp()),
+    # The game's own id (0010); NULL never conflicts.
+    sa.Column("external_id", sa.String(200), nullable=True),
+    sa.Index("uq_worlds_external_id", "external_id", unique=True),
 )
 
 world_states = sa.Table(
@@ -77,7 +80,9 @@ sessions = sa.Table(
     sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
     sa.Column("created_at", Timestamp, nullable=False, server_default=sa.func.current_timestamp()),
     sa.Column("updated_at", Timestamp, nullable=False, server_default=sa.func.current_timestamp()),
+    sa.Column("external_id", sa.String(200), nullable=True),
     sa.Index("ix_sessions_world_id_active", "world_id", "active"),
+    sa.Index("uq_sessions_world_id_external_id", "world_id", "external_id", unique=True),
 )
 
 npcs = sa.Table(
@@ -100,9 +105,13 @@ npcs = sa.Table(
     sa.Column("last_decision_at", WorldTime, nullable=True),
     sa.Column("decisions", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("state", JSONType, nullable=False),
+    sa.Column("external_id", sa.String(200), nullable=True),
     # The per-tick selection: one index range per tier, already in due order
     # including the id tie-break, so each range scan stops at the limit (0008).
     sa.Index("ix_npcs_world_id_tier_next_decision_at_id", "world_id", "tier", "next_decision_at", "id"),
+    sa.Index("uq_npcs_world_id_external_id", "world_id", "external_id", unique=True),
+    # The game's paged reads of one world by id (0010).
+    sa.Index("ix_npcs_world_id_id", "world_id", "id"),
 )
 
 #: 64-bit ids on PostgreSQL; SQLite only auto-increments an INTEGER primary key.

@@ -127,7 +127,7 @@ def npc_from_row(row: Sequence[Any], dialect: str) -> NpcState | QuarantinedNpc:
     )
 
 
-def _npc_problem_sql(dialect: str) -> str:
+def npc_problem_sql(dialect: str) -> str:
     """SQL text: why an NPC row cannot be decided (NULL when it can), for scans that must not load ``state``.
 
     The same rules as :func:`npc_from_row`, checked without shipping the rows.
@@ -220,7 +220,7 @@ class Npcs(StoreBase):
 
     async def npc_problems(self, world_id: int) -> dict[int, str]:
         """The world's NPC rows that cannot be decided, with the reason (the quarantine, read from the database)."""
-        problem = sa.text(_npc_problem_sql(self.dialect))
+        problem = sa.text(npc_problem_sql(self.dialect))
         query = sa.select(npcs.c.id, problem).select_from(npcs).where(npcs.c.world_id == world_id)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.order_by(npcs.c.id))).all()
@@ -242,11 +242,11 @@ class Npcs(StoreBase):
     ) -> dict[int, list[PlacementRecord]]:
         """Every NPC of the given worlds with what tiering needs, and why it cannot be decided (if so).
 
-        A few narrow columns and a row check in SQL (:func:`_npc_problem_sql`):
+        A few narrow columns and a row check in SQL (:func:`npc_problem_sql`):
         ``state`` itself never leaves the database here.
         """
         out: dict[int, list[PlacementRecord]] = {w: [] for w in world_ids}
-        problem = sa.text(_npc_problem_sql(conn.dialect.name))
+        problem = sa.text(npc_problem_sql(conn.dialect.name))
         query = (
             sa.select(
                 npcs.c.world_id, npcs.c.id, npcs.c.location, npcs.c.home, npcs.c.tier, npcs.c.current_activity, problem

@@ -21,7 +21,7 @@ from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.npcs import PlacementRecord
 from scheduler_daemon.store.sessions import ActiveSessions
 from scheduler_daemon.store.ticks import DueNpcs, DueWork, WorldAdvance
-from scheduler_daemon.store.worlds import WorldRecord
+from scheduler_daemon.store.worlds import WorldRecord, WorldStatus
 
 
 class WorldSource(Protocol):
@@ -29,7 +29,7 @@ class WorldSource(Protocol):
 
     async def discover_active_worlds(self) -> dict[int, int]: ...
 
-    async def config_versions(self, world_ids: Collection[int]) -> dict[int, int]: ...
+    async def world_statuses(self, world_ids: Collection[int]) -> dict[int, WorldStatus]: ...
 
     async def active_session_views(self) -> ActiveSessions: ...
 

@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -54,6 +54,18 @@ class WorldRecord:
         if self.problem is not None:
             raise InvalidStoredWorldError(self.id, self.problem)
         return self
+
+
+class WorldStatus(NamedTuple):
+    """What discovery needs to know of one world: its config version, and whether it should tick."""
+
+    config_version: int
+    should_run: bool
+
+
+def _version(value: Any) -> int:
+    # A version that is not an integer (SQLite) still discovers the world; loading it reports the field.
+    return value if isinstance(value, int) else -1
 
 
 class Worlds(StoreBase):
@@ -235,6 +247,29 @@ class Worlds(StoreBase):
         ``alwaysOn`` has the wrong type (or whose meta is not JSON) is returned
         too, and registering it isolates it with the reason.
         """
+        query = sa.select(worlds.c.id, worlds.c.config_version).where(self._should_run())
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {int(r[0]): _version(r[1]) for r in rows}
+
+    async def world_statuses(self, world_ids: Collection[int]) -> dict[int, WorldStatus]:
+        """Of the given worlds, those that exist: config version and whether discovery would run them.
+
+        The same rule as :meth:`discover_active_worlds`, for a few worlds
+        (what changed) instead of all of them; a world missing from the
+        answer does not exist (deleted).
+        """
+        ids = sorted(world_ids)
+        out: dict[int, WorldStatus] = {}
+        query = sa.select(worlds.c.id, worlds.c.config_version, self._should_run())
+        async with self.engine.connect() as conn:
+            for start in range(0, len(ids), IDS_PER_STATEMENT):
+                chunk = query.where(worlds.c.id.in_(ids[start : start + IDS_PER_STATEMENT]))
+                out.update({int(r[0]): WorldStatus(_version(r[1]), bool(r[2])) for r in await conn.execute(chunk)})
+        return out
+
+    def _should_run(self) -> sa.ColumnElement[bool]:
+        """Discovery's rule as an SQL condition on ``worlds``: active, or a row that cannot be judged."""
         has_session = (
             sa.select(sa.literal(1)).where(sessions.c.world_id == worlds.c.id, sessions.c.active.is_(True)).exists()
         )
@@ -265,13 +300,7 @@ class Worlds(StoreBase):
                 sim_type.not_in(["object", "null"]),
                 flag_type.not_in(["true", "false", "null"]),
             )
-        query = sa.select(worlds.c.id, worlds.c.config_version).where(
-            sa.or_(has_session, sa.func.coalesce(always_on, sa.false()), sa.func.coalesce(suspect, sa.false()))
-        )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        # A version that is not an integer (SQLite) still discovers the world; loading it reports the field.
-        return {int(r[0]): r[1] if isinstance(r[1], int) else -1 for r in rows}
+        return sa.or_(has_session, sa.func.coalesce(always_on, sa.false()), sa.func.coalesce(suspect, sa.false()))
 
     async def active_world_ids(self) -> list[int]:
         """The worlds the daemon's discovery would run, by id: the embedding API's ``get_active_worlds``.
@@ -281,21 +310,6 @@ class Worlds(StoreBase):
         the field), as :meth:`discover_active_worlds` lists them.
         """
         return sorted(await self.discover_active_worlds())
-
-    async def config_versions(self, world_ids: Collection[int]) -> dict[int, int]:
-        """The config version of each of ``world_ids`` that exists (a world not returned is gone)."""
-        ids = sorted(world_ids)
-        out: dict[int, int] = {}
-        async with self.engine.connect() as conn:
-            for start in range(0, len(ids), IDS_PER_STATEMENT):
-                query = sa.select(worlds.c.id, worlds.c.config_version).where(
-                    worlds.c.id.in_(ids[start : start + IDS_PER_STATEMENT])
-                )
-                # A version that is not an integer (SQLite) still moves: reloading it reports the field.
-                out.update(
-                    {int(r[0]): r[1] if isinstance(r[1], int) else -1 for r in (await conn.execute(query)).all()}
-                )
-        return out
 
     async def change_world_simulation(
         self,

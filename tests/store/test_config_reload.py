@@ -88,6 +88,17 @@ async def test_failed_reload_keeps_settings_and_reports_until_a_good_one(tmp_pat
     assert daemon.settings.http.max_connections == running.http.max_connections
 
 
+async def test_a_reload_keeps_the_arq_sink_settings_it_runs_with(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    arq = '[generation]\nsink = "scheduler_daemon.sinks.arq:enqueue"\n[generation.arq]\nqueue_name = "{}"\n'
+    path.write_text(GOOD + arq.format("game:jobs"))
+    daemon = Daemon(load_settings(path), path)
+    path.write_text(GOOD + arq.format("other:jobs"))
+    assert await daemon.reload() is True
+    assert daemon.get_stats()["config_reload"]["restart_pending"] == ["generation.arq.queue_name"]
+    assert daemon.settings.generation.arq.queue_name == "game:jobs"  # the sink was bound to it at start
+
+
 async def test_reload_refuses_defaults_that_would_break_a_running_world(store: Store, tmp_path: Path) -> None:
     world_id, _ = await make_world(store, simulation={"tickIntervalSeconds": 5})
     path = tmp_path / "config.toml"

@@ -75,9 +75,12 @@ async def test_every_api_route_requires_the_token(api: Api) -> None:
     world_id = await running_world(api)
     spec = (await api.client.get("/openapi.json")).json()
     routes = [(m, p) for p, ops in spec["paths"].items() if p.startswith("/api/v1") for m in ops]
-    assert len(routes) == 8
+    assert len(routes) == 17
     for method, template in routes:
-        path = template.replace("{world_id}", str(world_id)).replace("{request_id}", "1")
+        path = (
+            template.replace("{world_id}", str(world_id)).replace("{world}", str(world_id)).replace("{request_id}", "1")
+        )
+        path = path.replace("{npc}", "1").replace("{session}", "1")
         for auth in ("", "Bearer wrong", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer"):
             r = await api.client.request(method, path, headers={"Authorization": auth})
             assert r.status_code == 401, (method, path, auth, r.text)

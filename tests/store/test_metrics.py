@@ -182,6 +182,13 @@ def test_job_and_lease_families_carry_no_made_up_values_until_wired() -> None:
     families = scrape(metrics)
     assert families["worldsched_jobs"].samples == []
     assert families["worldsched_leases_held"].samples == []
+    # No runner, no change listener (SQLite): no samples either.
+    for family in (
+        "worldsched_world_changes_applied",
+        "worldsched_change_notifications",
+        "worldsched_change_listener_up",
+    ):
+        assert families[family].samples == []
     metrics.job_counts = {"pending": 4, "running": 1}
     metrics.leases_held = lambda: 7
     metrics.lease_claimed(1)

@@ -47,8 +47,10 @@ def fuzz_admin_api(
 
     No answer may be a 5xx or break the documented schema (:data:`CHECKS`).
     Positive cases mostly address ``world_ids`` (so bodies reach the real
-    handlers); negative ones go anywhere. ``around`` wraps each call (e.g.
-    to check the database before and after it).
+    handlers); negative ones go anywhere. The last of ``world_ids`` should
+    not exist: deleting a world goes there, so the others stay for the
+    remaining operations. ``around`` wraps each call (e.g. to check the
+    database before and after it).
     """
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -58,11 +60,7 @@ def fuzz_admin_api(
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             positive = mode is GenerationMode.POSITIVE
-            pinned = (
-                {"world_id": world_ids[len(operation.path) % len(world_ids)]}
-                if positive and "{world_id}" in operation.path
-                else None
-            )
+            pinned = _pinned_world(operation, world_ids) if positive else None
             strategy = operation.as_strategy(generation_mode=mode, path_parameters=pinned)
 
             @given(case=strategy)
@@ -86,3 +84,15 @@ def fuzz_admin_api(
             except Exception as exc:
                 raise AssertionError(f"{operation.label} ({mode.value}): {exc}") from exc
     return sent
+
+
+def _pinned_world(operation: Any, world_ids: tuple[int, ...]) -> dict[str, Any] | None:
+    """The path parameters naming a world: one of ``world_ids`` per operation (the ingest routes' ``{world}`` too)."""
+    if operation.method.upper() == "DELETE" and operation.path == "/api/v1/worlds/{world}":
+        return {"world": str(world_ids[-1])}
+    world = world_ids[len(operation.path) % len(world_ids)]
+    if "{world_id}" in operation.path:
+        return {"world_id": world}
+    if "{world}" in operation.path:
+        return {"world": str(world)}
+    return None

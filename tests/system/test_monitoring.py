@@ -36,6 +36,7 @@ GAUGES: dict[str, set[str]] = {
     "worldsched_leases_held": set(),
     "worldsched_quarantined_rows": {"table"},
     "worldsched_http_connections": set(),
+    "worldsched_change_listener_up": set(),
 }
 COUNTERS: dict[str, set[str]] = {
     "worldsched_ticks_total": {"outcome"},
@@ -48,6 +49,8 @@ COUNTERS: dict[str, set[str]] = {
     "worldsched_lease_claims_total": set(),
     "worldsched_http_connections_closed_total": {"reason"},
     "worldsched_http_accept_errors_total": set(),
+    "worldsched_change_notifications_total": set(),
+    "worldsched_world_changes_applied_total": set(),
 }
 OPTIONAL_COUNTERS: dict[str, set[str]] = {
     "worldsched_world_ticks_total": {"world_id"},

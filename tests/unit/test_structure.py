@@ -87,11 +87,12 @@ def test_no_import_circle() -> None:
     assert circles == []
 
 
+@pytest.mark.parametrize("module", ["routes.py", "ingest_routes.py"])
 @pytest.mark.parametrize("forbidden", ["store", "runner", "scheduler"])
-def test_no_route_touches_the_store_the_runner_or_the_scheduler(forbidden: str) -> None:
-    tree = ast.parse((PACKAGE / "http" / "routes.py").read_text())
+def test_no_route_touches_the_store_the_runner_or_the_scheduler(module: str, forbidden: str) -> None:
+    tree = ast.parse((PACKAGE / "http" / module).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
-            assert node.attr != forbidden, f"routes.py line {node.lineno} reaches .{forbidden}"
+            assert node.attr != forbidden, f"{module} line {node.lineno} reaches .{forbidden}"
         if isinstance(node, ast.ImportFrom) and node.module:
             assert not node.module.startswith(f"scheduler_daemon.{forbidden}"), node.module

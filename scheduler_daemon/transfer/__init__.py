@@ -1,0 +1,1 @@
+"""Import and export files (``scheduler-daemon import``/``export``): worlds with their NPCs and sessions."""

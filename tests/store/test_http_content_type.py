@@ -114,3 +114,14 @@ async def test_openapi_documents_415_on_the_json_body_routes(api: Api) -> None:
     put = spec["paths"]["/api/v1/worlds/{world_id}/scheduler/config"]["put"]
     assert "application/json" in put["responses"]["415"]["description"]
     assert "application/x-www-form-urlencoded" in spec["info"]["description"]
+
+
+async def test_the_ingest_routes_read_bodies_the_same_way(api: Api) -> None:
+    world = {"name": "Harbor", "externalId": "harbor", "simulation": {"timeScale": 60}}
+    r = await api.client.post("/api/v1/worlds", content=json.dumps(world).encode(), headers={"Content-Type": FORM})
+    assert r.status_code == 201, r.text
+    npcs = json.dumps([{"externalId": "ann", "name": "Ann"}]).encode()
+    r = await api.client.put("/api/v1/worlds/ext:harbor/npcs", content=npcs)
+    assert r.status_code == 200, r.text
+    r = await api.client.put("/api/v1/worlds/ext:harbor/npcs", content=npcs, headers={"Content-Type": "text/csv"})
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"]

@@ -58,12 +58,12 @@ soak: $(VENV)/.installed-dev
 	SCHEDULER_FAULTS_PROFILE=soak SCHEDULER_FAULTS_REPORT=$(VAR)/faults-report.jsonl $(BIN)/pytest tests/faults
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check scheduler_daemon tests bench
-	$(BIN)/ruff format --check scheduler_daemon tests bench
+	$(BIN)/ruff check scheduler_daemon tests bench examples
+	$(BIN)/ruff format --check scheduler_daemon tests bench examples
 	$(BIN)/mypy
 
 fmt: $(VENV)/.installed-dev
-	$(BIN)/ruff format scheduler_daemon tests bench
+	$(BIN)/ruff format scheduler_daemon tests bench examples
 	$(BIN)/ruff check --fix scheduler_daemon tests bench
 
 # Benchmarks (docs/performance.md). PostgreSQL from SCHEDULER_TEST_POSTGRES_URL.

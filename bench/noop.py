@@ -73,6 +73,7 @@ class NoopScheduler(WorldScheduler):
         # As after the daemon's tier assignment at registration: no sessions, nothing to recompute.
         ctx.sessions_fingerprint = self._no_sessions
         self._worlds[world_id] = _World(ctx, BehaviorContent())
+        self.registrations += 1
         self.noop_store.worlds[world_id] = ctx.config_version
         return ctx
 

@@ -248,7 +248,12 @@ class WorldAdmin:
         return merged[-1], written.config_version
 
     async def set_paused(self, world_id: int, paused: bool) -> tuple[float, int]:
-        """Pause or resume (idempotent); returns the world time and the config version."""
+        """Pause or resume (idempotent); returns the world time and the config version.
+
+        A pause takes effect before it answers: the game time accrued since
+        the world's last tick is committed at once (``freeze_paused``), so the
+        world time returned is the one the world stays at.
+        """
         defaults = self.scheduler.defaults
 
         def change(record: WorldRecord) -> Mapping[str, Any] | None:
@@ -264,11 +269,26 @@ class WorldAdmin:
                 raise Invalid(exc.errors) from None
 
         written = await self._change(world_id, change)
-        if self.scheduler.is_registered(world_id):
+        world_time = float(written.world_time or 0.0)
+        if paused:
+            world_time = await self._freeze(world_id, world_time)
+        elif self.scheduler.is_registered(world_id):
             world_time = self.scheduler.get_context(world_id).current_world_time
-        else:
-            world_time = float(written.world_time or 0.0)
         return world_time, written.config_version
+
+    async def _freeze(self, world_id: int, stored_world_time: float) -> float:
+        """The world time a world just paused stays at, committed; ``stored_world_time`` if it does not run here."""
+        try:
+            return await self.runner.freeze_paused(world_id)
+        except WorldNotRegisteredError:
+            return stored_world_time
+        except Exception as exc:
+            if is_database_error(exc):
+                raise Unavailable(
+                    f"world {world_id} is paused, but its clock could not be committed at the pause "
+                    f"({type(exc).__name__}); its next tick commits it: call pause again to get the frozen time"
+                ) from None
+            raise
 
     async def force_tick(self, world_id: int, delta_seconds: float) -> TickResult:
         """One extra tick now covering ``delta_seconds`` of real time (never overlaps a regular tick)."""

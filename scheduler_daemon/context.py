@@ -93,12 +93,16 @@ class WorldSimulationContext:
         world_time: float = 0.0,
         ticks: int = 0,
         config_version: int = 1,
+        last_advanced_at: datetime | None = None,
     ) -> None:
         self.world_id = world_id
         self.config = config
         self.config_version = config_version
         self.current_world_time = world_time
         self.ticks_processed = ticks  # committed ticks, mirrors world_states.ticks
+        #: Wall time the committed world time corresponds to (mirrors ``world_states.last_advanced_at``;
+        #: ``None``: never ticked). A runner adopting the world measures its first tick from it.
+        self.last_advanced_at = last_advanced_at
         self.ticks_skipped = 0
         self.ticks_failed = 0
         self.npcs_simulated_last_tick = 0
@@ -165,8 +169,13 @@ class WorldSimulationContext:
             world_time_after=self.current_world_time + delta_game,
         )
 
-    def apply_tick(self, plan: AdvancePlan, outcome: TickOutcome | None = None) -> None:
-        """Record a committed tick: move the clock and update stats."""
+    def apply_tick(
+        self, plan: AdvancePlan, outcome: TickOutcome | None = None, *, advanced_at: datetime | None = None
+    ) -> None:
+        """Record a committed tick: move the clock and update stats.
+
+        ``advanced_at`` is the ``last_advanced_at`` stamp the tick wrote.
+        """
         if plan.world_time_before != self.current_world_time:
             raise RuntimeError(
                 f"world {self.world_id}: stale tick plan "
@@ -179,6 +188,8 @@ class WorldSimulationContext:
         self._carry_game = 0.0
         if outcome.state_written:
             self.ticks_processed += 1
+            if advanced_at is not None:
+                self.last_advanced_at = advanced_at
         self.npcs_simulated_last_tick = outcome.npcs_simulated
         self.npcs_simulated_total += outcome.npcs_simulated
         self.jobs_enqueued_last_tick = outcome.jobs_enqueued
@@ -256,6 +267,7 @@ class WorldSimulationContext:
         self._unconfirmed.clear()
         self.current_world_time = world_time
         self.ticks_processed = ticks
+        self.last_advanced_at = advanced_at
         self._carry_real = 0.0
         self._carry_game = 0.0
 

@@ -31,6 +31,7 @@ from scheduler_daemon.entities import (
     WorldPatch,
 )
 from scheduler_daemon.http.auth import require_token
+from scheduler_daemon.http.content_type import JsonBodyRoute, refuse_other_bodies
 from scheduler_daemon.http.middleware import MAX_BODY_BYTES
 from scheduler_daemon.http.wire import DEFAULT_PAGE_SIZE, ERRORS, MAX_PAGE_SIZE, Detail
 from scheduler_daemon.ingest import MAX_NPCS_PER_REQUEST, IngestAdmin, check_npc_count
@@ -52,7 +53,14 @@ def _ingest(request: Request) -> IngestAdmin:
 
 
 Ingest = Annotated[IngestAdmin, Depends(_ingest)]
-ingest_routes = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)], responses=ERRORS, tags=["ingest"])
+# The token first, then the body's Content-Type, as on every /api/v1 route (see content_type.py).
+ingest_routes = APIRouter(
+    prefix="/api/v1",
+    dependencies=[Depends(require_token), Depends(refuse_other_bodies)],
+    responses=ERRORS,
+    tags=["ingest"],
+    route_class=JsonBodyRoute,
+)
 
 
 def _at_most_npcs(items: Any) -> Any:

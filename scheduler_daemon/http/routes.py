@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler_daemon.admin import AdminError, WorldAdmin
 from scheduler_daemon.http.auth import TokenSource, require_token
+from scheduler_daemon.http.content_type import JsonBodyRoute, refuse_other_bodies
 from scheduler_daemon.http.ingest_routes import body_limit, ingest_routes
 from scheduler_daemon.http.middleware import BodySizeLimit
 from scheduler_daemon.http.wire import (
@@ -56,7 +57,13 @@ _STORED_ROW_INVALID: dict[int | str, dict[str, Any]] = {
     409: {"model": Detail, "description": "The world's stored row cannot be used"}
 }
 
-v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)], responses=ERRORS)
+# The token first, then the body's Content-Type (see content_type.py).
+v1 = APIRouter(
+    prefix="/api/v1",
+    dependencies=[Depends(require_token), Depends(refuse_other_bodies)],
+    responses=ERRORS,
+    route_class=JsonBodyRoute,
+)
 open_routes = APIRouter()
 
 
@@ -256,7 +263,9 @@ def create_app(admin: WorldAdmin, token: TokenSource) -> FastAPI:
             "config, pause/resume, force a tick, read stats; bring a game's worlds, NPCs and sessions in "
             "and read NPC state back (ingest: `{world}`, `{npc}`, `{session}` are a daemon id or "
             "`ext:<externalId>`). JSON, camelCase. Every /api/v1 route needs "
-            "`Authorization: Bearer <token>` when an admin token is configured."
+            "`Authorization: Bearer <token>` when an admin token is configured. Request bodies are JSON: "
+            "a body sent without a Content-Type, or as application/x-www-form-urlencoded (curl's default "
+            "for -d) that parses as JSON, is read as JSON; another Content-Type is 415."
         ),
         docs_url=None,
         redoc_url=None,

@@ -11,7 +11,7 @@ from scheduler_daemon.retry import first_line, retry_after
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.discovery import UNIT_ATTEMPTS
 from scheduler_daemon.runner.state import Slot, touched_database
-from scheduler_daemon.scheduler import TickResult
+from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError
 from scheduler_daemon.store.errors import LeaseLostError, StaleWorldStateError, is_database_error, is_transient
 
 log = structlog.get_logger("scheduler_daemon.runner")
@@ -163,6 +163,10 @@ class BatchTicking(RunnerBase):
                     continue
                 outcomes[i] = "lease_lost"
                 await self._drop_lost_in_tick(slot, reason="fence")
+            elif isinstance(answer, WorldNotRegisteredError):
+                # Unregistered on the scheduler by hand (nothing was written): not a failure.
+                outcomes[i] = "unregistered"
+                self._forget_unregistered(slot)
             elif isinstance(answer, TimeoutError):
                 outcomes[i] = "timeout"
             elif isinstance(answer, StaleWorldStateError):
@@ -186,7 +190,7 @@ class BatchTicking(RunnerBase):
         self.progress += 1
         for (slot, scheduled), outcome, result in zip(batch, outcomes, results, strict=True):
             slot.in_flight = False
-            if slot.removed or outcome in ("skipped", "lease_lost"):
+            if slot.removed or outcome in ("skipped", "lease_lost", "unregistered"):
                 continue  # a lost lease wrote nothing: not a failure, and the world is gone
             if outcome == "retry":
                 # Its batch failed as a whole: tick again right away, alone.

@@ -36,11 +36,16 @@ class Discovery(RunnerBase):
         transaction each); :attr:`registration` tells how far the pass got.
         A world that cannot be registered is isolated (:attr:`broken`) with
         the reason, logged once, and tried again when its config version moves
-        or after ``BROKEN_RETRY_SECONDS``.
+        or after ``BROKEN_RETRY_SECONDS``. Without leases, worlds registered
+        on the scheduler by hand are adopted first and kept even if the
+        database does not list them (see :meth:`adopt_registered`).
         """
         active = await self.worlds.discover_active_worlds()
         if self.leases is not None:
             active = await self._balance(active)
+        else:
+            self.adopt_registered()
+            active = await self._with_adopted(active)
         for world_id in sorted(self._slots.keys() - active.keys()):
             await self.remove_world(world_id)
         for world_id in self.broken.keys() - active.keys():

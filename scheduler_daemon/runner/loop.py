@@ -33,6 +33,7 @@ import structlog
 from scheduler_daemon.clock import Clock, MonotonicClock
 from scheduler_daemon.deadlines import DeadlineWheel
 from scheduler_daemon.leasing import LeaseKeeper
+from scheduler_daemon.runner.adoption import Adoption
 from scheduler_daemon.runner.batch import BatchTicking
 from scheduler_daemon.runner.changes import ChangeApplication
 from scheduler_daemon.runner.discovery import Discovery
@@ -51,13 +52,17 @@ log = structlog.get_logger("scheduler_daemon.runner")
 IDLE_WAKE_SECONDS = 1.0
 
 
-class SchedulerLoopRunner(WorldRegistry, ChangeApplication, Discovery, LeaseBalancing, Dispatch, BatchTicking):
+class SchedulerLoopRunner(
+    WorldRegistry, Adoption, ChangeApplication, Discovery, LeaseBalancing, Dispatch, BatchTicking
+):
     """Runs the scheduler loop for all registered worlds.
 
     ``worlds`` (where discovery reads which worlds should run) defaults to the
     scheduler's store. ``start()`` runs until ``stop()``; ``run_once()`` ticks
     every due world once and returns (cron-style use, tests). ``run_until(t)``
     drives a :class:`~scheduler_daemon.clock.VirtualClock` deterministically.
+    Worlds registered on the scheduler by hand are run too
+    (:meth:`adopt_registered`).
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class SchedulerLoopRunner(WorldRegistry, ChangeApplication, Discovery, LeaseBala
         self._tick_timer = None
         self._tick_timer_at = math.inf
         self._next_discovery = None
+        self._registrations_seen = -1
 
     def set_limits(self, limits: RunnerLimits) -> None:
         """Apply reloaded limits and discover at once; batches in flight finish under the old ones."""
@@ -118,8 +124,17 @@ class SchedulerLoopRunner(WorldRegistry, ChangeApplication, Discovery, LeaseBala
         self.discover_soon()
 
     async def run_once(self) -> dict[str, int]:
-        """Tick every world whose deadline has arrived, once, and wait for them."""
+        """Tick every world whose deadline has arrived, once, and wait for them.
+
+        Worlds registered on the scheduler by hand are adopted first and are
+        due at once: ``register_world`` then a new runner's ``run_once()`` (a
+        cron job) ticks each of them, covering the real time since its last
+        committed tick, at most one interval (see :meth:`adopt_registered`).
+        Discovery is not run here. Returns how many worlds ticked and how many
+        of those failed.
+        """
         before_ok, before_failed = self.ticks_ok, self.ticks_failed
+        self.adopt_registered()
         self._dispatch_due(self.clock.now())
         await self._drain()
         failed = self.ticks_failed - before_failed
@@ -144,8 +159,12 @@ class SchedulerLoopRunner(WorldRegistry, ChangeApplication, Discovery, LeaseBala
             await self._drain()
 
     async def start(self) -> None:
-        """Run the loop (discovery + ticks) until :meth:`stop` is called."""
-        self._stopping = False
+        """Run the loop (discovery + ticks) until :meth:`stop` is called.
+
+        Worlds registered on the scheduler by hand (before, or while it runs)
+        are run along with the ones discovery finds (:meth:`adopt_registered`).
+        """
+        self.adopt_registered()
         self._next_discovery = self.clock.now()
         log.info(
             "scheduler loop started",
@@ -190,10 +209,12 @@ class SchedulerLoopRunner(WorldRegistry, ChangeApplication, Discovery, LeaseBala
             if self._inflight:
                 log.info("waiting for in-flight ticks", batches=len(self._inflight), queued=len(self._ready))
             await self._drain()
+            # Reset only now: a stop() before the loop began (a signal) must not be lost, and start() may run again.
+            self._stopping = False
             log.info("scheduler loop stopped", ticks_ok=self.ticks_ok, ticks_failed=self.ticks_failed)
 
     def stop(self) -> None:
-        """Stop starting new ticks; :meth:`start` returns once in-flight ticks finish."""
+        """Stop starting new ticks; :meth:`start` returns once in-flight ticks finish (at once if called before it)."""
         self._stopping = True
         self._poke()
 

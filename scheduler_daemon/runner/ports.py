@@ -58,6 +58,10 @@ class TickEngine(Protocol):
     def get_all_contexts(self) -> dict[int, WorldSimulationContext]: ...
 
     @property
+    def registrations(self) -> int:
+        """Moves with every registration and unregistration."""
+
+    @property
     def ignored_sessions(self) -> int: ...
 
     def get_stats(self) -> dict[str, Any]: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import structlog
 
@@ -21,7 +22,8 @@ class WorldRegistry(RunnerBase):
 
     @property
     def world_ids(self) -> list[int]:
-        return sorted(self._slots)
+        """The worlds this runner runs, by id."""
+        return sorted(w for w, slot in self._slots.items() if not slot.removed)
 
     async def add_world(self, world_id: int, *, first_deadline: float | None = None) -> None:
         """Register a world with the scheduler and schedule its first tick.
@@ -74,15 +76,33 @@ class WorldRegistry(RunnerBase):
         return failed
 
     async def remove_world(self, world_id: int) -> None:
-        """Stop ticking a world (waits for its in-flight tick) and unregister it."""
-        slot = self._slots.pop(world_id, None)
+        """Stop ticking a world (waits for its in-flight tick) and unregister it.
+
+        The slot stays (marked removed) until the world is unregistered, so
+        nothing takes the world up again in between (adoption, see
+        :meth:`adopt_registered`), and a slot that replaced it meanwhile
+        (:meth:`add_worlds`) keeps its registration.
+        """
+        slot = self._slots.get(world_id)
         if slot is None:
             return
         slot.removed = True
         async with slot.lock:
+            if self._slots.get(world_id) is not slot:
+                return  # replaced or removed while we waited
+            del self._slots[world_id]
             await self.scheduler.unregister_world(world_id)
         if self.observer:
             self.observer.world_unregistered(world_id)
+
+    def _forget_unregistered(self, slot: Slot) -> None:
+        """The world was unregistered on the scheduler by hand (its tick found it gone): stop running it."""
+        slot.removed = True
+        if self._slots.get(slot.world_id) is slot:
+            del self._slots[slot.world_id]
+            log.info("world no longer registered on the scheduler; not run any more", world_id=slot.world_id)
+            if self.observer:
+                self.observer.world_unregistered(slot.world_id)
 
     async def apply_world_config(self, world_id: int, record: WorldRecord | None = None) -> None:
         """Re-read a world's config now (or apply ``record``, just written); takes effect before its next tick.
@@ -94,6 +114,8 @@ class WorldRegistry(RunnerBase):
         if slot is None:
             return
         async with slot.lock:
+            if slot.removed:
+                return
             await self._reconfigure(slot, record)
 
     async def _reconfigure(self, slot: Slot, record: WorldRecord | None = None) -> None:
@@ -134,18 +156,53 @@ class WorldRegistry(RunnerBase):
         async with slot.lock:
             if slot.removed:
                 raise WorldNotRegisteredError(world_id)
-            started = self.clock.now()
-            try:
-                result = await self.scheduler.tick_world(world_id, delta_real_seconds)
-            except Exception as exc:
-                self._tick_failed(exc)
-                if self.observer:
-                    # No slot was scheduled, so there is no lag to report (NaN).
-                    self.observer.tick_finished(world_id, "error", math.nan, self.clock.now() - started, None)
-                raise
-            self.progress += 1
-            if touched_database(result):
-                self.commits.committed(self.clock.now())
+            return await self._extra_tick(slot, delta_real_seconds)
+
+    async def freeze_paused(self, world_id: int) -> float:
+        """Commit a paused world's clock as of now, so that it stays where it is; returns its world time.
+
+        A pause accepted between two ticks lets the part of the interval
+        before it accrue at the old rate (:meth:`apply_world_config`), which
+        the world's next tick would commit after the pause was answered. Here,
+        under the world's lock (after a tick in flight), a tick covering the
+        real time since the last one commits that part at once; every later
+        tick of the paused world writes nothing. A world that is not paused
+        (resumed meanwhile), or has nothing to commit, is left as it is.
+        Raises :class:`~scheduler_daemon.scheduler.WorldNotRegisteredError`,
+        or the tick's error (the world's next tick then commits that part).
+        """
+        slot = self._slots.get(world_id)
+        if slot is None:
+            raise WorldNotRegisteredError(world_id)
+        async with slot.lock:
+            if slot.removed:
+                raise WorldNotRegisteredError(world_id)
+            ctx = slot.ctx
+            now = self.clock.now()
+            wall = datetime.now(UTC)
+            elapsed = max(now - slot.last_tick_at, 0.0)
+            if ctx.paused and ctx.plan_advance(elapsed).delta_game_seconds != 0.0:
+                await self._extra_tick(slot, elapsed, wall_at=wall)
+                # A regular tick now: the next one covers the (paused) time from here.
+                slot.last_tick_at = now
+            return ctx.current_world_time
+
+    async def _extra_tick(
+        self, slot: Slot, delta_real_seconds: float, *, wall_at: datetime | None = None
+    ) -> TickResult:
+        """A tick outside the grid (the slot's lock held): counted and observed as a forced one."""
+        started = self.clock.now()
+        try:
+            result = await self.scheduler.tick_world(slot.world_id, delta_real_seconds, wall_at=wall_at)
+        except Exception as exc:
+            self._tick_failed(exc)
             if self.observer:
-                self.observer.tick_finished(world_id, "ok", math.nan, self.clock.now() - started, result)
-            return result
+                # No slot was scheduled, so there is no lag to report (NaN).
+                self.observer.tick_finished(slot.world_id, "error", math.nan, self.clock.now() - started, None)
+            raise
+        self.progress += 1
+        if touched_database(result):
+            self.commits.committed(self.clock.now())
+        if self.observer:
+            self.observer.tick_finished(slot.world_id, "ok", math.nan, self.clock.now() - started, result)
+        return result

@@ -81,6 +81,7 @@ class Slot:
     removed: bool = False
     tiers_at: float = 0.0  # clock time of the last tier assignment
     solo: bool = False  # its last batch failed as a whole: tick alone until a tick succeeds
+    manual: bool = False  # registered on the scheduler by hand: discovery keeps it even if it does not list it
 
     @property
     def deadline(self) -> float:

@@ -36,6 +36,9 @@ class SchedulerBase:
     sink_timeout_seconds: float
     on_commit: TickListener | None
     _worlds: dict[int, _World]
+    #: Bumped by every registration and unregistration: a runner looks for worlds
+    #: registered by hand only when it moved (see the runner's ``adopt_registered``).
+    registrations: int
     _ignored_sessions: dict[int, str]  # session id -> why tiering cannot read it
 
     if TYPE_CHECKING:

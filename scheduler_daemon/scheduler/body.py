@@ -122,7 +122,7 @@ class TickBody(SchedulerBase):
         was_lagging = ctx.lagging_tiers
         if outcome.quarantined:
             log_quarantine(ctx.world_id, ctx.quarantined_npcs, {**ctx.quarantined_npcs, **outcome.quarantined})
-        ctx.apply_tick(plan, outcome)
+        ctx.apply_tick(plan, outcome, advanced_at=planned.wall_at_start)
         _log_lag_transition(ctx, was_lagging)
         entry = planned.entry
         for level, event, fields in planned.events:

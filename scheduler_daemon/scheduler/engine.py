@@ -51,4 +51,5 @@ class WorldScheduler(WorldRegistry, Tiering, GroupTicking, TickBody, ChainsAndGe
         self.sink_timeout_seconds = sink_timeout_seconds
         self.on_commit = on_commit
         self._worlds = {}
+        self.registrations = 0
         self._ignored_sessions = {}

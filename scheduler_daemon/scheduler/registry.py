@@ -87,6 +87,7 @@ class WorldRegistry(SchedulerBase):
                     world_time=float(record.world_time or 0.0),
                     ticks=int(record.ticks or 0),
                     config_version=record.config_version,
+                    last_advanced_at=record.last_advanced_at,
                 )
                 entries[world_id] = _World(ctx, behavior, lease=lease)
             assigned = await self._compute_tiers(conn, entries, None) if entries else {}
@@ -107,6 +108,8 @@ class WorldRegistry(SchedulerBase):
                 lease_epoch=entry.lease.epoch if entry.lease else None,
             )
             answers[world_id] = ctx
+        if entries:
+            self.registrations += 1
         return answers
 
     def get_lease(self, world_id: int) -> Lease | None:
@@ -198,6 +201,7 @@ class WorldRegistry(SchedulerBase):
         """Stop tracking a world. Its state is already persisted by every committed tick."""
         entry = self._worlds.pop(world_id, None)
         if entry is not None:
+            self.registrations += 1
             log.info(
                 "world unregistered",
                 world_id=world_id,

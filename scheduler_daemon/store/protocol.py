@@ -25,7 +25,7 @@ from scheduler_daemon.store.worlds import WorldRecord, WorldStatus
 
 
 class WorldSource(Protocol):
-    """What the runner's discovery reads: the worlds that should run, and every active session."""
+    """What the runner's discovery reads: the worlds that should run, every active session, config versions."""
 
     async def discover_active_worlds(self) -> dict[int, int]: ...
 

@@ -302,6 +302,15 @@ class Worlds(StoreBase):
             )
         return sa.or_(has_session, sa.func.coalesce(always_on, sa.false()), sa.func.coalesce(suspect, sa.false()))
 
+    async def active_world_ids(self) -> list[int]:
+        """The worlds the daemon's discovery would run, by id: the embedding API's ``get_active_worlds``.
+
+        Worlds with an active session or ``alwaysOn: true``, and worlds whose
+        stored row cannot be judged (registering one raises an error naming
+        the field), as :meth:`discover_active_worlds` lists them.
+        """
+        return sorted(await self.discover_active_worlds())
+
     async def change_world_simulation(
         self,
         world_id: int,

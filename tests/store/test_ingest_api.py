@@ -257,6 +257,9 @@ async def test_npc_upsert_refuses_bad_batches_whole(api: Api) -> None:
         ([npc("new"), {"name": "No key"}], 422, ["body", 1]),
         ([npc("new"), {"id": bob, "externalId": "ann", "name": "Two"}], 422, ["body", 1, "id"]),
         ([npc("new"), npc("bob"), {"id": bob, "name": "Bob"}], 422, ["body", 2, "id"]),
+        # One new external id twice: refused by item, not a unique violation of the database (was 503).
+        ([npc("new"), npc("new")], 422, ["body", 1, "externalId"]),
+        ([{"id": bob, "externalId": "new", "name": "Bob"}, npc("new")], 422, ["body", 1, "externalId"]),
         ([npc("new"), npc("x", tier="detailed")], 422, ["body", 1, "tier"]),
         ([npc("new"), npc("x", energy="high")], 422, ["body", 1, "energy"]),
         ([npc("new"), npc("x", state=[1])], 422, ["body", 1, "state"]),

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from scheduler_daemon.http.middleware import MAX_BODY_BYTES
 from scheduler_daemon.http.routes import create_app
@@ -154,6 +155,31 @@ async def test_delete_world_stops_it_and_then_it_is_404(api: Api) -> None:
     assert world["id"] not in api.runner.world_ids  # dropped before the answer
     assert (await api.client.get(f"{WORLDS}/{world['id']}")).status_code == 404
     assert (await api.client.delete(f"{WORLDS}/ext:harbor")).status_code == 404
+    assert await rows(api.store) == {
+        t: [] for t in ("worlds", "world_states", "npcs", "sessions", "interaction_cooldowns")
+    }
+
+
+async def test_delete_world_during_its_tick_waits_for_the_tick_and_logs_no_error(api: Api) -> None:
+    # On PostgreSQL a delete committed during the tick deadlocked with it (503) or failed the
+    # tick's fence ("tick refused", "world resync failed" with a traceback). Each round lets
+    # the tick run a different number of loop steps before the DELETE arrives.
+    for steps in range(0, 40, 2):
+        world = await create(api, f"w{steps}", simulation={**CALM, "alwaysOn": True})
+        npcs = [npc(f"n{i}", location="dock") for i in range(50)]
+        assert (await api.client.put(f"{WORLDS}/ext:w{steps}/npcs", json=npcs)).status_code == 200
+        await api.runner.discover()
+        await api.runner.run_until(api.clock.now() + 1.0)
+        with structlog.testing.capture_logs() as logs:
+            tick = asyncio.ensure_future(api.runner.run_until(api.clock.now() + 1.0))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            r = await api.client.delete(f"{WORLDS}/ext:w{steps}")
+            await tick
+        assert r.status_code == 204, (steps, r.text)
+        assert [e for e in logs if e["log_level"] in ("error", "critical")] == [], steps
+        assert world["id"] not in api.runner.world_ids
+        await api.runner.run_until(api.clock.now() + 2.0)
     assert await rows(api.store) == {
         t: [] for t in ("worlds", "world_states", "npcs", "sessions", "interaction_cooldowns")
     }

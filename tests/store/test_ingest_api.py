@@ -308,6 +308,34 @@ async def test_npc_upsert_refuses_bad_batches_whole(api: Api) -> None:
     assert r.status_code == 413  # other routes keep their limit
 
 
+async def test_an_unauthenticated_ingest_write_is_401_before_its_body_is_read_past_64_kib(api: Api) -> None:
+    await create(api)
+    url = f"{WORLDS}/ext:harbor/npcs"
+    pulled = 0
+
+    async def chunks() -> AsyncIterator[bytes]:  # 2 MiB without Content-Length, counted as the daemon reads it
+        nonlocal pulled
+        for _ in range(64):
+            pulled += 1
+            yield b" " * (32 * 1024)
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        pulled = 0
+        anonymous = httpx.AsyncClient(transport=api.client._transport, base_url="http://test", headers=headers)
+        async with anonymous:
+            r = await anonymous.put(url, content=chunks(), headers={"Content-Type": "application/json"})
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", r.text
+            assert pulled <= MAX_BODY_BYTES // (32 * 1024) + 1  # not 2 MiB buffered for a stranger
+            big = b"[" + b" " * MAX_BODY_BYTES + b"]"  # declared length over 64 KiB: refused unread
+            r = await anonymous.put(url, content=big, headers={"Content-Type": "application/json"})
+            assert r.status_code == 401, r.text
+            r = await anonymous.put(url, json=[npc("bob")])  # small: the route's own 401
+            assert r.status_code == 401
+    pulled = 0
+    r = await api.client.put(url, content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and pulled == 64  # with the token the whole 2 MiB is read
+
+
 async def test_delete_npc_by_external_id_leaves_the_sessions(api: Api) -> None:
     await create(api)
     await api.client.put(f"{WORLDS}/ext:harbor/npcs", json=[npc("bob"), npc("ann")])

@@ -85,7 +85,7 @@ def _ref(text: str, where: str) -> int | str:
 
 @dataclass(frozen=True)
 class NpcStatePage:
-    """One page of NPCs as JSON objects (the API's ``Npc``), and the cursor of the next page."""
+    """One page of NPCs as JSON objects (the API's ``NpcState``), and the cursor of the next page."""
 
     rows: list[str]
     next_cursor: int | None

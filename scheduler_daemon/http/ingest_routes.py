@@ -21,7 +21,6 @@ from starlette.types import Scope
 from scheduler_daemon.entities import (
     MAX_ID,
     MAX_TEXT,
-    Npc,
     NpcInput,
     Session,
     SessionInput,
@@ -79,10 +78,37 @@ class _Answer(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
+class NpcState(_Answer):
+    """An NPC as the daemon stores it (fields as in ``Npc``).
+
+    Read back as stored, so a row written badly with SQL is listed too: with
+    ``problem`` saying why the daemon cannot decide it, and each unreadable
+    value null.
+    """
+
+    id: int
+    external_id: str | None
+    name: str | None
+    location: str | None
+    home: str | None
+    routine: str | None
+    energy: float | None
+    mood_valence: float | None
+    mood_arousal: float | None
+    state: dict[str, Any] | None
+    tier: TierLabel | None = Field(description="The tier the daemon assigned")
+    current_activity: str | None
+    activity_started_at: float | None = Field(description="World time")
+    next_decision_at: float | None = Field(description="World time of the NPC's next decision")
+    last_decision_at: float | None = Field(description="World time of its last decision")
+    decisions: int | None = Field(description="Decisions taken so far")
+    problem: str | None = Field(description="Why the daemon cannot decide this NPC (quarantined), or null")
+
+
 class NpcList(_Answer):
     """One page of NPCs by id."""
 
-    npcs: list[Npc]
+    npcs: list[NpcState]
     next_cursor: int | None = Field(description="Pass as ?cursor= for the next page; null on the last page")
 
 

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
+from scheduler_daemon.http.ingest_routes import NpcList
 from scheduler_daemon.http.middleware import MAX_BODY_BYTES
 from scheduler_daemon.http.routes import create_app
 from scheduler_daemon.ingest import MAX_NPCS_PER_REQUEST
@@ -421,6 +422,19 @@ async def test_percent_encoded_external_ids_and_unreadable_rows_are_listed_with_
     assert listed[olaf]["problem"] is None and listed[olaf]["externalId"] == "ölaf ø"
     assert (await api.client.delete("/api/v1/worlds/ext:north%20gate/npcs/ext:%C3%B6laf%20%C3%B8")).status_code == 204
     assert list(await tiers(api, "ext:north gate")) == ["bob"]
+
+
+async def test_unreadable_npc_rows_are_answered_within_the_documented_schema(api: Api) -> None:
+    await create(api)
+    r = await api.client.put(f"{WORLDS}/ext:harbor/npcs", json=[npc("bob"), npc("ann")])
+    bob = r.json()["npcs"][0]["id"]
+    async with api.store.transaction() as conn:  # a game's bad SQL write
+        await conn.execute(sa.text("UPDATE npcs SET state = '[1]', tier = 9, name = '' WHERE id = :n"), {"n": bob})
+    r = await api.client.get(f"{WORLDS}/ext:harbor/npcs")
+    assert r.status_code == 200
+    listed = NpcList.model_validate(r.json()).npcs  # the response model the OpenAPI schema is made of
+    assert listed[0].problem is not None and listed[0].state is None and listed[0].tier is None
+    assert listed[1].problem is None
 
 
 async def test_concurrent_writers_of_one_new_external_id_end_with_one_row(api: Api) -> None:

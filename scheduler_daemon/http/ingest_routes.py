@@ -25,7 +25,6 @@ from scheduler_daemon.entities import (
     Session,
     SessionInput,
     TierLabel,
-    World,
     WorldInput,
     WorldPatch,
 )
@@ -76,6 +75,19 @@ class NpcPageQuery(BaseModel):
 
 class _Answer(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+
+class WorldState(_Answer):
+    """A world as the daemon stores it (fields as in ``World``), values written with SQL as they are."""
+
+    id: int
+    external_id: str | None
+    name: str
+    simulation: Any = Field(description="The scheduler config (meta.simulation) as stored: an object when valid")
+    meta: dict[str, Any] = Field(description="The world's other meta keys")
+    config_version: int = Field(description="Bumped by every config change")
+    world_time: float | None = Field(description="Committed world time, game seconds")
+    paused: bool = Field(description="The effective pauseSimulation")
 
 
 class NpcState(_Answer):
@@ -153,8 +165,8 @@ _CONFLICT: dict[int | str, dict[str, Any]] = {
     summary="Create a world",
     status_code=201,
     responses={
-        201: {"model": World, "description": "Created"},
-        200: {"model": World, "description": "A world with this externalId and the same fields exists already"},
+        201: {"model": WorldState, "description": "Created"},
+        200: {"model": WorldState, "description": "A world with this externalId and the same fields exists already"},
         409: {"model": Detail, "description": "A world with this externalId exists with different fields"},
     },
 )
@@ -164,7 +176,9 @@ async def create_world(ingest: Ingest, body: WorldInput) -> Response:
     return _json(world, 201 if created else 200, {"Location": f"/api/v1/worlds/{world['id']}"})
 
 
-@ingest_routes.get("/worlds/{world}", summary="A world", responses={200: {"model": World, "description": "The world"}})
+@ingest_routes.get(
+    "/worlds/{world}", summary="A world", responses={200: {"model": WorldState, "description": "The world"}}
+)
 async def get_world(ingest: Ingest, world: WorldRef) -> Response:
     """The world as stored: name, external id, meta, simulation config, committed world time."""
     return _json(await ingest.get_world(world))
@@ -173,7 +187,7 @@ async def get_world(ingest: Ingest, world: WorldRef) -> Response:
 @ingest_routes.patch(
     "/worlds/{world}",
     summary="Change a world",
-    responses={200: {"model": World, "description": "The world as stored now"}, **_CONFLICT},
+    responses={200: {"model": WorldState, "description": "The world as stored now"}, **_CONFLICT},
 )
 async def patch_world(ingest: Ingest, world: WorldRef, patch: WorldPatch) -> Response:
     """Change name or externalId; ``meta`` and ``simulation`` merge (JSON merge patch); applied before the next tick."""

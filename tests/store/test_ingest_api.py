@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
-from scheduler_daemon.http.ingest_routes import NpcList
+from scheduler_daemon.http.ingest_routes import NpcList, WorldState
 from scheduler_daemon.http.middleware import MAX_BODY_BYTES
 from scheduler_daemon.http.routes import create_app
 from scheduler_daemon.ingest import MAX_NPCS_PER_REQUEST
@@ -435,6 +435,19 @@ async def test_unreadable_npc_rows_are_answered_within_the_documented_schema(api
     listed = NpcList.model_validate(r.json()).npcs  # the response model the OpenAPI schema is made of
     assert listed[0].problem is not None and listed[0].state is None and listed[0].tier is None
     assert listed[1].problem is None
+
+
+async def test_a_world_written_badly_with_sql_is_answered_within_the_documented_schema(api: Api) -> None:
+    world = await create(api)
+    async with api.store.transaction() as conn:
+        await conn.execute(
+            sa.text("""UPDATE worlds SET name = '', meta = '{"simulation": [1], "x": 1}' WHERE id = :w"""),
+            {"w": world["id"]},
+        )
+    r = await api.client.get(f"{WORLDS}/ext:harbor")
+    assert r.status_code == 200
+    answer = WorldState.model_validate(r.json())  # the response model the OpenAPI schema is made of
+    assert (answer.name, answer.simulation, answer.meta) == ("", [1], {"x": 1})
 
 
 async def test_concurrent_writers_of_one_new_external_id_end_with_one_row(api: Api) -> None:

@@ -31,7 +31,7 @@ from scheduler_daemon.entities import (
 from scheduler_daemon.http.auth import require_token
 from scheduler_daemon.http.middleware import MAX_BODY_BYTES
 from scheduler_daemon.http.wire import DEFAULT_PAGE_SIZE, ERRORS, MAX_PAGE_SIZE, Detail
-from scheduler_daemon.ingest import MAX_NPCS_PER_REQUEST, IngestAdmin, check_npc_count
+from scheduler_daemon.ingest import MAX_NPCS_PER_REQUEST, IngestAdmin, InvalidInput, check_npc_count
 
 #: Bodies of the ingest writes may be this large (1,000 NPCs of 2 KiB; a session's NPC lists at
 #: their longest); every other route keeps 64 KiB.
@@ -49,8 +49,19 @@ def _ingest(request: Request) -> IngestAdmin:
     return ingest
 
 
+def _no_encoded_slash(request: Request) -> None:
+    # The path is decoded before routing: ext:a%2Fnpcs%2F5 would reach DELETE …/ext:a/npcs/5.
+    if b"%2f" in request.scope.get("raw_path", b"").lower():
+        raise InvalidInput([(("path",), "an external id cannot contain '/' (%2F)")])
+
+
 Ingest = Annotated[IngestAdmin, Depends(_ingest)]
-ingest_routes = APIRouter(prefix="/api/v1", dependencies=[Depends(require_token)], responses=ERRORS, tags=["ingest"])
+ingest_routes = APIRouter(
+    prefix="/api/v1",
+    dependencies=[Depends(require_token), Depends(_no_encoded_slash)],
+    responses=ERRORS,
+    tags=["ingest"],
+)
 
 
 def _at_most_npcs(items: Any) -> Any:

@@ -424,6 +424,22 @@ async def test_percent_encoded_external_ids_and_unreadable_rows_are_listed_with_
     assert list(await tiers(api, "ext:north gate")) == ["bob"]
 
 
+async def test_an_encoded_slash_never_reaches_another_route(api: Api) -> None:
+    # Decoded before routing, ext:harbor%2Fnpcs%2Fext:bob was DELETE …/ext:harbor/npcs/ext:bob:
+    # a game passing an id it did not check (external ids have no '/') deleted an NPC.
+    await create(api)
+    await api.client.put(f"{WORLDS}/ext:harbor/npcs", json=[npc("bob")])
+    before = await rows(api.store)
+    for method, path in (
+        ("DELETE", "ext:harbor%2Fnpcs%2Fext:bob"),
+        ("DELETE", "ext:harbor%2fnpcs/ext:bob"),
+        ("GET", "ext:harbor%2Fnpcs"),
+    ):
+        r = await api.client.request(method, f"{WORLDS}/{path}")
+        assert r.status_code == 422 and "'/'" in r.text, (path, r.text)
+    assert await rows(api.store) == before
+
+
 async def test_unreadable_npc_rows_are_answered_within_the_documented_schema(api: Api) -> None:
     await create(api)
     r = await api.client.put(f"{WORLDS}/ext:harbor/npcs", json=[npc("bob"), npc("ann")])

@@ -236,7 +236,15 @@ class Ingest(IngestNpcs, Worlds):
 
     @staticmethod
     async def delete_world(conn: AsyncConnection, world_id: int) -> bool:
-        """Delete a world and everything it owns (cascade: state, NPCs, sessions, requests, chains); False if absent."""
+        """Delete a world and everything it owns (cascade: state, NPCs, sessions, requests, chains); False if absent.
+
+        On PostgreSQL its state row is locked first, as a fenced tick (another
+        daemon's) locks it first: such a tick in flight commits before the
+        cascade reaches its NPC rows, instead of deadlocking with it.
+        """
+        if conn.dialect.name == "postgresql":
+            state = sa.select(world_states.c.world_id).where(world_states.c.world_id == world_id)
+            await conn.execute(state.with_for_update())
         deleted = await conn.execute(sa.delete(worlds).where(worlds.c.id == world_id).returning(worlds.c.id))
         return deleted.first() is not None
 

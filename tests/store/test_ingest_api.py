@@ -16,11 +16,18 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
+from scheduler_daemon.admin import WorldAdmin
+from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.http.ingest_routes import NpcList, WorldState
 from scheduler_daemon.http.middleware import MAX_BODY_BYTES
 from scheduler_daemon.http.routes import create_app
 from scheduler_daemon.ingest import MAX_NPCS_PER_REQUEST
+from scheduler_daemon.leasing import LeaseKeeper
+from scheduler_daemon.metrics import SchedulerMetrics
+from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.leases import LeaseStore
 from scheduler_daemon.store.repository import Store
 from tests.store.test_http_api import AUTH, TOKEN, Api, make_api
 
@@ -184,6 +191,49 @@ async def test_delete_world_during_its_tick_waits_for_the_tick_and_logs_no_error
     assert await rows(api.store) == {
         t: [] for t in ("worlds", "world_states", "npcs", "sessions", "interaction_cooldowns")
     }
+
+
+async def test_delete_world_during_its_tick_on_another_daemon_does_not_deadlock(pg_store: Store) -> None:
+    # Daemon a answers the API, daemon b owns the world (leases) and ticks it: b's fenced tick
+    # locks the state row first, then NPC rows; the delete's cascade took NPC rows, then waited
+    # for the state row: a deadlock, answered 503. Each round lets b's tick run a different
+    # number of loop steps before the DELETE arrives.
+    store = pg_store
+    clock_a, clock_b = VirtualClock(), VirtualClock()
+    runners = [
+        SchedulerLoopRunner(
+            WorldScheduler(store), store, clock=clock, leases=LeaseKeeper(LeaseStore(store.engine, name, 30.0), clock)
+        )
+        for name, clock in (("a", clock_a), ("b", clock_b))
+    ]
+    runner_a, runner_b = runners
+    admin = WorldAdmin(
+        store, runner_a.scheduler, runner_a, SchedulerMetrics(version="test", runner=runner_a, process_collectors=False)
+    )
+    transport = httpx.ASGITransport(app=create_app(admin, token=lambda: TOKEN))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=AUTH) as client:
+        # A second world b ticks in the same batch: longer ticks, more interleavings.
+        kept = (await client.post(WORLDS, json={"name": "Kept", "simulation": {**CALM, "alwaysOn": True}})).json()
+        npcs = [npc(f"k{i}", location="dock") for i in range(200)]
+        assert (await client.put(f"{WORLDS}/{kept['id']}/npcs", json=npcs)).status_code == 200
+        for steps in range(60):
+            body = {"externalId": f"w{steps}", "name": "W", "simulation": {**CALM, "alwaysOn": True}}
+            world = (await client.post(WORLDS, json=body)).json()
+            npcs = [npc(f"n{i}", location="dock") for i in range(50)]
+            assert (await client.put(f"{WORLDS}/ext:w{steps}/npcs", json=npcs)).status_code == 200
+            await runner_b.discover()
+            assert runner_b.world_ids == [kept["id"], world["id"]]
+            await runner_b.run_until(clock_b.now() + 1.0)
+            with structlog.testing.capture_logs() as logs:
+                tick = asyncio.ensure_future(runner_b.run_until(clock_b.now() + 1.0))
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                r = await client.delete(f"{WORLDS}/ext:w{steps}")
+                await tick
+                await runner_b.run_until(clock_b.now() + 1.0)  # b learns it from its next tick
+            assert r.status_code == 204, (steps, r.text)
+            assert [e for e in logs if e["log_level"] in ("error", "critical")] == [], steps
+            assert runner_b.world_ids == [kept["id"]]
 
 
 async def test_bad_references_are_422_and_unknown_ones_404(api: Api) -> None:

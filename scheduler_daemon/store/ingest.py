@@ -293,21 +293,23 @@ class Ingest(IngestNpcs, Worlds):
     # ---------------------------------------------------------- sessions
     @staticmethod
     async def resolve_npc_refs(conn: AsyncConnection, world_id: int, refs: Iterable[int | str]) -> dict[int | str, int]:
-        """``{reference: daemon id}`` of NPC references of one world; :class:`UnknownNpcsError` lists the rest."""
+        """``{reference: daemon id}`` of NPC references of one world; :class:`UnknownNpcsError` lists the rest.
+
+        On PostgreSQL the NPCs found are locked against a delete until the
+        caller commits, so a session never keeps the id of an NPC deleted meanwhile.
+        """
         wanted = list(dict.fromkeys(refs))
         ids = [r for r in wanted if isinstance(r, int)]
         externals = [r for r in wanted if isinstance(r, str)]
         found: dict[int | str, int] = {}
+        base = sa.select(npcs.c.external_id, npcs.c.id).where(npcs.c.world_id == world_id)
+        if conn.dialect.name == "postgresql":
+            base = base.with_for_update(key_share=True)
         for start in range(0, len(ids), IDS_PER_STATEMENT):
-            query = sa.select(npcs.c.id).where(
-                npcs.c.world_id == world_id, npcs.c.id.in_(ids[start : start + IDS_PER_STATEMENT])
-            )
-            found.update({int(i): int(i) for i in (await conn.execute(query)).scalars()})
+            query = base.where(npcs.c.id.in_(ids[start : start + IDS_PER_STATEMENT]))
+            found.update({int(i): int(i) for _, i in (await conn.execute(query)).all()})
         for start in range(0, len(externals), IDS_PER_STATEMENT):
-            chunk = externals[start : start + IDS_PER_STATEMENT]
-            query = sa.select(npcs.c.external_id, npcs.c.id).where(
-                npcs.c.world_id == world_id, npcs.c.external_id.in_(chunk)
-            )
+            query = base.where(npcs.c.external_id.in_(externals[start : start + IDS_PER_STATEMENT]))
             found.update({str(e): int(i) for e, i in (await conn.execute(query)).all()})
         missing = [r for r in wanted if r not in found]
         if missing:

@@ -274,7 +274,7 @@ _NPC_WIRE_KEYS: Final = {
 
 
 def npc_wire(columns: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored NPC (column dict, as the store reads it) as the API's :class:`Npc` (camelCase)."""
+    """A stored NPC (column dict, as the store reads it) in camelCase: the API's ``NpcState``, a file's :class:`Npc`."""
     tier = columns.get("tier")
     label = Tier(tier).label if isinstance(tier, int) and tier in {t.value for t in Tier} else None
     return {wire: label if column == "tier" else columns.get(column) for column, wire in _NPC_WIRE_KEYS.items()}

@@ -85,7 +85,7 @@ def _ref(text: str, where: str) -> int | str:
 
 @dataclass(frozen=True)
 class NpcStatePage:
-    """One page of NPCs as JSON objects (the API's ``Npc``), and the cursor of the next page."""
+    """One page of NPCs as JSON objects (the API's ``NpcState``), and the cursor of the next page."""
 
     rows: list[str]
     next_cursor: int | None
@@ -170,15 +170,15 @@ class IngestAdmin:
     async def delete_world(self, world: str) -> None:
         """Delete a world and everything it owns; the daemon stops ticking it before this returns."""
 
-        ref = _ref(world, "world")
+        world_id = await self._call(self.store.resolve_world(_ref(world, "world")))
 
-        async def write() -> int:
+        async def write() -> None:
             async with self.store.transaction() as conn:
-                world_id = await self.store.resolve_world(ref, conn)
-                await self.store.delete_world(conn, world_id)
-                return world_id
+                if not await self.store.delete_world(conn, world_id):
+                    raise WorldNotFoundError(world_id)  # deleted meanwhile
 
-        world_id = await self._call(write())
+        async with self.runner.deleting(world_id):
+            await self._call(write())
         log.info("world deleted over the API", world_id=world_id)
         await self.runner.apply_changes([world_id])
 

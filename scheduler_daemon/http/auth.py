@@ -17,6 +17,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import Scope
 
 from scheduler_daemon.settings import HttpSettings, SettingsError
 
@@ -93,6 +94,14 @@ def check_bind_allowed(http: HttpSettings, token: str | None) -> None:
         )
 
 
+#: The answer to a request without the right token.
+UNAUTHORIZED = "missing or invalid bearer token"
+
+
+def _matches(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8"))
+
+
 async def require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
@@ -101,5 +110,17 @@ async def require_token(
     if expected is None:
         return
     given = credentials.credentials if credentials is not None else ""
-    if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8")):
-        raise HTTPException(401, detail="missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if not _matches(given, expected):
+        raise HTTPException(401, detail=UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+
+
+def carries_token(scope: Scope, token: TokenSource) -> bool:
+    """Whether an ASGI request carries the current token (as :func:`require_token` reads it), before routing."""
+    expected = token()
+    if expected is None:
+        return True
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, given = value.decode("latin-1").partition(" ")
+            return scheme.lower() == "bearer" and _matches(given, expected)
+    return False

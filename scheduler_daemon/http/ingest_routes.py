@@ -21,12 +21,10 @@ from starlette.types import Scope
 from scheduler_daemon.entities import (
     MAX_ID,
     MAX_TEXT,
-    Npc,
     NpcInput,
     Session,
     SessionInput,
     TierLabel,
-    World,
     WorldInput,
     WorldPatch,
 )
@@ -34,7 +32,7 @@ from scheduler_daemon.http.auth import require_token
 from scheduler_daemon.http.content_type import JsonBodyRoute, refuse_other_bodies
 from scheduler_daemon.http.middleware import MAX_BODY_BYTES
 from scheduler_daemon.http.wire import DEFAULT_PAGE_SIZE, ERRORS, MAX_PAGE_SIZE, Detail
-from scheduler_daemon.ingest import MAX_NPCS_PER_REQUEST, IngestAdmin, check_npc_count
+from scheduler_daemon.ingest import MAX_NPCS_PER_REQUEST, IngestAdmin, InvalidInput, check_npc_count
 
 #: Bodies of the ingest writes may be this large (1,000 NPCs of 2 KiB; a session's NPC lists at
 #: their longest); every other route keeps 64 KiB.
@@ -52,11 +50,17 @@ def _ingest(request: Request) -> IngestAdmin:
     return ingest
 
 
+def _no_encoded_slash(request: Request) -> None:
+    # The path is decoded before routing: ext:a%2Fnpcs%2F5 would reach DELETE …/ext:a/npcs/5.
+    if b"%2f" in request.scope.get("raw_path", b"").lower():
+        raise InvalidInput([(("path",), "an external id cannot contain '/' (%2F)")])
+
+
 Ingest = Annotated[IngestAdmin, Depends(_ingest)]
-# The token first, then the body's Content-Type, as on every /api/v1 route (see content_type.py).
+# The token first, then the path and the body's Content-Type, as on every /api/v1 route (see content_type.py).
 ingest_routes = APIRouter(
     prefix="/api/v1",
-    dependencies=[Depends(require_token), Depends(refuse_other_bodies)],
+    dependencies=[Depends(require_token), Depends(_no_encoded_slash), Depends(refuse_other_bodies)],
     responses=ERRORS,
     tags=["ingest"],
     route_class=JsonBodyRoute,
@@ -87,10 +91,50 @@ class _Answer(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
 
+class WorldState(_Answer):
+    """A world as the daemon stores it (fields as in ``World``), values written with SQL as they are."""
+
+    id: int
+    external_id: str | None
+    name: str
+    simulation: Any = Field(description="The scheduler config (meta.simulation) as stored: an object when valid")
+    meta: dict[str, Any] = Field(description="The world's other meta keys")
+    config_version: int = Field(description="Bumped by every config change")
+    world_time: float | None = Field(description="Committed world time, game seconds")
+    paused: bool = Field(description="The effective pauseSimulation")
+
+
+class NpcState(_Answer):
+    """An NPC as the daemon stores it (fields as in ``Npc``).
+
+    Read back as stored, so a row written badly with SQL is listed too: with
+    ``problem`` saying why the daemon cannot decide it, and each unreadable
+    value null.
+    """
+
+    id: int
+    external_id: str | None
+    name: str | None
+    location: str | None
+    home: str | None
+    routine: str | None
+    energy: float | None
+    mood_valence: float | None
+    mood_arousal: float | None
+    state: dict[str, Any] | None
+    tier: TierLabel | None = Field(description="The tier the daemon assigned")
+    current_activity: str | None
+    activity_started_at: float | None = Field(description="World time")
+    next_decision_at: float | None = Field(description="World time of the NPC's next decision")
+    last_decision_at: float | None = Field(description="World time of its last decision")
+    decisions: int | None = Field(description="Decisions taken so far")
+    problem: str | None = Field(description="Why the daemon cannot decide this NPC (quarantined), or null")
+
+
 class NpcList(_Answer):
     """One page of NPCs by id."""
 
-    npcs: list[Npc]
+    npcs: list[NpcState]
     next_cursor: int | None = Field(description="Pass as ?cursor= for the next page; null on the last page")
 
 
@@ -135,8 +179,8 @@ _CONFLICT: dict[int | str, dict[str, Any]] = {
     summary="Create a world",
     status_code=201,
     responses={
-        201: {"model": World, "description": "Created"},
-        200: {"model": World, "description": "A world with this externalId and the same fields exists already"},
+        201: {"model": WorldState, "description": "Created"},
+        200: {"model": WorldState, "description": "A world with this externalId and the same fields exists already"},
         409: {"model": Detail, "description": "A world with this externalId exists with different fields"},
     },
 )
@@ -146,7 +190,9 @@ async def create_world(ingest: Ingest, body: WorldInput) -> Response:
     return _json(world, 201 if created else 200, {"Location": f"/api/v1/worlds/{world['id']}"})
 
 
-@ingest_routes.get("/worlds/{world}", summary="A world", responses={200: {"model": World, "description": "The world"}})
+@ingest_routes.get(
+    "/worlds/{world}", summary="A world", responses={200: {"model": WorldState, "description": "The world"}}
+)
 async def get_world(ingest: Ingest, world: WorldRef) -> Response:
     """The world as stored: name, external id, meta, simulation config, committed world time."""
     return _json(await ingest.get_world(world))
@@ -155,7 +201,7 @@ async def get_world(ingest: Ingest, world: WorldRef) -> Response:
 @ingest_routes.patch(
     "/worlds/{world}",
     summary="Change a world",
-    responses={200: {"model": World, "description": "The world as stored now"}, **_CONFLICT},
+    responses={200: {"model": WorldState, "description": "The world as stored now"}, **_CONFLICT},
 )
 async def patch_world(ingest: Ingest, world: WorldRef, patch: WorldPatch) -> Response:
     """Change name or externalId; ``meta`` and ``simulation`` merge (JSON merge patch); applied before the next tick."""

@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scheduler_daemon.admin import AdminError, WorldAdmin
-from scheduler_daemon.http.auth import TokenSource, require_token
+from scheduler_daemon.http.auth import TokenSource, carries_token, require_token
 from scheduler_daemon.http.content_type import JsonBodyRoute, refuse_other_bodies
 from scheduler_daemon.http.ingest_routes import body_limit, ingest_routes
 from scheduler_daemon.http.middleware import BodySizeLimit
@@ -281,5 +281,5 @@ def create_app(admin: WorldAdmin, token: TokenSource) -> FastAPI:
     app.include_router(v1)
     app.include_router(ingest_routes)
     app.include_router(open_routes)
-    app.add_middleware(BodySizeLimit, limit_for=body_limit)
+    app.add_middleware(BodySizeLimit, limit_for=body_limit, authorized=lambda scope: carries_token(scope, token))
     return app

@@ -12,7 +12,13 @@ from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.discovery import UNIT_ATTEMPTS
 from scheduler_daemon.runner.state import Slot, touched_database
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError
-from scheduler_daemon.store.errors import LeaseLostError, StaleWorldStateError, is_database_error, is_transient
+from scheduler_daemon.store.errors import (
+    LeaseLostError,
+    StaleWorldStateError,
+    WorldNotFoundError,
+    is_database_error,
+    is_transient,
+)
 
 log = structlog.get_logger("scheduler_daemon.runner")
 
@@ -158,8 +164,9 @@ class BatchTicking(RunnerBase):
                     self.leases.renewed_by_tick(slot.world_id, started)
             elif isinstance(answer, LeaseLostError):
                 # Nothing was written (the fence failed first): drop the world at
-                # once, unless the fence failed only because its state row was deleted.
-                if await self._restored(slot):
+                # once, unless the fence failed only because its state row was deleted
+                # (recreated) or the world was (dropped as deleted).
+                if await self._restored(slot) or slot.removed:
                     continue
                 outcomes[i] = "lease_lost"
                 await self._drop_lost_in_tick(slot, reason="fence")
@@ -170,8 +177,7 @@ class BatchTicking(RunnerBase):
             elif isinstance(answer, TimeoutError):
                 outcomes[i] = "timeout"
             elif isinstance(answer, StaleWorldStateError):
-                log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(answer))
-                await self._resync(slot)
+                await self._resync(slot, answer)
             else:
                 log.error("tick failed", world_id=slot.world_id, exc_info=answer)
                 self._tick_failed(answer)
@@ -220,19 +226,38 @@ class BatchTicking(RunnerBase):
     async def _restored(self, slot: Slot) -> bool:
         try:
             return await self.scheduler.restore_missing_state(slot.world_id)
+        except WorldNotFoundError:
+            await self._drop_deleted(slot)
+            return False
         except Exception as exc:
             log.error("world state row check failed", world_id=slot.world_id, error=first_line(exc))
             return False
 
-    async def _resync(self, slot: Slot) -> None:
+    async def _resync(self, slot: Slot, refused: StaleWorldStateError) -> None:
         try:
             ctx = await self.scheduler.resync_world(slot.world_id)
+        except WorldNotFoundError:
+            await self._drop_deleted(slot)
+            return
         except Exception:
+            log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(refused))
             log.exception("world resync failed", world_id=slot.world_id)
             return
+        log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(refused))
         # A tick we saw fail had committed: the next tick starts where it
         # started, or its interval would be counted twice.
         slot.last_tick_at += ctx.adopted_real_seconds
+
+    async def _drop_deleted(self, slot: Slot) -> None:
+        """Drop a world deleted by another writer (SQL, another daemon's API), from inside its tick."""
+        log.info("world deleted, dropped", world_id=slot.world_id)
+        await self._unregister_held(slot)
+        self.broken.pop(slot.world_id, None)
+        if self.leases is not None:
+            try:
+                await self.leases.release([slot.world_id], reason="deleted")  # its lease went with its row
+            except Exception as exc:
+                log.warning("lease release failed", world_id=slot.world_id, error=first_line(exc))
 
     def _reschedule(self, slot: Slot, *, ok: bool, now: float) -> None:
         if ok:

@@ -8,7 +8,8 @@ applies the changes of named worlds now, so their next tick sees them.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 
 import structlog
 
@@ -72,6 +73,24 @@ class ChangeApplication(RunnerBase):
                 return
         if discover or candidates:
             self.discover_soon()
+
+    @asynccontextmanager
+    async def deleting(self, world_id: int) -> AsyncIterator[None]:
+        """Hold a world's ticks while the block deletes it; once it has, none of them runs again.
+
+        An in-flight tick finishes first, and none starts during the block: a
+        tick's writes and the delete's cascade, at once, deadlock on
+        PostgreSQL or fail the tick's fence. If the block raises, the world
+        ticks on. Call :meth:`apply_changes` after it to drop the world. A
+        world not registered here: the block just runs.
+        """
+        slot = self._slots.get(world_id)
+        if slot is None:
+            yield
+            return
+        async with slot.lock:
+            yield
+            slot.removed = True  # a tick queued meanwhile must not start on the deleted world
 
     def _may_register(self, world_id: int, status: WorldStatus) -> bool:
         """Whether discovery would try to register this unregistered world now."""

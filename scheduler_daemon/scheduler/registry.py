@@ -176,6 +176,7 @@ class WorldRegistry(SchedulerBase):
 
         Returns False (nothing written) when the row exists. The world's
         lease, if it has one, is put on the new row, so its fenced ticks go on.
+        A world deleted meanwhile: :class:`~scheduler_daemon.store.errors.WorldNotFoundError`.
         """
         entry = self._require(world_id)
         ctx = entry.context

@@ -236,7 +236,15 @@ class Ingest(IngestNpcs, Worlds):
 
     @staticmethod
     async def delete_world(conn: AsyncConnection, world_id: int) -> bool:
-        """Delete a world and everything it owns (cascade: state, NPCs, sessions, requests, chains); False if absent."""
+        """Delete a world and everything it owns (cascade: state, NPCs, sessions, requests, chains); False if absent.
+
+        On PostgreSQL its state row is locked first, as a fenced tick (another
+        daemon's) locks it first: such a tick in flight commits before the
+        cascade reaches its NPC rows, instead of deadlocking with it.
+        """
+        if conn.dialect.name == "postgresql":
+            state = sa.select(world_states.c.world_id).where(world_states.c.world_id == world_id)
+            await conn.execute(state.with_for_update())
         deleted = await conn.execute(sa.delete(worlds).where(worlds.c.id == world_id).returning(worlds.c.id))
         return deleted.first() is not None
 
@@ -285,21 +293,23 @@ class Ingest(IngestNpcs, Worlds):
     # ---------------------------------------------------------- sessions
     @staticmethod
     async def resolve_npc_refs(conn: AsyncConnection, world_id: int, refs: Iterable[int | str]) -> dict[int | str, int]:
-        """``{reference: daemon id}`` of NPC references of one world; :class:`UnknownNpcsError` lists the rest."""
+        """``{reference: daemon id}`` of NPC references of one world; :class:`UnknownNpcsError` lists the rest.
+
+        On PostgreSQL the NPCs found are locked against a delete until the
+        caller commits, so a session never keeps the id of an NPC deleted meanwhile.
+        """
         wanted = list(dict.fromkeys(refs))
         ids = [r for r in wanted if isinstance(r, int)]
         externals = [r for r in wanted if isinstance(r, str)]
         found: dict[int | str, int] = {}
+        base = sa.select(npcs.c.external_id, npcs.c.id).where(npcs.c.world_id == world_id)
+        if conn.dialect.name == "postgresql":
+            base = base.with_for_update(key_share=True)
         for start in range(0, len(ids), IDS_PER_STATEMENT):
-            query = sa.select(npcs.c.id).where(
-                npcs.c.world_id == world_id, npcs.c.id.in_(ids[start : start + IDS_PER_STATEMENT])
-            )
-            found.update({int(i): int(i) for i in (await conn.execute(query)).scalars()})
+            query = base.where(npcs.c.id.in_(ids[start : start + IDS_PER_STATEMENT]))
+            found.update({int(i): int(i) for _, i in (await conn.execute(query)).all()})
         for start in range(0, len(externals), IDS_PER_STATEMENT):
-            chunk = externals[start : start + IDS_PER_STATEMENT]
-            query = sa.select(npcs.c.external_id, npcs.c.id).where(
-                npcs.c.world_id == world_id, npcs.c.external_id.in_(chunk)
-            )
+            query = base.where(npcs.c.external_id.in_(externals[start : start + IDS_PER_STATEMENT]))
             found.update({str(e): int(i) for e, i in (await conn.execute(query)).all()})
         missing = [r for r in wanted if r not in found]
         if missing:

@@ -128,9 +128,10 @@ class IngestNpcs(StoreBase):
         with only an ``id`` updates that NPC, which must exist; one with
         neither is inserted. Updates write only the columns given, ``state``
         merged at its top level. Every problem (an unknown ``id``, an ``id``
-        and ``external_id`` of two NPCs, two items for one NPC) is raised
-        together as :class:`EntityRowsError` before anything is written;
-        the caller's transaction makes the whole batch one commit.
+        and ``external_id`` of two NPCs, two items for one NPC or for one
+        external id) is raised together as :class:`EntityRowsError` before
+        anything is written; the caller's transaction makes the whole batch
+        one commit.
         """
         unknown = sorted({k for item in items for k in item} - UPSERT_COLUMNS - {"id"})
         if unknown:
@@ -139,6 +140,7 @@ class IngestNpcs(StoreBase):
         problems: list[tuple[int, str, str]] = []
         targets: list[int | None] = []
         claimed: dict[int, int] = {}
+        named: dict[str, int] = {}  # external id -> first item giving it (an insert and a rename alike)
         for index, item in enumerate(items):
             npc_id, external = item.get("id"), item.get("external_id")
             target = by_external.get(external) if external is not None else None
@@ -152,8 +154,12 @@ class IngestNpcs(StoreBase):
             if target is not None and target in claimed:
                 field = "externalId" if external is not None else "id"
                 problems.append((index, field, f"NPC {target} is also item {claimed[target]}"))
+            elif external is not None and external in named:
+                problems.append((index, "externalId", f"externalId {external!r} is also item {named[external]}"))
             elif target is not None:
                 claimed[target] = index
+            if external is not None:
+                named.setdefault(external, index)
             targets.append(target)
         if problems:
             raise EntityRowsError(world_id, problems)

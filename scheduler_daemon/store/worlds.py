@@ -219,8 +219,16 @@ class Worlds(StoreBase):
     ) -> bool:
         """Recreate a deleted state row at the given clock; False if a row exists (nothing written).
 
-        ``lease``, the lease the caller holds, is put on the new row (expiry from the database clock).
+        ``lease``, the lease the caller holds, is put on the new row (expiry
+        from the database clock). A deleted world is not brought back:
+        :class:`WorldNotFoundError` (its row is locked against a delete until
+        the commit on PostgreSQL).
         """
+        exists = sa.select(worlds.c.id).where(worlds.c.id == world_id)
+        if conn.dialect.name == "postgresql":
+            exists = exists.with_for_update(key_share=True)
+        if (await conn.execute(exists)).first() is None:
+            raise WorldNotFoundError(world_id)
         values: dict[str, Any] = {
             "world_id": world_id,
             "world_time": world_time,

@@ -14,11 +14,20 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
 
+from scheduler_daemon.admin import WorldAdmin
+from scheduler_daemon.clock import VirtualClock
+from scheduler_daemon.http.ingest_routes import NpcList, WorldState
 from scheduler_daemon.http.middleware import MAX_BODY_BYTES
 from scheduler_daemon.http.routes import create_app
 from scheduler_daemon.ingest import MAX_NPCS_PER_REQUEST
+from scheduler_daemon.leasing import LeaseKeeper
+from scheduler_daemon.metrics import SchedulerMetrics
+from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.store.leases import LeaseStore
 from scheduler_daemon.store.repository import Store
 from tests.store.test_http_api import AUTH, TOKEN, Api, make_api
 
@@ -159,6 +168,74 @@ async def test_delete_world_stops_it_and_then_it_is_404(api: Api) -> None:
     }
 
 
+async def test_delete_world_during_its_tick_waits_for_the_tick_and_logs_no_error(api: Api) -> None:
+    # On PostgreSQL a delete committed during the tick deadlocked with it (503) or failed the
+    # tick's fence ("tick refused", "world resync failed" with a traceback). Each round lets
+    # the tick run a different number of loop steps before the DELETE arrives.
+    for steps in range(0, 40, 2):
+        world = await create(api, f"w{steps}", simulation={**CALM, "alwaysOn": True})
+        npcs = [npc(f"n{i}", location="dock") for i in range(50)]
+        assert (await api.client.put(f"{WORLDS}/ext:w{steps}/npcs", json=npcs)).status_code == 200
+        await api.runner.discover()
+        await api.runner.run_until(api.clock.now() + 1.0)
+        with structlog.testing.capture_logs() as logs:
+            tick = asyncio.ensure_future(api.runner.run_until(api.clock.now() + 1.0))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            r = await api.client.delete(f"{WORLDS}/ext:w{steps}")
+            await tick
+        assert r.status_code == 204, (steps, r.text)
+        assert [e for e in logs if e["log_level"] in ("error", "critical")] == [], steps
+        assert world["id"] not in api.runner.world_ids
+        await api.runner.run_until(api.clock.now() + 2.0)
+    assert await rows(api.store) == {
+        t: [] for t in ("worlds", "world_states", "npcs", "sessions", "interaction_cooldowns")
+    }
+
+
+async def test_delete_world_during_its_tick_on_another_daemon_does_not_deadlock(pg_store: Store) -> None:
+    # Daemon a answers the API, daemon b owns the world (leases) and ticks it: b's fenced tick
+    # locks the state row first, then NPC rows; the delete's cascade took NPC rows, then waited
+    # for the state row: a deadlock, answered 503. Each round lets b's tick run a different
+    # number of loop steps before the DELETE arrives.
+    store = pg_store
+    clock_a, clock_b = VirtualClock(), VirtualClock()
+    runners = [
+        SchedulerLoopRunner(
+            WorldScheduler(store), store, clock=clock, leases=LeaseKeeper(LeaseStore(store.engine, name, 30.0), clock)
+        )
+        for name, clock in (("a", clock_a), ("b", clock_b))
+    ]
+    runner_a, runner_b = runners
+    admin = WorldAdmin(
+        store, runner_a.scheduler, runner_a, SchedulerMetrics(version="test", runner=runner_a, process_collectors=False)
+    )
+    transport = httpx.ASGITransport(app=create_app(admin, token=lambda: TOKEN))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=AUTH) as client:
+        # A second world b ticks in the same batch: longer ticks, more interleavings.
+        kept = (await client.post(WORLDS, json={"name": "Kept", "simulation": {**CALM, "alwaysOn": True}})).json()
+        npcs = [npc(f"k{i}", location="dock") for i in range(200)]
+        assert (await client.put(f"{WORLDS}/{kept['id']}/npcs", json=npcs)).status_code == 200
+        for steps in range(60):
+            body = {"externalId": f"w{steps}", "name": "W", "simulation": {**CALM, "alwaysOn": True}}
+            world = (await client.post(WORLDS, json=body)).json()
+            npcs = [npc(f"n{i}", location="dock") for i in range(50)]
+            assert (await client.put(f"{WORLDS}/ext:w{steps}/npcs", json=npcs)).status_code == 200
+            await runner_b.discover()
+            assert runner_b.world_ids == [kept["id"], world["id"]]
+            await runner_b.run_until(clock_b.now() + 1.0)
+            with structlog.testing.capture_logs() as logs:
+                tick = asyncio.ensure_future(runner_b.run_until(clock_b.now() + 1.0))
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                r = await client.delete(f"{WORLDS}/ext:w{steps}")
+                await tick
+                await runner_b.run_until(clock_b.now() + 1.0)  # b learns it from its next tick
+            assert r.status_code == 204, (steps, r.text)
+            assert [e for e in logs if e["log_level"] in ("error", "critical")] == [], steps
+            assert runner_b.world_ids == [kept["id"]]
+
+
 async def test_bad_references_are_422_and_unknown_ones_404(api: Api) -> None:
     await create(api)
     paths = (
@@ -257,6 +334,9 @@ async def test_npc_upsert_refuses_bad_batches_whole(api: Api) -> None:
         ([npc("new"), {"name": "No key"}], 422, ["body", 1]),
         ([npc("new"), {"id": bob, "externalId": "ann", "name": "Two"}], 422, ["body", 1, "id"]),
         ([npc("new"), npc("bob"), {"id": bob, "name": "Bob"}], 422, ["body", 2, "id"]),
+        # One new external id twice: refused by item, not a unique violation of the database (was 503).
+        ([npc("new"), npc("new")], 422, ["body", 1, "externalId"]),
+        ([{"id": bob, "externalId": "new", "name": "Bob"}, npc("new")], 422, ["body", 1, "externalId"]),
         ([npc("new"), npc("x", tier="detailed")], 422, ["body", 1, "tier"]),
         ([npc("new"), npc("x", energy="high")], 422, ["body", 1, "energy"]),
         ([npc("new"), npc("x", state=[1])], 422, ["body", 1, "state"]),
@@ -277,6 +357,34 @@ async def test_npc_upsert_refuses_bad_batches_whole(api: Api) -> None:
     assert len(r.request.content) > MAX_BODY_BYTES
     r = await api.client.post(f"{WORLDS}/ext:harbor/scheduler/tick", content=b"[" + b" " * MAX_BODY_BYTES + b"]")
     assert r.status_code == 413  # other routes keep their limit
+
+
+async def test_an_unauthenticated_ingest_write_is_401_before_its_body_is_read_past_64_kib(api: Api) -> None:
+    await create(api)
+    url = f"{WORLDS}/ext:harbor/npcs"
+    pulled = 0
+
+    async def chunks() -> AsyncIterator[bytes]:  # 2 MiB without Content-Length, counted as the daemon reads it
+        nonlocal pulled
+        for _ in range(64):
+            pulled += 1
+            yield b" " * (32 * 1024)
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        pulled = 0
+        anonymous = httpx.AsyncClient(transport=api.client._transport, base_url="http://test", headers=headers)
+        async with anonymous:
+            r = await anonymous.put(url, content=chunks(), headers={"Content-Type": "application/json"})
+            assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer", r.text
+            assert pulled <= MAX_BODY_BYTES // (32 * 1024) + 1  # not 2 MiB buffered for a stranger
+            big = b"[" + b" " * MAX_BODY_BYTES + b"]"  # declared length over 64 KiB: refused unread
+            r = await anonymous.put(url, content=big, headers={"Content-Type": "application/json"})
+            assert r.status_code == 401, r.text
+            r = await anonymous.put(url, json=[npc("bob")])  # small: the route's own 401
+            assert r.status_code == 401
+    pulled = 0
+    r = await api.client.put(url, content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and pulled == 64  # with the token the whole 2 MiB is read
 
 
 async def test_delete_npc_by_external_id_leaves_the_sessions(api: Api) -> None:
@@ -364,6 +472,48 @@ async def test_percent_encoded_external_ids_and_unreadable_rows_are_listed_with_
     assert listed[olaf]["problem"] is None and listed[olaf]["externalId"] == "ölaf ø"
     assert (await api.client.delete("/api/v1/worlds/ext:north%20gate/npcs/ext:%C3%B6laf%20%C3%B8")).status_code == 204
     assert list(await tiers(api, "ext:north gate")) == ["bob"]
+
+
+async def test_an_encoded_slash_never_reaches_another_route(api: Api) -> None:
+    # Decoded before routing, ext:harbor%2Fnpcs%2Fext:bob was DELETE …/ext:harbor/npcs/ext:bob:
+    # a game passing an id it did not check (external ids have no '/') deleted an NPC.
+    await create(api)
+    await api.client.put(f"{WORLDS}/ext:harbor/npcs", json=[npc("bob")])
+    before = await rows(api.store)
+    for method, path in (
+        ("DELETE", "ext:harbor%2Fnpcs%2Fext:bob"),
+        ("DELETE", "ext:harbor%2fnpcs/ext:bob"),
+        ("GET", "ext:harbor%2Fnpcs"),
+    ):
+        r = await api.client.request(method, f"{WORLDS}/{path}")
+        assert r.status_code == 422 and "'/'" in r.text, (path, r.text)
+    assert await rows(api.store) == before
+
+
+async def test_unreadable_npc_rows_are_answered_within_the_documented_schema(api: Api) -> None:
+    await create(api)
+    r = await api.client.put(f"{WORLDS}/ext:harbor/npcs", json=[npc("bob"), npc("ann")])
+    bob = r.json()["npcs"][0]["id"]
+    async with api.store.transaction() as conn:  # a game's bad SQL write
+        await conn.execute(sa.text("UPDATE npcs SET state = '[1]', tier = 9, name = '' WHERE id = :n"), {"n": bob})
+    r = await api.client.get(f"{WORLDS}/ext:harbor/npcs")
+    assert r.status_code == 200
+    listed = NpcList.model_validate(r.json()).npcs  # the response model the OpenAPI schema is made of
+    assert listed[0].problem is not None and listed[0].state is None and listed[0].tier is None
+    assert listed[1].problem is None
+
+
+async def test_a_world_written_badly_with_sql_is_answered_within_the_documented_schema(api: Api) -> None:
+    world = await create(api)
+    async with api.store.transaction() as conn:
+        await conn.execute(
+            sa.text("""UPDATE worlds SET name = '', meta = '{"simulation": [1], "x": 1}' WHERE id = :w"""),
+            {"w": world["id"]},
+        )
+    r = await api.client.get(f"{WORLDS}/ext:harbor")
+    assert r.status_code == 200
+    answer = WorldState.model_validate(r.json())  # the response model the OpenAPI schema is made of
+    assert (answer.name, answer.simulation, answer.meta) == ("", [1], {"x": 1})
 
 
 async def test_concurrent_writers_of_one_new_external_id_end_with_one_row(api: Api) -> None:

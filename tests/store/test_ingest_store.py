@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -256,6 +257,36 @@ async def test_deleting_an_npc_takes_it_out_of_sessions(store: Store) -> None:
         assert await store.delete_npc(conn, world_id, bob) is False
     [session] = await store.world_sessions(world_id)
     assert (session["scene_npc_ids"], session["involved_npc_ids"]) == ([], [ann])
+
+
+async def test_an_npc_deleted_while_a_session_naming_it_is_written_leaves_no_trace(pg_store: Store) -> None:
+    # The session write resolved bob and had not committed; the delete's session scan did not
+    # see it and committed first: the session then named an NPC that no longer existed.
+    store = pg_store
+    world_id = await new_world(store)
+    async with store.transaction() as conn:
+        [(bob, _)] = await store.upsert_npcs(conn, world_id, [{"name": "Bob"}])
+
+    async def delete_bob() -> None:
+        async with store.transaction() as conn:
+            await store.delete_npc(conn, world_id, bob)
+
+    async with store.transaction() as conn:
+        await store.upsert_session(conn, world_id, {"external_id": "s", "user_id": "u", "scene_npc_ids": [bob]})
+        deleting = asyncio.ensure_future(delete_bob())
+        deadline = asyncio.get_running_loop().time() + 30
+        while not deleting.done() and not await waits_for_a_lock(store):
+            assert asyncio.get_running_loop().time() < deadline, "the delete neither ran nor waited"
+            await asyncio.sleep(0.01)
+    await deleting
+    [session] = await store.world_sessions(world_id)
+    assert session["scene_npc_ids"] == []
+
+
+async def waits_for_a_lock(store: Store) -> bool:
+    async with store.connect() as conn:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        return bool((await conn.execute(sa.text(query))).scalar_one())
 
 
 async def test_one_transaction_per_world_commits_all_or_nothing(store: Store) -> None:

@@ -220,3 +220,33 @@ async def test_a_daemon_that_lost_the_lease_unawares_writes_no_tiers(pg_store: S
     assert (await tiers(store, world_id))[newcomer] == Tier.DETAILED
     await runner_a.run_until(101.0)  # A's next tick: its fence drops the world
     assert runner_a.world_ids == []
+
+
+@pytest.mark.parametrize("leased", [False, True])
+async def test_a_world_deleted_by_another_writer_is_dropped_by_its_next_tick_without_an_error(
+    store: Store, leased: bool
+) -> None:
+    # A game deleting the world with SQL, or through another daemon's API: this runner learns it
+    # from its next tick, whose fence finds no state row. Before, that logged errors ("tick
+    # refused", "world resync failed" with a traceback; with leases a foreign-key violation from
+    # recreating the state row) and kept the deleted world registered, backing off.
+    if leased and store.dialect != "postgresql":
+        pytest.skip("leases are PostgreSQL-only")
+    kept, _ = await make_world(store, name="kept", npcs_per_tier={Tier.DETAILED: 1})
+    gone, _ = await make_world(store, name="gone", npcs_per_tier={Tier.DETAILED: 2})
+    clock = VirtualClock()
+    leases = LeaseKeeper(LeaseStore(store.engine, "a", 30.0), clock) if leased else None
+    runner = runner_for(store, clock, leases=leases)
+    await runner.discover()
+    await runner.run_until(1.0)
+    async with store.transaction() as conn:
+        await conn.execute(sa.text("DELETE FROM worlds WHERE id = :w"), {"w": gone})
+    with structlog.testing.capture_logs() as logs:
+        await runner.run_until(2.0)
+    assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
+    assert runner.world_ids == [kept]
+    async with store.connect() as conn:
+        states = (await conn.execute(sa.text("SELECT world_id FROM world_states ORDER BY 1"))).scalars().all()
+    assert states == [kept]  # the deleted world's state row is not recreated
+    await runner.run_until(3.0)
+    assert (await world_state(store, kept))[1] == 3

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -42,7 +44,24 @@ async def new_world(store: Store, external_id: str | None = "harbor", **meta: An
 
 
 # ------------------------------------------------------------------ schema
-async def test_migration_matches_the_models_and_downgrades(store: Store) -> None:
+@pytest.fixture
+async def own_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """A migrated store on a database of this test's own: the shared one may hold other tests' tables."""
+    if backend == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
+    else:
+        url = request.getfixturevalue("pg_scratch_url")
+    store = Store.from_url(url)
+    await store.upgrade()
+    try:
+        yield store
+    finally:
+        await store.dispose()
+
+
+async def test_migration_matches_the_models_and_downgrades(own_store: Store) -> None:
+    store = own_store
+
     def differences(conn: sa.Connection) -> list[Any]:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
         # The DESC index of generation requests compares as different on every revision.

@@ -329,7 +329,7 @@ def test_a_connection_limit_beyond_the_open_files_limit_is_lowered_with_a_warnin
         listening = daemon.events("http server listening")[0]
         code = daemon.stop()
     assert code == 0, daemon.log_tail()
-    # 256 - (database pools 16 + 8 + lease pool 4 + connections being accepted 128 + other 64)
-    assert warning["max_connections"] == 100 and warning["effective_max_connections"] == 36, warning
+    # 256 - (database pools 16 + 8 + lease pool 4 + change listener 1 + connections being accepted 128 + other 64)
+    assert warning["max_connections"] == 100 and warning["effective_max_connections"] == 35, warning
     assert warning["open_files_limit"] == 256 and warning["level"] == "warning"
-    assert listening["max_connections"] == 36
+    assert listening["max_connections"] == 35

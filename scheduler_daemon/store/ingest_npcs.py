@@ -19,6 +19,7 @@ from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.base import IDS_PER_STATEMENT, StoreBase, is_number
 from scheduler_daemon.store.errors import EntityRowsError, NpcNotFoundError
 from scheduler_daemon.store.models import npcs
+from scheduler_daemon.store.notifications import CHANNEL
 from scheduler_daemon.store.npcs import npc_problem_sql, selected_npc_columns
 
 #: Columns a bulk upsert may write (``id`` only selects the row).
@@ -164,6 +165,10 @@ class IngestNpcs(StoreBase):
         if problems:
             raise EntityRowsError(world_id, problems)
         await self._write_updates(conn, world_id, items, targets, states)
+        if conn.dialect.name == "postgresql" and any(t is not None for t in targets):
+            # The triggers leave the columns ticks write (location, energy, state…) quiet; a game's
+            # update of them must still reach the world's owner, which may be another daemon.
+            await conn.execute(sa.select(sa.func.pg_notify(CHANNEL, str(world_id))))
         return await self._write_inserts(conn, world_id, items, targets)
 
     @staticmethod

@@ -303,3 +303,19 @@ async def test_payloads_that_are_not_world_ids_are_ignored(pg_store: Store) -> N
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_ingest_update_of_columns_ticks_write_notifies_its_world(
+    pg_store: Store, listening: ChangeNotifications
+) -> None:
+    # An NPC moved through the API (or an import) on a daemon that does not own the world: the
+    # owner must hear of it, although the triggers leave the columns ticks write alone.
+    store = pg_store
+    world_id, (npc,) = await make_world(store, name="a", npcs_per_tier={Tier.AMBIENT: 1})
+    await notified(store, listening)
+    async with store.transaction() as conn:
+        await store.upsert_npcs(conn, world_id, [{"id": npc, "location": "square", "energy": 5.0}])
+    assert await notified(store, listening) == {str(world_id)}
+    async with store.transaction() as conn:
+        await store.upsert_npcs(conn, world_id, [{"name": "new"}])  # an insert: the trigger's
+    assert await notified(store, listening) == {str(world_id)}

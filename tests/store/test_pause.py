@@ -55,6 +55,25 @@ async def test_pause_between_ticks_answers_with_the_time_it_froze_at(api: Api) -
     assert (await world_state(api.store, world_id))[0] == pytest.approx(210.0)
 
 
+async def test_a_config_write_that_pauses_takes_effect_before_it_answers(api: Api) -> None:
+    # PUT …/scheduler/config with pauseSimulation: true is a pause too: same guarantee as POST …/pause.
+    world_id, _ = await make_world(api.store, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 2})
+    await api.runner.add_world(world_id)
+    await api.runner.run_until(2.0)
+    api.clock.set(2.5)
+    r = await api.client.put(f"/api/v1/worlds/{world_id}/scheduler/config", json={"pauseSimulation": True})
+    assert r.status_code == 200, r.text
+    frozen = await world_state(api.store, world_id)
+    assert frozen == (pytest.approx(150.0), 3)  # the half second before the pause, committed already
+    await api.runner.run_until(10.0)
+    assert await world_state(api.store, world_id) == frozen
+    # Another change of a paused world commits nothing more.
+    r = await api.client.put(f"/api/v1/worlds/{world_id}/scheduler/config", json={"timeScale": 120})
+    assert r.status_code == 200, r.text
+    await api.runner.run_until(12.0)
+    assert await world_state(api.store, world_id) == frozen
+
+
 async def test_pause_with_the_loop_running_never_lets_a_tick_through(store: Store) -> None:
     scheduler = WorldScheduler(store)
     runner = SchedulerLoopRunner(scheduler, store, limits=RunnerLimits(discovery_interval_seconds=0.2))

@@ -74,6 +74,20 @@ async def test_a_config_write_that_pauses_takes_effect_before_it_answers(api: Ap
     assert await world_state(api.store, world_id) == frozen
 
 
+async def test_an_ingest_patch_that_pauses_takes_effect_before_it_answers(api: Api) -> None:
+    # PATCH /api/v1/worlds/{id} with simulation.pauseSimulation: true is a pause too.
+    world_id, _ = await make_world(api.store, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 2})
+    await api.runner.add_world(world_id)
+    await api.runner.run_until(2.0)
+    api.clock.set(2.5)
+    r = await api.client.patch(f"/api/v1/worlds/{world_id}", json={"simulation": {"pauseSimulation": True}})
+    assert r.status_code == 200, r.text
+    frozen = await world_state(api.store, world_id)
+    assert frozen == (pytest.approx(150.0), 3)  # the half second before the pause, committed already
+    await api.runner.run_until(10.0)
+    assert await world_state(api.store, world_id) == frozen
+
+
 async def test_pause_with_the_loop_running_never_lets_a_tick_through(store: Store) -> None:
     scheduler = WorldScheduler(store)
     runner = SchedulerLoopRunner(scheduler, store, limits=RunnerLimits(discovery_interval_seconds=0.2))

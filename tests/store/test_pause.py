@@ -88,6 +88,30 @@ async def test_an_ingest_patch_that_pauses_takes_effect_before_it_answers(api: A
     assert await world_state(api.store, world_id) == frozen
 
 
+async def test_a_pause_whose_clock_cannot_be_committed_is_503_and_pause_again_freezes(api: Api) -> None:
+    from tests.support.helpers import drop_trigger, install_failing_trigger
+
+    world_id, _ = await make_world(api.store, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 2})
+    await api.runner.add_world(world_id)
+    await api.runner.run_until(2.0)
+    api.clock.set(2.5)
+    base = f"/api/v1/worlds/{world_id}/scheduler"
+    await install_failing_trigger(api.store, "world_states", world_id)
+    try:
+        r = await api.client.post(f"{base}/pause")
+    finally:
+        await drop_trigger(api.store, "world_states")
+    assert r.status_code == 503 and "call pause again" in r.json()["detail"], r.text
+    assert (await api.client.get(f"{base}/config")).json()["pauseSimulation"] is True  # paused all the same
+    assert await world_state(api.store, world_id) == (pytest.approx(120.0), 2)
+    r = await api.client.post(f"{base}/pause")
+    assert r.status_code == 200 and r.json()["worldTime"] == pytest.approx(150.0), r.text
+    frozen = await world_state(api.store, world_id)
+    assert frozen == (pytest.approx(150.0), 3)
+    await api.runner.run_until(10.0)
+    assert await world_state(api.store, world_id) == frozen
+
+
 async def test_pause_with_the_loop_running_never_lets_a_tick_through(store: Store) -> None:
     scheduler = WorldScheduler(store)
     runner = SchedulerLoopRunner(scheduler, store, limits=RunnerLimits(discovery_interval_seconds=0.2))

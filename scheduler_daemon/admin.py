@@ -218,7 +218,9 @@ class WorldAdmin:
     async def patch_config(self, world_id: int, patch: Any, if_match: str | None = None) -> tuple[WorldConfig, int]:
         """Merge ``patch`` into the stored config, validate, persist (version + 1), apply before the next tick.
 
-        ``if_match`` (an ETag list) makes the write conditional on the current version.
+        A config that pauses the world commits its clock before answering (see
+        :meth:`set_paused`). ``if_match`` (an ETag list) makes the write
+        conditional on the current version.
         """
         if isinstance(patch, Mapping):
             problems = storable_problems(patch)
@@ -245,6 +247,9 @@ class WorldAdmin:
             config_version=written.config_version,
             patch=patch,
         )
+        if merged[-1].pause_simulation:
+            # A pause by config write takes effect before it answers, as set_paused's does.
+            await self._freeze(world_id, float(written.world_time or 0.0))
         return merged[-1], written.config_version
 
     async def set_paused(self, world_id: int, paused: bool) -> tuple[float, int]:

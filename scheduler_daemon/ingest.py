@@ -12,6 +12,7 @@ call returns, so the world's next tick sees it. Refusals are
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from scheduler_daemon.entities import (
 )
 from scheduler_daemon.loop_budget import LoopBudget
 from scheduler_daemon.runner import SchedulerLoopRunner
+from scheduler_daemon.scheduler import WorldNotRegisteredError
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.errors import (
     EntityRowsError,
@@ -149,7 +151,10 @@ class IngestAdmin:
         return self._world_wire(stored), created
 
     async def patch_world(self, world: str, patch: WorldPatch) -> dict[str, Any]:
-        """Change a world's name, external id, ``meta`` and ``simulation`` (merge patches, validated)."""
+        """Change a world's name, external id, ``meta`` and ``simulation`` (merge patches, validated).
+
+        A ``simulation`` that pauses the world commits its clock before answering (``freeze_paused``).
+        """
         ref = _ref(world, "world")
 
         async def write() -> StoredWorld:
@@ -165,6 +170,11 @@ class IngestAdmin:
 
         stored = await self._call(self._retrying(write))
         await self.runner.apply_changes([stored.id])
+        if patch.simulation is not None:
+            # A pause by PATCH takes effect before it answers, as the admin API's pause does
+            # (a no-op unless the world is paused here with game time to commit).
+            with contextlib.suppress(WorldNotRegisteredError):
+                await self.runner.freeze_paused(stored.id)
         return self._world_wire(stored)
 
     async def delete_world(self, world: str) -> None:

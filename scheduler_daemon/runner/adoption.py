@@ -86,7 +86,8 @@ class Adoption(RunnerBase):
             )
             self._slots[world_id] = slot
             self.broken.pop(world_id, None)
-            self._push(slot)
+            # Due at ``now`` exactly: ``anchor + interval`` can round an ulp above it, and run_once would skip it.
+            self._push(slot, now)
             if self.observer:
                 self.observer.world_registered(world_id)
             adopted.append(world_id)

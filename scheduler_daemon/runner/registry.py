@@ -11,6 +11,7 @@ import structlog
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.state import Slot, touched_database
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError
+from scheduler_daemon.store.errors import LeaseLostError
 from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.worlds import WorldRecord
 
@@ -168,8 +169,9 @@ class WorldRegistry(RunnerBase):
         real time since the last one commits that part at once; every later
         tick of the paused world writes nothing. A world that is not paused
         (resumed meanwhile), or has nothing to commit, is left as it is.
-        Raises :class:`~scheduler_daemon.scheduler.WorldNotRegisteredError`,
-        or the tick's error (the world's next tick then commits that part).
+        Raises :class:`~scheduler_daemon.scheduler.WorldNotRegisteredError`
+        (also when its lease turns out lost: the world is dropped), or the
+        tick's error (the world's next tick then commits that part).
         """
         slot = self._slots.get(world_id)
         if slot is None:
@@ -182,7 +184,12 @@ class WorldRegistry(RunnerBase):
             wall = datetime.now(UTC)
             elapsed = max(now - slot.last_tick_at, 0.0)
             if ctx.paused and ctx.plan_advance(elapsed).delta_game_seconds != 0.0:
-                await self._extra_tick(slot, elapsed, wall_at=wall)
+                try:
+                    await self._extra_tick(slot, elapsed, wall_at=wall)
+                except LeaseLostError:
+                    # Another instance owns the world now (nothing was written): dropped, as its tick would.
+                    await self._drop_lost_in_tick(slot, reason="fence")
+                    raise WorldNotRegisteredError(world_id) from None
                 # A regular tick now: the next one covers the (paused) time from here.
                 slot.last_tick_at = now
             return ctx.current_world_time

@@ -55,6 +55,87 @@ async def test_pause_between_ticks_answers_with_the_time_it_froze_at(api: Api) -
     assert (await world_state(api.store, world_id))[0] == pytest.approx(210.0)
 
 
+async def test_a_config_write_that_pauses_takes_effect_before_it_answers(api: Api) -> None:
+    # PUT …/scheduler/config with pauseSimulation: true is a pause too: same guarantee as POST …/pause.
+    world_id, _ = await make_world(api.store, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 2})
+    await api.runner.add_world(world_id)
+    await api.runner.run_until(2.0)
+    api.clock.set(2.5)
+    r = await api.client.put(f"/api/v1/worlds/{world_id}/scheduler/config", json={"pauseSimulation": True})
+    assert r.status_code == 200, r.text
+    frozen = await world_state(api.store, world_id)
+    assert frozen == (pytest.approx(150.0), 3)  # the half second before the pause, committed already
+    await api.runner.run_until(10.0)
+    assert await world_state(api.store, world_id) == frozen
+    # Another change of a paused world commits nothing more.
+    r = await api.client.put(f"/api/v1/worlds/{world_id}/scheduler/config", json={"timeScale": 120})
+    assert r.status_code == 200, r.text
+    await api.runner.run_until(12.0)
+    assert await world_state(api.store, world_id) == frozen
+
+
+async def test_an_ingest_patch_that_pauses_takes_effect_before_it_answers(api: Api) -> None:
+    # PATCH /api/v1/worlds/{id} with simulation.pauseSimulation: true is a pause too.
+    world_id, _ = await make_world(api.store, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 2})
+    await api.runner.add_world(world_id)
+    await api.runner.run_until(2.0)
+    api.clock.set(2.5)
+    r = await api.client.patch(f"/api/v1/worlds/{world_id}", json={"simulation": {"pauseSimulation": True}})
+    assert r.status_code == 200, r.text
+    frozen = await world_state(api.store, world_id)
+    assert frozen == (pytest.approx(150.0), 3)  # the half second before the pause, committed already
+    await api.runner.run_until(10.0)
+    assert await world_state(api.store, world_id) == frozen
+
+
+async def test_a_pause_whose_clock_cannot_be_committed_is_503_and_pause_again_freezes(api: Api) -> None:
+    from tests.support.helpers import drop_trigger, install_failing_trigger
+
+    world_id, _ = await make_world(api.store, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 2})
+    await api.runner.add_world(world_id)
+    await api.runner.run_until(2.0)
+    api.clock.set(2.5)
+    base = f"/api/v1/worlds/{world_id}/scheduler"
+    await install_failing_trigger(api.store, "world_states", world_id)
+    try:
+        r = await api.client.post(f"{base}/pause")
+    finally:
+        await drop_trigger(api.store, "world_states")
+    assert r.status_code == 503 and "call pause again" in r.json()["detail"], r.text
+    assert (await api.client.get(f"{base}/config")).json()["pauseSimulation"] is True  # paused all the same
+    assert await world_state(api.store, world_id) == (pytest.approx(120.0), 2)
+    r = await api.client.post(f"{base}/pause")
+    assert r.status_code == 200 and r.json()["worldTime"] == pytest.approx(150.0), r.text
+    frozen = await world_state(api.store, world_id)
+    assert frozen == (pytest.approx(150.0), 3)
+    await api.runner.run_until(10.0)
+    assert await world_state(api.store, world_id) == frozen
+
+
+async def test_a_pause_after_the_lease_was_lost_answers_as_for_a_world_run_elsewhere(pg_store: Store) -> None:
+    from scheduler_daemon.clock import VirtualClock
+    from tests.store.test_leases import TTL, DbClock, lease_runner
+
+    db_clock, clock_a = DbClock(), VirtualClock()
+    world_id, _ = await make_world(pg_store, simulation={"timeScale": 60, "alwaysOn": True})
+    runner_a = lease_runner(pg_store, "a", db_clock, clock_a)
+    runner_b = lease_runner(pg_store, "b", db_clock, VirtualClock())
+    admin, _, _ = make_api(pg_store)
+    admin.scheduler, admin.runner = runner_a.scheduler, runner_a
+    await runner_a.discover()
+    await runner_a.run_until(1.0)
+    db_clock.advance(TTL + 1)
+    await runner_b.discover()  # B owns the world now; A learns it at its next write
+    clock_a.set(1.5)
+    transport = httpx.ASGITransport(app=create_app(admin, token=lambda: TOKEN))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH) as client:
+        r = await client.post(f"/api/v1/worlds/{world_id}/scheduler/pause")
+    # As for any world this daemon does not run: the stored time (its owner applies the pause), not a 500.
+    assert r.status_code == 200 and r.json()["worldTime"] == pytest.approx(60.0), r.text
+    assert runner_a.world_ids == [] and runner_a.get_stats()["leases"]["lease_lost"] == 1
+    assert await world_state(pg_store, world_id) == (pytest.approx(60.0), 1)
+
+
 async def test_pause_with_the_loop_running_never_lets_a_tick_through(store: Store) -> None:
     scheduler = WorldScheduler(store)
     runner = SchedulerLoopRunner(scheduler, store, limits=RunnerLimits(discovery_interval_seconds=0.2))

@@ -59,6 +59,19 @@ async def test_run_once_ticks_the_worlds_registered_on_the_scheduler(store: Stor
     assert await runner.run_once() == {"ticked": 0, "failed": 0}  # same runner: next due in an interval
 
 
+async def test_run_once_ticks_an_adopted_world_whatever_the_clock_reads(store: Store) -> None:
+    # (now - interval) + interval rounds above now for some readings: the world is due all the same.
+    interval, now = 0.7, 2.9742829841872775
+    assert (now - interval) + interval > now
+    world_id, _ = await make_world(store, simulation={"timeScale": 60, "tickIntervalSeconds": interval})
+    scheduler = WorldScheduler(store)
+    await scheduler.register_world(world_id)
+    clock = VirtualClock()
+    clock.set(now)
+    assert await SchedulerLoopRunner(scheduler, clock=clock).run_once() == {"ticked": 1, "failed": 0}
+    assert await world_state(store, world_id) == (pytest.approx(60 * interval), 1)
+
+
 async def test_a_new_runner_per_call_never_counts_real_time_twice(store: Store) -> None:
     world_id, _ = await make_world(store, simulation={"timeScale": 60}, npcs_per_tier={Tier.DETAILED: 2})
     assert await cron_call(store, VirtualClock()) == {"ticked": 1, "failed": 0}

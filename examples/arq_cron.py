@@ -3,10 +3,9 @@
 Each call makes a new ``WorldScheduler`` and ``SchedulerLoopRunner``, registers
 the active worlds and runs ``run_once()``: the runner adopts the registered
 worlds, and each world's tick covers the real time since its previous commit
-(at most one tick interval), so calls every second advance the world at the
-real rate and never count a second twice. (A world whose ``tickIntervalSeconds``
-is under a second runs slower than real time here: each call covers at most
-one interval.)
+(at most ``maxCatchUpSeconds``, as any late tick), so calls every second advance
+the world at the real rate, whatever its ``tickIntervalSeconds``, and never count
+a second twice.
 
 Run a worker (Redis from ``ARQ_REDIS_URL``, default ``redis://127.0.0.1:6379``)::
 

@@ -10,12 +10,13 @@ unregister) and re-reads its config when its version moves.
 A fresh runner knows nothing of a world's previous ticks, and a cron job makes
 a new one every call. So the first tick of an adopted world covers the real
 time since its committed world time (the ``last_advanced_at`` stamp of its
-last tick), at most one tick interval: a cron job calling every interval
-advances the world at the real rate, two calls in quick succession cover only
-the time between them (the clock never counts a second twice), a clock stamp
-in the future (another host's clock ahead of ours) covers nothing, and time
-while no one ran the world (a cron stopped, a worker down, a pause) moves it
-by at most one interval.
+last tick), at most ``maxCatchUpSeconds`` as for any late tick: a cron job
+advances the world at the real rate whatever its period and the world's
+interval, two calls in quick succession cover only the time between them (the
+clock never counts a second twice), a clock stamp in the future (another
+host's clock ahead of ours) covers nothing, and time while no one ran the
+world (a cron stopped, a worker down, a pause) moves it by at most
+``maxCatchUpSeconds``.
 """
 
 from __future__ import annotations
@@ -30,18 +31,20 @@ from scheduler_daemon.runner.state import Slot
 log = structlog.get_logger("scheduler_daemon.runner")
 
 
-def first_tick_covers(last_advanced_at: datetime | None, wall_now: datetime, interval: float) -> float:
+def first_tick_covers(
+    last_advanced_at: datetime | None, wall_now: datetime, interval: float, max_catch_up: float
+) -> float:
     """Real seconds the first tick of an adopted world covers (pure).
 
     The wall time since ``last_advanced_at`` (the time its committed world
-    time corresponds to), between 0 and one ``interval``; one interval for a
-    world never ticked. A naive stamp is UTC (SQLite returns them so).
+    time corresponds to), between 0 and ``max_catch_up``; one ``interval``
+    for a world never ticked. A naive stamp is UTC (SQLite returns them so).
     """
     if last_advanced_at is None:
         return interval
     if last_advanced_at.tzinfo is None:
         last_advanced_at = last_advanced_at.replace(tzinfo=UTC)
-    return min(max((wall_now - last_advanced_at).total_seconds(), 0.0), interval)
+    return min(max((wall_now - last_advanced_at).total_seconds(), 0.0), max_catch_up)
 
 
 class Adoption(RunnerBase):
@@ -53,7 +56,7 @@ class Adoption(RunnerBase):
         :meth:`run_once`, :meth:`start` and every discovery pass call it, so
         ``scheduler.register_world(w)`` before or while the runner runs is
         enough. Each adopted world is due at once; its first tick covers the
-        real time since its last committed tick, at most one tick interval
+        real time since its last committed tick, at most ``maxCatchUpSeconds``
         (see the module's doc). A world registered again by hand (a new
         context) keeps its slot and runs on the new context.
 
@@ -73,7 +76,7 @@ class Adoption(RunnerBase):
                     slot.ctx = ctx
                 continue
             interval = ctx.config.tick_interval_seconds
-            covers = first_tick_covers(ctx.last_advanced_at, wall, interval)
+            covers = first_tick_covers(ctx.last_advanced_at, wall, interval, ctx.config.max_catch_up_seconds)
             slot = Slot(
                 world_id,
                 ctx,

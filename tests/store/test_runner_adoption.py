@@ -88,18 +88,20 @@ async def test_a_new_runner_per_call_never_counts_real_time_twice(store: Store) 
         assert after[0] - first[0] <= 60 * (now - stamped).total_seconds()
 
 
-async def test_the_first_tick_covers_at_most_one_interval_and_nothing_for_a_stamp_ahead(store: Store) -> None:
-    world_id, _ = await make_world(store, simulation={"timeScale": 60, "tickIntervalSeconds": 2})
+async def test_the_first_tick_covers_at_most_max_catch_up_and_nothing_for_a_stamp_ahead(store: Store) -> None:
+    world_id, _ = await make_world(
+        store, simulation={"timeScale": 60, "tickIntervalSeconds": 2, "maxCatchUpSeconds": 10}
+    )
     await cron_call(store, VirtualClock())
-    assert await world_state(store, world_id) == (120.0, 1)
-    # Nobody ran the world for an hour: it resumes with one interval, not an hour.
+    assert await world_state(store, world_id) == (120.0, 1)  # never ticked: one interval
+    # Nobody ran the world for an hour: it resumes with maxCatchUpSeconds, like a late tick, not an hour.
     await set_stamp(store, world_id, datetime.now(UTC) - timedelta(hours=1))
     await cron_call(store, VirtualClock())
-    assert await world_state(store, world_id) == (240.0, 2)
+    assert await world_state(store, world_id) == (720.0, 2)
     # The stamp is ahead of our clock (written by a host whose clock is ahead): nothing, never backwards.
     await set_stamp(store, world_id, datetime.now(UTC) + timedelta(hours=1))
     await cron_call(store, VirtualClock())
-    assert await world_state(store, world_id) == (240.0, 3)
+    assert await world_state(store, world_id) == (720.0, 3)
 
 
 async def test_a_paused_world_is_adopted_and_stays_frozen(store: Store) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 import structlog
@@ -151,12 +152,7 @@ class WorldRegistry(RunnerBase):
         one). Holds the world's lock, so it never overlaps a loop tick.
         Raises :class:`~scheduler_daemon.scheduler.WorldNotRegisteredError`.
         """
-        slot = self._slots.get(world_id)
-        if slot is None:
-            raise WorldNotRegisteredError(world_id)
-        async with slot.lock:
-            if slot.removed:
-                raise WorldNotRegisteredError(world_id)
+        async with self._holding(world_id) as slot:
             return await self._extra_tick(slot, delta_real_seconds)
 
     async def freeze_paused(self, world_id: int) -> float:
@@ -173,12 +169,7 @@ class WorldRegistry(RunnerBase):
         (also when its lease turns out lost: the world is dropped), or the
         tick's error (the world's next tick then commits that part).
         """
-        slot = self._slots.get(world_id)
-        if slot is None:
-            raise WorldNotRegisteredError(world_id)
-        async with slot.lock:
-            if slot.removed:
-                raise WorldNotRegisteredError(world_id)
+        async with self._holding(world_id) as slot:
             ctx = slot.ctx
             now = self.clock.now()
             wall = datetime.now(UTC)
@@ -193,6 +184,17 @@ class WorldRegistry(RunnerBase):
                 # A regular tick now: the next one covers the (paused) time from here.
                 slot.last_tick_at = now
             return ctx.current_world_time
+
+    @asynccontextmanager
+    async def _holding(self, world_id: int) -> AsyncIterator[Slot]:
+        """The world's slot with its lock held; :class:`WorldNotRegisteredError` if it is not (or no longer) here."""
+        slot = self._slots.get(world_id)
+        if slot is None:
+            raise WorldNotRegisteredError(world_id)
+        async with slot.lock:
+            if slot.removed:
+                raise WorldNotRegisteredError(world_id)
+            yield slot
 
     async def _extra_tick(
         self, slot: Slot, delta_real_seconds: float, *, wall_at: datetime | None = None

@@ -109,6 +109,15 @@ class StoreBase:
         async with self._write_lock, begin_writing(self.engine) as conn:
             yield conn
 
+    @asynccontextmanager
+    async def reading(self, conn: AsyncConnection | None = None) -> AsyncIterator[AsyncConnection]:
+        """``conn`` (a read inside the caller's transaction) or, without one, a pooled connection of its own."""
+        if conn is not None:
+            yield conn
+            return
+        async with self.engine.connect() as own:
+            yield own
+
     def connect(self) -> AsyncConnection:
         """A pooled connection for reads (``async with store.connect() as conn``); it writes nothing."""
         return self.engine.connect()

@@ -131,11 +131,8 @@ class Ingest(IngestNpcs, Worlds):
         query = self._stored_world_query().where(key)
         if for_update and self.dialect == "postgresql":
             query = query.with_for_update(of=worlds)
-        if conn is None:
-            async with self.engine.connect() as own:
-                row = (await own.execute(query)).first()
-        else:
-            row = (await conn.execute(query)).first()
+        async with self.reading(conn) as c:
+            row = (await c.execute(query)).first()
         if row is None:
             raise WorldNotFoundError(ref)
         return self._stored_world(row)
@@ -151,11 +148,8 @@ class Ingest(IngestNpcs, Worlds):
         query = sa.select(worlds.c.id).where(key)
         if lock and self.dialect == "postgresql":
             query = query.with_for_update(key_share=True)
-        if conn is None:
-            async with self.engine.connect() as own:
-                found = (await own.execute(query)).scalar_one_or_none()
-        else:
-            found = (await conn.execute(query)).scalar_one_or_none()
+        async with self.reading(conn) as c:
+            found = (await c.execute(query)).scalar_one_or_none()
         if found is None:
             raise WorldNotFoundError(ref)
         return int(found)
@@ -255,11 +249,8 @@ class Ingest(IngestNpcs, Worlds):
         query = self._stored_world_query().order_by(worlds.c.id).limit(limit)
         if after is not None:
             query = query.where(worlds.c.id > after)
-        if conn is None:
-            async with self.engine.connect() as own:
-                rows = (await own.execute(query)).all()
-        else:
-            rows = (await conn.execute(query)).all()
+        async with self.reading(conn) as c:
+            rows = (await c.execute(query)).all()
         return [self._stored_world(r) for r in rows]
 
     async def delete_npc(self, conn: AsyncConnection, world_id: int, npc_id: int) -> bool:
@@ -393,9 +384,6 @@ class Ingest(IngestNpcs, Worlds):
         query = _session_select().where(sessions.c.world_id == world_id).order_by(sessions.c.id)
         if ids is not None:
             query = query.where(sessions.c.id.in_(sorted(ids)))
-        if conn is None:
-            async with self.engine.connect() as own:
-                rows = (await own.execute(query)).mappings().all()
-        else:
-            rows = (await conn.execute(query)).mappings().all()
+        async with self.reading(conn) as c:
+            rows = (await c.execute(query)).mappings().all()
         return [session_columns(r) for r in rows]

@@ -258,11 +258,8 @@ class IngestNpcs(StoreBase):
         if after is not None:
             query = query.where(npcs.c.id > after)
         query = query.order_by(npcs.c.id).limit(limit + 1)
-        if conn is None:
-            async with self.engine.connect() as own:
-                rows = (await own.execute(query)).mappings().all()
-        else:
-            rows = (await conn.execute(query)).mappings().all()
+        async with self.reading(conn) as c:
+            rows = (await c.execute(query)).mappings().all()
         more = len(rows) > limit
         checked = [_checked_row(r) for r in rows[:limit]]
         return NpcPage(checked, checked[-1]["id"] if more else None)

@@ -229,11 +229,8 @@ class Npcs(StoreBase):
     async def tier_counts(self, world_id: int, conn: AsyncConnection | None = None) -> dict[Tier, int]:
         """NPCs of one world per stored tier (a value that is no tier is not counted)."""
         query = sa.select(npcs.c.tier, sa.func.count()).where(npcs.c.world_id == world_id).group_by(npcs.c.tier)
-        if conn is None:
-            async with self.engine.connect() as own:
-                rows = (await own.execute(query)).all()
-        else:
-            rows = (await conn.execute(query)).all()
+        async with self.reading(conn) as c:
+            rows = (await c.execute(query)).all()
         return {Tier(r[0]): int(r[1]) for r in rows if r[0] in _TIER_VALUES}
 
     @staticmethod

@@ -150,11 +150,8 @@ class Worlds(StoreBase):
     async def get_world(self, world_id: int, conn: AsyncConnection | None = None) -> WorldRecord:
         """Load one world (its ``problem`` set if the stored row is unusable); raises :class:`WorldNotFoundError`."""
         query = self._world_query().where(worlds.c.id == world_id)
-        if conn is None:
-            async with self.engine.connect() as own:
-                row = (await own.execute(query)).first()
-        else:
-            row = (await conn.execute(query)).first()
+        async with self.reading(conn) as c:
+            row = (await c.execute(query)).first()
         if row is None:
             raise WorldNotFoundError(world_id)
         return self._world_record(row)

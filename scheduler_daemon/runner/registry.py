@@ -150,7 +150,8 @@ class WorldRegistry(RunnerBase):
         For the admin API: an extra tick on top of the world's grid (its next
         regular tick still covers the real time since the previous regular
         one). Holds the world's lock, so it never overlaps a loop tick.
-        Raises :class:`~scheduler_daemon.scheduler.WorldNotRegisteredError`.
+        Raises :class:`~scheduler_daemon.scheduler.WorldNotRegisteredError`
+        (also when its lease turns out lost: the world is dropped).
         """
         async with self._holding(world_id) as slot:
             return await self._extra_tick(slot, delta_real_seconds)
@@ -175,12 +176,7 @@ class WorldRegistry(RunnerBase):
             wall = datetime.now(UTC)
             elapsed = max(now - slot.last_tick_at, 0.0)
             if ctx.paused and ctx.plan_advance(elapsed).delta_game_seconds != 0.0:
-                try:
-                    await self._extra_tick(slot, elapsed, wall_at=wall)
-                except LeaseLostError:
-                    # Another instance owns the world now (nothing was written): dropped, as its tick would.
-                    await self._drop_lost_in_tick(slot, reason="fence")
-                    raise WorldNotRegisteredError(world_id) from None
+                await self._extra_tick(slot, elapsed, wall_at=wall)
                 # A regular tick now: the next one covers the (paused) time from here.
                 slot.last_tick_at = now
             return ctx.current_world_time
@@ -199,10 +195,17 @@ class WorldRegistry(RunnerBase):
     async def _extra_tick(
         self, slot: Slot, delta_real_seconds: float, *, wall_at: datetime | None = None
     ) -> TickResult:
-        """A tick outside the grid (the slot's lock held): counted and observed as a forced one."""
+        """A tick outside the grid (the slot's lock held): counted and observed as a forced one.
+
+        A lost lease drops the world, as its regular tick would, and raises
+        :class:`WorldNotRegisteredError` (nothing was written; another instance runs it).
+        """
         started = self.clock.now()
         try:
             result = await self.scheduler.tick_world(slot.world_id, delta_real_seconds, wall_at=wall_at)
+        except LeaseLostError:
+            await self._drop_lost_in_tick(slot, reason="fence")
+            raise WorldNotRegisteredError(slot.world_id) from None
         except Exception as exc:
             self._tick_failed(exc)
             if self.observer:

@@ -18,7 +18,7 @@ from scheduler_daemon.exits import EXIT_ALREADY_RUNNING, StartupError
 from scheduler_daemon.instance_lock import lock_sqlite_database
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.runner import SchedulerLoopRunner
-from scheduler_daemon.scheduler import WorldScheduler
+from scheduler_daemon.scheduler import WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.errors import LeaseLostError
 from scheduler_daemon.store.leases import Lease, LeaseStore, RenewResult
@@ -174,6 +174,24 @@ async def test_runner_drops_a_world_at_once_when_its_fence_fails(pg: Store) -> N
     await runner_b.run_until(1.0)
     assert await world_state(pg, world_id) == (pytest.approx(120.0), 2)
     assert runner_b.get_stats()["worlds"][world_id]["lease_owner"] == "b"
+
+
+async def test_a_forced_tick_after_the_lease_was_lost_drops_the_world_as_a_regular_tick_does(pg: Store) -> None:
+    # The admin API's forced tick found the fence failing and answered 500; it is a world this
+    # daemon no longer runs (404), dropped at once, and not a failed tick.
+    db_clock = DbClock()
+    world_id, _ = await make_world(pg, simulation={"alwaysOn": True})
+    runner_a = lease_runner(pg, "a", db_clock, VirtualClock())
+    runner_b = lease_runner(pg, "b", db_clock, VirtualClock())
+    await runner_a.discover()
+    await runner_a.run_until(1.0)
+    db_clock.advance(TTL + 1)
+    await runner_b.discover()
+    with pytest.raises(WorldNotRegisteredError):
+        await runner_a.force_tick(world_id, 1.0)
+    assert runner_a.world_ids == []
+    assert runner_a.get_stats()["leases"]["lease_lost"] == 1 and runner_a.ticks_failed == 0
+    assert await world_state(pg, world_id) == (pytest.approx(60.0), 1)
 
 
 async def test_after_a_freeze_only_the_fence_decides_which_worlds_still_tick(pg: Store) -> None:

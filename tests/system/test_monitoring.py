@@ -312,6 +312,7 @@ EXPECTED_ALERTS = {
     "SchedulerDown",
     "SchedulerDbErrors",
     "SchedulerLeaseLost",
+    "SchedulerChangeListenerDown",
     "SchedulerHttpConnectionsShed",
 }
 
@@ -548,6 +549,7 @@ def rule_tests() -> list[dict[str, Any]]:
                 _series("worldsched_jobs", "10+5x60", status="pending"),
                 _series("worldsched_db_errors_total", "0+1x40"),
                 _series("worldsched_lease_lost_total", "0 0 0 1 1 1 1 1 1"),
+                _series("worldsched_change_listener_up", "1 1 0x40"),
                 _series("worldsched_http_connections_closed_total", "0+600x40", reason="evicted"),
             ],
             "alert_rule_test": [
@@ -609,6 +611,12 @@ def rule_tests() -> list[dict[str, Any]]:
                     "alertname": "SchedulerLeaseLost",
                     "exp_alerts": [_alert("SchedulerLeaseLost", **INSTANCE)],
                 },
+                {"eval_time": "5m", "alertname": "SchedulerChangeListenerDown", "exp_alerts": []},
+                {
+                    "eval_time": "8m",
+                    "alertname": "SchedulerChangeListenerDown",
+                    "exp_alerts": [_alert("SchedulerChangeListenerDown", **INSTANCE)],
+                },
             ],
         },
         {  # healthy daemon with one-off blips: nothing fires
@@ -624,6 +632,7 @@ def rule_tests() -> list[dict[str, Any]]:
                 _series("worldsched_jobs", "50x60", status="pending"),
                 _series("worldsched_db_errors_total", "0 0 2 2x37"),
                 _series("worldsched_lease_lost_total", "0x40"),
+                _series("worldsched_change_listener_up", "1 1 0 0 1x36"),
                 _series("worldsched_http_connections_closed_total", "0+2x40", reason="timeout"),
                 _series("worldsched_http_connections_closed_total", "0x40", reason="evicted"),
                 _series("worldsched_http_accept_errors_total", "0x40"),

@@ -158,9 +158,11 @@ class BatchTicking(RunnerBase):
             if not isinstance(answer, BaseException):
                 outcomes[i] = "ok"
                 results[i] = answer
-                committed = committed or touched_database(answer)
+                wrote = touched_database(answer)
+                committed = committed or wrote
                 slot.last_tick_at = started
-                if self.leases is not None:
+                if self.leases is not None and wrote:
+                    # Only a fenced write renews the lease; a frozen paused tick writes nothing.
                     self.leases.renewed_by_tick(slot.world_id, started)
             elif isinstance(answer, LeaseLostError):
                 # Nothing was written (the fence failed first): drop the world at

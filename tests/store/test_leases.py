@@ -217,6 +217,26 @@ async def test_after_a_freeze_only_the_fence_decides_which_worlds_still_tick(pg:
     assert await world_state(pg, taken) == (0.0, 0)  # nothing written for the lost world
 
 
+async def test_a_paused_world_keeps_its_lease(pg: Store) -> None:
+    # A paused world's ticks write nothing, so they must not count as renewals:
+    # the renewal task renews its lease, and no peer can take it.
+    db_clock = DbClock()
+    world_id, _ = await make_world(pg, simulation={"alwaysOn": True, "pauseSimulation": True})
+    clock = VirtualClock()
+    runner_a = lease_runner(pg, "a", db_clock, clock)
+    await runner_a.discover()
+    assert runner_a.world_ids == [world_id]
+    keeper = runner_a.leases
+    assert keeper is not None
+    for _ in range(3):  # the renewal task's rounds over one TTL, paused ticks in between
+        await runner_a.run_until(clock.now() + keeper.renew_interval_seconds)
+        db_clock.advance(keeper.renew_interval_seconds)
+        assert await keeper.renew() == []
+    db_clock.advance(1.0)  # past the expiry of the claim itself
+    assert await lease_store(pg, "b", db_clock).claim([world_id], 1) == []
+    assert await lease_row(pg, world_id) == ("a", 1)
+
+
 async def test_fair_share_sheds_surplus_and_the_newcomer_claims_it(pg: Store) -> None:
     db_clock = DbClock()
     worlds = [(await make_world(pg, name=f"w{i}", simulation={"alwaysOn": True}))[0] for i in range(5)]

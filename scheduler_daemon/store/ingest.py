@@ -93,6 +93,12 @@ def session_columns(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+async def _world_with_external_id(conn: AsyncConnection, external_id: str) -> int | None:
+    """The id of the world that has ``external_id``, if one has."""
+    found = (await conn.execute(sa.select(worlds.c.id).where(worlds.c.external_id == external_id))).scalar_one_or_none()
+    return None if found is None else int(found)
+
+
 def _session_select() -> sa.Select[Any]:
     # Lists as text on SQLite too (decoded by session_columns): a bad stored value must not fail the read.
     return sa.select(
@@ -170,10 +176,9 @@ class Ingest(IngestNpcs, Worlds):
         """
         insert = sa.insert(worlds).values(name=name, meta=dict(meta), external_id=external_id)
         if external_id is not None:
-            existing = await conn.execute(sa.select(worlds.c.id).where(worlds.c.external_id == external_id))
-            found = existing.scalar_one_or_none()
+            found = await _world_with_external_id(conn, external_id)
             if found is not None:
-                return Upserted(int(found), False)
+                return Upserted(found, False)
         world_id = int((await conn.execute(insert.returning(worlds.c.id))).scalar_one())
         await conn.execute(sa.insert(world_states).values(world_id=world_id, world_time=world_time))
         return Upserted(world_id, True)
@@ -203,10 +208,9 @@ class Ingest(IngestNpcs, Worlds):
             values["config_version"] = worlds.c.config_version + 1
         if external_id is not KEEP and external_id != current.external_id:
             if external_id is not None:
-                query = sa.select(worlds.c.id).where(worlds.c.external_id == external_id)
-                owner = (await conn.execute(query)).scalar_one_or_none()
+                owner = await _world_with_external_id(conn, external_id)
                 if owner is not None:
-                    raise ExternalIdTakenError("world", external_id, int(owner))
+                    raise ExternalIdTakenError("world", external_id, owner)
             values["external_id"] = external_id
         if not values:
             return current

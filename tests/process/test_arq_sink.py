@@ -278,6 +278,32 @@ def test_a_redis_outage_keeps_requests_in_the_outbox_until_redis_is_back(
     assert failures and {e["request_id"] for e in failures} == {first, second}
 
 
+def killed_inside_hand_off(
+    db_url: str, tmp_path: Path, namespace: ArqNamespace, sink: str
+) -> tuple[int, dict[str, str], Daemon]:
+    """A request claimed by a daemon (log ``daemon.log``) killed with -9 while ``sink`` blocks in its hand-off.
+
+    Returns the request, the environment to restart the daemon with (the default ARQ sink), and the killed daemon.
+    """
+    _world, request_id = seed(db_url)
+    marker = tmp_path / "marker"
+    env = daemon_env(db_url, tmp_path, namespace)
+    # The blocked sink must still be running when the test kills the daemon.
+    env.update(
+        SCHEDULER_SCHEDULER__TICK_TIMEOUT_SECONDS="120",
+        SCHEDULER_GENERATION__SINK_TIMEOUT_SECONDS="60",
+        # PostgreSQL: the restarted daemon takes the killed one's lease over once it expires.
+        SCHEDULER_SCHEDULER__LEASE_TTL_SECONDS="2",
+        SINK_MARKER_FILE=str(marker),
+    )
+    first = start_daemon({**env, "SCHEDULER_GENERATION__SINK": sink}, tmp_path / "daemon.log")
+    try:
+        poll(lambda: marker.exists() and marker.read_text().strip(), timeout=30, what="the sink to be entered")
+    finally:
+        stop_process(first.proc, signal.SIGKILL)
+    return request_id, env, first
+
+
 @pytest.mark.parametrize(
     ("blocking_sink", "enqueued_before_kill"),
     [("tests.support.sinks:blocking_sink", False), ("tests.support.sinks:arq_enqueue_then_block", True)],
@@ -292,23 +318,8 @@ def test_sigkill_between_claim_and_hand_off_loses_nothing_and_runs_nothing_twice
     enqueued_before_kill: bool,
 ) -> None:
     """kill -9 inside the hand-off (the claim committed, not marked handed off); the restart hands it out once."""
-    _world, request_id = seed(db_url)
-    marker = tmp_path / "marker"
+    request_id, env, _first = killed_inside_hand_off(db_url, tmp_path, namespace, blocking_sink)
     log, worker_log, run_file = tmp_path / "daemon.log", tmp_path / "worker.log", tmp_path / "runs"
-    env = daemon_env(db_url, tmp_path, namespace)
-    # The blocked sink must still be running when the test kills the daemon.
-    env.update(
-        SCHEDULER_SCHEDULER__TICK_TIMEOUT_SECONDS="120",
-        SCHEDULER_GENERATION__SINK_TIMEOUT_SECONDS="60",
-        # PostgreSQL: the restarted daemon takes the killed one's lease over once it expires.
-        SCHEDULER_SCHEDULER__LEASE_TTL_SECONDS="2",
-        SINK_MARKER_FILE=str(marker),
-    )
-    first = start_daemon({**env, "SCHEDULER_GENERATION__SINK": blocking_sink}, log)
-    try:
-        poll(lambda: marker.exists() and marker.read_text().strip(), timeout=30, what="the sink to be entered")
-    finally:
-        stop_process(first.proc, signal.SIGKILL)
     assert rows(request_id)[:3] == ("enqueued", False, 0)  # a committed claim, still in the outbox
     assert namespace.queued() == (1 if enqueued_before_kill else 0)
 
@@ -335,21 +346,9 @@ def test_a_job_whose_report_found_the_daemon_down_runs_again_after_the_restart(
     db_url: str, tmp_path: Path, namespace: ArqNamespace, rows: Any
 ) -> None:
     """kill -9 after the enqueue; the worker runs the job meanwhile and cannot report: the request is not lost."""
-    _world, request_id = seed(db_url)
-    marker = tmp_path / "marker"
+    sink = "tests.support.sinks:arq_enqueue_then_block"
+    request_id, env, first = killed_inside_hand_off(db_url, tmp_path, namespace, sink)
     log, worker_log, run_file = tmp_path / "daemon.log", tmp_path / "worker.log", tmp_path / "runs"
-    env = daemon_env(db_url, tmp_path, namespace)
-    env.update(
-        SCHEDULER_SCHEDULER__TICK_TIMEOUT_SECONDS="120",
-        SCHEDULER_GENERATION__SINK_TIMEOUT_SECONDS="60",
-        SCHEDULER_SCHEDULER__LEASE_TTL_SECONDS="2",
-        SINK_MARKER_FILE=str(marker),
-    )
-    first = start_daemon({**env, "SCHEDULER_GENERATION__SINK": "tests.support.sinks:arq_enqueue_then_block"}, log)
-    try:
-        poll(lambda: marker.exists() and marker.read_text().strip(), timeout=30, what="the job to be enqueued")
-    finally:
-        stop_process(first.proc, signal.SIGKILL)
     worker = start_worker(namespace, daemon_url=first.url, token=TOKEN, runs=run_file, log=worker_log)
     try:
         # The job runs while the daemon is down: its report is refused by the dead port, so the job fails.

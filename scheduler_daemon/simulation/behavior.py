@@ -45,6 +45,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from scheduler_daemon.simulation.decide_tables import ActivityEntry, DecideTables, SlotEntry, compile_tables
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 
 __all__ = [
@@ -255,6 +256,11 @@ class BehaviorContent(_Content):
             raise _reference_error("defaultRoutine", f"unknown routine {self.default_routine!r}")
         return self
 
+    @cached_property
+    def tables(self) -> DecideTables:
+        """The lookup tables :func:`decide` reads, compiled on first use (the content never changes)."""
+        return compile_tables(self)
+
 
 def describe_validation_error(root: str, exc: ValidationError) -> list[str]:
     """Render a pydantic error as ``"root.path: message"`` lines.
@@ -317,10 +323,6 @@ def integrate_effects(activity: Activity | None, elapsed_seconds: float) -> Effe
     )
 
 
-def _clamp(value: float, low: float, high: float) -> float:
-    return min(high, max(low, value))
-
-
 class Draws(NamedTuple):
     """The uniform draws in [0, 1) of one decision: which activity, how long, where."""
 
@@ -331,6 +333,8 @@ class Draws(NamedTuple):
 
 _UNIT = 2.0**-53
 _THREE_U64 = struct.Struct(">QQQ")
+# Copying a keyed, personalised hasher is cheaper than building one per decision.
+_DRAW_HASH: Final = hashlib.blake2b(digest_size=24, person=b"npc-decide-v2")
 
 
 def decision_draws(world_id: int, npc_id: int, world_time: float) -> Draws:
@@ -342,8 +346,9 @@ def decision_draws(world_id: int, npc_id: int, world_time: float) -> Draws:
     :class:`random.Random` per decision, which cost a fifth of ``decide``.
     """
     # ``+ 0.0`` folds -0.0 into 0.0 so both spell the same key.
-    key = f"{world_id}:{npc_id}:{(float(world_time) + 0.0).hex()}".encode()
-    a, b, c = _THREE_U64.unpack(hashlib.blake2b(key, digest_size=24, person=b"npc-decide-v2").digest())
+    hasher = _DRAW_HASH.copy()
+    hasher.update(f"{world_id}:{npc_id}:{(float(world_time) + 0.0).hex()}".encode())
+    a, b, c = _THREE_U64.unpack(hasher.digest())
     return Draws((a >> 11) * _UNIT, (b >> 11) * _UNIT, (c >> 11) * _UNIT)
 
 
@@ -370,56 +375,43 @@ def active_slot(routine: Routine, world_time: float) -> Slot | None:
     return None
 
 
-def _routine_for(npc: NpcState, content: BehaviorContent) -> Routine | None:
-    # An NPC naming a routine the world no longer has falls back to the default
-    # instead of freezing: content edits must not strand NPCs.
-    if npc.routine is not None and npc.routine in content.routines:
-        return content.routines[npc.routine]
-    if content.default_routine is not None:
-        return content.routines[content.default_routine]
-    return None
-
-
-def _read_cooldowns(state: Mapping[str, Any], content: BehaviorContent, world_time: float) -> dict[str, float]:
+def _read_cooldowns(
+    state: Mapping[str, Any], activities: Mapping[str, ActivityEntry], world_time: float
+) -> dict[str, float]:
     """Still-running cooldowns from stored state; malformed or stale entries are dropped."""
     raw = state.get(COOLDOWNS_KEY)
-    if not isinstance(raw, Mapping):
+    if type(raw) is not dict and not isinstance(raw, Mapping):
         return {}
     cooldowns: dict[str, float] = {}
     for name, finished in raw.items():
-        activity = content.activities.get(name) if isinstance(name, str) else None
-        if activity is None or isinstance(finished, bool):
+        activity = activities.get(name) if isinstance(name, str) else None
+        if activity is None:
             continue
-        if not isinstance(finished, int | float) or not math.isfinite(finished):
+        if type(finished) is not float:
+            if isinstance(finished, bool) or not isinstance(finished, int | float):
+                continue
+            finished = float(finished)
+        if not math.isfinite(finished):
             continue
         # A finish time in the future means world time was reset; drop it
         # rather than block the activity for an arbitrary stretch.
         if finished <= world_time < finished + activity.cooldown_seconds:
-            cooldowns[name] = float(finished)
+            cooldowns[name] = finished
     return cooldowns
 
 
-def _choose(
-    slot: Slot,
-    content: BehaviorContent,
-    energy: float,
-    cooldowns: Mapping[str, float],
-    world_time: float,
-    u: float,
-) -> str | None:
+def _choose(slot: SlotEntry, energy: float, cooldowns: Mapping[str, float], world_time: float, u: float) -> str | None:
     """Weighted pick among eligible slot activities, with the documented fallback."""
     meets: list[tuple[str, float]] = []
     eligible: list[tuple[str, float]] = []
-    activities = content.activities
-    for name, weight in slot.activities.items():
-        activity = activities[name]
-        if activity.requirements.allows(energy):
+    for name, weight, activity in slot.candidates:
+        if activity.min_energy <= energy <= activity.max_energy:
             meets.append((name, weight))
             if name not in cooldowns or world_time >= cooldowns[name] + activity.cooldown_seconds:
                 eligible.append((name, weight))
     if eligible:
         # Weighted pick: the first activity whose cumulative weight exceeds u × total.
-        target = u * sum(weight for _, weight in eligible)
+        target = u * sum([weight for _, weight in eligible])
         cumulative = 0.0
         for name, weight in eligible:
             cumulative += weight
@@ -432,8 +424,7 @@ def _choose(
     return None
 
 
-def _resolve_location(activity: Activity, npc: NpcState, u: float) -> str | None:
-    target = activity.location
+def _resolve_location(target: str | tuple[str, ...] | None, npc: NpcState, u: float) -> str | None:
     if target is None:
         return npc.location
     if isinstance(target, tuple):
@@ -444,22 +435,39 @@ def _resolve_location(activity: Activity, npc: NpcState, u: float) -> str | None
 
 
 def _finish_current(
-    npc: NpcState, content: BehaviorContent, world_time: float
+    npc: NpcState, activities: Mapping[str, ActivityEntry], world_time: float
 ) -> tuple[float, float, float, dict[str, float]]:
-    """Energy, mood valence and arousal after the current activity, clamped, and the running cooldowns."""
+    """Energy, mood valence and arousal after the current activity, clamped, and the running cooldowns.
+
+    Effects are linear in time (see :func:`integrate_effects`), clamped once at the end.
+    """
     current_name = npc.current_activity
-    current = content.activities.get(current_name) if current_name is not None else None
+    current = activities.get(current_name) if current_name is not None else None
     if npc.activity_started_at is not None:
         started = npc.activity_started_at
     elif npc.last_decision_at is not None:
         started = npc.last_decision_at
     else:
         started = world_time
-    delta = integrate_effects(current, world_time - started)
-    energy = _clamp(npc.energy + delta.energy, ENERGY_MIN, ENERGY_MAX)
-    valence = _clamp(npc.mood_valence + delta.mood_valence, MOOD_MIN, MOOD_MAX)
-    arousal = _clamp(npc.mood_arousal + delta.mood_arousal, MOOD_MIN, MOOD_MAX)
-    cooldowns = _read_cooldowns(npc.state, content, world_time)
+    elapsed = world_time - started
+    if current is None or elapsed <= 0.0:
+        d_energy = d_valence = d_arousal = 0.0
+    else:
+        hours = elapsed / HOUR_SECONDS
+        d_energy = current.energy_per_hour * hours
+        d_valence = current.mood_valence * hours
+        d_arousal = current.mood_arousal * hours
+    # Clamped as min(high, max(low, v)) would (ties and -0.0 give the bound), without two calls each.
+    energy = npc.energy + d_energy
+    if not ENERGY_MIN < energy < ENERGY_MAX:
+        energy = ENERGY_MIN if energy <= ENERGY_MIN else ENERGY_MAX
+    valence = npc.mood_valence + d_valence
+    if not MOOD_MIN < valence < MOOD_MAX:
+        valence = MOOD_MIN if valence <= MOOD_MIN else MOOD_MAX
+    arousal = npc.mood_arousal + d_arousal
+    if not MOOD_MIN < arousal < MOOD_MAX:
+        arousal = MOOD_MIN if arousal <= MOOD_MIN else MOOD_MAX
+    cooldowns = _read_cooldowns(npc.state, activities, world_time)
     if current is not None and current_name is not None and current.cooldown_seconds > 0.0:
         cooldowns[current_name] = world_time
     return energy, valence, arousal, cooldowns
@@ -485,21 +493,24 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
 
     The returned ``state`` is a copy of ``npc.state`` with ``"cooldowns"``
     replaced by ``{activity: world time it last finished}`` for cooldowns
-    still running; other keys are preserved.
+    still running; other keys are preserved. The content's routines and
+    activities are read from its compiled :attr:`BehaviorContent.tables`.
     """
     if not math.isfinite(world_time):
         raise ValueError(f"npc {npc.id}: world_time must be finite, got {world_time}")
     if not math.isfinite(tier_interval) or tier_interval < 0.0:
         raise ValueError(f"npc {npc.id}: tier_interval must be finite and >= 0, got {tier_interval}")
+    tables = content.tables
+    activities = tables.activities
 
     # 1. Finish the current activity.
-    energy, valence, arousal, cooldowns = _finish_current(npc, content, world_time)
+    energy, valence, arousal, cooldowns = _finish_current(npc, activities, world_time)
 
     # 2. Pick the next activity.
     draws = decision_draws(npc.world_id, npc.id, world_time)
-    routine = _routine_for(npc, content)
-    slot = active_slot(routine, world_time) if routine is not None else None
-    choice = _choose(slot, content, energy, cooldowns, world_time, draws.activity) if slot is not None else None
+    routine = tables.routine_for(npc.routine)
+    slot = routine.slot_at(*_day_and_minute(world_time)) if routine is not None else None
+    choice = _choose(slot, energy, cooldowns, world_time, draws.activity) if slot is not None else None
 
     # 3./4. Location and duration.
     if choice is None:
@@ -508,10 +519,10 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
         location = npc.location
     else:
         activity_name = choice
-        activity = content.activities[choice]
-        low, high = activity.duration_minutes
+        chosen = activities[choice]
+        low, high = chosen.duration_low, chosen.duration_high
         duration = (low + (high - low) * draws.duration) * 60.0
-        location = _resolve_location(activity, npc, draws.location)
+        location = _resolve_location(chosen.location, npc, draws.location)
 
     end = world_time + duration
     next_at = end if npc.tier == Tier.DETAILED else max(end, world_time + tier_interval)
@@ -521,16 +532,7 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
     new_state = dict(npc.state)
     new_state[COOLDOWNS_KEY] = cooldowns
     return NpcDecision(
-        npc_id=npc.id,
-        decided_at=world_time,
-        next_decision_at=next_at,
-        current_activity=activity_name,
-        activity_started_at=world_time,
-        location=location,
-        energy=energy,
-        mood_valence=valence,
-        mood_arousal=arousal,
-        state=new_state,
+        npc.id, world_time, next_at, activity_name, world_time, location, energy, valence, arousal, new_state
     )
 
 

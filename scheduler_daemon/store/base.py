@@ -62,6 +62,11 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+async def driver_connection(conn: AsyncConnection) -> Any:
+    """The driver's own connection under ``conn`` (psycopg's, on PostgreSQL), inside the same transaction."""
+    return (await conn.get_raw_connection()).driver_connection
+
+
 def wall_now() -> datetime:
     # Wall time for humans reading the table; never used for scheduling.
     return datetime.now(UTC)

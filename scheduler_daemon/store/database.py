@@ -11,6 +11,7 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from scheduler_daemon.store.errors import DatabaseURLError, needs_new_connection
+from scheduler_daemon.store.pg_arrays import register_packed_arrays
 
 SUPPORTED_DRIVERS = ("postgresql+psycopg", "sqlite+aiosqlite")
 
@@ -118,4 +119,10 @@ def create_engine(
         connect_args=connect_args,
     )
     sa.event.listen(engine.sync_engine, "handle_error", _reconnect_when_writes_refused)
+    sa.event.listen(engine.sync_engine, "connect", _pg_on_connect)
     return engine
+
+
+def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
+    # The tick's grouped writes send whole columns packed (store/pg_arrays.py).
+    register_packed_arrays(dbapi_conn.driver_connection)

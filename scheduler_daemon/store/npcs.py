@@ -127,6 +127,30 @@ def npc_from_row(row: Sequence[Any], dialect: str) -> NpcState | QuarantinedNpc:
     )
 
 
+_TIERS: Final = tuple(Tier)
+
+
+def pg_npc_from_row(row: Sequence[Any]) -> NpcState | QuarantinedNpc:
+    """:func:`npc_from_row` for a PostgreSQL row, with a fast path for the common, valid one.
+
+    The columns are typed there: only a non-finite number or a ``state`` that
+    is no object (or over the limit) can be wrong. One sum tells whether every
+    number is finite (NaN and infinities poison it); anything else takes the full check.
+    """
+    total = row[4] + row[10] + row[11] + row[12]
+    if row[9] is not None:
+        total += row[9]
+    if row[13] is not None:
+        total += row[13]
+    state = row[15]
+    if type(state) is not dict or total - total != 0.0:
+        return npc_from_row(row, "postgresql")
+    return NpcState(
+        row[0], row[1], row[2], _TIERS[row[3]], row[4], row[5], row[6], row[7], row[8], row[9],
+        row[10], row[11], row[12], row[13], row[14], state,
+    )  # fmt: skip
+
+
 def npc_problem_sql(dialect: str) -> str:
     """SQL text: why an NPC row cannot be decided (NULL when it can), for scans that must not load ``state``.
 

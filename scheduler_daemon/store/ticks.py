@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,11 +20,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
-from scheduler_daemon.store.base import SQLITE_WORLDS_PER_SELECT, StoreBase, wall_now
+from scheduler_daemon.store.base import SQLITE_WORLDS_PER_SELECT, StoreBase, driver_connection, wall_now
 from scheduler_daemon.store.errors import StaleWorldStateError
 from scheduler_daemon.store.fence import Fence
 from scheduler_daemon.store.models import npcs, world_states
-from scheduler_daemon.store.npcs import QuarantinedNpc, npc_from_row, selected_npc_columns
+from scheduler_daemon.store.npcs import QuarantinedNpc, npc_from_row, pg_npc_from_row, selected_npc_columns
+from scheduler_daemon.store.pg_arrays import float8_array, int4_array, jsonb_array, text_array
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +75,15 @@ def _due_many_sqlite(worlds: int) -> sa.TextClause:
     )
 
 
-def _due_many_pg() -> sa.TextClause:
+def _due_many_pg() -> str:
     per_tier = " UNION ALL ".join(
         f"(SELECT {selected_npc_columns('postgresql')} FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
         f"AND next_decision_at <= q.now ORDER BY next_decision_at, id LIMIT q.lim)"
         for t in SIMULATED_TIERS
     )
-    return sa.text(
-        f"SELECT n.* FROM unnest(CAST(:wids AS integer[]), CAST(:nows AS float8[]), CAST(:lims AS integer[])) "
+    # psycopg placeholders: run on the driver's connection (see select_due_npcs_many).
+    return (
+        f"SELECT n.* FROM unnest(%s::integer[], %s::float8[], %s::integer[]) "
         f"AS q(world_id, now, lim) CROSS JOIN LATERAL ("
         f"SELECT * FROM ({per_tier}) AS u ORDER BY tier, next_decision_at, id LIMIT q.lim) AS n"
     )
@@ -189,17 +192,15 @@ _ADVANCE_MANY_PG: Final = sa.text(
     "RETURNING ws.world_id"
 )
 
-# Set-based NPC write on PostgreSQL: one UPDATE … FROM jsonb_to_recordset(…)
-# for a whole group of worlds instead of one UPDATE per NPC. The rows travel
-# as one JSON parameter: psycopg dumps array elements (and parses long
-# multi-row VALUES queries) in Python, which costs more than the whole
-# statement on the server. A NULL state keeps the stored JSON.
-_WRITE_DECISIONS_MANY_PG: Final = sa.text(
+# Set-based NPC write on PostgreSQL: one UPDATE … FROM unnest(…) for a whole
+# group of worlds, each column one packed binary array (store/pg_arrays.py),
+# run on the driver's connection. A NULL state keeps the stored JSON.
+_WRITE_DECISIONS_MANY_PG: Final = (
     "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "
     "location = d.location, energy = d.energy, mood_valence = d.valence, mood_arousal = d.arousal, "
     "last_decision_at = d.decided, decisions = npcs.decisions + 1, state = COALESCE(d.state, npcs.state) "
-    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS d(w integer, id integer, next float8, activity text, "
-    "started float8, location text, energy float8, valence float8, arousal float8, decided float8, state jsonb) "
+    "FROM unnest(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b, %b) "
+    "AS d(w, id, next, activity, started, location, energy, valence, arousal, decided, state) "
     "WHERE npcs.id = d.id AND npcs.world_id = d.w"
 )
 
@@ -235,24 +236,28 @@ class Ticks(StoreBase):
             return out
         dialect = conn.dialect.name
         if dialect == "postgresql":
-            rows: Sequence[Any] = (
-                await conn.execute(
-                    _DUE_MANY_PG,
-                    {
-                        "wids": [w for w, _, _ in wanted],
-                        "nows": [float(t) for _, t, _ in wanted],
-                        "lims": [lim for _, _, lim in wanted],
-                    },
-                )
-            ).all()
-        else:
-            rows = []
-            for start in range(0, len(wanted), SQLITE_WORLDS_PER_SELECT):
-                chunk = wanted[start : start + SQLITE_WORLDS_PER_SELECT]
-                params: dict[str, Any] = {}
-                for i, (w, t, lim) in enumerate(chunk):
-                    params[f"w{i}"], params[f"t{i}"], params[f"l{i}"] = w, float(t), lim
-                rows.extend((await conn.execute(_due_many_sqlite(len(chunk)), params)).all())
+            # The driver's cursor, binary rows: SQLAlchemy's rows and type
+            # processing cost more per NPC than the statement (docs/performance.md).
+            cursor = (await driver_connection(conn)).cursor(binary=True)
+            await cursor.execute(
+                _DUE_MANY_PG,
+                ([w for w, _, _ in wanted], [float(t) for _, t, _ in wanted], [lim for _, _, lim in wanted]),
+                prepare=True,
+            )
+            for row in await cursor.fetchall():
+                npc = pg_npc_from_row(row)
+                if isinstance(npc, NpcState):
+                    out.npcs[npc.world_id].append(npc)
+                else:
+                    out.quarantined.setdefault(npc.world_id, []).append(npc)
+            return out
+        rows: list[Any] = []
+        for start in range(0, len(wanted), SQLITE_WORLDS_PER_SELECT):
+            chunk = wanted[start : start + SQLITE_WORLDS_PER_SELECT]
+            params: dict[str, Any] = {}
+            for i, (w, t, lim) in enumerate(chunk):
+                params[f"w{i}"], params[f"t{i}"], params[f"l{i}"] = w, float(t), lim
+            rows.extend((await conn.execute(_due_many_sqlite(len(chunk)), params)).all())
         for row in rows:
             npc = npc_from_row(row, dialect)
             if isinstance(npc, NpcState):
@@ -334,26 +339,9 @@ class Ticks(StoreBase):
         all of them. SQLite (in process, no round trips to save): one executemany.
         """
         if conn.dialect.name == "postgresql":
-            rows: list[Any] = [
-                {
-                    "w": world_id,
-                    "id": d.npc_id,
-                    "next": d.next_decision_at,
-                    "activity": d.current_activity,
-                    "started": d.activity_started_at,
-                    "location": d.location,
-                    "energy": d.energy,
-                    "valence": d.mood_valence,
-                    "arousal": d.mood_arousal,
-                    "decided": d.decided_at,
-                    "state": d.state,
-                }
-                for world_id, decisions in batches
-                for d in decisions
-            ]
-            if rows:
-                # allow_nan=False: a non-finite value from a plug-in decide fails with a clear error.
-                await conn.execute(_WRITE_DECISIONS_MANY_PG, {"rows": json.dumps(rows, allow_nan=False)})
+            decided = [(world_id, d) for world_id, decisions in batches for d in decisions]
+            if decided:
+                await Ticks._write_decisions_pg(conn, decided)
             return
         rows = [
             (
@@ -374,6 +362,28 @@ class Ticks(StoreBase):
         ]
         if rows:
             await conn.exec_driver_sql(_WRITE_DECISION_SQLITE, rows)
+
+    @staticmethod
+    async def _write_decisions_pg(conn: AsyncConnection, decided: Sequence[tuple[int, NpcDecision]]) -> None:
+        ds = [d for _, d in decided]
+        try:
+            # allow_nan=False, and float8_array's check: a non-finite value from a plug-in decide fails clearly.
+            columns = (
+                int4_array([w for w, _ in decided]),
+                int4_array([d.npc_id for d in ds]),
+                float8_array([d.next_decision_at for d in ds]),
+                text_array([d.current_activity for d in ds]),
+                float8_array([d.activity_started_at for d in ds]),
+                text_array([d.location for d in ds]),
+                float8_array([d.energy for d in ds]),
+                float8_array([d.mood_valence for d in ds]),
+                float8_array([d.mood_arousal for d in ds]),
+                float8_array([d.decided_at for d in ds]),
+                jsonb_array([None if d.state is None else json.dumps(d.state, allow_nan=False) for d in ds]),
+            )
+        except (TypeError, struct.error) as exc:
+            raise ValueError(f"a decision cannot be written: {exc}") from exc
+        await (await driver_connection(conn)).execute(_WRITE_DECISIONS_MANY_PG, columns, prepare=True)
 
     @staticmethod
     async def advance_world_states(conn: AsyncConnection, advances: Sequence[WorldAdvance]) -> None:

@@ -65,7 +65,7 @@ class WorldRegistry(RunnerBase):
                 failed[world_id] = answer
                 continue
             interval = answer.config.tick_interval_seconds
-            anchor = now if first_deadline is None else first_deadline - interval
+            anchor = self.limits.phase_anchor(now if first_deadline is None else first_deadline - interval, interval)
             slot = Slot(world_id, answer, interval=interval, anchor=anchor, k=1, last_tick_at=now, tiers_at=now)
             old = self._slots.get(world_id)
             if old is not None:
@@ -130,7 +130,7 @@ class WorldRegistry(RunnerBase):
         if new_interval != slot.interval:
             # Re-anchor the grid at the last tick so the new rate starts from it.
             slot.interval = new_interval
-            slot.anchor = slot.last_tick_at
+            slot.anchor = self.limits.phase_anchor(slot.last_tick_at, new_interval)
             slot.k = 1
             if not slot.in_flight:
                 self._push(slot)

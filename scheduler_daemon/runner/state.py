@@ -16,6 +16,8 @@ from scheduler_daemon.store.errors import error_class
 
 #: Scans of every registered world yield to due ticks after this many worlds.
 SCAN_CHUNK = 500
+#: A phase slot is at most this fraction of a world's interval (see :meth:`RunnerLimits.phase_anchor`).
+PHASE_SLOTS_PER_INTERVAL = 8
 _T = TypeVar("_T")
 
 
@@ -43,11 +45,27 @@ class RunnerLimits:
     max_concurrent_ticks: int = 16
     max_batch_size: int = 64
     batch_window_seconds: float = 0.0015
+    phase_slot_seconds: float = 0.05
     tick_timeout_seconds: float = 10.0
     discovery_interval_seconds: float = 5.0
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
     tier_refresh_max_seconds: float = 60.0
+
+    def phase_anchor(self, anchor: float, interval: float) -> float:
+        """``anchor`` moved up onto the phase grid of worlds with this interval.
+
+        Worlds of equal interval whose grids start within one phase slot then
+        share every deadline and tick as one batch: at 1 Hz, spread over the
+        second, they would otherwise tick one or two at a time, each batch
+        paying its round trips and commit alone (docs/performance.md). A slot
+        is at most an eighth of the interval, so fast worlds still spread.
+        """
+        width = min(self.phase_slot_seconds, interval / PHASE_SLOTS_PER_INTERVAL)
+        if width <= 0.0:
+            return anchor
+        # A hair below: an anchor already on the grid must not move a whole slot by rounding.
+        return math.ceil(anchor / width - 1e-9) * width
 
     @classmethod
     def from_settings(cls, scheduler: SchedulerSettings) -> RunnerLimits:
@@ -56,6 +74,7 @@ class RunnerLimits:
             max_concurrent_ticks=scheduler.max_concurrent_ticks,
             max_batch_size=scheduler.max_batch_size,
             batch_window_seconds=scheduler.batch_window_seconds,
+            phase_slot_seconds=scheduler.phase_slot_seconds,
             tick_timeout_seconds=scheduler.tick_timeout_seconds,
             discovery_interval_seconds=scheduler.discovery_interval_seconds,
             backoff_max_seconds=scheduler.backoff_max_seconds,

@@ -45,7 +45,13 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from scheduler_daemon.simulation.decide_tables import ActivityEntry, DecideTables, SlotEntry, compile_tables
+from scheduler_daemon.simulation.decide_tables import (
+    ActivityEntry,
+    DecideTables,
+    SlotEntry,
+    compile_tables,
+    shared_tables,
+)
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 
 __all__ = [
@@ -258,8 +264,12 @@ class BehaviorContent(_Content):
 
     @cached_property
     def tables(self) -> DecideTables:
-        """The lookup tables :func:`decide` reads, compiled on first use (the content never changes)."""
-        return compile_tables(self)
+        """The lookup tables :func:`decide` reads, compiled on first use (the content never changes).
+
+        Worlds usually share their content: equal content shares one compiled
+        table (compiling costs as much as a thousand decisions).
+        """
+        return shared_tables(self.model_dump_json(), lambda: compile_tables(self))
 
 
 def describe_validation_error(root: str, exc: ValidationError) -> list[str]:

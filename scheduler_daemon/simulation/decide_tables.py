@@ -10,11 +10,15 @@ minutes where some slot starts or ends, instead of asking every slot.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 _DAY_MINUTES: Final = 24 * 60
+#: Distinct contents whose compiled tables are kept for sharing (the least recently used goes).
+SHARED_TABLES: Final = 256
+_shared: OrderedDict[str, DecideTables] = OrderedDict()
 
 
 # What compiling reads of the content models in :mod:`.behavior` (which import this module).
@@ -171,3 +175,15 @@ def compile_tables(content: _Content) -> DecideTables:
         routines[name] = _routine_table(routine, entries)
     default = routines[content.default_routine] if content.default_routine is not None else None
     return DecideTables(activities, routines, default)
+
+
+def shared_tables(key: str, compile_: Callable[[], DecideTables]) -> DecideTables:
+    """The tables compiled for content ``key`` (its canonical JSON): reused, else ``compile_()`` and kept."""
+    tables = _shared.get(key)
+    if tables is None:
+        tables = _shared[key] = compile_()
+        if len(_shared) > SHARED_TABLES:
+            _shared.popitem(last=False)
+    else:
+        _shared.move_to_end(key)
+    return tables

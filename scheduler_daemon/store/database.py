@@ -7,9 +7,11 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import sqlalchemy as sa
+from psycopg.types.json import set_json_loads
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from scheduler_daemon.store import state_json
 from scheduler_daemon.store.errors import DatabaseURLError, needs_new_connection
 from scheduler_daemon.store.pg_arrays import register_packed_arrays
 
@@ -124,5 +126,8 @@ def create_engine(
 
 
 def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    # The tick's grouped writes send whole columns packed (store/pg_arrays.py).
-    register_packed_arrays(dbapi_conn.driver_connection)
+    # The tick's grouped writes send whole columns packed (store/pg_arrays.py),
+    # and NPC states decode with orjson (store/state_json.py).
+    connection = dbapi_conn.driver_connection
+    register_packed_arrays(connection)
+    set_json_loads(state_json.loads, connection)

@@ -6,7 +6,6 @@ Also the column list and row check the tick's due-NPC selection shares (:mod:`sc
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -16,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation.npc import NpcState, Tier
 from scheduler_daemon.simulation.tiers import NpcPlacement
+from scheduler_daemon.store import state_json
 from scheduler_daemon.store.base import MAX_NPC_STATE_BYTES, StoreBase, is_number, json_type_name, shown
 from scheduler_daemon.store.models import npcs
 
@@ -99,7 +99,7 @@ def npc_from_row(row: Sequence[Any], dialect: str) -> NpcState | QuarantinedNpc:
         problem = f"state: larger than the limit of {MAX_NPC_STATE_BYTES} bytes"
     elif isinstance(state, str) and dialect == "sqlite":
         try:
-            state = json.loads(state)
+            state = state_json.loads(state)
         except ValueError:
             problem = "state: stored value is not valid JSON"
     if problem is None and not isinstance(state, dict):

@@ -112,9 +112,9 @@ def text_array(values: Sequence[str | None]) -> TextArray:
     return TextArray(_pack_varlena([None if v is None else v.encode() for v in values], _TEXT_OID))
 
 
-def jsonb_array(values: Sequence[str | None]) -> JsonbArray:
-    """A ``jsonb[]`` of JSON texts (``None`` is NULL); PostgreSQL checks each text."""
-    encoded = [None if v is None else _JSONB_VERSION + v.encode() for v in values]
+def jsonb_array(values: Sequence[bytes | None]) -> JsonbArray:
+    """A ``jsonb[]`` of UTF-8 JSON texts (``None`` is NULL); PostgreSQL checks each text."""
+    encoded = [None if v is None else _JSONB_VERSION + v for v in values]
     return JsonbArray(_pack_varlena(encoded, _JSONB_OID))
 
 

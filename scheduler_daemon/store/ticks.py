@@ -8,7 +8,6 @@ at import (per group size on SQLite).
 from __future__ import annotations
 
 import functools
-import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
+from scheduler_daemon.store import state_json
 from scheduler_daemon.store.base import SQLITE_WORLDS_PER_SELECT, StoreBase, driver_connection, wall_now
 from scheduler_daemon.store.errors import StaleWorldStateError
 from scheduler_daemon.store.fence import Fence
@@ -236,9 +236,10 @@ class Ticks(StoreBase):
             return out
         dialect = conn.dialect.name
         if dialect == "postgresql":
-            # The driver's cursor, binary rows: SQLAlchemy's rows and type
-            # processing cost more per NPC than the statement (docs/performance.md).
-            cursor = (await driver_connection(conn)).cursor(binary=True)
+            # The driver's cursor: SQLAlchemy's rows and type processing cost
+            # more per NPC than the statement (docs/performance.md). Text rows:
+            # states decode faster from text than from binary jsonb.
+            cursor = (await driver_connection(conn)).cursor()
             await cursor.execute(
                 _DUE_MANY_PG,
                 ([w for w, _, _ in wanted], [float(t) for _, t, _ in wanted], [lim for _, _, lim in wanted]),
@@ -353,7 +354,7 @@ class Ticks(StoreBase):
                 d.mood_valence,
                 d.mood_arousal,
                 d.decided_at,
-                None if d.state is None else json.dumps(d.state, allow_nan=False),
+                None if d.state is None else state_json.dumps(d.state).decode(),
                 d.npc_id,
                 world_id,
             )
@@ -367,7 +368,7 @@ class Ticks(StoreBase):
     async def _write_decisions_pg(conn: AsyncConnection, decided: Sequence[tuple[int, NpcDecision]]) -> None:
         ds = [d for _, d in decided]
         try:
-            # allow_nan=False, and float8_array's check: a non-finite value from a plug-in decide fails clearly.
+            # float8_array's check: a non-finite number in a column from a plug-in decide fails clearly.
             columns = (
                 int4_array([w for w, _ in decided]),
                 int4_array([d.npc_id for d in ds]),
@@ -379,7 +380,7 @@ class Ticks(StoreBase):
                 float8_array([d.mood_valence for d in ds]),
                 float8_array([d.mood_arousal for d in ds]),
                 float8_array([d.decided_at for d in ds]),
-                jsonb_array([None if d.state is None else json.dumps(d.state, allow_nan=False) for d in ds]),
+                jsonb_array([None if d.state is None else state_json.dumps(d.state) for d in ds]),
             )
         except (TypeError, struct.error) as exc:
             raise ValueError(f"a decision cannot be written: {exc}") from exc

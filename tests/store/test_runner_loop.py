@@ -187,3 +187,47 @@ async def test_running_loop_ticks_every_slot_at_its_deadline(store: Store) -> No
     assert runner.ticks_failed == 0
     stats = runner.get_stats()["worlds"]
     assert stats[slow]["ticks_skipped"] == 0 and stats[fast]["ticks_skipped"] == 0
+
+
+async def _advanced_at(store: Store, world_ids: list[int]) -> dict[int, object]:
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT world_id, last_advanced_at FROM world_states"))).all()
+    return {int(w): at for w, at in rows if int(w) in world_ids}
+
+
+@pytest.mark.parametrize("phase_slot", [0.05, 0.0])
+async def test_worlds_due_within_one_phase_slot_tick_as_one_batch(store: Store, phase_slot: float) -> None:
+    """Five 1 Hz worlds whose first ticks fall in one 50 ms slot share every deadline; a sixth is a slot later.
+
+    A batch stamps its worlds with one wall time (``last_advanced_at``): equal
+    stamps mean one grouped commit. Without phase slots each ticks on its own.
+    """
+    ids = [(await make_world(store, name=f"w{i}", session=False))[0] for i in range(6)]
+    clock = VirtualClock()
+    runner = SchedulerLoopRunner(
+        WorldScheduler(store),
+        store,
+        clock=clock,
+        limits=RunnerLimits(discovery_interval_seconds=3600, phase_slot_seconds=phase_slot),
+    )
+    firsts = [1.001, 1.011, 1.021, 1.031, 1.041, 1.061]
+    for world_id, first in zip(ids, firsts, strict=True):
+        await runner.add_world(world_id, first_deadline=first)
+    for second in (1, 2):
+        await runner.run_until(second + 0.2)
+        stamps = await _advanced_at(store, ids)
+        if phase_slot:
+            assert len({stamps[w] for w in ids[:5]}) == 1  # one batch
+            assert stamps[ids[5]] != stamps[ids[0]]  # the next slot: a batch of its own
+        else:
+            assert len(set(stamps.values())) == 6
+    assert [(await world_state(store, w))[1] for w in ids] == [2] * 6
+    assert runner.get_stats()["worlds"][ids[0]]["ticks_skipped"] == 0
+
+
+def test_phase_slots_are_at_most_an_eighth_of_the_interval() -> None:
+    limits = RunnerLimits(phase_slot_seconds=0.05)
+    assert limits.phase_anchor(1.001, 1.0) == pytest.approx(1.05)
+    assert limits.phase_anchor(1.05, 1.0) == pytest.approx(1.05)  # on the grid: stays
+    assert limits.phase_anchor(0.101, 0.2) == pytest.approx(0.125)  # 25 ms slots for 0.2 s worlds
+    assert RunnerLimits(phase_slot_seconds=0.0).phase_anchor(1.001, 1.0) == 1.001

@@ -1,27 +1,38 @@
 """NPC ``state`` documents on the tick's hot path: orjson, with the standard library where orjson refuses.
 
 Decoding and encoding every decided NPC's state with :mod:`json` was a
-quarter of the tick's CPU (docs/performance.md). orjson refuses integers
-beyond 64 bits (PostgreSQL's ``jsonb`` keeps any numeric) and types it does
-not know; those documents go through :mod:`json` as before, so no row is
-refused that was read before. orjson writes a non-finite float as ``null``
-(JSON has no NaN).
+quarter of the tick's CPU (docs/performance.md). orjson reads an integer
+beyond 64 bits as a float (PostgreSQL's ``jsonb`` keeps any numeric), which
+would round a game's number on the next write: a document with a run of 19
+digits goes through :mod:`json`, as does one orjson refuses, so every
+document reads as it did before. orjson writes a non-finite float as
+``null`` (JSON has no NaN).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Any, Final
 
 import orjson
 
 
+_LONG_DIGITS: Final = re.compile(rb"[0-9]{19}")
+_LONG_DIGITS_TEXT: Final = re.compile(r"[0-9]{19}")
+
+
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
     """Decode one JSON document (a psycopg ``json``/``jsonb`` loader, or SQLite's text)."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+    if isinstance(data, memoryview):
+        data = bytes(data)
+    long_digits = _LONG_DIGITS_TEXT if isinstance(data, str) else _LONG_DIGITS
+    if long_digits.search(data) is None:  # type: ignore[arg-type]
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
 
 
 def dumps(value: Any) -> bytes:

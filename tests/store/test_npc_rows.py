@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import sqlalchemy as sa
 
 from scheduler_daemon.scheduler import WorldScheduler
@@ -133,3 +134,37 @@ async def test_sqlite_number_columns_holding_text_are_quarantined(tmp_path: obje
         assert result.npcs_simulated == 1
     finally:
         await store.dispose()
+
+
+async def test_a_state_beyond_64_bit_numbers_is_decided_and_kept(store: Store) -> None:
+    """The hot path decodes states with orjson, which refuses integers beyond 64 bits; such a state still works."""
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    game = {"big": 2**70 + 1, "negative": -(2**64) - 3, "tiny": 5e-324, "text": "Zoë ✓"}
+    (npc,) = await store.add_npcs(world_id, [{"name": "old-save", "state": game}])
+    sched = WorldScheduler(store)
+    ctx = await sched.register_world(world_id)
+    assert ctx.quarantined_npcs == {}
+    for _ in range(6):  # six game hours: past any activity and the dormant interval, twice
+        await sched.tick_world(world_id, 60.0)
+    assert await _decisions(store, npc) >= 2
+    state = await _state(store, npc)
+    assert isinstance(state, dict)
+    assert {k: state[k] for k in game} == game
+    assert ctx.quarantined_npcs == {}
+
+
+@pytest.mark.postgres
+async def test_a_non_finite_number_column_is_quarantined_by_the_tick(pg_store: Store) -> None:
+    """PostgreSQL's float8 holds NaN and infinities; a row with one is quarantined, its neighbours decided."""
+    store = pg_store
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    good, bad, worse = await store.add_npcs(world_id, [{"name": "good"}, {"name": "bad"}, {"name": "worse"}])
+    sched = WorldScheduler(store)
+    ctx = await sched.register_world(world_id)
+    await _set_raw(store, bad, "energy", "'NaN'", {})
+    await _set_raw(store, worse, "last_decision_at", "'-Infinity'", {})
+    await sched.tick_world(world_id, 60.0)
+    assert await _decisions(store, good) == 1
+    assert await _decisions(store, bad) == 0 and await _decisions(store, worse) == 0
+    assert ctx.quarantined_npcs[bad] == "energy: expected a finite number, got nan"
+    assert ctx.quarantined_npcs[worse] == "last_decision_at: expected a finite number or null, got -inf"

@@ -83,7 +83,7 @@ def _due_many_pg() -> str:
     )
     # psycopg placeholders: run on the driver's connection (see select_due_npcs_many).
     return (
-        f"SELECT n.* FROM unnest(%s::integer[], %s::float8[], %s::integer[]) "
+        f"SELECT n.* FROM unnest(%b, %b, %b) "
         f"AS q(world_id, now, lim) CROSS JOIN LATERAL ("
         f"SELECT * FROM ({per_tier}) AS u ORDER BY tier, next_decision_at, id LIMIT q.lim) AS n"
     )
@@ -242,7 +242,11 @@ class Ticks(StoreBase):
             cursor = (await driver_connection(conn)).cursor()
             await cursor.execute(
                 _DUE_MANY_PG,
-                ([w for w, _, _ in wanted], [float(t) for _, t, _ in wanted], [lim for _, _, lim in wanted]),
+                (
+                    int4_array([w for w, _, _ in wanted]),
+                    float8_array([float(t) for _, t, _ in wanted]),
+                    int4_array([lim for _, _, lim in wanted]),
+                ),
                 prepare=True,
             )
             for row in await cursor.fetchall():

@@ -340,7 +340,7 @@ class Ticks(StoreBase):
     async def write_decisions_many(conn: AsyncConnection, batches: Sequence[tuple[int, Sequence[NpcDecision]]]) -> None:
         """Write decided NPC columns back for several worlds (``world_id`` in every WHERE).
 
-        PostgreSQL: one set-based ``UPDATE … FROM jsonb_to_recordset(…)`` for
+        PostgreSQL: one set-based ``UPDATE … FROM unnest(…)`` of packed columns for
         all of them. SQLite (in process, no round trips to save): one executemany.
         """
         if conn.dialect.name == "postgresql":

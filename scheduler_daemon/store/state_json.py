@@ -17,7 +17,6 @@ from typing import Any, Final
 
 import orjson
 
-
 _LONG_DIGITS: Final = re.compile(rb"[0-9]{19}")
 _LONG_DIGITS_TEXT: Final = re.compile(r"[0-9]{19}")
 

@@ -205,6 +205,26 @@ _WRITE_DECISIONS_MANY_PG: Final = (
 )
 
 
+_DECISION_NUMBERS: Final = (
+    "next_decision_at",
+    "activity_started_at",
+    "energy",
+    "mood_valence",
+    "mood_arousal",
+    "decided_at",
+)
+
+
+def _non_finite(decisions: Sequence[NpcDecision]) -> str:
+    """Which decision holds a non-finite number, for the error that fails its world's tick."""
+    for d in decisions:
+        for name in _DECISION_NUMBERS:
+            value = getattr(d, name)
+            if value is not None and not math.isfinite(value):
+                return f"npc {d.npc_id}: decision {name} is not a finite number ({value!r})"
+    return "a decision holds a number that is not finite"
+
+
 class Ticks(StoreBase):
     """Every statement of a grouped tick's transaction except the claims, chains and the fence."""
 
@@ -372,7 +392,6 @@ class Ticks(StoreBase):
     async def _write_decisions_pg(conn: AsyncConnection, decided: Sequence[tuple[int, NpcDecision]]) -> None:
         ds = [d for _, d in decided]
         try:
-            # float8_array's check: a non-finite number in a column from a plug-in decide fails clearly.
             columns = (
                 int4_array([w for w, _ in decided]),
                 int4_array([d.npc_id for d in ds]),
@@ -386,6 +405,9 @@ class Ticks(StoreBase):
                 float8_array([d.decided_at for d in ds]),
                 jsonb_array([None if d.state is None else state_json.dumps(d.state) for d in ds]),
             )
+        except ValueError:
+            # A non-finite number (from a plug-in decide): say which NPC and column.
+            raise ValueError(_non_finite(ds)) from None
         except (TypeError, struct.error) as exc:
             raise ValueError(f"a decision cannot be written: {exc}") from exc
         await (await driver_connection(conn)).execute(_WRITE_DECISIONS_MANY_PG, columns, prepare=True)

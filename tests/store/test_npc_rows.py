@@ -11,13 +11,14 @@ once fixed. Its neighbours tick on.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import sqlalchemy as sa
 
 from scheduler_daemon.scheduler import WorldScheduler
-from scheduler_daemon.simulation.behavior import COOLDOWNS_KEY
-from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.simulation.behavior import COOLDOWNS_KEY, BehaviorContent, decide
+from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 from scheduler_daemon.store.models import npcs
 from scheduler_daemon.store.repository import Store
 
@@ -168,3 +169,27 @@ async def test_a_non_finite_number_column_is_quarantined_by_the_tick(pg_store: S
     assert await _decisions(store, bad) == 0 and await _decisions(store, worse) == 0
     assert ctx.quarantined_npcs[bad] == "energy: expected a finite number, got nan"
     assert ctx.quarantined_npcs[worse] == "last_decision_at: expected a finite number or null, got -inf"
+
+
+async def test_a_plugin_decision_with_a_non_finite_number_fails_its_world_alone(store: Store) -> None:
+    """A plug-in decide returning NaN energy: that world's tick fails naming the NPC and column; others commit."""
+
+    def nan_for_the_cursed(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        if npc.name == "cursed":
+            decision.energy = math.nan
+        return decision
+
+    cursed_world = await store.create_world("cursed", simulation={"alwaysOn": True})
+    (cursed,) = await store.add_npcs(cursed_world, [{"name": "cursed"}])
+    fine_world = await store.create_world("fine", simulation={"alwaysOn": True})
+    (fine,) = await store.add_npcs(fine_world, [{"name": "fine"}])
+    sched = WorldScheduler(store, decide_fn=nan_for_the_cursed)
+    await sched.register_world(cursed_world)
+    await sched.register_world(fine_world)
+    answers = await sched.tick_worlds([(cursed_world, 60.0), (fine_world, 60.0)])
+    assert isinstance(answers[0], Exception) and "energy" in str(answers[0])
+    if store.dialect == "postgresql":  # SQLite refuses it as NULL in a NOT NULL column
+        assert str(answers[0]) == f"npc {cursed}: decision energy is not a finite number (nan)"
+    assert not isinstance(answers[1], BaseException) and answers[1].npcs_simulated == 1
+    assert await _decisions(store, fine) == 1

@@ -91,11 +91,11 @@ def _pack_varlena(values: Sequence[bytes | None], element_oid: int) -> bytes:
     return _HEADER.pack(1, has_null, element_oid, len(values), 1) + b"".join(parts)
 
 
-def float8_array(values: Sequence[float | None]) -> Float8Array:
-    """A ``float8[]`` of ``values`` (``None`` is NULL). Raises ``ValueError`` on NaN or an infinity."""
+def float8_array(values: Sequence[float | None], *, finite: bool = True) -> Float8Array:
+    """A ``float8[]`` of ``values`` (``None`` is NULL). Raises ``ValueError`` on NaN or an infinity, if ``finite``."""
     # One sum tells whether every value is finite (NaN and infinities poison it);
     # only then is each value looked at.
-    if not math.isfinite(sum([v for v in values if v is not None])):
+    if finite and not math.isfinite(sum([v for v in values if v is not None])):
         bad = next((v for v in values if v is not None and not math.isfinite(v)), None)
         if bad is not None:
             raise ValueError(f"not a finite number: {bad!r}")

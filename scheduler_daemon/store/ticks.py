@@ -137,20 +137,19 @@ def _waiting_query() -> sa.CompoundSelect[Any]:
 _WAITING_QUERY: Final = _waiting_query()
 
 
-def _waiting_many_pg() -> sa.TextClause:
+def _waiting_many_pg() -> str:
     per_tier = " UNION ALL ".join(
         f"(SELECT {int(t)} AS tier, next_decision_at FROM npcs WHERE world_id = q.world_id AND tier = {int(t)} "
         f"AND next_decision_at <= q.now AND (next_decision_at, id) > (q.after_at{int(t)}, q.after_id{int(t)}) "
         f"ORDER BY next_decision_at, id LIMIT 1)"
         for t in SIMULATED_TIERS
     )
-    afters = ", ".join(
-        f"CAST(:after_at{int(t)} AS float8[]), CAST(:after_id{int(t)} AS integer[])" for t in SIMULATED_TIERS
-    )
+    afters = ", ".join("%b, %b" for _ in SIMULATED_TIERS)
     columns = ", ".join(f"after_at{int(t)}, after_id{int(t)}" for t in SIMULATED_TIERS)
-    return sa.text(
-        f"SELECT q.world_id, w.tier, w.next_decision_at FROM unnest(CAST(:wids AS integer[]), "
-        f"CAST(:nows AS float8[]), {afters}) AS q(world_id, now, {columns}) CROSS JOIN LATERAL ({per_tier}) AS w"
+    # psycopg placeholders: run on the driver's connection, like the due-NPC selection.
+    return (
+        f"SELECT q.world_id, w.tier, w.next_decision_at FROM unnest(%b, %b, {afters}) "
+        f"AS q(world_id, now, {columns}) CROSS JOIN LATERAL ({per_tier}) AS w"
     )
 
 
@@ -169,9 +168,7 @@ _DUE_WORK_BODY = (
     "EXISTS (SELECT 1 FROM generation_requests g WHERE g.world_id = q.world_id AND g.status = 'pending' "
     "AND (g.not_before IS NULL OR g.not_before <= q.now)) "
 )
-_DUE_WORK_PG: Final = sa.text(
-    _DUE_WORK_BODY + "FROM unnest(CAST(:wids AS integer[]), CAST(:nows AS float8[])) AS q(world_id, now)"
-)
+_DUE_WORK_PG: Final = _DUE_WORK_BODY + "FROM unnest(%b, %b) AS q(world_id, now)"
 
 
 @functools.cache
@@ -301,13 +298,17 @@ class Ticks(StoreBase):
         if not requests:
             return {}
         if conn.dialect.name == "postgresql":
-            params: dict[str, Any] = {"wids": [w for w, _ in requests], "nows": [float(t) for _, t in requests]}
-            rows: list[Any] = list((await conn.execute(_DUE_WORK_PG, params)).all())
+            cursor = await (await driver_connection(conn)).execute(
+                _DUE_WORK_PG,
+                (int4_array([w for w, _ in requests]), float8_array([float(t) for _, t in requests])),
+                prepare=True,
+            )
+            rows: list[Any] = await cursor.fetchall()
         else:
             rows = []
             for start in range(0, len(requests), SQLITE_WORLDS_PER_SELECT):
                 chunk = requests[start : start + SQLITE_WORLDS_PER_SELECT]
-                params = {}
+                params: dict[str, Any] = {}
                 for i, (w, t) in enumerate(chunk):
                     params[f"w{i}"], params[f"t{i}"] = w, float(t)
                 rows.extend((await conn.execute(_due_work_sqlite(len(chunk)), params)).all())
@@ -342,12 +343,13 @@ class Ticks(StoreBase):
             for world_id, world_time, taken in requests:
                 out[world_id] = await Ticks.oldest_waiting(conn, world_id, world_time, taken)
             return out
-        params: dict[str, Any] = {"wids": [w for w, _, _ in requests], "nows": [float(t) for _, t, _ in requests]}
+        params: list[Any] = [int4_array([w for w, _, _ in requests]), float8_array([float(t) for _, t, _ in requests])]
         for t in SIMULATED_TIERS:
             afters = [taken.get(t, _BEFORE_ALL) for _, _, taken in requests]
-            params[f"after_at{int(t)}"] = [float(at) for at, _ in afters]
-            params[f"after_id{int(t)}"] = [npc_id for _, npc_id in afters]
-        for world_id, tier, next_at in (await conn.execute(_WAITING_MANY_PG, params)).all():
+            params.append(float8_array([float(at) for at, _ in afters], finite=False))  # -inf: before all
+            params.append(int4_array([npc_id for _, npc_id in afters]))
+        cursor = await (await driver_connection(conn)).execute(_WAITING_MANY_PG, params, prepare=True)
+        for world_id, tier, next_at in await cursor.fetchall():
             out[int(world_id)][Tier(tier)] = float(next_at)
         return out
 

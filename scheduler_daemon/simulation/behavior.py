@@ -355,11 +355,15 @@ def decision_draws(world_id: int, npc_id: int, world_time: float) -> Draws:
     Three 53-bit slices of one digest, instead of seeding a
     :class:`random.Random` per decision, which cost a fifth of ``decide``.
     """
+    return Draws(*_draws(world_id, npc_id, world_time))
+
+
+def _draws(world_id: int, npc_id: int, world_time: float) -> tuple[float, float, float]:
     # ``+ 0.0`` folds -0.0 into 0.0 so both spell the same key.
     hasher = _DRAW_HASH.copy()
     hasher.update(f"{world_id}:{npc_id}:{(float(world_time) + 0.0).hex()}".encode())
     a, b, c = _THREE_U64.unpack(hasher.digest())
-    return Draws((a >> 11) * _UNIT, (b >> 11) * _UNIT, (c >> 11) * _UNIT)
+    return (a >> 11) * _UNIT, (b >> 11) * _UNIT, (c >> 11) * _UNIT
 
 
 def _pick(u: float, count: int) -> int:
@@ -517,10 +521,10 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
     energy, valence, arousal, cooldowns = _finish_current(npc, activities, world_time)
 
     # 2. Pick the next activity.
-    draws = decision_draws(npc.world_id, npc.id, world_time)
+    u_activity, u_duration, u_location = _draws(npc.world_id, npc.id, world_time)
     routine = tables.routine_for(npc.routine)
     slot = routine.slot_at(*_day_and_minute(world_time)) if routine is not None else None
-    choice = _choose(slot, energy, cooldowns, world_time, draws.activity) if slot is not None else None
+    choice = _choose(slot, energy, cooldowns, world_time, u_activity) if slot is not None else None
 
     # 3./4. Location and duration.
     if choice is None:
@@ -531,8 +535,8 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
         activity_name = choice
         chosen = activities[choice]
         low, high = chosen.duration_low, chosen.duration_high
-        duration = (low + (high - low) * draws.duration) * 60.0
-        location = _resolve_location(chosen.location, npc, draws.location)
+        duration = (low + (high - low) * u_duration) * 60.0
+        location = _resolve_location(chosen.location, npc, u_location)
 
     end = world_time + duration
     next_at = end if npc.tier == Tier.DETAILED else max(end, world_time + tier_interval)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import subprocess
@@ -245,6 +244,7 @@ class WorldClock:
 
 # ------------------------------------------------------------------ daemon
 async def run_daemon(url: str, world_ids: list[int], warmup: float, seconds: float, args: Any) -> dict[str, Any]:
+    from scheduler_daemon import collector
     from scheduler_daemon.clock import MonotonicClock
     from scheduler_daemon.logs import configure_logging
     from scheduler_daemon.runtime import build_runtime
@@ -293,8 +293,7 @@ async def run_daemon(url: str, world_ids: list[int], warmup: float, seconds: flo
     for i, world_id in enumerate(world_ids):
         await runner.add_world(world_id, first_deadline=start + i * interval / len(world_ids))
     # As the daemon does once ready: startup's objects out of the collector's way.
-    gc.collect()
-    gc.freeze()
+    collector.settle()
     loop_task = asyncio.create_task(runner.start())
     try:
         await asyncio.sleep(max(start - runner.clock.now(), 0.0))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
 import signal
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from scheduler_daemon import collector
 from scheduler_daemon.change_listener import ChangeListener
 from scheduler_daemon.clock import MonotonicClock
 from scheduler_daemon.exits import (
@@ -196,10 +196,7 @@ class Daemon:
             if not self._stop_requested:
                 runner_task = asyncio.create_task(runner.start(), name="runner")
                 if await self._serving(runner_task):
-                    # What startup built lives as long as the process: frozen out of
-                    # the collector's way, full collections stop stalling due ticks.
-                    gc.collect()
-                    gc.freeze()
+                    collector.settle()
                     self.notifier.ready(status=self._status_line())
                     log.info("ready", worlds=len(runner.world_ids))
                 await runner_task

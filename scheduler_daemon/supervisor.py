@@ -107,6 +107,8 @@ class Worker:
     restarts: int = 0
     started_at: float = 0.0
     last_watchdog: float = 0.0
+    #: A reload came while it was starting: SIGHUP it once it is ready (before, SIGHUP would kill it).
+    reload_pending: bool = False
     notify_sock: socket.socket | None = field(default=None, repr=False)
 
     @property
@@ -273,7 +275,7 @@ class Supervisor:
         """Run worker ``w``; restart it with backoff whenever it exits, until the supervisor stops."""
         backoff = RESTART_BACKOFF_SECONDS
         while not self._stopping:
-            w.ready, w.readies, w.status = False, 0, ""
+            w.ready, w.readies, w.status, w.reload_pending = False, 0, "", False
             w.started_at = w.last_watchdog = time.monotonic()
             # Its own process group: a terminal's Ctrl-C reaches the supervisor only, which forwards it once.
             w.process = await asyncio.create_subprocess_exec(
@@ -309,9 +311,7 @@ class Supervisor:
         """SIGTERM every worker, wait for them (bounded), SIGKILL what is left; a dirty exit makes ours 1."""
         running = [w for w in self.workers if w.running]
         for w in running:
-            assert w.process is not None
-            with contextlib.suppress(ProcessLookupError):
-                w.process.send_signal(signal.SIGTERM)
+            self._signal(w, signal.SIGTERM)
         grace = self.settings.scheduler.tick_timeout_seconds + STOP_GRACE_SECONDS
         for w in running:
             assert w.process is not None
@@ -322,7 +322,8 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     w.process.kill()
                 code = await w.process.wait()
-            if code != 0:
+            # -SIGTERM: still starting, before its handlers (a single daemon also ends so then).
+            if code not in (0, -signal.SIGTERM):
                 log.error("worker stopped uncleanly", worker=w.name, exit_status=describe_exit(code))
                 if self._exit_code == EXIT_OK:
                     self._exit_code = EXIT_FAILURE
@@ -362,7 +363,16 @@ class Supervisor:
                 w.readies += 1
                 w.last_watchdog = time.monotonic()
                 self._readied.set()
+                if w.reload_pending:
+                    w.reload_pending = False
+                    self._signal(w, signal.SIGHUP)
                 self._maybe_ready()
+
+    @staticmethod
+    def _signal(w: Worker, sig: signal.Signals) -> None:
+        if w.process is not None and w.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                w.process.send_signal(sig)
 
     def _maybe_ready(self) -> None:
         if self._ready_sent or not all(w.ready for w in self.workers):
@@ -378,10 +388,7 @@ class Supervisor:
             log.warning("second stop signal, the workers exit at once", signal=sig.name)
             self._exit_code = EXIT_FAILURE
             for w in self.workers:
-                if w.running:
-                    assert w.process is not None
-                    with contextlib.suppress(ProcessLookupError):
-                        w.process.send_signal(sig)
+                self._signal(w, sig)
             return
         log.info("stop requested, stopping the workers", signal=sig.name)
         self._stopping = True
@@ -408,11 +415,13 @@ class Supervisor:
             return False
         self.settings, _ = keep_restart_only(self.settings, new)
         self._reload_ok = True
-        marks = {w.index: w.readies for w in self.workers if w.running}
+        # Only workers that reported ready have their SIGHUP handler; the others get it when they are.
+        marks = {w.index: w.readies for w in self.workers if w.running and w.readies > 0}
         for w in self.workers:
-            if w.running and w.process is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    w.process.send_signal(signal.SIGHUP)
+            if w.index in marks:
+                self._signal(w, signal.SIGHUP)
+            elif w.running:
+                w.reload_pending = True
         deadline = time.monotonic() + RELOAD_WAIT_SECONDS
         waiting = [w for w in self.workers if w.index in marks]
         while any(w.running and w.readies <= marks[w.index] for w in waiting) and time.monotonic() < deadline:
@@ -457,9 +466,7 @@ class Supervisor:
         for w in self.workers:
             if w.running and w.ready and time.monotonic() - w.last_watchdog > limit:
                 log.error("worker watchdog timeout, killing it", worker=w.name, timeout_seconds=limit)
-                assert w.process is not None
-                with contextlib.suppress(ProcessLookupError):
-                    w.process.kill()
+                self._signal(w, signal.SIGKILL)
 
 
 def _up(w: Worker) -> float:

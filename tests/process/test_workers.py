@@ -141,6 +141,7 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
         # Both workers hold leases, five worlds each.
         poll(lambda: spread(cluster), timeout=30, what="five worlds per worker")
         assert client.get("/readyz").status_code == 200
+        assert client.get("/healthz").json()["detail"] == "2 of 2 workers answering"
 
         # One exposition with both workers' ticks, and the supervisor's own series.
         def both_ticking() -> dict[str, list[Any]] | None:
@@ -214,6 +215,14 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
         pid = next(e["pid"] for e in events(log, "worker started") if e["worker"] == "1")
         ticks_at_kill = cluster.world_ticks()
         os.kill(pid, signal.SIGKILL)
+        # Not ready while a worker is missing (restarting takes its backoff plus a start); alive all along.
+        missing = poll(
+            lambda: (r := client.get("/readyz")).status_code == 503 and r.json(),
+            timeout=10,
+            what="readiness to fail while worker 1 is away",
+        )
+        assert "worker 1" in missing["detail"]
+        assert client.get("/healthz").json()["status"] == "ok"
         poll(
             lambda: per_worker(scrape(client), "worldsched_worker_restarts_total").get("1") == 1,
             timeout=30,

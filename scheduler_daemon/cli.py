@@ -237,9 +237,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     path: Path | None = args.path or getattr(args, "config", None) or DEFAULT_CONFIG_PATH
+    from scheduler_daemon.exits import StartupError
+    from scheduler_daemon.supervisor import check_workers
+
     try:
         settings = load_settings(path, required=True)
-    except SettingsError as exc:
+        check_workers(settings, settings.scheduler.workers, f"{path}: scheduler.workers")
+    except (SettingsError, StartupError) as exc:
         raise CliError(f"invalid configuration: {exc}", EXIT_USAGE) from None
     driver = settings.database.url.split("://", 1)[0]
     print(f"{path}: OK (database {driver}, http {settings.http.bind}:{settings.http.port})")

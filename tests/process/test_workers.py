@@ -122,7 +122,8 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
     with log.open("wb") as out:
         box = subprocess.Popen(
             [sys.executable, "-m", "scheduler_daemon", "--config", str(cfg), "run", "--workers", "2"],
-            env=environment(cluster.url, NOTIFY_SOCKET=notify.path),
+            # A 10 s watchdog: the supervisor feeds systemd's, each worker feeds the supervisor's.
+            env=environment(cluster.url, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="10000000"),
             stdout=out,
             stderr=out,
             cwd=ROOT,
@@ -238,6 +239,14 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
         poll(lambda: spread(cluster), timeout=30, what="the restarted worker to get its five worlds back")
         poll(lambda: client.get("/readyz").status_code == 200, timeout=30, what="readiness with both workers")
 
+        assert notify.count("WATCHDOG") >= 1
+        assert events(log, "worker watchdog timeout, killing it") == []
+        poll(
+            lambda: any("2/2 workers ready, 1 restarts; w0: " in m.get("STATUS", "") for m in notify.snapshot()),
+            timeout=15,
+            what="STATUS= showing both workers and the restart",
+        )
+
         # SIGTERM: everyone stops cleanly and every lease is released.
         box.send_signal(signal.SIGTERM)
         assert box.wait(timeout=60) == 0
@@ -298,3 +307,18 @@ def test_bad_worker_counts_are_refused_with_one_line(
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr.strip().splitlines()[-1]
     assert "Traceback" not in done.stderr
+
+
+def test_check_config_refuses_several_workers_on_sqlite(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[database]\nurl = "sqlite+aiosqlite:///{tmp_path / "s.db"}"\n[scheduler]\nworkers = 2\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "scheduler_daemon", "check-config", str(cfg)],
+        env=environment(f"sqlite+aiosqlite:///{tmp_path / 's.db'}"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2
+    assert f"{cfg}: scheduler.workers: 2 workers share the worlds through PostgreSQL leases" in done.stderr

@@ -35,8 +35,6 @@ from scheduler_daemon.metrics_merge import merge_expositions
 
 log = structlog.get_logger("scheduler_daemon.http")
 
-#: Paths the supervisor answers itself (GET) from its workers' answers.
-SUPERVISOR_PATHS = ("/metrics", "/healthz", "/readyz")
 _EXPOSITION = b"text/plain; version=0.0.4; charset=utf-8"
 #: Merged from every worker's page (each lists its own worlds).
 WORLD_LIST = "/api/v1/worlds"
@@ -90,8 +88,9 @@ class WorkerProxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        if scope["method"] == "GET" and scope["path"] in SUPERVISOR_PATHS:
-            status, content_type, body = await getattr(self, scope["path"][1:])()
+        own = {"/metrics": self.metrics, "/healthz": self.healthz, "/readyz": self.readyz}.get(scope["path"])
+        if scope["method"] == "GET" and own is not None:
+            status, content_type, body = await own()
             await _answer(send, status, body, content_type)
             return
         if scope["method"] == "GET" and scope["path"] == WORLD_LIST and self.workers.serving():
@@ -160,6 +159,7 @@ class WorkerProxy:
         return list(zip(serving, answers, strict=True))
 
     async def metrics(self) -> tuple[int, bytes, bytes]:
+        """``/metrics``: every serving worker's exposition and the supervisor's, as one (status, type, body)."""
         answers = await self._gather("/metrics")
         labelled, process = self.workers.own_metrics()
         parts: list[tuple[str | None, bytes]] = [(w.name, a.body) for w, a in answers if a.status == 200]
@@ -167,12 +167,14 @@ class WorkerProxy:
         return 200, _EXPOSITION, merge_expositions(parts)
 
     async def healthz(self) -> tuple[int, bytes, bytes]:
+        """``/healthz``: ok while at least one worker answers its own."""
         answers = await self._gather("/healthz")
         alive = [_health(a.body) for _, a in answers if a.status == 200]
         detail = _detail(len(alive), self.workers.unavailable(), [])
         return _health_answer(bool(alive), alive, "not checked", detail)
 
     async def readyz(self) -> tuple[int, bytes, bytes]:
+        """``/readyz``: ok only when every configured worker serves and is ready."""
         answers = await self._gather("/readyz")
         problems = [
             f"worker {w.name}: {_health(a.body).get('detail') or f'HTTP {a.status}'}"

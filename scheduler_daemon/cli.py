@@ -79,6 +79,16 @@ def _limit(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers, got {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected 1 … 64 workers, got {value}")
+    return value
+
+
 def _add_jobs_parsers(sub: Any) -> None:
     from scheduler_daemon.simulation import chains, generation
 
@@ -119,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("run", help="run the daemon in the foreground")
+    p.add_argument("--workers", type=_workers, help="daemon processes sharing the worlds (default [scheduler] workers)")
+    # How a supervisor starts its workers (run --workers N); not for users.
+    p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-socket", type=Path, help=argparse.SUPPRESS)
     _add_config(p)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")
@@ -209,24 +223,27 @@ async def _open_store(settings: Settings, *, check: bool = True) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from scheduler_daemon.daemon import Daemon
+    from scheduler_daemon.daemon import WorkerRole
     from scheduler_daemon.exits import StartupError
-    from scheduler_daemon.logs import configure_logging
+    from scheduler_daemon.supervisor import run_command
 
     settings, path, explicit = _settings(args)
-    configure_logging(settings.logging.level, settings.logging.format)
-    daemon = Daemon(settings, path, config_required=explicit)
+    worker = None if args.worker_socket is None else WorkerRole(args.worker_index or 0, args.worker_socket)
     try:
-        return _run_async(daemon.run)
+        return run_command(settings, path, config_required=explicit, workers=args.workers, worker=worker)
     except StartupError as exc:
         raise CliError(str(exc), exc.exit_code) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     path: Path | None = args.path or getattr(args, "config", None) or DEFAULT_CONFIG_PATH
+    from scheduler_daemon.exits import StartupError
+    from scheduler_daemon.supervisor import check_workers
+
     try:
         settings = load_settings(path, required=True)
-    except SettingsError as exc:
+        check_workers(settings, settings.scheduler.workers, f"{path}: scheduler.workers")
+    except (SettingsError, StartupError) as exc:
         raise CliError(f"invalid configuration: {exc}", EXIT_USAGE) from None
     driver = settings.database.url.split("://", 1)[0]
     print(f"{path}: OK (database {driver}, http {settings.http.bind}:{settings.http.port})")

@@ -2,7 +2,10 @@
 
 Signals: SIGTERM/SIGINT stop (a second one exits at once); SIGHUP reloads the
 settings file (bursts coalesce into one reload). systemd is told about every
-state change over ``$NOTIFY_SOCKET``.
+state change over ``$NOTIFY_SOCKET``. As a worker of ``run --workers``
+(:class:`WorkerRole`) the same daemon serves its admin API on a private Unix
+socket, reports to the supervisor over ``$NOTIFY_SOCKET``, and stops when the
+supervisor is gone.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +59,34 @@ STARTUP_REPORT_SECONDS = 2.0
 STARTUP_EXTEND_SECONDS = 30.0
 #: How often ``STATUS=`` is refreshed for ``systemctl status``.
 STATUS_INTERVAL_SECONDS = 5.0
+#: How often a worker checks that its supervisor still runs.
+ORPHAN_CHECK_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This daemon is worker ``index`` of a supervisor (``run --workers``), serving on ``admin_socket``."""
+
+    index: int
+    admin_socket: Path
 
 
 class Daemon:
     """The running daemon: settings, runtime, admin port, signals, systemd, reloads."""
 
-    def __init__(self, settings: Settings, config_path: Path | None, *, config_required: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: Path | None,
+        *,
+        config_required: bool = True,
+        worker: WorkerRole | None = None,
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.config_required = config_required
+        self.worker = worker
+        self._supervisor_pid = os.getppid()
         self.notifier = SystemdNotifier()
         self.runtime: Runtime | None = None
         self.reloads = ReloadState()
@@ -150,7 +173,7 @@ class Daemon:
             if s.http.enabled:
                 self.admin_token = load_startup_token(s.http)
                 guard = connection_guard(s.http, open_files=open_files, database_pools=database_connections(s))
-                listener = AdminListener(s.http, guard)
+                listener = AdminListener(s.http, guard, unix_path=self.worker.admin_socket if self.worker else None)
                 stack.push_async_callback(listener.close)
             lock_fd = lock_sqlite_database(s.database.url)
             if lock_fd is not None:
@@ -241,6 +264,8 @@ class Daemon:
         ]
         if runtime.changes is not None:
             background.append(asyncio.create_task(runtime.changes.run(), name="change-notifications"))
+        if self.worker is not None:
+            background.append(asyncio.create_task(self._orphan_watch(), name="supervisor-watch"))
         wd = watchdog_interval_seconds()
         if wd is not None and self.notifier.enabled:
             runner = runtime.runner
@@ -289,6 +314,16 @@ class Daemon:
         self._notify_stopping()
         if self.runtime is not None:
             self.runtime.runner.stop()
+
+    async def _orphan_watch(self) -> None:
+        """A worker whose supervisor died (SIGKILL) stops as if told to: nobody else would stop it."""
+        while True:
+            await asyncio.sleep(ORPHAN_CHECK_SECONDS)
+            if os.getppid() != self._supervisor_pid:
+                break
+        if not self._stop_requested:
+            log.error("supervisor gone, stopping", supervisor_pid=self._supervisor_pid)
+            self._on_stop_signal(signal.SIGTERM)
 
     def _notify_stopping(self) -> None:
         """STOPPING=1, once, as soon as shutdown begins (signal or loop end)."""

@@ -193,25 +193,29 @@ class _StateCollector(Collector):
         yield up
 
     def _http(self) -> Iterator[Metric]:
-        connections = GaugeMetricFamily("worldsched_http_connections", "Open connections to the HTTP port")
-        closed = CounterMetricFamily(
-            "worldsched_http_connections_closed",
-            "HTTP connections the guard closed: timeout (no response started within http.request_timeout_seconds), "
-            "evicted (idle, for a new connection), refused (new, with every open connection busy)",
-            labels=["reason"],
-        )
-        accept_errors = CounterMetricFamily(
-            "worldsched_http_accept_errors", "accept() failures on the HTTP port for lack of file descriptors or memory"
-        )
-        guard = self._m.http_connections
-        if guard is not None:
-            connections.add_metric([], guard.open_connections)
-            for reason, count in guard.closed.items():
-                closed.add_metric([reason], count)
-            accept_errors.add_metric([], guard.accept_errors)
-        yield connections
-        yield closed
-        yield accept_errors
+        yield from http_connection_families(self._m.http_connections)
+
+
+def http_connection_families(guard: ConnectionGuard | None) -> Iterator[Metric]:
+    """The HTTP port's connection figures (``worldsched_http_*``); families without samples without a guard."""
+    connections = GaugeMetricFamily("worldsched_http_connections", "Open connections to the HTTP port")
+    closed = CounterMetricFamily(
+        "worldsched_http_connections_closed",
+        "HTTP connections the guard closed: timeout (no response started within http.request_timeout_seconds), "
+        "evicted (idle, for a new connection), refused (new, with every open connection busy)",
+        labels=["reason"],
+    )
+    accept_errors = CounterMetricFamily(
+        "worldsched_http_accept_errors", "accept() failures on the HTTP port for lack of file descriptors or memory"
+    )
+    if guard is not None:
+        connections.add_metric([], guard.open_connections)
+        for reason, count in guard.closed.items():
+            closed.add_metric([reason], count)
+        accept_errors.add_metric([], guard.accept_errors)
+    yield connections
+    yield closed
+    yield accept_errors
 
 
 class SchedulerMetrics:

@@ -90,6 +90,8 @@ class SchedulerSettings(_Section):
     lease_ttl_seconds: float = Field(default=15.0, ge=1, le=3600)
     #: Behaviour function, ``module:callable``.
     behavior: str = DEFAULT_BEHAVIOR
+    #: Daemon processes on this machine sharing the worlds through leases (``run --workers``); >1 needs PostgreSQL.
+    workers: int = Field(default=1, ge=1, le=64)
 
 
 #: ``redis_url`` schemes ARQ (redis-py) accepts.
@@ -237,6 +239,7 @@ RESTART_ONLY = (
     "scheduler.instance_id",
     "scheduler.lease_ttl_seconds",
     "scheduler.behavior",
+    "scheduler.workers",
     "generation.sink",
     "generation.arq.redis_url",
     "generation.arq.queue_name",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,7 +21,7 @@ from scheduler_daemon.http.connections import (
     ConnectionGuard,
     fit_connection_limit,
 )
-from scheduler_daemon.http.server import HttpBindError, HttpServer, bind_socket
+from scheduler_daemon.http.server import HttpBindError, HttpServer, bind_socket, bind_unix_socket
 from scheduler_daemon.settings import HttpSettings, SettingsError
 
 log = structlog.get_logger("scheduler_daemon.http")
@@ -58,13 +59,23 @@ def connection_guard(http: HttpSettings, *, open_files: int, database_pools: int
 
 
 class AdminListener:
-    """The bound admin port and its guard; :meth:`serve` runs an app on it, :meth:`close` releases it."""
+    """The bound admin port and its guard; :meth:`serve` runs an app on it, :meth:`close` releases it.
 
-    def __init__(self, http: HttpSettings, guard: ConnectionGuard) -> None:
+    With ``unix_path`` (a worker of ``run --workers``) it listens on that Unix
+    socket instead of ``[http] bind``/``port``, which the supervisor serves.
+    """
+
+    def __init__(
+        self, http: HttpSettings, guard: ConnectionGuard, *, unix_path: Path | None = None, date_header: bool = True
+    ) -> None:
         self.http = http
         self.guard = guard
+        self.unix_path = unix_path
+        self.date_header = date_header
         try:
-            self.sock: socket.socket | None = bind_socket(http.bind, http.port)
+            self.sock: socket.socket | None = (
+                bind_socket(http.bind, http.port) if unix_path is None else bind_unix_socket(unix_path)
+            )
         except HttpBindError as exc:
             raise StartupError(str(exc), EXIT_ADDRESS_IN_USE if exc.in_use else EXIT_CONFIG) from None
         self.server: HttpServer | None = None
@@ -75,20 +86,23 @@ class AdminListener:
         assert self.sock is not None
         self._accept_errors = AcceptErrorHandler(self.guard)
         self._accept_errors.install(asyncio.get_running_loop())
-        self.server = HttpServer(app, self.sock, self.guard)
+        self.server = HttpServer(app, self.sock, self.guard, date_header=self.date_header)
         await self.server.start()
         http = self.http
         host = http.bind if ":" not in http.bind else f"[{http.bind}]"
+        where = (
+            {"bind": http.bind, "port": self.server.port, "url": f"http://{host}:{self.server.port}"}
+            if self.unix_path is None
+            else {"socket": str(self.unix_path)}
+        )
         log.info(
             "http server listening",
-            bind=http.bind,
-            port=self.server.port,
-            url=f"http://{host}:{self.server.port}",
+            **where,
             admin_auth="token" if authenticated else "none",
             max_connections=self.guard.max_connections,
             request_timeout_seconds=self.guard.request_timeout_seconds,
         )
-        if not authenticated:
+        if not authenticated and self.unix_path is None:
             log.warning(
                 "no admin token configured: the admin API is unauthenticated and served on loopback only",
                 bind=http.bind,

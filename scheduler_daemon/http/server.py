@@ -14,6 +14,7 @@ import contextlib
 import errno
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -55,6 +56,20 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def bind_unix_socket(path: Path) -> socket.socket:
+    """Bind and listen on the Unix socket ``path`` (replacing a stale one), backlog ``LISTEN_BACKLOG``."""
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise HttpBindError(f"http: cannot bind {path}: {exc.strerror or exc}", in_use=False) from None
+    sock.setblocking(False)
+    return sock
+
+
 class EmbeddedServer(uvicorn.Server):
     """uvicorn's server without its signal handling: the daemon owns the signals."""
 
@@ -70,7 +85,7 @@ class HttpServer:
     guard's connection limit and request deadline).
     """
 
-    def __init__(self, app: Any, sock: socket.socket, guard: ConnectionGuard) -> None:
+    def __init__(self, app: Any, sock: socket.socket, guard: ConnectionGuard, *, date_header: bool = True) -> None:
         self.sock = sock
         config = uvicorn.Config(
             app,
@@ -79,6 +94,8 @@ class HttpServer:
             access_log=False,
             lifespan="off",
             server_header=False,
+            # Off in front of workers: their answers carry their own Date, forwarded as is.
+            date_header=date_header,
             timeout_keep_alive=KEEP_ALIVE_SECONDS,
             # asyncio listens again with this (uvicorn's default is 2048): keep bind_socket's bound.
             backlog=LISTEN_BACKLOG,

@@ -303,3 +303,20 @@ class LeaseStore:
                 )
             ).all()
         return unlocked, {int(r[0]) for r in rows}
+
+
+async def current_owner(engine: AsyncEngine, ref: int | str, *, now: DbNow = sa.func.clock_timestamp) -> str | None:
+    """The instance holding the unexpired lease of the world ``ref`` (daemon id, or external id), if any.
+
+    For ``run --workers``: the supervisor sends a request naming a world to the
+    worker that owns it. ``None`` for an unknown world or a free or expired lease.
+    """
+    key = world_states.c.world_id == ref if isinstance(ref, int) else worlds.c.external_id == ref
+    query = (
+        sa.select(world_states.c.lease_owner)
+        .select_from(world_states.join(worlds, worlds.c.id == world_states.c.world_id))
+        .where(key, world_states.c.lease_expires_at > now())
+    )
+    async with engine.connect() as conn:
+        owner = (await conn.execute(query)).scalar_one_or_none()
+    return owner if isinstance(owner, str) else None

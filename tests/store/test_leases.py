@@ -21,7 +21,7 @@ from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.errors import LeaseLostError
-from scheduler_daemon.store.leases import Lease, LeaseStore, RenewResult
+from scheduler_daemon.store.leases import Lease, LeaseStore, RenewResult, current_owner
 from scheduler_daemon.store.repository import Store
 from tests.support.helpers import live_instances, make_world, npc_rows, world_state
 
@@ -312,3 +312,22 @@ async def test_renewal_skips_a_row_our_tick_holds_and_claims_skip_it_too(pg: Sto
         assert [x.world_id for x in await b.claim([busy, idle], 2)] == []  # idle renewed, busy locked
         await trans.commit()
     assert (await a.renew(leases)).renewed == {busy, idle}
+
+
+async def test_current_owner_names_the_unexpired_lease_by_id_or_external_id(pg: Store) -> None:
+    clock = DbClock()
+    world, _ = await make_world(pg, name="owned")
+    async with pg.engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE worlds SET external_id = 'harbor' WHERE id = :w"), {"w": world})
+    a = lease_store(pg, "box-w1", clock)
+    assert await current_owner(pg.engine, world, now=clock.sql) is None  # free
+    leases = await a.claim([world], 1)
+    assert await current_owner(pg.engine, world, now=clock.sql) == "box-w1"
+    assert await current_owner(pg.engine, "harbor", now=clock.sql) == "box-w1"
+    assert await current_owner(pg.engine, "elsewhere", now=clock.sql) is None
+    assert await current_owner(pg.engine, world + 1000, now=clock.sql) is None
+    clock.advance(TTL + 1)
+    assert await current_owner(pg.engine, world, now=clock.sql) is None  # expired
+    clock.advance(-(TTL + 1))
+    await a.release(leases)
+    assert await current_owner(pg.engine, world, now=clock.sql) is None

@@ -52,6 +52,12 @@ COUNTERS: dict[str, set[str]] = {
     "worldsched_change_notifications_total": set(),
     "worldsched_world_changes_applied_total": set(),
 }
+#: Exported by the supervisor of ``run --workers`` only (per worker: label ``worker``).
+SUPERVISOR_METRICS: dict[str, set[str]] = {
+    "worldsched_workers": set(),
+    "worldsched_worker_up": set(),
+    "worldsched_worker_restarts_total": set(),
+}
 OPTIONAL_COUNTERS: dict[str, set[str]] = {
     "worldsched_world_ticks_total": {"world_id"},
     "worldsched_world_npc_ticks_total": {"world_id", "tier"},
@@ -66,7 +72,7 @@ LABEL_VALUES = {
 
 
 def _metric_labels() -> dict[str, set[str]]:
-    known: dict[str, set[str]] = {**GAUGES, **COUNTERS, **OPTIONAL_COUNTERS}
+    known: dict[str, set[str]] = {**GAUGES, **COUNTERS, **OPTIONAL_COUNTERS, **SUPERVISOR_METRICS}
     for hist in HISTOGRAMS:
         known[f"{hist}_bucket"] = {"le"}
         known[f"{hist}_sum"] = set()
@@ -75,7 +81,8 @@ def _metric_labels() -> dict[str, set[str]]:
 
 
 KNOWN_METRICS = _metric_labels()
-ALWAYS_ALLOWED_LABELS = {"job", "instance"}
+#: ``worker``: the process of ``run --workers`` a sample comes from (absent without it).
+ALWAYS_ALLOWED_LABELS = {"job", "instance", "worker"}
 EXTERNAL_PREFIXES = ("process_", "python_")
 
 
@@ -314,6 +321,7 @@ EXPECTED_ALERTS = {
     "SchedulerLeaseLost",
     "SchedulerChangeListenerDown",
     "SchedulerHttpConnectionsShed",
+    "SchedulerWorkerRestarting",
 }
 
 
@@ -551,6 +559,8 @@ def rule_tests() -> list[dict[str, Any]]:
                 _series("worldsched_lease_lost_total", "0 0 0 1 1 1 1 1 1"),
                 _series("worldsched_change_listener_up", "1 1 0x40"),
                 _series("worldsched_http_connections_closed_total", "0+600x40", reason="evicted"),
+                _series("worldsched_worker_restarts_total", "0+1x40", worker="1"),
+                _series("worldsched_worker_restarts_total", "0x40", worker="0"),
             ],
             "alert_rule_test": [
                 {"eval_time": "1m", "alertname": "SchedulerConfigReloadFailed", "exp_alerts": []},
@@ -605,6 +615,12 @@ def rule_tests() -> list[dict[str, Any]]:
                     "alertname": "SchedulerHttpConnectionsShed",
                     "exp_alerts": [_alert("SchedulerHttpConnectionsShed", **INSTANCE)],
                 },
+                {"eval_time": "3m", "alertname": "SchedulerWorkerRestarting", "exp_alerts": []},
+                {
+                    "eval_time": "20m",
+                    "alertname": "SchedulerWorkerRestarting",
+                    "exp_alerts": [_alert("SchedulerWorkerRestarting", worker="1", **INSTANCE)],
+                },
                 {"eval_time": "2m", "alertname": "SchedulerLeaseLost", "exp_alerts": []},
                 {
                     "eval_time": "6m",
@@ -636,6 +652,7 @@ def rule_tests() -> list[dict[str, Any]]:
                 _series("worldsched_http_connections_closed_total", "0+2x40", reason="timeout"),
                 _series("worldsched_http_connections_closed_total", "0x40", reason="evicted"),
                 _series("worldsched_http_accept_errors_total", "0x40"),
+                _series("worldsched_worker_restarts_total", "0 0 1 1x37", worker="0"),
             ],
             "alert_rule_test": [
                 {"eval_time": "30m", "alertname": name, "exp_alerts": []} for name in sorted(EXPECTED_ALERTS)

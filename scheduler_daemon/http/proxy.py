@@ -1,0 +1,267 @@
+"""The supervisor's HTTP port (``run --workers``): one port in front of the workers' admin sockets.
+
+* A request naming a world (``/api/v1/worlds/{id or ext:…}/…``) goes to the
+  worker holding that world's lease (``world_states.lease_owner``, read per
+  request), so pause, force tick and config writes keep their owner semantics;
+  a world no live worker owns, and every other request, goes to the live
+  workers in turn. Requests are streamed through unchanged (:mod:`.forward`).
+  ``GET /api/v1/worlds`` is every worker's page merged by id.
+* ``/metrics`` is one exposition: every worker's, each sample labelled
+  ``worker`` (:mod:`scheduler_daemon.metrics_merge`), plus the supervisor's
+  own series and process figures (``worker="supervisor"``).
+* ``/healthz`` is ok while at least one worker answers its own; ``/readyz``
+  only when every configured worker is up and ready (the same condition as
+  the supervisor's ``READY=1``): a missing worker's worlds stand still until
+  their leases expire, which is what readiness must show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qs
+
+import structlog
+from starlette.types import Receive, Scope, Send
+
+from scheduler_daemon.entities import parse_ref
+from scheduler_daemon.http.forward import UpstreamUnavailable, forward
+from scheduler_daemon.http.wire import DEFAULT_PAGE_SIZE
+from scheduler_daemon.metrics_merge import merge_expositions
+
+log = structlog.get_logger("scheduler_daemon.http")
+
+_EXPOSITION = b"text/plain; version=0.0.4; charset=utf-8"
+#: Merged from every worker's page (each lists its own worlds).
+WORLD_LIST = "/api/v1/worlds"
+
+
+@dataclass(frozen=True)
+class WorkerEndpoint:
+    """A worker as the port sees it: its name (the ``worker`` label), lease-owner id and admin socket."""
+
+    name: str
+    owner: str
+    socket_path: str
+
+
+class Workers(Protocol):
+    """What the port needs from the supervisor."""
+
+    def serving(self) -> Sequence[WorkerEndpoint]:
+        """Workers running and ready, by index."""
+
+    def unavailable(self) -> dict[str, str]:
+        """Configured workers not serving, with why (``restarting``, ``starting``)."""
+
+    def own_metrics(self) -> tuple[bytes, bytes]:
+        """The supervisor's series (carrying their labels already) and its process figures (to be labelled)."""
+
+
+OwnerLookup = Callable[[int | str], Awaitable[str | None]]
+
+
+def world_ref(path: str) -> int | str | None:
+    """The world a request path names (``/api/v1/worlds/{ref}/…``), if any and valid."""
+    parts = path.split("/")
+    if len(parts) < 5 or parts[1:4] != ["api", "v1", "worlds"] or not parts[4]:
+        return None
+    try:
+        return parse_ref(parts[4])
+    except ValueError:
+        return None  # any worker answers the 422
+
+
+class WorkerProxy:
+    """ASGI app of the supervisor's port."""
+
+    def __init__(self, workers: Workers, owner_of: OwnerLookup, *, timeout: float) -> None:
+        self.workers = workers
+        self.owner_of = owner_of
+        self.timeout = timeout
+        self._turn = itertools.count()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        own = {"/metrics": self.metrics, "/healthz": self.healthz, "/readyz": self.readyz}.get(scope["path"])
+        if scope["method"] == "GET" and own is not None:
+            status, content_type, body = await own()
+            await _answer(send, status, body, content_type)
+            return
+        if scope["method"] == "GET" and scope["path"] == WORLD_LIST and self.workers.serving():
+            await self._world_list(scope, send)
+            return
+        worker = await self._pick(scope["path"])
+        if worker is None:
+            await _json(send, 503, {"detail": "no worker is running; retry shortly"})
+            return
+        try:
+            await forward(worker.socket_path, scope, receive, send, wait_seconds=self.timeout)
+        except UpstreamUnavailable as exc:
+            log.warning("worker did not answer a forwarded request", worker=worker.name, error=str(exc))
+            await _json(send, 503, {"detail": f"worker {worker.name} did not answer; retry shortly"})
+
+    async def _pick(self, path: str) -> WorkerEndpoint | None:
+        serving = self.workers.serving()
+        if not serving:
+            return None
+        ref = world_ref(path)
+        if ref is not None:
+            try:
+                owner = await asyncio.wait_for(self.owner_of(ref), self.timeout)
+            except Exception as exc:  # the database: the request still goes somewhere, non-owners refuse or write
+                log.warning("lease owner lookup failed; forwarding to any worker", error=f"{type(exc).__name__}")
+                owner = None
+            for worker in serving:
+                if worker.owner == owner:
+                    return worker
+        return serving[next(self._turn) % len(serving)]
+
+    async def _world_list(self, scope: Scope, send: Send) -> None:
+        """Every worker's page of worlds merged into one page by id (``top`` sees the whole box).
+
+        Each worker checks the token and the query; the first refusal is the answer.
+        """
+        answers = await self._gather(WORLD_LIST, scope.get("query_string", b""), scope.get("headers", []))
+        refused = next((a for _, a in answers if a.status != 200), None)
+        if refused is not None:
+            await _answer(send, refused.status, refused.body, refused.content_type)
+            return
+        pages = [json.loads(a.body) for _, a in answers]
+        limit = _page_limit(scope.get("query_string", b""))
+        rows: dict[int, Any] = {}
+        for page in pages:
+            for row in page["worlds"]:
+                rows.setdefault(row["worldId"], row)  # a world changing hands may be in two pages
+        merged = [rows[w] for w in sorted(rows)]
+        more = len(merged) > limit or any(page["nextCursor"] is not None for page in pages)
+        merged = merged[:limit]
+        body = {
+            "worlds": merged,
+            "nextCursor": merged[-1]["worldId"] if more and merged else None,
+            "total": sum(int(page["total"]) for page in pages),
+        }
+        await _json(send, 200, body)
+
+    # ----------------------------------------------------- answered here
+    async def _gather(
+        self, path: str, query: bytes = b"", headers: Sequence[Any] = ()
+    ) -> list[tuple[WorkerEndpoint, Fetched]]:
+        serving = list(self.workers.serving())
+        answers = await asyncio.gather(
+            *(fetch(w.socket_path, path, wait_seconds=self.timeout, query=query, headers=headers) for w in serving)
+        )
+        return list(zip(serving, answers, strict=True))
+
+    async def metrics(self) -> tuple[int, bytes, bytes]:
+        """``/metrics``: every serving worker's exposition and the supervisor's, as one (status, type, body)."""
+        answers = await self._gather("/metrics")
+        labelled, process = self.workers.own_metrics()
+        parts: list[tuple[str | None, bytes]] = [(w.name, a.body) for w, a in answers if a.status == 200]
+        parts += [(None, labelled), ("supervisor", process)]
+        return 200, _EXPOSITION, merge_expositions(parts)
+
+    async def healthz(self) -> tuple[int, bytes, bytes]:
+        """``/healthz``: ok while at least one worker answers its own."""
+        answers = await self._gather("/healthz")
+        alive = [_health(a.body) for _, a in answers if a.status == 200]
+        detail = _detail(len(alive), self.workers.unavailable(), [])
+        return _health_answer(bool(alive), alive, "not checked", detail)
+
+    async def readyz(self) -> tuple[int, bytes, bytes]:
+        """``/readyz``: ok only when every configured worker serves and is ready."""
+        answers = await self._gather("/readyz")
+        problems = [
+            f"worker {w.name}: {_health(a.body).get('detail') or f'HTTP {a.status}'}"
+            for w, a in answers
+            if a.status != 200
+        ]
+        healths = [_health(a.body) for _, a in answers]
+        missing = self.workers.unavailable()
+        databases = [h.get("database") for h in healths]
+        database = next((d for d in ("unreachable", "read-only") if d in databases), "ok" if healths else "not checked")
+        ok = not problems and not missing and bool(answers)
+        return _health_answer(ok, healths, database, _detail(len(answers), missing, problems))
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A worker's whole answer to a GET."""
+
+    status: int
+    content_type: bytes
+    body: bytes
+
+
+async def fetch(
+    socket_path: str, path: str, *, wait_seconds: float, query: bytes = b"", headers: Sequence[Any] = ()
+) -> Fetched:
+    """GET ``path`` from a worker, whole; status 503 and no body when it does not answer."""
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "headers": list(headers),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    try:
+        await forward(socket_path, scope, receive, send, wait_seconds=wait_seconds)
+    except (UpstreamUnavailable, OSError, TimeoutError):
+        return Fetched(503, b"application/json", b"")
+    start = next((m for m in sent if m["type"] == "http.response.start"), None)
+    if start is None:
+        return Fetched(503, b"application/json", b"")
+    content_type = next((v for k, v in start.get("headers", []) if k == b"content-type"), b"application/json")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return Fetched(start["status"], content_type, body)
+
+
+def _page_limit(query: bytes) -> int:
+    """``limit`` of a world-list query the workers accepted (else their default)."""
+    values = parse_qs(query.decode("latin-1")).get("limit")
+    return int(values[-1]) if values else DEFAULT_PAGE_SIZE
+
+
+def _health(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _detail(answering: int, missing: dict[str, str], problems: list[str]) -> str:
+    parts = [f"{answering} of {answering + len(missing)} workers answering"]
+    parts.extend(f"worker {name}: {why}" for name, why in sorted(missing.items()))
+    parts.extend(problems)
+    return "; ".join(parts)
+
+
+def _health_answer(ok: bool, healths: list[dict[str, Any]], database: str, detail: str) -> tuple[int, bytes, bytes]:
+    lag = max((float(h.get("loopLagSeconds") or 0.0) for h in healths), default=0.0)
+    body = {"status": "ok" if ok else "unavailable", "loopLagSeconds": lag, "database": database, "detail": detail}
+    return (200 if ok else 503), b"application/json", json.dumps(body).encode()
+
+
+async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
+    await _answer(send, status, json.dumps(body).encode(), b"application/json")
+
+
+async def _answer(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

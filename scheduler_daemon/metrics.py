@@ -137,6 +137,12 @@ class _StateCollector(Collector):
         yield npcs
         yield lag
         yield quarantined
+        if runner is not None:
+            yield GaugeMetricFamily(
+                "worldsched_phase_slot_seconds",
+                "Phase slot width: worlds of equal interval due within one slot tick together (at most 1/8 interval)",
+                value=runner.limits.phase_slot_seconds,
+            )
 
     def _reload(self) -> Iterator[Metric]:
         m = self._m

@@ -169,6 +169,7 @@ class SchedulerLoopRunner(
         log.info(
             "scheduler loop started",
             max_concurrent_ticks=self.limits.max_concurrent_ticks,
+            phase_slot_seconds=self.limits.phase_slot_seconds,
             tick_timeout_seconds=self.limits.tick_timeout_seconds,
             discovery_interval_seconds=self.limits.discovery_interval_seconds,
         )

@@ -723,7 +723,7 @@ def run_backend(
 
     A ``plan.start`` of 0 starts the search at half the world count the
     daemon's flat-out throughput would carry at 1 Hz (50 decisions per world
-    per second), so the first doubling usually brackets it.
+    per second); that count is the hinted upper end of the first bracket.
     """
     seed_worlds = max(saturate_worlds, plan.maximum)
     tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -784,9 +784,10 @@ def run_backend(
             )
             return row
 
-        flat_out = runs["daemon"]["npc_decisions_per_s"]
-        if plan.start < 1:
-            plan = replace(plan, start=max(round(flat_out / MAX_NPC_TICKS / 2), 1))
+        # At 1 Hz a world takes MAX_NPC_TICKS decisions a second, and the daemon commits no more
+        # decisions at 1 Hz than flat out: the flat-out count is the hinted upper end.
+        carried = max(round(runs["daemon"]["npc_decisions_per_s"] / MAX_NPC_TICKS), 2)
+        plan = replace(plan, start=plan.start or carried // 2, upper_hint=plan.upper_hint or carried)
         found = search(window, plan)
         progress(f"e2e {backend}: sustained {found['sustained_worlds']} worlds")
         return {

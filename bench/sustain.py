@@ -3,7 +3,9 @@
 A world count W is *sustained* when the daemon ticking W worlds at 1 Hz has
 p99 tick lag under 100 ms and no missed or failed tick over the window. The
 search runs short probes to bracket W (doubling up from a start until a probe
-fails, halving down if the start fails), narrows the bracket by bisection
+fails, halving down if the start fails; a hinted upper end, expected to fail,
+stands in for the doubling probe and is probed only if the bisection narrows
+up to it, then doubling resumes if it passes), narrows the bracket by bisection
 until it is within ``resolution`` of the largest passing count, then runs ONE
 window of ``confirm_seconds`` at that count; if the confirmation fails it
 steps down by ``resolution`` and confirms again, at most ``max_confirms``
@@ -40,6 +42,9 @@ class SearchPlan:
     max_probes: int = 8
     max_confirms: int = 2
     budget_seconds: float = math.inf
+    # A count expected to fail (from the flat-out throughput): the first bracket's upper end,
+    # probed only if the bisection narrows up to it. None: double until a probe fails.
+    upper_hint: int | None = None
 
 
 def sustained(row: dict[str, Any]) -> bool:
@@ -47,30 +52,35 @@ def sustained(row: dict[str, Any]) -> bool:
     return bool(row["p99_lag_ms"] < P99_LIMIT_MS and row["missed_ticks"] == 0 and row["failed_ticks"] == 0)
 
 
-def search(window: Callable[[int, float, str], dict[str, Any]], plan: SearchPlan) -> dict[str, Any]:
+def search(
+    window: Callable[[int, float, str], dict[str, Any]],
+    plan: SearchPlan,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
     """Find the sustained world count; ``window(worlds, seconds, kind)`` runs one measurement window.
 
     Returns ``sustained_worlds`` (0 when no count was confirmed), the
     confirming row (``confirmed``, or None) and every window run (``runs``).
     """
     runs: list[dict[str, Any]] = []
-    started = time.monotonic()
+    started = clock()
     overhead = FIRST_OVERHEAD_SECONDS
     cut_by_budget = False
 
     def run(worlds: int, seconds: float, kind: str) -> bool:
         nonlocal overhead
-        t0 = time.monotonic()
+        t0 = clock()
         row = window(worlds, seconds, kind)
-        wall = time.monotonic() - t0
-        overhead = wall - row["seconds"] if len(runs) == 0 else max(overhead, wall - row["seconds"])
+        wall = clock() - t0
+        beyond = max(wall - row["seconds"], 0.0)
+        overhead = beyond if not runs else max(overhead, beyond)
         row.update(worlds=worlds, kind=kind, sustained=sustained(row), wall_seconds=wall)
         runs.append(row)
         return bool(row["sustained"])
 
     def fits(*seconds: float) -> bool:
         nonlocal cut_by_budget
-        if time.monotonic() - started + sum(s + overhead for s in seconds) <= plan.budget_seconds:
+        if clock() - started + sum(s + overhead for s in seconds) <= plan.budget_seconds:
             return True
         cut_by_budget = True
         return False
@@ -78,28 +88,32 @@ def search(window: Callable[[int, float, str], dict[str, Any]], plan: SearchPlan
     def may_probe() -> bool:
         return probes < plan.max_probes and (not runs or fits(plan.probe_seconds, plan.confirm_seconds))
 
-    lo, hi = 0, None  # largest passing and smallest failing count so far
+    lo, hi, hi_tried, hint_taken = 0, None, False, False  # largest passing, smallest failing (or hinted) count
     first = worlds = min(max(plan.start, 1), plan.maximum)
     probes = 0
-    while may_probe():  # bracket
-        probes += 1
+
+    def next_count() -> int | None:
+        if not lo:  # nothing passed yet: halve down
+            return None if hi == 1 else max((hi or 2) // 2, 1)
+        if hi is None:  # nothing failed yet: double up
+            return None if lo >= plan.maximum else min(lo * 2, plan.maximum)
+        if hi - lo > max(1, plan.resolution * lo):
+            return (lo + hi) // 2
+        return None if hi_tried else hi  # narrowed up to the hint: try the hint itself
+
+    next_worlds: int | None = worlds
+    while next_worlds is not None and may_probe():
+        worlds, probes = next_worlds, probes + 1
         if run(worlds, plan.probe_seconds, "probe"):
             lo = worlds
-            if worlds >= plan.maximum or hi is not None:
-                break
-            worlds = min(worlds * 2, plan.maximum)
+            if worlds == hi:
+                hi = None  # the hint passed: keep doubling
+            if hi is None and not hint_taken and plan.upper_hint is not None and plan.upper_hint > lo:
+                # Expected to fail, so tried only if the bisection gets that far.
+                hi, hi_tried, hint_taken = min(plan.upper_hint, plan.maximum), False, True
         else:
-            hi = worlds
-            if lo or worlds == 1:
-                break
-            worlds = max(worlds // 2, 1)
-    while hi is not None and lo and hi - lo > max(1, plan.resolution * lo) and may_probe():
-        probes += 1
-        mid = (lo + hi) // 2
-        if run(mid, plan.probe_seconds, "probe"):
-            lo = mid
-        else:
-            hi = mid
+            hi, hi_tried = worlds, True
+        next_worlds = next_count()
     candidate, confirmed, confirms = lo, None, 0
     while candidate >= 1 and confirms < plan.max_confirms and (confirms == 0 or fits(plan.confirm_seconds)):
         confirms += 1
@@ -110,14 +124,15 @@ def search(window: Callable[[int, float, str], dict[str, Any]], plan: SearchPlan
     return {
         "sustained_worlds": confirmed["worlds"] if confirmed else 0,
         "best_probe_worlds": lo,
-        "smallest_failed_probe_worlds": hi,
+        "smallest_failed_probe_worlds": hi if hi_tried else None,
+        "upper_hint": plan.upper_hint,
         "probe_seconds": plan.probe_seconds,
         "confirm_seconds": plan.confirm_seconds,
         "search_range": [first, plan.maximum],
         "resolution": plan.resolution,
         "budget_seconds": plan.budget_seconds if math.isfinite(plan.budget_seconds) else None,
         "cut_by_budget": cut_by_budget,
-        "search_seconds": time.monotonic() - started,
+        "search_seconds": clock() - started,
         "confirmed": confirmed,
         "runs": runs,
     }

@@ -45,6 +45,7 @@ class Profile:
     resolution: float
     max_probes: int
     max_confirms: int
+    confirm_margin: float  # the first confirmation this fraction below the largest passing probe
     search_budget_seconds: tuple[float, float]  # PostgreSQL, SQLite (see bench/sustain.py)
     startup_worlds: int  # time to READY=1 and RSS of the real daemon, both backends
     startup_settle: float
@@ -69,6 +70,7 @@ PROFILES = {
         resolution=0.05,
         max_probes=10,
         max_confirms=3,
+        confirm_margin=0.0,
         search_budget_seconds=(INF, INF),
         startup_worlds=10_000,
         startup_settle=30.0,
@@ -91,6 +93,7 @@ PROFILES = {
         resolution=0.1,
         max_probes=7,
         max_confirms=2,
+        confirm_margin=0.1,  # the budget seldom has room for a second confirmation
         search_budget_seconds=(125.0, 120.0),
         startup_worlds=2_000,
         startup_settle=10.0,
@@ -112,6 +115,7 @@ PROFILES = {
         resolution=0.5,
         max_probes=2,
         max_confirms=1,
+        confirm_margin=0.0,
         search_budget_seconds=(INF, INF),
         startup_worlds=20,
         startup_settle=1.0,
@@ -133,6 +137,7 @@ def plan(profile: Profile, start: int, maximum: int, budget: float) -> SearchPla
         resolution=profile.resolution,
         max_probes=profile.max_probes,
         max_confirms=profile.max_confirms,
+        confirm_margin=profile.confirm_margin,
         budget_seconds=budget,
     )
 

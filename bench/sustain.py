@@ -7,9 +7,9 @@ fails, halving down if the start fails; a hinted upper end, expected to fail,
 stands in for the doubling probe and is probed only if the bisection narrows
 up to it, then doubling resumes if it passes), narrows the bracket by bisection
 until it is within ``resolution`` of the largest passing count, then runs ONE
-window of ``confirm_seconds`` at that count; if the confirmation fails it
-steps down by ``resolution`` and confirms again, at most ``max_confirms``
-times.
+window of ``confirm_seconds`` at that count (``confirm_margin`` below it); if
+the confirmation fails it steps down by ``resolution`` and confirms again, at
+most ``max_confirms`` times.
 
 ``budget_seconds`` bounds the search's wall time: a probe runs only if it and
 one confirming window still fit, a further confirmation only if it fits (the
@@ -42,6 +42,9 @@ class SearchPlan:
     max_probes: int = 8
     max_confirms: int = 2
     budget_seconds: float = math.inf
+    # The first confirmation runs this fraction below the largest passing probe: a budget with
+    # no room for a second confirmation should not end at 0 on a 60 s window a short probe passed.
+    confirm_margin: float = 0.0
     # A count expected to fail (from the flat-out throughput): the first bracket's upper end,
     # probed only if the bisection narrows up to it. None: double until a probe fails.
     upper_hint: int | None = None
@@ -114,7 +117,8 @@ def search(
         else:
             hi, hi_tried = worlds, True
         next_worlds = next_count()
-    candidate, confirmed, confirms = lo, None, 0
+    candidate = max(math.floor(lo * (1 - plan.confirm_margin)), 1) if lo else 0
+    confirmed, confirms = None, 0
     while candidate >= 1 and confirms < plan.max_confirms and (confirms == 0 or fits(plan.confirm_seconds)):
         confirms += 1
         if run(candidate, plan.confirm_seconds, "confirm"):

@@ -80,3 +80,11 @@ def test_the_budget_keeps_room_for_one_confirmation_and_no_more() -> None:
     # A probe runs while it and the confirmation (65 s) fit: 15 s each, so four of them.
     assert found["cut_by_budget"] and [kind for _, kind in calls] == ["probe"] * 4 + ["confirm"]
     assert found["sustained_worlds"] == 0 and clock.now <= 130
+
+
+def test_a_confirm_margin_confirms_below_the_largest_passing_probe() -> None:
+    window, calls = machine(150, confirm_capacity=140)
+    plan = SearchPlan(start=100, maximum=1024, probe_seconds=1, confirm_seconds=60, confirm_margin=0.1)
+    found = search(window, plan)
+    confirms = [w for w, kind in calls if kind == "confirm"]
+    assert confirms == [int(found["best_probe_worlds"] * 0.9)] and found["sustained_worlds"] == confirms[0]

@@ -13,7 +13,7 @@ help:
 	@echo "make test        set up .venv with dev dependencies and run the whole test suite"
 	@echo "make lint        ruff + mypy"
 	@echo "make bench       benchmark suite vs APScheduler, a bare heap loop, naive ORM, raw SQL (minutes)"
-	@echo "make bench-quick the same at smaller sizes, under 3 minutes: bench/results/quick.{json,md,png}"
+	@echo "make bench-quick the same at smaller sizes, under 6 minutes: bench/results/quick.{json,md,png}"
 	@echo "make bench-memory 10 minutes at sustained load on PostgreSQL, checks resident memory growth"
 	@echo "make bench-npc   NPC benchmarks: decide() decisions/s, per-tick selection on PostgreSQL"
 	@echo "make soak        fault suite at full strength + 30 min soak (needs SCHEDULER_TEST_POSTGRES_URL)"

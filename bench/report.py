@@ -61,7 +61,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
     lines = [
         f"Benchmark ({results['mode']} mode, {machine['cpus']} cores, load average "
         f"{machine['loadavg_at_start'][0]:.1f} at start and {machine['loadavg_at_end'][0]:.1f} at end, "
-        f"{results['elapsed_seconds']:.0f} s in all; the machine was shared, figures are noisy)",
+        f"{results['elapsed_seconds']:.0f} s in all)",
         "",
         "| key | value | target | met |",
         "|---|---|---|---|",

@@ -783,10 +783,13 @@ def run_backend(
             )
             return row
 
-        # At 1 Hz a world takes MAX_NPC_TICKS decisions a second, and the daemon commits no more
-        # decisions at 1 Hz than flat out: the flat-out count is the hinted upper end.
+        # At 1 Hz a world takes MAX_NPC_TICKS decisions a second. Phase slots batch 1 Hz worlds about
+        # as well as flat out, so the count the flat-out throughput carries is a good middle: start
+        # a little below it, and hint at half as much again as the upper end.
         carried = max(round(runs["daemon"]["npc_decisions_per_s"] / MAX_NPC_TICKS), 2)
-        plan = replace(plan, start=plan.start or carried // 2, upper_hint=plan.upper_hint or carried)
+        plan = replace(
+            plan, start=plan.start or max(carried * 4 // 5, 1), upper_hint=plan.upper_hint or carried * 8 // 5
+        )
         found = search(window, plan)
         progress(f"e2e {backend}: sustained {found['sustained_worlds']} worlds")
         return {

@@ -259,6 +259,8 @@ class Supervisor:
             str(w.index),
             "--worker-socket",
             str(w.admin_socket),
+            "--supervisor-pid",
+            str(os.getpid()),
         ]
 
     def _environment(self, w: Worker) -> dict[str, str]:

@@ -11,6 +11,7 @@ bounded poll.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -322,3 +323,65 @@ def test_check_config_refuses_several_workers_on_sqlite(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert f"{cfg}: scheduler.workers: 2 workers share the worlds through PostgreSQL leases" in done.stderr
+
+
+def start_box(cluster: Cluster, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``run --workers 2`` on the cluster's database with its output in a JSON log."""
+    cfg = config(tmp_path / "config.toml", per_world=False)
+    log = tmp_path / "box.log"
+    with log.open("wb") as out:
+        box = subprocess.Popen(
+            [sys.executable, "-m", "scheduler_daemon", "--config", str(cfg), "run", "--workers", "2"],
+            env=environment(cluster.url, **env),
+            stdout=out,
+            stderr=out,
+            cwd=ROOT,
+        )
+    return box, log
+
+
+def box_port(log: Path) -> int:
+    port: int = poll(
+        lambda: next((e["port"] for e in events(log, "http server listening") if "port" in e), None),
+        timeout=30,
+        what="the supervisor's port",
+    )
+    poll(lambda: any("workers" in e for e in events(log, "ready")), timeout=60, what="the supervisor's readiness")
+    return port
+
+
+def worker_pids(log: Path) -> dict[str, int]:
+    return {e["worker"]: e["pid"] for e in events(log, "worker started")}
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet has stopped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_box(box: subprocess.Popen[bytes]) -> None:
+    if box.poll() is None:
+        box.kill()
+        box.wait()
+
+
+def test_workers_stop_when_the_supervisor_is_killed_while_they_start(cluster: Cluster, tmp_path: Path) -> None:
+    box, log = start_box(cluster, tmp_path)
+    pids: list[int] = []
+    try:
+        started = poll(lambda: len(p := worker_pids(log)) == 2 and p, timeout=30, what="both workers started")
+        pids = list(started.values())
+        # SIGKILL before the workers are up (they take seconds to import): nobody will stop them but themselves.
+        box.kill()
+        box.wait()
+        poll(lambda: not any(alive(p) for p in pids), timeout=30, what="the orphaned workers to stop")
+        assert cluster.owners() == {}
+    finally:
+        stop_box(box)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

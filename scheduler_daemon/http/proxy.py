@@ -38,6 +38,9 @@ log = structlog.get_logger("scheduler_daemon.http")
 _EXPOSITION = b"text/plain; version=0.0.4; charset=utf-8"
 #: Merged from every worker's page (each lists its own worlds).
 WORLD_LIST = "/api/v1/worlds"
+#: The port's own answers wait for the workers this share of the request deadline at most: the port's
+#: guard cuts a request at the deadline, and one hung worker must not silence the others' answers.
+FANOUT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,10 @@ class WorkerProxy:
     ) -> list[tuple[WorkerEndpoint, Fetched]]:
         serving = list(self.workers.serving())
         answers = await asyncio.gather(
-            *(fetch(w.socket_path, path, wait_seconds=self.timeout, query=query, headers=headers) for w in serving)
+            *(
+                fetch(w.socket_path, path, wait_seconds=self.timeout * FANOUT_SHARE, query=query, headers=headers)
+                for w in serving
+            )
         )
         return list(zip(serving, answers, strict=True))
 
@@ -170,7 +176,8 @@ class WorkerProxy:
         """``/healthz``: ok while at least one worker answers its own."""
         answers = await self._gather("/healthz")
         alive = [_health(a.body) for _, a in answers if a.status == 200]
-        detail = _detail(len(alive), self.workers.unavailable(), [])
+        missing = self.workers.unavailable()
+        detail = _detail(len(alive), len(answers) + len(missing), missing, [])
         return _health_answer(bool(alive), alive, "not checked", detail)
 
     async def readyz(self) -> tuple[int, bytes, bytes]:
@@ -186,7 +193,8 @@ class WorkerProxy:
         databases = [h.get("database") for h in healths]
         database = next((d for d in ("unreachable", "read-only") if d in databases), "ok" if healths else "not checked")
         ok = not problems and not missing and bool(answers)
-        return _health_answer(ok, healths, database, _detail(len(answers), missing, problems))
+        detail = _detail(len(answers), len(answers) + len(missing), missing, problems)
+        return _health_answer(ok, healths, database, detail)
 
 
 @dataclass(frozen=True)
@@ -244,8 +252,8 @@ def _health(body: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _detail(answering: int, missing: dict[str, str], problems: list[str]) -> str:
-    parts = [f"{answering} of {answering + len(missing)} workers answering"]
+def _detail(answering: int, configured: int, missing: dict[str, str], problems: list[str]) -> str:
+    parts = [f"{answering} of {configured} workers answering"]
     parts.extend(f"worker {name}: {why}" for name, why in sorted(missing.items()))
     parts.extend(problems)
     return "; ".join(parts)

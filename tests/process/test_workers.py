@@ -385,3 +385,22 @@ def test_workers_stop_when_the_supervisor_is_killed_while_they_start(cluster: Cl
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_hung_worker_does_not_take_the_ports_own_answers_down(cluster: Cluster, tmp_path: Path) -> None:
+    box, log = start_box(cluster, tmp_path, SCHEDULER_HTTP__REQUEST_TIMEOUT_SECONDS="4")
+    hung = None
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{box_port(log)}", timeout=15)
+        hung = worker_pids(log)["1"]
+        os.kill(hung, signal.SIGSTOP)  # its event loop stands still, as a blocked one would
+        health = client.get("/healthz")
+        assert health.status_code == 200 and health.json()["detail"] == "1 of 2 workers answering"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "worker 1" in ready.json()["detail"]
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and 'worldsched_leases_held{worker="0"}' in metrics.text
+    finally:
+        if hung is not None:
+            os.kill(hung, signal.SIGCONT)
+        stop_box(box)

@@ -142,6 +142,8 @@ class Supervisor:
         #: Set by every READY=1 of a worker (a reload waits for each worker's).
         self._readied = asyncio.Event()
         self._ready_sent = False
+        #: Set with READY=1: a reload waits for it (before, RELOADING/READY would tell systemd it started).
+        self._started = asyncio.Event()
         self._exit_code = EXIT_OK
         self._reload_ok = True
         self._progress = 0
@@ -380,6 +382,7 @@ class Supervisor:
         if self._ready_sent or not all(w.ready for w in self.workers):
             return
         self._ready_sent = True
+        self._started.set()
         self.notifier.ready(status=self._status_line())
         log.info("ready", workers=len(self.workers))
 
@@ -397,6 +400,8 @@ class Supervisor:
         self._stop.set()
 
     async def _reload_loop(self) -> None:
+        # A SIGHUP while the workers start is honoured once they all are ready.
+        await self._started.wait()
         while True:
             await self._reload.wait()
             await asyncio.sleep(RELOAD_SETTLE_SECONDS)  # a burst of SIGHUPs shares one reload

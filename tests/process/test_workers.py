@@ -404,3 +404,23 @@ def test_a_hung_worker_does_not_take_the_ports_own_answers_down(cluster: Cluster
         if hung is not None:
             os.kill(hung, signal.SIGCONT)
         stop_box(box)
+
+
+def test_sighup_while_the_workers_start_reports_ready_only_when_they_are(
+    cluster: Cluster, notify: NotifySocket, tmp_path: Path
+) -> None:
+    box, log = start_box(cluster, tmp_path, NOTIFY_SOCKET=notify.path)
+    try:
+        poll(lambda: len(worker_pids(log)) == 2, timeout=30, what="both workers started")
+        box.send_signal(signal.SIGHUP)  # the supervisor's handler is in place: the workers are starting
+        _, ready = notify.wait_for("READY", after=0, timeout=60)
+        assert ready["STATUS"].startswith("2/2 workers ready"), ready
+        poll(
+            lambda: [e["workers"] for e in events(log, "configuration reload forwarded to the workers")] == [2],
+            timeout=30,
+            what="the reload to reach both workers once they are ready",
+        )
+        box.send_signal(signal.SIGTERM)
+        assert box.wait(timeout=60) == 0
+    finally:
+        stop_box(box)

@@ -90,10 +90,12 @@ async def forward(socket_path: str, scope: Scope, receive: Receive, send: Send, 
 
 def _request(scope: Scope) -> h11.Request:
     incoming = scope.get("headers", [])
-    headers = [(b"host", b"worker"), *((k, v) for k, v in incoming if k not in HOP_BY_HOP)]
-    has_length = any(k == b"content-length" for k, _ in incoming)
-    # uvicorn decoded a chunked body: send it on chunked again (its length is not known up front).
-    if not has_length and any(k == b"transfer-encoding" for k, _ in incoming):
+    # uvicorn decoded a chunked body: send it on chunked again (its length is not known up front). A
+    # Content-Length beside Transfer-Encoding is not the body's length: dropped (RFC 9112 §6.3).
+    chunked = any(k == b"transfer-encoding" for k, _ in incoming)
+    dropped = HOP_BY_HOP | {b"content-length"} if chunked else HOP_BY_HOP
+    headers = [(b"host", b"worker"), *((k, v) for k, v in incoming if k not in dropped)]
+    if chunked:
         headers.append((b"transfer-encoding", b"chunked"))
     target = scope.get("raw_path") or scope["path"].encode()
     if scope.get("query_string"):

@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from scheduler_daemon.entities import parse_ref
 from scheduler_daemon.http.forward import UpstreamUnavailable, forward
-from scheduler_daemon.http.wire import DEFAULT_PAGE_SIZE
+from scheduler_daemon.http.wire import PageQuery
 from scheduler_daemon.metrics_merge import merge_expositions
 
 log = structlog.get_logger("scheduler_daemon.http")
@@ -133,7 +133,9 @@ class WorkerProxy:
         answers = await self._gather(WORLD_LIST, scope.get("query_string", b""), scope.get("headers", []))
         refused = next((a for _, a in answers if a.status != 200), None)
         if refused is not None:
-            await _answer(send, refused.status, refused.body, refused.content_type)
+            # Its headers too: a 401 names its scheme (WWW-Authenticate).
+            extra = [(k, v) for k, v in refused.headers if k not in (b"content-type", b"content-length")]
+            await _answer(send, refused.status, refused.body, refused.content_type, extra)
             return
         pages = [json.loads(a.body) for _, a in answers]
         limit = _page_limit(scope.get("query_string", b""))
@@ -204,6 +206,7 @@ class Fetched:
     status: int
     content_type: bytes
     body: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 async def fetch(
@@ -235,13 +238,13 @@ async def fetch(
         return Fetched(503, b"application/json", b"")
     content_type = next((v for k, v in start.get("headers", []) if k == b"content-type"), b"application/json")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return Fetched(start["status"], content_type, body)
+    return Fetched(start["status"], content_type, body, tuple(start.get("headers", [])))
 
 
 def _page_limit(query: bytes) -> int:
-    """``limit`` of a world-list query the workers accepted (else their default)."""
-    values = parse_qs(query.decode("latin-1")).get("limit")
-    return int(values[-1]) if values else DEFAULT_PAGE_SIZE
+    """``limit`` of a world-list query the workers accepted, read as they read it (``3.0`` is 3)."""
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("limit")
+    return PageQuery.model_validate({"limit": values[-1]} if values else {}).limit
 
 
 def _health(body: bytes) -> dict[str, Any]:
@@ -269,7 +272,9 @@ async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
     await _answer(send, status, json.dumps(body).encode(), b"application/json")
 
 
-async def _answer(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+async def _answer(
+    send: Send, status: int, body: bytes, content_type: bytes, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -422,5 +423,42 @@ def test_sighup_while_the_workers_start_reports_ready_only_when_they_are(
         )
         box.send_signal(signal.SIGTERM)
         assert box.wait(timeout=60) == 0
+    finally:
+        stop_box(box)
+
+
+def raw_exchange(port: int, request: bytes, *, timeout: float = 15) -> bytes:
+    """Send ``request`` as is and read until the port closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_the_port_answers_what_a_single_daemon_answers(cluster: Cluster, tmp_path: Path) -> None:
+    box, log = start_box(cluster, tmp_path)
+    try:
+        port = box_port(log)
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=15, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        # A limit the workers accept (pydantic takes 3.0 for 3) is one the merge takes too.
+        page = client.get("/api/v1/worlds", params={"limit": "3.0"})
+        assert page.status_code == 200 and len(page.json()["worlds"]) == 3
+        # The world list's refusal is the worker's, headers included (a 401 names its scheme).
+        refused = httpx.get(f"http://127.0.0.1:{port}/api/v1/worlds")
+        assert refused.status_code == 401 and refused.headers.get("www-authenticate") == "Bearer"
+        # Transfer-Encoding and Content-Length both: the chunked body is the body (RFC 9112 §6.3).
+        world = min(cluster.leases())
+        body = b'{"deltaSeconds": 1}'
+        answer = raw_exchange(
+            port,
+            b"POST /api/v1/worlds/%d/scheduler/tick HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (world, TOKEN.encode(), len(body), body),
+        )
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     finally:
         stop_box(box)

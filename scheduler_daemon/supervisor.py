@@ -317,10 +317,15 @@ class Supervisor:
         for w in running:
             self._signal(w, signal.SIGTERM)
         grace = self.settings.scheduler.tick_timeout_seconds + STOP_GRACE_SECONDS
+        # One grace for all (they stop together): waited in turn, each would add its own.
+        deadline = time.monotonic() + grace
         for w in running:
             assert w.process is not None
             try:
-                code = await asyncio.wait_for(w.process.wait(), grace)
+                remaining = max(deadline - time.monotonic(), 0.0)
+                code = w.process.returncode
+                if code is None:
+                    code = await asyncio.wait_for(w.process.wait(), remaining)
             except TimeoutError:
                 log.error("worker did not stop in time, killing it", worker=w.name, waited_seconds=grace)
                 with contextlib.suppress(ProcessLookupError):

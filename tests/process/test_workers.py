@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -461,4 +462,25 @@ def test_the_port_answers_what_a_single_daemon_answers(cluster: Cluster, tmp_pat
         )
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     finally:
+        stop_box(box)
+
+
+def test_stop_kills_workers_that_hang_after_one_grace_for_all(cluster: Cluster, tmp_path: Path) -> None:
+    # Grace: tick_timeout_seconds (1) + STOP_GRACE_SECONDS (15), shared by every worker.
+    box, log = start_box(cluster, tmp_path, SCHEDULER_SCHEDULER__TICK_TIMEOUT_SECONDS="1")
+    pids: list[int] = []
+    try:
+        box_port(log)
+        pids = list(worker_pids(log).values())
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)  # neither will ever act on SIGTERM
+        started = time.monotonic()
+        box.send_signal(signal.SIGTERM)
+        assert box.wait(timeout=60) == 1
+        assert time.monotonic() - started < 16 + 6
+        assert len(events(log, "worker did not stop in time, killing it")) == 2
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         stop_box(box)

@@ -219,7 +219,8 @@ async def fetch(
         "path": path,
         "raw_path": path.encode(),
         "query_string": query,
-        "headers": list(headers),
+        # Sent without the client's body: a length or chunked framing of it would have the worker wait for it.
+        "headers": [(k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")],
     }
     sent: list[dict[str, Any]] = []
 

@@ -448,6 +448,11 @@ def test_the_port_answers_what_a_single_daemon_answers(cluster: Cluster, tmp_pat
         # A limit the workers accept (pydantic takes 3.0 for 3) is one the merge takes too.
         page = client.get("/api/v1/worlds", params={"limit": "3.0"})
         assert page.status_code == 200 and len(page.json()["worlds"]) == 3
+        # A GET with a body: a worker reads it as on its own port (the merge asks them without one).
+        with_body = client.request(
+            "GET", "/api/v1/worlds", content=b'{"a": 1}', headers={"Content-Type": "application/json"}
+        )
+        assert with_body.status_code == 200, with_body.text
         # The world list's refusal is the worker's, headers included (a 401 names its scheme).
         refused = httpx.get(f"http://127.0.0.1:{port}/api/v1/worlds")
         assert refused.status_code == 401 and refused.headers.get("www-authenticate") == "Bearer"

@@ -367,6 +367,11 @@ class Supervisor:
                 w.last_watchdog = time.monotonic()
             if fields.get("STOPPING") == "1":
                 w.ready = False
+            if "EXTEND_TIMEOUT_USEC" in fields and not self._ready_sent:
+                # A worker registering many worlds asks for more start-up time: systemd must see it.
+                with contextlib.suppress(ValueError):
+                    seconds = int(fields["EXTEND_TIMEOUT_USEC"]) / 1_000_000
+                    self.notifier.extend_timeout(seconds, self._status_line())
             if fields.get("READY") == "1":
                 w.ready = True
                 w.readies += 1

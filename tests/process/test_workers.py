@@ -489,3 +489,20 @@ def test_stop_kills_workers_that_hang_after_one_grace_for_all(cluster: Cluster, 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         stop_box(box)
+
+
+def test_a_workers_request_for_more_start_up_time_reaches_systemd(
+    cluster: Cluster, notify: NotifySocket, tmp_path: Path
+) -> None:
+    box, log = start_box(cluster, tmp_path, NOTIFY_SOCKET=notify.path)
+    try:
+        poll(lambda: len(worker_pids(log)) == 2, timeout=30, what="both workers started")
+        runtime = Path(events(log, "starting workers")[0]["runtime_dir"])
+        # What worker 0 sends while its first discovery registers many worlds (daemon._serving).
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=registering worlds: 250/10000", str(runtime / "w0.notify"))
+        _, extend = notify.wait_for("EXTEND_TIMEOUT_USEC", after=0, timeout=30)
+        assert extend["EXTEND_TIMEOUT_USEC"] == "30000000" and "w0: registering worlds: 250/10000" in extend["STATUS"]
+        notify.wait_for("READY", after=0, timeout=60)
+    finally:
+        stop_box(box)

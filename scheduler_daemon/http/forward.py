@@ -16,7 +16,8 @@ import contextlib
 import h11
 from starlette.types import Receive, Scope, Send
 
-#: Headers about one connection, never forwarded (RFC 9110 §7.6.1); ``host`` is set per hop.
+#: Headers about one connection, never forwarded (RFC 9110 §7.6.1). ``host`` goes on: the worker
+#: builds absolute URLs (a redirect's Location) from it, which must lead back to the client's port.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -28,7 +29,6 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
-        b"host",
     }
 )
 #: Bytes read from the worker at a time.
@@ -94,7 +94,9 @@ def _request(scope: Scope) -> h11.Request:
     # Content-Length beside Transfer-Encoding is not the body's length: dropped (RFC 9112 §6.3).
     chunked = any(k == b"transfer-encoding" for k, _ in incoming)
     dropped = HOP_BY_HOP | {b"content-length"} if chunked else HOP_BY_HOP
-    headers = [(b"host", b"worker"), *((k, v) for k, v in incoming if k not in dropped)]
+    headers = [(k, v) for k, v in incoming if k not in dropped]
+    if not any(k == b"host" for k, _ in headers):
+        headers.insert(0, (b"host", b"worker"))  # HTTP/1.0 without one: HTTP/1.1 needs one
     if chunked:
         headers.append((b"transfer-encoding", b"chunked"))
     target = scope.get("raw_path") or scope["path"].encode()

@@ -454,6 +454,9 @@ def test_the_port_answers_what_a_single_daemon_answers(cluster: Cluster, tmp_pat
         )
         assert with_body.status_code == 200, with_body.text
         # The world list's refusal is the worker's, headers included (a 401 names its scheme).
+        # The worker sees the client's Host: its redirects lead back to this port.
+        slash = client.get("/api/v1/worlds/")
+        assert slash.status_code == 307 and slash.headers["location"] == f"http://127.0.0.1:{port}/api/v1/worlds"
         refused = httpx.get(f"http://127.0.0.1:{port}/api/v1/worlds")
         assert refused.status_code == 401 and refused.headers.get("www-authenticate") == "Bearer"
         # Transfer-Encoding and Content-Length both: the chunked body is the body (RFC 9112 §6.3).

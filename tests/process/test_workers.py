@@ -375,8 +375,8 @@ def test_workers_stop_when_the_supervisor_is_killed_while_they_start(cluster: Cl
     box, log = start_box(cluster, tmp_path)
     pids: list[int] = []
     try:
-        started = poll(lambda: len(p := worker_pids(log)) == 2 and p, timeout=30, what="both workers started")
-        pids = list(started.values())
+        poll(lambda: len(worker_pids(log)) == 2, timeout=30, what="both workers started")
+        pids = list(worker_pids(log).values())
         # SIGKILL before the workers are up (they take seconds to import): nobody will stop them but themselves.
         box.kill()
         box.wait()

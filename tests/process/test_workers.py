@@ -366,9 +366,14 @@ def alive(pid: int) -> bool:
 
 
 def stop_box(box: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, so the workers stop and release their leases (a SIGKILL leaves them running a while)."""
     if box.poll() is None:
-        box.kill()
-        box.wait()
+        box.send_signal(signal.SIGTERM)
+        try:
+            box.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            box.kill()
+            box.wait()
 
 
 def test_workers_stop_when_the_supervisor_is_killed_while_they_start(cluster: Cluster, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     # How a supervisor starts its workers (run --workers N); not for users.
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     p.add_argument("--worker-socket", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     _add_config(p)
 
     p = sub.add_parser("check-config", help="validate a config file and exit")
@@ -228,7 +230,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from scheduler_daemon.supervisor import run_command
 
     settings, path, explicit = _settings(args)
-    worker = None if args.worker_socket is None else WorkerRole(args.worker_index or 0, args.worker_socket)
+    worker = None
+    if args.worker_socket is not None:
+        worker = WorkerRole(args.worker_index or 0, args.worker_socket, args.supervisor_pid or os.getppid())
     try:
         return run_command(settings, path, config_required=explicit, workers=args.workers, worker=worker)
     except StartupError as exc:

@@ -65,10 +65,15 @@ ORPHAN_CHECK_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class WorkerRole:
-    """This daemon is worker ``index`` of a supervisor (``run --workers``), serving on ``admin_socket``."""
+    """This daemon is worker ``index`` of a supervisor (``run --workers``), serving on ``admin_socket``.
+
+    ``supervisor_pid`` comes from the supervisor itself: a parent pid read at
+    start-up would already be init's if the supervisor died before it.
+    """
 
     index: int
     admin_socket: Path
+    supervisor_pid: int
 
 
 class Daemon:
@@ -86,7 +91,6 @@ class Daemon:
         self.config_path = config_path
         self.config_required = config_required
         self.worker = worker
-        self._supervisor_pid = os.getppid()
         self.notifier = SystemdNotifier()
         self.runtime: Runtime | None = None
         self.reloads = ReloadState()
@@ -265,7 +269,8 @@ class Daemon:
         if runtime.changes is not None:
             background.append(asyncio.create_task(runtime.changes.run(), name="change-notifications"))
         if self.worker is not None:
-            background.append(asyncio.create_task(self._orphan_watch(), name="supervisor-watch"))
+            watch = self._orphan_watch(self.worker.supervisor_pid)
+            background.append(asyncio.create_task(watch, name="supervisor-watch"))
         wd = watchdog_interval_seconds()
         if wd is not None and self.notifier.enabled:
             runner = runtime.runner
@@ -315,14 +320,14 @@ class Daemon:
         if self.runtime is not None:
             self.runtime.runner.stop()
 
-    async def _orphan_watch(self) -> None:
+    async def _orphan_watch(self, supervisor_pid: int) -> None:
         """A worker whose supervisor died (SIGKILL) stops as if told to: nobody else would stop it."""
         while True:
             await asyncio.sleep(ORPHAN_CHECK_SECONDS)
-            if os.getppid() != self._supervisor_pid:
+            if os.getppid() != supervisor_pid:
                 break
         if not self._stop_requested:
-            log.error("supervisor gone, stopping", supervisor_pid=self._supervisor_pid)
+            log.error("supervisor gone, stopping", supervisor_pid=supervisor_pid)
             self._on_stop_signal(signal.SIGTERM)
 
     def _notify_stopping(self) -> None:

@@ -142,6 +142,8 @@ class Supervisor:
         #: Set by every READY=1 of a worker (a reload waits for each worker's).
         self._readied = asyncio.Event()
         self._ready_sent = False
+        #: Set with READY=1: a reload waits for it (before, RELOADING/READY would tell systemd it started).
+        self._started = asyncio.Event()
         self._exit_code = EXIT_OK
         self._reload_ok = True
         self._progress = 0
@@ -259,6 +261,8 @@ class Supervisor:
             str(w.index),
             "--worker-socket",
             str(w.admin_socket),
+            "--supervisor-pid",
+            str(os.getpid()),
         ]
 
     def _environment(self, w: Worker) -> dict[str, str]:
@@ -313,10 +317,15 @@ class Supervisor:
         for w in running:
             self._signal(w, signal.SIGTERM)
         grace = self.settings.scheduler.tick_timeout_seconds + STOP_GRACE_SECONDS
+        # One grace for all (they stop together): waited in turn, each would add its own.
+        deadline = time.monotonic() + grace
         for w in running:
             assert w.process is not None
             try:
-                code = await asyncio.wait_for(w.process.wait(), grace)
+                remaining = max(deadline - time.monotonic(), 0.0)
+                code = w.process.returncode
+                if code is None:
+                    code = await asyncio.wait_for(w.process.wait(), remaining)
             except TimeoutError:
                 log.error("worker did not stop in time, killing it", worker=w.name, waited_seconds=grace)
                 with contextlib.suppress(ProcessLookupError):
@@ -358,6 +367,11 @@ class Supervisor:
                 w.last_watchdog = time.monotonic()
             if fields.get("STOPPING") == "1":
                 w.ready = False
+            if "EXTEND_TIMEOUT_USEC" in fields and not self._ready_sent:
+                # A worker registering many worlds asks for more start-up time: systemd must see it.
+                with contextlib.suppress(ValueError):
+                    seconds = int(fields["EXTEND_TIMEOUT_USEC"]) / 1_000_000
+                    self.notifier.extend_timeout(seconds, self._status_line())
             if fields.get("READY") == "1":
                 w.ready = True
                 w.readies += 1
@@ -378,6 +392,7 @@ class Supervisor:
         if self._ready_sent or not all(w.ready for w in self.workers):
             return
         self._ready_sent = True
+        self._started.set()
         self.notifier.ready(status=self._status_line())
         log.info("ready", workers=len(self.workers))
 
@@ -395,6 +410,8 @@ class Supervisor:
         self._stop.set()
 
     async def _reload_loop(self) -> None:
+        # A SIGHUP while the workers start is honoured once they all are ready.
+        await self._started.wait()
         while True:
             await self._reload.wait()
             await asyncio.sleep(RELOAD_SETTLE_SECONDS)  # a burst of SIGHUPs shares one reload

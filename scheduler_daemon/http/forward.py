@@ -16,7 +16,8 @@ import contextlib
 import h11
 from starlette.types import Receive, Scope, Send
 
-#: Headers about one connection, never forwarded (RFC 9110 §7.6.1); ``host`` is set per hop.
+#: Headers about one connection, never forwarded (RFC 9110 §7.6.1). ``host`` goes on: the worker
+#: builds absolute URLs (a redirect's Location) from it, which must lead back to the client's port.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -28,7 +29,6 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
-        b"host",
     }
 )
 #: Bytes read from the worker at a time.
@@ -90,10 +90,14 @@ async def forward(socket_path: str, scope: Scope, receive: Receive, send: Send, 
 
 def _request(scope: Scope) -> h11.Request:
     incoming = scope.get("headers", [])
-    headers = [(b"host", b"worker"), *((k, v) for k, v in incoming if k not in HOP_BY_HOP)]
-    has_length = any(k == b"content-length" for k, _ in incoming)
-    # uvicorn decoded a chunked body: send it on chunked again (its length is not known up front).
-    if not has_length and any(k == b"transfer-encoding" for k, _ in incoming):
+    # uvicorn decoded a chunked body: send it on chunked again (its length is not known up front). A
+    # Content-Length beside Transfer-Encoding is not the body's length: dropped (RFC 9112 §6.3).
+    chunked = any(k == b"transfer-encoding" for k, _ in incoming)
+    dropped = HOP_BY_HOP | {b"content-length"} if chunked else HOP_BY_HOP
+    headers = [(k, v) for k, v in incoming if k not in dropped]
+    if not any(k == b"host" for k, _ in headers):
+        headers.insert(0, (b"host", b"worker"))  # HTTP/1.0 without one: HTTP/1.1 needs one
+    if chunked:
         headers.append((b"transfer-encoding", b"chunked"))
     target = scope.get("raw_path") or scope["path"].encode()
     if scope.get("query_string"):

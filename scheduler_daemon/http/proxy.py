@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from scheduler_daemon.entities import parse_ref
 from scheduler_daemon.http.forward import UpstreamUnavailable, forward
-from scheduler_daemon.http.wire import DEFAULT_PAGE_SIZE
+from scheduler_daemon.http.wire import PageQuery
 from scheduler_daemon.metrics_merge import merge_expositions
 
 log = structlog.get_logger("scheduler_daemon.http")
@@ -38,6 +38,9 @@ log = structlog.get_logger("scheduler_daemon.http")
 _EXPOSITION = b"text/plain; version=0.0.4; charset=utf-8"
 #: Merged from every worker's page (each lists its own worlds).
 WORLD_LIST = "/api/v1/worlds"
+#: The port's own answers wait for the workers this share of the request deadline at most: the port's
+#: guard cuts a request at the deadline, and one hung worker must not silence the others' answers.
+FANOUT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,9 @@ class WorkerProxy:
         answers = await self._gather(WORLD_LIST, scope.get("query_string", b""), scope.get("headers", []))
         refused = next((a for _, a in answers if a.status != 200), None)
         if refused is not None:
-            await _answer(send, refused.status, refused.body, refused.content_type)
+            # Its headers too: a 401 names its scheme (WWW-Authenticate).
+            extra = [(k, v) for k, v in refused.headers if k not in (b"content-type", b"content-length")]
+            await _answer(send, refused.status, refused.body, refused.content_type, extra)
             return
         pages = [json.loads(a.body) for _, a in answers]
         limit = _page_limit(scope.get("query_string", b""))
@@ -154,7 +159,10 @@ class WorkerProxy:
     ) -> list[tuple[WorkerEndpoint, Fetched]]:
         serving = list(self.workers.serving())
         answers = await asyncio.gather(
-            *(fetch(w.socket_path, path, wait_seconds=self.timeout, query=query, headers=headers) for w in serving)
+            *(
+                fetch(w.socket_path, path, wait_seconds=self.timeout * FANOUT_SHARE, query=query, headers=headers)
+                for w in serving
+            )
         )
         return list(zip(serving, answers, strict=True))
 
@@ -170,7 +178,8 @@ class WorkerProxy:
         """``/healthz``: ok while at least one worker answers its own."""
         answers = await self._gather("/healthz")
         alive = [_health(a.body) for _, a in answers if a.status == 200]
-        detail = _detail(len(alive), self.workers.unavailable(), [])
+        missing = self.workers.unavailable()
+        detail = _detail(len(alive), len(answers) + len(missing), missing, [])
         return _health_answer(bool(alive), alive, "not checked", detail)
 
     async def readyz(self) -> tuple[int, bytes, bytes]:
@@ -186,7 +195,8 @@ class WorkerProxy:
         databases = [h.get("database") for h in healths]
         database = next((d for d in ("unreachable", "read-only") if d in databases), "ok" if healths else "not checked")
         ok = not problems and not missing and bool(answers)
-        return _health_answer(ok, healths, database, _detail(len(answers), missing, problems))
+        detail = _detail(len(answers), len(answers) + len(missing), missing, problems)
+        return _health_answer(ok, healths, database, detail)
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,7 @@ class Fetched:
     status: int
     content_type: bytes
     body: bytes
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 async def fetch(
@@ -208,7 +219,8 @@ async def fetch(
         "path": path,
         "raw_path": path.encode(),
         "query_string": query,
-        "headers": list(headers),
+        # Sent without the client's body: a length or chunked framing of it would have the worker wait for it.
+        "headers": [(k, v) for k, v in headers if k not in (b"content-length", b"transfer-encoding")],
     }
     sent: list[dict[str, Any]] = []
 
@@ -227,13 +239,13 @@ async def fetch(
         return Fetched(503, b"application/json", b"")
     content_type = next((v for k, v in start.get("headers", []) if k == b"content-type"), b"application/json")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return Fetched(start["status"], content_type, body)
+    return Fetched(start["status"], content_type, body, tuple(start.get("headers", [])))
 
 
 def _page_limit(query: bytes) -> int:
-    """``limit`` of a world-list query the workers accepted (else their default)."""
-    values = parse_qs(query.decode("latin-1")).get("limit")
-    return int(values[-1]) if values else DEFAULT_PAGE_SIZE
+    """``limit`` of a world-list query the workers accepted, read as they read it (``3.0`` is 3)."""
+    values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("limit")
+    return PageQuery.model_validate({"limit": values[-1]} if values else {}).limit
 
 
 def _health(body: bytes) -> dict[str, Any]:
@@ -244,8 +256,8 @@ def _health(body: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _detail(answering: int, missing: dict[str, str], problems: list[str]) -> str:
-    parts = [f"{answering} of {answering + len(missing)} workers answering"]
+def _detail(answering: int, configured: int, missing: dict[str, str], problems: list[str]) -> str:
+    parts = [f"{answering} of {configured} workers answering"]
     parts.extend(f"worker {name}: {why}" for name, why in sorted(missing.items()))
     parts.extend(problems)
     return "; ".join(parts)
@@ -261,7 +273,9 @@ async def _json(send: Send, status: int, body: dict[str, Any]) -> None:
     await _answer(send, status, json.dumps(body).encode(), b"application/json")
 
 
-async def _answer(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+async def _answer(
+    send: Send, status: int, body: bytes, content_type: bytes, extra: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()), *extra]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -11,12 +11,15 @@ bounded poll.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -322,3 +325,192 @@ def test_check_config_refuses_several_workers_on_sqlite(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert f"{cfg}: scheduler.workers: 2 workers share the worlds through PostgreSQL leases" in done.stderr
+
+
+def start_box(cluster: Cluster, tmp_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``run --workers 2`` on the cluster's database with its output in a JSON log."""
+    cfg = config(tmp_path / "config.toml", per_world=False)
+    log = tmp_path / "box.log"
+    with log.open("wb") as out:
+        box = subprocess.Popen(
+            [sys.executable, "-m", "scheduler_daemon", "--config", str(cfg), "run", "--workers", "2"],
+            env=environment(cluster.url, **env),
+            stdout=out,
+            stderr=out,
+            cwd=ROOT,
+        )
+    return box, log
+
+
+def box_port(log: Path) -> int:
+    port: int = poll(
+        lambda: next((e["port"] for e in events(log, "http server listening") if "port" in e), None),
+        timeout=30,
+        what="the supervisor's port",
+    )
+    poll(lambda: any("workers" in e for e in events(log, "ready")), timeout=60, what="the supervisor's readiness")
+    return port
+
+
+def worker_pids(log: Path) -> dict[str, int]:
+    return {e["worker"]: e["pid"] for e in events(log, "worker started")}
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet has stopped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_box(box: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, so the workers stop and release their leases (a SIGKILL leaves them running a while)."""
+    if box.poll() is None:
+        box.send_signal(signal.SIGTERM)
+        try:
+            box.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            box.kill()
+            box.wait()
+
+
+def test_workers_stop_when_the_supervisor_is_killed_while_they_start(cluster: Cluster, tmp_path: Path) -> None:
+    box, log = start_box(cluster, tmp_path)
+    pids: list[int] = []
+    try:
+        poll(lambda: len(worker_pids(log)) == 2, timeout=30, what="both workers started")
+        pids = list(worker_pids(log).values())
+        # SIGKILL before the workers are up (they take seconds to import): nobody will stop them but themselves.
+        box.kill()
+        box.wait()
+        poll(lambda: not any(alive(p) for p in pids), timeout=30, what="the orphaned workers to stop")
+        assert cluster.owners() == {}
+    finally:
+        stop_box(box)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_hung_worker_does_not_take_the_ports_own_answers_down(cluster: Cluster, tmp_path: Path) -> None:
+    box, log = start_box(cluster, tmp_path, SCHEDULER_HTTP__REQUEST_TIMEOUT_SECONDS="4")
+    hung = None
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{box_port(log)}", timeout=15)
+        hung = worker_pids(log)["1"]
+        os.kill(hung, signal.SIGSTOP)  # its event loop stands still, as a blocked one would
+        health = client.get("/healthz")
+        assert health.status_code == 200 and health.json()["detail"] == "1 of 2 workers answering"
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "worker 1" in ready.json()["detail"]
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200 and 'worldsched_leases_held{worker="0"}' in metrics.text
+    finally:
+        if hung is not None:
+            os.kill(hung, signal.SIGCONT)
+        stop_box(box)
+
+
+def test_sighup_while_the_workers_start_reports_ready_only_when_they_are(
+    cluster: Cluster, notify: NotifySocket, tmp_path: Path
+) -> None:
+    box, log = start_box(cluster, tmp_path, NOTIFY_SOCKET=notify.path)
+    try:
+        poll(lambda: len(worker_pids(log)) == 2, timeout=30, what="both workers started")
+        box.send_signal(signal.SIGHUP)  # the supervisor's handler is in place: the workers are starting
+        _, ready = notify.wait_for("READY", after=0, timeout=60)
+        assert ready["STATUS"].startswith("2/2 workers ready"), ready
+        poll(
+            lambda: [e["workers"] for e in events(log, "configuration reload forwarded to the workers")] == [2],
+            timeout=30,
+            what="the reload to reach both workers once they are ready",
+        )
+        box.send_signal(signal.SIGTERM)
+        assert box.wait(timeout=60) == 0
+    finally:
+        stop_box(box)
+
+
+def raw_exchange(port: int, request: bytes, *, timeout: float = 15) -> bytes:
+    """Send ``request`` as is and read until the port closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_the_port_answers_what_a_single_daemon_answers(cluster: Cluster, tmp_path: Path) -> None:
+    box, log = start_box(cluster, tmp_path)
+    try:
+        port = box_port(log)
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", timeout=15, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        # A limit the workers accept (pydantic takes 3.0 for 3) is one the merge takes too.
+        page = client.get("/api/v1/worlds", params={"limit": "3.0"})
+        assert page.status_code == 200 and len(page.json()["worlds"]) == 3
+        # A GET with a body: a worker reads it as on its own port (the merge asks them without one).
+        with_body = client.request(
+            "GET", "/api/v1/worlds", content=b'{"a": 1}', headers={"Content-Type": "application/json"}
+        )
+        assert with_body.status_code == 200, with_body.text
+        # The world list's refusal is the worker's, headers included (a 401 names its scheme).
+        # The worker sees the client's Host: its redirects lead back to this port.
+        slash = client.get("/api/v1/worlds/")
+        assert slash.status_code == 307 and slash.headers["location"] == f"http://127.0.0.1:{port}/api/v1/worlds"
+        refused = httpx.get(f"http://127.0.0.1:{port}/api/v1/worlds")
+        assert refused.status_code == 401 and refused.headers.get("www-authenticate") == "Bearer"
+        # Transfer-Encoding and Content-Length both: the chunked body is the body (RFC 9112 §6.3).
+        world = min(cluster.leases())
+        body = b'{"deltaSeconds": 1}'
+        answer = raw_exchange(
+            port,
+            b"POST /api/v1/worlds/%d/scheduler/tick HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (world, TOKEN.encode(), len(body), body),
+        )
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    finally:
+        stop_box(box)
+
+
+def test_stop_kills_workers_that_hang_after_one_grace_for_all(cluster: Cluster, tmp_path: Path) -> None:
+    # Grace: tick_timeout_seconds (1) + STOP_GRACE_SECONDS (15), shared by every worker.
+    box, log = start_box(cluster, tmp_path, SCHEDULER_SCHEDULER__TICK_TIMEOUT_SECONDS="1")
+    pids: list[int] = []
+    try:
+        box_port(log)
+        pids = list(worker_pids(log).values())
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)  # neither will ever act on SIGTERM
+        started = time.monotonic()
+        box.send_signal(signal.SIGTERM)
+        assert box.wait(timeout=60) == 1
+        assert time.monotonic() - started < 16 + 6
+        assert len(events(log, "worker did not stop in time, killing it")) == 2
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stop_box(box)
+
+
+def test_a_workers_request_for_more_start_up_time_reaches_systemd(
+    cluster: Cluster, notify: NotifySocket, tmp_path: Path
+) -> None:
+    box, log = start_box(cluster, tmp_path, NOTIFY_SOCKET=notify.path)
+    try:
+        poll(lambda: len(worker_pids(log)) == 2, timeout=30, what="both workers started")
+        runtime = Path(events(log, "starting workers")[0]["runtime_dir"])
+        # What worker 0 sends while its first discovery registers many worlds (daemon._serving).
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=registering worlds: 250/10000", str(runtime / "w0.notify"))
+        _, extend = notify.wait_for("EXTEND_TIMEOUT_USEC", after=0, timeout=30)
+        assert extend["EXTEND_TIMEOUT_USEC"] == "30000000" and "w0: registering worlds: 250/10000" in extend["STATUS"]
+        notify.wait_for("READY", after=0, timeout=60)
+    finally:
+        stop_box(box)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import heapq
 import json
 import logging
@@ -165,6 +164,7 @@ async def run_apscheduler(worlds: int, warmup: float, seconds: float) -> dict[st
 async def run_runner(worlds: int, warmup: float, seconds: float) -> dict[str, Any]:
     """The real SchedulerLoopRunner over a scheduler whose tick does no I/O."""
     from bench.noop import NoopScheduler
+    from scheduler_daemon import collector
     from scheduler_daemon.logs import configure_logging
     from scheduler_daemon.runner import SchedulerLoopRunner
 
@@ -195,8 +195,7 @@ async def run_runner(worlds: int, warmup: float, seconds: float) -> dict[str, An
     for i in range(worlds):
         await runner.add_world(i + 1, first_deadline=start + i * INTERVAL / worlds)
     # As the daemon does once ready: startup's objects out of the collector's way.
-    gc.collect()
-    gc.freeze()
+    collector.settle()
     loop_task = asyncio.create_task(runner.start())
     try:
         await asyncio.sleep(max(start - runner.clock.now(), 0.0))

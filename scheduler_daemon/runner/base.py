@@ -16,7 +16,7 @@ from scheduler_daemon.clock import Clock, TimerHandle
 from scheduler_daemon.deadlines import DeadlineWheel
 from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.runner.ports import TickEngine, TickObserver, WorldSource
-from scheduler_daemon.runner.state import BrokenWorld, RunnerLimits, Slot, TickCommits
+from scheduler_daemon.runner.state import BrokenWorld, PhaseSlots, RunnerLimits, Slot, TickCommits
 from scheduler_daemon.runner.sync import BatchTimeouts, ResizableLimit
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class RunnerBase:
     commits: TickCommits
     _slots: dict[int, Slot]
     _deadlines: DeadlineWheel
+    _phases: PhaseSlots
     _ready: deque[tuple[Slot, float]]
     _ready_alone: int
     _workers: int
@@ -71,6 +72,8 @@ class RunnerBase:
         async def _reconfigure(self, slot: Slot, record: WorldRecord | None = None) -> None: ...
         async def _unregister_held(self, slot: Slot) -> None: ...
         def _forget_unregistered(self, slot: Slot) -> None: ...
+        def _place(self, slot: Slot, anchor: float) -> None: ...
+        def _retire(self, slot: Slot) -> None: ...
         # adoption
         def adopt_registered(self) -> list[int]: ...
         async def _with_adopted(self, active: dict[int, int]) -> dict[int, int]: ...

@@ -268,7 +268,8 @@ class BatchTicking(RunnerBase):
             if slot.retry_at is not None:
                 # Recovered from backoff: start a fresh grid from this tick.
                 slot.retry_at = None
-                slot.anchor, slot.k = self.limits.phase_anchor(slot.last_tick_at, slot.interval), 1
+                self._place(slot, slot.last_tick_at)
+                slot.k = 1
             else:
                 # If the tick overran into later slots, dispatch serves the
                 # latest one and counts the others as missed.

@@ -90,7 +90,7 @@ class ChangeApplication(RunnerBase):
             return
         async with slot.lock:
             yield
-            slot.removed = True  # a tick queued meanwhile must not start on the deleted world
+            self._retire(slot)  # a tick queued meanwhile must not start on the deleted world
 
     def _may_register(self, world_id: int, status: WorldStatus) -> bool:
         """Whether discovery would try to register this unregistered world now."""

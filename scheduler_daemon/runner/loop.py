@@ -41,7 +41,7 @@ from scheduler_daemon.runner.dispatch import Dispatch
 from scheduler_daemon.runner.leasing import LeaseBalancing
 from scheduler_daemon.runner.ports import TickEngine, TickObserver, WorldSource
 from scheduler_daemon.runner.registry import WorldRegistry
-from scheduler_daemon.runner.state import RunnerLimits, TickCommits
+from scheduler_daemon.runner.state import PhaseSlots, RunnerLimits, TickCommits
 from scheduler_daemon.runner.sync import BatchTimeouts, ResizableLimit
 from scheduler_daemon.store.errors import is_database_error
 
@@ -99,6 +99,7 @@ class SchedulerLoopRunner(
         self._slots = {}
         # (deadline, world_id, generation) entries, bucketed by millisecond.
         self._deadlines = DeadlineWheel()
+        self._phases = PhaseSlots()
         self._ready = deque()  # due worlds waiting for a batch worker
         self._ready_alone = 0  # of them, worlds that tick in a batch of their own
         self._workers = 0  # batch workers running (each holds at most one transaction)

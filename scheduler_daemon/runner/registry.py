@@ -65,17 +65,32 @@ class WorldRegistry(RunnerBase):
                 failed[world_id] = answer
                 continue
             interval = answer.config.tick_interval_seconds
-            anchor = self.limits.phase_anchor(now if first_deadline is None else first_deadline - interval, interval)
+            anchor = now if first_deadline is None else first_deadline - interval
             slot = Slot(world_id, answer, interval=interval, anchor=anchor, k=1, last_tick_at=now, tiers_at=now)
+            self._place(slot, anchor)
             old = self._slots.get(world_id)
             if old is not None:
-                old.removed = True
+                self._retire(old)
             self._slots[world_id] = slot
             self.broken.pop(world_id, None)
             self._push(slot)
             if self.observer:
                 self.observer.world_registered(world_id)
         return failed
+
+    def _place(self, slot: Slot, anchor: float) -> None:
+        """Start the slot's grid at ``anchor``, moved up into a phase slot with room (see ``PhaseSlots``)."""
+        self._phases.release(slot.phase)
+        slot.anchor, slot.phase = self._phases.place(
+            anchor, slot.interval, self.limits.phase_slot_seconds, self.limits.max_batch_size
+        )
+
+    def _retire(self, slot: Slot) -> None:
+        """The slot will not run again: out of its phase slot."""
+        if not slot.removed:
+            slot.removed = True
+            self._phases.release(slot.phase)
+            slot.phase = None
 
     async def remove_world(self, world_id: int) -> None:
         """Stop ticking a world (waits for its in-flight tick) and unregister it.
@@ -88,7 +103,7 @@ class WorldRegistry(RunnerBase):
         slot = self._slots.get(world_id)
         if slot is None:
             return
-        slot.removed = True
+        self._retire(slot)
         async with slot.lock:
             if self._slots.get(world_id) is not slot:
                 return  # replaced or removed while we waited
@@ -99,7 +114,7 @@ class WorldRegistry(RunnerBase):
 
     def _forget_unregistered(self, slot: Slot) -> None:
         """The world was unregistered on the scheduler by hand (its tick found it gone): stop running it."""
-        slot.removed = True
+        self._retire(slot)
         if self._slots.get(slot.world_id) is slot:
             del self._slots[slot.world_id]
             log.info("world no longer registered on the scheduler; not run any more", world_id=slot.world_id)
@@ -130,14 +145,14 @@ class WorldRegistry(RunnerBase):
         if new_interval != slot.interval:
             # Re-anchor the grid at the last tick so the new rate starts from it.
             slot.interval = new_interval
-            slot.anchor = self.limits.phase_anchor(slot.last_tick_at, new_interval)
+            self._place(slot, slot.last_tick_at)
             slot.k = 1
             if not slot.in_flight:
                 self._push(slot)
 
     async def _unregister_held(self, slot: Slot) -> None:
         """Unregister a world whose slot lock the caller holds (from inside its tick, or a change)."""
-        slot.removed = True
+        self._retire(slot)
         if self._slots.get(slot.world_id) is slot:
             del self._slots[slot.world_id]
             await self.scheduler.unregister_world(slot.world_id)

@@ -16,7 +16,7 @@ from scheduler_daemon.store.errors import error_class
 
 #: Scans of every registered world yield to due ticks after this many worlds.
 SCAN_CHUNK = 500
-#: A phase slot is at most this fraction of a world's interval (see :meth:`RunnerLimits.phase_anchor`).
+#: An interval has at least this many phase slots (see :class:`PhaseSlots`).
 PHASE_SLOTS_PER_INTERVAL = 8
 _T = TypeVar("_T")
 
@@ -52,21 +52,6 @@ class RunnerLimits:
     backoff_max_seconds: float = 60.0
     tier_refresh_max_seconds: float = 60.0
 
-    def phase_anchor(self, anchor: float, interval: float) -> float:
-        """``anchor`` moved up onto the phase grid of worlds with this interval.
-
-        Worlds of equal interval whose grids start within one phase slot then
-        share every deadline and tick as one batch: at 1 Hz, spread over the
-        second, they would otherwise tick one or two at a time, each batch
-        paying its round trips and commit alone (docs/performance.md). A slot
-        is at most an eighth of the interval, so fast worlds still spread.
-        """
-        width = min(self.phase_slot_seconds, interval / PHASE_SLOTS_PER_INTERVAL)
-        if width <= 0.0:
-            return anchor
-        # A hair below: an anchor already on the grid must not move a whole slot by rounding.
-        return math.ceil(anchor / width - 1e-9) * width
-
     @classmethod
     def from_settings(cls, scheduler: SchedulerSettings) -> RunnerLimits:
         """The limits a ``[scheduler]`` section sets."""
@@ -101,10 +86,69 @@ class Slot:
     tiers_at: float = 0.0  # clock time of the last tier assignment
     solo: bool = False  # its last batch failed as a whole: tick alone until a tick succeeds
     manual: bool = False  # registered on the scheduler by hand: discovery keeps it even if it does not list it
+    phase: tuple[float, int] | None = None  # (interval, slot) its grid starts in (see PhaseSlots)
 
     @property
     def deadline(self) -> float:
         return self.retry_at if self.retry_at is not None else self.anchor + self.k * self.interval
+
+
+class PhaseSlots:
+    """Which phase slot each world's grid starts in, so worlds of equal interval tick in batches.
+
+    An interval is cut into slots of at most ``phase_slot_seconds`` (at least
+    eight slots); a world's grid anchor moves up to the start of the first slot
+    from its own anchor on that has room. Worlds in one slot share every
+    deadline and tick as one batch: at 1 Hz, spread over the second, they would
+    otherwise tick one or two at a time, each paying its round trips and commit
+    alone (docs/performance.md). A slot takes at most ``capacity`` worlds, one
+    batch's worth: more would go out as several batches at once, each world
+    later than the one before. A world finding every slot of its interval full
+    keeps its own phase.
+    """
+
+    def __init__(self) -> None:
+        self._load: dict[tuple[float, int], int] = {}
+
+    @staticmethod
+    def width(interval: float, slot_seconds: float) -> tuple[float, int] | None:
+        """The slot width for worlds of ``interval`` and how many slots it has (``None``: no phase slots)."""
+        if slot_seconds <= 0.0 or interval <= 0.0:
+            return None
+        count = max(math.ceil(interval / slot_seconds - 1e-9), PHASE_SLOTS_PER_INTERVAL)
+        return interval / count, count
+
+    def place(
+        self, anchor: float, interval: float, slot_seconds: float, capacity: int
+    ) -> tuple[float, tuple[float, int] | None]:
+        """The anchor to use and the slot taken (``None``: none, the anchor is unchanged); release it later."""
+        cut = self.width(interval, slot_seconds)
+        if cut is None:
+            return anchor, None
+        width, count = cut
+        # A hair below: an anchor already on the grid must not move a whole slot by rounding.
+        first = math.ceil(anchor / width - 1e-9)
+        for index in range(first, first + count):
+            key = (interval, index % count)
+            load = self._load.get(key, 0)
+            if load < capacity:
+                self._load[key] = load + 1
+                return index * width, key
+        return anchor, None
+
+    def release(self, key: tuple[float, int] | None) -> None:
+        """A world left the slot ``key`` (from :meth:`place`)."""
+        if key is None:
+            return
+        load = self._load.get(key, 0) - 1
+        if load > 0:
+            self._load[key] = load
+        else:
+            self._load.pop(key, None)
+
+    def load(self, interval: float, index: int) -> int:
+        """Worlds in slot ``index`` of ``interval``."""
+        return self._load.get((interval, index), 0)
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ from sqlalchemy import text
 
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
+from scheduler_daemon.runner.state import PhaseSlots
 from scheduler_daemon.runner.sync import ResizableLimit
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
@@ -225,9 +226,20 @@ async def test_worlds_due_within_one_phase_slot_tick_as_one_batch(store: Store, 
     assert runner.get_stats()["worlds"][ids[0]]["ticks_skipped"] == 0
 
 
-def test_phase_slots_are_at_most_an_eighth_of_the_interval() -> None:
-    limits = RunnerLimits(phase_slot_seconds=0.05)
-    assert limits.phase_anchor(1.001, 1.0) == pytest.approx(1.05)
-    assert limits.phase_anchor(1.05, 1.0) == pytest.approx(1.05)  # on the grid: stays
-    assert limits.phase_anchor(0.101, 0.2) == pytest.approx(0.125)  # 25 ms slots for 0.2 s worlds
-    assert RunnerLimits(phase_slot_seconds=0.0).phase_anchor(1.001, 1.0) == 1.001
+def test_phase_slots_are_at_most_an_eighth_of_the_interval_and_hold_one_batch() -> None:
+    phases = PhaseSlots()
+    assert phases.width(1.0, 0.05) == (pytest.approx(0.05), 20)
+    assert phases.width(0.2, 0.05) == (pytest.approx(0.025), 8)  # 25 ms slots for 0.2 s worlds
+    assert phases.width(1.0, 0.0) is None
+    anchor, key = phases.place(1.001, 1.0, 0.05, capacity=2)
+    assert anchor == pytest.approx(1.05) and key == (1.0, 1)
+    assert phases.place(1.05, 1.0, 0.05, capacity=2)[0] == pytest.approx(1.05)  # on the grid: stays
+    assert phases.place(1.01, 1.0, 0.05, capacity=2)[0] == pytest.approx(1.10)  # full: the next slot
+    assert phases.place(2.04, 1.0, 0.05, capacity=2)[0] == pytest.approx(2.10)  # the same slot a second later
+    phases.release(key)
+    assert phases.load(1.0, 1) == 1
+    assert phases.place(1.03, 1.0, 0.05, capacity=2) == (pytest.approx(1.05), (1.0, 1))  # room again
+    full = PhaseSlots()
+    for _ in range(8):
+        full.place(0.0, 0.2, 0.05, capacity=1)
+    assert full.place(0.011, 0.2, 0.05, capacity=1) == (0.011, None)  # every slot full: its own phase

@@ -18,6 +18,8 @@ from scheduler_daemon.store.errors import error_class
 SCAN_CHUNK = 500
 #: An interval has at least this many phase slots (see :class:`PhaseSlots`).
 PHASE_SLOTS_PER_INTERVAL = 8
+#: Layers of phase slots, each between the slots of the ones before (see :class:`PhaseSlots`).
+PHASE_LAYERS = 16
 _T = TypeVar("_T")
 
 
@@ -86,7 +88,7 @@ class Slot:
     tiers_at: float = 0.0  # clock time of the last tier assignment
     solo: bool = False  # its last batch failed as a whole: tick alone until a tick succeeds
     manual: bool = False  # registered on the scheduler by hand: discovery keeps it even if it does not list it
-    phase: tuple[float, int] | None = None  # (interval, slot) its grid starts in (see PhaseSlots)
+    phase: tuple[float, int, int] | None = None  # (interval, layer, slot) its grid starts in (see PhaseSlots)
 
     @property
     def deadline(self) -> float:
@@ -103,12 +105,16 @@ class PhaseSlots:
     otherwise tick one or two at a time, each paying its round trips and commit
     alone (docs/performance.md). A slot takes at most ``capacity`` worlds, one
     batch's worth: more would go out as several batches at once, each world
-    later than the one before. A world finding every slot of its interval full
-    keeps its own phase.
+    later than the one before. When every slot of an interval is full, a
+    further layer of slots starts halfway between them, then a quarter of the
+    way (and so on, :data:`PHASE_LAYERS` layers): many worlds tick in many
+    small full batches. A world finding every layer full keeps its own phase.
     """
 
     def __init__(self) -> None:
-        self._load: dict[tuple[float, int], int] = {}
+        self._load: dict[tuple[float, int, int], int] = {}
+        self._full: dict[tuple[float, int], int] = {}  # full slots per (interval, layer): skipped at once
+        self._capacity = 0
 
     @staticmethod
     def width(interval: float, slot_seconds: float) -> tuple[float, int] | None:
@@ -120,35 +126,61 @@ class PhaseSlots:
 
     def place(
         self, anchor: float, interval: float, slot_seconds: float, capacity: int
-    ) -> tuple[float, tuple[float, int] | None]:
+    ) -> tuple[float, tuple[float, int, int] | None]:
         """The anchor to use and the slot taken (``None``: none, the anchor is unchanged); release it later."""
         cut = self.width(interval, slot_seconds)
         if cut is None:
             return anchor, None
         width, count = cut
-        # A hair below: an anchor already on the grid must not move a whole slot by rounding.
-        first = math.ceil(anchor / width - 1e-9)
-        for index in range(first, first + count):
-            key = (interval, index % count)
-            load = self._load.get(key, 0)
-            if load < capacity:
-                self._load[key] = load + 1
-                return index * width, key
+        if capacity != self._capacity:  # a reload changed max_batch_size: recount the full slots
+            self._capacity = capacity
+            self._full = {}
+            for (each, layer, _), load in self._load.items():
+                if load >= capacity:
+                    self._full[(each, layer)] = self._full.get((each, layer), 0) + 1
+        for layer in range(PHASE_LAYERS):
+            if self._full.get((interval, layer), 0) >= count:
+                continue
+            offset = _layer_offset(layer)
+            # A hair below: an anchor already on the grid must not move a whole slot by rounding.
+            first = math.ceil(anchor / width - offset - 1e-9)
+            for index in range(first, first + count):
+                key = (interval, layer, index % count)
+                load = self._load.get(key, 0) + 1
+                if load <= capacity:
+                    self._load[key] = load
+                    if load == capacity:
+                        self._full[(interval, layer)] = self._full.get((interval, layer), 0) + 1
+                    return (index + offset) * width, key
         return anchor, None
 
-    def release(self, key: tuple[float, int] | None) -> None:
+    def release(self, key: tuple[float, int, int] | None) -> None:
         """A world left the slot ``key`` (from :meth:`place`)."""
         if key is None:
             return
-        load = self._load.get(key, 0) - 1
-        if load > 0:
-            self._load[key] = load
+        load = self._load.get(key, 0)
+        if load == self._capacity:
+            layer = key[:2]
+            self._full[layer] = self._full.get(layer, 1) - 1
+        if load > 1:
+            self._load[key] = load - 1
         else:
             self._load.pop(key, None)
 
-    def load(self, interval: float, index: int) -> int:
-        """Worlds in slot ``index`` of ``interval``."""
-        return self._load.get((interval, index), 0)
+    def load(self, interval: float, index: int, layer: int = 0) -> int:
+        """Worlds in slot ``index`` of ``interval`` in ``layer``."""
+        return self._load.get((interval, layer, index), 0)
+
+
+def _layer_offset(layer: int) -> float:
+    """Where a layer's slots start, as a fraction of a slot: 0, 1/2, 1/4, 3/4, 1/8, … (bits reversed)."""
+    offset, weight = 0.0, 0.5
+    while layer:
+        if layer & 1:
+            offset += weight
+        layer >>= 1
+        weight /= 2
+    return offset
 
 
 @dataclass(slots=True)

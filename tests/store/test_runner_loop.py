@@ -232,14 +232,24 @@ def test_phase_slots_are_at_most_an_eighth_of_the_interval_and_hold_one_batch() 
     assert phases.width(0.2, 0.05) == (pytest.approx(0.025), 8)  # 25 ms slots for 0.2 s worlds
     assert phases.width(1.0, 0.0) is None
     anchor, key = phases.place(1.001, 1.0, 0.05, capacity=2)
-    assert anchor == pytest.approx(1.05) and key == (1.0, 1)
+    assert anchor == pytest.approx(1.05) and key == (1.0, 0, 1)
     assert phases.place(1.05, 1.0, 0.05, capacity=2)[0] == pytest.approx(1.05)  # on the grid: stays
     assert phases.place(1.01, 1.0, 0.05, capacity=2)[0] == pytest.approx(1.10)  # full: the next slot
     assert phases.place(2.04, 1.0, 0.05, capacity=2)[0] == pytest.approx(2.10)  # the same slot a second later
     phases.release(key)
     assert phases.load(1.0, 1) == 1
-    assert phases.place(1.03, 1.0, 0.05, capacity=2) == (pytest.approx(1.05), (1.0, 1))  # room again
-    full = PhaseSlots()
-    for _ in range(8):
-        full.place(0.0, 0.2, 0.05, capacity=1)
-    assert full.place(0.011, 0.2, 0.05, capacity=1) == (0.011, None)  # every slot full: its own phase
+    assert phases.place(1.03, 1.0, 0.05, capacity=2) == (pytest.approx(1.05), (1.0, 0, 1))  # room again
+
+
+def test_full_phase_slots_open_layers_between_them() -> None:
+    """Eight 25 ms slots of 0.2 s worlds, one world each: then 12.5 ms in, then 6.25 ms and 18.75 ms in."""
+    phases = PhaseSlots()
+    placed = [phases.place(0.0, 0.2, 0.05, capacity=1) for _ in range(8 * 4)]
+    starts = sorted(round(anchor % 0.2, 6) for anchor, _ in placed)
+    assert starts == sorted(round(i * 0.00625, 6) for i in range(32))  # every 6.25 ms, each once
+    assert {key[1] for _, key in placed if key is not None} == {0, 1, 2, 3}
+    anchor, key = placed[-1]
+    phases.release(key)
+    assert phases.place(0.0, 0.2, 0.05, capacity=1) == (pytest.approx(anchor), key)  # the freed slot again
+    phases.place(0.0, 0.2, 0.05, capacity=2)  # a larger batch (a reload): full slots have room again
+    assert phases.load(0.2, 0) == 2  # its own slot, no longer full

@@ -210,7 +210,7 @@ class GroupTicking(SchedulerBase):
     async def _run_tick(self, conn: AsyncConnection, planned: _Planned, reads: _GroupReads) -> TickOutcome:
         """One world's whole tick inside the transaction: body, then its own writes; raises to roll back."""
         body = await self._tick_body(conn, planned, reads)
-        await self.store.write_decisions(conn, planned.entry.context.world_id, body.decisions)
+        await self.store.write_decisions(conn, planned.entry.context.world_id, body.decisions, body.due)
         await self.store.advance_world_states(conn, [self._advance(planned)])
         return self._finish_body(planned, body)
 
@@ -225,7 +225,9 @@ class GroupTicking(SchedulerBase):
         """
         bodies = [await self._tick_body(conn, p, reads) for p in work]
         await self.store.write_decisions_many(
-            conn, [(p.entry.context.world_id, b.decisions) for p, b in zip(work, bodies, strict=True)]
+            conn,
+            [(p.entry.context.world_id, b.decisions) for p, b in zip(work, bodies, strict=True)],
+            [b.due for b in bodies],
         )
         await self.store.advance_world_states(conn, [self._advance(p) for p in work])
         return [self._finish_body(p, b) for p, b in zip(work, bodies, strict=True)]

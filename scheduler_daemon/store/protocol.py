@@ -14,7 +14,7 @@ from typing import Protocol
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation import generation as gen
-from scheduler_daemon.simulation.npc import NpcDecision, Tier
+from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 from scheduler_daemon.store.chains import ChainRecord, ChainUpdate
 from scheduler_daemon.store.generation import ClaimResult, GenerationRequest
 from scheduler_daemon.store.leases import Lease
@@ -89,10 +89,19 @@ class TickStore(WorldSource, Protocol):
 
     async def fence_tick(self, conn: AsyncConnection, lease: Lease) -> int: ...
 
-    async def write_decisions(self, conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None: ...
+    async def write_decisions(
+        self,
+        conn: AsyncConnection,
+        world_id: int,
+        decisions: Sequence[NpcDecision],
+        read: Sequence[NpcState] | None = None,
+    ) -> None: ...
 
     async def write_decisions_many(
-        self, conn: AsyncConnection, batches: Sequence[tuple[int, Sequence[NpcDecision]]]
+        self,
+        conn: AsyncConnection,
+        batches: Sequence[tuple[int, Sequence[NpcDecision]]],
+        read: Sequence[Sequence[NpcState]] | None = None,
     ) -> None: ...
 
     async def advance_world_states(self, conn: AsyncConnection, advances: Sequence[WorldAdvance]) -> None: ...

@@ -354,21 +354,47 @@ class Ticks(StoreBase):
         return out
 
     @staticmethod
-    async def write_decisions(conn: AsyncConnection, world_id: int, decisions: Sequence[NpcDecision]) -> None:
+    async def write_decisions(
+        conn: AsyncConnection,
+        world_id: int,
+        decisions: Sequence[NpcDecision],
+        read: Sequence[NpcState] | None = None,
+    ) -> None:
         """Write one world's decided NPC columns back (see :meth:`write_decisions_many`)."""
-        await Ticks.write_decisions_many(conn, [(world_id, decisions)])
+        await Ticks.write_decisions_many(conn, [(world_id, decisions)], None if read is None else [read])
 
     @staticmethod
-    async def write_decisions_many(conn: AsyncConnection, batches: Sequence[tuple[int, Sequence[NpcDecision]]]) -> None:
+    async def write_decisions_many(
+        conn: AsyncConnection,
+        batches: Sequence[tuple[int, Sequence[NpcDecision]]],
+        read: Sequence[Sequence[NpcState]] | None = None,
+    ) -> None:
         """Write decided NPC columns back for several worlds (``world_id`` in every WHERE).
 
-        PostgreSQL: one set-based ``UPDATE … FROM unnest(…)`` of packed columns for
-        all of them. SQLite (in process, no round trips to save): one executemany.
+        ``read``, per batch, the NPCs the decisions were made from, in the same
+        order: a decided ``state`` equal to the one read is left as stored (not
+        encoded, sent and parsed again, and a game's write since the read is not
+        undone). PostgreSQL: one set-based ``UPDATE … FROM unnest(…)`` of packed
+        columns for all of them. SQLite (in process, no round trips to save):
+        one executemany.
         """
+        decided: list[tuple[int, NpcDecision]] = []
+        states: list[bytes | None] = []
+        for index, (world_id, decisions) in enumerate(batches):
+            before = read[index] if read is not None else None
+            for position, d in enumerate(decisions):
+                decided.append((world_id, d))
+                if d.state is None or (before is not None and d.state == before[position].state):
+                    states.append(None)
+                    continue
+                try:
+                    states.append(state_json.dumps(d.state))
+                except (TypeError, ValueError) as exc:
+                    raise ValueError(f"npc {d.npc_id}: decision state cannot be written as JSON: {exc}") from exc
+        if not decided:
+            return
         if conn.dialect.name == "postgresql":
-            decided = [(world_id, d) for world_id, decisions in batches for d in decisions]
-            if decided:
-                await Ticks._write_decisions_pg(conn, decided)
+            await Ticks._write_decisions_pg(conn, decided, states)
             return
         rows = [
             (
@@ -380,18 +406,18 @@ class Ticks(StoreBase):
                 d.mood_valence,
                 d.mood_arousal,
                 d.decided_at,
-                None if d.state is None else state_json.dumps(d.state).decode(),
+                None if state is None else state.decode(),
                 d.npc_id,
                 world_id,
             )
-            for world_id, decisions in batches
-            for d in decisions
+            for (world_id, d), state in zip(decided, states, strict=True)
         ]
-        if rows:
-            await conn.exec_driver_sql(_WRITE_DECISION_SQLITE, rows)
+        await conn.exec_driver_sql(_WRITE_DECISION_SQLITE, rows)
 
     @staticmethod
-    async def _write_decisions_pg(conn: AsyncConnection, decided: Sequence[tuple[int, NpcDecision]]) -> None:
+    async def _write_decisions_pg(
+        conn: AsyncConnection, decided: Sequence[tuple[int, NpcDecision]], states: Sequence[bytes | None]
+    ) -> None:
         ds = [d for _, d in decided]
         try:
             columns = (
@@ -405,7 +431,7 @@ class Ticks(StoreBase):
                 float8_array([d.mood_valence for d in ds]),
                 float8_array([d.mood_arousal for d in ds]),
                 float8_array([d.decided_at for d in ds]),
-                jsonb_array([None if d.state is None else state_json.dumps(d.state) for d in ds]),
+                jsonb_array(states),
             )
         except ValueError:
             # A non-finite number (from a plug-in decide): say which NPC and column.

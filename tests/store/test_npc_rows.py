@@ -193,3 +193,24 @@ async def test_a_plugin_decision_with_a_non_finite_number_fails_its_world_alone(
         assert str(answers[0]) == f"npc {cursed}: decision energy is not a finite number (nan)"
     assert not isinstance(answers[1], BaseException) and answers[1].npcs_simulated == 1
     assert await _decisions(store, fine) == 1
+
+
+async def test_a_decided_state_equal_to_the_one_read_is_left_as_stored(store: Store) -> None:
+    """Unchanged by the decision, the state is not written back: a game's write since the read stays."""
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    empty = {COOLDOWNS_KEY: {}}
+    kept, changed = await store.add_npcs(
+        world_id, [{"name": "kept", "state": empty}, {"name": "changed", "state": empty}]
+    )
+    read = await store.get_npcs(world_id)
+    decisions = [decide(npc, BehaviorContent(), 3600.0, 60.0) for npc in read]
+    assert decisions[0].state == read[0].state  # no content, no cooldowns: nothing to change
+    decisions[1].state = {**read[1].state, "decided": True}
+    cast = "CAST(:v AS jsonb)" if store.dialect == "postgresql" else ":v"
+    for npc_id in (kept, changed):  # the game writes both meanwhile
+        await _set_raw(store, npc_id, "state", cast, {"v": json.dumps({"game": npc_id})})
+    async with store.transaction() as conn:
+        await store.write_decisions_many(conn, [(world_id, decisions)], [read])
+    assert await _state(store, kept) == {"game": kept}
+    assert await _state(store, changed) == {"cooldowns": {}, "decided": True}
+    assert await _decisions(store, kept) == 1 and await _decisions(store, changed) == 1

@@ -175,7 +175,10 @@ async def test_batched_selection_matches_the_per_world_selection(store: Store) -
 
 
 async def test_runner_groups_due_worlds_and_a_failing_world_ticks_alone(store: Store) -> None:
-    worlds, sched, runner = await recorded_runner(store, 10, 2, max_batch_size=4, backoff_base_seconds=1.0)
+    # No phase slots: they would hold four worlds each (one batch) and spread the ten over three deadlines.
+    worlds, sched, runner = await recorded_runner(
+        store, 10, 2, max_batch_size=4, backoff_base_seconds=1.0, phase_slot_seconds=0.0
+    )
     await runner.run_until(1.0)
     # Ten worlds due at the same moment: groups of at most four, every world once.
     assert [len(g) for g in sched.groups] == [4, 4, 2]

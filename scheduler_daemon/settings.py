@@ -78,8 +78,8 @@ class SchedulerSettings(_Section):
     max_batch_size: int = Field(default=64, ge=1, le=10_000)
     #: Worlds falling due within this window are dispatched together (a tick may start this much early).
     batch_window_seconds: float = Field(default=0.0015, ge=0, le=1)
-    #: Worlds of equal interval whose ticks fall in one slot of this width share a deadline (one batch);
-    #: a world's ticks move by less than this once, at registration. ``0``: each on its own phase.
+    #: Worlds of equal interval whose ticks fall in one slot of this width share a deadline (one batch of at
+    #: most ``max_batch_size``); a world's ticks move by less than this once, at registration. ``0``: none.
     phase_slot_seconds: float = Field(default=0.05, ge=0, le=10)
     tick_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     backoff_max_seconds: float = Field(default=60.0, gt=0, le=86400)

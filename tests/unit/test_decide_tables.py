@@ -13,7 +13,7 @@ from scheduler_daemon.simulation.behavior import WEEKDAYS, active_slot, decide, 
 from scheduler_daemon.simulation.npc import NpcState, Tier
 from tests.support import reference_decide
 
-PROPERTY = settings(database=None, deadline=None, max_examples=300)
+PROPERTY = settings(database=None, deadline=None, max_examples=150)
 NAMES = ("a", "b", "c", "d")
 
 hhmm = st.builds(lambda h, m: f"{h:02d}:{m:02d}", st.integers(0, 23), st.sampled_from((0, 1, 15, 30, 59)))

@@ -59,7 +59,7 @@ import tempfile
 import time
 import uuid
 from array import array
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -555,12 +555,7 @@ async def run_raw(url: str, world_ids: list[int], warmup: float, seconds: float,
     counter = Counter()
     group = args.group if args.impl == "raw_ceiling" else 1
     conninfo = _libpq(url)
-    clocks: dict[int, WorldClock] = {}
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        cur = await conn.execute("SELECT world_id, world_time FROM world_states")
-        start = time.monotonic()
-        for world_id, world_time in await cur.fetchall():
-            clocks[world_id] = WorldClock(world_time, start - 1.0)
+    clocks = await _clocks(conninfo)
 
     async def tick(conn: psycopg.AsyncConnection[Any], world_id: int) -> int:
         clock = clocks[world_id]
@@ -592,6 +587,36 @@ async def run_raw(url: str, world_ids: list[int], warmup: float, seconds: float,
         clock.pending = (world_time, now)
         return len(decisions)
 
+    return await _run_grouped(conninfo, world_ids, clocks, tick, group, args.concurrency, counter, warmup, seconds)
+
+
+async def _clocks(conninfo: str) -> dict[int, WorldClock]:
+    """Every world's committed clock, for the hand-written implementations."""
+    import psycopg
+
+    clocks: dict[int, WorldClock] = {}
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        cur = await conn.execute("SELECT world_id, world_time FROM world_states")
+        start = time.monotonic()
+        for world_id, world_time in await cur.fetchall():
+            clocks[world_id] = WorldClock(world_time, start - 1.0)
+    return clocks
+
+
+async def _run_grouped(
+    conninfo: str,
+    world_ids: list[int],
+    clocks: dict[int, WorldClock],
+    tick: Callable[[Any, int], Awaitable[int]],
+    group: int,
+    concurrency: int,
+    counter: Counter,
+    warmup: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """``concurrency`` connections, each ticking its share of the worlds ``group`` per transaction, flat out."""
+    import psycopg
+
     stop = asyncio.Event()
 
     async def worker(mine: list[int]) -> None:
@@ -608,7 +633,7 @@ async def run_raw(url: str, world_ids: list[int], warmup: float, seconds: float,
                         counter.ticks += len(chunk)
                         counter.decisions += sum(done)
 
-    shares = [world_ids[i :: args.concurrency] for i in range(args.concurrency)]
+    shares = [world_ids[i::concurrency] for i in range(concurrency)]
     tasks = [asyncio.create_task(worker(share)) for share in shares if share]
     try:
         return await measure(counter, warmup, seconds)
@@ -639,12 +664,7 @@ async def run_db_ceiling(url: str, world_ids: list[int], warmup: float, seconds:
     by_tier = [intervals[Tier(t)] for t in range(Tier.FROZEN)]  # indexed by tier + 1 in SQL
     counter = Counter()
     conninfo = _libpq(url)
-    clocks: dict[int, WorldClock] = {}
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-        cur = await conn.execute("SELECT world_id, world_time FROM world_states")
-        start = time.monotonic()
-        for world_id, world_time in await cur.fetchall():
-            clocks[world_id] = WorldClock(world_time, start - 1.0)
+    clocks = await _clocks(conninfo)
 
     async def tick(conn: psycopg.AsyncConnection[Any], world_id: int) -> int:
         clock = clocks[world_id]
@@ -655,29 +675,7 @@ async def run_db_ceiling(url: str, world_ids: list[int], warmup: float, seconds:
         clock.pending = (world_time, now)
         return cur.rowcount
 
-    stop = asyncio.Event()
-
-    async def worker(mine: list[int]) -> None:
-        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
-            while not stop.is_set():
-                for i in range(0, len(mine), args.group):
-                    chunk = mine[i : i + args.group]
-                    async with conn.transaction():
-                        done = [await tick(conn, w) for w in chunk]
-                    for w in chunk:
-                        clock = clocks[w]
-                        clock.world_time, clock.last = clock.pending
-                    if counter.measuring:
-                        counter.ticks += len(chunk)
-                        counter.decisions += sum(done)
-
-    shares = [world_ids[i :: args.concurrency] for i in range(args.concurrency)]
-    tasks = [asyncio.create_task(worker(share)) for share in shares if share]
-    try:
-        return await measure(counter, warmup, seconds)
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    return await _run_grouped(conninfo, world_ids, clocks, tick, args.group, args.concurrency, counter, warmup, seconds)
 
 
 IMPLS = {

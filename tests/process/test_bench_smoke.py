@@ -12,18 +12,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_micro_writes_json_table_and_plot(tmp_path: Path) -> None:
-    pytest.importorskip("apscheduler", reason="benchmark dependencies: pip install -e '.[dev]'")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("SCHEDULER_TEST_POSTGRES_URL", None)  # the PostgreSQL part is covered by `make bench-quick`
+def _micro(out: Path, only: str, env: dict[str, str]) -> dict[str, Any]:
+    """``python -m bench --micro --only ONLY`` into ``out``; its JSON."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--micro", "--only", "core,sqlite", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--micro", "--only", only, "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -31,7 +30,14 @@ def test_bench_micro_writes_json_table_and_plot(tmp_path: Path) -> None:
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "micro.json").read_text())
+    return dict(json.loads((out / "micro.json").read_text()))
+
+
+def test_bench_micro_writes_json_table_and_plot(tmp_path: Path) -> None:
+    pytest.importorskip("apscheduler", reason="benchmark dependencies: pip install -e '.[dev]'")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("SCHEDULER_TEST_POSTGRES_URL", None)  # the PostgreSQL part is covered by `make bench-quick`
+    result = _micro(tmp_path, "core,sqlite", env)
     core = result["core"]
     for key in ("cpu_ratio_vs_floor", "cpu_ratio_vs_apscheduler", "p99_lag_ms", "worlds"):
         assert key in core
@@ -61,16 +67,7 @@ def test_bench_micro_postgresql_writes_the_ceiling_and_sustained_keys(tmp_path: 
     if not server:
         pytest.skip("SCHEDULER_TEST_POSTGRES_URL is not set")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--micro", "--only", "pg", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    pg = json.loads((tmp_path / "micro.json").read_text())["e2e_pg"]
+    pg = _micro(tmp_path, "pg", env)["e2e_pg"]
     assert {"daemon", "db_ceiling", "naive_orm", "raw_floor", "raw_ceiling"} <= pg["runs"].keys()
     assert pg["db_ceiling_rows_per_s"] > 0
     assert pg["daemon_vs_db_ceiling"] == pytest.approx(

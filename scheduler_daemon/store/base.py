@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final, Self
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scheduler_daemon.store import migrate
 from scheduler_daemon.store.database import begin_writing, create_engine
+from scheduler_daemon.store.errors import needs_new_connection
 
 #: A world's ``meta`` larger than this (bytes of its JSON text) is never loaded:
 #: the world is isolated with the reason instead.
@@ -62,9 +64,27 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-async def driver_connection(conn: AsyncConnection) -> Any:
-    """The driver's own connection under ``conn`` (psycopg's, on PostgreSQL), inside the same transaction."""
-    return (await conn.get_raw_connection()).driver_connection
+async def driver_execute(conn: AsyncConnection, query: str, params: Sequence[Any]) -> Any:
+    """Run ``query`` (prepared) on the psycopg connection under ``conn``, inside the same transaction.
+
+    Returns psycopg's cursor. SQLAlchemy never sees an error raised here, so
+    one after which the connection cannot write
+    (:func:`~scheduler_daemon.store.errors.needs_new_connection`, e.g. a
+    demoted primary's read-only session) or which closed it drops the
+    connection and the pool's older ones, as the engine does for its own
+    statements (store/database.py).
+    """
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    try:
+        return await driver.execute(query, params, prepare=True)
+    except psycopg.Error as exc:
+        if needs_new_connection(exc) or driver.closed:
+            # What SQLAlchemy does for a disconnect: older pooled sessions are
+            # recycled at checkout, this one is dropped.
+            conn.sync_engine.pool._invalidate(raw, exc, _checkin=False)
+            await conn.invalidate(exc)
+        raise
 
 
 def wall_now() -> datetime:

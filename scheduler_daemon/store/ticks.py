@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
 from scheduler_daemon.store import state_json
-from scheduler_daemon.store.base import SQLITE_WORLDS_PER_SELECT, StoreBase, driver_connection, wall_now
+from scheduler_daemon.store.base import SQLITE_WORLDS_PER_SELECT, StoreBase, driver_execute, wall_now
 from scheduler_daemon.store.errors import StaleWorldStateError
 from scheduler_daemon.store.fence import Fence
 from scheduler_daemon.store.models import npcs, world_states
@@ -256,15 +256,14 @@ class Ticks(StoreBase):
             # The driver's cursor: SQLAlchemy's rows and type processing cost
             # more per NPC than the statement (docs/performance.md). Text rows:
             # states decode faster from text than from binary jsonb.
-            cursor = (await driver_connection(conn)).cursor()
-            await cursor.execute(
+            cursor = await driver_execute(
+                conn,
                 _DUE_MANY_PG,
                 (
                     int4_array([w for w, _, _ in wanted]),
                     float8_array([float(t) for _, t, _ in wanted]),
                     int4_array([lim for _, _, lim in wanted]),
                 ),
-                prepare=True,
             )
             for row in await cursor.fetchall():
                 npc = pg_npc_from_row(row)
@@ -298,10 +297,10 @@ class Ticks(StoreBase):
         if not requests:
             return {}
         if conn.dialect.name == "postgresql":
-            cursor = await (await driver_connection(conn)).execute(
+            cursor = await driver_execute(
+                conn,
                 _DUE_WORK_PG,
                 (int4_array([w for w, _ in requests]), float8_array([float(t) for _, t in requests])),
-                prepare=True,
             )
             rows: list[Any] = await cursor.fetchall()
         else:
@@ -348,7 +347,7 @@ class Ticks(StoreBase):
             afters = [taken.get(t, _BEFORE_ALL) for _, _, taken in requests]
             params.append(float8_array([float(at) for at, _ in afters], finite=False))  # -inf: before all
             params.append(int4_array([npc_id for _, npc_id in afters]))
-        cursor = await (await driver_connection(conn)).execute(_WAITING_MANY_PG, params, prepare=True)
+        cursor = await driver_execute(conn, _WAITING_MANY_PG, params)
         for world_id, tier, next_at in await cursor.fetchall():
             out[int(world_id)][Tier(tier)] = float(next_at)
         return out
@@ -438,7 +437,7 @@ class Ticks(StoreBase):
             raise ValueError(_non_finite(ds)) from None
         except (TypeError, struct.error) as exc:
             raise ValueError(f"a decision cannot be written: {exc}") from exc
-        await (await driver_connection(conn)).execute(_WRITE_DECISIONS_MANY_PG, columns, prepare=True)
+        await driver_execute(conn, _WRITE_DECISIONS_MANY_PG, columns)
 
     @staticmethod
     async def advance_world_states(conn: AsyncConnection, advances: Sequence[WorldAdvance]) -> None:

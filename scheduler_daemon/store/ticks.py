@@ -373,7 +373,8 @@ class Ticks(StoreBase):
         ``read``, per batch, the NPCs the decisions were made from, in the same
         order: a decided ``state`` equal to the one read is left as stored (not
         encoded, sent and parsed again, and a game's write since the read is not
-        undone). PostgreSQL: one set-based ``UPDATE … FROM unnest(…)`` of packed
+        undone), unless it is the very dict read, which may have been changed in
+        place. PostgreSQL: one set-based ``UPDATE … FROM unnest(…)`` of packed
         columns for all of them. SQLite (in process, no round trips to save):
         one executemany.
         """
@@ -383,9 +384,16 @@ class Ticks(StoreBase):
             before = read[index] if read is not None else None
             for position, d in enumerate(decisions):
                 decided.append((world_id, d))
-                if d.state is None or (before is not None and d.state == before[position].state):
+                if d.state is None:
                     states.append(None)
                     continue
+                if before is not None:
+                    read_state = before[position].state
+                    # The very dict read may have been changed in place (a plug-in
+                    # decide): only an equal copy is known to be unchanged.
+                    if d.state is not read_state and d.state == read_state:
+                        states.append(None)
+                        continue
                 try:
                     states.append(state_json.dumps(d.state))
                 except (TypeError, ValueError) as exc:

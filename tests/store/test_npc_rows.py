@@ -214,3 +214,22 @@ async def test_a_decided_state_equal_to_the_one_read_is_left_as_stored(store: St
     assert await _state(store, kept) == {"game": kept}
     assert await _state(store, changed) == {"cooldowns": {}, "decided": True}
     assert await _decisions(store, kept) == 1 and await _decisions(store, changed) == 1
+
+
+async def test_a_plugin_decision_changing_the_read_state_in_place_is_written(store: Store) -> None:
+    """A plug-in decide may change ``npc.state`` itself and return it: equal to "the one read", it is still new."""
+
+    def count_visits(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        npc.state["visits"] = npc.state.get("visits", 0) + 1
+        decision.state = npc.state
+        return decision
+
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    (npc,) = await store.add_npcs(world_id, [{"name": "innkeeper", "state": {"visits": 0}}])
+    sched = WorldScheduler(store, decide_fn=count_visits)
+    await sched.register_world(world_id)
+    await sched.tick_world(world_id, 60.0)
+    assert await _decisions(store, npc) == 1
+    state = await _state(store, npc)
+    assert isinstance(state, dict) and state["visits"] == 1, state

@@ -222,6 +222,19 @@ def _non_finite(decisions: Sequence[NpcDecision]) -> str:
     return "a decision holds a number that is not finite"
 
 
+def _not_unicode(decisions: Sequence[NpcDecision]) -> str:
+    """Which decision holds text that UTF-8 cannot encode, for the error that fails its world's tick."""
+    for d in decisions:
+        for name in ("current_activity", "location"):
+            value = getattr(d, name)
+            if value is not None:
+                try:
+                    value.encode()
+                except UnicodeEncodeError:
+                    return f"npc {d.npc_id}: decision {name} is not valid Unicode text"
+    return "a decision holds text that is not valid Unicode"
+
+
 class Ticks(StoreBase):
     """Every statement of a grouped tick's transaction except the claims, chains and the fence."""
 
@@ -440,6 +453,9 @@ class Ticks(StoreBase):
                 float8_array([d.decided_at for d in ds]),
                 jsonb_array(states),
             )
+        except UnicodeEncodeError as exc:
+            # A lone surrogate (from a plug-in decide): say which NPC and column.
+            raise ValueError(f"{_not_unicode(ds)}: {exc.reason}") from None
         except ValueError:
             # A non-finite number (from a plug-in decide): say which NPC and column.
             raise ValueError(_non_finite(ds)) from None

@@ -198,7 +198,7 @@ async def test_a_plugin_decision_with_a_non_finite_number_fails_its_world_alone(
 async def test_a_decided_state_equal_to_the_one_read_is_left_as_stored(store: Store) -> None:
     """Unchanged by the decision, the state is not written back: a game's write since the read stays."""
     world_id = await store.create_world("w", simulation={"alwaysOn": True})
-    empty = {COOLDOWNS_KEY: {}}
+    empty: dict[str, object] = {COOLDOWNS_KEY: {}}
     kept, changed = await store.add_npcs(
         world_id, [{"name": "kept", "state": empty}, {"name": "changed", "state": empty}]
     )
@@ -233,3 +233,23 @@ async def test_a_plugin_decision_changing_the_read_state_in_place_is_written(sto
     assert await _decisions(store, npc) == 1
     state = await _state(store, npc)
     assert isinstance(state, dict) and state["visits"] == 1, state
+
+
+@pytest.mark.postgres
+async def test_a_plugin_decision_with_text_that_is_no_unicode_fails_its_world_naming_it(pg_store: Store) -> None:
+    """A lone surrogate in an activity cannot be sent: the world's tick fails saying so, not "a number"."""
+
+    def surrogate(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        decision.current_activity = "nap\ud800"
+        return decision
+
+    store = pg_store
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    (npc,) = await store.add_npcs(world_id, [{"name": "sleeper"}])
+    sched = WorldScheduler(store, decide_fn=surrogate)
+    await sched.register_world(world_id)
+    with pytest.raises(ValueError) as failed:
+        await sched.tick_world(world_id, 60.0)
+    assert str(failed.value).startswith(f"npc {npc}: decision current_activity is not valid Unicode text"), failed.value
+    assert await _decisions(store, npc) == 0

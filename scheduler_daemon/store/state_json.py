@@ -6,7 +6,7 @@ beyond 64 bits as a float (PostgreSQL's ``jsonb`` keeps any numeric), which
 would round a game's number on the next write: a document with a run of 19
 digits goes through :mod:`json`, as does one orjson refuses, so every
 document reads as it did before. orjson writes a non-finite float as
-``null`` (JSON has no NaN).
+``null`` (JSON has no NaN): a document with one is refused, as before.
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
 
 
 def dumps(value: Any) -> bytes:
-    """Encode one JSON document as UTF-8."""
+    """Encode one JSON document as UTF-8; ``ValueError`` on NaN or an infinity (JSON has none)."""
     try:
-        return orjson.dumps(value)
+        data = orjson.dumps(value)
     except TypeError:
         return json.dumps(value, allow_nan=False).encode()
+    if b"null" in data:
+        # orjson writes a non-finite float as null: the standard library refuses it,
+        # so a plug-in's NaN fails its world's tick instead of being stored as null.
+        json.dumps(value, allow_nan=False)
+    return data

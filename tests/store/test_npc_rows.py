@@ -253,3 +253,21 @@ async def test_a_plugin_decision_with_text_that_is_no_unicode_fails_its_world_na
         await sched.tick_world(world_id, 60.0)
     assert str(failed.value).startswith(f"npc {npc}: decision current_activity is not valid Unicode text"), failed.value
     assert await _decisions(store, npc) == 0
+
+
+async def test_a_plugin_state_with_a_non_finite_number_fails_its_world_not_written_as_null(store: Store) -> None:
+    """JSON has no NaN: the state is refused naming the NPC, as before orjson, not silently stored as null."""
+
+    def nan_state(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        decision.state = {**npc.state, "score": math.nan, "limit": None}
+        return decision
+
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    (npc,) = await store.add_npcs(world_id, [{"name": "gambler", "state": {"score": 1.5}}])
+    sched = WorldScheduler(store, decide_fn=nan_state)
+    await sched.register_world(world_id)
+    with pytest.raises(ValueError, match=f"npc {npc}: decision state cannot be written as JSON"):
+        await sched.tick_world(world_id, 60.0)
+    assert await _state(store, npc) == {"score": 1.5}
+    assert await _decisions(store, npc) == 0

@@ -19,6 +19,9 @@ import orjson
 
 _LONG_DIGITS: Final = re.compile(rb"[0-9]{19}")
 _LONG_DIGITS_TEXT: Final = re.compile(r"[0-9]{19}")
+#: Datetimes and dataclasses go to the standard library, which refuses them
+#: (orjson would write them as strings and objects, read back as such).
+_REFUSE_AS_JSON_DOES: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
@@ -37,7 +40,7 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
 def dumps(value: Any) -> bytes:
     """Encode one JSON document as UTF-8; ``ValueError`` on NaN or an infinity (JSON has none)."""
     try:
-        data = orjson.dumps(value)
+        data = orjson.dumps(value, option=_REFUSE_AS_JSON_DOES)
     except TypeError:
         return json.dumps(value, allow_nan=False).encode()
     if b"null" in data:

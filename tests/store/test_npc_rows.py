@@ -271,3 +271,21 @@ async def test_a_plugin_state_with_a_non_finite_number_fails_its_world_not_writt
         await sched.tick_world(world_id, 60.0)
     assert await _state(store, npc) == {"score": 1.5}
     assert await _decisions(store, npc) == 0
+
+
+async def test_a_plugin_state_with_a_datetime_fails_its_world_not_stringified(store: Store) -> None:
+    """A datetime is no JSON value: refused naming the NPC, as before orjson, not stored as a string."""
+    from datetime import UTC, datetime
+
+    def dated(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        decision.state = {**npc.state, "seen": datetime(2026, 12, 6, tzinfo=UTC)}
+        return decision
+
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    (npc,) = await store.add_npcs(world_id, [{"name": "clerk", "state": {"seen": None}}])
+    sched = WorldScheduler(store, decide_fn=dated)
+    await sched.register_world(world_id)
+    with pytest.raises(ValueError, match=f"npc {npc}: decision state cannot be written as JSON"):
+        await sched.tick_world(world_id, 60.0)
+    assert await _state(store, npc) == {"seen": None}

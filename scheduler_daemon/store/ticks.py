@@ -222,6 +222,17 @@ def _non_finite(decisions: Sequence[NpcDecision]) -> str:
     return "a decision holds a number that is not finite"
 
 
+def _same_json(a: Any, b: Any) -> bool:
+    """``a == b`` as JSON documents, for two that are equal in Python (where ``True == 1 == 1.0``)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return all(_same_json(value, b[key]) for key, value in a.items())
+    if type(a) is list:
+        return all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    return True
+
+
 def _not_unicode(decisions: Sequence[NpcDecision]) -> str:
     """Which decision holds text that UTF-8 cannot encode, for the error that fails its world's tick."""
     for d in decisions:
@@ -384,7 +395,7 @@ class Ticks(StoreBase):
         """Write decided NPC columns back for several worlds (``world_id`` in every WHERE).
 
         ``read``, per batch, the NPCs the decisions were made from, in the same
-        order: a decided ``state`` equal to the one read is left as stored (not
+        order: a decided ``state`` equal to the one read (as JSON: ``1`` is not ``true``) is left as stored (not
         encoded, sent and parsed again, and a game's write since the read is not
         undone), unless it is the very dict read, which may have been changed in
         place. PostgreSQL: one set-based ``UPDATE … FROM unnest(…)`` of packed
@@ -404,7 +415,7 @@ class Ticks(StoreBase):
                     read_state = before[position].state
                     # The very dict read may have been changed in place (a plug-in
                     # decide): only an equal copy is known to be unchanged.
-                    if d.state is not read_state and d.state == read_state:
+                    if d.state is not read_state and d.state == read_state and _same_json(d.state, read_state):
                         states.append(None)
                         continue
                 try:

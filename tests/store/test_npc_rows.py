@@ -289,3 +289,23 @@ async def test_a_plugin_state_with_a_datetime_fails_its_world_not_stringified(st
     with pytest.raises(ValueError, match=f"npc {npc}: decision state cannot be written as JSON"):
         await sched.tick_world(world_id, 60.0)
     assert await _state(store, npc) == {"seen": None}
+
+
+async def test_a_decided_state_equal_only_by_python_numbers_is_written(store: Store) -> None:
+    """``True == 1`` and ``1 == 1.0`` in Python, not in JSON: a state changing one into the other is written."""
+
+    def flags(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        decision.state = {**npc.state, "done": True, "ratio": 1.0}
+        return decision
+
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    empty: dict[str, object] = {COOLDOWNS_KEY: {}}
+    (npc,) = await store.add_npcs(world_id, [{"name": "n", "state": {**empty, "done": 1, "ratio": 1}}])
+    read = await store.get_npcs(world_id)
+    decisions = [flags(n, BehaviorContent(), 3600.0, 60.0) for n in read]
+    assert decisions[0].state == read[0].state  # equal to Python, yet other JSON
+    async with store.transaction() as conn:
+        await store.write_decisions_many(conn, [(world_id, decisions)], [read])
+    state = await _state(store, npc)
+    assert isinstance(state, dict) and state["done"] is True and type(state["ratio"]) is float, state

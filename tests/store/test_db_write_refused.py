@@ -126,3 +126,33 @@ async def test_readyz_of_an_idle_daemon_reports_a_read_only_database_and_recover
         assert r.status_code == 200, r.text
         assert r.json()["database"] == "ok"
         assert (await client.get("/healthz")).status_code == 200
+
+
+@pytest.mark.postgres
+async def test_a_tick_refused_on_a_read_only_session_drops_it_and_the_next_tick_commits(
+    store: Store, admin: psycopg.Connection[tuple[object, ...]], pg_url: str
+) -> None:
+    """The NPC write runs on the driver's cursor (store/ticks.py), outside SQLAlchemy's error handling.
+
+    It must drop a read-only session itself: else every later tick fails on it
+    while the pre-ping's ``SELECT 1`` keeps it pooled.
+    """
+    db = str(sa.make_url(pg_url).database)
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    (npc,) = await store.add_npcs(world_id, [{"name": "smith"}])
+    sched = WorldScheduler(store)
+    await sched.register_world(world_id)
+    await store.dispose()  # every session below opens under the read-only default
+    _read_only_default(admin, db, True)
+    stale = await _pooled_sessions(store, 2)
+    assert [setting for _, setting in stale] == ["on", "on"]
+    _read_only_default(admin, db, False)  # both sessions stay pooled, read-only
+
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as refused:
+        await sched.tick_worlds([(world_id, 60.0)])
+    assert is_transient(refused.value)
+
+    [done] = await sched.tick_worlds([(world_id, 60.0)])
+    assert not isinstance(done, BaseException), done
+    assert (await store.get_npcs(world_id, [npc]))[0].decisions == 1
+    assert not {pid for pid, _ in await _pooled_sessions(store, 2)} & {pid for pid, _ in stale}

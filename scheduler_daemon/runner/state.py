@@ -167,10 +167,6 @@ class PhaseSlots:
         else:
             self._load.pop(key, None)
 
-    def load(self, interval: float, index: int, layer: int = 0) -> int:
-        """Worlds in slot ``index`` of ``interval`` in ``layer``."""
-        return self._load.get((interval, layer, index), 0)
-
 
 def _layer_offset(layer: int) -> float:
     """Where a layer's slots start, as a fraction of a slot: 0, 1/2, 1/4, 3/4, 1/8, … (bits reversed)."""

@@ -237,8 +237,8 @@ def test_phase_slots_are_at_most_an_eighth_of_the_interval_and_hold_one_batch() 
     assert phases.place(1.01, 1.0, 0.05, capacity=2)[0] == pytest.approx(1.10)  # full: the next slot
     assert phases.place(2.04, 1.0, 0.05, capacity=2)[0] == pytest.approx(2.10)  # the same slot a second later
     phases.release(key)
-    assert phases.load(1.0, 1) == 1
     assert phases.place(1.03, 1.0, 0.05, capacity=2) == (pytest.approx(1.05), (1.0, 0, 1))  # room again
+    assert phases.place(1.03, 1.0, 0.05, capacity=2)[0] == pytest.approx(1.15)  # for exactly one: 1.05, 1.10 full
 
 
 def test_full_phase_slots_open_layers_between_them() -> None:
@@ -251,5 +251,5 @@ def test_full_phase_slots_open_layers_between_them() -> None:
     anchor, key = placed[-1]
     phases.release(key)
     assert phases.place(0.0, 0.2, 0.05, capacity=1) == (pytest.approx(anchor), key)  # the freed slot again
-    phases.place(0.0, 0.2, 0.05, capacity=2)  # a larger batch (a reload): full slots have room again
-    assert phases.load(0.2, 0) == 2  # its own slot, no longer full
+    # A larger batch (a reload): full slots have room again, its own slot first.
+    assert phases.place(0.0, 0.2, 0.05, capacity=2) == (0.0, (0.2, 0, 0))

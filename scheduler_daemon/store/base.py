@@ -64,10 +64,10 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-async def driver_execute(conn: AsyncConnection, query: str, params: Sequence[Any]) -> Any:
+async def driver_execute(conn: AsyncConnection, query: str, params: Sequence[Any], *, binary: bool = False) -> Any:
     """Run ``query`` (prepared) on the psycopg connection under ``conn``, inside the same transaction.
 
-    Returns psycopg's cursor. SQLAlchemy never sees an error raised here, so
+    Returns psycopg's cursor; ``binary``: results in binary format. SQLAlchemy never sees an error raised here, so
     one after which the connection cannot write
     (:func:`~scheduler_daemon.store.errors.needs_new_connection`, e.g. a
     demoted primary's read-only session) or which closed it drops the
@@ -77,7 +77,7 @@ async def driver_execute(conn: AsyncConnection, query: str, params: Sequence[Any
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
     try:
-        return await driver.execute(query, params, prepare=True)
+        return await driver.execute(query, params, prepare=True, binary=binary)
     except psycopg.Error as exc:
         if needs_new_connection(exc) or driver.closed:
             # What SQLAlchemy does for a disconnect: older pooled sessions are

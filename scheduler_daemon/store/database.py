@@ -126,8 +126,9 @@ def create_engine(
 
 
 def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
-    # The tick's grouped writes send whole columns packed (store/pg_arrays.py),
-    # and NPC states decode with orjson (store/state_json.py).
+    # NPC states decode with orjson (store/state_json.py); the tick's grouped
+    # writes send whole columns packed and its selection reads binary jsonb
+    # (store/pg_arrays.py: registered last, so its jsonb loader wins).
     connection = dbapi_conn.driver_connection
-    register_packed_arrays(connection)
     set_json_loads(state_json.loads, connection)
+    register_packed_arrays(connection)

@@ -1,10 +1,12 @@
-"""Whole columns as PostgreSQL binary arrays, packed by one ``struct`` call each.
+"""The tick's binary wire formats: whole columns sent as PostgreSQL arrays, NPC states read as binary jsonb.
 
 psycopg dumps a Python list element by element in Python, and text arrays
 need a ``repr`` per float; packing the binary wire format ourselves costs a
 fraction of either (docs/performance.md). A packed column is a
 :class:`PackedArray`; :func:`register_packed_arrays` teaches a psycopg
-connection to send it as-is with its array type.
+connection to send it as-is with its array type, and to read binary ``jsonb``
+(the due-NPC selection's ``state``) through :mod:`~scheduler_daemon.store.state_json`
+without copying it first.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import struct
 from collections.abc import Sequence
 from typing import Any, Final
 
-from psycopg import adapt, pq
+from psycopg import DataError, adapt, pq
+
+from scheduler_daemon.store import state_json
 
 _INT4_OID: Final = 23
 _TEXT_OID: Final = 25
@@ -138,8 +142,21 @@ class _JsonbArrayDumper(_Float8ArrayDumper):
     oid = _JSONB_ARRAY_OID
 
 
+class _JsonbBinaryLoader(adapt.Loader):
+    format = pq.Format.BINARY
+
+    def load(self, data: Any) -> Any:
+        if data[:1] != _JSONB_VERSION:
+            raise DataError(f"unknown jsonb binary format version: {bytes(data[:1])!r}")
+        return state_json.loads(data[1:])
+
+
 def register_packed_arrays(connection: Any) -> None:
-    """Let ``connection`` (a psycopg connection) send :class:`PackedArray` parameters as they are."""
+    """Let ``connection`` (a psycopg connection) send :class:`PackedArray` parameters as they are.
+
+    Also: binary ``jsonb`` results decode with :func:`~scheduler_daemon.store.state_json.loads`.
+    """
+    connection.adapters.register_loader("jsonb", _JsonbBinaryLoader)
     for cls, dumper in (
         (Float8Array, _Float8ArrayDumper),
         (Int4Array, _Int4ArrayDumper),

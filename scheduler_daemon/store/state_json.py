@@ -26,15 +26,14 @@ _REFUSE_AS_JSON_DOES: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASST
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
     """Decode one JSON document (a psycopg ``json``/``jsonb`` loader, or SQLite's text)."""
-    if isinstance(data, memoryview):
-        data = bytes(data)
-    long_digits = _LONG_DIGITS_TEXT if isinstance(data, str) else _LONG_DIGITS
+    long_digits = _LONG_DIGITS_TEXT if type(data) is str else _LONG_DIGITS
     if long_digits.search(data) is None:  # type: ignore[arg-type]
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(data)
+    # The standard library reads neither memoryviews nor what orjson refused quietly.
+    return json.loads(bytes(data) if type(data) is memoryview else data)
 
 
 def dumps(value: Any) -> bytes:

@@ -278,8 +278,8 @@ class Ticks(StoreBase):
         dialect = conn.dialect.name
         if dialect == "postgresql":
             # The driver's cursor: SQLAlchemy's rows and type processing cost
-            # more per NPC than the statement (docs/performance.md). Text rows:
-            # states decode faster from text than from binary jsonb.
+            # more per NPC than the statement (docs/performance.md). Binary rows:
+            # numbers need no parsing, and states decode without a copy (store/pg_arrays.py).
             cursor = await driver_execute(
                 conn,
                 _DUE_MANY_PG,
@@ -288,6 +288,7 @@ class Ticks(StoreBase):
                     float8_array([float(t) for _, t, _ in wanted]),
                     int4_array([lim for _, _, lim in wanted]),
                 ),
+                binary=True,
             )
             for row in await cursor.fetchall():
                 npc = pg_npc_from_row(row)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 
@@ -46,3 +47,14 @@ def test_non_finite_floats_and_out_of_range_ints_are_refused_before_sending() ->
             float8_array([1.0, bad])
     with pytest.raises(struct.error):
         int4_array([2**31])
+
+
+@pytest.mark.postgres
+async def test_binary_jsonb_results_decode_as_the_stored_documents(pg_database_url: str) -> None:
+    """The due-NPC selection reads ``state`` as binary jsonb: every document reads as the text one does."""
+    documents = ['{"cooldowns": {}}', '{"big": 1180591620717411303425, "k": "Zoë ✓"}', "[1, 2.5, null]", '"s"']
+    async with await psycopg.AsyncConnection.connect(libpq(pg_database_url)) as conn:
+        register_packed_arrays(conn)
+        for text in documents:
+            cursor = await conn.execute("SELECT %s::jsonb", (text,), binary=True)
+            assert await cursor.fetchone() == (json.loads(text),)

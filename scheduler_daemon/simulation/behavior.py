@@ -359,9 +359,17 @@ def decision_draws(world_id: int, npc_id: int, world_time: float) -> Draws:
 
 
 def _draws(world_id: int, npc_id: int, world_time: float) -> tuple[float, float, float]:
+    return _keyed_draws(f"{world_id}:{npc_id}".encode() + _time_key(world_time))
+
+
+def _time_key(world_time: float) -> bytes:
     # ``+ 0.0`` folds -0.0 into 0.0 so both spell the same key.
+    return b":" + (float(world_time) + 0.0).hex().encode()
+
+
+def _keyed_draws(key: bytes) -> tuple[float, float, float]:
     hasher = _DRAW_HASH.copy()
-    hasher.update(f"{world_id}:{npc_id}:{(float(world_time) + 0.0).hex()}".encode())
+    hasher.update(key)
     a, b, c = _THREE_U64.unpack(hasher.digest())
     return (a >> 11) * _UNIT, (b >> 11) * _UNIT, (c >> 11) * _UNIT
 
@@ -487,6 +495,40 @@ def _finish_current(
     return energy, valence, arousal, cooldowns
 
 
+class _Moment:
+    """What every decision of one world at one world time shares, worked out once per batch."""
+
+    __slots__ = ("activities", "day", "minute", "slots", "tables", "time_key", "world_time")
+
+    def __init__(self, tables: DecideTables, world_time: float) -> None:
+        self.tables = tables
+        self.activities = tables.activities
+        self.world_time = world_time
+        self.time_key = _time_key(world_time)
+        self.day, self.minute = _day_and_minute(world_time)
+        self.slots: dict[str | None, SlotEntry | None] = {}
+
+    def slot_for(self, routine_name: str | None) -> SlotEntry | None:
+        """The slot active now in the named routine (see :meth:`DecideTables.routine_for`)."""
+        try:
+            return self.slots[routine_name]
+        except KeyError:
+            routine = self.tables.routine_for(routine_name)
+            slot = routine.slot_at(self.day, self.minute) if routine is not None else None
+            self.slots[routine_name] = slot
+            return slot
+
+
+def _check_world_time(npc: NpcState, world_time: float) -> None:
+    if not math.isfinite(world_time):
+        raise ValueError(f"npc {npc.id}: world_time must be finite, got {world_time}")
+
+
+def _check_interval(npc: NpcState, tier_interval: float) -> None:
+    if not math.isfinite(tier_interval) or tier_interval < 0.0:
+        raise ValueError(f"npc {npc.id}: tier_interval must be finite and >= 0, got {tier_interval}")
+
+
 def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_interval: float) -> NpcDecision:
     """Finish the NPC's current activity and choose the next one at ``world_time``.
 
@@ -510,20 +552,22 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
     still running; other keys are preserved. The content's routines and
     activities are read from its compiled :attr:`BehaviorContent.tables`.
     """
-    if not math.isfinite(world_time):
-        raise ValueError(f"npc {npc.id}: world_time must be finite, got {world_time}")
-    if not math.isfinite(tier_interval) or tier_interval < 0.0:
-        raise ValueError(f"npc {npc.id}: tier_interval must be finite and >= 0, got {tier_interval}")
-    tables = content.tables
-    activities = tables.activities
+    _check_world_time(npc, world_time)
+    _check_interval(npc, tier_interval)
+    return _decide(npc, _Moment(content.tables, world_time), tier_interval)
+
+
+def _decide(npc: NpcState, moment: _Moment, tier_interval: float) -> NpcDecision:
+    """:func:`decide` with its checks done and what the batch shares worked out."""
+    world_time = moment.world_time
+    activities = moment.activities
 
     # 1. Finish the current activity.
     energy, valence, arousal, cooldowns = _finish_current(npc, activities, world_time)
 
     # 2. Pick the next activity.
-    u_activity, u_duration, u_location = _draws(npc.world_id, npc.id, world_time)
-    routine = tables.routine_for(npc.routine)
-    slot = routine.slot_at(*_day_and_minute(world_time)) if routine is not None else None
+    u_activity, u_duration, u_location = _keyed_draws(f"{npc.world_id}:{npc.id}".encode() + moment.time_key)
+    slot = moment.slot_for(npc.routine)
     choice = _choose(slot, energy, cooldowns, world_time, u_activity) if slot is not None else None
 
     # 3./4. Location and duration.
@@ -567,6 +611,8 @@ def simulate_batch(
     ``next_decision_at`` is not after ``world_time`` (which would make the NPC
     due again every tick), raises :class:`ValueError`.
     """
+    if decide_fn is decide:
+        return _decide_all(npcs, content, world_time, tier_intervals)
     decisions: list[NpcDecision] = []
     for npc in npcs:
         interval = tier_intervals.get(npc.tier)
@@ -580,4 +626,29 @@ def simulate_batch(
                 f"npc {npc.id}: next_decision_at {decision.next_decision_at} is not after world time {world_time}"
             )
         decisions.append(decision)
+    return decisions
+
+
+def _decide_all(
+    npcs: Iterable[NpcState], content: BehaviorContent, world_time: float, tier_intervals: Mapping[Tier, float]
+) -> list[NpcDecision]:
+    """:func:`simulate_batch` with the built-in :func:`decide`: the same decisions and errors, checked once.
+
+    Its decisions need no checking (each is for its NPC and after ``world_time``).
+    """
+    moment: _Moment | None = None
+    checked: dict[Tier, float] = {}
+    decisions: list[NpcDecision] = []
+    for npc in npcs:
+        if moment is None:
+            _check_world_time(npc, world_time)
+            moment = _Moment(content.tables, world_time)
+        interval = checked.get(npc.tier)
+        if interval is None:
+            interval = tier_intervals.get(npc.tier)
+            if interval is None:
+                raise ValueError(f"npc {npc.id}: no interval configured for tier {npc.tier.label}")
+            _check_interval(npc, interval)
+            checked[npc.tier] = interval
+        decisions.append(_decide(npc, moment, interval))
     return decisions

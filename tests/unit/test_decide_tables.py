@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler_daemon.demo import DEMO_BEHAVIOR
-from scheduler_daemon.simulation.behavior import WEEKDAYS, active_slot, decide, parse_behavior
+from scheduler_daemon.simulation.behavior import WEEKDAYS, active_slot, decide, parse_behavior, simulate_batch
 from scheduler_daemon.simulation.npc import NpcState, Tier
 from tests.support import reference_decide
 
@@ -108,6 +108,22 @@ def test_compiled_decide_equals_the_reference(raw: Any, world_time: float, inter
     reference = reference_decide.decide(npc, content, world_time, interval)
     for field in NpcDecisionFields:
         assert _same(getattr(ours, field), getattr(reference, field)), field
+
+
+@PROPERTY
+@given(contents, world_times, st.lists(st.floats(0, 1e5), min_size=4, max_size=4), st.data())
+def test_a_batch_decides_each_npc_as_decide_does(
+    raw: Any, world_time: float, intervals: list[float], data: Any
+) -> None:
+    """simulate_batch with the built-in decide works out what its NPCs share once: the same decisions."""
+    content = parse_behavior(1, raw)
+    npcs = [_npc(data) for _ in range(data.draw(st.integers(1, 6)))]
+    per_tier = dict(zip(list(Tier)[:4], intervals, strict=True))
+    batch = simulate_batch(npcs, content, world_time, per_tier)
+    for npc, ours in zip(npcs, batch, strict=True):
+        alone = decide(npc, content, world_time, per_tier[npc.tier])
+        for field in NpcDecisionFields:
+            assert _same(getattr(ours, field), getattr(alone, field)), field
 
 
 NpcDecisionFields = (

@@ -203,8 +203,8 @@ def test_postgres_is_healthy_before_migrate_and_daemon(compose: dict[str, Any]) 
         "db": {"condition": "service_healthy"},
         "migrate": {"condition": "service_completed_successfully"},
     }
-    # One image: migrate builds it, the daemon runs it.
-    assert migrate["build"] == "." and migrate["image"] == daemon["image"]
+    # One image, built from this checkout (a service with only "image:" would be pulled).
+    assert migrate["build"] == daemon["build"] == "." and migrate["image"] == daemon["image"]
 
 
 def test_migrate_command_parses_with_the_image_entrypoint(compose: dict[str, Any], final: Stage) -> None:

@@ -113,6 +113,15 @@ def healthcheck_url(command: list[str]) -> str:
     return found.group(1)
 
 
+def volume_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """A service's short-syntax ``volumes:`` as ``{target: (source, read_only)}``."""
+    mounts = {}
+    for entry in service.get("volumes", []):
+        source, target, *mode = entry.split(":")
+        mounts[target] = (source, mode == ["ro"])
+    return mounts
+
+
 def entrypoint(final: Stage) -> list[str]:
     return exec_form(final.last("ENTRYPOINT"))
 
@@ -243,9 +252,10 @@ def test_no_secret_is_written_in_compose(compose: dict[str, Any]) -> None:
 
 def test_mounted_config_loads_and_agrees_with_compose(compose: dict[str, Any]) -> None:
     daemon = compose["services"]["daemon"]
-    config_source = compose["configs"][daemon["configs"][0]["source"]]["file"]
-    assert (ROOT / config_source).resolve() == COMPOSE_CONFIG
-    assert {c["target"] for s in ("migrate", "daemon") for c in compose["services"][s]["configs"]} == {CONFIG_PATH}
+    mounts = {s: volume_mounts(compose["services"][s]) for s in ("migrate", "daemon")}
+    for service in ("migrate", "daemon"):
+        source, read_only = mounts[service][CONFIG_PATH]
+        assert (ROOT / source).resolve() == COMPOSE_CONFIG and read_only, service
     settings = load_settings(COMPOSE_CONFIG, required=True)
     # Reachable through the published port, which needs the token compose mounts.
     assert settings.http.bind == "0.0.0.0"
@@ -256,12 +266,29 @@ def test_mounted_config_loads_and_agrees_with_compose(compose: dict[str, Any]) -
     url = make_url(settings.database.url)
     assert url.password is None
     socket_dir = parse_qs(urlsplit(settings.database.url).query)["host"][0]
-    mounts = {s: dict(v.split(":")[::-1] for v in compose["services"][s]["volumes"]) for s in ("migrate", "daemon")}
-    volume = mounts["daemon"][socket_dir]
-    assert mounts["migrate"][socket_dir] == volume
-    assert f"{volume}:/var/run/postgresql" in compose["services"]["db"]["volumes"]
+    volume, _ = mounts["daemon"][socket_dir]
+    assert mounts["migrate"][socket_dir][0] == volume
+    assert volume_mounts(compose["services"]["db"])["/var/run/postgresql"][0] == volume
     assert url.database == compose["services"]["db"]["environment"]["POSTGRES_DB"]
     assert url.username == compose["services"]["db"]["environment"]["POSTGRES_USER"]
+
+
+def compose_cli() -> list[str] | None:
+    """A compose that validates files without an engine: the docker plugin, else docker-compose 1.x."""
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    legacy = shutil.which("docker-compose")
+    return [legacy] if legacy else None
+
+
+def test_compose_validates_its_file() -> None:
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("neither 'docker compose' nor docker-compose is installed (Debian: apt-get install docker-compose)")
+    done = subprocess.run([*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, timeout=60)
+    # Warnings (a key it would ignore) count as failures too.
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
 
 
 # --- what the image would hold, run ---------------------------------------

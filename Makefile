@@ -83,3 +83,11 @@ bench-npc: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) $(VAR) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# The container image (Dockerfile; docs/operations.md, "Containers"). Needs a running Docker engine.
+IMAGE ?= scheduler-daemon:dev
+.PHONY: image
+image:
+	@command -v docker >/dev/null || { echo "make image: docker is not installed" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make image: no Docker engine is reachable (docker info failed; start dockerd or set DOCKER_HOST)" >&2; exit 1; }
+	docker build -t $(IMAGE) .

@@ -48,8 +48,11 @@ REQUIRED_SERVICE: dict[str, str] = {
     "RestrictRealtime": "yes",
     "RestrictSUIDSGID": "yes",
     "LockPersonality": "yes",
-    "SystemCallFilter": "@system-service",
+    "SystemCallErrorNumber": "EPERM",
     "SystemCallArchitectures": "native",
+    "PrivateMounts": "yes",
+    "ProtectProc": "invisible",
+    "PrivateUsers": "yes",
     "CapabilityBoundingSet": "",
     "UMask": "0077",
     "LimitNOFILE": "65536",
@@ -125,6 +128,8 @@ def test_required_directives(name: str) -> None:
         assert single(unit, "Service", key) == expected, key
     for key in REQUIRED_NONEMPTY:
         assert single(unit, "Service", key), key
+    # An allow-list first, then the deny-list taken out of it (order matters to systemd).
+    assert values(unit, "Service", "SystemCallFilter") == ["@system-service", "~@privileged @resources"]
     # Reloadable settings must stay in config.toml: the environment would win over it.
     assert not [v for v in values(unit, "Service", "Environment") if v.startswith("SCHEDULER_LOGGING__")]
     # Optional ("-") root-only secrets file, e.g. a PostgreSQL URL with a password.
@@ -288,19 +293,40 @@ def test_systemd_analyze_verify(tmp_path: Path, name: str, as_name: str | None) 
     assert lines == []
 
 
+# The hardening budget: every shipped unit scores at most this (0 = fully locked down, 10 = none).
+MAX_EXPOSURE = 1.2
+EXPOSURE_LINE = re.compile(r"Overall exposure level for \S+: (\d+\.\d)")
+
+
+def analyze_has_offline() -> bool:
+    assert SYSTEMD_ANALYZE is not None
+    out = subprocess.run([SYSTEMD_ANALYZE, "--help"], capture_output=True, text=True, check=True).stdout
+    return "--offline" in out
+
+
 @needs_analyze
-@pytest.mark.parametrize(("name", "as_name"), [(BASE, None), (TEMPLATE, "scheduler-daemon@7.service")])
+@pytest.mark.parametrize(("name", "as_name"), [(BASE, None), (RELOAD, None), (TEMPLATE, "scheduler-daemon@7.service")])
 def test_systemd_analyze_security_exposure(tmp_path: Path, name: str, as_name: str | None) -> None:
-    """Catch hardening regressions: exposure must stay at or below 2.5 ("OK")."""
-    if systemd_version() < 250:
-        pytest.skip("systemd-analyze security --offline needs systemd >= 250")
+    """Catch hardening regressions: every unit's exposure stays at or below MAX_EXPOSURE."""
+    if not analyze_has_offline():
+        pytest.skip(f"systemd-analyze {systemd_version()} lacks --offline (systemd >= 250 has it)")
     assert SYSTEMD_ANALYZE is not None
     unit = staged_unit(tmp_path, name, as_name)
     proc = subprocess.run(
-        # --threshold is in tenths: 25 == exposure level 2.5.
-        [SYSTEMD_ANALYZE, "security", "--offline=true", "--threshold=25", "--no-pager", str(unit)],
+        # --threshold is in tenths: 12 == exposure level 1.2.
+        [
+            SYSTEMD_ANALYZE,
+            "security",
+            "--offline=yes",
+            f"--threshold={round(MAX_EXPOSURE * 10)}",
+            "--no-pager",
+            str(unit),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
     )
+    found = EXPOSURE_LINE.search(proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr
+    assert float(found.group(1)) <= MAX_EXPOSURE, proc.stdout
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr

@@ -4,7 +4,8 @@ psycopg dumps a Python list element by element in Python, and text arrays
 need a ``repr`` per float; packing the binary wire format ourselves costs a
 fraction of either (docs/performance.md). A packed column is a
 :class:`PackedArray`; :func:`register_packed_arrays` teaches a psycopg
-connection to send it as-is with its array type.
+connection to send it as-is with its array type. Packing needs no psycopg
+(the ``postgres`` extra): it is imported only when a connection is set up.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import math
 import struct
 from collections.abc import Sequence
 from typing import Any, Final
-
-from psycopg import adapt, pq
 
 _INT4_OID: Final = 23
 _TEXT_OID: Final = 25
@@ -118,32 +117,30 @@ def jsonb_array(values: Sequence[bytes | None]) -> JsonbArray:
     return JsonbArray(_pack_varlena(encoded, _JSONB_OID))
 
 
-class _Float8ArrayDumper(adapt.Dumper):
-    format = pq.Format.BINARY
-    oid = _FLOAT8_ARRAY_OID
+@functools.cache
+def _dumpers() -> tuple[tuple[type[PackedArray], type[Any]], ...]:
+    # Built on first use: psycopg is not imported on SQLite-only installs.
+    from psycopg import adapt, pq
 
-    def dump(self, obj: PackedArray) -> bytes:
-        return obj.data
+    def dumper(array_oid: int) -> type[adapt.Dumper]:
+        class PackedArrayDumper(adapt.Dumper):
+            format = pq.Format.BINARY
+            oid = array_oid
 
+            def dump(self, obj: PackedArray) -> bytes:
+                return obj.data
 
-class _Int4ArrayDumper(_Float8ArrayDumper):
-    oid = _INT4_ARRAY_OID
+        return PackedArrayDumper
 
-
-class _TextArrayDumper(_Float8ArrayDumper):
-    oid = _TEXT_ARRAY_OID
-
-
-class _JsonbArrayDumper(_Float8ArrayDumper):
-    oid = _JSONB_ARRAY_OID
+    return (
+        (Float8Array, dumper(_FLOAT8_ARRAY_OID)),
+        (Int4Array, dumper(_INT4_ARRAY_OID)),
+        (TextArray, dumper(_TEXT_ARRAY_OID)),
+        (JsonbArray, dumper(_JSONB_ARRAY_OID)),
+    )
 
 
 def register_packed_arrays(connection: Any) -> None:
     """Let ``connection`` (a psycopg connection) send :class:`PackedArray` parameters as they are."""
-    for cls, dumper in (
-        (Float8Array, _Float8ArrayDumper),
-        (Int4Array, _Int4ArrayDumper),
-        (TextArray, _TextArrayDumper),
-        (JsonbArray, _JsonbArrayDumper),
-    ):
+    for cls, dumper in _dumpers():
         connection.adapters.register_dumper(cls, dumper)

@@ -6,12 +6,14 @@ VAR    := $(CURDIR)/var
 # The embedded default for development: SQLite under ./var (env wins over the config file).
 RUN_ENV := SCHEDULER_DATABASE__URL=sqlite+aiosqlite:///$(VAR)/scheduler.db
 
-.PHONY: help venv dev run demo test lint fmt bench bench-quick bench-memory bench-npc soak clean
+.PHONY: help venv dev run demo test lint fmt lock lock-upgrade bench bench-quick bench-memory bench-npc soak clean
 
 help:
 	@echo "make run         set up .venv, migrate ./var/scheduler.db, seed the demo, run the daemon"
 	@echo "make test        set up .venv with dev dependencies and run the whole test suite"
-	@echo "make lint        ruff + mypy"
+	@echo "make lint        ruff + mypy, and uv.lock in sync with pyproject.toml"
+	@echo "make lock        update uv.lock after editing dependencies in pyproject.toml (keeps other pins)"
+	@echo "make lock-upgrade move every pin in uv.lock to the newest release allowed by pyproject.toml"
 	@echo "make bench       benchmark suite vs APScheduler, a bare heap loop, naive ORM, raw SQL (minutes)"
 	@echo "make bench-quick the same at smaller sizes, under 6 minutes: bench/results/quick.{json,md,png}"
 	@echo "make bench-memory 10 minutes at sustained load on PostgreSQL, checks resident memory growth"
@@ -19,23 +21,35 @@ help:
 	@echo "make soak        fault suite at full strength + 30 min soak (needs SCHEDULER_TEST_POSTGRES_URL)"
 	@echo "make clean       remove .venv and ./var"
 
-$(BIN)/python:
+# uv installs from uv.lock (one lock for every extra and group: the exact versions CI tested);
+# it is bootstrapped into the venv with pip, pinned, so a fresh clone needs only Python and PyPI.
+UV_VERSION := 0.13.9
+UV         := $(BIN)/uv
+# uv syncs this venv (not one of its own) and never downloads a Python.
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+export UV_PYTHON_DOWNLOADS := never
+# --locked: refuse a uv.lock out of date with pyproject.toml; --inexact: keep uv and pip in the venv.
+SYNC := $(UV) sync --locked --inexact --quiet
+
+$(UV):
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.11 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet uv==$(UV_VERSION)
 
-# Stamp files: reinstall only when pyproject.toml changes.
-$(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e .
+# Stamp files: reinstall only when pyproject.toml or uv.lock changes.
+# make run: the default install (SQLite), as `pip install scheduler-daemon` gives.
+$(VENV)/.installed: $(UV) pyproject.toml uv.lock
+	$(SYNC) --no-default-groups
 	@touch $@
 
-$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev]'
+# Tests: every extra (postgres, arq) and the dev group (which includes bench).
+$(VENV)/.installed-dev: $(UV) pyproject.toml uv.lock
+	$(SYNC) --all-extras --group dev
 	@touch $@ $(VENV)/.installed
 
-$(VENV)/.installed-bench: $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
-	@touch $@ $(VENV)/.installed $(VENV)/.installed-dev
+$(VENV)/.installed-bench: $(UV) pyproject.toml uv.lock
+	$(SYNC) --extra postgres --no-default-groups --group bench
+	@touch $@ $(VENV)/.installed
 
 venv: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -58,9 +72,18 @@ soak: $(VENV)/.installed-dev
 	SCHEDULER_FAULTS_PROFILE=soak SCHEDULER_FAULTS_REPORT=$(VAR)/faults-report.jsonl $(BIN)/pytest tests/faults
 
 lint: $(VENV)/.installed-dev
+	$(UV) lock --check
 	$(BIN)/ruff check scheduler_daemon tests bench examples
 	$(BIN)/ruff format --check scheduler_daemon tests bench examples
 	$(BIN)/mypy
+
+# After editing dependencies in pyproject.toml: resolve what changed, keep every other pin.
+lock: $(UV)
+	$(UV) lock
+
+# The upgrade path: newest releases within pyproject.toml's bounds; then `make test` and commit uv.lock.
+lock-upgrade: $(UV)
+	$(UV) lock --upgrade
 
 fmt: $(VENV)/.installed-dev
 	$(BIN)/ruff format scheduler_daemon tests bench examples

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final, Self
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -74,6 +73,8 @@ async def driver_execute(conn: AsyncConnection, query: str, params: Sequence[Any
     connection and the pool's older ones, as the engine does for its own
     statements (store/database.py).
     """
+    import psycopg  # the postgres extra; loaded already, this connection is one of its
+
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
     try:

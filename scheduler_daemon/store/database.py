@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import sqlalchemy as sa
-from psycopg.types.json import set_json_loads
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -16,6 +15,8 @@ from scheduler_daemon.store.errors import DatabaseURLError, needs_new_connection
 from scheduler_daemon.store.pg_arrays import register_packed_arrays
 
 SUPPORTED_DRIVERS = ("postgresql+psycopg", "sqlite+aiosqlite")
+#: How to install PostgreSQL support; the default install runs on SQLite only.
+POSTGRES_EXTRA_INSTALL: Final = "pip install 'scheduler-daemon[postgres]'"
 
 
 def normalize_url(url: str) -> str:
@@ -33,7 +34,20 @@ def normalize_url(url: str) -> str:
             f"unsupported database driver {parsed.drivername!r} in URL; "
             f"use one of {', '.join(d + '://' for d in SUPPORTED_DRIVERS)}"
         )
+    if parsed.drivername == "postgresql+psycopg":
+        _require_psycopg()
     return parsed.render_as_string(hide_password=False)
+
+
+def _require_psycopg() -> None:
+    # Said when the URL is read (the config's database.url), not at the first connection.
+    try:
+        import psycopg  # noqa: F401
+    except ImportError as exc:
+        raise DatabaseURLError(
+            f"a postgresql URL needs the PostgreSQL driver psycopg, which is not installed ({exc}); "
+            f"install the postgres extra: {POSTGRES_EXTRA_INSTALL}"
+        ) from None
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -129,6 +143,8 @@ def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
     # NPC states decode with orjson (store/state_json.py); the tick's grouped
     # writes send whole columns packed and its selection reads binary jsonb
     # (store/pg_arrays.py: registered last, so its jsonb loader wins).
+    from psycopg.types.json import set_json_loads  # the postgres extra: imported for PostgreSQL only
+
     connection = dbapi_conn.driver_connection
     set_json_loads(state_json.loads, connection)
     register_packed_arrays(connection)

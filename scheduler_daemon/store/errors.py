@@ -7,9 +7,13 @@ catch them by name); the functions classify the driver's errors for retries.
 from __future__ import annotations
 
 import sqlite3
+import sys
+from typing import TYPE_CHECKING, cast
 
-import psycopg
 from sqlalchemy import exc as sa_exc
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 class DatabaseURLError(ValueError):
@@ -139,13 +143,25 @@ _RECOVERY_CONFLICT = "conflict with recovery"
 _TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
 
+def _psycopg_error(exc: BaseException | None) -> psycopg.Error | None:
+    """``exc`` if psycopg raised it, else None.
+
+    psycopg is the ``postgres`` extra, absent from SQLite-only installs: until a
+    PostgreSQL engine has imported it, no error can come from it.
+    """
+    module = sys.modules.get("psycopg")
+    if module is None or not isinstance(exc, module.Error):
+        return None
+    return cast("psycopg.Error", exc)
+
+
 def is_unique_violation(exc: BaseException) -> bool:
     """True for a unique-index violation (two writers inserting the same external id at once)."""
     if not isinstance(exc, sa_exc.IntegrityError):
         return False
     orig = exc.orig
-    if isinstance(orig, psycopg.Error):
-        return orig.sqlstate == "23505"
+    if (pg_error := _psycopg_error(orig)) is not None:
+        return pg_error.sqlstate == "23505"
     return isinstance(orig, sqlite3.IntegrityError) and "UNIQUE" in str(orig)
 
 
@@ -158,9 +174,9 @@ def needs_new_connection(exc: BaseException) -> bool:
     and reaches the new primary after a failover. ``exc`` is the driver's
     exception (``DBAPIError.orig``).
     """
-    if not isinstance(exc, psycopg.Error):
+    if (pg_error := _psycopg_error(exc)) is None:
         return False
-    code = exc.sqlstate or ""
+    code = pg_error.sqlstate or ""
     return code.startswith("08") or code in _RECONNECT_SQLSTATES or (code == "40001" and _RECOVERY_CONFLICT in str(exc))
 
 
@@ -171,10 +187,12 @@ def is_transient(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         orig = exc.orig
-    if isinstance(orig, psycopg.OperationalError):
-        return True
-    if isinstance(orig, psycopg.Error):
-        return (orig.sqlstate or "") in _TRANSIENT_SQLSTATES or needs_new_connection(orig)
+    if (pg_error := _psycopg_error(orig)) is not None:
+        import psycopg  # loaded already: it raised pg_error
+
+        if isinstance(pg_error, psycopg.OperationalError):
+            return True
+        return (pg_error.sqlstate or "") in _TRANSIENT_SQLSTATES or needs_new_connection(pg_error)
     if isinstance(orig, sqlite3.OperationalError):
         return "locked" in str(orig) or "busy" in str(orig)
     return isinstance(orig, ConnectionError | OSError | TimeoutError)
@@ -182,7 +200,9 @@ def is_transient(exc: BaseException) -> bool:
 
 def is_database_error(exc: BaseException) -> bool:
     """True for any error raised by the database layer (counted in ``worldsched_db_errors_total``)."""
-    return isinstance(exc, sa_exc.SQLAlchemyError | sqlite3.Error | psycopg.Error) or is_transient(exc)
+    if isinstance(exc, sa_exc.SQLAlchemyError | sqlite3.Error):
+        return True
+    return _psycopg_error(exc) is not None or is_transient(exc)
 
 
 def error_class(exc: BaseException) -> str:

@@ -3,17 +3,19 @@
 A connection of its own, outside the pool (a ``LISTEN`` lasts as long as its
 session, and a pooled connection is lent to ticks), in autocommit (a
 notification is delivered between transactions, never inside one). It is
-named ``scheduler-daemon changes`` in ``pg_stat_activity``.
+named ``scheduler-daemon changes`` in ``pg_stat_activity``. psycopg (the
+``postgres`` extra) is imported when listening starts: :data:`CHANNEL` is
+read on SQLite-only installs too.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    import psycopg
 
 #: The channel the triggers notify; the payload is the world id as text.
 CHANNEL: Final = "scheduler_daemon_changes"
@@ -34,6 +36,10 @@ class ChangeNotifications:
 
     async def listen(self) -> None:
         """Open a new connection and ``LISTEN`` on :data:`CHANNEL` (closing any previous one); raises its error."""
+        import psycopg
+        from psycopg import sql
+        from psycopg.conninfo import make_conninfo
+
         await self.close()
         conn = await psycopg.AsyncConnection.connect(
             make_conninfo(
@@ -66,6 +72,8 @@ class ChangeNotifications:
         """
         conn = self._conn
         if conn is None:
+            import psycopg
+
             raise psycopg.OperationalError("not listening")
         payloads = [n.payload async for n in conn.notifies(timeout=wait, stop_after=1)]
         if not payloads:

@@ -6,7 +6,8 @@ fraction of either (docs/performance.md). A packed column is a
 :class:`PackedArray`; :func:`register_packed_arrays` teaches a psycopg
 connection to send it as-is with its array type, and to read binary ``jsonb``
 (the due-NPC selection's ``state``) through :mod:`~scheduler_daemon.store.state_json`
-without copying it first.
+without copying it first. Packing needs no psycopg (the ``postgres`` extra):
+it is imported only when a connection is set up.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import math
 import struct
 from collections.abc import Sequence
 from typing import Any, Final
-
-from psycopg import DataError, adapt, pq
 
 from scheduler_daemon.store import state_json
 
@@ -122,33 +121,42 @@ def jsonb_array(values: Sequence[bytes | None]) -> JsonbArray:
     return JsonbArray(_pack_varlena(encoded, _JSONB_OID))
 
 
-class _Float8ArrayDumper(adapt.Dumper):
-    format = pq.Format.BINARY
-    oid = _FLOAT8_ARRAY_OID
+@functools.cache
+def _dumpers() -> tuple[tuple[type[PackedArray], type[Any]], ...]:
+    # Built on first use: psycopg is not imported on SQLite-only installs.
+    from psycopg import adapt, pq
 
-    def dump(self, obj: PackedArray) -> bytes:
-        return obj.data
+    def dumper(array_oid: int) -> type[adapt.Dumper]:
+        class PackedArrayDumper(adapt.Dumper):
+            format = pq.Format.BINARY
+            oid = array_oid
+
+            def dump(self, obj: PackedArray) -> bytes:
+                return obj.data
+
+        return PackedArrayDumper
+
+    return (
+        (Float8Array, dumper(_FLOAT8_ARRAY_OID)),
+        (Int4Array, dumper(_INT4_ARRAY_OID)),
+        (TextArray, dumper(_TEXT_ARRAY_OID)),
+        (JsonbArray, dumper(_JSONB_ARRAY_OID)),
+    )
 
 
-class _Int4ArrayDumper(_Float8ArrayDumper):
-    oid = _INT4_ARRAY_OID
+@functools.cache
+def _jsonb_loader() -> type[Any]:
+    from psycopg import DataError, adapt, pq
 
+    class JsonbBinaryLoader(adapt.Loader):
+        format = pq.Format.BINARY
 
-class _TextArrayDumper(_Float8ArrayDumper):
-    oid = _TEXT_ARRAY_OID
+        def load(self, data: Any) -> Any:
+            if data[:1] != _JSONB_VERSION:
+                raise DataError(f"unknown jsonb binary format version: {bytes(data[:1])!r}")
+            return state_json.loads(data[1:])
 
-
-class _JsonbArrayDumper(_Float8ArrayDumper):
-    oid = _JSONB_ARRAY_OID
-
-
-class _JsonbBinaryLoader(adapt.Loader):
-    format = pq.Format.BINARY
-
-    def load(self, data: Any) -> Any:
-        if data[:1] != _JSONB_VERSION:
-            raise DataError(f"unknown jsonb binary format version: {bytes(data[:1])!r}")
-        return state_json.loads(data[1:])
+    return JsonbBinaryLoader
 
 
 def register_packed_arrays(connection: Any) -> None:
@@ -156,11 +164,6 @@ def register_packed_arrays(connection: Any) -> None:
 
     Also: binary ``jsonb`` results decode with :func:`~scheduler_daemon.store.state_json.loads`.
     """
-    connection.adapters.register_loader("jsonb", _JsonbBinaryLoader)
-    for cls, dumper in (
-        (Float8Array, _Float8ArrayDumper),
-        (Int4Array, _Int4ArrayDumper),
-        (TextArray, _TextArrayDumper),
-        (JsonbArray, _JsonbArrayDumper),
-    ):
+    connection.adapters.register_loader("jsonb", _jsonb_loader())
+    for cls, dumper in _dumpers():
         connection.adapters.register_dumper(cls, dumper)

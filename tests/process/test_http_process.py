@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
+from scheduler_daemon import __version__
 from tests.process.test_daemon_world_time import ROOT, cli, poll, sync_url
 
 pytestmark = pytest.mark.subprocess
@@ -171,7 +172,7 @@ def test_metrics_move_with_ticks_and_a_put_applies_before_the_next_tick(
                 what="three ticks in the metrics",
             )
             assert sample(first, "worldsched_worlds", state="running") == 3
-            assert sample(first, "worldsched_build_info", version="0.1.0") == 1
+            assert sample(first, "worldsched_build_info", version=__version__) == 1
             assert sample(first, "worldsched_config_last_reload_successful") == 1
             assert "process_cpu_seconds" in first and "python_info" in first
             second = poll(

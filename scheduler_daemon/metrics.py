@@ -9,8 +9,9 @@ Two sources feed one :class:`~prometheus_client.CollectorRegistry` per daemon:
   per tier, decision lag, reload status, the HTTP connection guard's counters,
   and the optional providers below).
 
-Histograms carry no per-world label (cardinality); the per-world counters can
-be switched off with ``[metrics] per_world = false``.
+Histograms carry no per-world label (cardinality); every series with a
+``world_id`` label (world time, the per-world counters) is switched off with
+``[metrics] per_world = false``.
 
 Sources owned elsewhere are handed in at construction: ``job_counts``
 (generation requests per status, an async count that ``/metrics`` awaits
@@ -92,7 +93,7 @@ class _StateCollector(Collector):
         )
         world_time = GaugeMetricFamily(
             "worldsched_world_time_seconds",
-            "Committed world time (game seconds since the world's epoch, 0 = Monday 00:00)",
+            "Committed world time (game seconds since the world's epoch, 0 = Monday 00:00; [metrics] per_world)",
             labels=["world_id"],
         )
         npcs = GaugeMetricFamily(
@@ -116,7 +117,8 @@ class _StateCollector(Collector):
         if runner is not None:
             for world_id, ctx in sorted(runner.scheduler.get_all_contexts().items()):
                 states[ctx.state] = states.get(ctx.state, 0) + 1
-                world_time.add_metric([str(world_id)], ctx.current_world_time)
+                if m.per_world:
+                    world_time.add_metric([str(world_id)], ctx.current_world_time)
                 for tier, count in ctx.tier_population.items():
                     population[tier] = population.get(tier, 0) + count
                 for tier, value in ctx.decision_lag_per_tier.items():

@@ -173,8 +173,11 @@ async def test_per_world_series_vanish_on_unregister_and_can_be_switched_off(sto
     metrics.per_world = False
     await runner.run_until(4.0)
     families = scrape(metrics)
-    assert families["worldsched_world_ticks"].samples == []
+    assert [s for f in families.values() for s in f.samples if "world_id" in s.labels] == []
     assert value(families, "worldsched_ticks_total", outcome="ok") == 6  # aggregates keep counting
+    metrics.per_world = True
+    await runner.run_until(5.0)
+    assert value(scrape(metrics), "worldsched_world_time_seconds", world_id=str(w2)) > 0
 
 
 def test_job_and_lease_families_carry_no_made_up_values_until_wired() -> None:

@@ -11,7 +11,9 @@ Two sources feed one :class:`~prometheus_client.CollectorRegistry` per daemon:
 
 Histograms carry no per-world label (cardinality); every series with a
 ``world_id`` label (world time, the per-world counters) is switched off with
-``[metrics] per_world = false``.
+``[metrics] per_world = false``. ``/metrics`` renders the registry through
+:mod:`~scheduler_daemon.metrics_exposition` (format by ``Accept``, gzip, no
+``_created`` series).
 
 Sources owned elsewhere are handed in at construction: ``job_counts``
 (generation requests per status, an async count that ``/metrics`` awaits
@@ -32,19 +34,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from scheduler_daemon.metrics_exposition import Exposition, WithoutCreated, expose
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 
 if TYPE_CHECKING:
@@ -312,6 +309,7 @@ class SchedulerMetrics:
             registry=r,
         )
         r.register(_StateCollector(self))
+        self._view = WithoutCreated(r)
 
     # ------------------------------------------------------------ settings
     @property
@@ -430,6 +428,6 @@ class SchedulerMetrics:
             self.db_error("metrics refresh")
 
     # ---------------------------------------------------------------- output
-    def render(self) -> bytes:
-        """The registry in the Prometheus text exposition format."""
-        return generate_latest(self.registry)
+    def exposition(self, *, accept: str = "", accept_encoding: str = "") -> Exposition:
+        """The registry as ``/metrics`` answers a request with these headers (Prometheus text by default)."""
+        return expose(self._view, accept=accept, accept_encoding=accept_encoding)

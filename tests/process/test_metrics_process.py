@@ -1,5 +1,5 @@
 """``/metrics`` of the real daemon: the format and encoding the scraper asks for, no ``_created`` series,
-``[metrics] per_world`` obeyed by every series."""
+``[metrics] per_world`` obeyed by every series, and the dashboard and alerts checked against what it exposes."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.process.test_daemon_world_time import _reset_pg, cli, poll
 from tests.process.test_http_process import Daemon, base_env, start_daemon, stop
+from tests.system.test_monitoring import (
+    SUPERVISOR_METRICS,
+    check_against_scrape,
+    monitoring_exprs,
+    sample_kinds,
+    selectors,
+)
 
 pytestmark = pytest.mark.subprocess
 
@@ -97,13 +104,26 @@ def running(env: dict[str, str], tmp_path: Path) -> Iterator[Daemon]:
         assert stop(daemon) == 0, daemon.log.read_text()[-2000:]
 
 
-def test_scrape_negotiates_format_and_gzip(seeded: dict[str, str], tmp_path: Path) -> None:
+def test_scrape_negotiates_format_and_gzip_and_satisfies_the_dashboard_and_alerts(
+    seeded: dict[str, str], tmp_path: Path
+) -> None:
     with running(seeded, tmp_path) as daemon:
-        poll(
+        families = poll(
             lambda: (f := negotiated(daemon.url)) and ticks(f) >= 3 and world_labelled(f) and f,
             timeout=30,
             what="ticks and per-world series in the metrics",
         )
+        # Every metric a panel or alert reads is exposed, with rate()/increase() on counters only and
+        # deriv() on gauges only; the supervisor's own are checked on `run --workers` (test_workers.py).
+        kinds = sample_kinds(families)
+        problems = [
+            f"{where}: {problem}"
+            for where, expr in monitoring_exprs()
+            for sel in selectors(expr)
+            if sel.metric not in SUPERVISOR_METRICS
+            for problem in check_against_scrape(sel, kinds)
+        ]
+        assert problems == []
 
 
 def test_per_world_false_leaves_no_world_label_in_any_series(seeded: dict[str, str], tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.process.test_daemon_lifecycle import NotifySocket
 from tests.process.test_metrics_process import OPENMETRICS, fetch, negotiated
 from tests.support.cluster import ROOT, Cluster, poll
+from tests.system.test_monitoring import check_against_scrape, monitoring_exprs, sample_kinds, selectors
 
 pytestmark = [pytest.mark.postgres, pytest.mark.subprocess]
 
@@ -480,7 +481,9 @@ def test_the_port_answers_what_a_single_daemon_answers(cluster: Cluster, tmp_pat
         stop_box(box)
 
 
-def test_merged_metrics_negotiate_format_and_gzip(cluster: Cluster, tmp_path: Path) -> None:
+def test_merged_metrics_negotiate_format_and_gzip_and_satisfy_the_dashboard_and_alerts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     box, log = start_box(cluster, tmp_path)  # [metrics] per_world = false
     try:
         url = f"http://127.0.0.1:{box_port(log)}"
@@ -497,6 +500,15 @@ def test_merged_metrics_negotiate_format_and_gzip(cluster: Cluster, tmp_path: Pa
         om = openmetrics_families(fetch(url, Accept=OPENMETRICS).body.decode())
         types = {f.name: f.type for f in om}
         assert types["worldsched_ticks"] == "counter" and types["worldsched_tick_lag_seconds"] == "histogram"
+        # Every metric a panel or alert reads, the supervisor's included, with functions fit for its type.
+        kinds = sample_kinds(families)
+        problems = [
+            f"{where}: {problem}"
+            for where, expr in monitoring_exprs()
+            for sel in selectors(expr)
+            for problem in check_against_scrape(sel, kinds)
+        ]
+        assert problems == []
     finally:
         stop_box(box)
 

@@ -12,11 +12,17 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from scheduler_daemon.metrics_exposition import WithoutCreated, expose
 
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
@@ -110,16 +116,19 @@ _TOKEN = re.compile(
     rf"|(?P<str>{_STRING})"
     rf"|(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)\s*(?P<sel>{_BRACES})?"
     rf"|(?P<braces>{_BRACES})"
+    r"|(?P<open>\()|(?P<close>\))"
 )
 _MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(" + _STRING + ")")
 
 
 @dataclass
 class Selector:
-    """One metric reference in an expression, with its label matchers."""
+    """One metric reference in an expression, with its label matchers and the function applied to it."""
 
     metric: str
     matchers: list[tuple[str, str, str]] = field(default_factory=list)
+    #: The innermost function or aggregation the selector is an argument of (``rate``, ``sum``), if any.
+    function: str | None = None
 
     def matcher(self, label: str) -> tuple[str, str] | None:
         for name, op, value in self.matchers:
@@ -137,16 +146,28 @@ def selectors(expr: str) -> list[Selector]:
     s = re.sub(r"\[[^\]]*\]", "", expr)  # range vectors / subqueries
     s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", s)
     found: list[Selector] = []
+    calls: list[str | None] = []  # per open parenthesis: the function it belongs to (None: grouping)
+    called: str | None = None
     for m in _TOKEN.finditer(s):
+        if m.group("open"):
+            calls.append(called)
+            called = None
+            continue
+        if m.group("close"):
+            calls.pop()
+            continue
         ident = m.group("ident")
         if ident is None or ident.lower() in KEYWORDS:
             continue
         if m.group("sel") is None and s[m.end() :].lstrip().startswith("("):
-            continue  # function call or aggregation
+            called = ident  # function call or aggregation
+            continue
         matchers = [
             (name, op, json.loads(value)) for name, op, value in _MATCHER.findall((m.group("sel") or "{}")[1:-1])
         ]
-        found.append(Selector(ident, matchers))
+        function = next((c for c in reversed(calls) if c is not None), None)
+        found.append(Selector(ident, matchers, function))
+    assert not calls, f"unbalanced parentheses in {expr!r}"
     return found
 
 
@@ -166,6 +187,48 @@ def check_selector(sel: Selector) -> list[str]:
     return problems
 
 
+#: Range functions meant for counters (a drop is a restart), and for gauges (the slope of a level).
+COUNTER_FUNCTIONS = {"rate", "irate", "increase", "resets"}
+GAUGE_FUNCTIONS = {"deriv", "delta", "idelta", "predict_linear"}
+#: The sample names of a family of each type, by suffix, and whether they count (only ever grow) or not.
+_SUFFIXES: dict[str, dict[str, str]] = {
+    "counter": {"_total": "counter"},
+    "histogram": {"_bucket": "counter", "_sum": "counter", "_count": "counter"},
+    "summary": {"": "gauge", "_sum": "counter", "_count": "counter"},
+    "info": {"_info": "gauge"},
+}
+
+
+def sample_kinds(families: Iterable[Metric]) -> dict[str, str]:
+    """Every sample name a scrape's families define (with samples or not): ``counter`` or ``gauge``."""
+    return {
+        family.name + suffix: kind
+        for family in families
+        for suffix, kind in _SUFFIXES.get(family.type, {"": "gauge"}).items()
+    }
+
+
+def check_against_scrape(sel: Selector, kinds: Mapping[str, str]) -> list[str]:
+    """Problems of one selector against a real scrape: not exposed, or a function meant for another type."""
+    if sel.metric == "up":  # Prometheus's own, per target
+        return []
+    kind = kinds.get(sel.metric)
+    if kind is None:
+        return [f"{sel.metric} is not in a real scrape"]
+    if (sel.function in COUNTER_FUNCTIONS and kind != "counter") or (
+        sel.function in GAUGE_FUNCTIONS and kind != "gauge"
+    ):
+        return [f"{sel.function}() on {sel.metric}, a {kind}"]
+    return []
+
+
+def monitoring_exprs() -> list[tuple[str, str]]:
+    """``(panel title or alert name, PromQL)`` of every dashboard query and alert rule."""
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    rules = parse_alert_blocks(ALERTS.read_text(encoding="utf-8"))
+    return dashboard_exprs(dashboard) + [(rule["alert"], rule["expr"]) for rule in rules]
+
+
 def test_scanner() -> None:
     expr = (
         "histogram_quantile(0.99, sum by (le, instance) (rate(worldsched_tick_lag_seconds_bucket"
@@ -183,6 +246,8 @@ def test_scanner() -> None:
         ("up", []),
         ("process_start_time_seconds", []),
     ]
+    assert [s.function for s in selectors(expr)] == ["rate", None, "absent", None]
+    assert [s.function for s in selectors("sum by (x) ((a > 0) * on (y) deriv(b[5m]))")] == ["sum", "deriv"]
     assert check_selector(Selector("worldsched_tick_total")) == ["unknown metric 'worldsched_tick_total'"]
     assert check_selector(Selector("worldsched_worlds", [("state", "=", "broken")])) == [
         "worldsched_worlds: state='broken' is not a known value"
@@ -190,6 +255,31 @@ def test_scanner() -> None:
     assert check_selector(Selector("worldsched_jobs", [("tier", "=", "hot")])) == [
         "worldsched_jobs has no label 'tier'"
     ]
+
+
+def test_check_against_scrape_knows_counters_from_gauges() -> None:
+    registry = CollectorRegistry()
+    Counter("c", "A counter", registry=registry)
+    Gauge("g", "A gauge", registry=registry)
+    Histogram("h", "A histogram", registry=registry)
+    kinds = sample_kinds(text_string_to_metric_families(expose(WithoutCreated(registry)).body.decode()))
+    assert kinds == {
+        "c_total": "counter",
+        "g": "gauge",
+        "h_bucket": "counter",
+        "h_sum": "counter",
+        "h_count": "counter",
+    }
+    problems = [p for e in ("rate(c_total[5m]) + deriv(g[5m])", "rate(h_bucket[1m])", "up") for p in check(e, kinds)]
+    assert problems == []
+    assert check("rate(g[5m])", kinds) == ["rate() on g, a gauge"]
+    assert check("sum(increase(g[1h]))", kinds) == ["increase() on g, a gauge"]
+    assert check("deriv(c_total[5m])", kinds) == ["deriv() on c_total, a counter"]
+    assert check("max(c)", kinds) == ["c is not in a real scrape"]
+
+
+def check(expr: str, kinds: Mapping[str, str]) -> list[str]:
+    return [p for sel in selectors(expr) for p in check_against_scrape(sel, kinds)]
 
 
 # --- dashboard ------------------------------------------------------------

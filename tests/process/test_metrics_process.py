@@ -19,13 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.process.test_daemon_world_time import _reset_pg, cli, poll
 from tests.process.test_http_process import Daemon, base_env, start_daemon, stop
-from tests.system.test_monitoring import (
-    SUPERVISOR_METRICS,
-    check_against_scrape,
-    monitoring_exprs,
-    sample_kinds,
-    selectors,
-)
+from tests.support.monitoring import check_against_scrape, monitoring_exprs, sample_kinds, selectors
+from tests.system.test_monitoring import SUPERVISOR_METRICS
 
 pytestmark = pytest.mark.subprocess
 

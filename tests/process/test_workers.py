@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.process.test_daemon_lifecycle import NotifySocket
 from tests.process.test_metrics_process import OPENMETRICS, fetch, negotiated
 from tests.support.cluster import ROOT, Cluster, poll
-from tests.system.test_monitoring import check_against_scrape, monitoring_exprs, sample_kinds, selectors
+from tests.support.monitoring import check_against_scrape, monitoring_exprs, sample_kinds, selectors
 
 pytestmark = [pytest.mark.postgres, pytest.mark.subprocess]
 

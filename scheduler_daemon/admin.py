@@ -13,6 +13,7 @@ never take more than their share of the loop that ticks the worlds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,6 +26,7 @@ from scheduler_daemon.context import WorldSimulationContext, format_world_time
 from scheduler_daemon.loop_budget import LoopBudget
 from scheduler_daemon.loop_lag import LoopLagMonitor
 from scheduler_daemon.metrics import SchedulerMetrics
+from scheduler_daemon.metrics_exposition import Exposition
 from scheduler_daemon.runner import BrokenWorld, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS
@@ -183,10 +185,12 @@ class WorldAdmin:
         """The running world's ``get_stats()``."""
         return self._context(world_id).get_stats()
 
-    async def metrics_text(self) -> bytes:
-        """The Prometheus exposition, refreshed and rendered under the loop budget."""
+    async def metrics_exposition(self, accept: str, accept_encoding: str) -> Exposition:
+        """``/metrics`` for a request with these headers, refreshed and rendered under the loop budget."""
         await self.metrics.refresh()
-        return await self.budget.call(self.metrics.render)
+        return await self.budget.call(
+            functools.partial(self.metrics.exposition, accept=accept, accept_encoding=accept_encoding)
+        )
 
     async def readiness(self) -> Readiness:
         """Database accepts writes, ticks commit, loop lag under the threshold, not stopping."""

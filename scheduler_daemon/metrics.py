@@ -9,8 +9,11 @@ Two sources feed one :class:`~prometheus_client.CollectorRegistry` per daemon:
   per tier, decision lag, reload status, the HTTP connection guard's counters,
   and the optional providers below).
 
-Histograms carry no per-world label (cardinality); the per-world counters can
-be switched off with ``[metrics] per_world = false``.
+Histograms carry no per-world label (cardinality); every series with a
+``world_id`` label (world time, the per-world counters) is switched off with
+``[metrics] per_world = false``. ``/metrics`` renders the registry through
+:mod:`~scheduler_daemon.metrics_exposition` (format by ``Accept``, gzip, no
+``_created`` series).
 
 Sources owned elsewhere are handed in at construction: ``job_counts``
 (generation requests per status, an async count that ``/metrics`` awaits
@@ -31,19 +34,14 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from scheduler_daemon.metrics_exposition import Exposition, WithoutCreated, expose
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 
 if TYPE_CHECKING:
@@ -92,7 +90,7 @@ class _StateCollector(Collector):
         )
         world_time = GaugeMetricFamily(
             "worldsched_world_time_seconds",
-            "Committed world time (game seconds since the world's epoch, 0 = Monday 00:00)",
+            "Committed world time (game seconds since the world's epoch, 0 = Monday 00:00; [metrics] per_world)",
             labels=["world_id"],
         )
         npcs = GaugeMetricFamily(
@@ -116,7 +114,8 @@ class _StateCollector(Collector):
         if runner is not None:
             for world_id, ctx in sorted(runner.scheduler.get_all_contexts().items()):
                 states[ctx.state] = states.get(ctx.state, 0) + 1
-                world_time.add_metric([str(world_id)], ctx.current_world_time)
+                if m.per_world:
+                    world_time.add_metric([str(world_id)], ctx.current_world_time)
                 for tier, count in ctx.tier_population.items():
                     population[tier] = population.get(tier, 0) + count
                 for tier, value in ctx.decision_lag_per_tier.items():
@@ -310,6 +309,7 @@ class SchedulerMetrics:
             registry=r,
         )
         r.register(_StateCollector(self))
+        self._view = WithoutCreated(r)
 
     # ------------------------------------------------------------ settings
     @property
@@ -428,6 +428,6 @@ class SchedulerMetrics:
             self.db_error("metrics refresh")
 
     # ---------------------------------------------------------------- output
-    def render(self) -> bytes:
-        """The registry in the Prometheus text exposition format."""
-        return generate_latest(self.registry)
+    def exposition(self, *, accept: str = "", accept_encoding: str = "") -> Exposition:
+        """The registry as ``/metrics`` answers a request with these headers (Prometheus text by default)."""
+        return expose(self._view, accept=accept, accept_encoding=accept_encoding)

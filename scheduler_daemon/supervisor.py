@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -50,6 +50,7 @@ from scheduler_daemon.http.listener import AdminListener, connection_guard, load
 from scheduler_daemon.http.proxy import WorkerEndpoint, WorkerProxy
 from scheduler_daemon.logs import configure_logging
 from scheduler_daemon.metrics import http_connection_families
+from scheduler_daemon.metrics_exposition import WithoutCreated
 from scheduler_daemon.reload import check_new_settings, keep_restart_only
 from scheduler_daemon.settings import Settings, SettingsError, load_settings
 from scheduler_daemon.store.leases import current_owner
@@ -182,9 +183,9 @@ class Supervisor:
             w.name: ("starting" if w.running else "restarting") for w in self.workers if not (w.running and w.ready)
         }
 
-    def own_metrics(self) -> tuple[bytes, bytes]:
+    def own_metrics(self) -> tuple[Collector, Collector]:
         """The supervisor's series, and its process figures."""
-        return generate_latest(self.registry), generate_latest(self.process_registry)
+        return WithoutCreated(self.registry), WithoutCreated(self.process_registry)
 
     # -------------------------------------------------------------- run
     async def run(self) -> int:

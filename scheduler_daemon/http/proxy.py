@@ -8,7 +8,8 @@
   ``GET /api/v1/worlds`` is every worker's page merged by id.
 * ``/metrics`` is one exposition: every worker's, each sample labelled
   ``worker`` (:mod:`scheduler_daemon.metrics_merge`), plus the supervisor's
-  own series and process figures (``worker="supervisor"``).
+  own series and process figures (``worker="supervisor"``), in the format and
+  encoding the request asks for as a single daemon answers it.
 * ``/healthz`` is ok while at least one worker answers its own; ``/readyz``
   only when every configured worker is up and ready (the same condition as
   the supervisor's ``READY=1``): a missing worker's worlds stand still until
@@ -26,16 +27,18 @@ from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import structlog
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 from starlette.types import Receive, Scope, Send
 
 from scheduler_daemon.entities import parse_ref
 from scheduler_daemon.http.forward import UpstreamUnavailable, forward
 from scheduler_daemon.http.wire import PageQuery
-from scheduler_daemon.metrics_merge import merge_expositions
+from scheduler_daemon.metrics_exposition import OPENMETRICS_ACCEPT, Exposition, expose
+from scheduler_daemon.metrics_merge import MergedMetrics, parse_exposition
 
 log = structlog.get_logger("scheduler_daemon.http")
 
-_EXPOSITION = b"text/plain; version=0.0.4; charset=utf-8"
 #: Merged from every worker's page (each lists its own worlds).
 WORLD_LIST = "/api/v1/worlds"
 #: The port's own answers wait for the workers this share of the request deadline at most: the port's
@@ -61,7 +64,7 @@ class Workers(Protocol):
     def unavailable(self) -> dict[str, str]:
         """Configured workers not serving, with why (``restarting``, ``starting``)."""
 
-    def own_metrics(self) -> tuple[bytes, bytes]:
+    def own_metrics(self) -> tuple[Collector, Collector]:
         """The supervisor's series (carrying their labels already) and its process figures (to be labelled)."""
 
 
@@ -91,7 +94,10 @@ class WorkerProxy:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        own = {"/metrics": self.metrics, "/healthz": self.healthz, "/readyz": self.readyz}.get(scope["path"])
+        if scope["method"] == "GET" and scope["path"] == "/metrics":
+            await self._metrics(scope, send)
+            return
+        own = {"/healthz": self.healthz, "/readyz": self.readyz}.get(scope["path"])
         if scope["method"] == "GET" and own is not None:
             status, content_type, body = await own()
             await _answer(send, status, body, content_type)
@@ -166,13 +172,22 @@ class WorkerProxy:
         )
         return list(zip(serving, answers, strict=True))
 
-    async def metrics(self) -> tuple[int, bytes, bytes]:
-        """``/metrics``: every serving worker's exposition and the supervisor's, as one (status, type, body)."""
-        answers = await self._gather("/metrics")
-        labelled, process = self.workers.own_metrics()
-        parts: list[tuple[str | None, bytes]] = [(w.name, a.body) for w, a in answers if a.status == 200]
-        parts += [(None, labelled), ("supervisor", process)]
-        return 200, _EXPOSITION, merge_expositions(parts)
+    async def _metrics(self, scope: Scope, send: Send) -> None:
+        """``/metrics``: every serving worker's exposition and the supervisor's, as one, as the request asks."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        answers = await self._gather("/metrics", headers=[(b"accept", OPENMETRICS_ACCEPT.encode())])
+        bodies = [(w.name, a.body) for w, a in answers if a.status == 200]
+        # Parsing and rendering take time in proportion to the series (per-world ones: to the worlds);
+        # a thread keeps the port's loop forwarding meanwhile.
+        exposition = await asyncio.to_thread(
+            _merged_exposition,
+            bodies,
+            self.workers.own_metrics(),
+            headers.get("accept", ""),
+            headers.get("accept-encoding", ""),
+        )
+        extra = [(k.lower().encode(), v.encode()) for k, v in exposition.headers().items() if k != "Content-Type"]
+        await _answer(send, 200, exposition.body, exposition.content_type.encode(), extra)
 
     async def healthz(self) -> tuple[int, bytes, bytes]:
         """``/healthz``: ok while at least one worker answers its own."""
@@ -240,6 +255,21 @@ async def fetch(
     content_type = next((v for k, v in start.get("headers", []) if k == b"content-type"), b"application/json")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return Fetched(start["status"], content_type, body, tuple(start.get("headers", [])))
+
+
+def _merged_exposition(
+    bodies: Sequence[tuple[str, bytes]], own: tuple[Collector, Collector], accept: str, accept_encoding: str
+) -> Exposition:
+    """The workers' answers and the supervisor's ``(labelled, process)`` series as one exposition."""
+    parts: list[tuple[str | None, list[Metric]]] = []
+    for worker, body in bodies:
+        try:
+            parts.append((worker, parse_exposition(body)))
+        except ValueError as exc:  # left out, not the whole scrape: the other workers' series still count
+            log.warning("worker's metrics could not be read", worker=worker, error=str(exc))
+    labelled, process = own
+    parts += [(None, list(labelled.collect())), ("supervisor", list(process.collect()))]
+    return expose(MergedMetrics(parts), accept=accept, accept_encoding=accept_encoding)
 
 
 def _page_limit(query: bytes) -> int:

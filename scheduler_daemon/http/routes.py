@@ -179,8 +179,11 @@ async def complete_generation(admin: Admin, request_id: RequestId, body: Complet
 
 
 @open_routes.get("/metrics", include_in_schema=False)
-async def metrics(admin: Admin) -> Response:
-    return Response(await admin.metrics_text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+async def metrics(admin: Admin, request: Request) -> Response:
+    answer = await admin.metrics_exposition(
+        request.headers.get("accept", ""), request.headers.get("accept-encoding", "")
+    )
+    return Response(answer.body, headers=answer.headers())
 
 
 @open_routes.get("/healthz", response_model=Health, summary="Liveness", tags=["health"])

@@ -26,10 +26,13 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.process.test_daemon_lifecycle import NotifySocket
+from tests.process.test_metrics_process import OPENMETRICS, fetch, negotiated
 from tests.support.cluster import ROOT, Cluster, poll
+from tests.support.monitoring import check_against_scrape, monitoring_exprs, sample_kinds, selectors
 
 pytestmark = [pytest.mark.postgres, pytest.mark.subprocess]
 
@@ -208,8 +211,8 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
         def reloaded() -> bool:
             now = scrape(client)
             stamps = per_worker(now, "worldsched_config_last_reload_success_timestamp_seconds")
-            return all(stamps.get(w, 0) > reloaded_before[w] for w in ("0", "1")) and not now.get(
-                "worldsched_world_ticks_total"
+            return all(stamps.get(w, 0) > reloaded_before[w] for w in ("0", "1")) and not any(
+                "world_id" in s.labels for series in now.values() for s in series
             )
 
         poll(reloaded, timeout=30, what="both workers to reload")
@@ -474,6 +477,38 @@ def test_the_port_answers_what_a_single_daemon_answers(cluster: Cluster, tmp_pat
             b"Connection: close\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (world, TOKEN.encode(), len(body), body),
         )
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    finally:
+        stop_box(box)
+
+
+def test_merged_metrics_negotiate_format_and_gzip_and_satisfy_the_dashboard_and_alerts(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    box, log = start_box(cluster, tmp_path)  # [metrics] per_world = false
+    try:
+        url = f"http://127.0.0.1:{box_port(log)}"
+
+        def both_ticking() -> list[Any] | None:
+            families = negotiated(url)  # each format and encoding, no _created series
+            workers = {s.labels["worker"] for f in families if f.name == "worldsched_ticks" for s in f.samples}
+            return families if {"0", "1"} <= workers else None
+
+        families = poll(both_ticking, timeout=30, what="both workers' ticks in /metrics")
+        assert [s for f in families for s in f.samples if "world_id" in s.labels] == []
+        assert {s.labels.get("worker") for f in families for s in f.samples} == {"0", "1", "supervisor", None}
+        assert {f.name for f in families for s in f.samples if "worker" not in s.labels} == {"worldsched_workers"}
+        om = openmetrics_families(fetch(url, Accept=OPENMETRICS).body.decode())
+        types = {f.name: f.type for f in om}
+        assert types["worldsched_ticks"] == "counter" and types["worldsched_tick_lag_seconds"] == "histogram"
+        # Every metric a panel or alert reads, the supervisor's included, with functions fit for its type.
+        kinds = sample_kinds(families)
+        problems = [
+            f"{where}: {problem}"
+            for where, expr in monitoring_exprs()
+            for sel in selectors(expr)
+            for problem in check_against_scrape(sel, kinds)
+        ]
+        assert problems == []
     finally:
         stop_box(box)
 

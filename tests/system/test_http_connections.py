@@ -249,7 +249,7 @@ async def test_the_metrics_follow_the_guard() -> None:
         writer.write(PING)
         assert await response(reader) == 200
         assert await closed(slow_reader) == b""
-        families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+        families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().body.decode())}
         closed_by_reason = {
             sample.labels["reason"]: sample.value
             for sample in families["worldsched_http_connections_closed"].samples

@@ -3,7 +3,9 @@
 Every PromQL expression may only reference metrics the daemon exports (plus
 the standard process_/python_ collectors and ``up``), so renaming a metric in
 code without updating monitoring fails here. When ``promtool`` is installed
-the rules are also validated and unit-tested against synthetic series.
+the rules are also validated and unit-tested against synthetic series. The
+files are read by :mod:`tests.support.monitoring`, whose check against a
+real scrape (types, not only names) the process tests run.
 """
 
 from __future__ import annotations
@@ -12,16 +14,28 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
 
-MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
-DASHBOARD = MONITORING / "grafana-dashboard.json"
-ALERTS = MONITORING / "alerts.yml"
-JOB = "scheduler-daemon"
+from scheduler_daemon.metrics_exposition import WithoutCreated, expose
+from tests.support.monitoring import (
+    ALERTS,
+    DASHBOARD,
+    JOB,
+    Selector,
+    all_panels,
+    check_against_scrape,
+    dashboard_exprs,
+    indent,
+    parse_alert_blocks,
+    sample_kinds,
+    selectors,
+)
 
 # metric -> labels it carries (besides job/instance added by Prometheus).
 GAUGES: dict[str, set[str]] = {
@@ -86,70 +100,6 @@ ALWAYS_ALLOWED_LABELS = {"job", "instance", "worker"}
 EXTERNAL_PREFIXES = ("process_", "python_")
 
 
-# --- a small PromQL scanner ------------------------------------------------
-
-KEYWORDS = {
-    "and",
-    "or",
-    "unless",
-    "bool",
-    "offset",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "inf",
-    "nan",
-}
-_STRING = r'"(?:\\.|[^"\\])*"'
-_BRACES = r'\{(?:[^}"]|' + _STRING + r")*\}"
-_TOKEN = re.compile(
-    r"(?P<num>\d[\w.]*)"
-    rf"|(?P<str>{_STRING})"
-    rf"|(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)\s*(?P<sel>{_BRACES})?"
-    rf"|(?P<braces>{_BRACES})"
-)
-_MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(" + _STRING + ")")
-
-
-@dataclass
-class Selector:
-    """One metric reference in an expression, with its label matchers."""
-
-    metric: str
-    matchers: list[tuple[str, str, str]] = field(default_factory=list)
-
-    def matcher(self, label: str) -> tuple[str, str] | None:
-        for name, op, value in self.matchers:
-            if name == label:
-                return op, value
-        return None
-
-
-def selectors(expr: str) -> list[Selector]:
-    """Return the metric selectors used in a PromQL expression.
-
-    Function and aggregation names (followed by ``(``), grouping clauses,
-    range durations, numbers, strings and keywords are not metrics.
-    """
-    s = re.sub(r"\[[^\]]*\]", "", expr)  # range vectors / subqueries
-    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", s)
-    found: list[Selector] = []
-    for m in _TOKEN.finditer(s):
-        ident = m.group("ident")
-        if ident is None or ident.lower() in KEYWORDS:
-            continue
-        if m.group("sel") is None and s[m.end() :].lstrip().startswith("("):
-            continue  # function call or aggregation
-        matchers = [
-            (name, op, json.loads(value)) for name, op, value in _MATCHER.findall((m.group("sel") or "{}")[1:-1])
-        ]
-        found.append(Selector(ident, matchers))
-    return found
-
-
 def check_selector(sel: Selector) -> list[str]:
     """Problems with one selector: unknown metric, label or label value."""
     if sel.metric == "up" or sel.metric.startswith(EXTERNAL_PREFIXES):
@@ -183,6 +133,8 @@ def test_scanner() -> None:
         ("up", []),
         ("process_start_time_seconds", []),
     ]
+    assert [s.function for s in selectors(expr)] == ["rate", None, "absent", None]
+    assert [s.function for s in selectors("sum by (x) ((a > 0) * on (y) deriv(b[5m]))")] == ["sum", "deriv"]
     assert check_selector(Selector("worldsched_tick_total")) == ["unknown metric 'worldsched_tick_total'"]
     assert check_selector(Selector("worldsched_worlds", [("state", "=", "broken")])) == [
         "worldsched_worlds: state='broken' is not a known value"
@@ -190,6 +142,31 @@ def test_scanner() -> None:
     assert check_selector(Selector("worldsched_jobs", [("tier", "=", "hot")])) == [
         "worldsched_jobs has no label 'tier'"
     ]
+
+
+def test_check_against_scrape_knows_counters_from_gauges() -> None:
+    registry = CollectorRegistry()
+    Counter("c", "A counter", registry=registry)
+    Gauge("g", "A gauge", registry=registry)
+    Histogram("h", "A histogram", registry=registry)
+    kinds = sample_kinds(text_string_to_metric_families(expose(WithoutCreated(registry)).body.decode()))
+    assert kinds == {
+        "c_total": "counter",
+        "g": "gauge",
+        "h_bucket": "counter",
+        "h_sum": "counter",
+        "h_count": "counter",
+    }
+    problems = [p for e in ("rate(c_total[5m]) + deriv(g[5m])", "rate(h_bucket[1m])", "up") for p in check(e, kinds)]
+    assert problems == []
+    assert check("rate(g[5m])", kinds) == ["rate() on g, a gauge"]
+    assert check("sum(increase(g[1h]))", kinds) == ["increase() on g, a gauge"]
+    assert check("deriv(c_total[5m])", kinds) == ["deriv() on c_total, a counter"]
+    assert check("max(c)", kinds) == ["c is not in a real scrape"]
+
+
+def check(expr: str, kinds: Mapping[str, str]) -> list[str]:
+    return [p for sel in selectors(expr) for p in check_against_scrape(sel, kinds)]
 
 
 # --- dashboard ------------------------------------------------------------
@@ -200,19 +177,6 @@ def dashboard() -> dict[str, Any]:
     data = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     assert isinstance(data, dict)
     return data
-
-
-def all_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    """Top-level panels plus those nested in collapsed rows."""
-    out: list[dict[str, Any]] = []
-    for panel in dashboard["panels"]:
-        out.append(panel)
-        out.extend(panel.get("panels", []))
-    return out
-
-
-def dashboard_exprs(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(panel["title"], target["expr"]) for panel in all_panels(dashboard) for target in panel.get("targets", [])]
 
 
 def test_dashboard_basics(dashboard: dict[str, Any]) -> None:
@@ -325,69 +289,6 @@ EXPECTED_ALERTS = {
 }
 
 
-def _indent(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
-
-
-def parse_alert_blocks(text: str) -> list[dict[str, Any]]:
-    """Minimal reader for the rule layout used in alerts.yml.
-
-    PyYAML is not a project dependency, so the structure is read line by line:
-    each ``- alert:`` item's scalar keys, its ``labels``/``annotations`` maps
-    and a (possibly block-scalar) ``expr``. Anything it cannot place fails the
-    test rather than being skipped.
-    """
-    rules: list[dict[str, Any]] = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        m = re.match(r"^(\s*)- alert:\s*(\S+)\s*$", line)
-        if not m:
-            i += 1
-            continue
-        key_indent = len(m.group(1)) + 2
-        rule: dict[str, Any] = {"alert": m.group(2), "labels": {}, "annotations": {}}
-        i += 1
-        current_map: str | None = None
-        while i < len(lines):
-            line = lines[i]
-            if not line.strip() or line.lstrip().startswith("#"):
-                i += 1
-                continue
-            ind = _indent(line)
-            if ind < key_indent:
-                break
-            key, _, value = line.strip().partition(":")
-            value = value.strip()
-            if ind == key_indent:
-                current_map = key if key in ("labels", "annotations") else None
-                if value in ("|", ">-", ">", "|-"):
-                    block = []
-                    i += 1
-                    while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > key_indent):
-                        block.append(lines[i].strip())
-                        i += 1
-                    rule[key] = " ".join(b for b in block if b)
-                    continue
-                if current_map is None:
-                    rule[key] = value
-            else:
-                assert current_map is not None, f"unexpected nesting: {line!r}"
-                if value in ("|", ">-", ">", "|-"):
-                    block = []
-                    i += 1
-                    while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > ind):
-                        block.append(lines[i].strip())
-                        i += 1
-                    rule[current_map][key] = " ".join(b for b in block if b)
-                    continue
-                rule[current_map][key] = value.strip('"')
-            i += 1
-        rules.append(rule)
-    return rules
-
-
 @pytest.fixture(scope="module")
 def alert_rules() -> list[dict[str, Any]]:
     return parse_alert_blocks(ALERTS.read_text(encoding="utf-8"))
@@ -487,11 +388,11 @@ def rules_without_annotations(text: str) -> str:
     skip_deeper_than: int | None = None
     for line in text.splitlines():
         if skip_deeper_than is not None:
-            if not line.strip() or _indent(line) > skip_deeper_than:
+            if not line.strip() or indent(line) > skip_deeper_than:
                 continue
             skip_deeper_than = None
         if line.strip() == "annotations:":
-            skip_deeper_than = _indent(line)
+            skip_deeper_than = indent(line)
             continue
         out.append(line)
     return "\n".join(out) + "\n"

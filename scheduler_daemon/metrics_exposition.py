@@ -1,0 +1,71 @@
+"""How ``/metrics`` answers: the format the scraper asks for, gzip when it accepts it, no ``_created`` series.
+
+The format follows the request's ``Accept`` header as prometheus_client reads
+it (:func:`~prometheus_client.exposition.choose_encoder`): OpenMetrics text
+for ``application/openmetrics-text``, the Prometheus text format otherwise.
+The body is gzipped when ``Accept-Encoding`` names gzip.
+
+``_created`` samples (a counter's or histogram's creation time) are left
+out. prometheus_client's own switch for that (``disable_created_metrics()``,
+or ``PROMETHEUS_DISABLE_CREATED_SERIES`` read at import) is one flag for the
+whole process: it would also change the series of an application that runs
+the scheduler in its own process and exports its own registry. The daemon's
+registries are read through :class:`WithoutCreated` instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+#: What the supervisor asks its workers for: the format its merge reads back without loss
+#: (units, and info or stateset types, which the Prometheus text format turns into gauges).
+OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0"
+
+
+@dataclass(frozen=True)
+class Exposition:
+    """A rendered ``/metrics`` answer."""
+
+    body: bytes
+    content_type: str
+    #: ``gzip`` or ``None`` (the body as rendered).
+    content_encoding: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        """Response headers besides the length: the type, the encoding, and what the answer varies by."""
+        headers = {"Content-Type": self.content_type, "Vary": "Accept, Accept-Encoding"}
+        if self.content_encoding is not None:
+            headers["Content-Encoding"] = self.content_encoding
+        return headers
+
+
+class WithoutCreated(Collector):
+    """``collector``'s metrics without their ``_created`` samples."""
+
+    def __init__(self, collector: Collector) -> None:
+        self._collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._collector.collect():
+            created = metric.name + "_created"
+            if any(s.name == created for s in metric.samples):
+                # A copy: a collector may hand out the same Metric on every scrape.
+                kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                kept.samples = [s for s in metric.samples if s.name != created]
+                metric = kept
+            yield metric
+
+
+def expose(collector: Collector, *, accept: str = "", accept_encoding: str = "") -> Exposition:
+    """``collector`` rendered in the format ``accept`` asks for, gzipped if ``accept_encoding`` allows."""
+    encoder, content_type = choose_encoder(accept)
+    body = encoder(collector)
+    if gzip_accepted(accept_encoding):
+        return Exposition(gzip.compress(body), content_type, "gzip")
+    return Exposition(body, content_type)

@@ -12,7 +12,7 @@ WORKDIR /src
 # Only what the package build needs (.dockerignore keeps the rest out).
 COPY pyproject.toml README.md ./
 COPY scheduler_daemon ./scheduler_daemon
-RUN /opt/scheduler-daemon/bin/pip install ".[postgres]"
+RUN /opt/scheduler-daemon/bin/pip install .
 
 # --- final: the venv on a clean base, run by an unprivileged user -------------
 # Same base as the builder: the venv's interpreter path must exist here too.

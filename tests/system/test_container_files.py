@@ -146,8 +146,14 @@ def test_multi_stage_on_a_pinned_python_311_slim_base(stages: list[Stage], final
     assert builder
     assert any(args.startswith(f"--from={builder} ") for args in final.all("COPY"))
     # The project is installed in the builder only; the final stage has no build tools' output.
-    assert any("pip install" in args and ".[postgres]" in args for args in stages[0].all("RUN"))
+    installs = [args for args in stages[0].all("RUN") if "pip install" in args]
+    assert installs
     assert not any("pip install" in args for args in final.all("RUN"))
+    # pip only warns about an extra the project lacks, and installs without it.
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    for named in re.findall(r"\.\[([^\]]*)\]", " ".join(installs)):
+        for extra in named.split(","):
+            assert extra.strip() in extras, f"the Dockerfile installs extra {extra.strip()!r}; pyproject.toml has none"
 
 
 def test_final_user_is_not_root(final: Stage) -> None:
@@ -212,8 +218,32 @@ def test_postgres_is_healthy_before_migrate_and_daemon(compose: dict[str, Any]) 
         "db": {"condition": "service_healthy"},
         "migrate": {"condition": "service_completed_successfully"},
     }
-    # One image, built from this checkout (a service with only "image:" would be pulled).
-    assert migrate["build"] == daemon["build"] == "." and migrate["image"] == daemon["image"]
+    # One image, built from this checkout by migrate (see the test below).
+    assert migrate["build"] == "." and migrate["image"] == daemon["image"]
+
+
+def dependencies(services: dict[str, Any], name: str) -> set[str]:
+    """The services ``name`` waits for, directly or through others."""
+    found: set[str] = set()
+    for dep in services[name].get("depends_on") or {}:
+        found |= {dep} | dependencies(services, dep)
+    return found
+
+
+def test_each_image_is_built_by_one_service_that_its_users_wait_for(compose: dict[str, Any]) -> None:
+    """Compose's parallel (bake) builder fails a first build when two services build one tag
+    ("image ... already exists"); docker-compose 1.x ensures images in dependency order, so a
+    service that only names a built image must come after its builder or it is pulled."""
+    services = compose["services"]
+    builders: dict[str, str] = {}
+    for name, service in services.items():
+        if "build" in service:
+            tag = service.get("image", name)
+            assert tag not in builders, f"services {builders[tag]} and {name} both build {tag}"
+            builders[tag] = name
+    for name, service in services.items():
+        builder = builders.get(service.get("image", ""), name)
+        assert builder == name or builder in dependencies(services, name), (name, builder)
 
 
 def test_migrate_command_parses_with_the_image_entrypoint(compose: dict[str, Any], final: Stage) -> None:

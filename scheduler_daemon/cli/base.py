@@ -1,0 +1,71 @@
+"""What every command needs: the one-line user error, the settings, an open store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from scheduler_daemon.settings import DEFAULT_CONFIG_PATH, Settings, SettingsError, load_settings
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code attached."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def add_config(p: argparse.ArgumentParser) -> None:
+    """``--config``/``-c`` on a parser."""
+    # SUPPRESS so `--config` works both before and after the subcommand.
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"TOML config file (default {DEFAULT_CONFIG_PATH}, if it exists)",
+    )
+
+
+def load_cli_settings(args: argparse.Namespace) -> tuple[Settings, Path | None, bool]:
+    """The settings of ``--config`` (or the default file), the path, and whether it was given."""
+    path: Path | None = getattr(args, "config", None)
+    explicit = path is not None
+    if path is None:
+        path = DEFAULT_CONFIG_PATH
+    try:
+        return load_settings(path, required=explicit), path, explicit
+    except SettingsError as exc:
+        raise CliError(f"invalid configuration: {exc}", EXIT_USAGE) from None
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run one command's coroutine."""
+    return asyncio.run(main())
+
+
+async def open_store(settings: Settings, *, check: bool = True) -> Any:
+    """The configured store, reachable and (with ``check``) at the current schema; else :class:`CliError`."""
+    from scheduler_daemon.exits import EXIT_DATABASE, EXIT_NOT_MIGRATED
+    from scheduler_daemon.store.errors import SchemaNotMigratedError
+    from scheduler_daemon.store.repository import Store
+
+    store = Store.from_url(settings.database.url, connect_timeout=settings.database.connect_timeout_seconds)
+    try:
+        await store.ping()
+        if check:
+            await store.check_schema()
+    except SchemaNotMigratedError as exc:
+        await store.dispose()
+        raise CliError(str(exc), EXIT_NOT_MIGRATED) from None
+    except Exception as exc:
+        await store.dispose()
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CliError(f"cannot reach the database: {first}", EXIT_DATABASE) from None
+    return store

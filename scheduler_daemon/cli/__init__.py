@@ -17,9 +17,11 @@ from scheduler_daemon.cli.base import CliError, add_config
 from scheduler_daemon.cli.daemon import cmd_check_config, cmd_run, cmd_top
 from scheduler_daemon.cli.db import cmd_db, cmd_demo
 from scheduler_daemon.cli.jobs import add_jobs_parsers, cmd_chains, cmd_jobs
+from scheduler_daemon.cli.output import silence_stdout
 from scheduler_daemon.cli.simulate import cmd_simulate
 from scheduler_daemon.cli.transfer import cmd_transfer
 from scheduler_daemon.cli.worlds import cmd_worlds
+from scheduler_daemon.exits import EXIT_FAILURE
 
 __all__ = ["CliError", "build_parser", "main"]
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", metavar="ACTION", required=True)
     p = db.add_parser("upgrade", help="apply pending migrations")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_config(p)
     p = db.add_parser("check", help="exit 0 if the schema is current, 4 if not")
     add_config(p)
@@ -58,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="worlds_command", metavar="ACTION", required=True
     )
     p = worlds.add_parser("list", help="list worlds with their clocks")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     add_config(p)
     p = worlds.add_parser("show", help="show one world: clock, config, NPC stats")
     p.add_argument("world_id", type=world_id_arg)
@@ -89,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="simulate on a temporary copy; commit nothing")
     p.add_argument("--force", action="store_true", help="commit even if the world was ticked recently")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_config(p)
     return parser
 
@@ -110,8 +115,20 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scheduler-daemon`` command."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Here, so a closed pipe is caught below and not at exit; also after --help.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`jobs list | head -1`): stop quietly, as `cat` would.
+        silence_stdout()
+        return EXIT_FAILURE
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except CliError as exc:

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from scheduler_daemon.cli.base import CliError, load_cli_settings, open_store, run_async
+from scheduler_daemon.progress import ProgressBar, wanted
 
 
 def cmd_db(args: argparse.Namespace) -> int:
     settings, _, _ = load_cli_settings(args)
 
     async def main() -> int:
-        store = await open_store(settings, check=False)
+        store = await open_store(settings, args, check=False)
         try:
             if args.db_command == "upgrade":
-                before, after = await store.upgrade()
+                bar = ProgressBar(sys.stderr, "upgrading schema:", None, enabled=wanted(sys.stderr, quiet=args.quiet))
+                try:
+                    before, after = await store.upgrade(
+                        lambda done, total, revision: bar.update(done, f"migration {done}/{total} ({revision})")
+                    )
+                finally:
+                    bar.close()
+                # The result, not progress: printed also when not on a terminal.
                 if before == after:
                     print(f"schema already at {', '.join(sorted(after))}")
                 else:
@@ -44,7 +53,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings, _, _ = load_cli_settings(args)
 
     async def main() -> int:
-        store = await open_store(settings)
+        store = await open_store(settings, args)
         try:
             created = await seed_demo(store)
         finally:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from scheduler_daemon.cli.args import limit_arg, request_id_arg, world_id_arg
 from scheduler_daemon.cli.base import CliError, add_config, load_cli_settings, open_store, run_async
-from scheduler_daemon.cli.output import print_table
+from scheduler_daemon.cli.output import print_json_lines, print_table
 
 
 def add_jobs_parsers(sub: Any) -> None:
@@ -50,15 +49,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     settings, _, _ = load_cli_settings(args)
 
     async def main() -> int:
-        store = await open_store(settings)
+        store = await open_store(settings, args)
         try:
             if args.jobs_command == "list":
                 requests = await generation.list_requests(
                     store, world_id=args.world, status=args.status, limit=args.limit
                 )
                 if args.json:
-                    for r in requests:
-                        print(json.dumps(r.to_wire(), default=str))
+                    print_json_lines(r.to_wire() for r in requests)
                     return 0
                 rows = [
                     (
@@ -97,14 +95,13 @@ def cmd_chains(args: argparse.Namespace) -> int:
     settings, _, _ = load_cli_settings(args)
 
     async def main() -> int:
-        store = await open_store(settings)
+        store = await open_store(settings, args)
         try:
             chains = await list_chains(store, world_id=args.world, status=args.status, limit=args.limit)
         finally:
             await store.dispose()
         if args.json:
-            for c in chains:
-                print(json.dumps(c.to_wire(), default=str))
+            print_json_lines(c.to_wire() for c in chains)
             return 0
         rows = []
         for c in chains:

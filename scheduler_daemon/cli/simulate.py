@@ -7,6 +7,7 @@ import json
 import sys
 
 from scheduler_daemon.cli.base import EXIT_USAGE, CliError, load_cli_settings, open_store, run_async
+from scheduler_daemon.progress import ProgressBar, wanted
 from scheduler_daemon.settings import SettingsError
 
 
@@ -27,7 +28,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise CliError(str(exc), EXIT_USAGE) from None
 
     async def main() -> int:
-        store = await open_store(settings)
+        store = await open_store(settings, args)
+        hours = args.game_hours
+        bar = ProgressBar(sys.stderr, "simulating", round(hours * 3600), enabled=wanted(sys.stderr, quiet=args.quiet))
+
+        def advanced(game_seconds: float, ticks: int) -> None:
+            bar.update(round(game_seconds), f"{game_seconds / 3600:.1f}/{hours:g} game hours, {ticks} ticks")
+
         try:
             summary = await fast_forward(
                 store,
@@ -37,12 +44,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 force=args.force,
                 settings=settings,
                 plugins=plugins,
+                progress=advanced,
             )
         except (WorldNotFoundError, FastForwardError) as exc:
             raise CliError(str(exc), 1) from None
         except ValueError as exc:  # invalid stored config or behaviour: names world and field
             raise CliError(str(exc), EXIT_USAGE) from None
         finally:
+            bar.close()
             await plugins.aclose()
             await store.dispose()
         if args.json:

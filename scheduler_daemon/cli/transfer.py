@@ -18,7 +18,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     configure_logging(level, settings.logging.format, stream=sys.stderr)
 
     async def main() -> int:
-        store = await open_store(settings)
+        store = await open_store(settings, args)
         try:
             return await run_transfer(store, args, settings.defaults.simulation)
         except TransferError as exc:

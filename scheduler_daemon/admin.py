@@ -396,7 +396,8 @@ def running_summary(
         "ticksProcessed": ctx.ticks_processed,
         "ticksSkipped": ctx.ticks_skipped,
         "ticksFailed": ctx.ticks_failed,
-        "npcsPerTier": {t.label: ctx.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
+        "decisionsPerTier": {t.label: ctx.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
+        "npcsPerTier": {t.label: ctx.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},  # deprecated name
         "npcsSimulatedTotal": ctx.npcs_simulated_total,
         "jobsEnqueuedLastTick": ctx.jobs_enqueued_last_tick,
         "configVersion": ctx.config_version,
@@ -423,6 +424,7 @@ def isolated_summary(world_id: int, name: str | None, broken: BrokenWorld) -> di
         "ticksProcessed": None,
         "ticksSkipped": None,
         "ticksFailed": None,
+        "decisionsPerTier": {},
         "npcsPerTier": {},
         "npcsSimulatedTotal": None,
         "jobsEnqueuedLastTick": None,

@@ -355,6 +355,8 @@ class WorldSimulationContext:
             "npcs_simulated_total": self.npcs_simulated_total,
             "jobs_enqueued_last_tick": self.jobs_enqueued_last_tick,
             "chain_steps_last_tick": self.chain_steps_last_tick,
+            "decisions_per_tier": {t.label: self.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
+            # Deprecated name of decisions_per_tier, kept one release.
             "npcs_per_tier": {t.label: self.npcs_per_tier.get(t, 0) for t in SIMULATED_TIERS},
             "tier_population": {t.label: self.tier_population.get(t, 0) for t in Tier},
             "frozen_npcs": self.frozen_npcs,

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeAlias
 
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.plugins import Plugins
@@ -33,7 +35,14 @@ from scheduler_daemon.settings import Settings
 from scheduler_daemon.simulation.summary import SimulationSummary, SummaryCollector
 from scheduler_daemon.store.repository import Store
 
-__all__ = ["MAX_GAME_HOURS", "MAX_TICKS", "RECENT_TICK_SECONDS", "FastForwardError", "fast_forward"]
+__all__ = [
+    "MAX_GAME_HOURS",
+    "MAX_TICKS",
+    "RECENT_TICK_SECONDS",
+    "FastForwardError",
+    "FastForwardProgress",
+    "fast_forward",
+]
 
 #: Refuse to commit to a world whose last tick is younger than this (wall seconds).
 RECENT_TICK_SECONDS = 30.0
@@ -43,6 +52,10 @@ MAX_GAME_HOURS = 24.0 * 366
 MAX_TICKS = 2_000_000
 # World time left below this after the grid ticks is rounding, not a tick.
 _EPSILON_GAME_SECONDS = 1e-6
+
+
+#: ``progress(game_seconds_done, ticks)``: called after each committed tick.
+FastForwardProgress: TypeAlias = Callable[[float, int], None]
 
 
 class FastForwardError(RuntimeError):
@@ -65,6 +78,7 @@ async def fast_forward(
     force: bool = False,
     settings: Settings | None = None,
     plugins: Plugins | None = None,
+    progress: FastForwardProgress | None = None,
 ) -> SimulationSummary:
     """Simulate ``game_hours`` of world ``world_id`` as fast as possible.
 
@@ -78,6 +92,8 @@ async def fast_forward(
     :class:`~scheduler_daemon.simulation.behavior.BehaviorContentError` (invalid
     stored content), and :class:`FastForwardError` (paused world, recent
     ticks by someone else, a failed tick).
+
+    ``progress(game_seconds_done, ticks)`` is called after each committed tick.
     """
     if not 0 < game_hours <= MAX_GAME_HOURS:
         raise FastForwardError(f"game hours must be > 0 and <= {MAX_GAME_HOURS:g}, got {game_hours:g}")
@@ -96,7 +112,7 @@ async def fast_forward(
                     f"world {world_id} was ticked {age:.0f}s ago, probably by a running daemon; "
                     "stop it first, or use --dry-run (a copy), or --force"
                 )
-        return await _run(store, plan, settings, plugins)
+        return await _run(store, plan, settings, plugins, progress)
     data = await store.export_world(world_id)
     with tempfile.TemporaryDirectory(prefix="scheduler-simulate-") as tmp:
         copy = Store.from_url(f"sqlite+aiosqlite:///{Path(tmp) / 'simulate.db'}")
@@ -104,18 +120,26 @@ async def fast_forward(
             await copy.upgrade()
             await copy.import_world(data)
             # The default sink calls no one: the copy's claims stay in the copy.
-            return await _run(copy, plan, settings, Plugins(decide_fn=plugins.decide_fn))
+            return await _run(copy, plan, settings, Plugins(decide_fn=plugins.decide_fn), progress)
         finally:
             await copy.dispose()
 
 
-async def _run(store: Store, plan: _Plan, settings: Settings, plugins: Plugins) -> SimulationSummary:
+async def _run(
+    store: Store, plan: _Plan, settings: Settings, plugins: Plugins, progress: FastForwardProgress | None
+) -> SimulationSummary:
     started = time.perf_counter()  # wall time for the report only
     collector: SummaryCollector | None = None
+    start_world_time = 0.0
+    ticks = 0
 
     def observe(tick: CommittedTick) -> None:
+        nonlocal ticks
         if collector is not None:
             collector.observe(tick.npcs, tick.decisions, tick.decision_lag_per_tier)
+            ticks += 1
+            if progress is not None:
+                progress(tick.world_time - start_world_time, ticks)
 
     clock = VirtualClock()
     discovery_interval_seconds = settings.scheduler.discovery_interval_seconds
@@ -130,7 +154,8 @@ async def _run(store: Store, plan: _Plan, settings: Settings, plugins: Plugins) 
         if ctx.paused:
             raise FastForwardError(f"world {plan.world_id} is paused (pauseSimulation); its clock cannot advance")
         record = await store.get_world(plan.world_id)
-        collector = SummaryCollector.starting_from(ctx.current_world_time, await store.get_npcs(plan.world_id))
+        start_world_time = ctx.current_world_time
+        collector = SummaryCollector.starting_from(start_world_time, await store.get_npcs(plan.world_id))
         target = ctx.current_world_time + plan.game_hours * 3600.0
         real_end = plan.game_hours * 3600.0 / ctx.config.time_scale
         if real_end / ctx.config.tick_interval_seconds > MAX_TICKS:

@@ -99,7 +99,8 @@ def rows(worlds: Sequence[dict[str, Any]]) -> list[tuple[str, ...]]:
     """Table rows, one per world."""
     out: list[tuple[str, ...]] = []
     for w in worlds:
-        per_tier = w.get("npcsPerTier") or {}
+        # npcsPerTier: the same field from a daemon older than decisionsPerTier.
+        per_tier = w.get("decisionsPerTier", w.get("npcsPerTier")) or {}
         error = (w.get("lastError") or "").splitlines()[0] if w.get("lastError") else ""
         out.append(
             (

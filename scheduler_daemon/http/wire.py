@@ -26,6 +26,11 @@ WorldId = Annotated[int, PathParam(ge=1, le=MAX_WORLD_ID, description="World id"
 RequestId = Annotated[int, PathParam(ge=1, le=MAX_REQUEST_ID)]
 
 
+_NPCS_PER_TIER_DEPRECATED = (
+    "Deprecated: the same as decisionsPerTier (the name read as a population); removed in the next release"
+)
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, allow_inf_nan=False)
 
@@ -45,7 +50,8 @@ class WorldSummary(_Wire):
     ticks_processed: int | None
     ticks_skipped: int | None
     ticks_failed: int | None
-    npcs_per_tier: dict[str, int] = Field(description="NPC decisions in the last tick, per tier")
+    decisions_per_tier: dict[str, int] = Field(description="NPC decisions in the last tick, per tier")
+    npcs_per_tier: dict[str, int] = Field(deprecated=True, description=_NPCS_PER_TIER_DEPRECATED)
     npcs_simulated_total: int | None
     jobs_enqueued_last_tick: int | None
     config_version: int
@@ -103,7 +109,8 @@ class TickResponse(_Wire):
     delta_real_seconds: float
     delta_game_seconds: float
     npcs_simulated: int
-    npcs_per_tier: dict[str, int]
+    decisions_per_tier: dict[str, int] = Field(description="NPC decisions in this tick, per tier")
+    npcs_per_tier: dict[str, int] = Field(deprecated=True, description=_NPCS_PER_TIER_DEPRECATED)
     jobs_enqueued: int
     chain_steps: int
     duration_ms: float
@@ -120,6 +127,7 @@ class TickResponse(_Wire):
             delta_real_seconds=result.delta_real_seconds,
             delta_game_seconds=result.delta_game_seconds,
             npcs_simulated=result.npcs_simulated,
+            decisions_per_tier=result.npcs_per_tier,
             npcs_per_tier=result.npcs_per_tier,
             jobs_enqueued=result.jobs_enqueued,
             chain_steps=result.chain_steps,
@@ -140,6 +148,9 @@ class WorldStats(_Wire):
     ticks_processed: int
     config_version: int
     config: dict[str, Any]
+    decisions_per_tier: dict[str, int] = Field(description="NPC decisions in the last tick, per tier")
+    tier_population: dict[str, int] = Field(description="NPCs in each tier now")
+    npcs_per_tier: dict[str, int] = Field(deprecated=True, description=_NPCS_PER_TIER_DEPRECATED)
 
 
 class CompleteRequest(_Wire):

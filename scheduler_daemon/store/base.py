@@ -187,9 +187,12 @@ class StoreBase:
             await conn.invalidate()
             return "in recovery (a standby)" if in_recovery else "read-only transactions"
 
-    async def upgrade(self) -> tuple[set[str], set[str]]:
-        """Apply pending migrations."""
-        return await migrate.upgrade(self.engine)
+    async def upgrade(self, progress: migrate.MigrationProgress | None = None) -> tuple[set[str], set[str]]:
+        """Apply pending migrations; returns (revisions before, revisions after).
+
+        ``progress(done, total, revision)`` is called after each migration applied.
+        """
+        return await migrate.upgrade(self.engine, progress=progress)
 
     async def check_schema(self) -> None:
         """Raise :class:`~scheduler_daemon.store.errors.SchemaNotMigratedError` if behind."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeAlias
 
 from alembic import command
 from alembic.config import Config
@@ -15,6 +17,9 @@ from scheduler_daemon.store.database import begin_writing
 from scheduler_daemon.store.errors import SchemaNotMigratedError
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+#: ``progress(done, total, revision)``: one more migration of ``total`` pending was applied.
+MigrationProgress: TypeAlias = Callable[[int, int, str], None]
 
 
 def _alembic_config(connection: Connection | None = None) -> Config:
@@ -34,12 +39,35 @@ def _current(connection: Connection) -> set[str]:
     return set(MigrationContext.configure(connection).get_current_heads())
 
 
-async def upgrade(engine: AsyncEngine, revision: str = "heads") -> tuple[set[str], set[str]]:
-    """Upgrade the schema; returns (revisions before, revisions after)."""
+def _pending(script: ScriptDirectory, current: set[str]) -> int:
+    """How many revisions up to the heads are not yet applied."""
+    applied = {rev.revision for head in current for rev in script.iterate_revisions(head, "base")}
+    return sum(1 for rev in script.walk_revisions() if rev.revision not in applied)
+
+
+async def upgrade(
+    engine: AsyncEngine, revision: str = "heads", *, progress: MigrationProgress | None = None
+) -> tuple[set[str], set[str]]:
+    """Upgrade the schema; returns (revisions before, revisions after).
+
+    ``progress`` is called after each migration applied (see :data:`MigrationProgress`).
+    """
 
     def run(conn: Connection) -> tuple[set[str], set[str]]:
         before = _current(conn)
-        command.upgrade(_alembic_config(conn), revision)
+        cfg = _alembic_config(conn)
+        if progress is not None:
+            total = _pending(ScriptDirectory.from_config(cfg), before)
+            done = 0
+
+            def applied(*, step: Any, **_: Any) -> None:
+                nonlocal done
+                done += 1
+                progress(done, total, step.up_revision_id or "")
+
+            # Read by migrations/env.py, handed to alembic's context.configure.
+            cfg.attributes["on_version_apply"] = [applied]
+        command.upgrade(cfg, revision)
         return before, _current(conn)
 
     async with begin_writing(engine) as conn:

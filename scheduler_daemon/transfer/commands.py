@@ -75,15 +75,15 @@ async def run_transfer(store: Store, args: argparse.Namespace, defaults: Mapping
 
 
 async def _run_import(store: Store, args: argparse.Namespace, defaults: Mapping[str, Any]) -> int:
+    from scheduler_daemon.progress import ProgressBar, wanted
     from scheduler_daemon.retry import first_line
     from scheduler_daemon.transfer.files import DocumentError, TransferFileError, open_import_file
     from scheduler_daemon.transfer.importer import ImportInterrupted, import_worlds
-    from scheduler_daemon.transfer.progress import ProgressBar
 
     try:
         with open_import_file(args.file) as source:
             label = "checking" if args.dry_run else "importing"
-            bar = ProgressBar(sys.stderr, label, source.total, enabled=sys.stderr.isatty() and not args.quiet)
+            bar = ProgressBar(sys.stderr, label, source.total, enabled=wanted(sys.stderr, quiet=args.quiet))
             try:
                 summary = await import_worlds(store, source, dry_run=args.dry_run, defaults=defaults, progress=bar)
             finally:

@@ -23,11 +23,11 @@ import sqlalchemy.exc as sa_exc
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from scheduler_daemon.progress import ProgressBar
 from scheduler_daemon.retry import retry_transient
 from scheduler_daemon.store.base import MAX_NPC_STATE_BYTES, MAX_WORLD_META_BYTES
 from scheduler_daemon.store.errors import EntityRowsError, UnknownNpcsError, is_unique_violation
 from scheduler_daemon.transfer.files import Entry, ImportFile
-from scheduler_daemon.transfer.progress import ProgressBar
 from scheduler_daemon.transfer.report import ImportSummary, WorldCounts, WorldFailure, validation_problems
 from scheduler_daemon.transfer.schema import FileWorld
 from scheduler_daemon.world_config import WorldConfigError, parse_world_config

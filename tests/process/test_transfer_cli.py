@@ -21,6 +21,7 @@ from tests.conftest import create_pg_database, drop_pg_database, require_postgre
 from tests.process.test_daemon_world_time import ROOT
 from tests.store.test_transfer import counts, seed_source, without_daemon_ids, worlds_of
 from tests.support.cluster import Cluster, poll
+from tests.support.terminal import run_on_pty
 
 pytestmark = pytest.mark.subprocess
 
@@ -131,30 +132,7 @@ async def test_dry_run_reports_the_same_summary_and_commits_nothing(store: Store
 
 
 def _run_on_pty(url: str, *args: str) -> tuple[int, str]:
-    """Run the command with stderr on a pseudo-terminal; its exit code and everything it wrote there."""
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "scheduler_daemon", *args],
-            env=env_for(url),
-            stdout=subprocess.DEVNULL,
-            stderr=slave,
-            cwd=ROOT,
-        )
-        os.close(slave)
-        chunks = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the child closed its end
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return proc.wait(timeout=max(1.0, deadline - time.monotonic())), b"".join(chunks).decode()
-    finally:
-        os.close(master)
+    return run_on_pty(list(args), env_for(url), ROOT)
 
 
 async def test_progress_bar_only_on_a_terminal(store: Store, db_url: str, tmp_path: Path) -> None:

@@ -129,7 +129,10 @@ async def test_list_worlds_with_states_and_isolated_worlds(api: Api) -> None:
     assert worlds[running]["lagP99Seconds"] == 0.0
     assert worlds[running]["ticksProcessed"] == 3
     assert worlds[running]["lastError"] is None
-    assert sum(worlds[running]["npcsPerTier"].values()) >= 0
+    assert sum(worlds[running]["decisionsPerTier"].values()) >= 0
+    # The deprecated name of decisionsPerTier, kept one release with its old meaning.
+    assert worlds[running]["npcsPerTier"] == worlds[running]["decisionsPerTier"]
+    assert worlds[broken]["decisionsPerTier"] == worlds[broken]["npcsPerTier"] == {}
     assert worlds[paused]["state"] == "paused" and worlds[paused]["worldTime"] == 0.0
     assert worlds[broken]["state"] == "isolated" and worlds[broken]["isolated"] is True
     assert "timeScale" in worlds[broken]["lastError"]
@@ -309,7 +312,8 @@ async def test_forced_tick_advances_by_delta_and_reports_the_work(api: Api) -> N
     body = r.json()
     assert body["worldTimeBefore"] == 0.0 and body["worldTimeAfter"] == pytest.approx(600.0)
     assert body["deltaGameSeconds"] == pytest.approx(600.0)
-    assert body["npcsSimulated"] == 5 and body["npcsPerTier"]["detailed"] == 2
+    assert body["npcsSimulated"] == 5 and body["decisionsPerTier"]["detailed"] == 2
+    assert body["npcsPerTier"] == body["decisionsPerTier"]  # deprecated name
     assert body["jobsEnqueued"] == 0 and body["durationMs"] >= 0
     assert await world_state(api.store, world_id) == (pytest.approx(600.0), 1)
     # The regular grid is unaffected: the next loop tick still covers its own second.
@@ -381,6 +385,9 @@ async def test_stats_are_the_context_stats_in_camel_case(api: Api) -> None:
     assert stats["currentWorldTime"] == expected["current_world_time"] == pytest.approx(120.0)
     assert stats["ticksProcessed"] == 2
     assert stats["tierPopulation"] == expected["tier_population"]
+    # Decisions in the last tick; npcsPerTier is their deprecated name (never the population).
+    assert stats["decisionsPerTier"] == stats["npcsPerTier"] == expected["decisions_per_tier"]
+    assert sum(stats["decisionsPerTier"].values()) == expected["npcs_simulated_last_tick"]
     assert stats["config"]["timeScale"] == 60
     assert len(stats) == len(expected)
 
@@ -516,6 +523,14 @@ async def test_openapi_documents_every_route_in_camel_case(api: Api) -> None:
     schemas = spec["components"]["schemas"]
     assert "deltaSeconds" in schemas["TickRequest"]["properties"]
     assert "timeScale" in schemas["WorldConfig"]["properties"]
+    # One meaning per name: decisions per tier, population per tier; the old name marked deprecated.
+    for model in ("WorldSummary", "TickResponse", "WorldStats"):
+        properties = schemas[model]["properties"]
+        assert "decisionsPerTier" in properties, model
+        assert properties["npcsPerTier"]["deprecated"] is True, model
+        assert "decisionsPerTier" in properties["npcsPerTier"]["description"], model
+        assert "deprecated" not in properties["decisionsPerTier"], model
+    assert "deprecated" not in schemas["WorldStats"]["properties"]["tierPopulation"]
 
 
 async def test_database_outage_is_503_not_500(tmp_path: Path) -> None:

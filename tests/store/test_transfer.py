@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from scheduler_daemon.progress import ProgressBar
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.transfer import exporter
 from scheduler_daemon.transfer.exporter import export_worlds
 from scheduler_daemon.transfer.files import FileFormat, open_import_file
 from scheduler_daemon.transfer.importer import import_worlds
-from scheduler_daemon.transfer.progress import ProgressBar
 from scheduler_daemon.transfer.report import ImportSummary
 from scheduler_daemon.transfer.schema import FileDocument, FileWorld
 from tests.conftest import create_pg_database, drop_pg_database, require_postgres_url

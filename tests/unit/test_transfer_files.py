@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler_daemon.progress import ProgressBar
 from scheduler_daemon.transfer.files import (
     DocumentError,
     FileFormat,
@@ -19,7 +20,6 @@ from scheduler_daemon.transfer.files import (
     open_export_file,
     open_import_file,
 )
-from scheduler_daemon.transfer.progress import ProgressBar
 
 
 def _read(path: Path) -> tuple[FileFormat, int | None, list[tuple[int, int, object, str | None]]]:

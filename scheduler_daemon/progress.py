@@ -1,4 +1,8 @@
-"""A one-line progress bar on a terminal (stderr), redrawn in place; nothing at all when off."""
+"""A one-line progress bar on a terminal (stderr), redrawn in place; nothing at all when off.
+
+Shared by the long commands (``import``, ``simulate``, ``db upgrade``): on
+only when a person is watching, never in a pipe, a file or a log.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,11 @@ from typing import IO, Final
 #: Redraws at most this often: a file of many small worlds must not be slowed by drawing.
 REDRAW_SECONDS: Final = 0.1
 BAR_WIDTH: Final = 30
+
+
+def wanted(stream: IO[str], *, quiet: bool) -> bool:
+    """Whether to draw on ``stream``: it is a terminal and ``--quiet`` was not given."""
+    return not quiet and stream.isatty()
 
 
 class ProgressBar:

@@ -25,15 +25,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-import structlog
 from starlette.types import Receive, Scope, Send
 
 from scheduler_daemon.entities import parse_ref
 from scheduler_daemon.http.forward import UpstreamUnavailable, forward
 from scheduler_daemon.http.wire import PageQuery
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.metrics_merge import merge_expositions
 
-log = structlog.get_logger("scheduler_daemon.http")
+log = get_logger("scheduler_daemon.http")
 
 _EXPOSITION = b"text/plain; version=0.0.4; charset=utf-8"
 #: Merged from every worker's page (each lists its own worlds).
@@ -106,7 +106,7 @@ class WorkerProxy:
         try:
             await forward(worker.socket_path, scope, receive, send, wait_seconds=self.timeout)
         except UpstreamUnavailable as exc:
-            log.warning("worker did not answer a forwarded request", worker=worker.name, error=str(exc))
+            log.warning("proxy_worker_unanswered", worker=worker.name, error=str(exc))
             await _json(send, 503, {"detail": f"worker {worker.name} did not answer; retry shortly"})
 
     async def _pick(self, path: str) -> WorkerEndpoint | None:
@@ -118,7 +118,7 @@ class WorkerProxy:
             try:
                 owner = await asyncio.wait_for(self.owner_of(ref), self.timeout)
             except Exception as exc:  # the database: the request still goes somewhere, non-owners refuse or write
-                log.warning("lease owner lookup failed; forwarding to any worker", error=f"{type(exc).__name__}")
+                log.warning("proxy_owner_lookup_failed", error=f"{type(exc).__name__}")
                 owner = None
             for worker in serving:
                 if worker.owner == owner:

@@ -45,7 +45,7 @@ def test_daemon_logs_what_the_npcs_of_each_world_are_doing(tmp_path: Path) -> No
 
     def activity_lines() -> list[dict[str, Any]]:
         lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
-        return [e for e in lines if e.get("event") == "world activity"]
+        return [e for e in lines if e.get("event") == "world_activity"]
 
     def changed_for_hollow() -> list[dict[str, Any]] | None:
         hollow = [e for e in activity_lines() if e["world_id"] == 3]

@@ -30,9 +30,9 @@ def test_json_exception_has_frames_but_no_locals() -> None:
     try:
         _fail()
     except RuntimeError:
-        structlog.get_logger("t").exception("tick failed", world_id=7)
+        structlog.get_logger("t").exception("tick_failed", world_id=7)
     event = json.loads(out.getvalue().strip().splitlines()[-1])
-    assert event["event"] == "tick failed" and event["world_id"] == 7
+    assert event["event"] == "tick_failed" and event["world_id"] == 7
     (exc,) = event["exception"]
     assert exc["exc_type"] == "RuntimeError" and exc["exc_value"] == "boom (18)"
     assert any(frame["name"] == "_fail" for frame in exc["frames"])
@@ -46,7 +46,7 @@ def test_console_exception_is_a_plain_traceback_without_locals() -> None:
     try:
         _fail()
     except RuntimeError:
-        structlog.get_logger("t").exception("tick failed")
+        structlog.get_logger("t").exception("tick_failed")
     text = out.getvalue()
     assert "Traceback (most recent call last)" in text and "RuntimeError: boom (18)" in text
     assert "s3cr3t" not in text

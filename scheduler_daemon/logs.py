@@ -183,7 +183,8 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | N
     handler.setFormatter(
         formatter_class(
             processors=[structlog.stdlib.add_logger_name, ProcessorFormatter.remove_processors_meta, *render],
-            foreign_pre_chain=[structlog.contextvars.merge_contextvars, *stamped],
+            # Plain stdlib records: their extra= fields become the line's fields.
+            foreign_pre_chain=[structlog.contextvars.merge_contextvars, structlog.stdlib.ExtraAdder(), *stamped],
         )
     )
     root = logging.getLogger()

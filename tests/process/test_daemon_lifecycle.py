@@ -499,7 +499,8 @@ def test_startup_failure_is_one_line_and_an_exit_code(
     assert notify.count("READY") == 0
     if exit_code == 3:
         # Every attempt is logged before giving up.
-        attempts = [json.loads(x) for x in proc.stderr.splitlines() if "database connection failed" in x]
+        lines = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
+        attempts = [e for e in lines if e["event"] == "retrying" and e["operation"] == "database_connection"]
         assert attempts and all(a["level"] == "warning" for a in attempts)
 
 

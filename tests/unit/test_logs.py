@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
-from scheduler_daemon.logs import configure_logging
+from scheduler_daemon.logs import configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)
@@ -50,3 +51,26 @@ def test_console_exception_is_a_plain_traceback_without_locals() -> None:
     text = out.getvalue()
     assert "Traceback (most recent call last)" in text and "RuntimeError: boom (18)" in text
     assert "s3cr3t" not in text
+
+
+def test_console_lines_name_their_logger_for_structlog_and_stdlib_records() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "console", stream=out)
+    get_logger("scheduler_daemon.probe").info("probe_info", world_id=3)
+    logging.getLogger("scheduler_daemon.systemd").info("sd_notify_recovered", extra={"notify_socket": "/run/n"})
+    first, second = out.getvalue().splitlines()
+    assert "probe_info" in first and "scheduler_daemon.probe" in first and "world_id=3" in first
+    assert "sd_notify_recovered" in second and "scheduler_daemon.systemd" in second and "/run/n" in second
+    assert not first.startswith("<")  # a StringIO is no journal
+
+
+def test_the_level_applies_to_the_package_not_to_libraries() -> None:
+    out = io.StringIO()
+    configure_logging("DEBUG", "json", stream=out)
+    log = get_logger("scheduler_daemon.probe")
+    assert log.is_enabled_for(logging.DEBUG)
+    log.debug("probe_debug")
+    logging.getLogger("sqlalchemy.engine").info("SELECT 1")
+    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["probe_debug"]
+    configure_logging("WARNING", "json", stream=out)  # a reload
+    assert not log.is_enabled_for(logging.INFO)

@@ -35,6 +35,14 @@ PACKAGE_LOGGER = "scheduler_daemon"
 #: Third-party loggers whose DEBUG/INFO lines are noise even when we debug.
 _NOISY = ("sqlalchemy", "aiosqlite", "asyncio", "uvicorn", "uvicorn.access", "alembic", "arq", "httpx")
 
+#: The stdlib logger method of a level (a level between two: the lower one's).
+_METHODS = (
+    (logging.CRITICAL, "critical"),
+    (logging.ERROR, "error"),
+    (logging.WARNING, "warning"),
+    (logging.INFO, "info"),
+)
+
 #: Syslog priorities (sd-daemon(3) prefixes), highest stdlib level first.
 _PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
 
@@ -95,7 +103,8 @@ class ProjectLogger(structlog.BoundLoggerBase):
 
     def log(self, level: int, event: str, **kw: Any) -> Any:
         """Log ``event`` at the stdlib ``level``."""
-        return self._emit(level, logging.getLevelName(level).lower(), event, kw)
+        method = next((name for threshold, name in _METHODS if level >= threshold), "debug")
+        return self._emit(level, method, event, kw)
 
 
 def get_logger(name: str) -> ProjectLogger:

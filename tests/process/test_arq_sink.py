@@ -336,7 +336,7 @@ def test_sigkill_between_claim_and_hand_off_loses_nothing_and_runs_nothing_twice
         assert stop_process(second.proc) == 0, log.read_text()[-3000:]
     assert runs(run_file) == [f"{request_id} {namespace.job_id(request_id)} 1"], worker_log.read_text()[-3000:]
     assert namespace.queued() == 0
-    duplicates = [e for e in log_events(log, offset) if e.get("event", "").startswith("generation request already on")]
+    duplicates = [e for e in log_events(log, offset) if e.get("event") == "generation_request_already_queued"]
     assert [e["request_id"] for e in duplicates] == ([request_id] if enqueued_before_kill else [])
 
 
@@ -369,7 +369,5 @@ def test_a_job_whose_report_found_the_daemon_down_runs_again_after_the_restart(
         assert stop_process(second.proc) == 0, log.read_text()[-3000:]
     assert runs(run_file) == [f"{request_id} {namespace.job_id(request_id)} 1"] * 2, worker_log.read_text()[-3000:]
     assert namespace.queued() == 0
-    again = [
-        e for e in log_events(log, offset) if e.get("event", "").startswith("generation request's ARQ job finished")
-    ]
+    again = [e for e in log_events(log, offset) if e.get("event") == "generation_request_requeued"]
     assert [e["request_id"] for e in again] == [request_id]

@@ -20,9 +20,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import structlog
-
 from scheduler_daemon.context import WorldSimulationContext, format_world_time
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.loop_budget import LoopBudget
 from scheduler_daemon.loop_lag import LoopLagMonitor
 from scheduler_daemon.metrics import SchedulerMetrics
@@ -37,7 +36,7 @@ from scheduler_daemon.store.repository import Store
 from scheduler_daemon.store.worlds import WorldRecord
 from scheduler_daemon.world_config import WorldConfig, WorldConfigError, apply_patch, parse_world_config
 
-log = structlog.get_logger("scheduler_daemon.admin")
+log = get_logger("scheduler_daemon.admin")
 
 #: Largest share of the event loop that admin work over many worlds may take (see loop_budget).
 ADMIN_LOOP_SHARE = 0.2
@@ -246,7 +245,7 @@ class WorldAdmin:
 
         written = await self._change(world_id, change)
         log.info(
-            "world config changed over the admin API",
+            "world_config_changed_via_api",
             world_id=world_id,
             config_version=written.config_version,
             patch=patch,
@@ -358,7 +357,7 @@ class WorldAdmin:
             except (ValueError, LookupError) as exc:
                 # The stored config is valid, something else of the world is
                 # not (e.g. its behaviour content): discovery isolates it.
-                log.error("world could not apply its new config", world_id=world_id, error=str(exc))
+                log.error("world_config_apply_failed", world_id=world_id, error=str(exc))
         return written
 
 

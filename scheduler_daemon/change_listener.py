@@ -20,13 +20,13 @@ import time
 from collections.abc import Collection
 from typing import Protocol
 
-import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_random_exponential
 
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.retry import first_line
 from scheduler_daemon.store.notifications import CHANNEL, ChangeNotifications
 
-log = structlog.get_logger("scheduler_daemon.changes")
+log = get_logger("scheduler_daemon.changes")
 
 #: After a first notification, wait this long for the rest of a burst (one transaction's rows arrive at once).
 COALESCE_SECONDS = 0.02
@@ -113,7 +113,7 @@ class ChangeListener:
         if bad:
             self._bad_payloads(bad)
         if world_ids:
-            log.debug("changes notified", world_ids=sorted(world_ids), notifications=len(payloads))
+            log.debug("changes_notified", world_ids=sorted(world_ids), notifications=len(payloads))
             await self.target.apply_changes(world_ids)
 
     def _bad_payloads(self, bad: list[str]) -> None:
@@ -121,7 +121,7 @@ class ChangeListener:
         if now - self._bad_payload_logged_at >= BAD_PAYLOAD_LOG_SECONDS:
             self._bad_payload_logged_at = now
             log.warning(
-                "change notification ignored: its payload is not a world id",
+                "change_notification_ignored",
                 channel=CHANNEL,
                 payload=bad[0][:100],
                 ignored=len(bad),
@@ -137,7 +137,7 @@ class ChangeListener:
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             log.warning(
-                "change notifications interrupted, reconnecting; discovery polling covers the gap",
+                "change_notifications_interrupted",
                 error=first_line(exc) if exc is not None else None,
             )
 
@@ -145,12 +145,12 @@ class ChangeListener:
         self.listening.set()
         if self._outage_since is not None:
             log.info(
-                "change notifications resumed, discovering what they missed",
+                "change_notifications_resumed",
                 outage_seconds=round(time.monotonic() - self._outage_since, 3),
                 attempts=self._failed_attempts,
             )
         else:
-            log.info("listening for change notifications", channel=CHANNEL)
+            log.info("change_notifications_listening", channel=CHANNEL)
         # Whatever was notified before (an outage, or a first LISTEN later than the loop's start)
         # is lost: a discovery pass picks it up. A no-op while the loop has not started.
         self.target.discover_soon()

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from scheduler_daemon import collector
 from scheduler_daemon.change_listener import ChangeListener
 from scheduler_daemon.clock import MonotonicClock
@@ -37,7 +35,7 @@ from scheduler_daemon.http.connections import raise_open_files_limit
 from scheduler_daemon.http.listener import AdminListener, connection_guard, load_startup_token
 from scheduler_daemon.http.routes import create_app
 from scheduler_daemon.instance_lock import lock_sqlite_database
-from scheduler_daemon.logs import configure_logging
+from scheduler_daemon.logs import configure_logging, get_logger
 from scheduler_daemon.loop_lag import LoopLagMonitor
 from scheduler_daemon.plugins import Plugins
 from scheduler_daemon.reload import ReloadState, check_new_settings, keep_restart_only, warn_about_permissions
@@ -49,7 +47,7 @@ from scheduler_daemon.store.repository import Store
 from scheduler_daemon.systemd import SystemdNotifier, watchdog_interval_seconds, watchdog_loop
 from scheduler_daemon.world_config import WorldConfigError, parse_world_config
 
-log = structlog.get_logger("scheduler_daemon.daemon")
+log = get_logger("scheduler_daemon.daemon")
 
 #: SIGHUPs arriving this soon after the first join its reload (``for f in …; kill -HUP``).
 RELOAD_SETTLE_SECONDS = 0.2
@@ -124,7 +122,7 @@ class Daemon:
             await store.check_schema()
 
         try:
-            await retry_transient("database connection", connect_and_check, max_seconds=db.connect_retry_seconds)
+            await retry_transient("database_connection", connect_and_check, max_seconds=db.connect_retry_seconds)
         except SchemaNotMigratedError as exc:
             await store.dispose()
             raise StartupError(str(exc), EXIT_NOT_MIGRATED) from None
@@ -147,7 +145,7 @@ class Daemon:
         s = self.settings
         log.info("starting", version=_version(), database=_redact(s.database.url), instance_id=s.scheduler.instance_id)
         if self.config_path is not None and not self.config_path.exists() and not self.config_required:
-            log.warning("no config file, using defaults and environment", path=str(self.config_path))
+            log.warning("config_file_missing", path=str(self.config_path))
         loop = asyncio.get_running_loop()
         # From here a SIGHUP is never fatal: it waits for the reload loop.
         loop.add_signal_handler(signal.SIGHUP, self._reload_event.set)
@@ -300,7 +298,7 @@ class Daemon:
                 status = f"registering worlds: {progress[0]}/{progress[1]}"
                 if progress != reported:
                     self.notifier.extend_timeout(STARTUP_EXTEND_SECONDS, status)
-                    log.info("registering worlds", registered=progress[0], discovered=progress[1])
+                    log.info("worlds_registering", registered=progress[0], discovered=progress[1])
                 else:
                     self.notifier.status(status)
                 reported = progress
@@ -312,9 +310,9 @@ class Daemon:
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._stop_requested += 1
         if self._stop_requested > 1:
-            log.warning("second stop signal, exiting at once", signal=sig.name)
+            log.warning("second_stop_signal", signal=sig.name)
             os._exit(EXIT_FAILURE)
-        log.info("stop requested, finishing in-flight ticks", signal=sig.name)
+        log.info("stop_requested", signal=sig.name)
         self._stop_signalled.set()
         self._notify_stopping()
         if self.runtime is not None:
@@ -327,7 +325,7 @@ class Daemon:
             if os.getppid() != supervisor_pid:
                 break
         if not self._stop_requested:
-            log.error("supervisor gone, stopping", supervisor_pid=supervisor_pid)
+            log.error("supervisor_gone", supervisor_pid=supervisor_pid)
             self._on_stop_signal(signal.SIGTERM)
 
     def _notify_stopping(self) -> None:
@@ -349,7 +347,7 @@ class Daemon:
                 await self.reload()
             except Exception as exc:
                 # A bug here must not end reloading for the rest of the daemon's life.
-                log.exception("configuration reload crashed")
+                log.exception("config_reload_crashed")
                 self._reload_failed(first_line(exc))
 
     async def reload(self) -> bool:
@@ -361,7 +359,7 @@ class Daemon:
         """
         self.reloads.count += 1
         self.notifier.reloading()
-        log.info("reloading configuration", path=str(self.config_path) if self.config_path else None)
+        log.info("config_reloading", path=str(self.config_path) if self.config_path else None)
         try:
             new = load_settings(self.config_path, required=self.config_required)
             token = check_new_settings(new, self.settings, running_token=self.admin_token, config_path=self.config_path)
@@ -372,7 +370,7 @@ class Daemon:
             return self._reload_failed(f"defaults.simulation: cannot check the worlds' configs: {first_line(exc)}")
         await self._apply(new)
         if token != self.admin_token:
-            log.info("admin token changed", admin_auth="token" if token is not None else "none")
+            log.info("admin_token_changed", admin_auth="token" if token is not None else "none")
         self.admin_token = token
         self.reloads.succeeded()
         self.notifier.ready(status=self._status_line())
@@ -380,7 +378,7 @@ class Daemon:
 
     def _reload_failed(self, reason: str) -> bool:
         self.reloads.failed(reason)
-        log.error("configuration reload failed, keeping the running configuration", error=reason)
+        log.error("config_reload_failed", error=reason)
         self.notifier.ready(status=f"reload failed, running the previous configuration: {reason[:200]}")
         return False
 
@@ -417,8 +415,8 @@ class Daemon:
                     except Exception as exc:
                         # Validated above; a database error leaves the world on its
                         # previous config until discovery sees its next change.
-                        log.error("new defaults not applied to world", world_id=world_id, error=first_line(exc))
-        log.info("configuration reloaded", log_level=new.logging.level, restart_needed=self.reloads.restart_pending)
+                        log.error("world_defaults_not_applied", world_id=world_id, error=first_line(exc))
+        log.info("config_reloaded", log_level=new.logging.level, restart_needed=self.reloads.restart_pending)
 
     # ---------------------------------------------------------------- status
     def _status_line(self) -> str:
@@ -464,7 +462,7 @@ class Daemon:
                 totals[world_id] = snapshot.pop("decisions_total")
                 # Decisions since the previous line (since registration for a new world).
                 since = totals[world_id] - last_total.get(world_id, 0)
-                log.info("world activity", world_id=world_id, decisions=since, **snapshot)
+                log.info("world_activity", world_id=world_id, decisions=since, **snapshot)
             last_total = totals
 
     def get_stats(self) -> dict[str, Any]:
@@ -491,8 +489,8 @@ def _warn_if_pool_too_small(s: Settings) -> None:
     # SQLite's engine has no such pool (and one writer at a time anyway).
     if s.database.url.startswith("postgresql") and s.scheduler.max_concurrent_ticks > s.database.pool_size:
         log.warning(
-            "scheduler.max_concurrent_ticks exceeds database.pool_size: batches beyond the pool open and "
-            "close a connection each time, and beyond pool_size + max_overflow they wait for one",
+            "pool_smaller_than_concurrency",
+            hint="batches beyond the pool open and close a connection each time; beyond the total they wait",
             max_concurrent_ticks=s.scheduler.max_concurrent_ticks,
             pool_size=s.database.pool_size,
             max_overflow=s.database.max_overflow,
@@ -503,5 +501,5 @@ def _warn_if_pool_too_small(s: Settings) -> None:
 def _raise_open_files_limit() -> int:
     """Raise the soft open-files limit to the hard one (logged); returns the soft limit in force."""
     before, soft, hard = raise_open_files_limit()
-    log.info("open files limit", soft=soft, hard=hard, soft_at_start=before)
+    log.info("open_files_limit", soft=soft, hard=hard, soft_at_start=before)
     return soft

@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-import structlog
-
 from scheduler_daemon.admin import AdminError, Conflict, NotFound, WorldAdmin
 from scheduler_daemon.entities import (
     NpcInput,
@@ -32,6 +30,7 @@ from scheduler_daemon.entities import (
     show_ref,
     world_wire,
 )
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.loop_budget import LoopBudget
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldNotRegisteredError
@@ -49,7 +48,7 @@ from scheduler_daemon.store.ingest import KEEP, StoredWorld
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.world_config import WorldConfigError, apply_patch, merge_patch, parse_world_config
 
-log = structlog.get_logger("scheduler_daemon.ingest")
+log = get_logger("scheduler_daemon.ingest")
 
 #: Most NPCs one bulk upsert may carry (more: 413); split bigger batches into several requests.
 MAX_NPCS_PER_REQUEST: Final = 1000
@@ -146,7 +145,7 @@ class IngestAdmin:
                     f"change it with PATCH /api/v1/worlds/ext:{body.external_id}"
                 )
         else:
-            log.info("world created over the API", world_id=stored.id, external_id=body.external_id)
+            log.info("world_created_via_api", world_id=stored.id, external_id=body.external_id)
         await self.runner.apply_changes([stored.id])
         return self._world_wire(stored), created
 
@@ -189,7 +188,7 @@ class IngestAdmin:
 
         async with self.runner.deleting(world_id):
             await self._call(write())
-        log.info("world deleted over the API", world_id=world_id)
+        log.info("world_deleted_via_api", world_id=world_id)
         await self.runner.apply_changes([world_id])
 
     # -------------------------------------------------------------- NPCs

@@ -21,12 +21,11 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import structlog
-
 from scheduler_daemon.clock import Clock
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.store.leases import Lease, LeaseStore
 
-log = structlog.get_logger("scheduler_daemon.leasing")
+log = get_logger("scheduler_daemon.leasing")
 
 
 @dataclass(slots=True)
@@ -107,7 +106,7 @@ class LeaseKeeper:
                 self.observer.lease_claimed(lease.world_id)
         if leases:
             log.info(
-                "leases claimed",
+                "leases_claimed",
                 worlds=[lease.world_id for lease in leases],
                 epochs=[lease.epoch for lease in leases],
                 held=len(self.held),
@@ -168,7 +167,7 @@ class LeaseKeeper:
             return False
         self.renewals_overdue += 1
         log.warning(
-            "lease renewal overdue; the fenced tick decides",
+            "lease_renewal_overdue",
             world_id=world_id,
             overdue_seconds=round(self.clock.now() - held.valid_until, 3),
         )
@@ -183,7 +182,7 @@ class LeaseKeeper:
         if self.observer is not None:
             self.observer.lease_lost(world_id)
         log.warning(
-            "lease lost, world dropped",
+            "lease_lost",
             world_id=world_id,
             epoch=held.lease.epoch,
             reason=reason,
@@ -198,7 +197,7 @@ class LeaseKeeper:
             return
         released = await self.store.release(leases)
         self.lease_releases += len(released)
-        log.info("leases released", worlds=sorted(released), reason=reason, held=len(self.held))
+        log.info("leases_released", worlds=sorted(released), reason=reason, held=len(self.held))
 
     async def leave(self) -> None:
         """Clean shutdown: release every lease and remove our heartbeat row.
@@ -212,7 +211,7 @@ class LeaseKeeper:
                 await self.store.leave()
         except Exception as exc:
             # Peers then take the worlds over when the leases expire (TTL).
-            log.error("releasing leases on shutdown failed", error=f"{type(exc).__name__}: {exc}")
+            log.error("lease_release_on_shutdown_failed", error=f"{type(exc).__name__}: {exc}")
 
     def stats(self) -> dict[str, Any]:
         """Lease state for ``get_stats()`` (admin API, ``top``)."""

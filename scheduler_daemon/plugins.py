@@ -13,13 +13,12 @@ import importlib
 from dataclasses import dataclass
 from typing import Final, Protocol, cast, runtime_checkable
 
-import structlog
-
 from scheduler_daemon.generation import GenerationSink, leave_enqueued
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.settings import DEFAULT_BEHAVIOR, DEFAULT_GENERATION_SINK, Settings, SettingsError
 from scheduler_daemon.simulation.behavior import DecideFn, decide
 
-log = structlog.get_logger("scheduler_daemon.plugins")
+log = get_logger("scheduler_daemon.plugins")
 
 #: Sink specs of earlier versions and what they name now. Our old example
 #: config named the default sink's old module, and copies of it must keep working.
@@ -90,7 +89,7 @@ def load_sink(spec: str) -> GenerationSink:
     renamed = RENAMED_SINKS.get(spec)
     if renamed is not None:
         log.warning(
-            "generation.sink names a renamed module; loading the new name (update the config)",
+            "sink_module_renamed",
             deprecated=spec,
             replacement=renamed,
         )

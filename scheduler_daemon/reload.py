@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from scheduler_daemon.http.auth import check_bind_allowed, load_admin_token, token_path
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.plugins import Plugins
 from scheduler_daemon.settings import HttpSettings, Settings, SettingsError, restart_only_changes
 
-log = structlog.get_logger("scheduler_daemon.daemon")
+log = get_logger("scheduler_daemon.daemon")
 
 
 @dataclass
@@ -81,7 +80,7 @@ def keep_restart_only(old: Settings, new: Settings) -> tuple[Settings, list[str]
     changed = restart_only_changes(old, new)
     if not changed:
         return new, changed
-    log.warning("changed settings need a restart to take effect; keeping their old values", keys=changed)
+    log.warning("settings_need_restart", keys=changed)
     http_kept = ("enabled", "bind", "port", "max_connections", "request_timeout_seconds")
     kept = new.model_copy(
         update={
@@ -125,7 +124,7 @@ def warn_about_permissions(config_path: Path | None, http: HttpSettings | None) 
         mode = _mode(config_path)
         if mode is not None and mode & 0o022:
             log.warning(
-                "config file is writable by others",
+                "config_file_writable_by_others",
                 path=str(config_path),
                 mode=oct(mode),
                 hint="chmod go-w: whoever can write it can change the daemon's settings on the next reload",
@@ -135,7 +134,7 @@ def warn_about_permissions(config_path: Path | None, http: HttpSettings | None) 
         mode = _mode(path)
         if mode is not None and mode & 0o004:
             log.warning(
-                "admin token file is readable by others",
+                "admin_token_file_readable_by_others",
                 path=str(path),
                 mode=oct(mode),
                 hint="chmod o-r, or load it as the systemd credential admin-token",

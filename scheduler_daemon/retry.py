@@ -12,7 +12,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import structlog
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -23,9 +22,10 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.store.errors import is_transient
 
-log = structlog.get_logger("scheduler_daemon.retry")
+log = get_logger("scheduler_daemon.retry")
 
 T = TypeVar("T")
 
@@ -53,7 +53,8 @@ async def retry_transient(
     ``max_wait``) so many daemons reconnecting at once do not stampede. Gives
     up after ``max_seconds`` and/or ``max_attempts`` and re-raises the last
     error; other errors propagate at once. Each retry is logged at WARNING
-    with the attempt number and the error.
+    (``retrying``, with ``operation=what``, the attempt number and the error):
+    ``what`` is a snake_case name of the unit of work.
     """
     # The first attempt runs outside tenacity: its per-call state costs more
     # than a batch of cheap ticks (docs/performance.md).
@@ -110,7 +111,8 @@ async def retry_after(
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning(
-            f"{what} failed, retrying",
+            "retrying",
+            operation=what,
             attempt=state.attempt_number,
             error=first_line(exc) if exc else None,
             retry_in_seconds=round(state.upcoming_sleep, 3),

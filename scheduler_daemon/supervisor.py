@@ -48,7 +48,7 @@ from scheduler_daemon.exits import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, StartupEr
 from scheduler_daemon.http.connections import ConnectionGuard, raise_open_files_limit
 from scheduler_daemon.http.listener import AdminListener, connection_guard, load_startup_token
 from scheduler_daemon.http.proxy import WorkerEndpoint, WorkerProxy
-from scheduler_daemon.logs import configure_logging
+from scheduler_daemon.logs import configure_logging, get_logger
 from scheduler_daemon.metrics import http_connection_families
 from scheduler_daemon.metrics_exposition import WithoutCreated
 from scheduler_daemon.reload import check_new_settings, keep_restart_only
@@ -64,7 +64,7 @@ from scheduler_daemon.systemd import (
     watchdog_loop,
 )
 
-log = structlog.get_logger("scheduler_daemon.supervisor")
+log = get_logger("scheduler_daemon.supervisor")
 
 #: The most workers one supervisor runs (also the bound of ``scheduler.workers``).
 MAX_WORKERS = 64
@@ -193,7 +193,7 @@ class Supervisor:
         s = self.settings
         loop = asyncio.get_running_loop()
         log.info(
-            "starting workers",
+            "workers_starting",
             workers=len(self.workers),
             instance_ids=[w.owner for w in self.workers],
             runtime_dir=str(self.runtime_dir),
@@ -286,13 +286,13 @@ class Supervisor:
             w.process = await asyncio.create_subprocess_exec(
                 *self._command(w), env=self._environment(w), process_group=0
             )
-            log.info("worker started", worker=w.name, pid=w.process.pid, instance_id=w.owner)
+            log.info("worker_started", worker=w.name, pid=w.process.pid, instance_id=w.owner)
             code = await w.process.wait()
             w.ready = False
             if self._stopping:
                 return
             if not self._ready_sent:
-                log.error("worker failed to start, stopping", worker=w.name, exit_status=describe_exit(code))
+                log.error("worker_start_failed", worker=w.name, exit_status=describe_exit(code))
                 self._exit_code = code if code > 0 else EXIT_FAILURE
                 self._stop.set()
                 return
@@ -301,7 +301,7 @@ class Supervisor:
             w.restarts += 1
             self._restarts.labels(w.name).inc()
             log.error(
-                "worker exited, restarting",
+                "worker_exited",
                 worker=w.name,
                 exit_status=describe_exit(code),
                 ran_seconds=round(ran, 1),
@@ -328,17 +328,17 @@ class Supervisor:
                 if code is None:
                     code = await asyncio.wait_for(w.process.wait(), remaining)
             except TimeoutError:
-                log.error("worker did not stop in time, killing it", worker=w.name, waited_seconds=grace)
+                log.error("worker_stop_timeout", worker=w.name, waited_seconds=grace)
                 with contextlib.suppress(ProcessLookupError):
                     w.process.kill()
                 code = await w.process.wait()
             # -SIGTERM: still starting, before its handlers (a single daemon also ends so then).
             if code not in (0, -signal.SIGTERM):
-                log.error("worker stopped uncleanly", worker=w.name, exit_status=describe_exit(code))
+                log.error("worker_stopped_uncleanly", worker=w.name, exit_status=describe_exit(code))
                 if self._exit_code == EXIT_OK:
                     self._exit_code = EXIT_FAILURE
             else:
-                log.info("worker stopped", worker=w.name)
+                log.info("worker_stopped", worker=w.name)
 
     # ----------------------------------------------------------- notify
     def _open_notify_socket(self, w: Worker) -> None:
@@ -401,12 +401,12 @@ class Supervisor:
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._stop_signals += 1
         if self._stop_signals > 1:
-            log.warning("second stop signal, the workers exit at once", signal=sig.name)
+            log.warning("second_stop_signal", signal=sig.name)
             self._exit_code = EXIT_FAILURE
             for w in self.workers:
                 self._signal(w, sig)
             return
-        log.info("stop requested, stopping the workers", signal=sig.name)
+        log.info("stop_requested", signal=sig.name)
         self._stopping = True
         self._stop.set()
 
@@ -422,13 +422,13 @@ class Supervisor:
     async def reload(self) -> bool:
         """Validate the config file again; forward SIGHUP to every worker only if it is valid."""
         self.notifier.reloading()
-        log.info("reloading configuration", path=str(self.config_path) if self.config_path else None)
+        log.info("config_reloading", path=str(self.config_path) if self.config_path else None)
         try:
             new = load_settings(self.config_path, required=self.config_required)
             check_new_settings(new, self.settings, running_token=self.token, config_path=self.config_path)
         except (SettingsError, ValueError) as exc:
             self._reload_ok = False
-            log.error("configuration reload failed, not forwarded to the workers", error=str(exc))
+            log.error("config_reload_failed", error=str(exc))
             self.notifier.ready(status=f"reload failed, running the previous configuration: {str(exc)[:200]}")
             return False
         self.settings, _ = keep_restart_only(self.settings, new)
@@ -446,7 +446,7 @@ class Supervisor:
             self._readied.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._readied.wait(), min(1.0, deadline - time.monotonic()))
-        log.info("configuration reload forwarded to the workers", workers=len(marks))
+        log.info("config_reload_forwarded", workers=len(marks))
         self.notifier.ready(status=self._status_line())
         return True
 
@@ -483,7 +483,7 @@ class Supervisor:
         limit = self._watchdog_usec / 1_000_000
         for w in self.workers:
             if w.running and w.ready and time.monotonic() - w.last_watchdog > limit:
-                log.error("worker watchdog timeout, killing it", worker=w.name, timeout_seconds=limit)
+                log.error("worker_watchdog_timeout", worker=w.name, timeout_seconds=limit)
                 self._signal(w, signal.SIGKILL)
 
 

@@ -85,10 +85,7 @@ class SystemdNotifier:
         self._socket_path = socket_path
         self._address = _resolve_address(socket_path)
         if socket_path and self._address is None:
-            logger.warning(
-                "unsupported NOTIFY_SOCKET value %r; systemd notifications disabled",
-                socket_path,
-            )
+            logger.warning("notify_socket_unsupported", extra={"notify_socket": socket_path})
         # Log the first failure of a streak loudly and the rest quietly, so a
         # broken socket does not flood the journal on every watchdog ping.
         self._failing = False
@@ -116,12 +113,12 @@ class SystemdNotifier:
         if self._address is None:
             return False
         if not fields:
-            logger.error("sd_notify called without fields; nothing sent")
+            logger.error("sd_notify_without_fields")
             return False
         for field in fields:
             # A newline would smuggle in an extra assignment; "=" is mandatory.
             if "\n" in field or "=" not in field:
-                logger.error("malformed sd_notify field %r; nothing sent", field)
+                logger.error("sd_notify_field_malformed", extra={"field": field})
                 return False
         payload = "\n".join(fields).encode("utf-8")
         try:
@@ -133,15 +130,17 @@ class SystemdNotifier:
             level = logging.DEBUG if self._failing else logging.WARNING
             logger.log(
                 level,
-                "sd_notify to %r failed: %s (fields: %s)",
-                self._socket_path,
-                exc,
-                ", ".join(f.partition("=")[0] for f in fields),
+                "sd_notify_failed",
+                extra={
+                    "notify_socket": self._socket_path,
+                    "error": str(exc),
+                    "fields": [f.partition("=")[0] for f in fields],
+                },
             )
             self._failing = True
             return False
         if self._failing:
-            logger.info("sd_notify to %r works again", self._socket_path)
+            logger.info("sd_notify_recovered", extra={"notify_socket": self._socket_path})
             self._failing = False
         return True
 
@@ -212,10 +211,10 @@ def watchdog_interval_seconds(
     try:
         usec = int(raw_usec)
     except ValueError:
-        logger.warning("ignoring invalid %s=%r", WATCHDOG_USEC_ENV, raw_usec)
+        logger.warning("watchdog_env_invalid", extra={"variable": WATCHDOG_USEC_ENV, "value": raw_usec})
         return None
     if usec <= 0:
-        logger.warning("ignoring non-positive %s=%r", WATCHDOG_USEC_ENV, raw_usec)
+        logger.warning("watchdog_env_invalid", extra={"variable": WATCHDOG_USEC_ENV, "value": raw_usec})
         return None
 
     raw_pid = env.get(WATCHDOG_PID_ENV)
@@ -223,7 +222,7 @@ def watchdog_interval_seconds(
         try:
             watchdog_pid = int(raw_pid)
         except ValueError:
-            logger.warning("ignoring watchdog: invalid %s=%r", WATCHDOG_PID_ENV, raw_pid)
+            logger.warning("watchdog_env_invalid", extra={"variable": WATCHDOG_PID_ENV, "value": raw_pid})
             return None
         if watchdog_pid != (os.getpid() if pid is None else pid):
             return None
@@ -263,9 +262,7 @@ async def watchdog_loop(
             last = current
         else:
             logger.warning(
-                "no scheduler progress in the last %.1fs (counter=%s); withholding watchdog ping",
-                interval,
-                current,
+                "watchdog_ping_withheld", extra={"no_progress_seconds": round(interval, 1), "counter": current}
             )
 
 
@@ -274,5 +271,5 @@ def _sample(progress: Callable[[], int]) -> int | None:
     try:
         return progress()
     except Exception:
-        logger.exception("watchdog progress probe failed")
+        logger.exception("watchdog_probe_failed")
         return None

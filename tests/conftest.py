@@ -15,6 +15,7 @@ local Redis; unreachable: skip, or fail under ``CI=true``).
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +26,7 @@ import pytest
 import structlog
 from sqlalchemy.engine import make_url
 
+from scheduler_daemon.logs import PACKAGE_LOGGER
 from scheduler_daemon.store.repository import Store
 
 # In-process tests log through structlog's default pipeline, whose console
@@ -36,9 +38,27 @@ assert isinstance(_DEFAULT_PROCESSORS[-1], structlog.dev.ConsoleRenderer)
 structlog.configure(
     processors=[
         *_DEFAULT_PROCESSORS[:-1],
-        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+        structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback),
     ]
 )
+# The package's lines go through the stdlib logger of their name (logs.py):
+# INFO and up reach structlog's processors (capture_logs), as in the daemon.
+logging.getLogger(PACKAGE_LOGGER).setLevel(logging.INFO)
+_LOGGERS = ("", PACKAGE_LOGGER, "sqlalchemy", "sqlalchemy.engine", "aiosqlite", "asyncio", "uvicorn", "alembic")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A CLI command run in-process configures logging onto its captured stderr: undone after each test."""
+    config = structlog.get_config()
+    loggers = [logging.getLogger(name) for name in _LOGGERS]
+    saved = [(lg, lg.level, lg.handlers[:]) for lg in loggers]
+    yield
+    structlog.configure(**config)
+    for lg, level, handlers in saved:
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+
 
 PG_ENV = "SCHEDULER_TEST_POSTGRES_URL"
 TABLES_IN_DELETE_ORDER = (

@@ -39,10 +39,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeAlias, cast
 
-import structlog
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-log = structlog.get_logger("scheduler_daemon.http")
+from scheduler_daemon.logs import get_logger
+
+log = get_logger("scheduler_daemon.http")
 
 #: Why the guard closed a connection (the ``reason`` label of ``worldsched_http_connections_closed_total``).
 CloseReason = Literal["timeout", "evicted", "refused"]
@@ -297,7 +298,7 @@ class AcceptErrorHandler:
         exc = context.get("exception")
         code = exc.errno if isinstance(exc, OSError) and exc.errno is not None else None
         log.warning(
-            "http: accept() failed for lack of resources, retrying",
+            "http_accept_failed",
             error=errno.errorcode.get(code, str(exc)) if code is not None else str(exc),
             open_connections=self.guard.open_connections,
             not_logged_since_last_warning=self._suppressed,

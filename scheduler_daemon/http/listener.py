@@ -11,8 +11,6 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from scheduler_daemon.exits import EXIT_ADDRESS_IN_USE, EXIT_CONFIG, StartupError
 from scheduler_daemon.http.auth import check_bind_allowed, load_admin_token
 from scheduler_daemon.http.connections import (
@@ -22,9 +20,10 @@ from scheduler_daemon.http.connections import (
     fit_connection_limit,
 )
 from scheduler_daemon.http.server import HttpBindError, HttpServer, bind_socket, bind_unix_socket
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.settings import HttpSettings, SettingsError
 
-log = structlog.get_logger("scheduler_daemon.http")
+log = get_logger("scheduler_daemon.http")
 
 #: Open files the daemon needs besides HTTP connections, database pools and accepting:
 #: log, SQLite files, epoll, signal and notify sockets, the interpreter's own.
@@ -47,7 +46,8 @@ def connection_guard(http: HttpSettings, *, open_files: int, database_pools: int
     limit = fit_connection_limit(http.max_connections, soft_limit=open_files, reserved=reserved)
     if limit < http.max_connections:
         log.warning(
-            "http.max_connections lowered to fit the open-files limit (raise LimitNOFILE= or ulimit -n)",
+            "http_max_connections_lowered",
+            hint="raise LimitNOFILE= or ulimit -n",
             max_connections=http.max_connections,
             effective_max_connections=limit,
             open_files_limit=open_files,
@@ -96,7 +96,7 @@ class AdminListener:
             else {"socket": str(self.unix_path)}
         )
         log.info(
-            "http server listening",
+            "http_listening",
             **where,
             admin_auth="token" if authenticated else "none",
             max_connections=self.guard.max_connections,
@@ -104,7 +104,7 @@ class AdminListener:
         )
         if not authenticated and self.unix_path is None:
             log.warning(
-                "no admin token configured: the admin API is unauthenticated and served on loopback only",
+                "admin_api_unauthenticated",
                 bind=http.bind,
             )
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-import structlog
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.types import Receive, Scope, Send
@@ -34,10 +33,11 @@ from starlette.types import Receive, Scope, Send
 from scheduler_daemon.entities import parse_ref
 from scheduler_daemon.http.forward import UpstreamUnavailable, forward
 from scheduler_daemon.http.wire import PageQuery
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.metrics_exposition import OPENMETRICS_ACCEPT, Exposition, expose
 from scheduler_daemon.metrics_merge import MergedMetrics, parse_exposition
 
-log = structlog.get_logger("scheduler_daemon.http")
+log = get_logger("scheduler_daemon.http")
 
 #: Merged from every worker's page (each lists its own worlds).
 WORLD_LIST = "/api/v1/worlds"
@@ -112,7 +112,7 @@ class WorkerProxy:
         try:
             await forward(worker.socket_path, scope, receive, send, wait_seconds=self.timeout)
         except UpstreamUnavailable as exc:
-            log.warning("worker did not answer a forwarded request", worker=worker.name, error=str(exc))
+            log.warning("proxy_worker_unanswered", worker=worker.name, error=str(exc))
             await _json(send, 503, {"detail": f"worker {worker.name} did not answer; retry shortly"})
 
     async def _pick(self, path: str) -> WorkerEndpoint | None:
@@ -124,7 +124,7 @@ class WorkerProxy:
             try:
                 owner = await asyncio.wait_for(self.owner_of(ref), self.timeout)
             except Exception as exc:  # the database: the request still goes somewhere, non-owners refuse or write
-                log.warning("lease owner lookup failed; forwarding to any worker", error=f"{type(exc).__name__}")
+                log.warning("proxy_owner_lookup_failed", error=f"{type(exc).__name__}")
                 owner = None
             for worker in serving:
                 if worker.owner == owner:
@@ -266,7 +266,7 @@ def _merged_exposition(
         try:
             parts.append((worker, parse_exposition(body)))
         except ValueError as exc:  # left out, not the whole scrape: the other workers' series still count
-            log.warning("worker's metrics could not be read", worker=worker, error=str(exc))
+            log.warning("worker_metrics_unreadable", worker=worker, error=str(exc))
     labelled, process = own
     parts += [(None, list(labelled.collect())), ("supervisor", list(process.collect()))]
     return expose(MergedMetrics(parts), accept=accept, accept_encoding=accept_encoding)

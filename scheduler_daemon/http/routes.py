@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import structlog
 from fastapi import APIRouter, Body, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -42,9 +41,10 @@ from scheduler_daemon.http.wire import (
     printable,
 )
 from scheduler_daemon.ingest import IngestAdmin
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.world_config import WorldConfig
 
-log = structlog.get_logger("scheduler_daemon.http")
+log = get_logger("scheduler_daemon.http")
 
 
 def _admin(request: Request) -> WorldAdmin:
@@ -243,7 +243,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _database_error(request: Request, exc: Exception) -> Response:
     # Not the client's fault and worth retrying: 503, counted.
     request.app.state.admin.metrics.db_error("admin api")
-    log.error("admin API request failed in the database", path=request.url.path, error=str(exc)[:500])
+    log.error("api_database_error", path=request.url.path, error=str(exc)[:500])
     return JSONResponse(status_code=503, content={"detail": f"database unavailable: {type(exc).__name__}"})
 
 

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-import structlog
-
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.state import Slot
 
-log = structlog.get_logger("scheduler_daemon.runner")
+log = get_logger("scheduler_daemon.runner")
 
 
 def first_tick_covers(
@@ -95,7 +94,7 @@ class Adoption(RunnerBase):
                 self.observer.world_registered(world_id)
             adopted.append(world_id)
         if adopted:
-            log.info("worlds registered on the scheduler adopted by the runner", world_ids=sorted(adopted))
+            log.info("worlds_adopted", world_ids=sorted(adopted))
         return adopted
 
     async def _with_adopted(self, active: dict[int, int]) -> dict[int, int]:
@@ -109,6 +108,6 @@ class Adoption(RunnerBase):
         statuses = await self.worlds.world_statuses(unlisted)
         for world_id in unlisted:
             if world_id not in statuses:
-                log.warning("world registered by hand is gone from the database; not run any more", world_id=world_id)
+                log.warning("adopted_world_gone", world_id=world_id)
                 await self.remove_world(world_id)
         return {**active, **{w: status.config_version for w, status in statuses.items()}}

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-import structlog
-
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.retry import first_line, retry_after
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.discovery import UNIT_ATTEMPTS
@@ -20,7 +19,7 @@ from scheduler_daemon.store.errors import (
     is_transient,
 )
 
-log = structlog.get_logger("scheduler_daemon.runner")
+log = get_logger("scheduler_daemon.runner")
 
 
 class BatchTicking(RunnerBase):
@@ -130,7 +129,7 @@ class BatchTicking(RunnerBase):
             if len(slots) > 1:
                 # One event for the batch (world_ids): which world caused it is not known yet.
                 log.error(
-                    "tick failed",
+                    "tick_failed",
                     world_ids=[slot.world_id for slot in slots],
                     error="timeout" if isinstance(exc, TimeoutError) else first_line(exc),
                     tick_timeout_seconds=timeout,
@@ -140,7 +139,7 @@ class BatchTicking(RunnerBase):
                     slot.solo = True
                 return started, None
             if isinstance(exc, TimeoutError):
-                log.error("tick timed out", world_id=slots[0].world_id, tick_timeout_seconds=timeout)
+                log.error("tick_timed_out", world_id=slots[0].world_id, tick_timeout_seconds=timeout)
             return started, [exc]
 
     async def _settle(
@@ -181,7 +180,7 @@ class BatchTicking(RunnerBase):
             elif isinstance(answer, StaleWorldStateError):
                 await self._resync(slot, answer)
             else:
-                log.error("tick failed", world_id=slot.world_id, exc_info=answer)
+                log.error("tick_failed", world_id=slot.world_id, exc_info=answer)
                 self._tick_failed(answer)
         if committed:
             # Recorded after the batch's failed worlds: the COMMIT that followed their rollback succeeded.
@@ -232,7 +231,7 @@ class BatchTicking(RunnerBase):
             await self._drop_deleted(slot)
             return False
         except Exception as exc:
-            log.error("world state row check failed", world_id=slot.world_id, error=first_line(exc))
+            log.error("world_state_check_failed", world_id=slot.world_id, error=first_line(exc))
             return False
 
     async def _resync(self, slot: Slot, refused: StaleWorldStateError) -> None:
@@ -242,24 +241,24 @@ class BatchTicking(RunnerBase):
             await self._drop_deleted(slot)
             return
         except Exception:
-            log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(refused))
-            log.exception("world resync failed", world_id=slot.world_id)
+            log.error("tick_refused_stale_state", world_id=slot.world_id, error=str(refused))
+            log.exception("world_resync_failed", world_id=slot.world_id)
             return
-        log.error("tick refused: world state moved underneath", world_id=slot.world_id, error=str(refused))
+        log.error("tick_refused_stale_state", world_id=slot.world_id, error=str(refused))
         # A tick we saw fail had committed: the next tick starts where it
         # started, or its interval would be counted twice.
         slot.last_tick_at += ctx.adopted_real_seconds
 
     async def _drop_deleted(self, slot: Slot) -> None:
         """Drop a world deleted by another writer (SQL, another daemon's API), from inside its tick."""
-        log.info("world deleted, dropped", world_id=slot.world_id)
+        log.info("world_deleted", world_id=slot.world_id)
         await self._unregister_held(slot)
         self.broken.pop(slot.world_id, None)
         if self.leases is not None:
             try:
                 await self.leases.release([slot.world_id], reason="deleted")  # its lease went with its row
             except Exception as exc:
-                log.warning("lease release failed", world_id=slot.world_id, error=first_line(exc))
+                log.warning("lease_release_failed", world_id=slot.world_id, error=first_line(exc))
 
     def _reschedule(self, slot: Slot, *, ok: bool, now: float) -> None:
         if ok:
@@ -278,7 +277,7 @@ class BatchTicking(RunnerBase):
             slot.failures += 1
             backoff = min(self.limits.backoff_base_seconds * 2 ** (slot.failures - 1), self.limits.backoff_max_seconds)
             slot.retry_at = now + max(backoff, slot.interval)
-            log.warning("world backed off", world_id=slot.world_id, failures=slot.failures, retry_in_seconds=backoff)
+            log.warning("world_backed_off", world_id=slot.world_id, failures=slot.failures, retry_in_seconds=backoff)
         self._push(slot)
 
     def _tick_failed(self, exc: BaseException) -> None:

@@ -11,15 +11,14 @@ import math
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
-import structlog
-
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.retry import first_line
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.state import Slot
 from scheduler_daemon.store.errors import LeaseLostError
 from scheduler_daemon.store.worlds import WorldStatus
 
-log = structlog.get_logger("scheduler_daemon.runner")
+log = get_logger("scheduler_daemon.runner")
 
 
 class ChangeApplication(RunnerBase):
@@ -103,7 +102,7 @@ class ChangeApplication(RunnerBase):
         """Apply one registered world's changes; returns whether a discovery pass should follow."""
         world_id = slot.world_id
         if status is None:
-            log.info("world deleted, dropped", world_id=world_id)
+            log.info("world_deleted", world_id=world_id)
             try:
                 if self.leases is not None:
                     await self._give_up([world_id], reason="deleted")
@@ -132,12 +131,12 @@ class ChangeApplication(RunnerBase):
                 await self.scheduler.refresh_tiers(world_id)
             except LeaseLostError:
                 # Another instance owns the world now (it applies the change); our next tick's fence drops it.
-                log.info("changes not applied: the world's lease is no longer ours", world_id=world_id)
+                log.info("changes_skipped_lease_lost", world_id=world_id)
                 return False
             except Exception as exc:
                 # Keeps the old tiers; the next discovery pass recomputes them.
                 slot.tiers_at = -math.inf
-                log.error("tier assignment failed", world_id=world_id, error=f"{type(exc).__name__}: {exc}")
+                log.error("tier_assignment_failed", world_id=world_id, error=f"{type(exc).__name__}: {exc}")
                 self._count_db_error(exc, "changes")
                 return True
             slot.tiers_at = self.clock.now()
@@ -145,6 +144,6 @@ class ChangeApplication(RunnerBase):
         return not status.should_run
 
     def _changes_failed(self, world_ids: list[int], exc: Exception) -> None:
-        log.error("changes not applied, left to discovery", world_ids=world_ids, error=first_line(exc))
+        log.error("changes_not_applied", world_ids=world_ids, error=first_line(exc))
         self._count_db_error(exc, "changes")
         self.discover_soon()

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 
-import structlog
-
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.retry import first_line, retry_transient
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.state import SCAN_CHUNK, BrokenWorld, in_chunks
 from scheduler_daemon.simulation.tiers import NO_SESSIONS_FINGERPRINT
 
-log = structlog.get_logger("scheduler_daemon.runner")
+log = get_logger("scheduler_daemon.runner")
 
 #: Worlds registered per transaction (one statement of each kind for all of them).
 REGISTER_CHUNK = 250
@@ -102,7 +101,7 @@ class Discovery(RunnerBase):
         before = self.broken.get(world_id)
         self.broken[world_id] = BrokenWorld(world_id, version, error, self.clock.now() + BROKEN_RETRY_SECONDS)
         if before is None or before.error != error:
-            log.error("world isolated", world_id=world_id, config_version=version, error=error)
+            log.error("world_isolated", world_id=world_id, config_version=version, error=error)
 
     async def refresh_tiers(self) -> list[int]:
         """Recompute tiers of the registered worlds whose tier inputs changed.
@@ -154,16 +153,16 @@ class Discovery(RunnerBase):
                 refreshed.append(world_id)
             except Exception as exc:
                 # Keeps the old tiers; retried at the next discovery.
-                log.error("tier assignment failed", world_id=world_id, error=f"{type(exc).__name__}: {exc}")
+                log.error("tier_assignment_failed", world_id=world_id, error=f"{type(exc).__name__}: {exc}")
         return refreshed
 
     async def _discover_safely(self) -> None:
         try:
-            await retry_transient("world discovery", self.discover, max_attempts=UNIT_ATTEMPTS, max_wait=1.0)
+            await retry_transient("world_discovery", self.discover, max_attempts=UNIT_ATTEMPTS, max_wait=1.0)
         except Exception as exc:
             # A database outage must not stop the loop; worlds keep ticking (and
             # their own ticks will fail and back off if the database is gone).
-            log.error("world discovery failed", error=first_line(exc))
+            log.error("world_discovery_failed", error=first_line(exc))
             self._count_db_error(exc, "discovery")
         finally:
             self.discovered.set()

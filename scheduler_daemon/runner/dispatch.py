@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import math
 
-import structlog
-
 from scheduler_daemon.deadlines import Entry
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.state import Slot
 
-log = structlog.get_logger("scheduler_daemon.runner")
+log = get_logger("scheduler_daemon.runner")
 
 #: Smallest batch a dispatch is split into to spread it over the workers: below it a
 #: batch's fixed statements weigh more than the overlap of batches gains.
@@ -171,4 +170,4 @@ class Dispatch(RunnerBase):
             slot.ctx.record_skipped(missed)
         if self.observer:
             self.observer.ticks_missed(slot.world_id, missed)
-        log.debug("tick slots missed", world_id=slot.world_id, missed=missed)
+        log.debug("tick_slots_missed", world_id=slot.world_id, missed=missed)

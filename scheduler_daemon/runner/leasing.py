@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import structlog
-
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.state import Slot
 
-log = structlog.get_logger("scheduler_daemon.runner")
+log = get_logger("scheduler_daemon.runner")
 
 
 class LeaseBalancing(RunnerBase):
@@ -71,7 +70,7 @@ class LeaseBalancing(RunnerBase):
             except Exception as exc:
                 # Keep ticking: the leases are still ours until the TTL runs
                 # out, and the fence stops our writes once someone else claims.
-                log.error("lease renewal failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+                log.error("lease_renewal_failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
                 continue
             for world_id in lost:
                 await self._lose_world(world_id, reason="renewal")

@@ -28,11 +28,10 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-import structlog
-
 from scheduler_daemon.clock import Clock, MonotonicClock
 from scheduler_daemon.deadlines import DeadlineWheel
 from scheduler_daemon.leasing import LeaseKeeper
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.runner.adoption import Adoption
 from scheduler_daemon.runner.batch import BatchTicking
 from scheduler_daemon.runner.changes import ChangeApplication
@@ -45,7 +44,7 @@ from scheduler_daemon.runner.state import PhaseSlots, RunnerLimits, TickCommits
 from scheduler_daemon.runner.sync import BatchTimeouts, ResizableLimit
 from scheduler_daemon.store.errors import is_database_error
 
-log = structlog.get_logger("scheduler_daemon.runner")
+log = get_logger("scheduler_daemon.runner")
 
 #: Wake at least this often even with nothing due, so "the loop is alive"
 #: (watchdog progress) never depends on having worlds.
@@ -168,7 +167,7 @@ class SchedulerLoopRunner(
         self.adopt_registered()
         self._next_discovery = self.clock.now()
         log.info(
-            "scheduler loop started",
+            "scheduler_loop_started",
             max_concurrent_ticks=self.limits.max_concurrent_ticks,
             phase_slot_seconds=self.limits.phase_slot_seconds,
             tick_timeout_seconds=self.limits.tick_timeout_seconds,
@@ -209,11 +208,11 @@ class SchedulerLoopRunner(
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
             if self._inflight:
-                log.info("waiting for in-flight ticks", batches=len(self._inflight), queued=len(self._ready))
+                log.info("inflight_ticks_waiting", batches=len(self._inflight), queued=len(self._ready))
             await self._drain()
             # Reset only now: a stop() before the loop began (a signal) must not be lost, and start() may run again.
             self._stopping = False
-            log.info("scheduler loop stopped", ticks_ok=self.ticks_ok, ticks_failed=self.ticks_failed)
+            log.info("scheduler_loop_stopped", ticks_ok=self.ticks_ok, ticks_failed=self.ticks_failed)
 
     def stop(self) -> None:
         """Stop starting new ticks; :meth:`start` returns once in-flight ticks finish (at once if called before it)."""

@@ -7,8 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
-import structlog
-
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.runner.base import RunnerBase
 from scheduler_daemon.runner.state import Slot, touched_database
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError
@@ -16,7 +15,7 @@ from scheduler_daemon.store.errors import LeaseLostError
 from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.worlds import WorldRecord
 
-log = structlog.get_logger("scheduler_daemon.runner")
+log = get_logger("scheduler_daemon.runner")
 
 
 class WorldRegistry(RunnerBase):
@@ -52,7 +51,7 @@ class WorldRegistry(RunnerBase):
             lease = self.leases.lease_for(world_id) if self.leases is not None else None
             if self.leases is not None and lease is None:
                 # Lost (or given up) while discovery was busy: never tick a world unfenced.
-                log.info("world not registered: its lease is no longer ours", world_id=world_id)
+                log.info("world_registration_skipped_lease_lost", world_id=world_id)
                 continue
             requests.append((world_id, lease))
         if not requests:
@@ -117,7 +116,7 @@ class WorldRegistry(RunnerBase):
         self._retire(slot)
         if self._slots.get(slot.world_id) is slot:
             del self._slots[slot.world_id]
-            log.info("world no longer registered on the scheduler; not run any more", world_id=slot.world_id)
+            log.info("world_unregistered_externally", world_id=slot.world_id)
             if self.observer:
                 self.observer.world_unregistered(slot.world_id)
 

@@ -16,6 +16,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.context import TickOutcome, WorldSimulationContext
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.scheduler.base import SchedulerBase
 from scheduler_daemon.scheduler.results import CommittedTick, TickResult, _Body, _GroupReads, _Planned
 from scheduler_daemon.scheduler.tiers import log_quarantine
@@ -23,7 +24,7 @@ from scheduler_daemon.simulation.behavior import simulate_batch
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
 from scheduler_daemon.store.generation import ClaimResult
 
-log = structlog.get_logger("scheduler_daemon.scheduler")
+log = get_logger("scheduler_daemon.scheduler")
 
 # A tick whose world has no pending request (never mutated).
 _NOTHING_CLAIMED: Final = ClaimResult(claimed=[], rejected=[], in_flight=0)
@@ -90,7 +91,7 @@ class TickBody(SchedulerBase):
             planned.events.append(
                 (
                     logging.ERROR,
-                    "broken generation requests marked failed",
+                    "generation_requests_rejected",
                     {
                         "request_ids": [rid for rid, _ in claim.rejected],
                         "errors": [reason for _, reason in claim.rejected],
@@ -101,7 +102,7 @@ class TickBody(SchedulerBase):
             planned.events.append(
                 (
                     logging.DEBUG,
-                    "generation requests claimed",
+                    "generation_requests_claimed",
                     {"request_ids": claim.claimed, "in_flight": claim.in_flight},
                 )
             )
@@ -123,7 +124,7 @@ class TickBody(SchedulerBase):
         if outcome.quarantined:
             log_quarantine(ctx.world_id, ctx.quarantined_npcs, {**ctx.quarantined_npcs, **outcome.quarantined})
         ctx.apply_tick(plan, outcome, advanced_at=planned.wall_at_start)
-        _log_lag_transition(ctx, was_lagging)
+        _log_lag_transition(ctx, was_lagging, outcome.waiting_lag_per_tier)
         entry = planned.entry
         for level, event, fields in planned.events:
             log.log(level, event, world_id=ctx.world_id, **fields)
@@ -132,7 +133,7 @@ class TickBody(SchedulerBase):
                 self.on_commit(entry.last_committed)
             except Exception:
                 # The tick is committed; an observer's bug must not fail it.
-                log.exception("tick listener failed", world_id=ctx.world_id)
+                log.exception("tick_listener_failed", world_id=ctx.world_id)
             entry.last_committed = None
         if debug:
             log.debug(
@@ -150,7 +151,7 @@ class TickBody(SchedulerBase):
             )
             if outcome.npcs_simulated >= ctx.config.max_npc_ticks_per_step > 0:
                 log.debug(
-                    "npc budget exhausted",
+                    "npc_budget_exhausted",
                     world_id=ctx.world_id,
                     max_npc_ticks_per_step=ctx.config.max_npc_ticks_per_step,
                 )
@@ -191,16 +192,32 @@ def _track_changes(
             outcome.tier_inputs_moved = True
 
 
-def _log_lag_transition(ctx: WorldSimulationContext, was_lagging: frozenset[Tier]) -> None:
-    """WARNING once when a world starts lagging, INFO once when it recovers."""
-    lags = {t.label: round(v, 1) for t, v in sorted(ctx.decision_lag_per_tier.items())}
+def _log_lag_transition(
+    ctx: WorldSimulationContext, was_lagging: frozenset[Tier], waiting_lag: dict[Tier, float]
+) -> None:
+    """WARNING once when a world starts lagging, INFO once when it recovers.
+
+    Lagging is about NPCs the budget left waiting (``waiting_lag_seconds``);
+    the NPCs decided in the tick that recovers may still have been long
+    overdue (``decided_lag_seconds``, a backlog being cleared).
+    """
     if ctx.lagging_tiers and not was_lagging:
         log.warning(
-            "npc decision budget too small: decisions lag behind",
+            "npc_decision_lag",
             lagging_tiers=[t.label for t in sorted(ctx.lagging_tiers)],
-            decision_lag_seconds=lags,
+            waiting_lag_seconds=_by_label(waiting_lag),
+            decision_lag_seconds=_by_label(ctx.decision_lag_per_tier),
             max_npc_ticks_per_step=ctx.config.max_npc_ticks_per_step,
             hint="raise maxNpcTicksPerStep or the lower tiers' decisionIntervalSeconds, or lower their maxNpcs",
         )
     elif was_lagging and not ctx.lagging_tiers:
-        log.info("npc decision lag recovered", decision_lag_seconds=lags)
+        log.info(
+            "npc_decision_lag_recovered",
+            recovered_tiers=[t.label for t in sorted(was_lagging)],
+            waiting_lag_seconds=_by_label(waiting_lag),
+            decided_lag_seconds=_by_label(ctx.decision_lag_per_tier),
+        )
+
+
+def _by_label(lags: dict[Tier, float]) -> dict[str, float]:
+    return {t.label: round(v, 1) for t, v in sorted(lags.items())}

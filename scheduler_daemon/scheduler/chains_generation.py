@@ -12,10 +12,10 @@ import inspect
 import logging
 from typing import Any
 
-import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.context import WorldSimulationContext
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.scheduler.base import SchedulerBase
 from scheduler_daemon.scheduler.results import _World
 from scheduler_daemon.simulation import chains as chain_logic
@@ -23,7 +23,7 @@ from scheduler_daemon.simulation import generation as gen_logic
 from scheduler_daemon.store.chains import ChainUpdate
 from scheduler_daemon.store.generation import GenerationRequest
 
-log = structlog.get_logger("scheduler_daemon.scheduler")
+log = get_logger("scheduler_daemon.scheduler")
 
 
 class ChainsAndGeneration(SchedulerBase):
@@ -74,7 +74,7 @@ class ChainsAndGeneration(SchedulerBase):
             events.append(
                 (
                     logging.INFO,
-                    "chain steps fired",
+                    "chain_steps_fired",
                     {
                         "chain_id": chain.id,
                         "chain_key": chain.chain_key,
@@ -90,7 +90,7 @@ class ChainsAndGeneration(SchedulerBase):
             events.append(
                 (
                     logging.ERROR,
-                    "broken chains marked failed",
+                    "chains_failed",
                     {"chain_ids": [c for c, _ in failures], "errors": [e for _, e in failures]},
                 )
             )
@@ -148,7 +148,7 @@ class ChainsAndGeneration(SchedulerBase):
                     )
                     await self.store.mark_handoff_failed(conn, ctx.world_id, request.id, decision, error)
                     log.warning(
-                        "generation hand-off failed",
+                        "generation_handoff_failed",
                         world_id=ctx.world_id,
                         request_id=request.id,
                         attempts=decision.attempts,
@@ -158,11 +158,11 @@ class ChainsAndGeneration(SchedulerBase):
                     )
         except Exception as exc:
             log.error(
-                "generation hand-off interrupted; requests stay in the outbox",
+                "generation_handoff_interrupted",
                 world_id=ctx.world_id,
                 error=f"{type(exc).__name__}: {exc}",
             )
             return
         entry.outbox_pending = len(batch) >= limit or len(accepted) + len(failed) < len(batch)
         if accepted:
-            log.info("generation requests handed off", world_id=ctx.world_id, count=len(accepted), request_ids=accepted)
+            log.info("generation_handed_off", world_id=ctx.world_id, count=len(accepted), request_ids=accepted)

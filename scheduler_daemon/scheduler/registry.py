@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
-
 from scheduler_daemon.context import WorldSimulationContext
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.scheduler.base import SchedulerBase
 from scheduler_daemon.scheduler.results import WorldNotRegisteredError, _World
 from scheduler_daemon.simulation.behavior import BehaviorContent, parse_behavior
@@ -21,7 +20,7 @@ from scheduler_daemon.store.leases import Lease
 from scheduler_daemon.store.worlds import WorldRecord
 from scheduler_daemon.world_config import WorldConfig, parse_world_config
 
-log = structlog.get_logger("scheduler_daemon.scheduler")
+log = get_logger("scheduler_daemon.scheduler")
 
 
 class WorldRegistry(SchedulerBase):
@@ -92,13 +91,13 @@ class WorldRegistry(SchedulerBase):
                 entries[world_id] = _World(ctx, behavior, lease=lease)
             assigned = await self._compute_tiers(conn, entries, None) if entries else {}
         if created:
-            log.info("world state rows created at world time 0", world_ids=created)
+            log.info("world_state_rows_created", world_ids=created)
         for world_id, entry in entries.items():
             self._adopt_tiers(entry, assigned[world_id])
             self._worlds[world_id] = entry
             ctx, config = entry.context, entry.context.config
             log.info(
-                "world registered",
+                "world_registered",
                 world_id=world_id,
                 name=records[world_id].name,
                 world_time=ctx.current_world_time,
@@ -145,9 +144,9 @@ class WorldRegistry(SchedulerBase):
                 await self._assign_tiers(entry, None)
             except LeaseLostError:
                 # Another instance owns the world now and assigns its tiers; our next tick's fence drops it.
-                log.info("tiers not reassigned: the world's lease is no longer ours", world_id=world_id)
+                log.info("tiers_skipped_lease_lost", world_id=world_id)
         log.info(
-            "world config applied",
+            "world_config_applied",
             world_id=world_id,
             config_version=record.config_version,
             time_scale=config.time_scale,
@@ -168,7 +167,7 @@ class WorldRegistry(SchedulerBase):
         if record.world_time is None and await self.restore_missing_state(world_id):
             return entry.context
         entry.context.resync(float(record.world_time or 0.0), int(record.ticks or 0), record.last_advanced_at)
-        log.warning("world state resynchronised", world_id=world_id, world_time=record.world_time, ticks=record.ticks)
+        log.warning("world_state_resynchronised", world_id=world_id, world_time=record.world_time, ticks=record.ticks)
         return entry.context
 
     async def restore_missing_state(self, world_id: int) -> bool:
@@ -191,7 +190,7 @@ class WorldRegistry(SchedulerBase):
             )
         if restored:
             log.warning(
-                "world state row was missing; recreated from the last committed clock",
+                "world_state_row_recreated",
                 world_id=world_id,
                 world_time=ctx.current_world_time,
                 ticks=ctx.ticks_processed,
@@ -204,7 +203,7 @@ class WorldRegistry(SchedulerBase):
         if entry is not None:
             self.registrations += 1
             log.info(
-                "world unregistered",
+                "world_unregistered",
                 world_id=world_id,
                 world_time=entry.context.current_world_time,
                 ticks=entry.context.ticks_processed,

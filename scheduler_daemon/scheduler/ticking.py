@@ -13,17 +13,17 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.context import TickOutcome
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.scheduler.base import SchedulerBase
 from scheduler_daemon.scheduler.results import TickResult, WorldNotRegisteredError, _GroupReads, _Planned, _World
 from scheduler_daemon.simulation.tiers import last_taken
 from scheduler_daemon.store.errors import StaleWorldStateError, is_transient
 from scheduler_daemon.store.ticks import WorldAdvance
 
-log = structlog.get_logger("scheduler_daemon.scheduler")
+log = get_logger("scheduler_daemon.scheduler")
 
 
 class GroupTicking(SchedulerBase):
@@ -197,7 +197,7 @@ class GroupTicking(SchedulerBase):
                     # The connection or transaction itself failed (not one world):
                     # re-running worlds on it only fails again; the whole unit is retried.
                     raise
-                log.debug("grouped tick failed; retrying each world under its own savepoint", worlds=len(work))
+                log.debug("grouped_tick_split", worlds=len(work))
             outcomes: list[TickOutcome | BaseException] = []
             for p in work:
                 try:

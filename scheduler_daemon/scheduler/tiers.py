@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.scheduler.base import SchedulerBase
 from scheduler_daemon.scheduler.results import _Assigned, _World
 from scheduler_daemon.simulation.npc import Tier
@@ -24,7 +24,7 @@ from scheduler_daemon.simulation.tiers import (
 )
 from scheduler_daemon.store.sessions import ActiveSessions, IgnoredSession
 
-log = structlog.get_logger("scheduler_daemon.scheduler")
+log = get_logger("scheduler_daemon.scheduler")
 
 
 class Tiering(SchedulerBase):
@@ -62,13 +62,13 @@ class Tiering(SchedulerBase):
         for session_id, session in now.items():
             if self._ignored_sessions.get(session_id) != session.problem:
                 log.warning(
-                    "session ignored for tiering: its row cannot be read",
+                    "session_unreadable",
                     world_id=session.world_id,
                     session_id=session_id,
                     problem=session.problem,
                 )
         for session_id in self._ignored_sessions.keys() - now.keys():
-            log.info("session readable again", session_id=session_id)
+            log.info("session_readable_again", session_id=session_id)
         self._ignored_sessions = {session_id: s.problem for session_id, s in now.items()}
 
     @property
@@ -143,7 +143,7 @@ class Tiering(SchedulerBase):
             quarantined=assigned.quarantined,
         )
         log.debug(
-            "tiers assigned",
+            "tiers_assigned",
             world_id=ctx.world_id,
             sessions=len(assigned.sessions),
             changed=assigned.changed,
@@ -155,6 +155,6 @@ def log_quarantine(world_id: int, before: Mapping[int, str], after: Mapping[int,
     """WARNING once per NPC row entering quarantine, INFO once when it leaves."""
     for npc_id, problem in after.items():
         if npc_id not in before:
-            log.warning("npc quarantined: its row cannot be decided", world_id=world_id, npc_id=npc_id, problem=problem)
+            log.warning("npc_quarantined", world_id=world_id, npc_id=npc_id, problem=problem)
     for npc_id in before.keys() - after.keys():
-        log.info("npc released from quarantine", world_id=world_id, npc_id=npc_id)
+        log.info("npc_quarantine_released", world_id=world_id, npc_id=npc_id)

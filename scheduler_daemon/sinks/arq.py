@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import structlog
-
+from scheduler_daemon.logs import get_logger
 from scheduler_daemon.settings import ArqSinkSettings, Settings
 from scheduler_daemon.store.generation import GenerationRequest
 
@@ -38,7 +37,7 @@ except ModuleNotFoundError as exc:  # the optional extra is not installed
 
 __all__ = ["ArqSink", "enqueue"]
 
-log = structlog.get_logger("scheduler_daemon.sinks.arq")
+log = get_logger("scheduler_daemon.sinks.arq")
 
 
 class ArqSink:
@@ -72,9 +71,7 @@ class ArqSink:
         if await self._enqueue(redis, request, job_id):
             return
         if await redis.exists(job_key_prefix + job_id):
-            log.info(
-                "generation request already on the ARQ queue; not enqueued again", request_id=request.id, job_id=job_id
-            )
+            log.info("generation_request_already_queued", request_id=request.id, job_id=job_id)
             return
         # Refused for its kept result: the job finished, yet the request is
         # still being handed out, so its report never reached the daemon (down,
@@ -82,7 +79,7 @@ class ArqSink:
         await redis.delete(result_key_prefix + job_id)
         if await self._enqueue(redis, request, job_id):
             log.warning(
-                "generation request's ARQ job finished without reporting back; enqueued again",
+                "generation_request_requeued",
                 request_id=request.id,
                 job_id=job_id,
             )

@@ -235,7 +235,7 @@ async def _import_one(store: Store, entry: Entry, *, dry_run: bool, defaults: Ma
     try:
         # A deadlock with a running daemon's tick (the two lock NPC rows in different orders), a busy
         # SQLite file or a brief disconnect: the world's whole transaction runs again.
-        return await retry_transient("import of a world", attempt, max_attempts=WORLD_ATTEMPTS, line=entry.line)
+        return await retry_transient("world_import", attempt, max_attempts=WORLD_ATTEMPTS, line=entry.line)
     except sa_exc.IntegrityError as exc:
         if not is_unique_violation(exc):
             raise

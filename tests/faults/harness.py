@@ -44,7 +44,7 @@ APPLICATION_NAME = "scheduler-daemon"  # set by store/database.py on every Postg
 T = TypeVar("T")
 
 #: Log events after which the daemon may hand a world's claimed requests out again.
-HANDOFF_INTERRUPTIONS = frozenset({"generation hand-off interrupted; requests stay in the outbox", "tick timed out"})
+HANDOFF_INTERRUPTIONS = frozenset({"generation_handoff_interrupted", "tick_timed_out"})
 
 
 # --------------------------------------------------------------------- profile
@@ -413,7 +413,7 @@ class DaemonProcess:
 
     def http_port(self, timeout: float = 60.0) -> int:
         """The port the daemon's HTTP server bound (it logs it before READY=1)."""
-        line = poll(lambda: self.events("http server listening"), timeout=timeout, what="the HTTP port")[0]
+        line = poll(lambda: self.events("http_listening"), timeout=timeout, what="the HTTP port")[0]
         return int(line["port"])
 
     def log_tail(self, n: int = 60) -> str:

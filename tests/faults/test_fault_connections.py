@@ -120,7 +120,7 @@ def test_killed_connections_mid_tick_lose_nothing_and_ticks_resume(pg_fault_db: 
         # the next attempt, so a failed *attempt* is the evidence the kills hit
         # ticks; a tick failing all its attempts depends on kill timing.
         poll(
-            lambda: daemon.events("tick failed") or daemon.events("tick failed, retrying"),
+            lambda: daemon.events("tick_failed") or [e for e in daemon.events("retrying") if e["operation"] == "tick"],
             timeout=5,
             what="the kills to fail ticks",
         )
@@ -145,8 +145,8 @@ def test_killed_connections_mid_tick_lose_nothing_and_ticks_resume(pg_fault_db: 
         seed=seed,
         sessions_killed=killed_sessions,
         kills_mid_transaction=mid_tick,
-        failed_ticks=len(daemon.events("tick failed")),
-        failed_attempts=len(daemon.events("tick failed, retrying")),
+        failed_ticks=len(daemon.events("tick_failed")),
+        failed_attempts=len([e for e in daemon.events("retrying") if e["operation"] == "tick"]),
         readyz_503_sampled_in_kill_rounds=sampled_503,
         readyz_503_after_seconds=round(not_ready_after, 2),
         readyz_200_after_seconds=round(ready_after, 2),

@@ -101,7 +101,7 @@ def test_database_down_and_back_loses_nothing_and_caps_catch_up(private_pg: Priv
             wait_for_progress(db, worlds, timeout=30, what="steady ticks after the outage")
             seed_requests(db, worlds, 5)
             poll(lambda: requests_settled(db), timeout=60, what="every generation request handed off")
-            assert daemon.events("tick failed"), "the outage did not fail any tick"
+            assert daemon.events("tick_failed"), "the outage did not fail any tick"
             code = daemon.stop()
         assert code == 0, daemon.log_tail()
         rules = {w: WorldRules(WORLD["timeScale"], CATCH_UP) for w in worlds}

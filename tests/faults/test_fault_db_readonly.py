@@ -121,7 +121,7 @@ def test_read_only_database_is_not_ready_and_ticks_resume_without_killing_sessio
             wait_for_progress(db, worlds, timeout=30, what="steady ticks after the reset")
         read_only_failures = [
             line
-            for line in daemon.events("tick failed") + daemon.events("tick failed, retrying")
+            for line in daemon.events("tick_failed") + daemon.events("retrying")
             if "read-only transaction" in json.dumps(line)
         ]
         assert daemon.alive(), daemon.log_tail()

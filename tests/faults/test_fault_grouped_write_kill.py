@@ -178,8 +178,8 @@ def test_kill_inside_a_grouped_write_or_its_commit_keeps_clocks_exact(
 
     rules = {w: WorldRules(WORLD["timeScale"], WORLD["maxCatchUpSeconds"]) for w in worlds}
     report = check_invariants(db, rules)
-    retried = daemon.events("tick failed, retrying")
-    failed = daemon.events("tick failed")
+    retried = [e for e in daemon.events("retrying") if e["operation"] == "tick"]
+    failed = daemon.events("tick_failed")
     # On a dead connection nothing can run any more: a tick failing with it means
     # the daemon went on using the connection after the kill instead of retrying.
     dead_connection = [line for line in retried + failed if "PendingRollbackError" in str(line)]

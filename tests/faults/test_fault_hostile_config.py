@@ -110,7 +110,7 @@ def test_hostile_config_on_sighup_keeps_the_running_config(tmp_path: Path) -> No
         with running_daemon(config, daemon_env(url), tmp_path / "daemon.log") as daemon:
             wait_for_progress(db, worlds, timeout=60, what="first ticks")
             for name, content, words in HOSTILE_FILES:
-                failed_before = len(daemon.events("configuration reload failed, keeping the running configuration"))
+                failed_before = len(daemon.events("config_reload_failed"))
                 if content is None:
                     config.unlink()
                 else:
@@ -121,9 +121,7 @@ def test_hostile_config_on_sighup_keeps_the_running_config(tmp_path: Path) -> No
                     _write(config, content + sneak)
                 daemon.signal(signal.SIGHUP)
                 events = poll(
-                    lambda n=failed_before: daemon.events(
-                        "configuration reload failed, keeping the running configuration"
-                    )[n:],
+                    lambda n=failed_before: daemon.events("config_reload_failed")[n:],
                     timeout=20,
                     what=f"the {name} reload to be refused",
                 )
@@ -135,7 +133,7 @@ def test_hostile_config_on_sighup_keeps_the_running_config(tmp_path: Path) -> No
             wait_for_progress(db, worlds, timeout=20, what="ticks after the refused reloads")
             # A valid reload still works afterwards.
             daemon.signal(signal.SIGHUP)
-            poll(lambda: daemon.events("configuration reloaded"), timeout=20, what="a good reload")
+            poll(lambda: daemon.events("config_reloaded"), timeout=20, what="a good reload")
             wait_for_progress(db, worlds, timeout=20, what="ticks after the good reload")
             code = daemon.stop()
         assert code == 0, daemon.log_tail()
@@ -204,7 +202,7 @@ def test_hostile_world_configs_isolate_only_that_world(fault_db: FaultDatabase, 
         isolated = poll(
             lambda: (
                 found
-                if len(found := {e.get("world_id"): e for e in daemon.events("world isolated")}) >= len(hostile)
+                if len(found := {e.get("world_id"): e for e in daemon.events("world_isolated")}) >= len(hostile)
                 else None
             ),
             timeout=30,
@@ -284,13 +282,13 @@ def test_a_reload_that_would_weaken_security_is_refused(tmp_path: Path) -> None:
         http = {"bind": "127.0.0.1", "port": 0, "admin_token_file": str(token)}
         good = write_config(config, http=http).read_text()
         config.chmod(0o666)  # writable by others: warned about
-        refusals = "configuration reload failed, keeping the running configuration"
+        refusals = "config_reload_failed"
         with running_daemon(config, daemon_env(url), tmp_path / "daemon.log") as daemon:
             port = daemon.http_port()
             wait_for_progress(db, worlds, timeout=60, what="first ticks")
             warnings = {e["event"] for e in daemon.log_lines() if e.get("level") == "warning"}
-            assert "config file is writable by others" in warnings, warnings
-            assert "admin token file is readable by others" in warnings, warnings
+            assert "config_file_writable_by_others" in warnings, warnings
+            assert "admin_token_file_readable_by_others" in warnings, warnings
             assert _status(port, None) == 401 and _status(port, "s3cret") == 200
             cases = [
                 ("no-http-section", good.split("[http]")[0], ("admin token",)),

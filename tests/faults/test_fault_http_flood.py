@@ -247,9 +247,9 @@ def test_connection_flood_does_not_starve_ticks_or_metrics(fault_db: FaultDataba
     ):
         port = daemon.http_port()
         # It could not raise its limit, and the shipped connection limit fits.
-        (limits,) = daemon.events("open files limit")
+        (limits,) = daemon.events("open_files_limit")
         assert (limits["soft"], limits["hard"]) == (FD_LIMIT, FD_LIMIT), limits
-        assert daemon.events("http server listening")[0]["max_connections"] == 100
+        assert daemon.events("http_listening")[0]["max_connections"] == 100
         wait_for_progress(db, worlds, timeout=60, what="first ticks")
         baseline = observe(db, worlds, port, BASELINE_SECONDS)
         with Flood(port, idle=IDLE_CONNECTIONS, slowloris=SLOWLORIS) as flood:
@@ -323,10 +323,8 @@ def test_a_connection_limit_beyond_the_open_files_limit_is_lowered_with_a_warnin
     with running_daemon(config, daemon_env(fault_db.url), tmp_path / "daemon.log", open_files_limit=256) as daemon:
         port = daemon.http_port()
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
-        (warning,) = daemon.events(
-            "http.max_connections lowered to fit the open-files limit (raise LimitNOFILE= or ulimit -n)"
-        )
-        listening = daemon.events("http server listening")[0]
+        (warning,) = daemon.events("http_max_connections_lowered")
+        listening = daemon.events("http_listening")[0]
         code = daemon.stop()
     assert code == 0, daemon.log_tail()
     # 256 - (database pools 16 + 8 + lease pool 4 + change listener 1 + connections being accepted 128 + other 64)

@@ -89,9 +89,9 @@ def test_hung_and_raising_worlds_leave_the_others_at_their_rate(fault_db: FaultD
         if hung is not None:
             _install_hang(db, hung)
         fault_start = utcnow()
-        poll(lambda: daemon.events("tick failed"), timeout=10, what="the raising world to fail")
+        poll(lambda: daemon.events("tick_failed"), timeout=10, what="the raising world to fail")
         if hung is not None:
-            poll(lambda: daemon.events("tick timed out"), timeout=10, what="the hung world to time out")
+            poll(lambda: daemon.events("tick_timed_out"), timeout=10, what="the hung world to time out")
         stuck_from = db.ticks()  # (a tick already in flight when the fault went on may still commit)
         # Keep the faults on for a while: the others must tick on as if nothing happened.
         time.sleep(max(0.0, FAULT_SECONDS - (utcnow() - fault_start).total_seconds()))
@@ -116,11 +116,11 @@ def test_hung_and_raising_worlds_leave_the_others_at_their_rate(fault_db: FaultD
     rules = {w: WorldRules(world["timeScale"], world["maxCatchUpSeconds"]) for w in worlds}
     report = check_invariants(db, rules)
     gaps = check_rate(report, healthy, window=(fault_start, fault_end), max_gap_seconds=max_gap)
-    errors = [e for e in daemon.events("tick failed") if e.get("world_id") == raising]
+    errors = [e for e in daemon.events("tick_failed") if e.get("world_id") == raising]
     assert errors, "the raising world's failures are not logged with its world_id"
     assert "injected behaviour fault" in str(errors[0].get("exception", "")), errors[0]
-    timed_out = [e for e in daemon.events("tick timed out") if e.get("world_id") == hung]
-    others_failed = [e for e in daemon.events("tick failed") + timed_out if e.get("world_id") in healthy]
+    timed_out = [e for e in daemon.events("tick_timed_out") if e.get("world_id") == hung]
+    others_failed = [e for e in daemon.events("tick_failed") + timed_out if e.get("world_id") in healthy]
     record_result(
         "hung-and-raising-worlds",
         backend=db.backend,

@@ -138,7 +138,7 @@ def test_list_calls_at_thousands_of_worlds_do_not_cost_ticks(fault_db: FaultData
         port = daemon.http_port(timeout=120)
         wait_for_progress(db, fast, timeout=120, what="the fast worlds to tick")
         isolated = poll(
-            lambda: [e for e in daemon.events("world isolated") if e.get("world_id") == huge],
+            lambda: [e for e in daemon.events("world_isolated") if e.get("world_id") == huge],
             timeout=30,
             what="the oversized world to be isolated",
         )

@@ -464,7 +464,7 @@ def _wait_registered(count: int, daemon: DaemonProcess) -> None:
     # From the log, not GET /api/v1/worlds: listing 5,000 worlds costs the daemon's loop real time.
     def registered() -> bool:
         assert daemon.alive(), daemon.log_tail()
-        return len(daemon.events("world registered")) >= count
+        return len(daemon.events("world_registered")) >= count
 
     poll(registered, timeout=240, interval=2.0, what=f"{count} worlds registered")
 
@@ -508,7 +508,7 @@ def test_config_burst_over_thousands_of_worlds_loses_nothing(pg_fault_db: FaultD
     with running_daemon(config, env, tmp_path / "daemon.log") as daemon:
         started = time.monotonic()
         port = poll(
-            lambda: next((int(e["port"]) for e in daemon.events("http server listening")), None),
+            lambda: next((int(e["port"]) for e in daemon.events("http_listening")), None),
             timeout=60,
             what="the HTTP port",
         )

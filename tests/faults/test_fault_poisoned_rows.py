@@ -164,7 +164,7 @@ def test_poisoned_rows_are_isolated_and_nothing_else_stops(fault_db: FaultDataba
         wait_for_progress(db, healthy, timeout=20, what="healthy worlds to keep ticking")
         # Logged once per world, however many discovery passes saw it.
         isolations: dict[int, int] = {}
-        for event in daemon.events("world isolated"):
+        for event in daemon.events("world_isolated"):
             isolations[int(event["world_id"])] = isolations.get(int(event["world_id"]), 0) + 1
         assert all(isolations.get(w) == 1 for w in poisoned.values()), isolations
         assert daemon.alive(), daemon.log_tail()

@@ -149,9 +149,7 @@ def start_daemon(env: dict[str, str], log: Path, *args: str) -> Daemon:
     def bound_port() -> int | None:
         if proc.poll() is not None:
             pytest.fail(f"the daemon exited with {proc.returncode}: {log.read_text()[-3000:]}")
-        return next(
-            (int(e["port"]) for e in log_events(log, offset) if e.get("event") == "http server listening"), None
-        )
+        return next((int(e["port"]) for e in log_events(log, offset) if e.get("event") == "http_listening"), None)
 
     try:
         port = poll(bound_port, timeout=60, what="the daemon's admin port")
@@ -274,7 +272,7 @@ def test_a_redis_outage_keeps_requests_in_the_outbox_until_redis_is_back(
         f"{first} {namespace.job_id(first)} 1",
         f"{second} {namespace.job_id(second)} 1",
     ], worker_log.read_text()[-3000:]
-    failures = [e for e in log_events(log) if e.get("event") == "generation hand-off failed"]
+    failures = [e for e in log_events(log) if e.get("event") == "generation_handoff_failed"]
     assert failures and {e["request_id"] for e in failures} == {first, second}
 
 
@@ -338,7 +336,7 @@ def test_sigkill_between_claim_and_hand_off_loses_nothing_and_runs_nothing_twice
         assert stop_process(second.proc) == 0, log.read_text()[-3000:]
     assert runs(run_file) == [f"{request_id} {namespace.job_id(request_id)} 1"], worker_log.read_text()[-3000:]
     assert namespace.queued() == 0
-    duplicates = [e for e in log_events(log, offset) if e.get("event", "").startswith("generation request already on")]
+    duplicates = [e for e in log_events(log, offset) if e.get("event") == "generation_request_already_queued"]
     assert [e["request_id"] for e in duplicates] == ([request_id] if enqueued_before_kill else [])
 
 
@@ -371,7 +369,5 @@ def test_a_job_whose_report_found_the_daemon_down_runs_again_after_the_restart(
         assert stop_process(second.proc) == 0, log.read_text()[-3000:]
     assert runs(run_file) == [f"{request_id} {namespace.job_id(request_id)} 1"] * 2, worker_log.read_text()[-3000:]
     assert namespace.queued() == 0
-    again = [
-        e for e in log_events(log, offset) if e.get("event", "").startswith("generation request's ARQ job finished")
-    ]
+    again = [e for e in log_events(log, offset) if e.get("event") == "generation_request_requeued"]
     assert [e["request_id"] for e in again] == [request_id]

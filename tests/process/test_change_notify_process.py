@@ -95,7 +95,7 @@ def test_a_session_inserted_with_sql_reaches_the_owners_tiers_within_a_tick(clus
     # Not before the owner is known: every world leased, both daemons listening.
     poll(lambda: all(owner for owner, _ in cluster.leases().values()), timeout=60, what="every world owned")
     poll(
-        lambda: all(events(cluster, n, "listening for change notifications") for n in "ab"),
+        lambda: all(events(cluster, n, "change_notifications_listening") for n in "ab"),
         timeout=60,
         what="both daemons listening",
     )
@@ -122,7 +122,7 @@ def test_a_session_inserted_with_sql_reaches_the_owners_tiers_within_a_tick(clus
         )
     poll(lambda: len(listeners(cluster) - before) == 2, timeout=30, what="both listeners to reconnect")
     poll(
-        lambda: all(events(cluster, n, "change notifications resumed, discovering what they missed") for n in "ab"),
+        lambda: all(events(cluster, n, "change_notifications_resumed") for n in "ab"),
         timeout=30,
         what="both daemons to report the reconnect",
     )
@@ -133,11 +133,11 @@ def test_a_session_inserted_with_sql_reaches_the_owners_tiers_within_a_tick(clus
 
     # Both were told; only the owner assigned tiers with the player online.
     for name in (owner, other):
-        notified = [e for e in events(cluster, name, "changes notified") if world in e["world_ids"]]  # type: ignore[operator]
+        notified = [e for e in events(cluster, name, "changes_notified") if world in e["world_ids"]]  # type: ignore[operator]
         assert len(notified) >= 2, name
-    with_player = [e for e in events(cluster, owner, "tiers assigned") if e["world_id"] == world and e["sessions"]]
+    with_player = [e for e in events(cluster, owner, "tiers_assigned") if e["world_id"] == world and e["sessions"]]
     assert len(with_player) >= 2
-    assert not [e for e in events(cluster, other, "tiers assigned") if e["world_id"] == world]
+    assert not [e for e in events(cluster, other, "tiers_assigned") if e["world_id"] == world]
     print(f"session → tiers: {latency * 1000:.0f} ms, after a reconnect {latency_after * 1000:.0f} ms")
 
 
@@ -160,16 +160,14 @@ def test_a_stop_signal_while_waiting_for_the_first_listen_ends_the_daemon(tmp_pa
             conn.execute(sa.text(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{role}"'))
         daemon.start("a")
         poll(
-            lambda: events(
-                daemon, "a", "change notifications interrupted, reconnecting; discovery polling covers the gap"
-            ),
+            lambda: events(daemon, "a", "change_notifications_interrupted"),
             timeout=60,
             what="LISTEN to be refused",
         )
         daemon.signal("a", signal.SIGTERM)
         poll(lambda: daemon.daemons["a"].proc.poll() is not None, timeout=30, what="the daemon to exit")
         assert daemon.daemons["a"].proc.returncode == 0
-        assert not events(daemon, "a", "scheduler loop started")
+        assert not events(daemon, "a", "scheduler_loop_started")
     finally:
         daemon.stop_all(timeout=5)
         with setup.engine.begin() as conn:

@@ -45,7 +45,7 @@ def test_daemon_logs_what_the_npcs_of_each_world_are_doing(tmp_path: Path) -> No
 
     def activity_lines() -> list[dict[str, Any]]:
         lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
-        return [e for e in lines if e.get("event") == "world activity"]
+        return [e for e in lines if e.get("event") == "world_activity"]
 
     def changed_for_hollow() -> list[dict[str, Any]] | None:
         hollow = [e for e in activity_lines() if e["world_id"] == 3]
@@ -67,3 +67,4 @@ def test_daemon_logs_what_the_npcs_of_each_world_are_doing(tmp_path: Path) -> No
     assert last["world_time"].startswith("day ") and last["frozen"] == 20
     assert sum(last["doing"].values()) == 80 and last["tiers"]["dormant"] == 60
     assert {e["world_id"] for e in activity_lines()} == {1, 2, 3}
+    assert {e["logger"] for e in activity_lines()} == {"scheduler_daemon.daemon"}

@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 INTERVAL = 0.25  # the test world's tickIntervalSeconds
 SCALE = 60.0
-RELOAD_FAILED = "configuration reload failed, keeping the running configuration"
+RELOAD_FAILED = "config_reload_failed"
 
 
 def config_text(level: str, scheduler: str = "discovery_interval_seconds = 0.5\n") -> str:
@@ -228,7 +228,7 @@ async def test_ready_reload_failures_and_clean_stop(
         _, ready = notify.wait_for("READY", after=0)
         assert ready["READY"] == "1"
         assert notify.count("RELOADING") == 0 and notify.count("STOPPING") == 0
-        assert [e["world_id"] for e in daemon.events("world registered")] == [world]
+        assert [e["world_id"] for e in daemon.events("world_registered")] == [world]
         await poll(lambda: _ticks_at_least(store, world, 2), timeout=30, what="two ticks")
         assert tick_lines(daemon, world) == []  # INFO: no per-tick lines
 
@@ -283,9 +283,9 @@ async def test_ready_reload_failures_and_clean_stop(
         at, _ = notify.wait_for("RELOADING", after=mark)
         _, done = notify.wait_for("READY", after=at + 1)
         assert done["STATUS"].endswith("restart needed for database.pool_size")
-        reloaded = daemon.events("configuration reloaded")
+        reloaded = daemon.events("config_reloaded")
         assert reloaded[-1]["restart_needed"] == ["database.pool_size"]
-        assert daemon.events("changed settings need a restart to take effect; keeping their old values")
+        assert daemon.events("settings_need_restart")
         seen = len(tick_lines(daemon, world))
         poll_sync(lambda: len(tick_lines(daemon, world)) >= seen + 3, timeout=30, what="ticks after the reload")
 
@@ -312,7 +312,7 @@ async def test_ready_reload_failures_and_clean_stop(
     assert real == pytest.approx(wall, abs=0.25)
     # Same fixed-rate grid throughout: every slot was ticked or counted as missed
     # (a tick overrunning its slot on a busy machine), none silently dropped.
-    missed = sum(e["missed"] for e in daemon.events("tick slots missed") if e["world_id"] == world)
+    missed = sum(e["missed"] for e in daemon.events("tick_slots_missed") if e["world_id"] == world)
     assert len(ticks) - 1 + missed == pytest.approx(real / INTERVAL, abs=1)
     # The last logged tick is what the database holds.
     world_time, count = await world_state(store, world)
@@ -357,7 +357,7 @@ async def test_watchdog_stops_while_the_loop_is_wedged_and_sighup_bursts_coalesc
         time.sleep(1.0)  # room for any further reloads the burst would (wrongly) cause
         reloads = notify.count("RELOADING", after=mark)
         assert 1 <= reloads <= 3
-        assert len(daemon.events("reloading configuration")) == reloads
+        assert len(daemon.events("config_reloading")) == reloads
         assert daemon.proc.poll() is None
         ticks = (await world_state(store, world_id))[1]
         await poll(lambda: _ticks_at_least(store, world_id, ticks + 2), timeout=30, what="ticks after the burst")
@@ -432,7 +432,7 @@ async def test_daemon_keeps_ticking_when_its_database_connections_are_killed(
                 await poll(lambda t=ticks: _ticks_at_least(store, world_id, t + 2), timeout=30, what="ticks go on")
             assert killed_mid_tick >= 3
             assert daemon.proc.poll() is None, daemon.tail()
-            retried = daemon.events("tick failed, retrying") + daemon.events("world discovery failed, retrying")
+            retried = [e for e in daemon.events("retrying") if e["operation"] in ("tick", "world_discovery")]
             assert retried, daemon.tail()
             assert all(e["error"].startswith("OperationalError") for e in retried)
 
@@ -446,7 +446,7 @@ async def test_daemon_keeps_ticking_when_its_database_connections_are_killed(
             notify.wait_for("STOPPING", after=mark)
             assert poll_sync(lambda: daemon.proc.poll() is not None, timeout=30, what="the daemon to exit")
         assert daemon.proc.returncode == 0, daemon.tail()
-        assert [e["world_id"] for e in daemon.events("tick timed out")] == [world_id]
+        assert [e["world_id"] for e in daemon.events("tick_timed_out")] == [world_id]
         assert await world_state(store, world_id) == before
     finally:
         daemon.kill()
@@ -499,7 +499,8 @@ def test_startup_failure_is_one_line_and_an_exit_code(
     assert notify.count("READY") == 0
     if exit_code == 3:
         # Every attempt is logged before giving up.
-        attempts = [json.loads(x) for x in proc.stderr.splitlines() if "database connection failed" in x]
+        lines = [json.loads(x) for x in proc.stderr.splitlines() if x.startswith("{")]
+        attempts = [e for e in lines if e["event"] == "retrying" and e["operation"] == "database_connection"]
         assert attempts and all(a["level"] == "warning" for a in attempts)
 
 
@@ -530,13 +531,13 @@ async def test_second_stop_signal_exits_at_once(
             poll_sync(lambda: ticks_in_flight(admin), timeout=30, what="a stuck tick", interval=0.01)
         daemon.signal(signal.SIGTERM)
         # The first signal waits for the in-flight tick (up to 120 s here) ...
-        poll_sync(lambda: daemon.events("waiting for in-flight ticks"), timeout=30, what="the drain to begin")
+        poll_sync(lambda: daemon.events("inflight_ticks_waiting"), timeout=30, what="the drain to begin")
         assert daemon.proc.poll() is None
         daemon.signal(signal.SIGTERM)
         # ... the second one does not.
         poll_sync(lambda: daemon.proc.poll() is not None, timeout=10, what="the daemon to exit")
         assert daemon.proc.returncode == 1
-        assert daemon.events("second stop signal, exiting at once")
+        assert daemon.events("second_stop_signal")
         assert await world_state(store, world_id) == (0.0, 0)  # the interrupted tick left no trace
     finally:
         daemon.kill()

@@ -47,9 +47,7 @@ def start_open_daemon(env: dict[str, str], tmp_path: Path) -> Daemon:
                 notify.settimeout(60)
                 while "READY=1" not in notify.recv(65536).decode():
                     pass
-                daemon.port = next(
-                    int(e["port"]) for e in daemon.log_events() if e.get("event") == "http server listening"
-                )
+                daemon.port = next(int(e["port"]) for e in daemon.log_events() if e.get("event") == "http_listening")
             except BaseException:
                 stop(daemon)
                 raise

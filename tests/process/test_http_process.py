@@ -93,7 +93,7 @@ def start_daemon(env: dict[str, str], tmp_path: Path, notify: socket.socket) -> 
         while "READY=1" not in notify.recv(65536).decode():
             pass
         # READY=1 comes only after the port is bound: the log already names it.
-        daemon.port = next(int(e["port"]) for e in daemon.log_events() if e.get("event") == "http server listening")
+        daemon.port = next(int(e["port"]) for e in daemon.log_events() if e.get("event") == "http_listening")
     except BaseException:
         stop(daemon)
         raise

@@ -135,7 +135,7 @@ def test_daemon_paused_past_its_ttl_writes_nothing_for_lost_worlds_and_rejoins(c
         # Nothing committed under c's old lease once the world had been taken over.
         late = [n for w, n, _, owner, epoch, _ in audit if w == world and epoch == old_epoch and owner == "c"]
         assert all(n <= ticks_at_takeover[world] for n in late), (world, late)
-    lost = [e for e in cluster.log_events("c") if e.get("event") == "lease lost, world dropped"]
+    lost = [e for e in cluster.log_events("c") if e.get("event") == "lease_lost"]
     assert set(held) <= {e["world_id"] for e in lost}
     check_accounting(cluster)
 

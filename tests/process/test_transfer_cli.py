@@ -191,7 +191,7 @@ def test_a_running_daemon_ticks_an_imported_world_through_change_notifications(
         started = time.monotonic()
         cluster.start("a")
         poll(
-            lambda: any(e.get("event") == "listening for change notifications" for e in cluster.log_events("a")),
+            lambda: any(e.get("event") == "change_notifications_listening" for e in cluster.log_events("a")),
             timeout=60,
             what="the daemon to listen",
         )

@@ -136,7 +136,7 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
         )
     try:
         port = poll(
-            lambda: next((e["port"] for e in events(log, "http server listening") if "port" in e), None),
+            lambda: next((e["port"] for e in events(log, "http_listening") if "port" in e), None),
             timeout=30,
             what="the supervisor's port",
         )
@@ -198,7 +198,7 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
         assert "reload failed" in refused["STATUS"] and "max_batch_size" in refused["STATUS"]
         reload_ok = per_worker(scrape(client), "worldsched_config_last_reload_successful")
         assert reload_ok == {"0": 1, "1": 1, "supervisor": 0}
-        assert [e.get("worker") for e in events(log, "reloading configuration")] == [None]
+        assert [e.get("worker") for e in events(log, "config_reloading")] == [None]
 
         # SIGHUP: the supervisor checks the file and both workers reload (per-world series switched off).
         reloaded_before = per_worker(samples, "worldsched_config_last_reload_success_timestamp_seconds")
@@ -219,7 +219,7 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
         assert set(per_worker(scrape(client), "worldsched_config_last_reload_successful").values()) == {1}
 
         # SIGKILL worker 1: restarted and counted; its worlds tick on worker 0 meanwhile, then come back.
-        pid = next(e["pid"] for e in events(log, "worker started") if e["worker"] == "1")
+        pid = next(e["pid"] for e in events(log, "worker_started") if e["worker"] == "1")
         ticks_at_kill = cluster.world_ticks()
         os.kill(pid, signal.SIGKILL)
         # Not ready while a worker is missing (restarting takes its backoff plus a start); alive all along.
@@ -235,7 +235,7 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
             timeout=30,
             what="the restart counter",
         )
-        exited = events(log, "worker exited, restarting")
+        exited = events(log, "worker_exited")
         assert exited and exited[0]["exit_status"] == "killed by SIGKILL"
         poll(
             lambda: all(n > ticks_at_kill[w] + 2 for w, n in cluster.world_ticks().items()),
@@ -246,7 +246,7 @@ def test_two_workers_share_one_port_one_exposition_reload_restart_and_stop(
         poll(lambda: client.get("/readyz").status_code == 200, timeout=30, what="readiness with both workers")
 
         assert notify.count("WATCHDOG") >= 1
-        assert events(log, "worker watchdog timeout, killing it") == []
+        assert events(log, "worker_watchdog_timeout") == []
         poll(
             lambda: any("2/2 workers ready, 1 restarts; w0: " in m.get("STATUS", "") for m in notify.snapshot()),
             timeout=15,
@@ -283,7 +283,7 @@ def test_a_worker_failing_at_start_ends_the_supervisor_with_its_exit_code(pg_scr
         cwd=ROOT,
     )
     assert done.returncode == 4, done.stderr[-2000:]
-    assert "worker failed to start, stopping" in done.stderr
+    assert "worker_start_failed" in done.stderr
     assert "scheduler-daemon db upgrade" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -347,7 +347,7 @@ def start_box(cluster: Cluster, tmp_path: Path, **env: str) -> tuple[subprocess.
 
 def box_port(log: Path) -> int:
     port: int = poll(
-        lambda: next((e["port"] for e in events(log, "http server listening") if "port" in e), None),
+        lambda: next((e["port"] for e in events(log, "http_listening") if "port" in e), None),
         timeout=30,
         what="the supervisor's port",
     )
@@ -356,7 +356,7 @@ def box_port(log: Path) -> int:
 
 
 def worker_pids(log: Path) -> dict[str, int]:
-    return {e["worker"]: e["pid"] for e in events(log, "worker started")}
+    return {e["worker"]: e["pid"] for e in events(log, "worker_started")}
 
 
 def alive(pid: int) -> bool:
@@ -426,7 +426,7 @@ def test_sighup_while_the_workers_start_reports_ready_only_when_they_are(
         _, ready = notify.wait_for("READY", after=0, timeout=60)
         assert ready["STATUS"].startswith("2/2 workers ready"), ready
         poll(
-            lambda: [e["workers"] for e in events(log, "configuration reload forwarded to the workers")] == [2],
+            lambda: [e["workers"] for e in events(log, "config_reload_forwarded")] == [2],
             timeout=30,
             what="the reload to reach both workers once they are ready",
         )
@@ -526,7 +526,7 @@ def test_stop_kills_workers_that_hang_after_one_grace_for_all(cluster: Cluster, 
         box.send_signal(signal.SIGTERM)
         assert box.wait(timeout=60) == 1
         assert time.monotonic() - started < 16 + 6
-        assert len(events(log, "worker did not stop in time, killing it")) == 2
+        assert len(events(log, "worker_stop_timeout")) == 2
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -540,7 +540,7 @@ def test_a_workers_request_for_more_start_up_time_reaches_systemd(
     box, log = start_box(cluster, tmp_path, NOTIFY_SOCKET=notify.path)
     try:
         poll(lambda: len(worker_pids(log)) == 2, timeout=30, what="both workers started")
-        runtime = Path(events(log, "starting workers")[0]["runtime_dir"])
+        runtime = Path(events(log, "workers_starting")[0]["runtime_dir"])
         # What worker 0 sends while its first discovery registers many worlds (daemon._serving).
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(b"EXTEND_TIMEOUT_USEC=30000000\nSTATUS=registering worlds: 250/10000", str(runtime / "w0.notify"))

@@ -234,11 +234,11 @@ async def test_listener_reconnects_once_per_outage_and_discovers_what_it_missed(
                 return runner.world_ids == [world_id]
 
             await _until(registered, "the world changed during the outage was not discovered after it")
-        events = [e["event"] for e in logs if "change notifications" in e["event"]]
+        events = [e["event"] for e in logs if e["event"].startswith("change_notifications_")]
         assert events == [
-            "listening for change notifications",
-            "change notifications interrupted, reconnecting; discovery polling covers the gap",
-            "change notifications resumed, discovering what they missed",
+            "change_notifications_listening",
+            "change_notifications_interrupted",
+            "change_notifications_resumed",
         ]
     finally:
         runner.stop()
@@ -297,7 +297,7 @@ async def test_payloads_that_are_not_world_ids_are_ignored(pg_store: Store) -> N
         assert [e for e in logs if e["log_level"] == "error"] == []  # an out-of-range id never reaches a query
         warnings = [e for e in logs if e["log_level"] == "warning"]
         assert [(e["event"], e["payload"], e["ignored"]) for e in warnings] == [
-            ("change notification ignored: its payload is not a world id", "tavern", 2)
+            ("change_notification_ignored", "tavern", 2)
         ]
         assert warnings[0]["channel"] == CHANNEL
     finally:

@@ -170,7 +170,7 @@ async def test_delete_world_stops_it_and_then_it_is_404(api: Api) -> None:
 
 async def test_delete_world_during_its_tick_waits_for_the_tick_and_logs_no_error(api: Api) -> None:
     # On PostgreSQL a delete committed during the tick deadlocked with it (503) or failed the
-    # tick's fence ("tick refused", "world resync failed" with a traceback). Each round lets
+    # tick's fence ("tick refused", "world_resync_failed" with a traceback). Each round lets
     # the tick run a different number of loop steps before the DELETE arrives.
     for steps in range(0, 40, 2):
         world = await create(api, f"w{steps}", simulation={**CALM, "alwaysOn": True})

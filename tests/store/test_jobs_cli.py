@@ -113,7 +113,7 @@ def test_the_old_default_sink_spec_loads_the_renamed_sink_with_a_deprecation_war
     assert [(e["deprecated"], e["replacement"]) for e in warnings] == [
         ("scheduler_daemon.jobs:leave_enqueued", "scheduler_daemon.generation:leave_enqueued")
     ]
-    assert "renamed module" in warnings[0]["event"]
+    assert warnings[0]["event"] == "sink_module_renamed"
     # The current spec loads the same sink without a warning.
     with capture_logs() as logs:
         assert load_sink("scheduler_daemon.generation:leave_enqueued") is generation.leave_enqueued

@@ -228,7 +228,7 @@ async def test_a_world_deleted_by_another_writer_is_dropped_by_its_next_tick_wit
 ) -> None:
     # A game deleting the world with SQL, or through another daemon's API: this runner learns it
     # from its next tick, whose fence finds no state row. Before, that logged errors ("tick
-    # refused", "world resync failed" with a traceback; with leases a foreign-key violation from
+    # refused", "world_resync_failed" with a traceback; with leases a foreign-key violation from
     # recreating the state row) and kept the deleted world registered, backing off.
     if leased and store.dialect != "postgresql":
         pytest.skip("leases are PostgreSQL-only")

@@ -270,11 +270,11 @@ def check_accounting(cluster: Cluster, *, killed: Iterable[str] = ()) -> dict[st
     if doubles:
         raise ClusterError(f"ticks reported twice: {doubles[:10]}")
     # A daemon that could not learn a commit's outcome (its tick timed out
-    # during COMMIT) adopts it from the database: "world state resynchronised".
+    # during COMMIT) adopts it from the database: "world_state_resynchronised".
     resynced: dict[tuple[str, int], list[int]] = defaultdict(list)
     for name in cluster.daemons:
         for e in cluster.log_events(name):
-            if e.get("event") == "world state resynchronised":
+            if e.get("event") == "world_state_resynchronised":
                 resynced[(name, int(e["world_id"]))].append(int(e["ticks"]))
     unreported = [k for k in committed if k not in seen]
     unknown_outcome = 0

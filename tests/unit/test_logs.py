@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
 import structlog
 
-from scheduler_daemon.logs import configure_logging
+from scheduler_daemon.logs import configure_logging, get_logger
 
 
 @pytest.fixture(autouse=True)
@@ -30,9 +31,9 @@ def test_json_exception_has_frames_but_no_locals() -> None:
     try:
         _fail()
     except RuntimeError:
-        structlog.get_logger("t").exception("tick failed", world_id=7)
+        structlog.get_logger("t").exception("tick_failed", world_id=7)
     event = json.loads(out.getvalue().strip().splitlines()[-1])
-    assert event["event"] == "tick failed" and event["world_id"] == 7
+    assert event["event"] == "tick_failed" and event["world_id"] == 7
     (exc,) = event["exception"]
     assert exc["exc_type"] == "RuntimeError" and exc["exc_value"] == "boom (18)"
     assert any(frame["name"] == "_fail" for frame in exc["frames"])
@@ -46,7 +47,30 @@ def test_console_exception_is_a_plain_traceback_without_locals() -> None:
     try:
         _fail()
     except RuntimeError:
-        structlog.get_logger("t").exception("tick failed")
+        structlog.get_logger("t").exception("tick_failed")
     text = out.getvalue()
     assert "Traceback (most recent call last)" in text and "RuntimeError: boom (18)" in text
     assert "s3cr3t" not in text
+
+
+def test_console_lines_name_their_logger_for_structlog_and_stdlib_records() -> None:
+    out = io.StringIO()
+    configure_logging("INFO", "console", stream=out)
+    get_logger("scheduler_daemon.probe").info("probe_info", world_id=3)
+    logging.getLogger("scheduler_daemon.systemd").info("sd_notify_recovered", extra={"notify_socket": "/run/n"})
+    first, second = out.getvalue().splitlines()
+    assert "probe_info" in first and "scheduler_daemon.probe" in first and "world_id=3" in first
+    assert "sd_notify_recovered" in second and "scheduler_daemon.systemd" in second and "/run/n" in second
+    assert not first.startswith("<")  # a StringIO is no journal
+
+
+def test_the_level_applies_to_the_package_not_to_libraries() -> None:
+    out = io.StringIO()
+    configure_logging("DEBUG", "json", stream=out)
+    log = get_logger("scheduler_daemon.probe")
+    assert log.is_enabled_for(logging.DEBUG)
+    log.debug("probe_debug")
+    logging.getLogger("sqlalchemy.engine").info("SELECT 1")
+    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["probe_debug"]
+    configure_logging("WARNING", "json", stream=out)  # a reload
+    assert not log.is_enabled_for(logging.INFO)

@@ -34,9 +34,9 @@ async def test_transient_failures_are_retried_and_logged_with_attempt_numbers() 
     func = _Flaky(2)
     with capture_logs() as logs:
         assert await retry_transient("tick", func, max_attempts=3, multiplier=0.001, max_wait=0.001, world_id=7) == 3
-    assert [(e["event"], e["attempt"], e["world_id"]) for e in logs] == [
-        ("tick failed, retrying", 1, 7),
-        ("tick failed, retrying", 2, 7),
+    assert [(e["event"], e["operation"], e["attempt"], e["world_id"]) for e in logs] == [
+        ("retrying", "tick", 1, 7),
+        ("retrying", "tick", 2, 7),
     ]
     assert logs[0]["error"] == "ConnectionResetError: attempt 1"
 

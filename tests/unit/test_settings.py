@@ -284,6 +284,6 @@ def test_a_pool_smaller_than_the_tick_concurrency_is_warned_about(url: str, pool
     )
     with capture_logs() as logs:
         _warn_if_pool_too_small(settings)
-    assert [e["pool_size"] for e in logs if "exceeds database.pool_size" in e["event"]] == (
+    assert [e["pool_size"] for e in logs if e["event"] == "pool_smaller_than_concurrency"] == (
         [pool_size] if warned else []
     )

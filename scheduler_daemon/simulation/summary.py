@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from scheduler_daemon.simulation.behavior import DAY_SECONDS, HOUR_SECONDS
+from scheduler_daemon.simulation.content import DAY_SECONDS, HOUR_SECONDS
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
 
 __all__ = ["Range", "SimulationSummary", "SummaryCollector", "hour_of_day"]

@@ -10,7 +10,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/scheduler-daemon
 WORKDIR /src
 # Only what the package build needs (.dockerignore keeps the rest out).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY scheduler_daemon ./scheduler_daemon
 RUN /opt/scheduler-daemon/bin/pip install ".[postgres]"
 

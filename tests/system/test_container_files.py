@@ -188,7 +188,7 @@ def test_no_config_or_secret_is_baked_in(stages: list[Stage]) -> None:
                 sources += parts[:-1]
         for env in stage.all("ENV") + stage.all("ARG"):
             assert not re.search(r"PASSWORD|TOKEN|SECRET", env, re.IGNORECASE), env
-    assert sorted(sources) == ["README.md", "pyproject.toml", "scheduler_daemon"]
+    assert sorted(sources) == ["LICENSE", "README.md", "pyproject.toml", "scheduler_daemon"]
     # The build context is an allow-list: nothing else of the checkout can reach the image.
     ignore = [ln.strip() for ln in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
     ignore = [ln for ln in ignore if ln and not ln.startswith("#")]

@@ -23,6 +23,7 @@ help:
 
 # uv installs from uv.lock (one lock for every extra and group: the exact versions CI tested);
 # it is bootstrapped into the venv with pip, pinned, so a fresh clone needs only Python and PyPI.
+# The Dockerfile's ARG UV_VERSION is the same release (tests/system/test_container_files.py).
 UV_VERSION := 0.13.9
 UV         := $(BIN)/uv
 # uv syncs this venv (not one of its own) and never downloads a Python.

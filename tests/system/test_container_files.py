@@ -146,8 +146,24 @@ def test_multi_stage_on_a_pinned_python_311_slim_base(stages: list[Stage], final
     assert builder
     assert any(args.startswith(f"--from={builder} ") for args in final.all("COPY"))
     # The project is installed in the builder only; the final stage has no build tools' output.
-    assert any("pip install" in args and ".[postgres]" in args for args in stages[0].all("RUN"))
-    assert not any("pip install" in args for args in final.all("RUN"))
+    assert any("uv sync" in args for args in stages[0].all("RUN"))
+    assert not any(re.search(r"pip install|uv (sync|pip)", args) for args in final.all("RUN"))
+
+
+def test_builder_installs_the_locked_versions_with_the_makefiles_uv(stages: list[Stage]) -> None:
+    """What CI tested: uv.lock's pins (a stale lock refused), the postgres extra, no dev tools."""
+    builder = stages[0]
+    pinned = re.search(r"^UV_VERSION\s*:=\s*(\S+)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.MULTILINE)
+    assert pinned, "no UV_VERSION in the Makefile"
+    assert f"UV_VERSION={pinned.group(1)}" in builder.all("ARG")
+    assert any('uv==${UV_VERSION}"' in args for args in builder.all("RUN"))
+    env = " ".join(builder.all("ENV"))
+    assert "UV_PROJECT_ENVIRONMENT=/opt/scheduler-daemon" in env
+    assert "UV_PYTHON_DOWNLOADS=never" in env  # the base image's interpreter, which the final stage has too
+    (sync,) = (args.split() for args in builder.all("RUN") if args.startswith("uv sync"))
+    assert {"--locked", "--no-default-groups", "--no-editable"} <= set(sync)
+    assert sync[sync.index("--extra") + 1] == "postgres"
+    assert not {"--all-extras", "--all-groups", "--group", "--dev", "--frozen"} & set(sync)
 
 
 def test_final_user_is_not_root(final: Stage) -> None:
@@ -188,7 +204,7 @@ def test_no_config_or_secret_is_baked_in(stages: list[Stage]) -> None:
                 sources += parts[:-1]
         for env in stage.all("ENV") + stage.all("ARG"):
             assert not re.search(r"PASSWORD|TOKEN|SECRET", env, re.IGNORECASE), env
-    assert sorted(sources) == ["LICENSE", "README.md", "pyproject.toml", "scheduler_daemon"]
+    assert sorted(sources) == ["LICENSE", "README.md", "pyproject.toml", "scheduler_daemon", "uv.lock"]
     # The build context is an allow-list: nothing else of the checkout can reach the image.
     ignore = [ln.strip() for ln in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
     ignore = [ln for ln in ignore if ln and not ln.startswith("#")]

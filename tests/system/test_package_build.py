@@ -8,6 +8,7 @@ what it lacks, the image lacks too.
 from __future__ import annotations
 
 import email
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -79,3 +80,15 @@ def test_the_package_is_typed_and_has_its_command(wheel: Path) -> None:
         assert "scheduler_daemon/py.typed" in names
         (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))
         assert "scheduler-daemon = scheduler_daemon.cli:main" in zf.read(entry_points).decode()
+
+
+def test_every_file_of_the_package_is_in_the_wheel(wheel: Path) -> None:
+    """Package data included by name in pyproject.toml: a new kind of file must be added there."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the git checkout to list the package's files")
+    tracked = subprocess.run(
+        ["git", "ls-files", "scheduler_daemon"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    with zipfile.ZipFile(wheel) as zf:
+        missing = sorted(set(tracked) - set(zf.namelist()))
+    assert not missing, f"not in the wheel (pyproject.toml [tool.setuptools.package-data]): {missing}"

@@ -1,8 +1,8 @@
 """The wheel built from the container's build context carries the metadata users and tools read.
 
-Built offline (``pip wheel --no-build-isolation --no-index``, setuptools from the
-dev group) from the ``.dockerignore`` allow-list alone, as ``docker build`` sees it:
-what it lacks, the image lacks too.
+Built offline (setuptools' PEP 517 hook, setuptools from the dev group) from the
+``.dockerignore`` allow-list alone, as ``docker build`` sees it: what it lacks,
+the image lacks too.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ DEV_TOOLS = ("pytest", "ruff", "mypy", "hypothesis", "schemathesis", "apschedule
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     context = build_context(tmp / "context")
-    offline = ["--no-deps", "--no-build-isolation", "--no-index"]
+    # The PEP 517 hook pip or uv would call, without their build isolation: nothing downloads.
+    hook = "import sys; from setuptools import build_meta; build_meta.build_wheel(sys.argv[1])"
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", *offline, "-q", "-w", str(tmp / "dist"), str(context)],
+        [sys.executable, "-c", hook, str(tmp / "dist")],
+        cwd=context,
         capture_output=True,
         text=True,
         timeout=300,

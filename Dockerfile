@@ -6,13 +6,18 @@
 
 # --- builder: the project and its dependencies in a venv ---------------------
 FROM python:3.11-slim-bookworm AS builder
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-RUN python -m venv /opt/scheduler-daemon
+# The versions uv.lock pins (those CI tested), installed by the uv release the Makefile pins.
+ARG UV_VERSION=0.13.9
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 \
+    UV_NO_CACHE=1 UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=/opt/scheduler-daemon
+RUN pip install "uv==${UV_VERSION}"
 WORKDIR /src
 # Only what the package build needs (.dockerignore keeps the rest out).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml uv.lock README.md LICENSE ./
 COPY scheduler_daemon ./scheduler_daemon
-RUN /opt/scheduler-daemon/bin/pip install .
+# --locked: refuse a uv.lock out of date with pyproject.toml; the postgres extra, no dev tools;
+# --no-editable: the venv holds the package itself, /src stays in this stage.
+RUN uv sync --locked --no-default-groups --extra postgres --no-editable --compile-bytecode
 
 # --- final: the venv on a clean base, run by an unprivileged user -------------
 # Same base as the builder: the venv's interpreter path must exist here too.

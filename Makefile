@@ -23,11 +23,15 @@ help:
 
 # uv installs from uv.lock (one lock for every extra and group: the exact versions CI tested);
 # it is bootstrapped into the venv with pip, pinned, so a fresh clone needs only Python and PyPI.
+# The Dockerfile's ARG UV_VERSION is the same release (tests/system/test_container_files.py).
 UV_VERSION := 0.13.9
 UV         := $(BIN)/uv
 # uv syncs this venv (not one of its own) and never downloads a Python.
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON_DOWNLOADS := never
+# TLS trust from the system's CA store, as pip and curl have it (uv's own bundle lacks a CA
+# installed only there, e.g. a proxy's: then every download failed unless SSL_CERT_FILE was set).
+export UV_SYSTEM_CERTS := 1
 # --locked: refuse a uv.lock out of date with pyproject.toml; --inexact: keep uv and pip in the venv.
 SYNC := $(UV) sync --locked --inexact --quiet
 

@@ -146,14 +146,29 @@ def test_multi_stage_on_a_pinned_python_311_slim_base(stages: list[Stage], final
     assert builder
     assert any(args.startswith(f"--from={builder} ") for args in final.all("COPY"))
     # The project is installed in the builder only; the final stage has no build tools' output.
-    installs = [args for args in stages[0].all("RUN") if "pip install" in args]
-    assert installs
-    assert not any("pip install" in args for args in final.all("RUN"))
-    # pip only warns about an extra the project lacks, and installs without it.
+    assert any("uv sync" in args for args in stages[0].all("RUN"))
+    assert not any(re.search(r"pip install|uv (sync|pip)", args) for args in final.all("RUN"))
+
+
+def test_builder_installs_the_locked_versions_with_the_makefiles_uv(stages: list[Stage]) -> None:
+    """What CI tested: uv.lock's pins (a stale lock refused), the postgres extra, no dev tools."""
+    builder = stages[0]
+    pinned = re.search(r"^UV_VERSION\s*:=\s*(\S+)$", (ROOT / "Makefile").read_text(encoding="utf-8"), re.MULTILINE)
+    assert pinned, "no UV_VERSION in the Makefile"
+    assert f"UV_VERSION={pinned.group(1)}" in builder.all("ARG")
+    assert any('uv==${UV_VERSION}"' in args for args in builder.all("RUN"))
+    env = " ".join(builder.all("ENV"))
+    assert "UV_PROJECT_ENVIRONMENT=/opt/scheduler-daemon" in env
+    assert "UV_PYTHON_DOWNLOADS=never" in env  # the base image's interpreter, which the final stage has too
+    (sync,) = (args.split() for args in builder.all("RUN") if args.startswith("uv sync"))
+    assert {"--locked", "--no-default-groups", "--no-editable"} <= set(sync)
+    assert sync[sync.index("--extra") + 1] == "postgres"
+    assert not {"--all-extras", "--all-groups", "--group", "--dev", "--frozen"} & set(sync)
+    # An extra the project lacks would install without it.
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
-    for named in re.findall(r"\.\[([^\]]*)\]", " ".join(installs)):
-        for extra in named.split(","):
-            assert extra.strip() in extras, f"the Dockerfile installs extra {extra.strip()!r}; pyproject.toml has none"
+    for i, arg in enumerate(sync):
+        if arg == "--extra":
+            assert sync[i + 1] in extras, f"the Dockerfile installs extra {sync[i + 1]!r}; pyproject.toml has none"
 
 
 def test_final_user_is_not_root(final: Stage) -> None:
@@ -194,7 +209,7 @@ def test_no_config_or_secret_is_baked_in(stages: list[Stage]) -> None:
                 sources += parts[:-1]
         for env in stage.all("ENV") + stage.all("ARG"):
             assert not re.search(r"PASSWORD|TOKEN|SECRET", env, re.IGNORECASE), env
-    assert sorted(sources) == ["README.md", "pyproject.toml", "scheduler_daemon"]
+    assert sorted(sources) == ["LICENSE", "README.md", "pyproject.toml", "scheduler_daemon", "uv.lock"]
     # The build context is an allow-list: nothing else of the checkout can reach the image.
     ignore = [ln.strip() for ln in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
     ignore = [ln for ln in ignore if ln and not ln.startswith("#")]
@@ -218,32 +233,8 @@ def test_postgres_is_healthy_before_migrate_and_daemon(compose: dict[str, Any]) 
         "db": {"condition": "service_healthy"},
         "migrate": {"condition": "service_completed_successfully"},
     }
-    # One image, built from this checkout by migrate (see the test below).
-    assert migrate["build"] == "." and migrate["image"] == daemon["image"]
-
-
-def dependencies(services: dict[str, Any], name: str) -> set[str]:
-    """The services ``name`` waits for, directly or through others."""
-    found: set[str] = set()
-    for dep in services[name].get("depends_on") or {}:
-        found |= {dep} | dependencies(services, dep)
-    return found
-
-
-def test_each_image_is_built_by_one_service_that_its_users_wait_for(compose: dict[str, Any]) -> None:
-    """Compose's parallel (bake) builder fails a first build when two services build one tag
-    ("image ... already exists"); docker-compose 1.x ensures images in dependency order, so a
-    service that only names a built image must come after its builder or it is pulled."""
-    services = compose["services"]
-    builders: dict[str, str] = {}
-    for name, service in services.items():
-        if "build" in service:
-            tag = service.get("image", name)
-            assert tag not in builders, f"services {builders[tag]} and {name} both build {tag}"
-            builders[tag] = name
-    for name, service in services.items():
-        builder = builders.get(service.get("image", ""), name)
-        assert builder == name or builder in dependencies(services, name), (name, builder)
+    # One image, built from this checkout (a service with only "image:" would be pulled).
+    assert migrate["build"] == daemon["build"] == "." and migrate["image"] == daemon["image"]
 
 
 def test_migrate_command_parses_with_the_image_entrypoint(compose: dict[str, Any], final: Stage) -> None:

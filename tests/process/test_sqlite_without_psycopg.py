@@ -54,7 +54,7 @@ def listening_port(log: Path) -> int | None:
             event = json.loads(line)
         except ValueError:
             continue
-        if event.get("event") == "http server listening":
+        if event.get("event") == "http_listening":
             return int(event["port"])
     return None
 

@@ -233,8 +233,32 @@ def test_postgres_is_healthy_before_migrate_and_daemon(compose: dict[str, Any]) 
         "db": {"condition": "service_healthy"},
         "migrate": {"condition": "service_completed_successfully"},
     }
-    # One image, built from this checkout (a service with only "image:" would be pulled).
-    assert migrate["build"] == daemon["build"] == "." and migrate["image"] == daemon["image"]
+    # One image, built from this checkout by migrate (see the test below).
+    assert migrate["build"] == "." and migrate["image"] == daemon["image"]
+
+
+def dependencies(services: dict[str, Any], name: str) -> set[str]:
+    """The services ``name`` waits for, directly or through others."""
+    found: set[str] = set()
+    for dep in services[name].get("depends_on") or {}:
+        found |= {dep} | dependencies(services, dep)
+    return found
+
+
+def test_each_image_is_built_by_one_service_that_its_users_wait_for(compose: dict[str, Any]) -> None:
+    """Compose's parallel (bake) builder fails a first build when two services build one tag
+    ("image ... already exists"); docker-compose 1.x ensures images in dependency order, so a
+    service that only names a built image must come after its builder or it is pulled."""
+    services = compose["services"]
+    builders: dict[str, str] = {}
+    for name, service in services.items():
+        if "build" in service:
+            tag = service.get("image", name)
+            assert tag not in builders, f"services {builders[tag]} and {name} both build {tag}"
+            builders[tag] = name
+    for name, service in services.items():
+        builder = builders.get(service.get("image", ""), name)
+        assert builder == name or builder in dependencies(services, name), (name, builder)
 
 
 def test_migrate_command_parses_with_the_image_entrypoint(compose: dict[str, Any], final: Stage) -> None:

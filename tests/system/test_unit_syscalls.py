@@ -109,11 +109,11 @@ def strace(summary: Path, *argv: str) -> list[str]:
 
 
 def listening_port(log: Path) -> int | None:
-    """The port from the first ``http server listening`` line of a JSON log."""
+    """The port from the first ``http_listening`` line of a JSON log."""
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith("{"):
             entry = json.loads(line)
-            if entry.get("event") == "http server listening" and "port" in entry:
+            if entry.get("event") == "http_listening" and "port" in entry:
                 return int(entry["port"])
     return None
 

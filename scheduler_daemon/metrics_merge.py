@@ -26,8 +26,11 @@ WORKER_LABEL = "worker"
 
 def parse_exposition(body: bytes) -> list[Metric]:
     """A worker's OpenMetrics answer as metric families; raises ``ValueError`` if it is not one."""
-    families = text_string_to_metric_families(body.decode("utf-8"))  # type: ignore[no-untyped-call]  # unannotated
-    return list(families)
+    try:
+        families = text_string_to_metric_families(body.decode("utf-8"))  # type: ignore[no-untyped-call]  # unannotated
+        return list(families)
+    except Exception as exc:  # the parser trips over some garbage with KeyError or IndexError, not ValueError
+        raise ValueError(f"not OpenMetrics: {type(exc).__name__}: {exc}") from exc
 
 
 class MergedMetrics(Collector):

@@ -72,3 +72,18 @@ def test_world_ref_names_the_world_of_world_paths_only() -> None:
     assert world_ref("/api/v1/worlds/0/scheduler/stats") is None  # invalid: any worker answers 422
     assert world_ref("/api/v1/generation/5/complete") is None
     assert world_ref("/metrics") is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A space in a bucket's name: the parser reads it as a native histogram and trips (KeyError).
+        b'# TYPE h histogram\nh x_bucket{le="1"} 0\n# EOF\n',
+        b"\xff\n# EOF\n",
+        b"<html>502 Bad Gateway</html>",
+    ],
+)
+def test_any_garbage_is_refused_with_a_value_error(body: bytes) -> None:
+    # The supervisor leaves out a worker whose answer raises ValueError; anything else fails the whole scrape.
+    with pytest.raises(ValueError, match="not OpenMetrics"):
+        parse_exposition(body)

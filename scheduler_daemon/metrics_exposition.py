@@ -18,16 +18,15 @@ registries are read through :class:`WithoutCreated` instead.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest, gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-#: What the supervisor asks its workers for: the format its merge reads back without loss
-#: (units, and info or stateset types, which the Prometheus text format turns into gauges).
-OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0"
+#: The media type of an OpenMetrics answer (its ``Content-Type`` starts with it).
+OPENMETRICS = "application/openmetrics-text"
 
 
 @dataclass(frozen=True)
@@ -66,11 +65,20 @@ class WithoutCreated(Collector):
 
 def expose(collector: Collector, *, accept: str = "", accept_encoding: str = "") -> Exposition:
     """``collector`` rendered in the format ``accept`` asks for, gzipped if ``accept_encoding`` allows."""
+    encoder, content_type = negotiate(accept)
+    return encoded(encoder(collector), content_type, accept_encoding)
+
+
+def negotiate(accept: str) -> tuple[Callable[[Collector], bytes], str]:
+    """The encoder of the format ``accept`` asks for, and the answer's content type."""
     try:
-        encoder, content_type = choose_encoder(_acceptable(accept))
+        return choose_encoder(_acceptable(accept))
     except TypeError:  # a version it cannot compare with 1.0.0 (``version=1.x``): the default, not a 500
-        encoder, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
-    body = encoder(collector)
+        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+
+
+def encoded(body: bytes, content_type: str, accept_encoding: str) -> Exposition:
+    """A rendered ``body`` as the answer, gzipped if ``accept_encoding`` allows."""
     if gzip_accepted(_acceptable(accept_encoding)):
         return Exposition(gzip.compress(body), content_type, "gzip")
     return Exposition(body, content_type)

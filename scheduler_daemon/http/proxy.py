@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
+import h11
 import structlog
 from prometheus_client.registry import Collector
 from starlette.types import Receive, Scope, Send
@@ -247,7 +248,7 @@ async def fetch(
 
     try:
         await forward(socket_path, scope, receive, send, wait_seconds=wait_seconds)
-    except (UpstreamUnavailable, OSError, TimeoutError):
+    except (UpstreamUnavailable, OSError, TimeoutError, h11.RemoteProtocolError):  # the last: cut inside the body
         return Fetched(503, b"application/json", b"")
     start = next((m for m in sent if m["type"] == "http.response.start"), None)
     if start is None:

@@ -318,10 +318,14 @@ class SchedulerMetrics:
 
     @per_world.setter
     def per_world(self, value: bool) -> None:
-        """Switch per-world series on or off (SIGHUP); off drops the existing ones."""
+        """Switch per-world series on or off (SIGHUP); off drops the existing ones, on starts them at 0."""
         if not value:
             self.world_ticks.clear()
             self.world_npc_ticks.clear()
+        elif not self._per_world and self.runner is not None:
+            # As at registration: a series first seen at 1 would hide its first tick from rate().
+            for world_id in self.runner.scheduler.get_all_contexts():
+                self.world_ticks.labels(world_id=str(world_id))
         self._per_world = value
 
     # ------------------------------------------------------- TickObserver

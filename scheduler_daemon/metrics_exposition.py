@@ -3,7 +3,9 @@
 The format follows the request's ``Accept`` header as prometheus_client reads
 it (:func:`~prometheus_client.exposition.choose_encoder`): OpenMetrics text
 for ``application/openmetrics-text``, the Prometheus text format otherwise.
-The body is gzipped when ``Accept-Encoding`` names gzip.
+The body is gzipped when ``Accept-Encoding`` names gzip. An entry with
+``q=0`` is one the client refuses (RFC 9110), so it is dropped before either
+is read: prometheus_client's readers look at the media types and codings only.
 
 ``_created`` samples (a counter's or histogram's creation time) are left
 out. prometheus_client's own switch for that (``disable_created_metrics()``,
@@ -16,16 +18,15 @@ registries are read through :class:`WithoutCreated` instead.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder, generate_latest, gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-#: What the supervisor asks its workers for: the format its merge reads back without loss
-#: (units, and info or stateset types, which the Prometheus text format turns into gauges).
-OPENMETRICS_ACCEPT = "application/openmetrics-text; version=1.0.0"
+#: The media type of an OpenMetrics answer (its ``Content-Type`` starts with it).
+OPENMETRICS = "application/openmetrics-text"
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,36 @@ class WithoutCreated(Collector):
 
 def expose(collector: Collector, *, accept: str = "", accept_encoding: str = "") -> Exposition:
     """``collector`` rendered in the format ``accept`` asks for, gzipped if ``accept_encoding`` allows."""
-    encoder, content_type = choose_encoder(accept)
-    body = encoder(collector)
-    if gzip_accepted(accept_encoding):
+    encoder, content_type = negotiate(accept)
+    return encoded(encoder(collector), content_type, accept_encoding)
+
+
+def negotiate(accept: str) -> tuple[Callable[[Collector], bytes], str]:
+    """The encoder of the format ``accept`` asks for, and the answer's content type."""
+    try:
+        return choose_encoder(_acceptable(accept))
+    except TypeError:  # a version it cannot compare with 1.0.0 (``version=1.x``): the default, not a 500
+        return generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+
+
+def encoded(body: bytes, content_type: str, accept_encoding: str) -> Exposition:
+    """A rendered ``body`` as the answer, gzipped if ``accept_encoding`` allows."""
+    if gzip_accepted(_acceptable(accept_encoding)):
         return Exposition(gzip.compress(body), content_type, "gzip")
     return Exposition(body, content_type)
+
+
+def _acceptable(header: str) -> str:
+    """``header`` (``Accept`` or ``Accept-Encoding``) without the entries it refuses (``q=0``)."""
+    return ",".join(entry for entry in header.split(",") if not _refused(entry))
+
+
+def _refused(entry: str) -> bool:
+    for param in entry.split(";")[1:]:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "q":
+            try:
+                return float(value) == 0
+            except ValueError:
+                return False
+    return False

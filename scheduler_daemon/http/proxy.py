@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
-from prometheus_client.metrics_core import Metric
+import h11
 from prometheus_client.registry import Collector
 from starlette.types import Receive, Scope, Send
 
@@ -34,8 +34,8 @@ from scheduler_daemon.entities import parse_ref
 from scheduler_daemon.http.forward import UpstreamUnavailable, forward
 from scheduler_daemon.http.wire import PageQuery
 from scheduler_daemon.logs import get_logger
-from scheduler_daemon.metrics_exposition import OPENMETRICS_ACCEPT, Exposition, expose
-from scheduler_daemon.metrics_merge import MergedMetrics, parse_exposition
+from scheduler_daemon.metrics_exposition import OPENMETRICS, Exposition, encoded, negotiate
+from scheduler_daemon.metrics_merge import EOF, merge_expositions
 
 log = get_logger("scheduler_daemon.http")
 
@@ -175,15 +175,16 @@ class WorkerProxy:
     async def _metrics(self, scope: Scope, send: Send) -> None:
         """``/metrics``: every serving worker's exposition and the supervisor's, as one, as the request asks."""
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        answers = await self._gather("/metrics", headers=[(b"accept", OPENMETRICS_ACCEPT.encode())])
-        bodies = [(w.name, a.body) for w, a in answers if a.status == 200]
-        # Parsing and rendering take time in proportion to the series (per-world ones: to the worlds);
+        accept = headers.get("accept", "")
+        # The workers negotiate as the port does: each answers in the format of the merge.
+        answers = await self._gather("/metrics", headers=[(b"accept", accept.encode("latin-1"))])
+        # Merging and compressing take time in proportion to the series (per-world ones: to the worlds);
         # a thread keeps the port's loop forwarding meanwhile.
         exposition = await asyncio.to_thread(
-            _merged_exposition,
-            bodies,
+            merged_exposition,
+            [(w.name, a) for w, a in answers if a.status == 200],
             self.workers.own_metrics(),
-            headers.get("accept", ""),
+            accept,
             headers.get("accept-encoding", ""),
         )
         extra = [(k.lower().encode(), v.encode()) for k, v in exposition.headers().items() if k != "Content-Type"]
@@ -247,7 +248,7 @@ async def fetch(
 
     try:
         await forward(socket_path, scope, receive, send, wait_seconds=wait_seconds)
-    except (UpstreamUnavailable, OSError, TimeoutError):
+    except (UpstreamUnavailable, OSError, TimeoutError, h11.RemoteProtocolError):  # the last: cut inside the body
         return Fetched(503, b"application/json", b"")
     start = next((m for m in sent if m["type"] == "http.response.start"), None)
     if start is None:
@@ -257,19 +258,31 @@ async def fetch(
     return Fetched(start["status"], content_type, body, tuple(start.get("headers", [])))
 
 
-def _merged_exposition(
-    bodies: Sequence[tuple[str, bytes]], own: tuple[Collector, Collector], accept: str, accept_encoding: str
+def merged_exposition(
+    answers: Sequence[tuple[str, Fetched]], own: tuple[Collector, Collector], accept: str, accept_encoding: str
 ) -> Exposition:
     """The workers' answers and the supervisor's ``(labelled, process)`` series as one exposition."""
-    parts: list[tuple[str | None, list[Metric]]] = []
-    for worker, body in bodies:
+    encoder, content_type = negotiate(accept)
+    openmetrics = content_type.startswith(OPENMETRICS)
+    parts: list[tuple[str | None, str]] = []
+    for worker, answer in answers:
         try:
-            parts.append((worker, parse_exposition(body)))
+            parts.append((worker, _worker_exposition(answer, content_type, openmetrics)))
         except ValueError as exc:  # left out, not the whole scrape: the other workers' series still count
             log.warning("worker_metrics_unreadable", worker=worker, error=str(exc))
     labelled, process = own
-    parts += [(None, list(labelled.collect())), ("supervisor", list(process.collect()))]
-    return expose(MergedMetrics(parts), accept=accept, accept_encoding=accept_encoding)
+    parts += [(None, encoder(labelled).decode()), ("supervisor", encoder(process).decode())]
+    return encoded(merge_expositions(parts, openmetrics=openmetrics), content_type, accept_encoding)
+
+
+def _worker_exposition(answer: Fetched, content_type: str, openmetrics: bool) -> str:
+    """A worker's ``/metrics`` answer as text of ``content_type``; ``ValueError`` says why it is not."""
+    if answer.content_type.decode("latin-1") != content_type:
+        raise ValueError(f"answered {answer.content_type.decode('latin-1')!r}, not {content_type!r}")
+    text = answer.body.decode("utf-8")
+    if not text.endswith(f"{EOF}\n" if openmetrics else "\n") and (openmetrics or text):
+        raise ValueError("cut short: no # EOF line at the end" if openmetrics else "cut short inside a line")
+    return text
 
 
 def _page_limit(query: bytes) -> int:

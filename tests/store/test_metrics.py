@@ -177,6 +177,8 @@ async def test_per_world_series_vanish_on_unregister_and_can_be_switched_off(sto
     assert [s for f in families.values() for s in f.samples if "world_id" in s.labels] == []
     assert value(families, "worldsched_ticks_total", outcome="ok") == 6  # aggregates keep counting
     metrics.per_world = True
+    # Back at 0 before the next tick, as at registration: rate() counts that tick.
+    assert value(scrape(metrics), "worldsched_world_ticks_total", world_id=str(w2)) == 0
     await runner.run_until(5.0)
     assert value(scrape(metrics), "worldsched_world_time_seconds", world_id=str(w2)) > 0
 

@@ -41,7 +41,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from scheduler_daemon.metrics_exposition import Exposition, WithoutCreated, expose
+from scheduler_daemon.metrics_exposition import Snapshot, WithoutCreated
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, Tier
 
 if TYPE_CHECKING:
@@ -432,6 +432,6 @@ class SchedulerMetrics:
             self.db_error("metrics refresh")
 
     # ---------------------------------------------------------------- output
-    def exposition(self, *, accept: str = "", accept_encoding: str = "") -> Exposition:
-        """The registry as ``/metrics`` answers a request with these headers (Prometheus text by default)."""
-        return expose(self._view, accept=accept, accept_encoding=accept_encoding)
+    def snapshot(self) -> Snapshot:
+        """Every metric's samples now; reads the runner's worlds, so on the loop (rendering need not be)."""
+        return Snapshot(list(self._view.collect()))

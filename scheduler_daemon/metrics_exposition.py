@@ -63,6 +63,16 @@ class WithoutCreated(Collector):
             yield metric
 
 
+class Snapshot(Collector):
+    """Metrics collected once: rendering them may happen on another thread, the loop's state is not read again."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
+
+
 def expose(collector: Collector, *, accept: str = "", accept_encoding: str = "") -> Exposition:
     """``collector`` rendered in the format ``accept`` asks for, gzipped if ``accept_encoding`` allows."""
     encoder, content_type = negotiate(accept)

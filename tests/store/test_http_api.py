@@ -593,3 +593,37 @@ async def test_the_world_list_pages_by_id_and_refuses_unknown_parameters(api: Ap
     assert seen == sorted([*ids, broken])
     for bad in ("?limit=0", "?limit=1001", "?cursor=-1", "?colour=blue"):
         assert (await api.client.get("/api/v1/worlds" + bad)).status_code == 422, bad
+
+
+async def test_a_scrape_is_collected_on_the_loop_and_rendered_off_it(api: Api) -> None:
+    """Rendering (escaping, gzip) is a scrape's bulk: it must not hold the loop that ticks the worlds."""
+    import threading
+
+    from prometheus_client.core import GaugeMetricFamily
+
+    loop_thread = threading.current_thread()
+    seen: dict[str, set[threading.Thread]] = {"collect": set(), "samples": set()}
+
+    class Watched(GaugeMetricFamily):
+        @property  # type: ignore[override]
+        def samples(self) -> list[Any]:
+            seen["samples"].add(threading.current_thread())
+            return self._samples  # type: ignore[no-any-return]
+
+        @samples.setter
+        def samples(self, value: list[Any]) -> None:
+            self._samples = value
+
+    class Probe:
+        def collect(self) -> list[Watched]:
+            seen["collect"].add(threading.current_thread())
+            return [Watched("probe_value", "a probe", value=1.0)]
+
+    api.metrics.registry.register(Probe())  # type: ignore[arg-type]
+    for accept in ("", "application/openmetrics-text; version=1.0.0"):
+        seen["collect"].clear(), seen["samples"].clear()
+        r = await api.client.get("/metrics", headers={"Accept": accept, "Accept-Encoding": "gzip"})
+        assert r.status_code == 200 and "probe_value" in r.text
+        assert seen["collect"] == {loop_thread}
+        # The encoder reads every sample: some thread other than the loop's did.
+        assert seen["samples"] - {loop_thread}

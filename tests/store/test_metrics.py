@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.metrics import SchedulerMetrics
+from scheduler_daemon.metrics_exposition import expose
 from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
@@ -20,7 +21,7 @@ from tests.system.test_monitoring import COUNTERS, GAUGES, HISTOGRAMS, KNOWN_MET
 
 def scrape(metrics: SchedulerMetrics) -> dict[str, Any]:
     """Parse the exposition text exactly as Prometheus would read it."""
-    return {f.name: f for f in text_string_to_metric_families(metrics.exposition().body.decode())}
+    return {f.name: f for f in text_string_to_metric_families(expose(metrics.snapshot()).body.decode())}
 
 
 def value(families: dict[str, Any], sample: str, **labels: str) -> float:

@@ -33,6 +33,7 @@ from scheduler_daemon.http.connections import (
 )
 from scheduler_daemon.http.server import HttpServer, bind_socket, serving
 from scheduler_daemon.metrics import SchedulerMetrics
+from scheduler_daemon.metrics_exposition import expose
 
 DEADLINE = 0.5
 #: Generous bound for anything that should happen at once or at a deadline (a loaded 2-core machine).
@@ -249,7 +250,7 @@ async def test_the_metrics_follow_the_guard() -> None:
         writer.write(PING)
         assert await response(reader) == 200
         assert await closed(slow_reader) == b""
-        families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().body.decode())}
+        families = {f.name: f for f in text_string_to_metric_families(expose(metrics.snapshot()).body.decode())}
         closed_by_reason = {
             sample.labels["reason"]: sample.value
             for sample in families["worldsched_http_connections_closed"].samples

@@ -404,7 +404,8 @@ def running_summary(
         "configVersion": ctx.config_version,
         "lastError": ctx.last_error,
         "isolated": False,
-        "quarantinedNpcs": len(ctx.quarantined_npcs),
+        "quarantinedNpcCount": len(ctx.quarantined_npcs),
+        "quarantinedNpcs": len(ctx.quarantined_npcs),  # deprecated name
         "leaseOwner": lease.owner if lease else None,
         "leaseEpoch": lease.epoch if lease else None,
     }
@@ -432,7 +433,8 @@ def isolated_summary(world_id: int, name: str | None, broken: BrokenWorld) -> di
         "configVersion": broken.config_version,
         "lastError": broken.error,
         "isolated": True,
-        "quarantinedNpcs": 0,
+        "quarantinedNpcCount": 0,
+        "quarantinedNpcs": 0,  # deprecated name
         "leaseOwner": None,
         "leaseEpoch": None,
     }

@@ -26,6 +26,10 @@ WorldId = Annotated[int, PathParam(ge=1, le=MAX_WORLD_ID, description="World id"
 RequestId = Annotated[int, PathParam(ge=1, le=MAX_REQUEST_ID)]
 
 
+_QUARANTINED_NPCS_DEPRECATED = (
+    "Deprecated: the same as quarantinedNpcCount (in stats the name is the map of NPC id to reason);"
+    " removed in the next release"
+)
 _NPCS_PER_TIER_DEPRECATED = (
     "Deprecated: the same as decisionsPerTier (the name read as a population); removed in the next release"
 )
@@ -59,7 +63,10 @@ class WorldSummary(_Wire):
     isolated: bool = Field(
         description="Not ticking: its stored row, config or behaviour is invalid (lastError says why)"
     )
-    quarantined_npcs: int = Field(default=0, description="NPC rows that cannot be decided, kept frozen until fixed")
+    quarantined_npc_count: int = Field(
+        default=0, description="NPC rows that cannot be decided, kept frozen until fixed (stats: which and why)"
+    )
+    quarantined_npcs: int = Field(default=0, deprecated=True, description=_QUARANTINED_NPCS_DEPRECATED)
     lease_owner: str | None = Field(
         default=None, description="Instance id of the daemon holding the world's lease (PostgreSQL; null: none)"
     )

@@ -133,6 +133,9 @@ async def test_list_worlds_with_states_and_isolated_worlds(api: Api) -> None:
     # The deprecated name of decisionsPerTier, kept one release with its old meaning.
     assert worlds[running]["npcsPerTier"] == worlds[running]["decisionsPerTier"]
     assert worlds[broken]["decisionsPerTier"] == worlds[broken]["npcsPerTier"] == {}
+    # A count here, the map of NPC id to reason in stats: the count has its own name, the old one deprecated.
+    assert worlds[running]["quarantinedNpcCount"] == worlds[running]["quarantinedNpcs"] == 0
+    assert worlds[broken]["quarantinedNpcCount"] == worlds[broken]["quarantinedNpcs"] == 0
     assert worlds[paused]["state"] == "paused" and worlds[paused]["worldTime"] == 0.0
     assert worlds[broken]["state"] == "isolated" and worlds[broken]["isolated"] is True
     assert "timeScale" in worlds[broken]["lastError"]
@@ -531,6 +534,10 @@ async def test_openapi_documents_every_route_in_camel_case(api: Api) -> None:
         assert "decisionsPerTier" in properties["npcsPerTier"]["description"], model
         assert "deprecated" not in properties["decisionsPerTier"], model
     assert "deprecated" not in schemas["WorldStats"]["properties"]["tierPopulation"]
+    summary = schemas["WorldSummary"]["properties"]
+    assert summary["quarantinedNpcs"]["deprecated"] is True
+    assert "quarantinedNpcCount" in summary["quarantinedNpcs"]["description"]
+    assert "deprecated" not in summary["quarantinedNpcCount"]
 
 
 async def test_database_outage_is_503_not_500(tmp_path: Path) -> None:

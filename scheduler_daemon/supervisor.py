@@ -432,6 +432,8 @@ class Supervisor:
             self.notifier.ready(status=f"reload failed, running the previous configuration: {str(exc)[:200]}")
             return False
         self.settings, _ = keep_restart_only(self.settings, new)
+        # The supervisor's own lines follow [logging] as the workers' do.
+        configure_logging(self.settings.logging.level, self.settings.logging.format)
         self._reload_ok = True
         # Only workers that reported ready have their SIGHUP handler; the others get it when they are.
         marks = {w.index: w.readies for w in self.workers if w.running and w.readies > 0}
@@ -528,7 +530,8 @@ def run_command(
 
     configure_logging(settings.logging.level, settings.logging.format)
     if worker is not None:
-        structlog.contextvars.bind_contextvars(worker=worker.index)
+        # A string, as in the supervisor's lines about the worker and its metrics label.
+        structlog.contextvars.bind_contextvars(worker=str(worker.index))
         return asyncio.run(Daemon(settings, config_path, config_required=config_required, worker=worker).run())
     count = workers if workers is not None else settings.scheduler.workers
     check_workers(settings, count, f"--workers {count}" if workers is not None else f"scheduler.workers ({count})")

@@ -5,6 +5,8 @@
   priority ``<N>``; without it, or naming another file, no prefix.
 - levels: the package's own stdlib loggers follow ``[logging] level``,
   third-party libraries stay at WARNING.
+- ``--workers``: the workers' lines carry ``worker`` and the journal's
+  prefix; a SIGHUP changing ``[logging]`` reaches the supervisor's lines too.
 - embedding: a host that runs ticks without configuring logging sees
   nothing on stdout or stderr (no DEBUG tick lines); its own logging config
   decides when it has one.
@@ -27,6 +29,7 @@ import pytest
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.repository import Store
 from tests.process.test_daemon_world_time import ROOT, poll
+from tests.support.cluster import Cluster
 from tests.support.helpers import make_world
 
 pytestmark = pytest.mark.subprocess
@@ -237,3 +240,88 @@ def test_embedding_host_logging_config_decides(ticking_world: tuple[str, int]) -
     assert len(ticks) >= 3, done.stderr
     assert f"world_id={world_id}" in ticks[0]
     assert "INFO scheduler_daemon.runner scheduler_loop_stopped ticks_ok=" in done.stderr
+
+
+WORKERS_CONFIG = """
+[http]
+port = 0
+[scheduler]
+lease_ttl_seconds = 3
+discovery_interval_seconds = 0.5
+[logging]
+format = "{fmt}"
+level = "INFO"
+"""
+
+
+@pytest.mark.postgres
+def test_workers_under_the_journal_and_a_format_reload_of_the_supervisor_and_workers(
+    tmp_path: Path, pg_database_url: str
+) -> None:
+    """``run --workers 2``: the workers' lines carry ``worker`` and the inherited journal's prefix; a SIGHUP
+    switching ``[logging] format`` reaches the supervisor's own lines as well as the workers'."""
+    cluster = Cluster(pg_database_url, tmp_path, ttl=3.0, discovery=0.5)
+    try:
+        cluster.reset(2, tick_interval=0.5)
+        cfg = tmp_path / "config.toml"
+        cfg.write_text(WORKERS_CONFIG.format(fmt="json"))
+        stderr = tmp_path / "box.log"
+        stderr.touch()
+        env = child_env(
+            JOURNAL_STREAM=journal_of(stderr), SCHEDULER_DATABASE__URL=cluster.url, SCHEDULER_SCHEDULER__INSTANCE_ID="b"
+        )
+        with stderr.open("a") as err:
+            box = subprocess.Popen(
+                [sys.executable, "-m", "scheduler_daemon", "--config", str(cfg), "run", "--workers", "2"],
+                env=env,
+                stderr=err,
+                stdout=err,
+                cwd=ROOT,
+            )
+        try:
+
+            def json_lines() -> list[dict[str, Any]]:
+                found = (PREFIXED.match(line) for line in stderr.read_text().splitlines())
+                return [json.loads(m[2]) for m in found if m and m[2].startswith("{")]
+
+            poll(
+                lambda: len([e for e in json_lines() if e["event"] == "ready"]) >= 3,
+                timeout=60,
+                what="both workers and the supervisor ready",
+            )
+            before = stderr.read_text().splitlines()
+            assert before and all(PREFIXED.match(line) for line in before), before
+            # Every line of a worker names it as the supervisor's lines about it do ("0", its metrics label);
+            # the supervisor's own lines (its port's included) have no worker of their own.
+            lines = json_lines()
+            assert {e["worker"] for e in lines if e["event"] == "worker_started"} == {"0", "1"}
+            supervisor = {e["event"] for e in lines if "worker" not in e}
+            assert supervisor <= {"workers_starting", "http_listening", "admin_api_unauthenticated", "ready"}, lines
+            assert {e.get("worker") for e in lines if e["event"] == "ready"} == {"0", "1", None}, lines
+
+            cfg.write_text(WORKERS_CONFIG.format(fmt="console"))
+            box.send_signal(signal.SIGHUP)
+
+            def forwarded_line() -> str | None:
+                return next(
+                    (line for line in stderr.read_text().splitlines() if "config_reload_forwarded" in line), None
+                )
+
+            forwarded = poll(
+                forwarded_line,
+                timeout=60,
+                what="the supervisor to forward the reload",
+            )
+            # Console format, and still prefixed: the supervisor reconfigured its own logging too.
+            assert PREFIXED.match(forwarded) and not forwarded.startswith("<6>{"), forwarded
+            assert "[scheduler_daemon.supervisor]" in forwarded, forwarded
+        finally:
+            box.send_signal(signal.SIGTERM)
+            box.wait(timeout=60)
+        assert box.returncode == 0
+        after = stderr.read_text().splitlines()[len(before) :]
+        assert after and all(PREFIXED.match(line) for line in after), after
+        stopped = [line for line in after if "worker_stopped" in line]
+        assert stopped and not any(line.startswith("<6>{") for line in stopped), stopped
+    finally:
+        cluster.close()

@@ -198,8 +198,9 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: TextIO | N
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    # Libraries stay at WARNING unless the level asks for less: their INFO and DEBUG lines are noise here.
-    root.setLevel(max(numeric, logging.WARNING))
+    # The configured level for every logger (a plug-in's own too), but the libraries whose
+    # INFO and DEBUG lines are noise here log WARNING and up (or the level, when higher).
+    root.setLevel(numeric)
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
     logging.getLogger(PACKAGE_LOGGER).setLevel(numeric)

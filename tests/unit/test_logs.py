@@ -71,6 +71,13 @@ def test_the_level_applies_to_the_package_not_to_libraries() -> None:
     assert log.is_enabled_for(logging.DEBUG)
     log.debug("probe_debug")
     logging.getLogger("sqlalchemy.engine").info("SELECT 1")
-    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["probe_debug"]
+    # A game's plug-in (decide function, sink) logs under its own name: at the configured level.
+    logging.getLogger("my_game.behaviour").info("plugin_said_hello")
+    structlog.get_logger("my_game.sink").info("plugin_structlog_hello")
+    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == [
+        "probe_debug",
+        "plugin_said_hello",
+        "plugin_structlog_hello",
+    ]
     configure_logging("WARNING", "json", stream=out)  # a reload
     assert not log.is_enabled_for(logging.INFO)

@@ -187,3 +187,40 @@ def test_an_unreachable_postgresql_is_named_without_its_password() -> None:
         "as user nobody (from SCHEDULER_DATABASE__URL): OperationalError: "
     ), proc.stderr
     assert "s3cret" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+# ----------------------------------------------------- closed standard streams
+def closed(shell_redirect: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command with a standard stream closed by the shell (``>&-``, ``2>&-``, ``<&-``)."""
+    command = " ".join(f"'{a}'" for a in (sys.executable, "-m", "scheduler_daemon", *args))
+    return subprocess.run(
+        ["sh", "-c", f"exec {command} {shell_redirect}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+async def test_a_closed_stdout_stderr_or_stdin_is_like_dev_null_never_a_traceback(fresh_url: str) -> None:
+    env = env_for(fresh_url)
+    # stderr closed: progress and logs have nowhere to go, the work is still done.
+    upgrade = closed("2>&-", env, "db", "upgrade")
+    assert (upgrade.returncode, upgrade.stdout) == (0, f"schema upgraded: (empty) -> {HEADS}\n")
+    assert cli(env, "demo").returncode == 0
+    simulate = closed("2>&-", env, "simulate", "--world", "1", "--game-hours", "0.1", "--dry-run")
+    assert simulate.returncode == 0 and simulate.stdout.startswith("World 1")
+    # An error with stderr closed is not printed on stdout instead (it would corrupt the output).
+    failing = closed("2>&-", env, "worlds", "show", "999")
+    assert (failing.returncode, failing.stdout) == (1, "")
+
+    # stdout closed: the results are discarded, as into /dev/null.
+    for args in (["worlds", "list"], ["export"], ["--version"], ["db", "check"]):
+        proc = closed(">&-", env, *args)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+    # stdin closed: an empty input, said in one line.
+    imported = closed("<&-", env, "import", "-")
+    assert imported.returncode != 0 and imported.stdout == "", imported
+    assert imported.stderr.startswith("scheduler-daemon: error: <stdin>:") and len(imported.stderr.splitlines()) == 1

@@ -224,3 +224,17 @@ async def test_a_closed_stdout_stderr_or_stdin_is_like_dev_null_never_a_tracebac
     imported = closed("<&-", env, "import", "-")
     assert imported.returncode != 0 and imported.stdout == "", imported
     assert imported.stderr.startswith("scheduler-daemon: error: <stdin>:") and len(imported.stderr.splitlines()) == 1
+
+
+def test_a_sqlite_uri_opens_its_file_and_names_it(tmp_path: Path) -> None:
+    db = tmp_path / "scheduler.db"
+    assert cli(env_for(f"sqlite+aiosqlite:///file:{db}?uri=true"), "db", "upgrade").returncode == 0
+    read_only = cli(env_for(f"sqlite+aiosqlite:///file:{db}?mode=ro&uri=true"), "worlds", "list")
+    assert (read_only.returncode, read_only.stdout.split()[:2], read_only.stderr) == (0, ["ID", "NAME"], "")
+    missing = tmp_path / "no" / "scheduler.db"
+    proc = cli(env_for(f"sqlite+aiosqlite:///file:{missing}?uri=true"), "worlds", "list")
+    assert (proc.returncode, proc.stderr) == (
+        3,
+        f"scheduler-daemon: error: cannot open the database: SQLite file {missing} "
+        f"(from SCHEDULER_DATABASE__URL): its directory {missing.parent} does not exist\n",
+    )

@@ -7,12 +7,31 @@ PostgreSQL database with its host, port and user (never the password).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.util import asbool
+
+#: ``password=`` (also ``sslpassword=``) in a URL's query string: libpq takes it there too.
+_QUERY_PASSWORD = re.compile(r"(password=)[^&#]*", re.IGNORECASE)
+
+
+def hide_password(url: str) -> str:
+    """``url`` with its password (``user:PASSWORD@``, ``?password=``) shown as ``***``; also an unparsable URL.
+
+    For messages and logs: the text of a URL that failed to parse is still shown to say what was wrong.
+    """
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        # Up to the last "@": a password may hold any character, "@" and "/" included.
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if colon and "/" not in user:  # a user name has no "/": else it is a path (SQLite)
+            rest = f"{user}:***@{host}"
+    return _QUERY_PASSWORD.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
 def describe_database(url: str) -> str:

@@ -188,6 +188,17 @@ def test_an_unreachable_postgresql_is_named_without_its_password() -> None:
     ), proc.stderr
     assert "s3cret" not in proc.stderr and len(proc.stderr.splitlines()) == 1
 
+    # The password in the query string (libpq takes it there too); the daemon's log names the URL.
+    env = env_for("postgresql+psycopg://nobody@127.0.0.1:1/nothing?password=s3cret")
+    env.update(
+        SCHEDULER_DATABASE__CONNECT_RETRY_SECONDS="0", SCHEDULER_HTTP__PORT="0", SCHEDULER_LOGGING__FORMAT="json"
+    )
+    for args in (["jobs", "list"], ["run"]):
+        proc = cli(env, *args)
+        assert proc.returncode == 3, proc.stderr
+        assert "s3cret" not in proc.stdout + proc.stderr, args
+    assert "nothing?password=***" in proc.stdout + proc.stderr  # the run's start line
+
 
 # ----------------------------------------------------- closed standard streams
 def closed(shell_redirect: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

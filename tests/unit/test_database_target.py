@@ -5,7 +5,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from scheduler_daemon.store.target import describe_database, sqlite_open_problem, sqlite_path
+import pytest
+
+from scheduler_daemon.store.target import describe_database, hide_password, sqlite_open_problem, sqlite_path
 
 
 def test_plain_paths_absolute_relative_and_in_memory(tmp_path: Path) -> None:
@@ -48,3 +50,25 @@ def test_sqlite_uri_problems_name_the_real_path(tmp_path: Path) -> None:
         assert sqlite_open_problem(f"sqlite+aiosqlite:///file:{absent}?mode={mode}&uri=true") == (
             f"{absent} does not exist (mode={mode})"
         )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+psycopg://sched:s3cret@db:5432/sched", "postgresql+psycopg://sched:***@db:5432/sched"),
+        ("postgresql+psycopg://sched:s3:c/r@et@db/sched", "postgresql+psycopg://sched:***@db/sched"),
+        (
+            "postgresql+psycopg://sched@db/sched?password=s3cret&sslmode=require",
+            "postgresql+psycopg://sched@db/sched?password=***&sslmode=require",
+        ),
+        (
+            "postgresql+psycopg:///sched?host=/run/pg&sslpassword=s3cret",
+            "postgresql+psycopg:///sched?host=/run/pg&sslpassword=***",
+        ),
+        ("postgresql+psycopg://sched:s3cret@db:54x/sched", "postgresql+psycopg://sched:***@db:54x/sched"),
+        ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
+        ("sqlite+aiosqlite:////var/lib/x.db", "sqlite+aiosqlite:////var/lib/x.db"),
+    ],
+)
+def test_hide_password_in_a_url_even_one_that_does_not_parse(url: str, shown: str) -> None:
+    assert hide_password(url) == shown

@@ -44,6 +44,7 @@ from scheduler_daemon.runtime import Runtime, Telemetry, build_runtime, database
 from scheduler_daemon.settings import Settings, SettingsError, load_settings
 from scheduler_daemon.store.errors import SchemaNotMigratedError
 from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.target import hide_password
 from scheduler_daemon.systemd import SystemdNotifier, watchdog_interval_seconds, watchdog_loop
 from scheduler_daemon.world_config import WorldConfigError, parse_world_config
 
@@ -143,7 +144,9 @@ class Daemon:
         with the signal's default action.
         """
         s = self.settings
-        log.info("starting", version=_version(), database=_redact(s.database.url), instance_id=s.scheduler.instance_id)
+        log.info(
+            "starting", version=_version(), database=hide_password(s.database.url), instance_id=s.scheduler.instance_id
+        )
         if self.config_path is not None and not self.config_path.exists() and not self.config_required:
             log.warning("config_file_missing", path=str(self.config_path))
         loop = asyncio.get_running_loop()
@@ -476,12 +479,6 @@ def _version() -> str:
     from scheduler_daemon import __version__
 
     return __version__
-
-
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _warn_if_pool_too_small(s: Settings) -> None:

@@ -327,9 +327,12 @@ def _env_var_for(loc: tuple[str | int, ...], env: dict[str, str]) -> str | None:
 
 
 def _describe_input(value: Any) -> str:
+    from scheduler_daemon.store.target import hide_password
+
     if isinstance(value, dict | list):
         return ""
-    text = repr(value)
+    # A URL's password must not reach a terminal or a log.
+    text = repr(hide_password(value)) if isinstance(value, str) else repr(value)
     return f" (got {text[:60]}{'…' if len(text) > 60 else ''})"
 
 

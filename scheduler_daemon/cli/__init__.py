@@ -17,7 +17,7 @@ from scheduler_daemon.cli.base import CliError, add_config
 from scheduler_daemon.cli.daemon import cmd_check_config, cmd_run, cmd_top
 from scheduler_daemon.cli.db import cmd_db, cmd_demo
 from scheduler_daemon.cli.jobs import add_jobs_parsers, cmd_chains, cmd_jobs
-from scheduler_daemon.cli.output import silence_stdout
+from scheduler_daemon.cli.output import open_closed_streams, silence_stdout
 from scheduler_daemon.cli.simulate import cmd_simulate
 from scheduler_daemon.cli.transfer import cmd_transfer
 from scheduler_daemon.cli.worlds import cmd_worlds
@@ -115,6 +115,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``scheduler-daemon`` command."""
+    open_closed_streams()
     try:
         try:
             return _run(argv)

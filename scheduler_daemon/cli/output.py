@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -20,6 +21,19 @@ def print_json_lines(items: Iterable[Mapping[str, Any]]) -> None:
     """``--json`` of a listing: one JSON object per line (no line for an empty listing)."""
     for item in items:
         print(json.dumps(item, default=str))
+
+
+def open_closed_streams() -> None:
+    """Put /dev/null in place of a standard stream the shell closed (``>&-``, ``2>&-``, ``<&-``).
+
+    Python makes such a stream ``None``: every print, progress bar and log
+    handler would fail on it with a traceback, and an error meant for a closed
+    stderr would land on stdout. In order, so the file takes the closed
+    descriptor's number and child processes inherit a valid one.
+    """
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, Path(os.devnull).open(mode, encoding="utf-8"))  # noqa: SIM115 (the process's life)
 
 
 def silence_stdout() -> None:

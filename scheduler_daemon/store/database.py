@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from scheduler_daemon.store import state_json
 from scheduler_daemon.store.errors import DatabaseURLError, needs_new_connection
 from scheduler_daemon.store.pg_arrays import register_packed_arrays
+from scheduler_daemon.store.target import hide_password
 
 SUPPORTED_DRIVERS = ("postgresql+psycopg", "sqlite+aiosqlite")
 #: How to install PostgreSQL support; the default install runs on SQLite only.
@@ -24,7 +25,7 @@ def normalize_url(url: str) -> str:
     try:
         parsed = make_url(url)
     except Exception as exc:
-        raise DatabaseURLError(f"invalid database URL {url!r}: {exc}") from None
+        raise DatabaseURLError(f"invalid database URL {hide_password(url)!r}: {hide_password(str(exc))}") from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     elif parsed.drivername == "sqlite":

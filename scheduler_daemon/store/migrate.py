@@ -39,6 +39,17 @@ def _current(connection: Connection) -> set[str]:
     return set(MigrationContext.configure(connection).get_current_heads())
 
 
+def _refuse_unknown(script: ScriptDirectory, current: set[str]) -> None:
+    """Raise :class:`SchemaNotMigratedError` if ``current`` has a revision this package does not ship."""
+    unknown = current - {rev.revision for rev in script.walk_revisions()}
+    if unknown:
+        raise SchemaNotMigratedError(
+            f"database schema is at revision {', '.join(sorted(unknown))}, which this version of scheduler-daemon "
+            f"does not know (its latest is {', '.join(sorted(script.get_heads()))}): a newer version migrated it; "
+            "run that version, or restore the database from before"
+        )
+
+
 def _pending(script: ScriptDirectory, current: set[str]) -> int:
     """How many revisions up to the heads are not yet applied."""
     applied = {rev.revision for head in current for rev in script.iterate_revisions(head, "base")}
@@ -56,8 +67,10 @@ async def upgrade(
     def run(conn: Connection) -> tuple[set[str], set[str]]:
         before = _current(conn)
         cfg = _alembic_config(conn)
+        script = ScriptDirectory.from_config(cfg)
+        _refuse_unknown(script, before)
         if progress is not None:
-            total = _pending(ScriptDirectory.from_config(cfg), before)
+            total = _pending(script, before)
             done = 0
 
             def applied(*, step: Any, **_: Any) -> None:
@@ -78,6 +91,7 @@ async def check_schema(engine: AsyncEngine) -> None:
     """Raise :class:`SchemaNotMigratedError` unless the schema is at this package's head."""
     async with engine.connect() as conn:
         current = await conn.run_sync(_current)
+    _refuse_unknown(ScriptDirectory.from_config(_alembic_config()), current)
     expected = head_revisions()
     if current != expected:
         state = "not initialised" if not current else f"at revision {', '.join(sorted(current))}"

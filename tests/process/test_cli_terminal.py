@@ -187,3 +187,65 @@ def test_an_unreachable_postgresql_is_named_without_its_password() -> None:
         "as user nobody (from SCHEDULER_DATABASE__URL): OperationalError: "
     ), proc.stderr
     assert "s3cret" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+    # The password in the query string (libpq takes it there too); the daemon's log names the URL.
+    env = env_for("postgresql+psycopg://nobody@127.0.0.1:1/nothing?password=s3cret")
+    env.update(
+        SCHEDULER_DATABASE__CONNECT_RETRY_SECONDS="0", SCHEDULER_HTTP__PORT="0", SCHEDULER_LOGGING__FORMAT="json"
+    )
+    for args in (["jobs", "list"], ["run"]):
+        proc = cli(env, *args)
+        assert proc.returncode == 3, proc.stderr
+        assert "s3cret" not in proc.stdout + proc.stderr, args
+    assert "nothing?password=***" in proc.stdout + proc.stderr  # the run's start line
+
+
+# ----------------------------------------------------- closed standard streams
+def closed(shell_redirect: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the command with a standard stream closed by the shell (``>&-``, ``2>&-``, ``<&-``)."""
+    command = " ".join(f"'{a}'" for a in (sys.executable, "-m", "scheduler_daemon", *args))
+    return subprocess.run(
+        ["sh", "-c", f"exec {command} {shell_redirect}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+async def test_a_closed_stdout_stderr_or_stdin_is_like_dev_null_never_a_traceback(fresh_url: str) -> None:
+    env = env_for(fresh_url)
+    # stderr closed: progress and logs have nowhere to go, the work is still done.
+    upgrade = closed("2>&-", env, "db", "upgrade")
+    assert (upgrade.returncode, upgrade.stdout) == (0, f"schema upgraded: (empty) -> {HEADS}\n")
+    assert cli(env, "demo").returncode == 0
+    simulate = closed("2>&-", env, "simulate", "--world", "1", "--game-hours", "0.1", "--dry-run")
+    assert simulate.returncode == 0 and simulate.stdout.startswith("World 1")
+    # An error with stderr closed is not printed on stdout instead (it would corrupt the output).
+    failing = closed("2>&-", env, "worlds", "show", "999")
+    assert (failing.returncode, failing.stdout) == (1, "")
+
+    # stdout closed: the results are discarded, as into /dev/null.
+    for args in (["worlds", "list"], ["export"], ["--version"], ["db", "check"]):
+        proc = closed(">&-", env, *args)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
+
+    # stdin closed: an empty input, said in one line.
+    imported = closed("<&-", env, "import", "-")
+    assert imported.returncode != 0 and imported.stdout == "", imported
+    assert imported.stderr.startswith("scheduler-daemon: error: <stdin>:") and len(imported.stderr.splitlines()) == 1
+
+
+def test_a_sqlite_uri_opens_its_file_and_names_it(tmp_path: Path) -> None:
+    db = tmp_path / "scheduler.db"
+    assert cli(env_for(f"sqlite+aiosqlite:///file:{db}?uri=true"), "db", "upgrade").returncode == 0
+    read_only = cli(env_for(f"sqlite+aiosqlite:///file:{db}?mode=ro&uri=true"), "worlds", "list")
+    assert (read_only.returncode, read_only.stdout.split()[:2], read_only.stderr) == (0, ["ID", "NAME"], "")
+    missing = tmp_path / "no" / "scheduler.db"
+    proc = cli(env_for(f"sqlite+aiosqlite:///file:{missing}?uri=true"), "worlds", "list")
+    assert (proc.returncode, proc.stderr) == (
+        3,
+        f"scheduler-daemon: error: cannot open the database: SQLite file {missing} "
+        f"(from SCHEDULER_DATABASE__URL): its directory {missing.parent} does not exist\n",
+    )

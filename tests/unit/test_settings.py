@@ -287,3 +287,21 @@ def test_a_pool_smaller_than_the_tick_concurrency_is_warned_about(url: str, pool
     assert [e["pool_size"] for e in logs if e["event"] == "pool_smaller_than_concurrency"] == (
         [pool_size] if warned else []
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SCHEDULER_DATABASE__URL", "postgresql+psycopg://sched:s3cret@db:54x/sched"),
+        ("SCHEDULER_DATABASE__URL", "postgresql://sched:s3cret@[::1/sched"),
+        ("SCHEDULER_DATABASE__URL", "mysql://sched@db/sched?password=s3cret"),
+        ("SCHEDULER_GENERATION__ARQ__REDIS_URL", "redis://:s3cret@redis:63x/0"),
+    ],
+)
+def test_a_bad_url_is_shown_without_its_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    message = error_of(write(tmp_path, ""))
+    assert f"environment {name}: " in message
+    assert "s3cret" not in message and "***" in message, message

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -102,11 +103,16 @@ PIPED_COMMANDS = [
 async def test_no_traceback_when_the_reader_closes_the_pipe(db_url: str) -> None:
     await _seed(db_url)  # world 1 with a generation request and a chain: every listing has rows
     env = env_for(db_url)
-    for args in PIPED_COMMANDS:
-        proc = run_into_closed_pipe(args, env, ROOT)
+    writers = [args for args in PIPED_COMMANDS if args[0] in ("db", "demo") and args != ["db", "check"]]
+    readers = [args for args in PIPED_COMMANDS if args not in writers]
+    procs = [run_into_closed_pipe(args, env, ROOT) for args in writers]
+    # The readers side by side: each is its own process, and nothing writes meanwhile.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        procs += pool.map(lambda args: run_into_closed_pipe(args, env, ROOT), [*readers, ["--version"]])
+    for args, proc in zip([*writers, *readers], procs, strict=False):
         assert (proc.returncode, proc.stderr) == (1, ""), args
     # argparse ignores a failed write of --help and --version itself.
-    version = run_into_closed_pipe(["--version"], env, ROOT)
+    version = procs[-1]
     assert (version.returncode, version.stderr) == (0, "")
     export = run_into_closed_pipe(["export"], env, ROOT)
     assert (export.returncode, export.stderr) == (
@@ -227,8 +233,10 @@ async def test_a_closed_stdout_stderr_or_stdin_is_like_dev_null_never_a_tracebac
     assert (failing.returncode, failing.stdout) == (1, "")
 
     # stdout closed: the results are discarded, as into /dev/null.
-    for args in (["worlds", "list"], ["export"], ["--version"], ["db", "check"]):
-        proc = closed(">&-", env, *args)
+    readers = (["worlds", "list"], ["export"], ["--version"], ["db", "check"])
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        procs = list(pool.map(lambda args: closed(">&-", env, *args), readers))
+    for args, proc in zip(readers, procs, strict=True):
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
 
     # stdin closed: an empty input, said in one line.

@@ -19,6 +19,7 @@ help:
 	@echo "make bench-memory 10 minutes at sustained load on PostgreSQL, checks resident memory growth"
 	@echo "make bench-npc   NPC benchmarks: decide() decisions/s, per-tick selection on PostgreSQL"
 	@echo "make soak        fault suite at full strength + 30 min soak (needs SCHEDULER_TEST_POSTGRES_URL)"
+	@echo "make image       build the container image from the Dockerfile (needs a Docker engine)"
 	@echo "make clean       remove .venv and ./var"
 
 # uv installs from uv.lock (one lock for every extra and group: the exact versions CI tested);

@@ -75,3 +75,6 @@ class WorkerSettings:
     # Every second. (The guide's second="*/1" is not an ARQ value: ARQ takes a number,
     # a set of numbers, or None for every value.)
     cron_jobs = [cron(tick_all_worlds, name=f"{QUEUE}:tick_all_worlds", second=None, timeout=30)]
+    # On SIGTERM/SIGINT a running tick finishes and commits (up to the job's timeout) instead of
+    # being cancelled mid-transaction; no new job starts meanwhile.
+    job_completion_wait = 30

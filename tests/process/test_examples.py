@@ -216,3 +216,64 @@ def test_arq_worker_runs_the_cron_job_every_second(world: tuple[int, WorldStates
     out = log.read_text()
     assert code == 0, out[-3000:]
     assert "tick_all_worlds" in out and "Traceback" not in out
+
+
+#: How long the hung tick of the stop test blocks in the database (its trigger's pg_sleep).
+HANG_SECONDS = 3
+
+
+@pytest.mark.postgres
+def test_a_stop_signal_during_a_cron_tick_lets_the_tick_commit_and_exits_0(pg_scratch_url: str, tmp_path: Path) -> None:
+    """SIGTERM while ``tick_all_worlds`` runs: the tick finishes and commits, the worker exits 0.
+
+    The world's clock move blocks in a trigger (``pg_sleep``), so the signal
+    lands inside a tick every time, not by chance.
+    """
+    require_arq_and_redis()
+    import redis
+    import sqlalchemy as sa
+
+    migrate(pg_scratch_url)
+    world_id = seed_world(pg_scratch_url, simulation={"timeScale": SCALE})
+    states = WorldStates(pg_scratch_url)
+    engine = sa.create_engine(pg_scratch_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION hang_fn() RETURNS trigger AS $$ "
+            f"BEGIN PERFORM pg_sleep({HANG_SECONDS}); RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        conn.exec_driver_sql(
+            "CREATE TRIGGER hang BEFORE UPDATE ON world_states FOR EACH ROW EXECUTE FUNCTION hang_fn()"
+        )
+
+    def sleeping_in_the_trigger() -> bool:
+        with engine.connect() as conn:
+            return bool(
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event = 'PgSleep' AND query ILIKE '%%world_states%%'"
+                ).scalar_one()
+            )
+
+    queue = f"scheduler-daemon-test:{uuid.uuid4().hex[:8]}"
+    env = process_env(pg_scratch_url, ARQ_REDIS_URL=REDIS_URL, ARQ_QUEUE_NAME=queue)
+    log = tmp_path / "arq.log"
+    proc = run([sys.executable, "-m", "arq", "examples.arq_cron.WorkerSettings"], env, log)
+    try:
+        poll(lambda: proc.poll() is None and sleeping_in_the_trigger(), timeout=60, what="a tick inside the trigger")
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=HANG_SECONDS + 30)
+        ticks = states(world_id)[1]
+    finally:
+        finish(proc)
+        states.close()
+        engine.dispose()
+        client = redis.Redis.from_url(REDIS_URL)
+        leftovers = list(client.scan_iter(match=f"*{queue}*"))
+        if leftovers:
+            client.delete(*leftovers)
+        client.close()
+    out = log.read_text()
+    assert code == 0, out[-3000:]
+    assert "Traceback" not in out
+    assert ticks == 1, "the tick the signal interrupted must commit"

@@ -225,3 +225,15 @@ def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if backend == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'scheduler.db'}"
     return str(request.getfixturevalue("pg_database_url"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``make test`` runs two xdist workers (``--dist loadgroup``): the fault suite goes to one of them, in order.
+
+    Its tests drive daemons at load and bound the pauses they see: two of them at
+    once on a 2-core machine would measure each other. The rest is spread over both.
+    """
+    faults = Path(__file__).parent / "faults"
+    for item in items:
+        if faults in item.path.parents:
+            item.add_marker(pytest.mark.xdist_group("faults"))

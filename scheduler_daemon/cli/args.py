@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 
 
-def world_id_arg(text: str) -> int:
+def _int_in(text: str, low: int, high: int, *, not_an_int: str, out_of_range: str) -> int:
+    """``text`` as an integer in ``[low, high]``; the messages name what was expected (``{text}``, ``{value}``)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"world id must be an integer, got {text!r}") from None
-    if value < 1 or value > 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"world id out of range: {value}")
+        raise argparse.ArgumentTypeError(not_an_int.format(text=repr(text))) from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(out_of_range.format(value=value))
     return value
+
+
+def world_id_arg(text: str) -> int:
+    return _int_in(
+        text,
+        1,
+        2**31 - 1,
+        not_an_int="world id must be an integer, got {text}",
+        out_of_range="world id out of range: {value}",
+    )
 
 
 def positive_float(text: str) -> float:
@@ -26,30 +37,30 @@ def positive_float(text: str) -> float:
 
 
 def request_id_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"request id must be an integer, got {text!r}") from None
-    if value < 1 or value > 2**63 - 1:
-        raise argparse.ArgumentTypeError(f"request id out of range: {value}")
-    return value
+    return _int_in(
+        text,
+        1,
+        2**63 - 1,
+        not_an_int="request id must be an integer, got {text}",
+        out_of_range="request id out of range: {value}",
+    )
 
 
 def limit_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if not 1 <= value <= 100_000:
-        raise argparse.ArgumentTypeError(f"expected 1 … 100000, got {value}")
-    return value
+    return _int_in(
+        text,
+        1,
+        100_000,
+        not_an_int="expected a positive integer, got {text}",
+        out_of_range="expected 1 … 100000, got {value}",
+    )
 
 
 def workers_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of workers, got {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"expected 1 … 64 workers, got {value}")
-    return value
+    return _int_in(
+        text,
+        1,
+        64,
+        not_an_int="expected a number of workers, got {text}",
+        out_of_range="expected 1 … 64 workers, got {value}",
+    )

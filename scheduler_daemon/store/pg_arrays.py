@@ -22,10 +22,12 @@ from typing import Any, Final
 from scheduler_daemon.store import state_json
 
 _INT4_OID: Final = 23
+_INT8_OID: Final = 20
 _TEXT_OID: Final = 25
 _FLOAT8_OID: Final = 701
 _JSONB_OID: Final = 3802
 _INT4_ARRAY_OID: Final = 1007
+_INT8_ARRAY_OID: Final = 1016
 _TEXT_ARRAY_OID: Final = 1009
 _FLOAT8_ARRAY_OID: Final = 1022
 _JSONB_ARRAY_OID: Final = 3807
@@ -54,6 +56,12 @@ class Float8Array(PackedArray):
 
 class Int4Array(PackedArray):
     """A packed ``int4[]``."""
+
+    __slots__ = ()
+
+
+class Int8Array(PackedArray):
+    """A packed ``int8[]``."""
 
     __slots__ = ()
 
@@ -110,6 +118,11 @@ def int4_array(values: Sequence[int | None]) -> Int4Array:
     return Int4Array(_pack(values, "i", 4, _INT4_OID))
 
 
+def int8_array(values: Sequence[int | None]) -> Int8Array:
+    """An ``int8[]`` of ``values`` (``None`` is NULL); ``struct.error`` if one does not fit 64 bits."""
+    return Int8Array(_pack(values, "q", 8, _INT8_OID))
+
+
 def text_array(values: Sequence[str | None]) -> TextArray:
     """A ``text[]`` of ``values`` (``None`` is NULL)."""
     return TextArray(_pack_varlena([None if v is None else v.encode() for v in values], _TEXT_OID))
@@ -139,6 +152,7 @@ def _dumpers() -> tuple[tuple[type[PackedArray], type[Any]], ...]:
     return (
         (Float8Array, dumper(_FLOAT8_ARRAY_OID)),
         (Int4Array, dumper(_INT4_ARRAY_OID)),
+        (Int8Array, dumper(_INT8_ARRAY_OID)),
         (TextArray, dumper(_TEXT_ARRAY_OID)),
         (JsonbArray, dumper(_JSONB_ARRAY_OID)),
     )

@@ -25,7 +25,7 @@ from scheduler_daemon.store.errors import StaleWorldStateError
 from scheduler_daemon.store.fence import Fence
 from scheduler_daemon.store.models import npcs, world_states
 from scheduler_daemon.store.npcs import QuarantinedNpc, npc_from_row, pg_npc_from_row, selected_npc_columns
-from scheduler_daemon.store.pg_arrays import float8_array, int4_array, jsonb_array, text_array
+from scheduler_daemon.store.pg_arrays import float8_array, int4_array, int8_array, jsonb_array, text_array
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +178,12 @@ def _due_work_sqlite(worlds: int) -> sa.TextClause:
 
 
 # Several worlds' clock moves in one statement (PostgreSQL), each fenced like
-# _ADVANCE_WORLD_STATE(_LEASED); RETURNING says which rows moved.
-_ADVANCE_MANY_PG: Final = sa.text(
+# _ADVANCE_WORLD_STATE(_LEASED); RETURNING says which rows moved. Run on the
+# driver's connection with packed columns, like the NPC write (SQLAlchemy's
+# execution of the same statement cost about twice the client CPU).
+_ADVANCE_MANY_PG: Final = (
     "UPDATE world_states AS ws SET world_time = d.t, ticks = ws.ticks + 1, last_advanced_at = d.at "
-    "FROM unnest(CAST(:wids AS integer[]), CAST(:expected AS bigint[]), CAST(:ts AS float8[]), "
-    "CAST(:ats AS timestamptz[]), CAST(:owners AS text[]), CAST(:epochs AS bigint[])) "
+    "FROM unnest(%b, %b, %b, CAST(%b AS timestamptz[]), %b, %b) "
     "AS d(w, expected, t, at, owner, epoch) "
     "WHERE ws.world_id = d.w AND ws.ticks = d.expected "
     "AND (d.owner IS NULL OR (ws.lease_owner = d.owner AND ws.lease_epoch = d.epoch)) "
@@ -493,15 +494,16 @@ class Ticks(StoreBase):
                     fence=a.fence,
                 )
             return
-        params = {
-            "wids": [a.world_id for a in advances],
-            "expected": [a.expected_ticks for a in advances],
-            "ts": [float(a.world_time) for a in advances],
-            "ats": [a.advanced_at for a in advances],
-            "owners": [a.fence.owner if a.fence is not None else None for a in advances],
-            "epochs": [a.fence.epoch if a.fence is not None else None for a in advances],
-        }
-        moved = {int(r[0]) for r in (await conn.execute(_ADVANCE_MANY_PG, params)).all()}
+        params = (
+            int4_array([a.world_id for a in advances]),
+            int8_array([a.expected_ticks for a in advances]),
+            float8_array([float(a.world_time) for a in advances]),
+            [a.advanced_at for a in advances],
+            text_array([a.fence.owner if a.fence is not None else None for a in advances]),
+            int8_array([a.fence.epoch if a.fence is not None else None for a in advances]),
+        )
+        cursor = await driver_execute(conn, _ADVANCE_MANY_PG, params)
+        moved = {int(r[0]) for r in await cursor.fetchall()}
         stale = [a.world_id for a in advances if a.world_id not in moved]
         if stale:
             raise StaleWorldStateError(

@@ -20,9 +20,10 @@ from scheduler_daemon.leasing import LeaseKeeper
 from scheduler_daemon.runner import SchedulerLoopRunner
 from scheduler_daemon.scheduler import WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.errors import LeaseLostError
+from scheduler_daemon.store.errors import LeaseLostError, StaleWorldStateError
 from scheduler_daemon.store.leases import Lease, LeaseStore, RenewResult, current_owner
 from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.ticks import WorldAdvance
 from tests.support.helpers import live_instances, make_world, npc_rows, world_state
 
 pytestmark = pytest.mark.postgres
@@ -141,6 +142,28 @@ async def test_advance_world_state_is_fenced_on_owner_and_epoch(pg: Store) -> No
     async with pg.transaction() as conn:
         await pg.advance_world_state(conn, world_id, world_time=1.0, expected_ticks=0, fence=lease.fence)
     assert await world_state(pg, world_id) == (1.0, 1)
+
+
+async def test_grouped_clock_moves_are_fenced_each_on_its_own_lease(pg: Store) -> None:
+    """One statement moves several worlds' clocks; a world whose fence fails is named and moves nothing."""
+    ids = [(await make_world(pg, name=f"w{i}"))[0] for i in range(3)]
+    clock = DbClock()
+    leases = {x.world_id: x for x in await lease_store(pg, "a", clock).claim(ids, 3)}
+    big = 2**40  # tick counters and epochs are bigint
+    async with pg.engine.begin() as conn:
+        await conn.execute(sa.text("UPDATE world_states SET ticks = :t WHERE world_id = :w"), {"t": big, "w": ids[2]})
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    advances = [
+        WorldAdvance(ids[0], 10.0, 0, at, leases[ids[0]].fence),
+        WorldAdvance(ids[1], 20.0, 0, at, Lease(ids[1], "a", leases[ids[1]].epoch + 1).fence),
+        WorldAdvance(ids[2], 30.0, big, at, None),
+    ]
+    with pytest.raises(StaleWorldStateError, match=rf"worlds \[{ids[1]}\]"):
+        async with pg.transaction() as conn:
+            await pg.advance_world_states(conn, advances)
+    async with pg.transaction() as conn:
+        await pg.advance_world_states(conn, [advances[0], advances[2]])
+    assert [await world_state(pg, w) for w in ids] == [(10.0, 1), (0.0, 0), (30.0, big + 1)]
 
 
 def lease_runner(pg: Store, owner: str, db_clock: DbClock, clock: VirtualClock) -> SchedulerLoopRunner:

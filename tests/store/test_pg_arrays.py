@@ -9,7 +9,14 @@ import struct
 import psycopg
 import pytest
 
-from scheduler_daemon.store.pg_arrays import float8_array, int4_array, jsonb_array, register_packed_arrays, text_array
+from scheduler_daemon.store.pg_arrays import (
+    float8_array,
+    int4_array,
+    int8_array,
+    jsonb_array,
+    register_packed_arrays,
+    text_array,
+)
 from tests.conftest import libpq
 
 
@@ -28,6 +35,7 @@ async def test_packed_columns_arrive_as_typed_arrays(pg_database_url: str) -> No
     ints = [0, 1, -(2**31), 2**31 - 1, None]
     texts = ["", "Zoë ✓", 'quote " and {brace}, comma', None, "back\\slash"]
     states = [b'{"cooldowns": {"eat": 1.5}}', None, '{"k": "ü"}'.encode()]
+    bigs = [0, -(2**63), 2**63 - 1, None, 2**31]
     got = await _echo(
         libpq(pg_database_url),
         float8_array(floats),
@@ -35,10 +43,12 @@ async def test_packed_columns_arrive_as_typed_arrays(pg_database_url: str) -> No
         text_array(texts),
         jsonb_array(states),
         int4_array([]),
+        int8_array(bigs),
+        int8_array([1, 2]),
     )
     assert got[0] == floats
     assert math.copysign(1, got[0][1]) == -1.0  # type: ignore[index]
-    assert got[1:] == (ints, texts, [{"cooldowns": {"eat": 1.5}}, None, {"k": "ü"}], [])
+    assert got[1:] == (ints, texts, [{"cooldowns": {"eat": 1.5}}, None, {"k": "ü"}], [], bigs, [1, 2])
 
 
 def test_non_finite_floats_and_out_of_range_ints_are_refused_before_sending() -> None:
@@ -47,6 +57,8 @@ def test_non_finite_floats_and_out_of_range_ints_are_refused_before_sending() ->
             float8_array([1.0, bad])
     with pytest.raises(struct.error):
         int4_array([2**31])
+    with pytest.raises(struct.error):
+        int8_array([2**63])
 
 
 @pytest.mark.postgres

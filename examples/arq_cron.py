@@ -12,7 +12,8 @@ Run a worker (Redis from ``ARQ_REDIS_URL``, default ``redis://127.0.0.1:6379``):
     SCHEDULER_DATABASE__URL=sqlite+aiosqlite:///var/scheduler.db arq examples.arq_cron.WorkerSettings
 
 In a game backend, add ``tick_all_worlds`` to the cron jobs (and ``startup``/
-``shutdown`` to the hooks) of its existing ARQ worker. Don't run the daemon on
+``shutdown`` to the hooks) of its existing ARQ worker, and give that worker a
+``job_completion_wait`` (see ``WorkerSettings``) so a stop lets a tick finish. Don't run the daemon on
 the same worlds at the same time: both would tick them (the ``ticks`` fence
 keeps the clock right, but every other tick would fail).
 """

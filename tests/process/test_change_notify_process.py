@@ -123,7 +123,11 @@ def test_a_session_inserted_with_sql_reaches_the_owners_tiers_within_a_tick(clus
     before = listeners(cluster)
     with cluster.engine.connect() as conn:
         conn.execute(
-            sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :a"),
+            # This database's listeners only: another test's daemons may listen on the same server.
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = :a AND datname = current_database()"
+            ),
             {"a": LISTENER},
         )
     poll(lambda: len(listeners(cluster) - before) == 2, timeout=30, what="both listeners to reconnect")

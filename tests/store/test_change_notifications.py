@@ -213,9 +213,9 @@ async def test_listener_reconnects_once_per_outage_and_discovers_what_it_missed(
             assert runner.world_ids == []
             # Nobody may reconnect for a while: the outage lasts several attempts.
             await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-                (APPLICATION_NAME,),
+            await admin.execute(  # this database's listener only: other tests' may share the server
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s AND datname = %s",
+                (APPLICATION_NAME, database),
             )
 
             async def down_for_three_attempts() -> bool:

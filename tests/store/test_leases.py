@@ -152,9 +152,12 @@ async def test_grouped_clock_moves_are_fenced_each_on_its_own_lease(pg: Store) -
     big = 2**40  # tick counters and epochs are bigint
     async with pg.engine.begin() as conn:
         await conn.execute(sa.text("UPDATE world_states SET ticks = :t WHERE world_id = :w"), {"t": big, "w": ids[2]})
+        await conn.execute(
+            sa.text("UPDATE world_states SET lease_epoch = :e WHERE world_id = :w"), {"e": big, "w": ids[0]}
+        )
     at = datetime(2026, 1, 1, tzinfo=UTC)
     advances = [
-        WorldAdvance(ids[0], 10.0, 0, at, leases[ids[0]].fence),
+        WorldAdvance(ids[0], 10.0, 0, at, Lease(ids[0], "a", big).fence),
         WorldAdvance(ids[1], 20.0, 0, at, Lease(ids[1], "a", leases[ids[1]].epoch + 1).fence),
         WorldAdvance(ids[2], 30.0, big, at, None),
     ]

@@ -225,33 +225,3 @@ def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     if backend == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'scheduler.db'}"
     return str(request.getfixturevalue("pg_database_url"))
-
-
-_FAULTS = Path(__file__).parent / "faults"
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``make test`` runs two xdist workers (``--dist loadgroup``): the fault suite goes to one of them, in order.
-
-    Its tests drive daemons at load and bound the pauses they see: two of them at
-    once on a 2-core machine would measure each other. The rest is spread over both.
-    """
-    for item in items:
-        if _FAULTS in item.path.parents:
-            item.add_marker(pytest.mark.xdist_group("faults"))
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_node_collection_finished(node: object, ids: list[str]) -> None:
-    """Stop when ``--dist loadgroup`` did not group the fault suite (it would run on both workers at once)."""
-    config = getattr(node, "config", None)
-    if config is None or config.getoption("dist", None) != "loadgroup":
-        return
-    stray = [i for i in ids if i.startswith("tests/faults/") and "@" not in i]
-    if stray:
-        pytest.exit(
-            f"pytest-xdist did not group {len(stray)} fault tests (e.g. {stray[0]}): this pytest and "
-            "pytest-xdist do not work together (see the pytest bound in pyproject.toml's dev group)",
-            returncode=pytest.ExitCode.USAGE_ERROR,
-        )

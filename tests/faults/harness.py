@@ -69,8 +69,8 @@ class Profile:
 
 
 _PROFILES = {
-    # make test: CI runs the whole suite in one 30-minute budget (the fault suite on one of its two
-    # workers, about 10 minutes); make soak has the strength.
+    # make test: CI runs the whole suite in one 30-minute budget (the fault suite alone after the
+    # rest, about 10 minutes); make soak has the strength.
     "ci": Profile(
         "ci", sigkill_iterations=8, connection_kills=8, outage_seconds=10.0, soak_minutes=0.0, schemathesis_examples=10
     ),

@@ -164,6 +164,25 @@ def require_arq_and_redis() -> None:
         pytest.skip(f"needs Redis at {REDIS_URL}: {exc}")
 
 
+def start_cron_worker(db_url: str, tmp_path: Path) -> tuple[subprocess.Popen[str], str, Path]:
+    """``arq examples.arq_cron.WorkerSettings`` on a queue of its own; returns the process, the queue and its log."""
+    queue = f"scheduler-daemon-test:{uuid.uuid4().hex[:8]}"
+    env = process_env(db_url, ARQ_REDIS_URL=REDIS_URL, ARQ_QUEUE_NAME=queue)
+    log = tmp_path / "arq.log"
+    return run([sys.executable, "-m", "arq", "examples.arq_cron.WorkerSettings"], env, log), queue, log
+
+
+def drop_queue_keys(queue: str) -> None:
+    """The queue, its health check, and the cron jobs' keys and results (``arq:job:<queue>…``)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    leftovers = list(client.scan_iter(match=f"*{queue}*"))
+    if leftovers:
+        client.delete(*leftovers)
+    client.close()
+
+
 async def test_arq_cron_job_called_as_cron_would_advances_the_clock_each_time(
     world: tuple[int, WorldStates], db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -195,24 +214,15 @@ async def test_arq_cron_job_called_as_cron_would_advances_the_clock_each_time(
 
 def test_arq_worker_runs_the_cron_job_every_second(world: tuple[int, WorldStates], db_url: str, tmp_path: Path) -> None:
     require_arq_and_redis()
-    import redis
 
     world_id, states = world
-    queue = f"scheduler-daemon-test:{uuid.uuid4().hex[:8]}"
-    env = process_env(db_url, ARQ_REDIS_URL=REDIS_URL, ARQ_QUEUE_NAME=queue)
-    log = tmp_path / "arq.log"
-    proc = run([sys.executable, "-m", "arq", "examples.arq_cron.WorkerSettings"], env, log)
+    proc, queue, log = start_cron_worker(db_url, tmp_path)
     try:
         poll(lambda: proc.poll() is None and states(world_id)[1] >= 2, timeout=60, what="the cron job's ticks")
         assert_tracks_real_time(states, world_id, exact=False)
     finally:
         code = finish(proc)
-        client = redis.Redis.from_url(REDIS_URL)
-        # The queue, its health check, and the cron jobs' keys and results (arq:job:<queue>…).
-        leftovers = list(client.scan_iter(match=f"*{queue}*"))
-        if leftovers:
-            client.delete(*leftovers)
-        client.close()
+        drop_queue_keys(queue)
     out = log.read_text()
     assert code == 0, out[-3000:]
     assert "tick_all_worlds" in out and "Traceback" not in out
@@ -230,7 +240,6 @@ def test_a_stop_signal_during_a_cron_tick_lets_the_tick_commit_and_exits_0(pg_sc
     lands inside a tick every time, not by chance.
     """
     require_arq_and_redis()
-    import redis
     import sqlalchemy as sa
 
     migrate(pg_scratch_url)
@@ -255,10 +264,7 @@ def test_a_stop_signal_during_a_cron_tick_lets_the_tick_commit_and_exits_0(pg_sc
                 ).scalar_one()
             )
 
-    queue = f"scheduler-daemon-test:{uuid.uuid4().hex[:8]}"
-    env = process_env(pg_scratch_url, ARQ_REDIS_URL=REDIS_URL, ARQ_QUEUE_NAME=queue)
-    log = tmp_path / "arq.log"
-    proc = run([sys.executable, "-m", "arq", "examples.arq_cron.WorkerSettings"], env, log)
+    proc, queue, log = start_cron_worker(pg_scratch_url, tmp_path)
     try:
         poll(lambda: proc.poll() is None and sleeping_in_the_trigger(), timeout=60, what="a tick inside the trigger")
         proc.send_signal(signal.SIGTERM)
@@ -268,11 +274,7 @@ def test_a_stop_signal_during_a_cron_tick_lets_the_tick_commit_and_exits_0(pg_sc
         finish(proc)
         states.close()
         engine.dispose()
-        client = redis.Redis.from_url(REDIS_URL)
-        leftovers = list(client.scan_iter(match=f"*{queue}*"))
-        if leftovers:
-            client.delete(*leftovers)
-        client.close()
+        drop_queue_keys(queue)
     out = log.read_text()
     assert code == 0, out[-3000:]
     assert "Traceback" not in out

@@ -179,8 +179,8 @@ def _due_work_sqlite(worlds: int) -> sa.TextClause:
 
 # Several worlds' clock moves in one statement (PostgreSQL), each fenced like
 # _ADVANCE_WORLD_STATE(_LEASED); RETURNING says which rows moved. Run on the
-# driver's connection with packed columns, like the NPC write (SQLAlchemy's
-# execution of the same statement cost about twice the client CPU).
+# driver's connection with packed columns, like the NPC write: through
+# SQLAlchemy with list parameters it cost more (docs/performance.md).
 _ADVANCE_MANY_PG: Final = (
     "UPDATE world_states AS ws SET world_time = d.t, ticks = ws.ticks + 1, last_advanced_at = d.at "
     "FROM unnest(%b, %b, %b, CAST(%b AS timestamptz[]), %b, %b) "

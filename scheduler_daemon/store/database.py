@@ -142,8 +142,7 @@ def create_engine(
 
 def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
     # NPC states decode with orjson (store/state_json.py); the tick's grouped
-    # writes send whole columns packed and its selection reads binary jsonb
-    # (store/pg_arrays.py: registered last, so its jsonb loader wins).
+    # writes send whole columns packed (store/pg_arrays.py).
     from psycopg.types.json import set_json_loads  # the postgres extra: imported for PostgreSQL only
 
     connection = dbapi_conn.driver_connection

@@ -129,26 +129,48 @@ def npc_from_row(row: Sequence[Any], dialect: str) -> NpcState | QuarantinedNpc:
 
 _TIERS: Final = tuple(Tier)
 
+#: The columns the PostgreSQL selection sends as one array each per world (see
+#: :func:`pg_npcs_from_columns`): every selected column but ``world_id`` and ``state``.
+PG_SELECTED_ARRAYS: Final = tuple(c.name for c in _NPC_COLUMNS if c.name not in ("world_id", "state"))
 
-def pg_npc_from_row(row: Sequence[Any]) -> NpcState | QuarantinedNpc:
-    """:func:`npc_from_row` for a PostgreSQL row, with a fast path for the common, valid one.
+
+def pg_npcs_from_columns(
+    world_id: int, columns: Sequence[Sequence[Any]], states: Sequence[Any]
+) -> tuple[list[NpcState], list[QuarantinedNpc]]:
+    """One world's selected NPCs from PostgreSQL's column arrays (:data:`PG_SELECTED_ARRAYS`) and decoded states.
 
     The columns are typed there: only a non-finite number or a ``state`` that
-    is no object (or over the limit) can be wrong. One sum tells whether every
-    number is finite (NaN and infinities poison it); anything else takes the full check.
+    is no object (or over the limit: ``None``) can be wrong. One sum per
+    column tells whether every number is finite (NaN and infinities poison
+    it); only a world where one is not, or a state is no object, is checked
+    row by row with :func:`npc_from_row`. Returns the NPCs to decide and the quarantined ones.
     """
-    total = row[4] + row[10] + row[11] + row[12]
-    if row[9] is not None:
-        total += row[9]
-    if row[13] is not None:
-        total += row[13]
-    state = row[15]
-    if type(state) is not dict or total - total != 0.0:
-        return npc_from_row(row, "postgresql")
-    return NpcState(
-        row[0], row[1], row[2], _TIERS[row[3]], row[4], row[5], row[6], row[7], row[8], row[9],
-        row[10], row[11], row[12], row[13], row[14], state,
+    (ids, names, tiers, nexts, locations, homes, routines, activities,
+     started, energies, valences, arousals, decided, decisions) = columns  # fmt: skip
+    # filter(None, …) drops NULLs (and zeros, which cannot make a sum non-finite).
+    total = sum(nexts) + sum(energies) + sum(valences) + sum(arousals) + sum(filter(None, started))
+    total += sum(filter(None, decided))
+    if total - total == 0.0 and set(map(type, states)) == {dict}:
+        due = list(
+            map(
+                NpcState, ids, itertools.repeat(world_id), names, map(_TIERS.__getitem__, tiers), nexts, locations,
+                homes, routines, activities, started, energies, valences, arousals, decided, decisions, states,
+            )
+        )  # fmt: skip
+        return due, []
+    good: list[NpcState] = []
+    bad: list[QuarantinedNpc] = []
+    rows = zip(
+        ids, itertools.repeat(world_id), names, tiers, nexts, locations, homes, routines, activities, started,
+        energies, valences, arousals, decided, decisions, states, strict=False,
     )  # fmt: skip
+    for row in rows:
+        npc = npc_from_row(row, "postgresql")
+        if isinstance(npc, NpcState):
+            good.append(npc)
+        else:
+            bad.append(npc)
+    return good, bad
 
 
 def npc_problem_sql(dialect: str) -> str:

@@ -1,13 +1,11 @@
-"""The tick's binary wire formats: whole columns sent as PostgreSQL arrays, NPC states read as binary jsonb.
+"""The tick's binary wire formats: whole columns sent as PostgreSQL arrays (and one ``jsonb`` document).
 
 psycopg dumps a Python list element by element in Python, and text arrays
 need a ``repr`` per float; packing the binary wire format ourselves costs a
-fraction of either (docs/performance.md). A packed column is a
+fraction of either (docs/performance.md). A packed value is a
 :class:`PackedArray`; :func:`register_packed_arrays` teaches a psycopg
-connection to send it as-is with its array type, and to read binary ``jsonb``
-(the due-NPC selection's ``state``) through :mod:`~scheduler_daemon.store.state_json`
-without copying it first. Packing needs no psycopg (the ``postgres`` extra):
-it is imported only when a connection is set up.
+connection to send it as-is with its type. Packing needs no psycopg (the
+``postgres`` extra): it is imported only when a connection is set up.
 """
 
 from __future__ import annotations
@@ -19,8 +17,6 @@ import struct
 from collections.abc import Sequence
 from typing import Any, Final
 
-from scheduler_daemon.store import state_json
-
 _INT4_OID: Final = 23
 _INT8_OID: Final = 20
 _TEXT_OID: Final = 25
@@ -30,7 +26,6 @@ _INT4_ARRAY_OID: Final = 1007
 _INT8_ARRAY_OID: Final = 1016
 _TEXT_ARRAY_OID: Final = 1009
 _FLOAT8_ARRAY_OID: Final = 1022
-_JSONB_ARRAY_OID: Final = 3807
 #: The binary jsonb format: a version byte, then the JSON text.
 _JSONB_VERSION: Final = b"\x01"
 _LENGTH: Final = struct.Struct(">i")
@@ -72,8 +67,8 @@ class TextArray(PackedArray):
     __slots__ = ()
 
 
-class JsonbArray(PackedArray):
-    """A packed ``jsonb[]``."""
+class JsonbDocument(PackedArray):
+    """One ``jsonb`` value in its binary format (not an array: the one non-array parameter packed here)."""
 
     __slots__ = ()
 
@@ -95,18 +90,11 @@ def _pack(values: Sequence[Any], code: str, size: int, element_oid: int) -> byte
     return _HEADER.pack(1, 1, element_oid, count, 1) + b"".join(parts)
 
 
-def _pack_varlena(values: Sequence[bytes | None], element_oid: int) -> bytes:
-    pack = _LENGTH.pack
-    parts = [pack(_NULL) if v is None else pack(len(v)) + v for v in values]
-    has_null = 1 if None in values else 0
-    return _HEADER.pack(1, has_null, element_oid, len(values), 1) + b"".join(parts)
-
-
 def float8_array(values: Sequence[float | None], *, finite: bool = True) -> Float8Array:
     """A ``float8[]`` of ``values`` (``None`` is NULL). Raises ``ValueError`` on NaN or an infinity, if ``finite``."""
     # One sum tells whether every value is finite (NaN and infinities poison it);
-    # only then is each value looked at.
-    if finite and not math.isfinite(sum([v for v in values if v is not None])):
+    # only then is each value looked at. filter(None, …) drops NULLs (and zeros).
+    if finite and not math.isfinite(sum(filter(None, values)) if None in values else sum(values)):  # type: ignore[arg-type]
         bad = next((v for v in values if v is not None and not math.isfinite(v)), None)
         if bad is not None:
             raise ValueError(f"not a finite number: {bad!r}")
@@ -125,13 +113,18 @@ def int8_array(values: Sequence[int | None]) -> Int8Array:
 
 def text_array(values: Sequence[str | None]) -> TextArray:
     """A ``text[]`` of ``values`` (``None`` is NULL)."""
-    return TextArray(_pack_varlena([None if v is None else v.encode() for v in values], _TEXT_OID))
+    # A column of a batch repeats a few values (activities, places): each
+    # distinct one is encoded once.
+    pack = _LENGTH.pack
+    encoded = {v: pack(_NULL) if v is None else pack(len(b := v.encode())) + b for v in set(values)}
+    has_null = 1 if None in encoded else 0
+    header = _HEADER.pack(1, has_null, _TEXT_OID, len(values), 1)
+    return TextArray(header + b"".join(map(encoded.__getitem__, values)))
 
 
-def jsonb_array(values: Sequence[bytes | None]) -> JsonbArray:
-    """A ``jsonb[]`` of UTF-8 JSON texts (``None`` is NULL); PostgreSQL checks each text."""
-    encoded = [None if v is None else _JSONB_VERSION + v for v in values]
-    return JsonbArray(_pack_varlena(encoded, _JSONB_OID))
+def jsonb_document(text: bytes) -> JsonbDocument:
+    """A ``jsonb`` value of one UTF-8 JSON text; PostgreSQL checks it."""
+    return JsonbDocument(_JSONB_VERSION + text)
 
 
 @functools.cache
@@ -139,10 +132,10 @@ def _dumpers() -> tuple[tuple[type[PackedArray], type[Any]], ...]:
     # Built on first use: psycopg is not imported on SQLite-only installs.
     from psycopg import adapt, pq
 
-    def dumper(array_oid: int) -> type[adapt.Dumper]:
+    def dumper(type_oid: int) -> type[adapt.Dumper]:
         class PackedArrayDumper(adapt.Dumper):
             format = pq.Format.BINARY
-            oid = array_oid
+            oid = type_oid
 
             def dump(self, obj: PackedArray) -> bytes:
                 return obj.data
@@ -154,30 +147,11 @@ def _dumpers() -> tuple[tuple[type[PackedArray], type[Any]], ...]:
         (Int4Array, dumper(_INT4_ARRAY_OID)),
         (Int8Array, dumper(_INT8_ARRAY_OID)),
         (TextArray, dumper(_TEXT_ARRAY_OID)),
-        (JsonbArray, dumper(_JSONB_ARRAY_OID)),
+        (JsonbDocument, dumper(_JSONB_OID)),
     )
 
 
-@functools.cache
-def _jsonb_loader() -> type[Any]:
-    from psycopg import DataError, adapt, pq
-
-    class JsonbBinaryLoader(adapt.Loader):
-        format = pq.Format.BINARY
-
-        def load(self, data: Any) -> Any:
-            if data[:1] != _JSONB_VERSION:
-                raise DataError(f"unknown jsonb binary format version: {bytes(data[:1])!r}")
-            return state_json.loads(data[1:])
-
-    return JsonbBinaryLoader
-
-
 def register_packed_arrays(connection: Any) -> None:
-    """Let ``connection`` (a psycopg connection) send :class:`PackedArray` parameters as they are.
-
-    Also: binary ``jsonb`` results decode with :func:`~scheduler_daemon.store.state_json.loads`.
-    """
-    connection.adapters.register_loader("jsonb", _jsonb_loader())
+    """Let ``connection`` (a psycopg connection) send :class:`PackedArray` parameters as they are."""
     for cls, dumper in _dumpers():
         connection.adapters.register_dumper(cls, dumper)

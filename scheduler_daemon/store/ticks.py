@@ -8,8 +8,8 @@ at import (per group size on SQLite).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,13 +19,19 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from scheduler_daemon.simulation.npc import SIMULATED_TIERS, NpcDecision, NpcState, Tier
-from scheduler_daemon.store import state_json
+from scheduler_daemon.store import decided_rows, state_json
 from scheduler_daemon.store.base import SQLITE_WORLDS_PER_SELECT, StoreBase, driver_execute, wall_now
 from scheduler_daemon.store.errors import StaleWorldStateError
 from scheduler_daemon.store.fence import Fence
 from scheduler_daemon.store.models import npcs, world_states
-from scheduler_daemon.store.npcs import QuarantinedNpc, npc_from_row, pg_npc_from_row, selected_npc_columns
-from scheduler_daemon.store.pg_arrays import float8_array, int4_array, int8_array, jsonb_array, text_array
+from scheduler_daemon.store.npcs import (
+    PG_SELECTED_ARRAYS,
+    QuarantinedNpc,
+    npc_from_row,
+    pg_npcs_from_columns,
+    selected_npc_columns,
+)
+from scheduler_daemon.store.pg_arrays import float8_array, int4_array, int8_array, text_array
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,11 +87,17 @@ def _due_many_pg() -> str:
         f"AND next_decision_at <= q.now ORDER BY next_decision_at, id LIMIT q.lim)"
         for t in SIMULATED_TIERS
     )
+    # One row per world with a due NPC: each column an array, the states one JSON
+    # array, all in due order (aggregated straight from the ordered subquery).
+    # Fewer, larger messages and one JSON parse per world cost the client less
+    # than a row and a jsonb value per NPC (docs/performance.md).
+    columns = ", ".join(f"array_agg(n.{c})" for c in PG_SELECTED_ARRAYS)
     # psycopg placeholders: run on the driver's connection (see select_due_npcs_many).
     return (
-        f"SELECT n.* FROM unnest(%b, %b, %b) "
-        f"AS q(world_id, now, lim) CROSS JOIN LATERAL ("
-        f"SELECT * FROM ({per_tier}) AS u ORDER BY tier, next_decision_at, id LIMIT q.lim) AS n"
+        f"SELECT q.world_id, a.* FROM unnest(%b, %b, %b) AS q(world_id, now, lim) CROSS JOIN LATERAL ("
+        f"SELECT {columns}, json_agg(n.state)::text FROM ("
+        f"SELECT * FROM ({per_tier}) AS u ORDER BY tier, next_decision_at, id LIMIT q.lim) AS n "
+        f"HAVING count(*) > 0) AS a"
     )
 
 
@@ -192,59 +204,16 @@ _ADVANCE_MANY_PG: Final = (
 
 # Set-based NPC write on PostgreSQL: one UPDATE … FROM unnest(…) for a whole
 # group of worlds, each column one packed binary array (store/pg_arrays.py),
-# run on the driver's connection. A NULL state keeps the stored JSON.
+# run on the driver's connection. The states to write come as one JSON array
+# (the first parameter), each row with its element's index; NULL keeps the stored JSON.
 _WRITE_DECISIONS_MANY_PG: Final = (
     "UPDATE npcs SET next_decision_at = d.next, current_activity = d.activity, activity_started_at = d.started, "
     "location = d.location, energy = d.energy, mood_valence = d.valence, mood_arousal = d.arousal, "
-    "last_decision_at = d.decided, decisions = npcs.decisions + 1, state = COALESCE(d.state, npcs.state) "
+    "last_decision_at = d.decided, decisions = npcs.decisions + 1, state = COALESCE(%b -> d.state, npcs.state) "
     "FROM unnest(%b, %b, %b, %b, %b, %b, %b, %b, %b, %b, %b) "
     "AS d(w, id, next, activity, started, location, energy, valence, arousal, decided, state) "
     "WHERE npcs.id = d.id AND npcs.world_id = d.w"
 )
-
-
-_DECISION_NUMBERS: Final = (
-    "next_decision_at",
-    "activity_started_at",
-    "energy",
-    "mood_valence",
-    "mood_arousal",
-    "decided_at",
-)
-
-
-def _non_finite(decisions: Sequence[NpcDecision]) -> str:
-    """Which decision holds a non-finite number, for the error that fails its world's tick."""
-    for d in decisions:
-        for name in _DECISION_NUMBERS:
-            value = getattr(d, name)
-            if value is not None and not math.isfinite(value):
-                return f"npc {d.npc_id}: decision {name} is not a finite number ({value!r})"
-    return "a decision holds a number that is not finite"
-
-
-def _same_json(a: Any, b: Any) -> bool:
-    """``a == b`` as JSON documents, for two that are equal in Python (where ``True == 1 == 1.0``)."""
-    if type(a) is not type(b):
-        return False
-    if type(a) is dict:
-        return all(_same_json(value, b[key]) for key, value in a.items())
-    if type(a) is list:
-        return all(_same_json(x, y) for x, y in zip(a, b, strict=True))
-    return True
-
-
-def _not_unicode(decisions: Sequence[NpcDecision]) -> str:
-    """Which decision holds text that UTF-8 cannot encode, for the error that fails its world's tick."""
-    for d in decisions:
-        for name in ("current_activity", "location"):
-            value = getattr(d, name)
-            if value is not None:
-                try:
-                    value.encode()
-                except UnicodeEncodeError:
-                    return f"npc {d.npc_id}: decision {name} is not valid Unicode text"
-    return "a decision holds text that is not valid Unicode"
 
 
 class Ticks(StoreBase):
@@ -280,7 +249,7 @@ class Ticks(StoreBase):
         if dialect == "postgresql":
             # The driver's cursor: SQLAlchemy's rows and type processing cost
             # more per NPC than the statement (docs/performance.md). Binary rows:
-            # numbers need no parsing, and states decode without a copy (store/pg_arrays.py).
+            # numbers need no parsing; each world's states are one JSON text, decoded at once.
             cursor = await driver_execute(
                 conn,
                 _DUE_MANY_PG,
@@ -291,12 +260,11 @@ class Ticks(StoreBase):
                 ),
                 binary=True,
             )
-            for row in await cursor.fetchall():
-                npc = pg_npc_from_row(row)
-                if isinstance(npc, NpcState):
-                    out.npcs[npc.world_id].append(npc)
-                else:
-                    out.quarantined.setdefault(npc.world_id, []).append(npc)
+            for world_id, *columns, states in await cursor.fetchall():
+                due, bad = pg_npcs_from_columns(world_id, columns, state_json.loads(states))
+                out.npcs[world_id] = due
+                if bad:
+                    out.quarantined[world_id] = bad
             return out
         rows: list[Any] = []
         for start in range(0, len(wanted), SQLITE_WORLDS_PER_SELECT):
@@ -401,33 +369,23 @@ class Ticks(StoreBase):
         encoded, sent and parsed again, and a game's write since the read is not
         undone), unless it is the very dict read, which may have been changed in
         place. PostgreSQL: one set-based ``UPDATE … FROM unnest(…)`` of packed
-        columns for all of them. SQLite (in process, no round trips to save):
-        one executemany.
+        columns for all of them, the states to write as one JSON array. SQLite
+        (in process, no round trips to save): one executemany.
         """
-        decided: list[tuple[int, NpcDecision]] = []
-        states: list[bytes | None] = []
+        world_ids: list[int] = []
+        decided: list[NpcDecision] = []
+        states: list[Any] = []  # per decision: the state to write, or None to keep the stored one
         for index, (world_id, decisions) in enumerate(batches):
-            before = read[index] if read is not None else None
-            for position, d in enumerate(decisions):
-                decided.append((world_id, d))
-                if d.state is None:
-                    states.append(None)
-                    continue
-                if before is not None:
-                    read_state = before[position].state
-                    # The very dict read may have been changed in place (a plug-in
-                    # decide): only an equal copy is known to be unchanged.
-                    if d.state is not read_state and d.state == read_state and _same_json(d.state, read_state):
-                        states.append(None)
-                        continue
-                try:
-                    states.append(state_json.dumps(d.state))
-                except (TypeError, ValueError) as exc:
-                    raise ValueError(f"npc {d.npc_id}: decision state cannot be written as JSON: {exc}") from exc
+            world_ids.extend(itertools.repeat(world_id, len(decisions)))
+            decided.extend(decisions)
+            if read is None:
+                states.extend(d.state for d in decisions)
+            else:
+                states.extend(map(decided_rows.state_to_write, decisions, read[index]))
         if not decided:
             return
         if conn.dialect.name == "postgresql":
-            await Ticks._write_decisions_pg(conn, decided, states)
+            await Ticks._write_decisions_pg(conn, world_ids, decided, states)
             return
         rows = [
             (
@@ -439,42 +397,19 @@ class Ticks(StoreBase):
                 d.mood_valence,
                 d.mood_arousal,
                 d.decided_at,
-                None if state is None else state.decode(),
+                None if state is None else decided_rows.encode_state(d, state).decode(),
                 d.npc_id,
                 world_id,
             )
-            for (world_id, d), state in zip(decided, states, strict=True)
+            for world_id, d, state in zip(world_ids, decided, states, strict=True)
         ]
         await conn.exec_driver_sql(_WRITE_DECISION_SQLITE, rows)
 
     @staticmethod
     async def _write_decisions_pg(
-        conn: AsyncConnection, decided: Sequence[tuple[int, NpcDecision]], states: Sequence[bytes | None]
+        conn: AsyncConnection, world_ids: Sequence[int], decided: Sequence[NpcDecision], states: Sequence[Any]
     ) -> None:
-        ds = [d for _, d in decided]
-        try:
-            columns = (
-                int4_array([w for w, _ in decided]),
-                int4_array([d.npc_id for d in ds]),
-                float8_array([d.next_decision_at for d in ds]),
-                text_array([d.current_activity for d in ds]),
-                float8_array([d.activity_started_at for d in ds]),
-                text_array([d.location for d in ds]),
-                float8_array([d.energy for d in ds]),
-                float8_array([d.mood_valence for d in ds]),
-                float8_array([d.mood_arousal for d in ds]),
-                float8_array([d.decided_at for d in ds]),
-                jsonb_array(states),
-            )
-        except UnicodeEncodeError as exc:
-            # A lone surrogate (from a plug-in decide): say which NPC and column.
-            raise ValueError(f"{_not_unicode(ds)}: {exc.reason}") from None
-        except ValueError:
-            # A non-finite number (from a plug-in decide): say which NPC and column.
-            raise ValueError(_non_finite(ds)) from None
-        except (TypeError, struct.error) as exc:
-            raise ValueError(f"a decision cannot be written: {exc}") from exc
-        await driver_execute(conn, _WRITE_DECISIONS_MANY_PG, columns)
+        await driver_execute(conn, _WRITE_DECISIONS_MANY_PG, decided_rows.pg_columns(world_ids, decided, states))
 
     @staticmethod
     async def advance_world_states(conn: AsyncConnection, advances: Sequence[WorldAdvance]) -> None:

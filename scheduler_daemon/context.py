@@ -97,6 +97,8 @@ class WorldSimulationContext:
     ) -> None:
         self.world_id = world_id
         self.config = config
+        #: Decision interval per simulated tier, read on every tick: kept with the config.
+        self.tier_intervals = config.tiers.intervals()
         self.config_version = config_version
         self.current_world_time = world_time
         self.ticks_processed = ticks  # committed ticks, mirrors world_states.ticks
@@ -231,6 +233,7 @@ class WorldSimulationContext:
             self._carry_game += segment * self.config.time_scale
         self._carry_real = max(elapsed_real_since_tick, self._carry_real)
         self.config = config
+        self.tier_intervals = config.tiers.intervals()
         if version is not None:
             self.config_version = version
 
@@ -307,7 +310,7 @@ class WorldSimulationContext:
         # A tier lags when an NPC still waits longer past its due time than
         # both its own decision interval and one tick: normal tick granularity
         # and a start-up backlog the budget clears in time are not lag.
-        intervals = self.config.tiers.intervals()
+        intervals = self.tier_intervals
         self.lagging_tiers = frozenset(
             tier for tier, lag in waiting_lag.items() if lag > max(intervals[tier], game_seconds_per_tick)
         )

@@ -63,7 +63,7 @@ class TickBody(SchedulerBase):
                 lag = now - next_at
                 outcome.waiting_lag_per_tier[tier] = lag
                 outcome.decision_lag_per_tier[tier] = max(lag, outcome.decision_lag_per_tier.get(tier, lag))
-            decisions = simulate_batch(due, entry.behavior, now, config.tiers.intervals(), self.decide_fn)
+            decisions = simulate_batch(due, entry.behavior, now, ctx.tier_intervals, self.decide_fn)
             # Chains and generation claims commit with the world time they
             # happened at, under the same fence (the clock move after them).
             if pending.chains:

@@ -187,11 +187,11 @@ def _read_cooldowns(
 
 def _choose(slot: SlotEntry, energy: float, cooldowns: Mapping[str, float], world_time: float, u: float) -> str | None:
     """Weighted pick among eligible slot activities, with the documented fallback."""
-    meets: list[tuple[str, float]] = []
     eligible: list[tuple[str, float]] = []
+    meets_energy = False
     for name, weight, activity in slot.candidates:
         if activity.min_energy <= energy <= activity.max_energy:
-            meets.append((name, weight))
+            meets_energy = True
             if name not in cooldowns or world_time >= cooldowns[name] + activity.cooldown_seconds:
                 eligible.append((name, weight))
     if eligible:
@@ -203,59 +203,11 @@ def _choose(slot: SlotEntry, energy: float, cooldowns: Mapping[str, float], worl
             if target < cumulative:
                 return name
         return eligible[-1][0]  # rounding left target == total
-    if meets:
+    if meets_energy:
         # Everything is cooling down: repeat the slot's favourite rather than idle.
+        meets = [(n, w) for n, w, a in slot.candidates if a.min_energy <= energy <= a.max_energy]
         return min(meets, key=lambda item: (-item[1], item[0]))[0]
     return None
-
-
-def _resolve_location(target: str | tuple[str, ...] | None, npc: NpcState, u: float) -> str | None:
-    if target is None:
-        return npc.location
-    if isinstance(target, tuple):
-        target = target[_pick(u, len(target))]
-    if target == HOME_LOCATION:
-        return npc.home if npc.home is not None else npc.location
-    return target
-
-
-def _finish_current(
-    npc: NpcState, activities: Mapping[str, ActivityEntry], world_time: float
-) -> tuple[float, float, float, dict[str, float]]:
-    """Energy, mood valence and arousal after the current activity, clamped, and the running cooldowns.
-
-    Effects are linear in time (see :func:`integrate_effects`), clamped once at the end.
-    """
-    current_name = npc.current_activity
-    current = activities.get(current_name) if current_name is not None else None
-    if npc.activity_started_at is not None:
-        started = npc.activity_started_at
-    elif npc.last_decision_at is not None:
-        started = npc.last_decision_at
-    else:
-        started = world_time
-    elapsed = world_time - started
-    if current is None or elapsed <= 0.0:
-        d_energy = d_valence = d_arousal = 0.0
-    else:
-        hours = elapsed / HOUR_SECONDS
-        d_energy = current.energy_per_hour * hours
-        d_valence = current.mood_valence * hours
-        d_arousal = current.mood_arousal * hours
-    # Clamped as min(high, max(low, v)) would (ties and -0.0 give the bound), without two calls each.
-    energy = npc.energy + d_energy
-    if not ENERGY_MIN < energy < ENERGY_MAX:
-        energy = ENERGY_MIN if energy <= ENERGY_MIN else ENERGY_MAX
-    valence = npc.mood_valence + d_valence
-    if not MOOD_MIN < valence < MOOD_MAX:
-        valence = MOOD_MIN if valence <= MOOD_MIN else MOOD_MAX
-    arousal = npc.mood_arousal + d_arousal
-    if not MOOD_MIN < arousal < MOOD_MAX:
-        arousal = MOOD_MIN if arousal <= MOOD_MIN else MOOD_MAX
-    cooldowns = _read_cooldowns(npc.state, activities, world_time)
-    if current is not None and current_name is not None and current.cooldown_seconds > 0.0:
-        cooldowns[current_name] = world_time
-    return energy, valence, arousal, cooldowns
 
 
 class _Moment:
@@ -321,17 +273,50 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
 
 
 def _decide(npc: NpcState, moment: _Moment, tier_interval: float) -> NpcDecision:
-    """:func:`decide` with its checks done and what the batch shares worked out."""
+    """:func:`decide` with its checks done and what the batch shares worked out.
+
+    Runs once per NPC per tick: the steps' helpers are written out inline
+    (each call costs about as much as the step's arithmetic).
+    """
     world_time = moment.world_time
     activities = moment.activities
 
-    # 1. Finish the current activity.
-    energy, valence, arousal, cooldowns = _finish_current(npc, activities, world_time)
+    # 1. Finish the current activity: effects linear in time, clamped once at the end
+    # (as min(high, max(low, v)) would: ties and -0.0 give the bound), without two calls each.
+    current_name = npc.current_activity
+    current = activities.get(current_name) if current_name is not None else None
+    started = npc.activity_started_at
+    if started is None:
+        started = npc.last_decision_at
+        if started is None:
+            started = world_time
+    elapsed = world_time - started
+    if current is None or elapsed <= 0.0:
+        d_energy = d_valence = d_arousal = 0.0
+    else:
+        hours = elapsed / HOUR_SECONDS
+        d_energy = current.energy_per_hour * hours
+        d_valence = current.mood_valence * hours
+        d_arousal = current.mood_arousal * hours
+    energy = npc.energy + d_energy
+    if not ENERGY_MIN < energy < ENERGY_MAX:
+        energy = ENERGY_MIN if energy <= ENERGY_MIN else ENERGY_MAX
+    valence = npc.mood_valence + d_valence
+    if not MOOD_MIN < valence < MOOD_MAX:
+        valence = MOOD_MIN if valence <= MOOD_MIN else MOOD_MAX
+    arousal = npc.mood_arousal + d_arousal
+    if not MOOD_MIN < arousal < MOOD_MAX:
+        arousal = MOOD_MIN if arousal <= MOOD_MIN else MOOD_MAX
+    cooldowns = _read_cooldowns(npc.state, activities, world_time)
+    if current is not None and current.cooldown_seconds > 0.0:
+        cooldowns[current_name] = world_time  # type: ignore[index]  # current is not None: neither is its name
 
-    # 2. Pick the next activity.
-    u_activity, u_duration, u_location = _keyed_draws(f"{npc.world_id}:{npc.id}".encode() + moment.time_key)
+    # 2. Pick the next activity (the draws of _keyed_draws).
+    hasher = _DRAW_HASH.copy()
+    hasher.update(f"{npc.world_id}:{npc.id}".encode() + moment.time_key)
+    a, b, c = _THREE_U64.unpack(hasher.digest())
     slot = moment.slot_for(npc.routine)
-    choice = _choose(slot, energy, cooldowns, world_time, u_activity) if slot is not None else None
+    choice = _choose(slot, energy, cooldowns, world_time, (a >> 11) * _UNIT) if slot is not None else None
 
     # 3./4. Location and duration.
     if choice is None:
@@ -342,8 +327,15 @@ def _decide(npc: NpcState, moment: _Moment, tier_interval: float) -> NpcDecision
         activity_name = choice
         chosen = activities[choice]
         low, high = chosen.duration_low, chosen.duration_high
-        duration = (low + (high - low) * u_duration) * 60.0
-        location = _resolve_location(chosen.location, npc, u_location)
+        duration = (low + (high - low) * ((b >> 11) * _UNIT)) * 60.0
+        target = chosen.location
+        if target is None:
+            location = npc.location
+        else:
+            if isinstance(target, tuple):
+                target = target[_pick((c >> 11) * _UNIT, len(target))]
+            home = npc.home if npc.home is not None else npc.location
+            location = home if target == HOME_LOCATION else target
 
     end = world_time + duration
     next_at = end if npc.tier == Tier.DETAILED else max(end, world_time + tier_interval)

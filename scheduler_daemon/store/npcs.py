@@ -129,23 +129,23 @@ def npc_from_row(row: Sequence[Any], dialect: str) -> NpcState | QuarantinedNpc:
 
 _TIERS: Final = tuple(Tier)
 
-#: The columns the PostgreSQL selection sends as one array each per world (see
-#: :func:`pg_npcs_from_columns`): every selected column but ``world_id`` and ``state``.
-PG_SELECTED_ARRAYS: Final = tuple(c.name for c in _NPC_COLUMNS if c.name not in ("world_id", "state"))
+#: The columns the PostgreSQL selection sends as one array each (see
+#: :func:`pg_npcs_from_columns`): every selected column but ``state``.
+PG_SELECTED_ARRAYS: Final = tuple(c.name for c in _NPC_COLUMNS if c.name != "state")
 
 
 def pg_npcs_from_columns(
-    world_id: int, columns: Sequence[Sequence[Any]], states: Sequence[Any]
+    columns: Sequence[Sequence[Any]], states: Sequence[Any]
 ) -> tuple[list[NpcState], list[QuarantinedNpc]]:
-    """One world's selected NPCs from PostgreSQL's column arrays (:data:`PG_SELECTED_ARRAYS`) and decoded states.
+    """Selected NPCs from PostgreSQL's column arrays (:data:`PG_SELECTED_ARRAYS`) and their decoded states.
 
     The columns are typed there: only a non-finite number or a ``state`` that
     is no object (or over the limit: ``None``) can be wrong. One sum per
     column tells whether every number is finite (NaN and infinities poison
-    it); only a world where one is not, or a state is no object, is checked
-    row by row with :func:`npc_from_row`. Returns the NPCs to decide and the quarantined ones.
+    it); only when one is not, or a state is no object, is each row checked
+    with :func:`npc_from_row`. Returns the NPCs to decide and the quarantined ones, in order.
     """
-    (ids, names, tiers, nexts, locations, homes, routines, activities,
+    (ids, world_ids, names, tiers, nexts, locations, homes, routines, activities,
      started, energies, valences, arousals, decided, decisions) = columns  # fmt: skip
     # filter(None, …) drops NULLs (and zeros, which cannot make a sum non-finite).
     total = sum(nexts) + sum(energies) + sum(valences) + sum(arousals) + sum(filter(None, started))
@@ -153,18 +153,14 @@ def pg_npcs_from_columns(
     if total - total == 0.0 and set(map(type, states)) == {dict}:
         due = list(
             map(
-                NpcState, ids, itertools.repeat(world_id), names, map(_TIERS.__getitem__, tiers), nexts, locations,
-                homes, routines, activities, started, energies, valences, arousals, decided, decisions, states,
+                NpcState, ids, world_ids, names, map(_TIERS.__getitem__, tiers), nexts, locations, homes, routines,
+                activities, started, energies, valences, arousals, decided, decisions, states,
             )
         )  # fmt: skip
         return due, []
     good: list[NpcState] = []
     bad: list[QuarantinedNpc] = []
-    rows = zip(
-        ids, itertools.repeat(world_id), names, tiers, nexts, locations, homes, routines, activities, started,
-        energies, valences, arousals, decided, decisions, states, strict=False,
-    )  # fmt: skip
-    for row in rows:
+    for row in zip(*columns, states, strict=True):
         npc = npc_from_row(row, "postgresql")
         if isinstance(npc, NpcState):
             good.append(npc)

@@ -10,10 +10,11 @@ connection to send it as-is with its type. Packing needs no psycopg (the
 
 from __future__ import annotations
 
+import array
 import functools
-import itertools
 import math
 import struct
+import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -32,6 +33,7 @@ _LENGTH: Final = struct.Struct(">i")
 #: ndim, has-nulls flag, element oid, then (length, lower bound) of the one dimension.
 _HEADER: Final = struct.Struct(">iiIii")
 _NULL: Final = -1
+_LITTLE_ENDIAN: Final = sys.byteorder == "little"
 
 
 class PackedArray:
@@ -73,16 +75,23 @@ class JsonbDocument(PackedArray):
     __slots__ = ()
 
 
-@functools.lru_cache(maxsize=256)
-def _body(code: str, count: int) -> struct.Struct:
-    # (length, value) per element; cached per size (batch sizes repeat).
-    return struct.Struct(">" + ("i" + code) * count)
-
-
 def _pack(values: Sequence[Any], code: str, size: int, element_oid: int) -> bytes:
     count = len(values)
     if None not in values:
-        body = _body(code, count).pack(*itertools.chain.from_iterable(zip(itertools.repeat(size), values)))
+        # The values as one big-endian C array, then spread into (length, value)
+        # records by slice assignments: a few C calls per column, not one per value.
+        try:
+            items = array.array(code, values)
+        except OverflowError as exc:
+            raise struct.error(str(exc)) from None
+        if _LITTLE_ENDIAN:
+            items.byteswap()
+        data = items.tobytes()
+        record = 4 + size
+        body = bytearray(record * count)
+        body[3::record] = bytes((size,)) * count  # the length, big-endian: three zero bytes, then size
+        for k in range(size):
+            body[4 + k :: record] = data[k::size]
         return _HEADER.pack(1, 0, element_oid, count, 1) + body
     one = struct.Struct(">i" + code)
     null = struct.pack(">i", _NULL)

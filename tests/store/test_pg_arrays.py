@@ -51,6 +51,17 @@ async def test_packed_columns_arrive_as_typed_arrays(pg_database_url: str) -> No
 
 
 @pytest.mark.postgres
+async def test_columns_without_nulls_arrive_value_for_value(pg_database_url: str) -> None:
+    """A column without NULLs is packed in one pass (records spread by slices): every position, every byte."""
+    floats = [0.0, -0.0, 1.5, -2.25e300, 5e-324, 1 / 3, -1e-310, 2.0**53 + 2] * 101
+    ints = [0, 1, -1, -(2**31), 2**31 - 1, 256, -256, 65535] * 101
+    bigs = [0, -(2**63), 2**63 - 1, 2**31, -1, 2**40 + 3] * 101
+    got = await _echo(libpq(pg_database_url), float8_array(floats), int4_array(ints), int8_array(bigs))
+    assert got == (floats, ints, bigs)
+    assert [math.copysign(1, f) for f in got[0]] == [math.copysign(1, f) for f in floats]  # type: ignore[attr-defined]
+
+
+@pytest.mark.postgres
 async def test_a_text_column_repeating_values_and_nulls_packs_each_in_place(pg_database_url: str) -> None:
     """Distinct values are encoded once (the column of a batch repeats a few): every position keeps its own."""
     texts = ["inn", None, "inn", "forge", "", None, "forge", "inn", "Zoë"] * 7

@@ -75,7 +75,10 @@ async def driver_execute(conn: AsyncConnection, query: str, params: Sequence[Any
     """
     import psycopg  # the postgres extra; loaded already, this connection is one of its
 
-    raw = await conn.get_raw_connection()
+    # Inside the caller's transaction the connection is checked out already:
+    # read it directly (get_raw_connection() spawns a greenlet every call).
+    sync = conn.sync_connection
+    raw = sync.connection if sync is not None else await conn.get_raw_connection()
     driver: Any = raw.driver_connection
     try:
         return await driver.execute(query, params, prepare=True, binary=binary)

@@ -190,7 +190,7 @@ class GroupTicking(SchedulerBase):
                 # The transaction is the unit of atomicity; an error fails it and is raised.
                 return [await self._run_tick(conn, work[0], reads)]
             try:
-                async with conn.begin_nested():
+                async with self.store.group_savepoint(conn):
                     return await self._run_group(conn, work, reads)
             except Exception as exc:
                 if is_transient(exc):

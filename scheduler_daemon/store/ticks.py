@@ -11,7 +11,8 @@ import functools
 import itertools
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
@@ -221,6 +222,28 @@ _WRITE_DECISIONS_MANY_PG: Final = (
 
 class Ticks(StoreBase):
     """Every statement of a grouped tick's transaction except the claims, chains and the fence."""
+
+    @staticmethod
+    @asynccontextmanager
+    async def group_savepoint(conn: AsyncConnection) -> AsyncIterator[None]:
+        """A savepoint around a grouped tick's bodies and writes: rolled back to when they raise an ``Exception``.
+
+        The exception propagates (a cancellation leaves the savepoint to the
+        enclosing transaction's rollback). PostgreSQL: set on the driver's
+        connection and released by the ``COMMIT``: one round trip, where
+        SQLAlchemy's nested transaction costs two and its bookkeeping
+        (docs/performance.md). SQLite: SQLAlchemy's nested transaction.
+        """
+        if conn.dialect.name != "postgresql":
+            async with conn.begin_nested():
+                yield
+            return
+        await driver_execute(conn, "SAVEPOINT tick_group", ())
+        try:
+            yield
+        except Exception:
+            await driver_execute(conn, "ROLLBACK TO SAVEPOINT tick_group", ())
+            raise
 
     @staticmethod
     async def select_due_npcs(conn: AsyncConnection, world_id: int, world_time: float, limit: int) -> list[NpcState]:

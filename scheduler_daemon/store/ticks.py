@@ -228,8 +228,8 @@ class Ticks(StoreBase):
     async def group_savepoint(conn: AsyncConnection) -> AsyncIterator[None]:
         """A savepoint around a grouped tick's bodies and writes: rolled back to when they raise an ``Exception``.
 
-        The exception propagates (a cancellation leaves the savepoint to the
-        enclosing transaction's rollback). PostgreSQL: set on the driver's
+        The exception propagates (a cancellation, or a connection dropped on
+        the way, leaves the savepoint to the enclosing transaction's rollback). PostgreSQL: set on the driver's
         connection and released by the ``COMMIT``: one round trip, where
         SQLAlchemy's nested transaction costs two and its bookkeeping
         (docs/performance.md). SQLite: SQLAlchemy's nested transaction.
@@ -242,7 +242,11 @@ class Ticks(StoreBase):
         try:
             yield
         except Exception:
-            await driver_execute(conn, "ROLLBACK TO SAVEPOINT tick_group", ())
+            # A connection dropped on the way (lost, or unable to write) has no
+            # savepoint to go back to: its error goes on as it is (a transient
+            # one fails the whole unit, which is retried).
+            if not conn.invalidated:
+                await driver_execute(conn, "ROLLBACK TO SAVEPOINT tick_group", ())
             raise
 
     @staticmethod

@@ -14,7 +14,7 @@ from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
 from scheduler_daemon.simulation.npc import Tier
-from scheduler_daemon.store.errors import StaleWorldStateError
+from scheduler_daemon.store.errors import StaleWorldStateError, is_transient
 from scheduler_daemon.store.repository import Store
 from tests.support.helpers import (
     drop_commit_failure,
@@ -255,3 +255,39 @@ async def test_world_failing_the_shared_commit_never_shares_a_group_again(store:
     await runner.run_until(11.0)  # its next retry (backoff 4 s) succeeds at 9 s
     assert runner.scheduler.get_context(bad).state == "running"
     assert any(bad in g and len(g) > 1 for g in sched.groups)  # recovered: back in a shared group
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("fault", ["terminate", "read_only"])
+async def test_a_connection_lost_in_a_grouped_write_fails_the_group_as_transient(pg_store: Store, fault: str) -> None:
+    """A connection lost (or demoted to read-only) under the group savepoint is the unit's fault, retried whole.
+
+    The savepoint cannot be rolled back to on such a connection: the original
+    error must reach the runner as transient, not an error of the rollback.
+    """
+    worlds = [(await make_world(pg_store, name=f"w{i}", npcs_per_tier={Tier.DETAILED: 3}))[0] for i in range(2)]
+    sched = WorldScheduler(pg_store)
+    for w in worlds:
+        await sched.register_world(w)
+    action = (
+        "PERFORM pg_terminate_backend(pg_backend_pid())"
+        if fault == "terminate"
+        else "PERFORM set_config('transaction_read_only', 'on', true)"
+    )
+    async with pg_store.transaction() as conn:
+        await conn.execute(
+            text(f"CREATE FUNCTION lose_connection_fn() RETURNS trigger AS $$ BEGIN {action}; RETURN NULL; END $$ "
+                 "LANGUAGE plpgsql")
+        )  # fmt: skip
+        await conn.execute(
+            text("CREATE TRIGGER lose_connection AFTER UPDATE ON npcs FOR EACH STATEMENT "
+                 "EXECUTE FUNCTION lose_connection_fn()")
+        )  # fmt: skip
+    try:
+        with pytest.raises(Exception) as raised:
+            await sched.tick_worlds([(w, 1.0) for w in worlds])
+    finally:
+        await drop_trigger(pg_store, "npcs", name="lose_connection")
+    assert is_transient(raised.value), repr(raised.value)
+    for w in worlds:
+        assert await world_state(pg_store, w) == (0.0, 0)

@@ -99,14 +99,19 @@ def encode_state(decision: NpcDecision, state: Any) -> bytes:
 
 
 def _encode_states(decided: Sequence[NpcDecision], states: Sequence[Any], written: list[Any]) -> bytes:
-    """The states to write as one JSON array, encoded at once; on an error, the NPC whose state it is."""
+    """The states to write as one JSON array: encoded at once, or, where that refuses, each on its own.
+
+    Encoding the array checks it as a whole (a ``null`` anywhere sends it all
+    through the standard library, which refuses what orjson writes, such as a
+    UUID): a state is written exactly when it would be alone, and one that
+    cannot be names its NPC.
+    """
     try:
         return state_json.dumps(written)
-    except (TypeError, ValueError) as exc:
-        for decision, state in zip(decided, states, strict=True):
-            if state is not None:
-                encode_state(decision, state)
-        raise ValueError(f"decision states cannot be written as JSON: {exc}") from exc
+    except (TypeError, ValueError):
+        pass
+    pairs = zip(decided, states, strict=True)
+    return b"[" + b",".join([encode_state(decision, state) for decision, state in pairs if state is not None]) + b"]"
 
 
 def pg_columns(

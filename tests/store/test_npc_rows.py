@@ -309,3 +309,21 @@ async def test_a_decided_state_equal_only_by_python_numbers_is_written(store: St
         await store.write_decisions_many(conn, [(world_id, decisions)], [read])
     state = await _state(store, npc)
     assert isinstance(state, dict) and state["done"] is True and type(state["ratio"]) is float, state
+
+
+async def test_one_npcs_state_does_not_change_how_a_neighbours_is_written(store: Store) -> None:
+    """Each state is encoded as it would be alone: a null in one NPC's state never refuses another's UUID."""
+    import uuid
+
+    def plugin(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        decision.state = {"id": uuid.UUID(int=5)} if npc.name == "a" else {"x": None}
+        return decision
+
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    a, b = await store.add_npcs(world_id, [{"name": "a"}, {"name": "b"}])
+    sched = WorldScheduler(store, decide_fn=plugin)
+    await sched.register_world(world_id)
+    await sched.tick_world(world_id, 60.0)
+    assert await _state(store, a) == {"id": str(uuid.UUID(int=5))}
+    assert await _state(store, b) == {"x": None}

@@ -105,6 +105,30 @@ def _due_many_pg() -> str:
 
 
 _DUE_MANY_PG = _due_many_pg()
+
+#: At most this many due NPCs (the sum of the worlds' limits) per selection
+#: statement: its states are one text value, which PostgreSQL caps at 1 GB
+#: (2,048 states within MAX_NPC_STATE_BYTES stay far below it).
+PG_NPCS_PER_SELECT: Final = 2048
+#: A grouped write whose states' JSON array is longer is split in halves:
+#: PostgreSQL caps a jsonb array at 256 MiB (its binary form may be a few
+#: times the text for tiny numbers).
+PG_STATES_DOCUMENT_BYTES: Final = 16 * 1024 * 1024
+
+
+def _pg_selection_chunks(wanted: Sequence[tuple[int, float, int]]) -> list[Sequence[tuple[int, float, int]]]:
+    """The requests in order, cut where the sum of their limits would pass :data:`PG_NPCS_PER_SELECT`."""
+    chunks: list[Sequence[tuple[int, float, int]]] = []
+    start = npcs = 0
+    for index, (_, _, limit) in enumerate(wanted):
+        if npcs + limit > PG_NPCS_PER_SELECT and index > start:
+            chunks.append(wanted[start:index])
+            start, npcs = index, 0
+        npcs += limit
+    chunks.append(wanted[start:])
+    return chunks
+
+
 _WORLD_OF: Final = operator.attrgetter("world_id")
 
 # SQLite, in process (no round trips to save): one executemany. A NULL state
@@ -279,25 +303,26 @@ class Ticks(StoreBase):
         if dialect == "postgresql":
             # The driver's cursor: SQLAlchemy's rows and type processing cost
             # more per NPC than the statement (docs/performance.md). Binary rows:
-            # numbers need no parsing; each world's states are one JSON text, decoded at once.
-            cursor = await driver_execute(
-                conn,
-                _DUE_MANY_PG,
-                (
-                    int4_array([w for w, _, _ in wanted]),
-                    float8_array([float(t) for _, t, _ in wanted]),
-                    int4_array([lim for _, _, lim in wanted]),
-                ),
-                binary=True,
-            )
-            *columns, states = await cursor.fetchone()
-            if states is None:  # no NPC due in any of the worlds
-                return out
-            due, bad = pg_npcs_from_columns(columns, state_json.loads(states))
-            for world_id, npcs_of_world in itertools.groupby(due, _WORLD_OF):
-                out.npcs[world_id].extend(npcs_of_world)
-            for q in bad:
-                out.quarantined.setdefault(q.world_id, []).append(q)
+            # numbers need no parsing; the states are one JSON text, decoded at once.
+            for chunk in _pg_selection_chunks(wanted):
+                cursor = await driver_execute(
+                    conn,
+                    _DUE_MANY_PG,
+                    (
+                        int4_array([w for w, _, _ in chunk]),
+                        float8_array([float(t) for _, t, _ in chunk]),
+                        int4_array([lim for _, _, lim in chunk]),
+                    ),
+                    binary=True,
+                )
+                *columns, states = await cursor.fetchone()
+                if states is None:  # no NPC due in any of the worlds
+                    continue
+                due, bad = pg_npcs_from_columns(columns, state_json.loads(states))
+                for world_id, npcs_of_world in itertools.groupby(due, _WORLD_OF):
+                    out.npcs[world_id].extend(npcs_of_world)
+                for q in bad:
+                    out.quarantined.setdefault(q.world_id, []).append(q)
             return out
         rows: list[Any] = []
         for start in range(0, len(wanted), SQLITE_WORLDS_PER_SELECT):
@@ -442,7 +467,14 @@ class Ticks(StoreBase):
     async def _write_decisions_pg(
         conn: AsyncConnection, world_ids: Sequence[int], decided: Sequence[NpcDecision], states: Sequence[Any]
     ) -> None:
-        await driver_execute(conn, _WRITE_DECISIONS_MANY_PG, decided_rows.pg_columns(world_ids, decided, states))
+        columns = decided_rows.pg_columns(world_ids, decided, states)
+        if len(columns[0].data) > PG_STATES_DOCUMENT_BYTES and sum(s is not None for s in states) > 1:
+            # PostgreSQL caps a jsonb array at 256 MiB: written in halves, each its own statement.
+            half = len(decided) // 2
+            await Ticks._write_decisions_pg(conn, world_ids[:half], decided[:half], states[:half])
+            await Ticks._write_decisions_pg(conn, world_ids[half:], decided[half:], states[half:])
+            return
+        await driver_execute(conn, _WRITE_DECISIONS_MANY_PG, columns)
 
     @staticmethod
     async def advance_world_states(conn: AsyncConnection, advances: Sequence[WorldAdvance]) -> None:

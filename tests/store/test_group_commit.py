@@ -16,6 +16,7 @@ from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, Worl
 from scheduler_daemon.simulation.npc import Tier
 from scheduler_daemon.store.errors import StaleWorldStateError, is_transient
 from scheduler_daemon.store.repository import Store
+from scheduler_daemon.store.ticks import PG_NPCS_PER_SELECT, _pg_selection_chunks
 from tests.support.helpers import (
     drop_commit_failure,
     drop_trigger,
@@ -291,3 +292,31 @@ async def test_a_connection_lost_in_a_grouped_write_fails_the_group_as_transient
     assert is_transient(raised.value), repr(raised.value)
     for w in worlds:
         assert await world_state(pg_store, w) == (0.0, 0)
+
+
+def test_the_selection_is_cut_where_the_limits_would_pass_its_npc_cap() -> None:
+    """Each statement's states are one text value (capped at 1 GB): at most PG_NPCS_PER_SELECT due NPCs each."""
+    cap = PG_NPCS_PER_SELECT
+    requests = [(1, 0.0, cap // 2), (2, 0.0, cap // 2), (3, 0.0, 1), (4, 0.0, cap + 5), (5, 0.0, 0), (6, 0.0, 3)]
+    chunks = _pg_selection_chunks(requests)
+    assert [[w for w, _, _ in c] for c in chunks] == [[1, 2], [3], [4], [5, 6]]
+    assert [w for c in chunks for w, _, _ in c] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.postgres
+async def test_a_selection_over_the_npc_cap_reads_as_one_selection(pg_store: Store) -> None:
+    """Worlds whose limits add up past the cap are read in several statements: the same NPCs, in order."""
+    per_world = PG_NPCS_PER_SELECT // 2 + 10
+    worlds = [await pg_store.create_world(f"w{i}", simulation={}) for i in range(3)]
+    for i, world_id in enumerate(worlds):
+        rows = [
+            {"name": f"n{j}", "tier": 1 + j % 3, "next_decision_at": float((j * 7 + i) % 13)} for j in range(per_world)
+        ]
+        await pg_store.add_npcs(world_id, rows)
+    requests = [(w, 12.0, per_world) for w in worlds]
+    async with pg_store.transaction() as conn:
+        many = await pg_store.select_due_npcs_many(conn, requests)
+        for world_id, world_time, limit in requests:
+            one = await pg_store.select_due_npcs(conn, world_id, world_time, limit)
+            assert len(one) == per_world
+            assert [(n.id, n.world_id) for n in many.npcs[world_id]] == [(n.id, world_id) for n in one]

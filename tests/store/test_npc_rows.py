@@ -327,3 +327,30 @@ async def test_one_npcs_state_does_not_change_how_a_neighbours_is_written(store:
     await sched.tick_world(world_id, 60.0)
     assert await _state(store, a) == {"id": str(uuid.UUID(int=5))}
     assert await _state(store, b) == {"x": None}
+
+
+@pytest.mark.postgres
+async def test_a_grouped_write_too_large_for_one_jsonb_array_is_split_and_lands_whole(
+    pg_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the states document's size the write is split in halves, down to one state each: every row as decided."""
+    from scheduler_daemon.store import ticks
+
+    monkeypatch.setattr(ticks, "PG_STATES_DOCUMENT_BYTES", 1)
+
+    def plugin(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        decision.state = None if npc.name.endswith("3") else {"n": npc.name, "t": world_time}
+        return decision
+
+    worlds = [await pg_store.create_world(f"w{i}", simulation={"alwaysOn": True}) for i in range(2)]
+    ids = {w: await pg_store.add_npcs(w, [{"name": f"n{j}", "state": {"old": j}} for j in range(5)]) for w in worlds}
+    sched = WorldScheduler(pg_store, decide_fn=plugin)
+    for w in worlds:
+        await sched.register_world(w)
+    await sched.tick_worlds([(w, 60.0) for w in worlds])
+    for w in worlds:
+        for j, npc in enumerate(ids[w]):
+            assert await _decisions(pg_store, npc) == 1
+            expected = {"old": 3} if j == 3 else {"n": f"n{j}", "t": 3600.0}
+            assert await _state(pg_store, npc) == expected

@@ -99,17 +99,15 @@ def encode_state(decision: NpcDecision, state: Any) -> bytes:
 
 
 def _encode_states(decided: Sequence[NpcDecision], states: Sequence[Any], written: list[Any]) -> bytes:
-    """The states to write as one JSON array: encoded at once, or, where that refuses, each on its own.
+    """The states to write as one JSON array: encoded at once, or, unless that is plainly right, each on its own.
 
-    Encoding the array checks it as a whole (a ``null`` anywhere sends it all
-    through the standard library, which refuses what orjson writes, such as a
-    UUID): a state is written exactly when it would be alone, and one that
-    cannot be names its NPC.
+    Each state is written exactly as it would be alone (a ``null`` or a type
+    orjson refuses in one must not send its neighbours through the standard
+    library), and one that cannot be written names its NPC.
     """
-    try:
-        return state_json.dumps(written)
-    except (TypeError, ValueError):
-        pass
+    data = state_json.dumps_plain(written)
+    if data is not None:
+        return data
     pairs = zip(decided, states, strict=True)
     return b"[" + b",".join([encode_state(decision, state) for decision, state in pairs if state is not None]) + b"]"
 

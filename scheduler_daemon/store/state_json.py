@@ -36,6 +36,20 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
     return json.loads(bytes(data) if type(data) is memoryview else data)
 
 
+def dumps_plain(value: Any) -> bytes | None:
+    """orjson's encoding of ``value`` when it is certainly what :func:`dumps` returns, else ``None``.
+
+    ``None`` where orjson refuses, or where its text holds a ``null`` (which
+    may stand for a NaN that :func:`dumps` refuses): a caller encoding many
+    documents at once encodes them one by one instead.
+    """
+    try:
+        data = orjson.dumps(value, option=_REFUSE_AS_JSON_DOES)
+    except TypeError:
+        return None
+    return None if b"null" in data else data
+
+
 def dumps(value: Any) -> bytes:
     """Encode one JSON document as UTF-8; ``ValueError`` on NaN or an infinity (JSON has none)."""
     try:

@@ -12,13 +12,14 @@ document reads as it did before. orjson writes a non-finite float as
 from __future__ import annotations
 
 import json
-import re
 from typing import Any, Final
 
 import orjson
 
-_LONG_DIGITS: Final = re.compile(rb"[0-9]{19}")
-_LONG_DIGITS_TEXT: Final = re.compile(r"[0-9]{19}")
+#: Every ASCII digit to ``0``, every other byte to ``x``: a run of 19 digits becomes
+#: a run of 19 zeros, found by a substring search (a regex took longer than orjson's parse).
+_DIGITS_AS_ZEROS: Final = bytes(0x30 if 0x30 <= b <= 0x39 else 0x78 for b in range(256))
+_LONG_RUN: Final = b"0" * 19
 #: Datetimes and dataclasses go to the standard library, which refuses them
 #: (orjson would write them as strings and objects, read back as such).
 _REFUSE_AS_JSON_DOES: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
@@ -26,8 +27,8 @@ _REFUSE_AS_JSON_DOES: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASST
 
 def loads(data: bytes | bytearray | memoryview | str) -> Any:
     """Decode one JSON document (a psycopg ``json``/``jsonb`` loader, or SQLite's text)."""
-    long_digits = _LONG_DIGITS_TEXT if type(data) is str else _LONG_DIGITS
-    if long_digits.search(data) is None:  # type: ignore[arg-type]
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if _LONG_RUN not in raw.translate(_DIGITS_AS_ZEROS):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -50,3 +50,15 @@ def test_dumps_refuses_what_json_has_no_value_for() -> None:
     with pytest.raises(TypeError):
         state_json.dumps({"seen": datetime(2026, 12, 7, tzinfo=UTC)})
     assert json.loads(state_json.dumps({"big": 2**70, "x": None})) == {"big": 2**70, "x": None}
+
+
+@pytest.mark.parametrize("as_type", [str, bytes, memoryview])
+def test_a_run_of_19_digits_is_read_by_the_standard_library_exactly(as_type: type) -> None:
+    """orjson would read an integer past 64 bits as a float: any run of 19 digits goes to the standard library."""
+    text = '{"big": 1180591620717411303425, "n": -12345678901234567890, "k": "Zoë ✓", "f": 0.1234567890123456789}'
+    data = text if as_type is str else text.encode() if as_type is bytes else memoryview(text.encode())
+    got = state_json.loads(data)
+    assert got == json.loads(text)
+    assert type(got["big"]) is int and got["big"] == 1180591620717411303425
+    lone = state_json.loads('{"short": 123456789012345678, "s": "\\ud800"}')
+    assert lone == {"short": 123456789012345678, "s": "\ud800"}

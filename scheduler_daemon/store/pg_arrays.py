@@ -77,36 +77,44 @@ class JsonbDocument(PackedArray):
 
 def _pack(values: Sequence[Any], code: str, size: int, element_oid: int) -> bytes:
     count = len(values)
-    if None not in values:
+    try:
         # The values as one big-endian C array, then spread into (length, value)
         # records by slice assignments: a few C calls per column, not one per value.
-        try:
-            items = array.array(code, values)
-        except OverflowError as exc:
-            raise struct.error(str(exc)) from None
-        if _LITTLE_ENDIAN:
-            items.byteswap()
-        data = items.tobytes()
-        record = 4 + size
-        body = bytearray(record * count)
-        body[3::record] = bytes((size,)) * count  # the length, big-endian: three zero bytes, then size
-        for k in range(size):
-            body[4 + k :: record] = data[k::size]
-        return _HEADER.pack(1, 0, element_oid, count, 1) + body
-    one = struct.Struct(">i" + code)
-    null = struct.pack(">i", _NULL)
-    parts = [null if v is None else one.pack(size, v) for v in values]
-    return _HEADER.pack(1, 1, element_oid, count, 1) + b"".join(parts)
+        items = array.array(code, values)
+    except OverflowError as exc:
+        raise struct.error(str(exc)) from None
+    except TypeError:
+        if None not in values:
+            raise
+        # NULLs (no length-prefixed value): one record at a time.
+        one = struct.Struct(">i" + code)
+        null = struct.pack(">i", _NULL)
+        parts = [null if v is None else one.pack(size, v) for v in values]
+        return _HEADER.pack(1, 1, element_oid, count, 1) + b"".join(parts)
+    if _LITTLE_ENDIAN:
+        items.byteswap()
+    data = items.tobytes()
+    record = 4 + size
+    body = bytearray(record * count)
+    body[3::record] = bytes((size,)) * count  # the length, big-endian: three zero bytes, then size
+    for k in range(size):
+        body[4 + k :: record] = data[k::size]
+    return _HEADER.pack(1, 0, element_oid, count, 1) + body
 
 
 def float8_array(values: Sequence[float | None], *, finite: bool = True) -> Float8Array:
     """A ``float8[]`` of ``values`` (``None`` is NULL). Raises ``ValueError`` on NaN or an infinity, if ``finite``."""
-    # One sum tells whether every value is finite (NaN and infinities poison it);
-    # only then is each value looked at. filter(None, …) drops NULLs (and zeros).
-    if finite and not math.isfinite(sum(filter(None, values)) if None in values else sum(values)):  # type: ignore[arg-type]
-        bad = next((v for v in values if v is not None and not math.isfinite(v)), None)
-        if bad is not None:
-            raise ValueError(f"not a finite number: {bad!r}")
+    if finite:
+        # One sum tells whether every value is finite (NaN and infinities poison it);
+        # only then is each value looked at. filter(None, …) drops NULLs (and zeros).
+        try:
+            total = sum(values)  # type: ignore[arg-type]
+        except TypeError:
+            total = sum(filter(None, values))  # type: ignore[arg-type]
+        if not math.isfinite(total):
+            bad = next((v for v in values if v is not None and not math.isfinite(v)), None)
+            if bad is not None:
+                raise ValueError(f"not a finite number: {bad!r}")
     return Float8Array(_pack(values, "d", 8, _FLOAT8_OID))
 
 

@@ -193,7 +193,7 @@ class GroupTicking(SchedulerBase):
                 async with self.store.group_savepoint(conn):
                     return await self._run_group(conn, work, reads)
             except Exception as exc:
-                if is_transient(exc):
+                if is_transient(exc) or conn.invalidated:
                     # The connection or transaction itself failed (not one world):
                     # re-running worlds on it only fails again; the whole unit is retried.
                     raise

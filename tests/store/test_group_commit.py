@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import PendingRollbackError
 
 from scheduler_daemon.clock import VirtualClock
 from scheduler_daemon.runner import RunnerLimits, SchedulerLoopRunner
 from scheduler_daemon.scheduler import TickResult, WorldNotRegisteredError, WorldScheduler
-from scheduler_daemon.simulation.npc import Tier
+from scheduler_daemon.simulation.behavior import BehaviorContent, decide
+from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 from scheduler_daemon.store.errors import StaleWorldStateError, is_transient
 from scheduler_daemon.store.repository import Store
 from scheduler_daemon.store.ticks import PG_NPCS_PER_SELECT, _pg_selection_chunks
@@ -320,3 +323,34 @@ async def test_a_selection_over_the_npc_cap_reads_as_one_selection(pg_store: Sto
             one = await pg_store.select_due_npcs(conn, world_id, world_time, limit)
             assert len(one) == per_world
             assert [(n.id, n.world_id) for n in many.npcs[world_id]] == [(n.id, world_id) for n in one]
+
+
+@pytest.mark.postgres
+async def test_a_session_ended_by_the_server_mid_group_fails_the_group_with_its_own_error(pg_store: Store) -> None:
+    """The server's idle-in-transaction timeout ends the session between a slow body and the grouped write.
+
+    The connection is gone: no world is re-run on it (each would fail with
+    "Can't reconnect until invalid transaction is rolled back"); the group
+    fails with the server's error and the runner retries its worlds alone.
+    """
+
+    def slow(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        if npc.name == "slow":
+            time.sleep(0.6)  # a plug-in holding the transaction idle past the server's timeout
+        return decide(npc, content, world_time, interval)
+
+    worlds = [await pg_store.create_world(f"w{i}", simulation={"alwaysOn": True}) for i in range(2)]
+    await pg_store.add_npcs(worlds[0], [{"name": "quick"}])
+    await pg_store.add_npcs(worlds[1], [{"name": "slow"}])
+    store = Store.from_url(pg_store.engine.url.render_as_string(hide_password=False), idle_in_transaction_timeout=0.2)
+    try:
+        sched = WorldScheduler(store, decide_fn=slow)
+        for w in worlds:
+            await sched.register_world(w)
+        with pytest.raises(Exception, match="idle-in-transaction") as raised:
+            await sched.tick_worlds([(w, 60.0) for w in worlds])
+        assert not isinstance(raised.value, PendingRollbackError)
+        for w in worlds:
+            assert await world_state(store, w) == (0.0, 0)
+    finally:
+        await store.dispose()

@@ -108,7 +108,8 @@ _DUE_MANY_PG = _due_many_pg()
 
 #: At most this many due NPCs (the sum of the worlds' limits) per selection
 #: statement: its states are one text value, which PostgreSQL caps at 1 GB
-#: (2,048 states within MAX_NPC_STATE_BYTES stay far below it).
+#: (2,048 states within MAX_NPC_STATE_BYTES are 512 MiB as stored; their text
+#: is about as long unless it is mostly escaped characters).
 PG_NPCS_PER_SELECT: Final = 2048
 #: A grouped write whose states' JSON array is longer is split in halves:
 #: PostgreSQL caps a jsonb array at 256 MiB (its binary form may be a few

@@ -275,8 +275,9 @@ def decide(npc: NpcState, content: BehaviorContent, world_time: float, tier_inte
 def _decide(npc: NpcState, moment: _Moment, tier_interval: float) -> NpcDecision:
     """:func:`decide` with its checks done and what the batch shares worked out.
 
-    Runs once per NPC per tick: the steps' helpers are written out inline
-    (each call costs about as much as the step's arithmetic).
+    Runs once per NPC per tick: the steps are written out inline (each helper
+    call cost about as much as its arithmetic), except the draws, which must
+    stay exactly those of :func:`decision_draws`.
     """
     world_time = moment.world_time
     activities = moment.activities
@@ -311,12 +312,10 @@ def _decide(npc: NpcState, moment: _Moment, tier_interval: float) -> NpcDecision
     if current is not None and current.cooldown_seconds > 0.0:
         cooldowns[current_name] = world_time  # type: ignore[index]  # current is not None: neither is its name
 
-    # 2. Pick the next activity (the draws of _keyed_draws).
-    hasher = _DRAW_HASH.copy()
-    hasher.update(f"{npc.world_id}:{npc.id}".encode() + moment.time_key)
-    a, b, c = _THREE_U64.unpack(hasher.digest())
+    # 2. Pick the next activity.
+    u_activity, u_duration, u_location = _keyed_draws(f"{npc.world_id}:{npc.id}".encode() + moment.time_key)
     slot = moment.slot_for(npc.routine)
-    choice = _choose(slot, energy, cooldowns, world_time, (a >> 11) * _UNIT) if slot is not None else None
+    choice = _choose(slot, energy, cooldowns, world_time, u_activity) if slot is not None else None
 
     # 3./4. Location and duration.
     if choice is None:
@@ -327,13 +326,13 @@ def _decide(npc: NpcState, moment: _Moment, tier_interval: float) -> NpcDecision
         activity_name = choice
         chosen = activities[choice]
         low, high = chosen.duration_low, chosen.duration_high
-        duration = (low + (high - low) * ((b >> 11) * _UNIT)) * 60.0
+        duration = (low + (high - low) * u_duration) * 60.0
         target = chosen.location
         if target is None:
             location = npc.location
         else:
             if isinstance(target, tuple):
-                target = target[_pick((c >> 11) * _UNIT, len(target))]
+                target = target[_pick(u_location, len(target))]
             home = npc.home if npc.home is not None else npc.location
             location = home if target == HOME_LOCATION else target
 

@@ -2,19 +2,24 @@
 
 Pure encoding, no I/O (:meth:`~scheduler_daemon.store.ticks.Ticks.write_decisions_many`
 runs the statement). A decision that cannot be written (a plug-in's NaN, a
-lone surrogate, a state JSON cannot hold) fails its world with an error that
-names the NPC and the column.
+NUL character or a lone surrogate, an over-long place, a state JSON cannot
+hold) fails its world with an error that names the NPC and the column, under
+the same rules on both databases (SQLite would store most of them as given).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
+import re
 import struct
 from collections.abc import Sequence
 from typing import Any, Final
 
+from scheduler_daemon.entities import MAX_TEXT
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState
+from scheduler_daemon.storable import storable_problems
 from scheduler_daemon.store import state_json
 from scheduler_daemon.store.pg_arrays import PackedArray, float8_array, int4_array, jsonb_document, text_array
 
@@ -26,16 +31,91 @@ _DECISION_NUMBERS: Final = (
     "mood_arousal",
     "decided_at",
 )
+_DECISION_TEXTS: Final = ("current_activity", "location")
+_NUMBERS: Final = operator.attrgetter(*_DECISION_NUMBERS)
+_TEXTS: Final = operator.attrgetter(*_DECISION_TEXTS)
+#: In a JSON text: a NUL character or a surrogate, escaped (the standard library escapes every non-ASCII one).
+_SUSPECT_ESCAPE: Final = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
 
-def _non_finite(decisions: Sequence[NpcDecision]) -> str:
-    """Which decision holds a non-finite number, for the error that fails its world's tick."""
+def _number_problem(value: Any) -> str | None:
+    if type(value) is not float:
+        if not isinstance(value, int | float):
+            return f"is not a number ({type(value).__name__})"
+        try:
+            value = float(value)
+        except OverflowError:
+            return "is too large to be stored as a float"
+    return None if math.isfinite(value) else f"is not a finite number ({value!r})"
+
+
+def _text_problem(value: Any) -> str | None:
+    if type(value) is not str:
+        return f"is not text ({type(value).__name__})"
+    if "\x00" in value:
+        return "holds a NUL character, which cannot be stored"
+    if len(value) > MAX_TEXT:
+        return f"is longer than {MAX_TEXT} characters ({len(value)})"
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return "is not valid Unicode text (lone surrogate)"
+    return None
+
+
+def unwritable(decisions: Sequence[NpcDecision]) -> str | None:
+    """Why one of ``decisions`` (a plug-in's) cannot be written, naming its NPC and column; ``None`` if all can.
+
+    The same rules on both databases: a finite number in each number column
+    (``activity_started_at`` may be null), text without NUL characters or lone
+    surrogates and at most :data:`~scheduler_daemon.entities.MAX_TEXT`
+    characters (or null) in ``current_activity`` and ``location``.
+    """
     for d in decisions:
         for name in _DECISION_NUMBERS:
             value = getattr(d, name)
-            if value is not None and not math.isfinite(value):
-                return f"npc {d.npc_id}: decision {name} is not a finite number ({value!r})"
-    return "a decision holds a number that is not finite"
+            if value is None and name == "activity_started_at":
+                continue
+            problem = _number_problem(value)
+            if problem is not None:
+                return f"npc {d.npc_id}: decision {name} {problem}"
+        for name in _DECISION_TEXTS:
+            value = getattr(d, name)
+            problem = None if value is None else _text_problem(value)
+            if problem is not None:
+                return f"npc {d.npc_id}: decision {name} {problem}"
+    return None
+
+
+def check_decisions(decisions: Sequence[NpcDecision]) -> None:
+    """Raise the ``ValueError`` of :func:`unwritable` if one of ``decisions`` cannot be written.
+
+    A few passes in C when all can: one sum of every number (NaN, infinities
+    and what is no number spoil it) and a look at each distinct text; only
+    then is each decision looked at.
+    """
+    try:
+        total = sum(filter(None, itertools.chain.from_iterable(map(_NUMBERS, decisions))))
+        suspect = not math.isfinite(total)
+    except (TypeError, OverflowError):
+        suspect = True
+    if not suspect:
+        texts = set(itertools.chain.from_iterable(map(_TEXTS, decisions)))
+        texts.discard(None)
+        suspect = any(map(_text_problem, texts))
+    if suspect:
+        problem = unwritable(decisions)
+        if problem is not None:
+            raise ValueError(problem)
+
+
+def _state_problem(decision: NpcDecision, state: Any) -> str | None:
+    """Why a decided state holding a suspect escape cannot be stored (as the API's rules say), naming the NPC."""
+    problems = storable_problems(state)
+    if not problems:
+        return None
+    shown = "; ".join(f"{path or 'state'}: {message}" for path, message in problems[:3])
+    return f"npc {decision.npc_id}: decision state cannot be stored: {shown}"
 
 
 def _same_json(a: Any, b: Any) -> bool:
@@ -47,19 +127,6 @@ def _same_json(a: Any, b: Any) -> bool:
     if type(a) is list:
         return all(_same_json(x, y) for x, y in zip(a, b, strict=True))
     return True
-
-
-def _not_unicode(decisions: Sequence[NpcDecision]) -> str:
-    """Which decision holds text that UTF-8 cannot encode, for the error that fails its world's tick."""
-    for d in decisions:
-        for name in ("current_activity", "location"):
-            value = getattr(d, name)
-            if value is not None:
-                try:
-                    value.encode()
-                except UnicodeEncodeError:
-                    return f"npc {d.npc_id}: decision {name} is not valid Unicode text"
-    return "a decision holds text that is not valid Unicode"
 
 
 DECISION_COLUMNS: Final = operator.attrgetter(
@@ -93,9 +160,14 @@ def state_to_write(decision: NpcDecision, npc: NpcState) -> Any:
 def encode_state(decision: NpcDecision, state: Any) -> bytes:
     """One decided state as JSON, or the ``ValueError`` that fails its world naming the NPC."""
     try:
-        return state_json.dumps(state)
+        data = state_json.dumps(state)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"npc {decision.npc_id}: decision state cannot be written as JSON: {exc}") from exc
+    if _SUSPECT_ESCAPE.search(data) is not None:
+        problem = _state_problem(decision, state)
+        if problem is not None:
+            raise ValueError(problem)
+    return data
 
 
 def _encode_states(decided: Sequence[NpcDecision], states: Sequence[Any], written: list[Any]) -> bytes:
@@ -106,9 +178,14 @@ def _encode_states(decided: Sequence[NpcDecision], states: Sequence[Any], writte
     library), and one that cannot be written names its NPC.
     """
     data = state_json.dumps_plain(written)
-    if data is not None:
-        return data
     pairs = zip(decided, states, strict=True)
+    if data is not None:
+        if b"\\u0000" in data:  # orjson escapes a NUL character, which jsonb refuses
+            for decision, state in pairs:
+                problem = None if state is None else _state_problem(decision, state)
+                if problem is not None:
+                    raise ValueError(problem)
+        return data
     return b"[" + b",".join([encode_state(decision, state) for decision, state in pairs if state is not None]) + b"]"
 
 
@@ -140,20 +217,15 @@ def pg_columns(
             int4_array(world_ids),
             int4_array(npc_ids),
             float8_array(next_at),
-            text_array(activities),
+            text_array(activities, max_chars=MAX_TEXT),
             float8_array(started),
-            text_array(locations),
+            text_array(locations, max_chars=MAX_TEXT),
             float8_array(energies),
             float8_array(valences),
             float8_array(arousals),
             float8_array(decided_at),
             int4_array(positions),
         )
-    except UnicodeEncodeError as exc:
-        # A lone surrogate (from a plug-in decide): say which NPC and column.
-        raise ValueError(f"{_not_unicode(decided)}: {exc.reason}") from None
-    except ValueError:
-        # A non-finite number (from a plug-in decide): say which NPC and column.
-        raise ValueError(_non_finite(decided)) from None
-    except (TypeError, struct.error) as exc:
-        raise ValueError(f"a decision cannot be written: {exc}") from exc
+    except (ValueError, TypeError, AttributeError, OverflowError, struct.error) as exc:
+        # A plug-in decide's bad value: say which NPC and column.
+        raise ValueError(unwritable(decided) or f"a decision cannot be written: {exc}") from None

@@ -128,12 +128,19 @@ def int8_array(values: Sequence[int | None]) -> Int8Array:
     return Int8Array(_pack(values, "q", 8, _INT8_OID))
 
 
-def text_array(values: Sequence[str | None]) -> TextArray:
-    """A ``text[]`` of ``values`` (``None`` is NULL)."""
+def text_array(values: Sequence[str | None], *, max_chars: int | None = None) -> TextArray:
+    """A ``text[]`` of ``values`` (``None`` is NULL).
+
+    Raises ``ValueError`` on a value PostgreSQL's text cannot hold (a NUL
+    character) or longer than ``max_chars``, ``UnicodeEncodeError`` on a lone surrogate.
+    """
     # A column of a batch repeats a few values (activities, places): each
-    # distinct one is encoded once.
+    # distinct one is encoded and checked once.
     pack = _LENGTH.pack
     encoded = {v: pack(_NULL) if v is None else pack(len(b := v.encode())) + b for v in set(values)}
+    for value in encoded:
+        if value is not None and ("\x00" in value or (max_chars is not None and len(value) > max_chars)):
+            raise ValueError(f"text PostgreSQL cannot store in this column: {value[:40]!r}")
     has_null = 1 if None in encoded else 0
     header = _HEADER.pack(1, has_null, _TEXT_OID, len(values), 1)
     return TextArray(header + b"".join(map(encoded.__getitem__, values)))

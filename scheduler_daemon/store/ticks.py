@@ -446,6 +446,8 @@ class Ticks(StoreBase):
         if conn.dialect.name == "postgresql":
             await Ticks._write_decisions_pg(conn, world_ids, decided, states)
             return
+        # SQLite would store most of a plug-in's bad values as they are: the same rules as PostgreSQL's.
+        decided_rows.check_decisions(decided)
         rows = [
             (
                 d.next_decision_at,

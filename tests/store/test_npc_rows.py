@@ -255,6 +255,47 @@ async def test_a_plugin_decision_with_text_that_is_no_unicode_fails_its_world_na
     assert await _decisions(store, npc) == 0
 
 
+_UNWRITABLE = [
+    pytest.param("current_activity", "nap\x00", "decision current_activity holds a NUL character", id="nul-activity"),
+    pytest.param("location", "inn\x00", "decision location holds a NUL character", id="nul-location"),
+    pytest.param("location", "x" * 201, "decision location is longer than 200 characters (201)", id="long-location"),
+    pytest.param("energy", "5", "decision energy is not a number (str)", id="text-energy"),
+    pytest.param("energy", math.nan, "decision energy is not a finite number (nan)", id="nan-energy"),
+    pytest.param("next_decision_at", 10**400, "decision next_decision_at is too large to be stored", id="huge"),
+    pytest.param("state", {"note": "a\x00b"}, "decision state cannot be stored: note: NUL characters", id="nul-state"),
+    pytest.param("state", {"n": ["\ud800"]}, "decision state cannot be stored: n.0: not valid Unicode", id="surrogate"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), _UNWRITABLE)
+async def test_a_plugin_value_neither_database_can_store_fails_its_world_naming_npc_and_column(
+    store: Store, field: str, value: object, message: str
+) -> None:
+    """The same rules on both databases (PostgreSQL raised its own error naming nothing; SQLite stored most as is).
+
+    The world's neighbour in the same grouped commit is not held back.
+    """
+
+    def spoil(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        if npc.name == "bad":
+            setattr(decision, field, {**npc.state, **value} if isinstance(value, dict) else value)
+        return decision
+
+    bad_world = await store.create_world("bad", simulation={"alwaysOn": True})
+    good_world = await store.create_world("good", simulation={"alwaysOn": True})
+    _, bad = await store.add_npcs(bad_world, [{"name": "fine"}, {"name": "bad"}])
+    (good,) = await store.add_npcs(good_world, [{"name": "neighbour"}])
+    sched = WorldScheduler(store, decide_fn=spoil)
+    for world_id in (bad_world, good_world):
+        await sched.register_world(world_id)
+    failed, committed = await sched.tick_worlds([(bad_world, 60.0), (good_world, 60.0)])
+    assert isinstance(failed, ValueError) and str(failed).startswith(f"npc {bad}: {message}"), failed
+    assert not isinstance(committed, BaseException) and committed.npcs_simulated == 1, committed
+    assert await _decisions(store, bad) == 0 and await _decisions(store, good) == 1
+    assert await _state(store, bad) == {}
+
+
 async def test_a_plugin_state_with_a_non_finite_number_fails_its_world_not_written_as_null(store: Store) -> None:
     """JSON has no NaN: the state is refused naming the NPC, as before orjson, not silently stored as null."""
 

@@ -126,6 +126,7 @@ _UNIT = 2.0**-53
 _THREE_U64 = struct.Struct(">QQQ")
 # Copying a keyed, personalised hasher is cheaper than building one per decision.
 _DRAW_HASH: Final = hashlib.blake2b(digest_size=24, person=b"npc-decide-v2")
+_DETAILED: Final = Tier.DETAILED  # a module constant is cheaper to read than the enum's attribute
 
 
 def decision_draws(world_id: int, npc_id: int, world_time: float) -> Draws:
@@ -140,7 +141,7 @@ def decision_draws(world_id: int, npc_id: int, world_time: float) -> Draws:
 
 
 def _draws(world_id: int, npc_id: int, world_time: float) -> tuple[float, float, float]:
-    return _keyed_draws(f"{world_id}:{npc_id}".encode() + _time_key(world_time))
+    return _keyed_draws(b"%d:%d%b" % (world_id, npc_id, _time_key(world_time)))
 
 
 def _time_key(world_time: float) -> bytes:
@@ -195,6 +196,8 @@ def _choose(slot: SlotEntry, energy: float, cooldowns: Mapping[str, float], worl
             if name not in cooldowns or world_time >= cooldowns[name] + activity.cooldown_seconds:
                 eligible.append((name, weight))
     if eligible:
+        if len(eligible) == 1:  # what the weighted pick gives too, whatever the draw
+            return eligible[0][0]
         # Weighted pick: the first activity whose cumulative weight exceeds u × total.
         target = u * sum([weight for _, weight in eligible])
         cumulative = 0.0
@@ -308,19 +311,22 @@ def _decide(npc: NpcState, moment: _Moment, tier_interval: float) -> NpcDecision
     arousal = npc.mood_arousal + d_arousal
     if not MOOD_MIN < arousal < MOOD_MAX:
         arousal = MOOD_MIN if arousal <= MOOD_MIN else MOOD_MAX
-    cooldowns = _read_cooldowns(npc.state, activities, world_time)
+    state = npc.state
+    raw = state.get(COOLDOWNS_KEY)
+    # Most NPCs have no cooldown running: an empty dict needs no reading.
+    cooldowns = {} if type(raw) is dict and not raw else _read_cooldowns(state, activities, world_time)
     if current is not None and current.cooldown_seconds > 0.0:
         cooldowns[current_name] = world_time  # type: ignore[index]  # current is not None: neither is its name
 
     # 2. Pick the next activity.
-    u_activity, u_duration, u_location = _keyed_draws(f"{npc.world_id}:{npc.id}".encode() + moment.time_key)
+    u_activity, u_duration, u_location = _keyed_draws(b"%d:%d%b" % (npc.world_id, npc.id, moment.time_key))
     slot = moment.slot_for(npc.routine)
     choice = _choose(slot, energy, cooldowns, world_time, u_activity) if slot is not None else None
 
     # 3./4. Location and duration.
     if choice is None:
         activity_name = IDLE_ACTIVITY
-        duration = max(tier_interval, MIN_IDLE_SECONDS)
+        duration = MIN_IDLE_SECONDS if tier_interval < MIN_IDLE_SECONDS else tier_interval  # max(), inline
         location = npc.location
     else:
         activity_name = choice
@@ -333,15 +339,15 @@ def _decide(npc: NpcState, moment: _Moment, tier_interval: float) -> NpcDecision
         else:
             if isinstance(target, tuple):
                 target = target[_pick(u_location, len(target))]
-            home = npc.home if npc.home is not None else npc.location
-            location = home if target == HOME_LOCATION else target
+            location = target if target != HOME_LOCATION else npc.home if npc.home is not None else npc.location
 
     end = world_time + duration
-    next_at = end if npc.tier == Tier.DETAILED else max(end, world_time + tier_interval)
+    floor = end if npc.tier == _DETAILED else world_time + tier_interval
+    next_at = floor if floor > end else end  # max(end, floor), inline
     if next_at <= world_time:  # huge world times can swallow a short duration
         next_at = math.nextafter(world_time, math.inf)
 
-    new_state = dict(npc.state)
+    new_state = dict(state)
     new_state[COOLDOWNS_KEY] = cooldowns
     return NpcDecision(
         npc.id, world_time, next_at, activity_name, world_time, location, energy, valence, arousal, new_state

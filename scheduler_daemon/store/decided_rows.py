@@ -122,10 +122,19 @@ def _same_json(a: Any, b: Any) -> bool:
     """``a == b`` as JSON documents, for two that are equal in Python (where ``True == 1 == 1.0``)."""
     if type(a) is not type(b):
         return False
+    # Scalars are compared in the loops, containers by recursion: a state is
+    # mostly scalars, and a call (or a generator) per value cost more than the comparison.
     if type(a) is dict:
-        return all(_same_json(value, b[key]) for key, value in a.items())
-    if type(a) is list:
-        return all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+        for key, x in a.items():
+            y = b[key]
+            kind = type(x)
+            if kind is not type(y) or ((kind is dict or kind is list) and not _same_json(x, y)):
+                return False
+    elif type(a) is list:
+        for x, y in zip(a, b, strict=True):
+            kind = type(x)
+            if kind is not type(y) or ((kind is dict or kind is list) and not _same_json(x, y)):
+                return False
     return True
 
 

@@ -138,19 +138,6 @@ def _same_json(a: Any, b: Any) -> bool:
     return True
 
 
-DECISION_COLUMNS: Final = operator.attrgetter(
-    "npc_id",
-    "decided_at",
-    "next_decision_at",
-    "current_activity",
-    "activity_started_at",
-    "location",
-    "energy",
-    "mood_valence",
-    "mood_arousal",
-)
-
-
 def state_to_write(decision: NpcDecision, npc: NpcState) -> Any:
     """The decided state to write, or ``None`` when the stored one stays.
 
@@ -216,10 +203,16 @@ def pg_columns(
             positions.append(position)
             position += 1
     document = _encode_states(decided, states, written)
-    # One pass in C over the decisions, then one tuple per column.
-    npc_ids, decided_at, next_at, activities, started, locations, energies, valences, arousals = zip(
-        *map(DECISION_COLUMNS, decided), strict=True
-    )
+    # A list comprehension per column: half the cost of transposing one tuple per decision.
+    npc_ids = [d.npc_id for d in decided]
+    decided_at = [d.decided_at for d in decided]
+    next_at = [d.next_decision_at for d in decided]
+    activities = [d.current_activity for d in decided]
+    started = [d.activity_started_at for d in decided]
+    locations = [d.location for d in decided]
+    energies = [d.energy for d in decided]
+    valences = [d.mood_valence for d in decided]
+    arousals = [d.mood_arousal for d in decided]
     try:
         return (
             jsonb_document(document),

@@ -141,7 +141,7 @@ def decision_draws(world_id: int, npc_id: int, world_time: float) -> Draws:
 
 
 def _draws(world_id: int, npc_id: int, world_time: float) -> tuple[float, float, float]:
-    return _keyed_draws(b"%d:%d%b" % (world_id, npc_id, _time_key(world_time)))
+    return _keyed_draws(f"{world_id}:{npc_id}".encode() + _time_key(world_time))
 
 
 def _time_key(world_time: float) -> bytes:
@@ -319,7 +319,7 @@ def _decide(npc: NpcState, moment: _Moment, tier_interval: float) -> NpcDecision
         cooldowns[current_name] = world_time  # type: ignore[index]  # current is not None: neither is its name
 
     # 2. Pick the next activity.
-    u_activity, u_duration, u_location = _keyed_draws(b"%d:%d%b" % (npc.world_id, npc.id, moment.time_key))
+    u_activity, u_duration, u_location = _keyed_draws(f"{npc.world_id}:{npc.id}".encode() + moment.time_key)
     slot = moment.slot_for(npc.routine)
     choice = _choose(slot, energy, cooldowns, world_time, u_activity) if slot is not None else None
 

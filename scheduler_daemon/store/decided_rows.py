@@ -14,12 +14,12 @@ import math
 import operator
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from scheduler_daemon.entities import MAX_TEXT
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState
-from scheduler_daemon.storable import storable_problems
+from scheduler_daemon.storable import text_problem
 from scheduler_daemon.store import state_json
 from scheduler_daemon.store.pg_arrays import PackedArray, float8_array, int4_array, jsonb_document, text_array
 
@@ -32,8 +32,11 @@ _DECISION_NUMBERS: Final = (
     "decided_at",
 )
 _DECISION_TEXTS: Final = ("current_activity", "location")
-_NUMBERS: Final = operator.attrgetter(*_DECISION_NUMBERS)
+_REQUIRED_NUMBERS: Final = operator.attrgetter(
+    "next_decision_at", "energy", "mood_valence", "mood_arousal", "decided_at"
+)
 _TEXTS: Final = operator.attrgetter(*_DECISION_TEXTS)
+_PLAIN_NUMBERS: Final = frozenset((float, int, bool))
 #: In a JSON text: a NUL character or a surrogate, escaped (the standard library escapes every non-ASCII one).
 _SUSPECT_ESCAPE: Final = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 
@@ -50,7 +53,7 @@ def _number_problem(value: Any) -> str | None:
 
 
 def _text_problem(value: Any) -> str | None:
-    if type(value) is not str:
+    if not isinstance(value, str):
         return f"is not text ({type(value).__name__})"
     if "\x00" in value:
         return "holds a NUL character, which cannot be stored"
@@ -66,10 +69,11 @@ def _text_problem(value: Any) -> str | None:
 def unwritable(decisions: Sequence[NpcDecision]) -> str | None:
     """Why one of ``decisions`` (a plug-in's) cannot be written, naming its NPC and column; ``None`` if all can.
 
-    The same rules on both databases: a finite number in each number column
-    (``activity_started_at`` may be null), text without NUL characters or lone
-    surrogates and at most :data:`~scheduler_daemon.entities.MAX_TEXT`
-    characters (or null) in ``current_activity`` and ``location``.
+    The same rules on both databases: an int or a float that is finite as a
+    float in each number column (``activity_started_at`` may be null), text
+    without NUL characters or lone surrogates and at most
+    :data:`~scheduler_daemon.entities.MAX_TEXT` characters (or null) in
+    ``current_activity`` and ``location``.
     """
     for d in decisions:
         for name in _DECISION_NUMBERS:
@@ -90,19 +94,23 @@ def unwritable(decisions: Sequence[NpcDecision]) -> str | None:
 def check_decisions(decisions: Sequence[NpcDecision]) -> None:
     """Raise the ``ValueError`` of :func:`unwritable` if one of ``decisions`` cannot be written.
 
-    A few passes in C when all can: one sum of every number (NaN, infinities
-    and what is no number spoil it) and a look at each distinct text; only
-    then is each decision looked at.
+    A few passes in C when all can: the types of the numbers, one exact sum of
+    them as floats (NaN, infinities and what no float can hold spoil it) and a
+    look at each distinct text; only then is each decision looked at.
     """
+    required = list(itertools.chain.from_iterable(map(_REQUIRED_NUMBERS, decisions)))
+    started = [d.activity_started_at for d in decisions if d.activity_started_at is not None]
     try:
-        total = sum(filter(None, itertools.chain.from_iterable(map(_NUMBERS, decisions))))
-        suspect = not math.isfinite(total)
-    except (TypeError, OverflowError):
+        suspect = not _PLAIN_NUMBERS.issuperset(map(type, required)) or not _PLAIN_NUMBERS.issuperset(
+            map(type, started)
+        )
+        suspect = suspect or not math.isfinite(math.fsum(required) + math.fsum(started))
+        if not suspect:
+            texts = set(itertools.chain.from_iterable(map(_TEXTS, decisions)))
+            texts.discard(None)
+            suspect = any(map(_text_problem, texts))
+    except (TypeError, ValueError, OverflowError):  # no number, inf - inf, no float; unhashable text
         suspect = True
-    if not suspect:
-        texts = set(itertools.chain.from_iterable(map(_TEXTS, decisions)))
-        texts.discard(None)
-        suspect = any(map(_text_problem, texts))
     if suspect:
         problem = unwritable(decisions)
         if problem is not None:
@@ -110,12 +118,23 @@ def check_decisions(decisions: Sequence[NpcDecision]) -> None:
 
 
 def _state_problem(decision: NpcDecision, state: Any) -> str | None:
-    """Why a decided state holding a suspect escape cannot be stored (as the API's rules say), naming the NPC."""
-    problems = storable_problems(state)
-    if not problems:
-        return None
-    shown = "; ".join(f"{path or 'state'}: {message}" for path, message in problems[:3])
-    return f"npc {decision.npc_id}: decision state cannot be stored: {shown}"
+    """The first key or text in a decided state that neither database can store, naming the NPC, or ``None``."""
+    stack: list[tuple[str, Any]] = [("", state)]
+    while stack:  # not recursive: a state may nest deeper than the interpreter's stack
+        path, value = stack.pop()
+        if isinstance(value, str):
+            problem = text_problem(value)
+            if problem is not None:
+                return f"npc {decision.npc_id}: decision state cannot be stored: {path or 'state'}: {problem}"
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                key_path = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and (problem := text_problem(key)) is not None:
+                    return f"npc {decision.npc_id}: decision state cannot be stored: key {key_path}: {problem}"
+                stack.append((key_path, item))
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
+    return None
 
 
 def _same_json(a: Any, b: Any) -> bool:
@@ -218,14 +237,14 @@ def pg_columns(
             jsonb_document(document),
             int4_array(world_ids),
             int4_array(npc_ids),
-            float8_array(next_at),
+            float8_array(next_at, nullable=False),
             text_array(activities, max_chars=MAX_TEXT),
             float8_array(started),
             text_array(locations, max_chars=MAX_TEXT),
-            float8_array(energies),
-            float8_array(valences),
-            float8_array(arousals),
-            float8_array(decided_at),
+            float8_array(energies, nullable=False),
+            float8_array(valences, nullable=False),
+            float8_array(arousals, nullable=False),
+            float8_array(decided_at, nullable=False),
             int4_array(positions),
         )
     except (ValueError, TypeError, AttributeError, OverflowError, struct.error) as exc:

@@ -102,14 +102,20 @@ def _pack(values: Sequence[Any], code: str, size: int, element_oid: int) -> byte
     return _HEADER.pack(1, 0, element_oid, count, 1) + body
 
 
-def float8_array(values: Sequence[float | None], *, finite: bool = True) -> Float8Array:
-    """A ``float8[]`` of ``values`` (``None`` is NULL). Raises ``ValueError`` on NaN or an infinity, if ``finite``."""
+def float8_array(values: Sequence[float | None], *, finite: bool = True, nullable: bool = True) -> Float8Array:
+    """A ``float8[]`` of ``values`` (``None`` is NULL).
+
+    Raises ``ValueError`` on NaN or an infinity, if ``finite``, and on a
+    ``None`` unless ``nullable``.
+    """
     if finite:
         # One sum tells whether every value is finite (NaN and infinities poison it);
         # only then is each value looked at. filter(None, …) drops NULLs (and zeros).
         try:
             total = sum(values)  # type: ignore[arg-type]
         except TypeError:
+            if not nullable and None in values:
+                raise ValueError("NULL in a column that cannot hold it") from None
             total = sum(filter(None, values))  # type: ignore[arg-type]
         if not math.isfinite(total):
             bad = next((v for v in values if v is not None and not math.isfinite(v)), None)

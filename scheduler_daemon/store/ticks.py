@@ -448,16 +448,17 @@ class Ticks(StoreBase):
             return
         # SQLite would store most of a plug-in's bad values as they are: the same rules as PostgreSQL's.
         decided_rows.check_decisions(decided)
+        # As floats, as PostgreSQL's float8 takes them (SQLite binds an int past 64 bits as no REAL).
         rows = [
             (
-                d.next_decision_at,
+                float(d.next_decision_at),
                 d.current_activity,
-                d.activity_started_at,
+                None if d.activity_started_at is None else float(d.activity_started_at),
                 d.location,
-                d.energy,
-                d.mood_valence,
-                d.mood_arousal,
-                d.decided_at,
+                float(d.energy),
+                float(d.mood_valence),
+                float(d.mood_arousal),
+                float(d.decided_at),
                 None if state is None else decided_rows.encode_state(d, state).decode(),
                 d.npc_id,
                 world_id,

@@ -10,13 +10,14 @@ once fixed. Its neighbours tick on.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 
 import pytest
 import sqlalchemy as sa
 
-from scheduler_daemon.scheduler import WorldScheduler
+from scheduler_daemon.scheduler import TickResult, WorldScheduler
 from scheduler_daemon.simulation.behavior import COOLDOWNS_KEY, BehaviorContent, decide
 from scheduler_daemon.simulation.npc import NpcDecision, NpcState, Tier
 from scheduler_daemon.store.models import npcs
@@ -255,16 +256,55 @@ async def test_a_plugin_decision_with_text_that_is_no_unicode_fails_its_world_na
     assert await _decisions(store, npc) == 0
 
 
+def _deep(levels: int) -> dict[str, object]:
+    value: dict[str, object] = {"leaf": 1}
+    for _ in range(levels):
+        value = {"d": value}
+    return value
+
+
+class _Mood(enum.StrEnum):
+    NAP = "nap"
+
+
 _UNWRITABLE = [
     pytest.param("current_activity", "nap\x00", "decision current_activity holds a NUL character", id="nul-activity"),
     pytest.param("location", "inn\x00", "decision location holds a NUL character", id="nul-location"),
     pytest.param("location", "x" * 201, "decision location is longer than 200 characters (201)", id="long-location"),
+    pytest.param("current_activity", ["nap"], "decision current_activity is not text (list)", id="list-activity"),
     pytest.param("energy", "5", "decision energy is not a number (str)", id="text-energy"),
+    pytest.param("energy", "", "decision energy is not a number (str)", id="empty-text-energy"),
+    pytest.param("energy", [], "decision energy is not a number (list)", id="list-energy"),
+    pytest.param("energy", None, "decision energy is not a number (NoneType)", id="null-energy"),
     pytest.param("energy", math.nan, "decision energy is not a finite number (nan)", id="nan-energy"),
     pytest.param("next_decision_at", 10**400, "decision next_decision_at is too large to be stored", id="huge"),
     pytest.param("state", {"note": "a\x00b"}, "decision state cannot be stored: note: NUL characters", id="nul-state"),
     pytest.param("state", {"n": ["\ud800"]}, "decision state cannot be stored: n.0: not valid Unicode", id="surrogate"),
+    pytest.param("state", {"t": ("a\x00",)}, "decision state cannot be stored: t.0: NUL characters", id="nul-in-tuple"),
 ]
+
+
+async def _tick_spoiled(
+    store: Store, bad_values: dict[str, object], fine_values: dict[str, object] | None = None
+) -> tuple[TickResult | BaseException, TickResult | BaseException, int, int, int]:
+    """Two worlds in one grouped commit; in the first, NPC "bad" (and "fine") decide what the plug-in sets."""
+
+    def spoil(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
+        decision = decide(npc, content, world_time, interval)
+        values = {"bad": bad_values, "fine": fine_values or {}}.get(npc.name or "", {})
+        for field, value in values.items():
+            setattr(decision, field, {**npc.state, **value} if isinstance(value, dict) else value)
+        return decision
+
+    bad_world = await store.create_world("bad", simulation={"alwaysOn": True})
+    good_world = await store.create_world("good", simulation={"alwaysOn": True})
+    fine, bad = await store.add_npcs(bad_world, [{"name": "fine"}, {"name": "bad"}])
+    (good,) = await store.add_npcs(good_world, [{"name": "neighbour"}])
+    sched = WorldScheduler(store, decide_fn=spoil)
+    for world_id in (bad_world, good_world):
+        await sched.register_world(world_id)
+    first, second = await sched.tick_worlds([(bad_world, 60.0), (good_world, 60.0)])
+    return first, second, fine, bad, good
 
 
 @pytest.mark.parametrize(("field", "value", "message"), _UNWRITABLE)
@@ -275,25 +315,44 @@ async def test_a_plugin_value_neither_database_can_store_fails_its_world_naming_
 
     The world's neighbour in the same grouped commit is not held back.
     """
-
-    def spoil(npc: NpcState, content: BehaviorContent, world_time: float, interval: float) -> NpcDecision:
-        decision = decide(npc, content, world_time, interval)
-        if npc.name == "bad":
-            setattr(decision, field, {**npc.state, **value} if isinstance(value, dict) else value)
-        return decision
-
-    bad_world = await store.create_world("bad", simulation={"alwaysOn": True})
-    good_world = await store.create_world("good", simulation={"alwaysOn": True})
-    _, bad = await store.add_npcs(bad_world, [{"name": "fine"}, {"name": "bad"}])
-    (good,) = await store.add_npcs(good_world, [{"name": "neighbour"}])
-    sched = WorldScheduler(store, decide_fn=spoil)
-    for world_id in (bad_world, good_world):
-        await sched.register_world(world_id)
-    failed, committed = await sched.tick_worlds([(bad_world, 60.0), (good_world, 60.0)])
+    failed, committed, _, bad, good = await _tick_spoiled(store, {field: value})
     assert isinstance(failed, ValueError) and str(failed).startswith(f"npc {bad}: {message}"), failed
     assert not isinstance(committed, BaseException) and committed.npcs_simulated == 1, committed
     assert await _decisions(store, bad) == 0 and await _decisions(store, good) == 1
     assert await _state(store, bad) == {}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "stored"),
+    [
+        # Deeper than the API's 32 levels, with text the standard library escapes (an int key sends it there).
+        pytest.param("state", {"deep": _deep(40), "e": "\U0001f600", 1: "x"}, None, id="deep-emoji-state"),
+        pytest.param("state", {"path": "C:\\u0000", "deep": _deep(40)}, None, id="escaped-backslash-state"),
+        pytest.param("current_activity", _Mood.NAP, "nap", id="str-enum-activity"),
+        pytest.param("energy", 2**63, float(2**63), id="int-past-64-bits"),
+        pytest.param("energy", True, 1.0, id="bool-energy"),
+    ],
+)
+async def test_a_plugin_value_both_databases_can_store_is_written(
+    store: Store, field: str, value: object, stored: object
+) -> None:
+    """No false refusals: what both databases store is written, the same on both."""
+    first, second, _, bad, good = await _tick_spoiled(store, {field: value})
+    assert not isinstance(first, BaseException) and not isinstance(second, BaseException), (first, second)
+    assert await _decisions(store, bad) == 1 and await _decisions(store, good) == 1
+    if field == "state":
+        assert await _state(store, bad) == json.loads(json.dumps(value))
+    else:
+        async with store.engine.connect() as conn:
+            row = (await conn.execute(sa.select(npcs.c[field]).where(npcs.c.id == bad))).scalar_one()
+        assert row == stored and type(row) is type(stored), row
+
+
+async def test_the_error_names_the_npc_at_fault_not_a_neighbour_with_unusual_but_valid_values(store: Store) -> None:
+    failed, _, _, bad, _ = await _tick_spoiled(store, {"energy": math.nan}, {"current_activity": _Mood.NAP})
+    assert isinstance(failed, ValueError) and str(failed).startswith(f"npc {bad}: decision energy is not a finite"), (
+        failed
+    )
 
 
 async def test_a_plugin_state_with_a_non_finite_number_fails_its_world_not_written_as_null(store: Store) -> None:

@@ -37,8 +37,9 @@ _REQUIRED_NUMBERS: Final = operator.attrgetter(
 )
 _TEXTS: Final = operator.attrgetter(*_DECISION_TEXTS)
 _PLAIN_NUMBERS: Final = frozenset((float, int, bool))
-#: In a JSON text: a NUL character or a surrogate, escaped (the standard library escapes every non-ASCII one).
-_SUSPECT_ESCAPE: Final = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+#: In a JSON text, a NUL character: its escape, after an even number of backslashes
+#: (the text ``\\u0000``, a backslash then ``u0000``, is harmless).
+_NUL_ESCAPE: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _number_problem(value: Any) -> str | None:
@@ -177,8 +178,10 @@ def encode_state(decision: NpcDecision, state: Any) -> bytes:
     try:
         data = state_json.dumps(state)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"npc {decision.npc_id}: decision state cannot be written as JSON: {exc}") from exc
-    if _SUSPECT_ESCAPE.search(data) is not None:
+        # A lone surrogate fails the encoding to UTF-8: say where it is.
+        problem = _state_problem(decision, state) if isinstance(exc, UnicodeEncodeError) else None
+        raise ValueError(problem or f"npc {decision.npc_id}: decision state cannot be written as JSON: {exc}") from exc
+    if b"\\u0000" in data and _NUL_ESCAPE.search(data) is not None:
         problem = _state_problem(decision, state)
         if problem is not None:
             raise ValueError(problem)
@@ -195,7 +198,7 @@ def _encode_states(decided: Sequence[NpcDecision], states: Sequence[Any], writte
     data = state_json.dumps_plain(written)
     pairs = zip(decided, states, strict=True)
     if data is not None:
-        if b"\\u0000" in data:  # orjson escapes a NUL character, which jsonb refuses
+        if b"\\u0000" in data and _NUL_ESCAPE.search(data) is not None:  # an escaped NUL, which jsonb refuses
             for decision, state in pairs:
                 problem = None if state is None else _state_problem(decision, state)
                 if problem is not None:

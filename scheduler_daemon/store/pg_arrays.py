@@ -112,15 +112,21 @@ def float8_array(values: Sequence[float | None], *, finite: bool = True, nullabl
         # One sum tells whether every value is finite (NaN and infinities poison it);
         # only then is each value looked at. filter(None, …) drops NULLs (and zeros).
         try:
-            total = sum(values)  # type: ignore[arg-type]
-        except TypeError:
-            if not nullable and None in values:
-                raise ValueError("NULL in a column that cannot hold it") from None
-            total = sum(filter(None, values))  # type: ignore[arg-type]
-        if not math.isfinite(total):
+            try:
+                total = sum(values)  # type: ignore[arg-type]
+            except TypeError:
+                if not nullable and None in values:
+                    raise ValueError("NULL in a column that cannot hold it") from None
+                total = sum(filter(None, values))  # type: ignore[arg-type]
+            suspect = not math.isfinite(total)
+        except OverflowError:  # ints summed past a float's range, each of them maybe within it
+            suspect = True
+        if suspect:
             bad = next((v for v in values if v is not None and not math.isfinite(v)), None)
             if bad is not None:
                 raise ValueError(f"not a finite number: {bad!r}")
+    elif not nullable and None in values:
+        raise ValueError("NULL in a column that cannot hold it")
     return Float8Array(_pack(values, "d", 8, _FLOAT8_OID))
 
 

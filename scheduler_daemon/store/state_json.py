@@ -52,11 +52,12 @@ def dumps_plain(value: Any) -> bytes | None:
 
 
 def dumps(value: Any) -> bytes:
-    """Encode one JSON document as UTF-8; ``ValueError`` on NaN or an infinity (JSON has none)."""
+    """Encode one JSON document as UTF-8; ``ValueError`` on NaN or an infinity (JSON has none) or a lone surrogate."""
     try:
         data = orjson.dumps(value, option=_REFUSE_AS_JSON_DOES)
     except TypeError:
-        return json.dumps(value, allow_nan=False).encode()
+        # UTF-8 as orjson writes it: a lone surrogate fails the encoding (UnicodeEncodeError).
+        return json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
     if b"null" in data:
         # orjson writes a non-finite float as null: the standard library refuses it,
         # so a plug-in's NaN fails its world's tick instead of being stored as null.

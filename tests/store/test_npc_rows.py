@@ -281,6 +281,8 @@ _UNWRITABLE = [
     pytest.param("state", {"note": "a\x00b"}, "decision state cannot be stored: note: NUL characters", id="nul-state"),
     pytest.param("state", {"n": ["\ud800"]}, "decision state cannot be stored: n.0: not valid Unicode", id="surrogate"),
     pytest.param("state", {"t": ("a\x00",)}, "decision state cannot be stored: t.0: NUL characters", id="nul-in-tuple"),
+    # An int key sends the state through the standard library's encoder.
+    pytest.param("state", {1: "x", "n": "\ud800"}, "decision state cannot be stored: n: not valid Unicode", id="json"),
 ]
 
 
@@ -346,6 +348,14 @@ async def test_a_plugin_value_both_databases_can_store_is_written(
         async with store.engine.connect() as conn:
             row = (await conn.execute(sa.select(npcs.c[field]).where(npcs.c.id == bad))).scalar_one()
         assert row == stored and type(row) is type(stored), row
+
+
+async def test_ints_each_within_a_floats_range_are_written_though_their_sum_is_not(store: Store) -> None:
+    first, _, fine, bad, _ = await _tick_spoiled(store, {"energy": 10**308}, {"energy": 10**308})
+    assert not isinstance(first, BaseException), first
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(sa.select(npcs.c.energy).where(npcs.c.id.in_([fine, bad])))).scalars().all()
+    assert rows == [1e308, 1e308], rows
 
 
 async def test_the_error_names_the_npc_at_fault_not_a_neighbour_with_unusual_but_valid_values(store: Store) -> None:

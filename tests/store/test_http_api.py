@@ -10,6 +10,8 @@ import asyncio
 import functools
 import json
 import re
+import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -542,6 +544,7 @@ async def test_openapi_documents_every_route_in_camel_case(api: Api) -> None:
 
 async def test_database_outage_is_503_not_500(tmp_path: Path) -> None:
     store = Store.from_url(f"sqlite+aiosqlite:///{tmp_path / 'missing' / 'db.sqlite'}")
+    threads_before = set(threading.enumerate())
     try:
         admin, _, _ = make_api(store)
         transport = httpx.ASGITransport(app=create_app(admin, token=lambda: TOKEN))
@@ -558,6 +561,13 @@ async def test_database_outage_is_503_not_500(tmp_path: Path) -> None:
                 assert "database unavailable" in r.json()["detail"]
     finally:
         await store.dispose()
+        # aiosqlite stops the thread of a connection that failed to open without
+        # waiting for it: its last answer must reach this loop before the test's
+        # loop closes, or the thread raises into whichever test runs next.
+        deadline = time.monotonic() + 10
+        while any("_connection_worker_thread" in t.name for t in set(threading.enumerate()) - threads_before):
+            assert time.monotonic() < deadline, "aiosqlite worker threads still running"
+            await asyncio.sleep(0.01)
 
 
 async def test_the_world_list_survives_worlds_leaving_while_it_is_built(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -49,6 +50,12 @@ def _require_psycopg() -> None:
             f"a postgresql URL needs the PostgreSQL driver psycopg, which is not installed ({exc}); "
             f"install the postgres extra: {POSTGRES_EXTRA_INSTALL}"
         ) from None
+
+
+def _sqlite_json(value: Any) -> str:
+    # Compact UTF-8, as orjson writes decided states and as the size limits
+    # count (store/base.py): escaped, a character could take six bytes.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -117,7 +124,9 @@ def create_engine(
     """
     url = normalize_url(url)
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, echo=echo, connect_args={"timeout": connect_timeout})
+        engine = create_async_engine(
+            url, echo=echo, connect_args={"timeout": connect_timeout}, json_serializer=_sqlite_json
+        )
         sa.event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         sa.event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
         return engine

@@ -197,7 +197,7 @@ def npc_problem_sql(dialect: str) -> str:
             for _, name in _OPTIONAL_TEXT_FIELDS
         ),
         "WHEN typeof(decisions) <> 'integer' THEN 'decisions: expected an integer, got ' || typeof(decisions)",
-        f"WHEN length(state) > {MAX_NPC_STATE_BYTES} "
+        f"WHEN length(CAST(state AS BLOB)) > {MAX_NPC_STATE_BYTES} "
         f"THEN 'state: larger than the limit of {MAX_NPC_STATE_BYTES} bytes'",
         "WHEN NOT json_valid(state) THEN 'state: stored value is not valid JSON'",
         "WHEN json_type(state) <> 'object' THEN 'state: expected a JSON object, got ' || json_type(state)",
@@ -215,7 +215,7 @@ def selected_npc_columns(dialect: str) -> str:
         small = f"pg_column_compression(state) IS NULL AND pg_column_size(state) <= {MAX_NPC_STATE_BYTES}"
         fits = f"{small} OR octet_length(state::text) <= {MAX_NPC_STATE_BYTES}"
     else:
-        fits = f"length(state) <= {MAX_NPC_STATE_BYTES}"
+        fits = f"length(CAST(state AS BLOB)) <= {MAX_NPC_STATE_BYTES}"  # bytes, as on PostgreSQL
     guarded = f"CASE WHEN {fits} THEN state END AS state"
     return ", ".join(guarded if c.name == "state" else c.name for c in _NPC_COLUMNS)
 

@@ -115,6 +115,22 @@ async def test_an_oversized_state_is_never_loaded(store: Store) -> None:
     assert await _decisions(store, big) == 0
 
 
+@pytest.mark.parametrize(("text", "over"), [("é" * 120_000, False), ("é" * 140_000, True), ("字" * 90_000, True)])
+async def test_the_state_limit_counts_utf8_bytes_on_both_databases(store: Store, text: str, over: bool) -> None:
+    """240,000 bytes of "é" are under the 262,144-byte limit, 280,000 and 270,000 bytes of "字" over it.
+
+    SQLite stored the game's text escaped (6 bytes a character) and counted characters, so it
+    quarantined the first and decided the last two; PostgreSQL counts the bytes of its own text.
+    """
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    (npc,) = await store.add_npcs(world_id, [{"name": "poet", "state": {"verse": text}}])
+    sched = WorldScheduler(store)
+    ctx = await sched.register_world(world_id)
+    assert (npc in ctx.quarantined_npcs) is over, ctx.quarantined_npcs
+    await sched.tick_world(world_id, 60.0)
+    assert await _decisions(store, npc) == (0 if over else 1)
+
+
 async def test_sqlite_number_columns_holding_text_are_quarantined(tmp_path: object) -> None:
     from pathlib import Path
 

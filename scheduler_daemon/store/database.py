@@ -53,9 +53,16 @@ def _require_psycopg() -> None:
 
 
 def _sqlite_json(value: Any) -> str:
-    # Compact UTF-8, as orjson writes decided states and as the size limits
-    # count (store/base.py): escaped, a character could take six bytes.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # UTF-8 with PostgreSQL's jsonb separators, so a size limit (store/base.py)
+    # counts the same bytes on both: escaped, a character took up to six. A
+    # lone surrogate (UTF-8 has none; rows from before the API refused it) stays escaped.
+    text = json.dumps(value, ensure_ascii=False)
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return json.dumps(value)
+    return text
 
 
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:

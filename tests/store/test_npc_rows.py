@@ -131,6 +131,29 @@ async def test_the_state_limit_counts_utf8_bytes_on_both_databases(store: Store,
     assert await _decisions(store, npc) == (0 if over else 1)
 
 
+async def test_the_state_limit_counts_the_same_separators_on_both_databases(store: Store) -> None:
+    """22,000 keys: 242,001 bytes written compactly, 286,000 as PostgreSQL's jsonb text (", ", ": "): over."""
+    world_id = await store.create_world("w", simulation={"alwaysOn": True})
+    (npc,) = await store.add_npcs(world_id, [{"name": "clerk", "state": {f"k{i:05d}": 0 for i in range(22_000)}}])
+    ctx = await WorldScheduler(store).register_world(world_id)
+    assert npc in ctx.quarantined_npcs
+
+
+async def test_sqlite_keeps_rewriting_a_world_whose_meta_holds_a_lone_surrogate(tmp_path: object) -> None:
+    """Such rows exist (the embedding API and older API builds took them); UTF-8 cannot hold one: kept escaped."""
+    from pathlib import Path
+
+    store = Store.from_url(f"sqlite+aiosqlite:///{Path(str(tmp_path)) / 'db.sqlite'}")
+    try:
+        await store.upgrade()
+        world_id = await store.create_world("w", simulation={"alwaysOn": True}, meta={"title": "x\ud800", "é": 1})
+        record = await store.change_world_simulation(world_id, lambda r: {**r.simulation_raw, "timeScale": 2})
+        assert record.meta["title"] == "x\ud800" and record.meta["é"] == 1
+        assert record.simulation_raw == {"alwaysOn": True, "timeScale": 2}
+    finally:
+        await store.dispose()
+
+
 async def test_sqlite_number_columns_holding_text_are_quarantined(tmp_path: object) -> None:
     from pathlib import Path
 

@@ -31,10 +31,9 @@ _DECISION_NUMBERS: Final = (
     "mood_arousal",
     "decided_at",
 )
+_OPTIONAL_NUMBER: Final = "activity_started_at"  # the one number column that may be null
 _DECISION_TEXTS: Final = ("current_activity", "location")
-_REQUIRED_NUMBERS: Final = operator.attrgetter(
-    "next_decision_at", "energy", "mood_valence", "mood_arousal", "decided_at"
-)
+_REQUIRED_NUMBERS: Final = operator.attrgetter(*(n for n in _DECISION_NUMBERS if n != _OPTIONAL_NUMBER))
 _TEXTS: Final = operator.attrgetter(*_DECISION_TEXTS)
 _PLAIN_NUMBERS: Final = frozenset((float, int, bool))
 #: In a JSON text, a NUL character: its escape, after an even number of backslashes
@@ -79,7 +78,7 @@ def unwritable(decisions: Sequence[NpcDecision]) -> str | None:
     for d in decisions:
         for name in _DECISION_NUMBERS:
             value = getattr(d, name)
-            if value is None and name == "activity_started_at":
+            if value is None and name == _OPTIONAL_NUMBER:
                 continue
             problem = _number_problem(value)
             if problem is not None:

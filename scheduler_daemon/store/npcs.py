@@ -169,6 +169,10 @@ def pg_npcs_from_columns(
     return good, bad
 
 
+#: SQL: the bytes of a row's ``state`` as JSON text in UTF-8, which :data:`MAX_NPC_STATE_BYTES` bounds.
+_STATE_BYTES: Final = {"postgresql": "octet_length(state::text)", "sqlite": "length(CAST(state AS BLOB))"}
+
+
 def npc_problem_sql(dialect: str) -> str:
     """SQL text: why an NPC row cannot be decided (NULL when it can), for scans that must not load ``state``.
 
@@ -178,7 +182,7 @@ def npc_problem_sql(dialect: str) -> str:
         return (
             "CASE WHEN jsonb_typeof(state) <> 'object' "
             "THEN 'state: expected a JSON object, got ' || jsonb_typeof(state) "
-            f"WHEN octet_length(state::text) > {MAX_NPC_STATE_BYTES} "
+            f"WHEN {_STATE_BYTES[dialect]} > {MAX_NPC_STATE_BYTES} "
             f"THEN 'state: larger than the limit of {MAX_NPC_STATE_BYTES} bytes' END"
         )
     checks = [
@@ -197,7 +201,7 @@ def npc_problem_sql(dialect: str) -> str:
             for _, name in _OPTIONAL_TEXT_FIELDS
         ),
         "WHEN typeof(decisions) <> 'integer' THEN 'decisions: expected an integer, got ' || typeof(decisions)",
-        f"WHEN length(CAST(state AS BLOB)) > {MAX_NPC_STATE_BYTES} "
+        f"WHEN {_STATE_BYTES[dialect]} > {MAX_NPC_STATE_BYTES} "
         f"THEN 'state: larger than the limit of {MAX_NPC_STATE_BYTES} bytes'",
         "WHEN NOT json_valid(state) THEN 'state: stored value is not valid JSON'",
         "WHEN json_type(state) <> 'object' THEN 'state: expected a JSON object, got ' || json_type(state)",
@@ -213,9 +217,9 @@ def selected_npc_columns(dialect: str) -> str:
     """
     if dialect == "postgresql":
         small = f"pg_column_compression(state) IS NULL AND pg_column_size(state) <= {MAX_NPC_STATE_BYTES}"
-        fits = f"{small} OR octet_length(state::text) <= {MAX_NPC_STATE_BYTES}"
+        fits = f"{small} OR {_STATE_BYTES[dialect]} <= {MAX_NPC_STATE_BYTES}"
     else:
-        fits = f"length(CAST(state AS BLOB)) <= {MAX_NPC_STATE_BYTES}"  # bytes, as on PostgreSQL
+        fits = f"{_STATE_BYTES[dialect]} <= {MAX_NPC_STATE_BYTES}"
     guarded = f"CASE WHEN {fits} THEN state END AS state"
     return ", ".join(guarded if c.name == "state" else c.name for c in _NPC_COLUMNS)
 
